@@ -1,0 +1,165 @@
+"""Every error batchrun raises, in one place.
+
+    BatchrunError                      base; carries an exit code (reliability.md §6)
+    ├── SpecError (ValueError)         the job spec is malformed: file, key path, what was expected   -> 2
+    ├── InputError                     the input cannot be read, lacks a column, has duplicate ids    -> 2
+    ├── ConfigMismatchError            resume with a changed template/model/task/parameters           -> 2
+    ├── OutputError                    the output folder is not writable or is damaged                -> 2
+    ├── AuthError (PermissionError)    no token, or the endpoint answered 401/403                     -> 2
+    ├── EndpointError                  the endpoint is missing, failed, or cannot serve the task      -> 3
+    │   └── EndpointNotReadyError (TimeoutError)  it did not become ready within ready_timeout        -> 3
+    └── JobStopped                     stopped early and resumable: signal, budget, deadline,
+                                       failure threshold                                              -> 3
+
+    RequestFailed                      one request's outcome that is not a success; used inside
+                                       dispatch and turned into a retry or a failure row, never
+                                       raised out of a job
+
+Errors carry fields, not just strings: callers branch on types and attributes, never on ``str(exc)``.
+No message ever contains the HF token: messages are built from spec values, statuses and server
+bodies, and server bodies are passed through :func:`redact` before they are stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import urllib.parse
+
+__all__ = [
+    "AuthError",
+    "BatchrunError",
+    "ConfigMismatchError",
+    "EndpointError",
+    "EndpointNotReadyError",
+    "InputError",
+    "JobStopped",
+    "OutputError",
+    "RequestFailed",
+    "SpecError",
+    "redact",
+    "register_secret",
+]
+
+
+class BatchrunError(Exception):
+    """Base of every batchrun error. ``exit_code`` is what the CLI exits with."""
+
+    exit_code = 2
+
+
+class SpecError(BatchrunError, ValueError):
+    """The job spec is invalid. Names the file, the key path and what was expected."""
+
+    def __init__(self, file: str | None, key: str, problem: str) -> None:
+        self.file = file
+        self.key = key
+        self.problem = problem
+        where = f"{file}: " if file else ""
+        super().__init__(f"{where}{key}: {problem}")
+
+
+class InputError(BatchrunError):
+    """The input cannot be used: unreadable, missing a column, duplicate ids."""
+
+
+class ConfigMismatchError(BatchrunError):
+    """The output folder holds a job run with a different configuration."""
+
+    def __init__(self, output: str, changed: list[str]) -> None:
+        self.output = output
+        self.changed = changed
+        super().__init__(
+            f"{output} holds results of a job with a different {', '.join(changed)}. "
+            "Mixing two configurations in one output is refused. Restore the previous values to resume, "
+            "use another output folder (--output DIR), or pass --fresh to set the old output aside and start over."
+        )
+
+
+class OutputError(BatchrunError):
+    """The output folder cannot be written, or its state is damaged."""
+
+
+class AuthError(BatchrunError, PermissionError):
+    """No usable token, or the endpoint refused it (401/403). Stops the whole job."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class EndpointError(BatchrunError):
+    """The endpoint cannot be used: not found, failed, wrong task, unreachable."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, state: str | None = None) -> None:
+        self.state = state
+        super().__init__(message)
+
+
+class EndpointNotReadyError(EndpointError, TimeoutError):
+    """The endpoint did not become ready within the spec's ``ready_timeout``."""
+
+
+class JobStopped(BatchrunError):
+    """The job stopped early on purpose and can be resumed by running it again."""
+
+    exit_code = 3
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class RequestFailed(BatchrunError):
+    """One request did not succeed. Dispatch turns it into a retry or a failure row.
+
+    ``error_type`` is a short stable name (``http_429``, ``timeout``, ``connection``, ``bad_body``,
+    ``validation`` ...); ``status`` is the HTTP status when there was one; ``retry_after`` is the
+    server's Retry-After in seconds, already parsed; ``retryable`` is the fixed classification of
+    reliability.md §2.
+    """
+
+    def __init__(
+        self,
+        error_type: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retryable: bool,
+        retry_after: float | None = None,
+    ) -> None:
+        self.error_type = error_type
+        self.message = redact(message)
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestFailed(error_type={self.error_type!r}, status={self.status!r}, "
+            f"retryable={self.retryable!r}, retry_after={self.retry_after!r}, message={self.message!r})"
+        )
+
+
+# Secrets known to this process. Naughty global state, but a token must be scrubbed from any string
+# that might reach a log, a message or a file, wherever that string was built.
+_SECRETS: set[str] = set()
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember a secret (the HF token) so that :func:`redact` removes it in every encoding."""
+    if not secret:
+        return
+    _SECRETS.add(secret)
+    _SECRETS.add(base64.b64encode(secret.encode()).decode())
+    _SECRETS.add(urllib.parse.quote(secret, safe=""))
+
+
+def redact(text: str) -> str:
+    """Return ``text`` with every registered secret replaced by ``***``."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text

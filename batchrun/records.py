@@ -1,0 +1,48 @@
+"""The values that flow through a job: an input row, and the one record it ends in.
+
+A :class:`Row` comes out of a source; exactly one :class:`RowResult` or :class:`RowFailure` goes
+into the sink for it. ``position`` is the row's 0-based index in the source's deterministic order;
+resume uses it to know what is done without keeping every id in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Row", "RowFailure", "RowResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One input row. ``id`` is the id column's value, or ``position`` when the job names none."""
+
+    position: int
+    id: Any
+    columns: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    """A row that succeeded. ``output`` holds the task's columns (``generated_text``, ...)."""
+
+    position: int
+    id: Any
+    kept: dict[str, Any]
+    output: dict[str, Any]
+    latency_s: float
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class RowFailure:
+    """A row that failed. ``retryable`` failures are tried again on the next run; others are final."""
+
+    position: int
+    id: Any
+    error_type: str
+    error: str
+    status: int | None
+    attempts: int
+    retryable: bool
+    extra: dict[str, Any] = field(default_factory=dict)
