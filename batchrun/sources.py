@@ -1,0 +1,710 @@
+"""Input rows, streamed: Parquet (a file, a folder or a glob), JSONL, or a ``datasets`` dataset.
+
+Every source reads in batches, so memory stays flat however large the input is, and gives rows in
+one deterministic order. ``Row.position`` is the row's 0-based index in that order and is what
+resume relies on, so the order depends only on the input itself:
+
+- Parquet and JSONL files are read in the sorted order of their paths (plain string order:
+  ``part-10`` comes before ``part-2``), each file from its first row to its last.
+- A folder written by ``Dataset.save_to_disk`` is read from its memory-mapped Arrow table.
+- Anything else under ``input.dataset`` goes through ``datasets.load_dataset_builder(...)
+  .as_streaming_dataset(split)``, which is what ``load_dataset(..., streaming=True)`` does, keeping
+  the builder so that the resolved data files are known. Rows come as Arrow, so ``Image`` columns
+  stay raw ``{"bytes", "path"}`` dicts and nothing is decoded here.
+
+Relative paths are resolved against the current working directory, and error messages say which
+directory that was.
+
+Fingerprints (``Source.fingerprint()``) identify the input's *content*, not where it lives, so a
+job resumes after the project folder is moved or copied:
+
+- each file is named relative to the input's root (the folder, the glob's fixed prefix, or the
+  file itself) and contributes its size and a content digest: for Parquet, a hash of the footer
+  (it holds every row group's offsets, sizes and statistics); for other files, a hash of the whole
+  file up to 64 MiB, or of its first and last MiB beyond that;
+- modification times are left out on purpose: a copy (``cp``, a download, a checkout) changes them
+  while the data stays the same, and a fingerprint that changes then would refuse a valid resume;
+- ``id_column`` is part of the fingerprint (it decides the ids in the output); ``limit`` is not, so
+  a job may be resumed with a higher limit to extend it;
+- a streamed dataset adds its config (path, name, split, revision, options). Hub data files are
+  resolved with their commit, so an unpinned ``revision`` still fingerprints what was read.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.errors import InputError
+from batchrun.records import Row
+from batchrun.spec import DatasetSpec, InputSpec
+
+__all__ = ["Source", "open_source"]
+
+# How many JSONL rows the schema is inferred from.
+JSONL_SCHEMA_ROWS = 1000
+# JSONL inputs up to this size are counted up front (a quick scan); larger ones report None.
+JSONL_COUNT_MAX_BYTES = 64 * 2**20
+# Files up to this size are hashed whole for the fingerprint; larger ones by their head and tail.
+FULL_DIGEST_MAX_BYTES = 64 * 2**20
+SAMPLE_DIGEST_BYTES = 2**20
+# At most this many duplicated ids are reported: enough to find the problem, short enough to read.
+MAX_DUPLICATES_REPORTED = 10
+# Batch size for scans that read only the id column.
+ID_SCAN_BATCH = 65_536
+# Parquet is read through a buffered stream rather than whole column chunks at once, so that a
+# file written as one huge row group (pandas' default) still reads in bounded memory.
+PARQUET_BUFFER_SIZE = 4 * 2**20
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where a job's rows come from. Open one with :func:`open_source`."""
+
+    description: str
+    """One line for logs and the progress bar, e.g. ``parquet: data/ (3 files, 1200 rows)``."""
+    schema: pa.Schema
+    """The input columns as Arrow types; templates and ``keep_columns`` are checked against it."""
+
+    def count(self) -> int | None:
+        """The number of rows the job will read (after ``limit``) when that is cheap to know."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A stable hex digest of the input's identity; resume refuses a changed input."""
+        ...
+
+    def batches(self, batch_size: int = 1024) -> Iterator[list[Row]]:
+        """Rows in deterministic order, at most ``batch_size`` at a time, positions 0..N-1."""
+        ...
+
+    def find_duplicate_ids(self) -> list:
+        """A few id values that occur more than once (``[]`` when ids are unique or positional)."""
+        ...
+
+
+def open_source(spec: InputSpec) -> Source:
+    """Open the input a job spec names, checking what can be checked without reading every row.
+
+    Raises :class:`InputError` for a missing or unreadable input, an ``id_column`` or a
+    ``keep_columns`` entry the input does not have, or an id column of an unusable type.
+    """
+    if spec.kind == "parquet":
+        source: _BaseSource = ParquetSource(spec)
+    elif spec.kind == "jsonl":
+        source = JsonlSource(spec)
+    elif spec.kind == "dataset":
+        assert spec.dataset is not None
+        saved = _saved_dataset_folder(spec.dataset)
+        source = SavedDatasetSource(spec, saved) if saved else StreamedDatasetSource(spec)
+    else:  # pragma: no cover - the spec parser only produces the three kinds above
+        raise InputError(f"unknown input kind {spec.kind!r}")
+    _check_columns(spec, source)
+    return source
+
+
+def _check_columns(spec: InputSpec, source: _BaseSource) -> None:
+    names = source.schema.names
+    available = ", ".join(names) if names else "(none)"
+    if spec.id_column is not None:
+        if spec.id_column not in names:
+            raise InputError(
+                f"input.id_column: the input has no column {spec.id_column!r}; "
+                f"available columns: {available} ({source.description})"
+            )
+        id_type = source.schema.field(spec.id_column).type
+        if not (pa.types.is_integer(id_type) or pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+            raise InputError(
+                f"input.id_column: column {spec.id_column!r} has type {id_type}; "
+                "ids must be integers or strings"
+            )
+    for column in spec.keep_columns or ():
+        if column not in names:
+            raise InputError(
+                f"input.keep_columns: the input has no column {column!r}; "
+                f"available columns: {available} ({source.description})"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# What every source shares: turning column data into rows, and the duplicate-id scan.
+
+
+class _BaseSource:
+    description: str
+    schema: pa.Schema
+
+    def __init__(self, spec: InputSpec) -> None:
+        self.spec = spec
+        self.id_column = spec.id_column
+        self.limit = spec.limit
+
+    def count(self) -> int | None:
+        total = self._total_rows()
+        if total is None:
+            return None
+        return total if self.limit is None else min(total, self.limit)
+
+    def batches(self, batch_size: int = 1024) -> Iterator[list[Row]]:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        position = 0
+        for dicts in self._row_dicts(batch_size):
+            if self.limit is not None and position + len(dicts) > self.limit:
+                dicts = dicts[: self.limit - position]
+            rows = []
+            for columns in dicts:
+                rows.append(Row(position=position, id=self._row_id(position, columns), columns=columns))
+                position += 1
+            if rows:
+                yield rows
+            if self.limit is not None and position >= self.limit:
+                return
+
+    def _row_id(self, position: int, columns: dict[str, Any]) -> Any:
+        if self.id_column is None:
+            return position
+        value = columns.get(self.id_column)
+        if value is None:
+            raise InputError(
+                f"input.id_column: column {self.id_column!r} is null at row {position} ({self.description})"
+            )
+        return value
+
+    def find_duplicate_ids(self) -> list:
+        """Hash every id to a uint64 (8 bytes a row), sort, and confirm adjacent equal hashes.
+
+        A hash collision is only a candidate: a second pass collects the real values behind the
+        candidate hashes and keeps those that really repeat. Null ids raise :class:`InputError`.
+        """
+        if self.id_column is None:
+            return []
+        expected = self.count()
+        if expected is not None:
+            hashes = np.empty(expected, dtype=np.uint64)
+            filled = 0
+            for chunk in self._limited_id_chunks():
+                hashed = _hash_ids(chunk)
+                if filled + len(hashed) > len(hashes):  # the count was a lower bound; grow
+                    hashes = np.concatenate([hashes[:filled], np.empty(len(hashed) + filled, np.uint64)])
+                hashes[filled : filled + len(hashed)] = hashed
+                filled += len(hashed)
+            hashes = hashes[:filled]
+        else:
+            parts = [_hash_ids(chunk) for chunk in self._limited_id_chunks()]
+            hashes = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+        if len(hashes) < 2:
+            return []
+        hashes.sort()
+        repeated = hashes[1:][hashes[1:] == hashes[:-1]]
+        if len(repeated) == 0:
+            return []
+        candidates = np.unique(repeated)
+        seen: Counter = Counter()
+        for chunk in self._limited_id_chunks():
+            hashed = _hash_ids(chunk)
+            for index in np.nonzero(np.isin(hashed, candidates))[0]:
+                seen[_python_value(chunk[int(index)])] += 1
+        duplicates = [value for value, n in seen.items() if n > 1]
+        return duplicates[:MAX_DUPLICATES_REPORTED]
+
+    def _limited_id_chunks(self) -> Iterator[Any]:
+        """Id values in order, as Arrow arrays or lists, cut at ``limit``; nulls raise."""
+        position = 0
+        for chunk in self._id_chunks():
+            if self.limit is not None and position + len(chunk) > self.limit:
+                chunk = chunk[: self.limit - position]
+            nulls = _first_null(chunk)
+            if nulls is not None:
+                raise InputError(
+                    f"input.id_column: column {self.id_column!r} is null at row {position + nulls} ({self.description})"
+                )
+            yield chunk
+            position += len(chunk)
+            if self.limit is not None and position >= self.limit:
+                return
+
+    # Implemented by each source.
+    def _total_rows(self) -> int | None:
+        raise NotImplementedError
+
+    def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        raise NotImplementedError
+
+    def _id_chunks(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+
+def _hash_ids(chunk: Any) -> np.ndarray:
+    if isinstance(chunk, (pa.Array, pa.ChunkedArray)):
+        if pa.types.is_integer(chunk.type):
+            return chunk.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+        values = np.asarray(chunk.to_numpy(zero_copy_only=False), dtype=object)
+    else:
+        values = np.asarray(chunk, dtype=object)
+    # pandas' vectorised SipHash: deterministic and far faster than hashing in a Python loop.
+    return pd.util.hash_array(values, categorize=False)
+
+
+def _first_null(chunk: Any) -> int | None:
+    if isinstance(chunk, (pa.Array, pa.ChunkedArray)):
+        if chunk.null_count == 0:
+            return None
+        return int(np.argmax(chunk.is_null().to_numpy(zero_copy_only=False)))
+    for index, value in enumerate(chunk):
+        if value is None:
+            return index
+    return None
+
+
+def _python_value(value: Any) -> Any:
+    return value.as_py() if isinstance(value, pa.Scalar) else value
+
+
+def _table_row_dicts(tables: Iterable[pa.Table | pa.RecordBatch]) -> Iterator[list[dict[str, Any]]]:
+    for table in tables:
+        if table.num_rows:
+            yield table.to_pylist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Files: resolution and digests shared by Parquet and JSONL.
+
+
+def _resolve_files(pattern: str, key: str, suffixes: tuple[str, ...]) -> tuple[list[Path], Path]:
+    """The files ``pattern`` names, in sorted order, and the root their names are relative to."""
+    cwd = os.getcwd()
+    if glob.has_magic(pattern):
+        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise InputError(f"{key}: {pattern!r} matches no files (relative to {cwd})")
+        return [Path(p) for p in matches], _glob_root(pattern)
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes and not _is_hidden(p, path)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise InputError(f"{key}: folder {pattern!r} holds no {'/'.join(suffixes)} files (relative to {cwd})")
+        return files, path
+    if path.is_file():
+        return [path], path.parent
+    raise InputError(f"{key}: no such file or folder: {pattern!r} (relative to {cwd})")
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    # Spark and Hadoop leave _SUCCESS, _metadata and .crc files next to their data.
+    return any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+
+
+def _glob_root(pattern: str) -> Path:
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _relative_name(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _file_digest(path: Path) -> str:
+    """A hash of the file's content: all of it when small, its first and last MiB when large."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= FULL_DIGEST_MAX_BYTES:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        else:
+            digest.update(f.read(SAMPLE_DIGEST_BYTES))
+            f.seek(size - SAMPLE_DIGEST_BYTES)
+            digest.update(f.read(SAMPLE_DIGEST_BYTES))
+    return digest.hexdigest()
+
+
+def _fingerprint(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parquet
+
+
+class ParquetSource(_BaseSource):
+    """Rows from Parquet files, read with ``ParquetFile.iter_batches`` one file at a time.
+
+    Every file must have the same columns and types as the first one, checked from the footers at
+    open time so that a mismatch fails before the job starts.
+    """
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__(spec)
+        assert spec.path is not None
+        self.files, root = _resolve_files(spec.path, "input.parquet", (".parquet", ".parq", ".pq"))
+        self._rows: list[int] = []
+        self._identity: list[dict[str, Any]] = []
+        schema = None
+        for path in self.files:
+            try:
+                meta = pq.read_metadata(path)
+                file_schema = meta.schema.to_arrow_schema()
+                footer = _parquet_footer_digest(path)
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                raise InputError(f"input.parquet: cannot read {str(path)!r} as Parquet: {exc}") from None
+            if schema is None:
+                schema, first = file_schema, path
+            elif not schema.equals(file_schema, check_metadata=False):
+                raise InputError(
+                    f"input.parquet: {str(path)!r} has different columns or types than {str(first)!r}: "
+                    f"{_schema_line(file_schema)} vs {_schema_line(schema)}"
+                )
+            self._rows.append(meta.num_rows)
+            self._identity.append(
+                {"name": _relative_name(path, root), "size": path.stat().st_size, "footer": footer}
+            )
+        self.schema = schema
+        total = sum(self._rows)
+        self.description = f"parquet: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(total, 'row')})"
+
+    def _total_rows(self) -> int:
+        return sum(self._rows)
+
+    def fingerprint(self) -> str:
+        return _fingerprint({"kind": "parquet", "id_column": self.id_column, "files": self._identity})
+
+    def _open(self, path: Path) -> pq.ParquetFile:
+        try:
+            return pq.ParquetFile(path, buffer_size=PARQUET_BUFFER_SIZE, pre_buffer=False)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"input.parquet: cannot read {str(path)!r} as Parquet: {exc}") from None
+
+    def _record_batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        read = 0
+        for path in self.files:
+            if self.limit is not None and read >= self.limit:
+                return
+            parquet = self._open(path)
+            try:
+                for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+                    read += batch.num_rows
+                    yield batch
+                    if self.limit is not None and read >= self.limit:
+                        return
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"input.parquet: cannot read {str(path)!r}: {exc}") from None
+            finally:
+                parquet.close()
+
+    def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        return _table_row_dicts(self._record_batches(batch_size))
+
+    def _id_chunks(self) -> Iterator[pa.Array]:
+        for batch in self._record_batches(ID_SCAN_BATCH, columns=[self.id_column]):
+            yield batch.column(0)
+
+
+def _parquet_footer_digest(path: Path) -> str:
+    """The hash of a Parquet file's footer: its row groups' offsets, sizes and statistics."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size < 12:
+            raise ValueError("the file is too small to be Parquet")
+        f.seek(size - 8)
+        tail = f.read(8)
+        if tail[4:] != b"PAR1":
+            raise ValueError("no Parquet footer (the file is truncated or was never closed)")
+        length = int.from_bytes(tail[:4], "little")
+        if length + 12 > size:
+            raise ValueError("the Parquet footer length is larger than the file")
+        f.seek(size - 8 - length)
+        return hashlib.sha256(f.read(length)).hexdigest()
+
+
+def _schema_line(schema: pa.Schema) -> str:
+    return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"
+
+
+# --------------------------------------------------------------------------------------------------
+# JSONL
+
+
+class JsonlSource(_BaseSource):
+    """Rows from JSON Lines files, one object a line, read line by line.
+
+    The schema is inferred with pyarrow from the first ``JSONL_SCHEMA_ROWS`` rows. Every row is
+    given exactly those columns (a key missing from a row is ``None``); a key that first appears
+    later in the file is not part of the schema and is dropped. Blank lines are skipped and take no
+    position. A line that is not a JSON object raises :class:`InputError` naming the file and line.
+    """
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__(spec)
+        assert spec.path is not None
+        self.files, root = _resolve_files(spec.path, "input.jsonl", (".jsonl", ".ndjson", ".json"))
+        self._identity = [
+            {"name": _relative_name(p, root), "size": p.stat().st_size, "digest": _file_digest(p)} for p in self.files
+        ]
+        self.schema = self._infer_schema()
+        self._names = self.schema.names
+        self._count: int | None = None
+        self._counted = False
+        self.description = f"jsonl: {spec.path} ({_plural(len(self.files), 'file')})"
+
+    def _objects(self) -> Iterator[dict[str, Any]]:
+        for path in self.files:
+            try:
+                f = open(path, "rb")
+            except OSError as exc:
+                raise InputError(f"input.jsonl: cannot read {str(path)!r}: {exc}") from None
+            with f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        value = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        raise InputError(f"input.jsonl: {path}, line {number}: not valid JSON: {exc}") from None
+                    if not isinstance(value, dict):
+                        raise InputError(
+                            f"input.jsonl: {path}, line {number}: expected a JSON object, got {type(value).__name__}"
+                        )
+                    yield value
+
+    def _infer_schema(self) -> pa.Schema:
+        sample = []
+        for value in self._objects():
+            sample.append(value)
+            if len(sample) >= JSONL_SCHEMA_ROWS:
+                break
+        if not sample:
+            return pa.schema([])
+        try:
+            inferred = pa.array(sample)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise InputError(
+                f"input.jsonl: cannot infer column types from the first {len(sample)} rows of {self.spec.path!r}: {exc}"
+            ) from None
+        return pa.schema(list(inferred.type))
+
+    def _total_rows(self) -> int | None:
+        if not self._counted:
+            self._counted = True
+            if sum(p.stat().st_size for p in self.files) <= JSONL_COUNT_MAX_BYTES:
+                count = 0
+                for path in self.files:
+                    with open(path, "rb") as f:
+                        count += sum(1 for line in f if line.strip())
+                self._count = count
+        return self._count
+
+    def fingerprint(self) -> str:
+        return _fingerprint({"kind": "jsonl", "id_column": self.id_column, "files": self._identity})
+
+    def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        names = self._names
+        batch: list[dict[str, Any]] = []
+        for value in self._objects():
+            batch.append({name: value.get(name) for name in names})
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _id_chunks(self) -> Iterator[list[Any]]:
+        chunk: list[Any] = []
+        for value in self._objects():
+            chunk.append(value.get(self.id_column))
+            if len(chunk) >= ID_SCAN_BATCH:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets
+
+
+def _saved_dataset_folder(spec: DatasetSpec) -> Path | None:
+    """The folder of a dataset written by ``save_to_disk`` that ``spec`` names, if it names one."""
+    path = Path(spec.path)
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").is_file():
+        split_folder = path / spec.split
+        if not split_folder.is_dir():
+            splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+            raise InputError(
+                f"input.dataset.split: {spec.path!r} has no split {spec.split!r}; available splits: {', '.join(splits)}"
+            )
+        path = split_folder
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        unused = [k for k in ("name", "data_files", "data_dir", "revision") if getattr(spec, k) is not None]
+        if unused or spec.options:
+            raise InputError(
+                f"input.dataset: {spec.path!r} was written by save_to_disk; "
+                f"{', '.join(unused + (['options'] if spec.options else []))} do not apply to it"
+            )
+        return path
+    return None
+
+
+class SavedDatasetSource(_BaseSource):
+    """Rows from a folder written by ``Dataset.save_to_disk``, read from its memory-mapped table."""
+
+    def __init__(self, spec: InputSpec, folder: Path) -> None:
+        super().__init__(spec)
+        import datasets  # heavy; only imported when a dataset input is used
+
+        try:
+            dataset = datasets.load_from_disk(str(folder))
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+            raise InputError(f"input.dataset: cannot load {str(folder)!r} (written by save_to_disk): {exc}") from None
+        self.folder = folder
+        self._table: pa.Table = dataset.data.table
+        self.schema = dataset.features.arrow_schema
+        self._num_rows = dataset.num_rows
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".arrow")
+        self._identity = [{"name": p.name, "size": p.stat().st_size, "digest": _file_digest(p)} for p in files]
+        self.description = (
+            f"dataset: {spec.dataset.path} (saved with save_to_disk, split {spec.dataset.split}, "
+            f"{_plural(self._num_rows, 'row')})"
+        )
+
+    def _total_rows(self) -> int:
+        return self._num_rows
+
+    def fingerprint(self) -> str:
+        return _fingerprint({"kind": "saved-dataset", "id_column": self.id_column, "files": self._identity})
+
+    def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        # Slices of a memory-mapped table cost nothing until converted, and only one is converted
+        # at a time.
+        return _table_row_dicts(self._slices(self._table, batch_size))
+
+    def _slices(self, table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+        stop = table.num_rows if self.limit is None else min(table.num_rows, self.limit)
+        for start in range(0, stop, batch_size):
+            yield table.slice(start, min(batch_size, stop - start))
+
+    def _id_chunks(self) -> Iterator[pa.Array]:
+        column = self._table.select([self.id_column])
+        for piece in self._slices(column, ID_SCAN_BATCH):
+            yield piece.column(0).combine_chunks()
+
+
+class StreamedDatasetSource(_BaseSource):
+    """Rows from ``datasets``' streaming mode: Hub datasets, data files, local folders of files."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__(spec)
+        import datasets  # heavy; only imported when a dataset input is used
+
+        config = spec.dataset
+        assert config is not None
+        self.config = config
+        try:
+            self._builder = datasets.load_dataset_builder(
+                config.path,
+                name=config.name,
+                data_dir=config.data_dir,
+                data_files=config.data_files,
+                revision=config.revision,
+                **dict(config.options),
+            )
+            self._dataset = self._builder.as_streaming_dataset(split=config.split)
+        except Exception as exc:  # datasets raises many types here (FileNotFoundError, ValueError, hub errors)
+            raise InputError(
+                f"input.dataset: cannot open {config.path!r} (split {config.split!r}, relative to {os.getcwd()}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        features = self._dataset.features
+        if features is not None:
+            self.schema = features.arrow_schema
+        else:
+            # Builders like CSV and JSON only know their columns once they read; peek at one batch.
+            first = next(self._arrow_tables(self._dataset, 64), None)
+            self.schema = first.schema if first is not None else pa.schema([])
+        self.description = f"dataset: {config.path} (split {config.split}, streamed)"
+
+    def _arrow_tables(self, dataset: Any, batch_size: int) -> Iterator[pa.Table]:
+        try:
+            # The Arrow format skips feature decoding: Image columns stay {"bytes", "path"}.
+            yield from dataset.with_format("arrow").iter(batch_size=batch_size)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"input.dataset: reading {self.config.path!r} failed: {type(exc).__name__}: {exc}"
+            ) from None
+
+    def _total_rows(self) -> int | None:
+        splits = self._builder.info.splits
+        if splits and self.config.split in splits and splits[self.config.split].num_examples:
+            return splits[self.config.split].num_examples
+        return None
+
+    def fingerprint(self) -> str:
+        config = self.config
+        files: list[Any] = []
+        data_files = self._builder.config.data_files
+        if data_files and config.split in data_files:
+            resolved = [str(f) for f in data_files[config.split]]
+            local = [Path(f) for f in resolved if os.path.isfile(f)]
+            root = Path(os.path.commonpath([str(p.resolve().parent) for p in local])) if local else Path(".")
+            for name in resolved:
+                path = Path(name)
+                if path.is_file():
+                    files.append(
+                        {"name": _relative_name(path, root), "size": path.stat().st_size, "digest": _file_digest(path)}
+                    )
+                else:
+                    files.append({"name": name})  # Hub files carry their commit in the resolved URL
+        payload = {
+            "kind": "dataset",
+            "id_column": self.id_column,
+            "path": config.path if not files else None,
+            "name": config.name,
+            "split": config.split,
+            "revision": config.revision,
+            "options": dict(config.options),
+            "module_hash": getattr(self._builder, "hash", None) if not files else None,
+            "files": files,
+        }
+        return _fingerprint(payload)
+
+    def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        return _table_row_dicts(self._arrow_tables(self._dataset, batch_size))
+
+    def _id_chunks(self) -> Iterator[pa.Array]:
+        ids = self._dataset.select_columns([self.id_column])
+        for table in self._arrow_tables(ids, ID_SCAN_BATCH):
+            yield table.column(0).combine_chunks()

@@ -1,0 +1,765 @@
+"""The job spec: load the user's YAML, validate it at the edge, and hand out frozen config objects.
+
+A spec is checked completely before anything else happens (reliability.md §3, §5): a typo must cost
+nothing. Every problem is a :class:`~batchrun.errors.SpecError` naming the file, the key path
+(``input.parquet``, ``retries.max_attempts``) and what was expected. Unknown keys are errors at
+every level, with a "did you mean" suggestion, because a misspelt optional key that is silently
+ignored changes a job without telling anyone.
+
+Conventions the rest of batchrun can rely on:
+
+- Durations (``request_timeout``, ``budget.deadline``, ``endpoint.ready_timeout``,
+  ``endpoint.idle_backstop``) are floats in seconds. The YAML may say ``90``, ``"90s"``, ``"20m"``,
+  ``"6h"``, ``"1h30m"`` or ``"250ms"``.
+- Sizes (``output.shard_bytes``) are ints in bytes. The YAML may say ``67108864``, ``"64MB"``
+  (SI, 10**6) or ``"64MiB"`` (IEC, 2**20).
+- Paths (``input.parquet``, ``input.jsonl``, ``input.dataset.path``, ``output.path``) stay exactly
+  as written. Relative paths are resolved against the current working directory when they are
+  used (by :mod:`batchrun.sources` and the sink), not against the spec file's folder: a job is run
+  from the project folder, the way ``jobs/quickstart.yaml`` names ``sample_data/prompts.parquet``.
+- ``parameters`` and ``endpoint.local`` are passed through unchanged as plain dicts; the route and
+  the emulator own their meaning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchrun.errors import SpecError
+
+__all__ = [
+    "BudgetSpec",
+    "ConcurrencySpec",
+    "DatasetSpec",
+    "EndpointSpec",
+    "InputSpec",
+    "JobSpec",
+    "OutputSpec",
+    "PromptSpec",
+    "RetrySpec",
+    "ScaleSpec",
+    "load_spec",
+    "parse_duration",
+    "parse_size",
+    "parse_spec",
+]
+
+SUPPORTED_TASKS = ("text-generation", "chat-completion")
+# Tasks the spec format reserves; accepted by name so the message can say "not supported yet".
+PLANNED_TASKS = ("text-to-image", "image-text-to-text")
+ON_FINISH = ("pause", "scale-to-zero", "keep")
+
+DEFAULT_READY_TIMEOUT = 20 * 60.0
+DEFAULT_IDLE_BACKSTOP = 15 * 60.0
+DEFAULT_SHARD_BYTES = 64 * 2**20
+
+
+# --------------------------------------------------------------------------------------------------
+# The config objects
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    """A ``datasets`` input: what :func:`datasets.load_dataset` takes, read streamed.
+
+    ``options`` holds any further builder keyword (``delimiter`` for CSV, ``columns`` for Parquet,
+    ...); it is a separate mapping so that a typo among the known keys is still caught.
+    """
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    data_files: Any = None
+    data_dir: str | None = None
+    revision: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """Where the rows come from. ``kind`` is ``parquet``, ``jsonl`` or ``dataset``.
+
+    ``path`` is the Parquet/JSONL file, folder or glob (unset for a dataset, which uses
+    ``dataset``). ``keep_columns`` of ``None`` keeps every input column in the output.
+    """
+
+    kind: str
+    path: str | None = None
+    dataset: DatasetSpec | None = None
+    id_column: str | None = None
+    limit: int | None = None
+    keep_columns: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSpec:
+    """How a row becomes a prompt: a ``template`` with ``{column}`` placeholders, or a ``column``.
+
+    ``system`` is the chat system message (chat-completion only).
+    """
+
+    template: str | None = None
+    column: str | None = None
+    system: str | None = None
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The input columns the prompt reads, in order of first use."""
+        if self.column is not None:
+            return (self.column,)
+        return _template_fields(self.template or "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleSpec:
+    """Replica counts to set on a Dedicated Inference Endpoint for the job."""
+
+    min_replica: int
+    max_replica: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointSpec:
+    """Which server answers the requests, and what batchrun may do to its lifecycle.
+
+    Exactly one of ``url`` (any TGI or OpenAI-compatible server, left alone), ``local`` (the
+    built-in emulator; its dict goes to ``batchrun.emulator.EndpointConfig.from_dict``) and
+    ``name`` (+ ``namespace``: a Dedicated Inference Endpoint) is set. ``on_finish`` of ``None``
+    means "pause, unless the endpoint was already running". ``api_url`` of ``None`` means
+    huggingface_hub's default control plane.
+    """
+
+    url: str | None = None
+    local: Mapping[str, Any] | None = None
+    name: str | None = None
+    namespace: str | None = None
+    api_url: str | None = None
+    scale: ScaleSpec | None = None
+    ready_timeout: float = DEFAULT_READY_TIMEOUT
+    on_finish: str | None = None
+    idle_backstop: float = DEFAULT_IDLE_BACKSTOP
+    price_per_replica_hour: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """``url``, ``local`` or ``name``: which of the three ways the endpoint was given."""
+        if self.url is not None:
+            return "url"
+        if self.local is not None:
+            return "local"
+        return "name"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetSpec:
+    """Limits that stop a job early (resumably). ``None`` means no limit."""
+
+    max_usd: float | None = None
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConcurrencySpec:
+    """Adaptive concurrency: start at ``initial`` in-flight requests, never exceed ``max``."""
+
+    max: int = 256
+    initial: int = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrySpec:
+    """Retry policy knobs (reliability.md §2). Seconds for times; ``budget_ratio`` is a share."""
+
+    max_attempts: int = 5
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    max_retry_after: float = 120.0
+    budget_ratio: float = 0.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    """Where results go, and when a Parquet shard is closed and published."""
+
+    path: str
+    shard_rows: int = 10_000
+    shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    """A whole validated job. ``raw`` is the mapping as loaded (for the spec snapshot); ``file``
+    is the spec's path, or ``None`` when it was built from a dict."""
+
+    name: str
+    task: str
+    input: InputSpec
+    prompt: PromptSpec
+    parameters: Mapping[str, Any]
+    endpoint: EndpointSpec
+    budget: BudgetSpec
+    concurrency: ConcurrencySpec
+    retries: RetrySpec
+    request_timeout: float
+    failure_threshold: float | None
+    output: OutputSpec
+    file: str | None = None
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def identity(self) -> dict[str, Any]:
+        """The configuration that must not change between a run and its resume.
+
+        Output written under one identity must never be mixed with another (reliability.md §1).
+        The input's identity is not here: sources give their own ``fingerprint()``. Limits,
+        concurrency, retries and output sharding may change freely between runs.
+        """
+        endpoint = self.endpoint
+        if endpoint.url is not None:
+            # A url is a location, like an input path: the same server may move to another port.
+            # What it serves is not known without asking it, so only the kind of endpoint counts.
+            endpoint_identity: dict[str, Any] = {"kind": "url"}
+        elif endpoint.local is not None:
+            model = endpoint.local.get("model_id", endpoint.local.get("model"))
+            endpoint_identity = {"local": True, "model": model}
+        else:
+            endpoint_identity = {"namespace": endpoint.namespace, "name": endpoint.name}
+        return {
+            "task": self.task,
+            "prompt": {
+                "template": self.prompt.template,
+                "column": self.prompt.column,
+                "system": self.prompt.system,
+            },
+            "parameters": dict(self.parameters),
+            "endpoint": endpoint_identity,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpec:
+    """Read and validate the YAML job spec at ``path``.
+
+    ``output_override`` (the CLI's ``--output DIR``) replaces ``output.path``. The job's name
+    defaults to the file's stem.
+    """
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(file, "(file)", f"no such file (relative to {Path.cwd()})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(file, "(file)", f"cannot read it: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(file, exc) from None
+    if data is None:
+        raise SpecError(file, "(top level)", "the file is empty; expected a mapping of job keys")
+    spec = parse_spec(data, file=file, default_name=Path(path).stem)
+    if output_override is not None:
+        spec = replace(spec, output=replace(spec.output, path=str(output_override)))
+    return spec
+
+
+def _yaml_error(file: str, exc: yaml.YAMLError) -> SpecError:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    detail = f"{context}, {problem}" if context else problem
+    if mark is not None:
+        return SpecError(file, f"line {mark.line + 1}, column {mark.column + 1}", f"invalid YAML: {detail}")
+    return SpecError(file, "(yaml)", f"invalid YAML: {detail}")
+
+
+def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job") -> JobSpec:
+    """Validate a loaded spec mapping and build the :class:`JobSpec`. ``file`` only labels errors."""
+    return _Parser(file).job(data, default_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation. One small parser object so that every check knows the file it reports against.
+
+_JOB_KEYS = (
+    "name", "task", "input", "prompt", "parameters", "endpoint", "budget", "concurrency",
+    "retries", "request_timeout", "failure_threshold", "output",
+)  # fmt: skip
+_INPUT_KEYS = ("parquet", "dataset", "jsonl", "id_column", "limit", "keep_columns")
+_DATASET_KEYS = ("path", "name", "split", "data_files", "data_dir", "revision", "options")
+_PROMPT_KEYS = ("template", "column", "system")
+_ENDPOINT_KEYS = (
+    "url", "local", "name", "namespace", "api_url", "scale", "ready_timeout", "on_finish",
+    "idle_backstop", "price_per_replica_hour",
+)  # fmt: skip
+_LIFECYCLE_KEYS = ("api_url", "scale", "ready_timeout", "on_finish", "idle_backstop", "price_per_replica_hour")
+_SCALE_KEYS = ("min_replica", "max_replica")
+_BUDGET_KEYS = ("max_usd", "deadline")
+_CONCURRENCY_KEYS = ("max", "initial")
+_RETRY_KEYS = ("max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "budget_ratio")
+_OUTPUT_KEYS = ("path", "shard_rows", "shard_bytes")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+class _Parser:
+    """Builds the config objects from a loaded mapping; every check reports against ``file``."""
+
+    def __init__(self, file: str | None) -> None:
+        self.file = file
+
+    def error(self, key: str, problem: str) -> SpecError:
+        return SpecError(self.file, key, problem)
+
+    # -- the sections --------------------------------------------------------------------------
+
+    def job(self, data: Any, default_name: str) -> JobSpec:
+        if not isinstance(data, Mapping):
+            raise self.error("(top level)", f"expected a mapping of job keys, got {_describe(data)}")
+        self.keys(data, "", _JOB_KEYS)
+        for required in ("task", "input", "prompt", "endpoint"):
+            if required not in data:
+                raise self.error(required, "is required")
+
+        name = self.string(data, "name", default=default_name)
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise self.error("name", f"expected a plain name without path separators, got {name!r}")
+        task = self.task(data["task"])
+        prompt = self.prompt(data["prompt"], task)
+        parameters = data.get("parameters")
+        if parameters is None:
+            parameters = {}
+        elif not isinstance(parameters, Mapping):
+            raise self.error("parameters", f"expected a mapping of the route's parameters, got {_describe(parameters)}")
+        for key in parameters:
+            if not isinstance(key, str):
+                raise self.error("parameters", f"expected string parameter names, got {key!r}")
+        output = self.output(data.get("output"), name)
+        return JobSpec(
+            name=name,
+            task=task,
+            input=self.input(data["input"]),
+            prompt=prompt,
+            parameters=dict(parameters),
+            endpoint=self.endpoint(data["endpoint"]),
+            budget=self.budget(data.get("budget")),
+            concurrency=self.concurrency(data.get("concurrency")),
+            retries=self.retries(data.get("retries")),
+            request_timeout=self.duration(data, "request_timeout", default=120.0),
+            failure_threshold=self.fraction(data, "failure_threshold", default=None),
+            output=output,
+            file=self.file,
+            raw=data,
+        )
+
+    def task(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.error("task", f"expected one of {', '.join(SUPPORTED_TASKS)}, got {_describe(value)}")
+        if value in PLANNED_TASKS:
+            raise self.error("task", f"{value!r} is not supported yet; supported tasks: {', '.join(SUPPORTED_TASKS)}")
+        if value not in SUPPORTED_TASKS:
+            raise self.error(
+                "task",
+                f"expected one of {', '.join(SUPPORTED_TASKS)}, got {value!r}{_suggest(value, SUPPORTED_TASKS)}",
+            )
+        return value
+
+    def input(self, data: Any) -> InputSpec:
+        data = self.section(data, "input", _INPUT_KEYS)
+        kind = self.exactly_one(data, "input", ("parquet", "dataset", "jsonl"))
+        path = None
+        dataset = None
+        if kind == "dataset":
+            dataset = self.dataset(data["dataset"])
+        else:
+            path = self.string(data, kind, prefix="input.")
+        limit = self.integer(data, "limit", prefix="input.", default=None, minimum=1)
+        keep = data.get("keep_columns")
+        keep_columns = None
+        if keep is not None:
+            if not isinstance(keep, list) or not all(isinstance(c, str) and c for c in keep):
+                raise self.error("input.keep_columns", f"expected a list of column names, got {_describe(keep)}")
+            keep_columns = tuple(keep)
+        return InputSpec(
+            kind=kind,
+            path=path,
+            dataset=dataset,
+            id_column=self.string(data, "id_column", prefix="input.", default=None),
+            limit=limit,
+            keep_columns=keep_columns,
+        )
+
+    def dataset(self, data: Any) -> DatasetSpec:
+        if isinstance(data, str):
+            # `dataset: user/name` is the common case; let it stand for `dataset: {path: user/name}`.
+            data = {"path": data}
+        data = self.section(data, "input.dataset", _DATASET_KEYS)
+        if "path" not in data:
+            raise self.error(
+                "input.dataset.path", "is required (a Hub dataset id, a folder, or a builder like 'parquet')"
+            )
+        data_files = data.get("data_files")
+        if data_files is not None and not _is_data_files(data_files):
+            raise self.error(
+                "input.dataset.data_files",
+                f"expected a path, a list of paths, or a mapping of split to paths, got {_describe(data_files)}",
+            )
+        options = data.get("options")
+        if options is None:
+            options = {}
+        elif not isinstance(options, Mapping):
+            raise self.error(
+                "input.dataset.options", f"expected a mapping of builder keywords, got {_describe(options)}"
+            )
+        prefix = "input.dataset."
+        return DatasetSpec(
+            path=self.string(data, "path", prefix=prefix),
+            name=self.string(data, "name", prefix=prefix, default=None),
+            split=self.string(data, "split", prefix=prefix, default="train"),
+            data_files=data_files,
+            data_dir=self.string(data, "data_dir", prefix=prefix, default=None),
+            revision=self.string(data, "revision", prefix=prefix, default=None),
+            options=dict(options),
+        )
+
+    def prompt(self, data: Any, task: str) -> PromptSpec:
+        data = self.section(data, "prompt", _PROMPT_KEYS)
+        kind = self.exactly_one(data, "prompt", ("template", "column"))
+        template = column = None
+        if kind == "template":
+            template = self.string(data, "template", prefix="prompt.")
+            try:
+                fields = _template_fields(template)
+            except ValueError as exc:
+                problem = f"expected a template with {{column}} placeholders: {exc}"
+                raise self.error("prompt.template", problem) from None
+            if not fields:
+                raise self.error(
+                    "prompt.template",
+                    "expected at least one {column} placeholder; use prompt.column for a column as it is",
+                )
+        else:
+            column = self.string(data, "column", prefix="prompt.")
+        system = self.string(data, "system", prefix="prompt.", default=None, allow_empty=True)
+        if system is not None and task != "chat-completion":
+            raise self.error("prompt.system", f"only applies to task chat-completion, not {task}")
+        return PromptSpec(template=template, column=column, system=system)
+
+    def endpoint(self, data: Any) -> EndpointSpec:
+        data = self.section(data, "endpoint", _ENDPOINT_KEYS)
+        kind = self.exactly_one(data, "endpoint", ("url", "local", "name"))
+        prefix = "endpoint."
+        url = local = name = namespace = None
+        if kind == "url":
+            url = self.string(data, "url", prefix=prefix)
+            if not re.match(r"^https?://[^/\s]+", url):
+                raise self.error("endpoint.url", f"expected an http:// or https:// URL, got {url!r}")
+            for key in _LIFECYCLE_KEYS:
+                if key in data:
+                    raise self.error(
+                        f"endpoint.{key}",
+                        "only applies to an endpoint given by name or local; "
+                        "batchrun does not manage the lifecycle of a url",
+                    )
+        elif kind == "local":
+            local = data["local"]
+            if local is None:
+                local = {}
+            if not isinstance(local, Mapping):
+                raise self.error(
+                    "endpoint.local", f"expected a mapping of emulator settings (or {{}}), got {_describe(local)}"
+                )
+            local = dict(local)
+        else:
+            name = self.string(data, "name", prefix=prefix)
+            if "namespace" not in data:
+                raise self.error(
+                    "endpoint.namespace",
+                    "is required with endpoint.name (the user or organization that owns the endpoint)",
+                )
+        if "namespace" in data:
+            if kind != "name":
+                raise self.error("endpoint.namespace", "only applies together with endpoint.name")
+            namespace = self.string(data, "namespace", prefix=prefix)
+
+        api_url = self.string(data, "api_url", prefix=prefix, default=None)
+        if api_url is not None:
+            api_url = api_url.rstrip("/")
+            if not re.match(r"^https?://", api_url) or not api_url.endswith("/v2"):
+                raise self.error(
+                    "endpoint.api_url", f"expected the control plane's base URL ending in /v2, got {api_url!r}"
+                )
+        on_finish = data.get("on_finish")
+        if on_finish is not None and on_finish not in ON_FINISH:
+            hint = _suggest(on_finish, ON_FINISH) if isinstance(on_finish, str) else ""
+            raise self.error("endpoint.on_finish", f"expected one of {', '.join(ON_FINISH)}, got {on_finish!r}{hint}")
+        price = self.number(data, "price_per_replica_hour", prefix=prefix, default=None, minimum=0.0)
+        return EndpointSpec(
+            url=url,
+            local=local,
+            name=name,
+            namespace=namespace,
+            api_url=api_url,
+            scale=self.scale(data.get("scale")),
+            ready_timeout=self.duration(data, "ready_timeout", prefix=prefix, default=DEFAULT_READY_TIMEOUT),
+            on_finish=on_finish,
+            idle_backstop=self.duration(data, "idle_backstop", prefix=prefix, default=DEFAULT_IDLE_BACKSTOP),
+            price_per_replica_hour=price,
+        )
+
+    def scale(self, data: Any) -> ScaleSpec | None:
+        if data is None:
+            return None
+        data = self.section(data, "endpoint.scale", _SCALE_KEYS)
+        prefix = "endpoint.scale."
+        for key in _SCALE_KEYS:
+            if key not in data:
+                raise self.error(prefix + key, "is required")
+        low = self.integer(data, "min_replica", prefix=prefix, minimum=0)
+        high = self.integer(data, "max_replica", prefix=prefix, minimum=1)
+        if low > high:
+            raise self.error("endpoint.scale.min_replica", f"expected at most max_replica ({high}), got {low}")
+        return ScaleSpec(min_replica=low, max_replica=high)
+
+    def budget(self, data: Any) -> BudgetSpec:
+        if data is None:
+            return BudgetSpec()
+        data = self.section(data, "budget", _BUDGET_KEYS)
+        return BudgetSpec(
+            max_usd=self.number(data, "max_usd", prefix="budget.", default=None, minimum=0.0, strict=True),
+            deadline=self.duration(data, "deadline", prefix="budget.", default=None),
+        )
+
+    def concurrency(self, data: Any) -> ConcurrencySpec:
+        if data is None:
+            return ConcurrencySpec()
+        data = self.section(data, "concurrency", _CONCURRENCY_KEYS)
+        high = self.integer(data, "max", prefix="concurrency.", default=256, minimum=1)
+        initial = self.integer(data, "initial", prefix="concurrency.", default=min(8, high), minimum=1)
+        if initial > high:
+            raise self.error("concurrency.initial", f"expected at most concurrency.max ({high}), got {initial}")
+        return ConcurrencySpec(max=high, initial=initial)
+
+    def retries(self, data: Any) -> RetrySpec:
+        if data is None:
+            return RetrySpec()
+        data = self.section(data, "retries", _RETRY_KEYS)
+        p = "retries."
+        base = self.number(data, "backoff_base", prefix=p, default=0.5, minimum=0.0)
+        cap = self.number(data, "backoff_cap", prefix=p, default=30.0, minimum=0.0)
+        if cap < base:
+            raise self.error("retries.backoff_cap", f"expected at least backoff_base ({base:g}), got {cap:g}")
+        return RetrySpec(
+            max_attempts=self.integer(data, "max_attempts", prefix=p, default=5, minimum=1),
+            backoff_base=base,
+            backoff_cap=cap,
+            max_retry_after=self.number(data, "max_retry_after", prefix=p, default=120.0, minimum=0.0),
+            budget_ratio=self.fraction(data, "budget_ratio", prefix=p, default=0.1),
+        )
+
+    def output(self, data: Any, job_name: str) -> OutputSpec:
+        if data is None:
+            data = {}
+        data = self.section(data, "output", _OUTPUT_KEYS)
+        return OutputSpec(
+            # Without a path, results go to out/<job name>, the layout the sample jobs use.
+            path=self.string(data, "path", prefix="output.", default=f"out/{job_name}"),
+            shard_rows=self.integer(data, "shard_rows", prefix="output.", default=10_000, minimum=1),
+            shard_bytes=self.size(data, "shard_bytes", prefix="output.", default=DEFAULT_SHARD_BYTES),
+        )
+
+    # -- shapes --------------------------------------------------------------------------------
+
+    def section(self, data: Any, key: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+        if not isinstance(data, Mapping):
+            raise self.error(key, f"expected a mapping with keys among {', '.join(allowed)}, got {_describe(data)}")
+        self.keys(data, key + ".", allowed)
+        return data
+
+    def keys(self, data: Mapping[str, Any], prefix: str, allowed: tuple[str, ...]) -> None:
+        for key in data:
+            if key not in allowed:
+                label = key if isinstance(key, str) else repr(key)
+                hint = _suggest(key, allowed) if isinstance(key, str) else ""
+                raise self.error(
+                    prefix + label, f"unknown key{hint or ''}; expected one of {', '.join(allowed)}"
+                )
+
+    def exactly_one(self, data: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+        present = [c for c in choices if c in data]
+        if len(present) != 1:
+            got = "none" if not present else " and ".join(present)
+            raise self.error(key, f"expected exactly one of {', '.join(choices)}, got {got}")
+        return present[0]
+
+    # -- scalars -------------------------------------------------------------------------------
+    # Each takes the mapping and the key so the error names the full path; a missing key (or an
+    # explicit null) gets the default, and a missing key with no default is "required".
+
+    _REQUIRED: Any = object()
+
+    def string(self, data, key, *, prefix="", default=_REQUIRED, allow_empty=False) -> Any:
+        value = data.get(key)
+        if value is None:
+            if default is _Parser._REQUIRED:
+                raise self.error(prefix + key, "is required" if key not in data else "expected a string, got null")
+            return default
+        if not isinstance(value, str) or (not value and not allow_empty):
+            raise self.error(prefix + key, f"expected a non-empty string, got {_describe(value)}")
+        return value
+
+    def integer(self, data, key, *, prefix="", default=_REQUIRED, minimum=None) -> Any:
+        value = data.get(key)
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else "an integer"
+        if value is None:
+            if default is _Parser._REQUIRED:
+                raise self.error(prefix + key, "is required")
+            return default
+        # bool is an int in Python; `limit: yes` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(prefix + key, f"expected {kind}, got {_describe(value)}")
+        if minimum is not None and value < minimum:
+            raise self.error(prefix + key, f"expected {kind}, got {value}")
+        return value
+
+    def number(self, data, key, *, prefix="", default=_REQUIRED, minimum=None, strict=False) -> Any:
+        value = data.get(key)
+        if value is None:
+            if default is _Parser._REQUIRED:
+                raise self.error(prefix + key, "is required")
+            return default
+        kind = "a positive number" if strict else "a non-negative number" if minimum == 0.0 else "a number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.error(prefix + key, f"expected {kind}, got {_describe(value)}")
+        if minimum is not None and (value < minimum or (strict and value <= minimum)):
+            raise self.error(prefix + key, f"expected {kind}, got {value}")
+        return float(value)
+
+    def fraction(self, data, key, *, prefix="", default=_REQUIRED) -> Any:
+        value = data.get(key)
+        if value is None:
+            if default is _Parser._REQUIRED:
+                raise self.error(prefix + key, "is required")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise self.error(prefix + key, f"expected a share between 0 and 1 (like 0.5), got {_describe(value)}")
+        return float(value)
+
+    def duration(self, data, key, *, prefix="", default=_REQUIRED) -> Any:
+        value = data.get(key)
+        if value is None:
+            if default is _Parser._REQUIRED:
+                raise self.error(prefix + key, "is required")
+            return default
+        seconds = parse_duration(value)
+        if seconds is None or seconds <= 0:
+            raise self.error(
+                prefix + key,
+                f"expected a positive duration in seconds or like '90s', '20m', '6h', '1h30m', got {_describe(value)}",
+            )
+        return seconds
+
+    def size(self, data, key, *, prefix="", default=_REQUIRED) -> Any:
+        value = data.get(key)
+        if value is None:
+            if default is _Parser._REQUIRED:
+                raise self.error(prefix + key, "is required")
+            return default
+        size = parse_size(value)
+        if size is None or size <= 0:
+            raise self.error(
+                prefix + key, f"expected a positive size in bytes or like '64MB', '1GiB', got {_describe(value)}"
+            )
+        return size
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds in ``value`` (a number, ``"90"``, ``"90s"``, ``"1h30m"``), or ``None`` if it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower().replace(" ", "")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if not text or _DURATION_PART.sub("", text):
+        return None
+    return sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes in ``value`` (an int, ``"64MB"``, ``"1GiB"``), or ``None`` if it is not a size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        return None
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        return None
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "b").lower()])
+
+
+def _template_fields(template: str) -> tuple[str, ...]:
+    """The column names a ``str.format`` template uses; ValueError for anything but plain names."""
+    names: list[str] = []
+    for _literal, name, _spec, _conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise ValueError("positional placeholders like {} or {0} have no column; name the column, like {topic}")
+        if any(ch in name for ch in ".["):
+            raise ValueError(f"{{{name}}} uses attribute or index access; use a plain column name")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def _is_data_files(value: Any) -> bool:
+    if isinstance(value, str):
+        return True
+    if isinstance(value, list):
+        return all(isinstance(v, str) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _is_data_files(v) and not isinstance(v, Mapping) for k, v in value.items())
+    return False
+
+
+def _suggest(word: str, choices: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{value!r} (a boolean)"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)

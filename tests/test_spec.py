@@ -1,0 +1,433 @@
+"""The job spec: what a valid spec becomes, and what every mistake says (reliability.md §5)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from batchrun.errors import SpecError
+from batchrun.spec import (
+    DEFAULT_SHARD_BYTES,
+    JobSpec,
+    load_spec,
+    parse_duration,
+    parse_size,
+    parse_spec,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+MINIMAL = {
+    "task": "chat-completion",
+    "input": {"parquet": "data/prompts.parquet"},
+    "prompt": {"template": "Write about {topic}."},
+    "endpoint": {"url": "http://127.0.0.1:8080"},
+}
+
+
+def spec_with(**changes) -> dict:
+    """MINIMAL with top-level keys replaced (``None`` deletes one)."""
+    data = copy.deepcopy(MINIMAL)
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+def spec_error(data, file="job.yaml") -> SpecError:
+    with pytest.raises(SpecError) as info:
+        parse_spec(data, file=file)
+    return info.value
+
+
+def write(tmp_path: Path, text: str, name: str = "poems.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --- valid specs --------------------------------------------------------------------------------
+
+
+def test_a_minimal_spec_gets_the_documented_defaults():
+    spec = parse_spec(MINIMAL)
+    assert spec.name == "job"
+    assert spec.concurrency.max == 256 and spec.concurrency.initial == 8
+    r = spec.retries
+    assert (r.max_attempts, r.backoff_base, r.backoff_cap, r.max_retry_after, r.budget_ratio) == (5, 0.5, 30, 120, 0.1)
+    assert spec.request_timeout == 120
+    assert spec.output.shard_rows == 10_000 and spec.output.shard_bytes == DEFAULT_SHARD_BYTES == 64 * 2**20
+    assert spec.endpoint.ready_timeout == 20 * 60 and spec.endpoint.idle_backstop == 15 * 60
+    assert spec.budget.max_usd is None and spec.budget.deadline is None
+    assert spec.failure_threshold is None
+    assert spec.input.kind == "parquet" and spec.input.path == "data/prompts.parquet"
+    assert spec.output.path == "out/job"
+
+
+def test_the_full_example_from_the_issue_loads(tmp_path):
+    path = write(
+        tmp_path,
+        """
+name: poems
+task: chat-completion
+input:
+  parquet: sample_data/prompts.parquet
+  id_column: id
+  limit: 100
+  keep_columns: [topic]
+prompt:
+  template: "Please write a short poem about {topic}."
+  system: "You are a poet."
+parameters: {max_tokens: 100, temperature: 0.2, seed: 42}
+endpoint:
+  name: gemma-1-1-2b-it-001
+  namespace: my-org
+  api_url: https://api.endpoints.huggingface.cloud/v2
+  scale: {min_replica: 4, max_replica: 4}
+  ready_timeout: 20m
+  on_finish: pause
+  idle_backstop: 15m
+  price_per_replica_hour: 1.80
+budget: {max_usd: 25, deadline: 6h}
+concurrency: {max: 256, initial: 8}
+retries: {max_attempts: 5, backoff_base: 0.5, backoff_cap: 30, max_retry_after: 120, budget_ratio: 0.1}
+request_timeout: 120s
+failure_threshold: 0.5
+output:
+  path: out/poems
+  shard_rows: 10000
+  shard_bytes: 64MB
+""",
+    )
+    spec = load_spec(path)
+    assert spec.name == "poems" and spec.file == str(path)
+    assert spec.input.keep_columns == ("topic",) and spec.input.limit == 100 and spec.input.id_column == "id"
+    assert spec.prompt.system == "You are a poet." and spec.prompt.columns == ("topic",)
+    assert spec.parameters == {"max_tokens": 100, "temperature": 0.2, "seed": 42}
+    e = spec.endpoint
+    assert e.kind == "name" and e.namespace == "my-org" and e.scale.min_replica == 4 and e.scale.max_replica == 4
+    assert e.ready_timeout == 1200 and e.idle_backstop == 900 and e.on_finish == "pause"
+    assert e.price_per_replica_hour == 1.8
+    assert spec.budget.max_usd == 25 and spec.budget.deadline == 6 * 3600
+    assert spec.failure_threshold == 0.5
+    assert spec.output.shard_bytes == 64_000_000
+    assert spec.raw["endpoint"]["scale"] == {"min_replica": 4, "max_replica": 4}
+
+
+@pytest.mark.parametrize("job", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_job_spec_loads(job, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_spec(job)
+    assert spec.name and spec.task in ("text-generation", "chat-completion")
+
+
+def test_the_shipped_jobs_cover_quickstart_poems_textgen_and_dataset():
+    names = {p.stem for p in (REPO / "jobs").glob("*.yaml")}
+    assert {"quickstart", "poems", "textgen", "dataset"} <= names
+
+
+def test_the_name_defaults_to_the_file_stem(tmp_path):
+    text = "task: text-generation\ninput: {jsonl: q.jsonl}\nprompt: {column: question}\nendpoint: {local: {}}\n"
+    spec = load_spec(write(tmp_path, text, "nightly-run.yaml"))
+    assert spec.name == "nightly-run" and spec.output.path == "out/nightly-run"
+
+
+def test_output_override_replaces_the_output_path_and_keeps_the_rest(tmp_path):
+    text = "task: text-generation\ninput: {jsonl: q.jsonl}\nprompt: {column: q}\nendpoint: {local: {}}\noutput: {path: out/a, shard_rows: 7}\n"
+    spec = load_spec(write(tmp_path, text), output_override="elsewhere")
+    assert spec.output.path == "elsewhere" and spec.output.shard_rows == 7
+
+
+def test_relative_paths_stay_exactly_as_written():
+    spec = parse_spec(spec_with(input={"parquet": "../data/*.parquet"}, output={"path": "./out/x"}))
+    assert spec.input.path == "../data/*.parquet" and spec.output.path == "./out/x"
+
+
+def test_a_dataset_input_takes_load_dataset_arguments_and_defaults_to_the_train_split():
+    spec = parse_spec(spec_with(input={"dataset": {"path": "parquet", "data_files": {"train": ["a.parquet"]},
+                                                   "revision": "abc", "options": {"columns": ["x"]}}}))
+    ds = spec.input.dataset
+    assert spec.input.kind == "dataset" and spec.input.path is None
+    assert ds.path == "parquet" and ds.split == "train" and ds.revision == "abc"
+    assert ds.data_files == {"train": ["a.parquet"]} and ds.options == {"columns": ["x"]}
+
+
+def test_a_dataset_given_as_a_string_is_its_path():
+    spec = parse_spec(spec_with(input={"dataset": "user/poems"}))
+    assert spec.input.dataset.path == "user/poems"
+
+
+def test_a_local_endpoint_keeps_its_settings_as_a_plain_dict():
+    spec = parse_spec(spec_with(endpoint={"local": {"replicas": 2, "model_id": "m"}, "scale": {"min_replica": 1, "max_replica": 2}}))
+    assert spec.endpoint.kind == "local" and spec.endpoint.local == {"replicas": 2, "model_id": "m"}
+    assert parse_spec(spec_with(endpoint={"local": None})).endpoint.local == {}
+
+
+def test_config_objects_are_frozen_keyword_only_and_readable():
+    spec = parse_spec(MINIMAL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"
+    with pytest.raises(TypeError):
+        type(spec.retries)(5)  # positional arguments are refused
+    assert repr(spec.retries) == "RetrySpec(max_attempts=5, backoff_base=0.5, backoff_cap=30.0, max_retry_after=120.0, budget_ratio=0.1)"
+    assert "raw=" not in repr(spec)
+
+
+def test_identity_holds_task_prompt_parameters_and_endpoint_but_not_tuning():
+    base = parse_spec(spec_with(parameters={"max_tokens": 10}))
+    assert base.identity() == {
+        "task": "chat-completion",
+        "prompt": {"template": "Write about {topic}.", "column": None, "system": None},
+        "parameters": {"max_tokens": 10},
+        "endpoint": {"kind": "url"},
+    }
+    tuned = parse_spec(spec_with(parameters={"max_tokens": 10}, concurrency={"max": 4}, input={"parquet": "x", "limit": 3}))
+    assert tuned.identity() == base.identity()
+    assert parse_spec(spec_with(parameters={"max_tokens": 11})).identity() != base.identity()
+
+
+def test_identity_names_a_dedicated_endpoint_by_namespace_and_name_and_a_local_one_by_model():
+    named = parse_spec(spec_with(endpoint={"name": "e", "namespace": "org"}))
+    assert named.identity()["endpoint"] == {"namespace": "org", "name": "e"}
+    local = parse_spec(spec_with(endpoint={"local": {"model_id": "tiny"}}))
+    assert local.identity()["endpoint"] == {"local": True, "model": "tiny"}
+
+
+def test_a_url_endpoint_that_moves_keeps_its_identity():
+    a = parse_spec(spec_with(endpoint={"url": "http://h:1/"})).identity()
+    b = parse_spec(spec_with(endpoint={"url": "http://other:2/v1"})).identity()
+    assert a == b
+
+
+# --- error messages -----------------------------------------------------------------------------
+
+
+def test_an_error_names_the_file_the_key_path_and_what_was_expected():
+    err = spec_error(spec_with(retries={"max_attempts": "five"}))
+    assert err.file == "job.yaml" and err.key == "retries.max_attempts"
+    assert err.problem == "expected a positive integer, got 'five'"
+    assert str(err) == "job.yaml: retries.max_attempts: expected a positive integer, got 'five'"
+
+
+@pytest.mark.parametrize(
+    ("section", "typo", "suggestion"),
+    [
+        (None, "concurency", "concurrency"),
+        ("input", "id_colum", "id_column"),
+        ("retries", "max_attempt", "max_attempts"),
+        ("output", "shard_row", "shard_rows"),
+    ],
+)
+def test_an_unknown_key_is_an_error_with_a_did_you_mean(section, typo, suggestion):
+    data = copy.deepcopy(MINIMAL)
+    target = data if section is None else data.setdefault(section, {})
+    if section == "output":
+        target["path"] = "out"
+    target[typo] = 1
+    err = spec_error(data)
+    assert err.key == (typo if section is None else f"{section}.{typo}")
+    assert f"did you mean {suggestion!r}" in err.problem
+
+
+def test_an_unknown_key_with_no_close_match_lists_the_expected_keys():
+    err = spec_error(spec_with(prompt={"template": "{a}", "zzz": 1}))
+    assert err.key == "prompt.zzz" and "did you mean" not in err.problem and "template, column, system" in err.problem
+
+
+def test_unknown_keys_inside_nested_sections_are_caught_too():
+    err = spec_error(spec_with(endpoint={"name": "e", "namespace": "o", "scale": {"min_replicas": 1, "max_replica": 2}}))
+    assert err.key == "endpoint.scale.min_replicas" and "did you mean 'min_replica'" in err.problem
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "got"),
+    [
+        ("input", {"limit": 3}, "none"),
+        ("input", {"parquet": "a", "jsonl": "b"}, "parquet and jsonl"),
+        ("prompt", {"system": "x"}, "none"),
+        ("prompt", {"template": "{a}", "column": "a"}, "template and column"),
+        ("endpoint", {"url": "http://x", "local": {}}, "url and local"),
+        ("endpoint", {}, "none"),
+    ],
+)
+def test_exactly_one_of_each_choice_is_required(section, value, got):
+    err = spec_error(spec_with(**{section: value}))
+    assert err.key == section and "expected exactly one of" in err.problem and err.problem.endswith(f"got {got}")
+
+
+@pytest.mark.parametrize("missing", ["task", "input", "prompt", "endpoint"])
+def test_the_four_core_sections_are_required(missing):
+    err = spec_error(spec_with(**{missing: None}))
+    assert err.key == missing and "required" in err.problem
+
+
+@pytest.mark.parametrize("task", ["text-to-image", "image-text-to-text"])
+def test_planned_tasks_are_rejected_as_not_supported_yet(task):
+    err = spec_error(spec_with(task=task))
+    assert err.key == "task" and "not supported yet" in err.problem
+
+
+def test_a_misspelt_task_gets_a_suggestion():
+    err = spec_error(spec_with(task="chat-completions"))
+    assert "did you mean 'chat-completion'" in err.problem
+
+
+def test_a_system_prompt_is_only_for_chat():
+    err = spec_error(spec_with(task="text-generation", prompt={"template": "{a}", "system": "x"}))
+    assert err.key == "prompt.system" and "chat-completion" in err.problem
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [("no placeholders", "at least one"), ("{0} and {}", "positional"), ("{row.topic}", "plain column"), ("{unclosed", "template")],
+)
+def test_a_template_must_use_named_column_placeholders(template, expected):
+    err = spec_error(spec_with(prompt={"template": template}))
+    assert err.key == "prompt.template" and expected in err.problem
+
+
+def test_a_named_endpoint_needs_a_namespace():
+    err = spec_error(spec_with(endpoint={"name": "gemma"}))
+    assert err.key == "endpoint.namespace" and "required" in err.problem
+
+
+@pytest.mark.parametrize("key", ["scale", "on_finish", "idle_backstop", "ready_timeout", "api_url", "price_per_replica_hour"])
+def test_lifecycle_keys_are_refused_for_a_plain_url(key):
+    value = {"scale": {"min_replica": 1, "max_replica": 1}, "on_finish": "pause", "idle_backstop": "1m",
+             "ready_timeout": "1m", "api_url": "https://x/v2", "price_per_replica_hour": 1}[key]
+    err = spec_error(spec_with(endpoint={"url": "http://x", key: value}))
+    assert err.key == f"endpoint.{key}" and "name or local" in err.problem
+
+
+def test_the_control_plane_url_must_end_in_v2():
+    err = spec_error(spec_with(endpoint={"name": "e", "namespace": "o", "api_url": "https://api.example.com/v1"}))
+    assert err.key == "endpoint.api_url" and "/v2" in err.problem
+
+
+def test_on_finish_accepts_only_its_three_values():
+    err = spec_error(spec_with(endpoint={"name": "e", "namespace": "o", "on_finish": "scale_to_zero"}))
+    assert err.key == "endpoint.on_finish" and "did you mean 'scale-to-zero'" in err.problem
+
+
+def test_min_replica_may_not_exceed_max_replica():
+    err = spec_error(spec_with(endpoint={"local": {}, "scale": {"min_replica": 3, "max_replica": 2}}))
+    assert err.key == "endpoint.scale.min_replica"
+
+
+def test_initial_concurrency_may_not_exceed_the_ceiling():
+    err = spec_error(spec_with(concurrency={"max": 4, "initial": 8}))
+    assert err.key == "concurrency.initial" and "at most" in err.problem
+    assert parse_spec(spec_with(concurrency={"max": 4})).concurrency.initial == 4
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"input": {"parquet": "x", "limit": 0}}, "input.limit"),
+        ({"input": {"parquet": "x", "limit": True}}, "input.limit"),
+        ({"input": {"parquet": "x", "keep_columns": "topic"}}, "input.keep_columns"),
+        ({"input": {"parquet": ""}}, "input.parquet"),
+        ({"input": {"dataset": {"split": "train"}}}, "input.dataset.path"),
+        ({"input": {"dataset": {"path": "p", "data_files": 3}}}, "input.dataset.data_files"),
+        ({"failure_threshold": 1.5}, "failure_threshold"),
+        ({"retries": {"budget_ratio": 0}}, "retries.budget_ratio"),
+        ({"retries": {"backoff_base": 10, "backoff_cap": 1}}, "retries.backoff_cap"),
+        ({"budget": {"max_usd": -1}}, "budget.max_usd"),
+        ({"parameters": ["max_tokens"]}, "parameters"),
+        ({"endpoint": {"url": "127.0.0.1:8080"}}, "endpoint.url"),
+        ({"endpoint": {"local": "yes"}}, "endpoint.local"),
+        ({"name": "a/b"}, "name"),
+    ],
+)
+def test_bad_values_name_their_key(changes, key):
+    assert spec_error(spec_with(**changes)).key == key
+
+
+def test_a_spec_that_is_not_a_mapping_is_refused():
+    err = spec_error(["task"])
+    assert err.key == "(top level)" and "mapping" in err.problem
+
+
+# --- durations and sizes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [(90, 90.0), (2.5, 2.5), ("90", 90.0), ("90s", 90.0), ("20m", 1200.0), ("6h", 21600.0),
+     ("1h30m", 5400.0), ("1m30s", 90.0), ("250ms", 0.25), ("1d", 86400.0), ("1.5h", 5400.0)],
+)
+def test_durations_accept_seconds_and_unit_strings(text, seconds):
+    assert parse_duration(text) == seconds
+    assert parse_spec(spec_with(request_timeout=text)).request_timeout == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10 minutes", "h", "5x", True, [], "-5s"])
+def test_a_bad_duration_says_what_a_duration_looks_like(text):
+    err = spec_error(spec_with(request_timeout=text))
+    assert err.key == "request_timeout" and "'90s', '20m', '6h', '1h30m'" in err.problem
+
+
+def test_a_zero_or_negative_duration_is_refused():
+    assert spec_error(spec_with(budget={"deadline": 0})).key == "budget.deadline"
+    assert spec_error(spec_with(request_timeout=-1)).key == "request_timeout"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [(1000, 1000), ("64MB", 64_000_000), ("64MiB", 64 * 2**20), ("1GiB", 2**30), ("512kb", 512_000), ("100B", 100), ("2048", 2048)],
+)
+def test_sizes_accept_bytes_and_si_or_iec_units(text, size):
+    assert parse_size(text) == size
+    assert parse_spec(spec_with(output={"path": "o", "shard_bytes": text})).output.shard_bytes == size
+
+
+@pytest.mark.parametrize("text", ["big", "64 parsecs", 0, -1, True])
+def test_a_bad_size_names_the_key(text):
+    err = spec_error(spec_with(output={"path": "o", "shard_bytes": text}))
+    assert err.key == "output.shard_bytes" and "'64MB'" in err.problem
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def test_a_yaml_syntax_error_becomes_a_spec_error_with_the_line(tmp_path):
+    path = write(tmp_path, "task: chat-completion\ninput:\n  parquet: [unclosed\nprompt: {column: p}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.file == str(path)
+    assert info.value.key.startswith("line ") and "invalid YAML" in info.value.problem
+
+
+def test_a_tab_indented_spec_reports_its_line(tmp_path):
+    path = write(tmp_path, "task: chat-completion\ninput:\n\tparquet: x\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.key.startswith("line 3")
+
+
+def test_a_missing_spec_file_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path / "nope.yaml")
+    assert "no such file" in info.value.problem
+
+
+def test_an_empty_spec_file_is_a_spec_error(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, "# nothing yet\n"))
+    assert "empty" in info.value.problem
+
+
+def test_errors_from_a_file_carry_its_path(tmp_path):
+    path = write(tmp_path, "task: chat-completion\ninput: {parquet: x, limit: five}\nprompt: {column: p}\nendpoint: {local: {}}\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}: input.limit: expected a positive integer, got 'five'"
+
+
+def test_jobspec_is_exported_with_the_loader():
+    assert isinstance(parse_spec(MINIMAL), JobSpec)
