@@ -1,0 +1,278 @@
+"""Configuration of the local Inference Endpoint emulator.
+
+Frozen, keyword-only dataclasses. ``EndpointConfig.from_dict`` is the edge where a user's YAML or a
+job spec's ``endpoint: {local: {...}}`` dict comes in: it rejects unknown keys and wrong types with a
+``ValueError`` that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("text-generation", "text-to-image", "image-text-to-text")
+INITIAL_STATES = ("paused", "running", "scaledToZero", "failed")
+EPISODE_KINDS = ("outage_503", "lose_replica", "fail_endpoint")
+DEFAULT_TOKEN = "hf_emulator_local_token"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Faults:
+    """Per-request fault rates (each a probability in [0, 1]), decided reproducibly from ``seed``.
+
+    A request's fate is a function of (seed, request body, how many times that body was seen
+    before), so a rerun of the same requests meets the same faults whatever the concurrency.
+    """
+
+    # HTTP errors answered instead of the real response.
+    rate_429: float = 0.0  # 429 `Model is overloaded` with a Retry-After header
+    rate_429_no_retry_after: float = 0.0  # 429 as TGI sends it: no Retry-After
+    rate_500: float = 0.0
+    rate_502: float = 0.0
+    rate_503: float = 0.0
+    rate_504: float = 0.0
+    # Transport-level faults.
+    rate_reset: float = 0.0  # the TCP connection is reset (RST) after the request was read
+    rate_hang: float = 0.0  # no answer for hang_s seconds, then the connection is closed
+    # 200 answers that must not be trusted.
+    rate_error_body: float = 0.0  # 200 whose JSON body is a TGI error object
+    rate_truncated: float = 0.0  # 200 whose body is cut in half (Content-Length matches the cut)
+    retry_after_s: float = 1.0  # the value sent in Retry-After for rate_429
+    hang_s: float = 300.0
+    seed: int = 0
+
+    def total(self) -> float:
+        """The probability that a request meets any fault."""
+        return sum(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("rate_"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name.startswith("rate_") and not 0.0 <= value <= 1.0:
+                raise ValueError(f"faults.{f.name}: must be between 0 and 1, got {value!r}")
+        if self.total() > 1.0:
+            raise ValueError(f"faults: the rates add up to {self.total():.3f}, more than 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Episode:
+    """A scripted incident.
+
+    ``kind`` is ``outage_503`` (every data-plane request gets 503 for ``seconds``), ``lose_replica``
+    (one ready replica disappears and restarts, taking ``replica_start_s``) or ``fail_endpoint``
+    (the endpoint goes to ``failed``). It starts ``at_s`` seconds after the endpoint's first
+    data-plane request, or when the ``after_requests``-th data-plane request arrives.
+    """
+
+    kind: str
+    at_s: float | None = None
+    after_requests: int | None = None
+    seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in EPISODE_KINDS:
+            raise ValueError(f"episodes.kind: expected one of {', '.join(EPISODE_KINDS)}, got {self.kind!r}")
+        if (self.at_s is None) == (self.after_requests is None):
+            raise ValueError("episodes: give exactly one of at_s or after_requests")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointConfig:
+    """One emulated Inference Endpoint: identity, scaling, timing, limits and faults."""
+
+    # Identity, as the control plane shows it.
+    name: str
+    namespace: str = "batchrun-local"
+    task: str = "text-generation"
+    model_id: str = "google/gemma-1.1-2b-it"
+    revision: str = "main"
+    framework: str = "pytorch"
+    type: str = "protected"  # protected endpoints check the bearer token on the data plane too
+    vendor: str = "aws"
+    region: str = "us-east-1"
+    accelerator: str = "gpu"
+    instance_type: str = "nvidia-a10g"
+    instance_size: str = "x1"
+    # Scaling.
+    initial_state: str = "paused"
+    min_replica: int = 1
+    max_replica: int = 1
+    scale_to_zero_timeout: float = 15.0  # minutes of idleness before min_replica=0 endpoints scale to zero
+    # Timing of the lifecycle, seconds.
+    pending_s: float = 0.5
+    initializing_s: float = 2.0  # until the first replica is ready
+    replica_start_s: float = 1.0  # each further replica, one after the other
+    fail_on_deploy: bool = False
+    # TGI limits.
+    max_concurrent_requests: int = 128
+    max_input_tokens: int = 4095
+    max_total_tokens: int = 4096
+    # Latency of the data plane, seconds.
+    latency_base_s: float = 0.0
+    latency_per_token_s: float = 0.0
+    latency_jitter_s: float = 0.0
+    image_latency_s: float = 0.0
+    # Text-to-image.
+    image_default_size: int = 1024
+    image_max_size: int = 2048
+    image_reject_non_square: bool = True
+    # Determinism and faults.
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+    episodes: tuple[Episode, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.initial_state not in INITIAL_STATES:
+            raise ValueError(f"initial_state: expected one of {', '.join(INITIAL_STATES)}, got {self.initial_state!r}")
+        if self.min_replica < 0 or self.max_replica < max(1, self.min_replica):
+            raise ValueError(
+                f"min_replica/max_replica: need 0 <= min_replica <= max_replica and max_replica >= 1, "
+                f"got {self.min_replica}/{self.max_replica}"
+            )
+        if self.max_concurrent_requests < 1:
+            raise ValueError("max_concurrent_requests: must be at least 1")
+        if self.max_input_tokens >= self.max_total_tokens:
+            raise ValueError("max_input_tokens: must be less than max_total_tokens")
+        for name in ("pending_s", "initializing_s", "replica_start_s", "latency_base_s", "latency_per_token_s",
+                     "latency_jitter_s", "image_latency_s", "scale_to_zero_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must not be negative")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EndpointConfig:
+        """Build from a plain dict (YAML, a job spec); unknown keys and wrong types raise ValueError naming the key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"endpoint: expected a mapping, got {type(data).__name__}")
+        values = _typed_fields(cls, data, prefix="")
+        if "faults" in data:
+            if not isinstance(data["faults"], dict):
+                raise ValueError("faults: expected a mapping of rates")
+            values["faults"] = Faults(**_typed_fields(Faults, data["faults"], prefix="faults."))
+        if "episodes" in data:
+            if not isinstance(data["episodes"], list):
+                raise ValueError("episodes: expected a list")
+            episodes = []
+            for i, item in enumerate(data["episodes"]):
+                if not isinstance(item, dict):
+                    raise ValueError(f"episodes[{i}]: expected a mapping")
+                episodes.append(Episode(**_typed_fields(Episode, item, prefix=f"episodes[{i}].")))
+            values["episodes"] = tuple(episodes)
+        if "name" not in values:
+            raise ValueError("name: required")
+        return cls(**values)
+
+
+def _typed_fields(cls: type, data: dict[str, Any], *, prefix: str) -> dict[str, Any]:
+    """Check ``data``'s keys and scalar types against the dataclass ``cls``; nested fields are left out."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ValueError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
+        if key in ("faults", "episodes") and cls is EndpointConfig:
+            continue
+        out[key] = _check_type(f"{prefix}{key}", hints[key], value)
+    return out
+
+
+def _check_type(key: str, hint: Any, value: Any) -> Any:
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmulatorConfig:
+    """A whole emulator: the token it accepts (None: no auth), its endpoints, where it listens."""
+
+    token: str | None = DEFAULT_TOKEN
+    # No endpoints given: the demo set (what `batchrun emulate` serves without a config file).
+    endpoints: list[EndpointConfig] = field(default_factory=lambda: default_endpoints())
+    host: str = "127.0.0.1"
+    control_port: int = 0
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for endpoint in self.endpoints:
+            key = (endpoint.namespace, endpoint.name)
+            if key in seen:
+                raise ValueError(f"endpoints: {endpoint.namespace}/{endpoint.name} is defined twice")
+            seen.add(key)
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            # The emulator is a loopback tool: it never listens on a reachable interface.
+            raise ValueError(f"host: only loopback addresses are allowed, got {self.host!r}")
+
+    def __repr__(self) -> str:
+        # Never show the token.
+        names = [f"{e.namespace}/{e.name}" for e in self.endpoints]
+        return f"EmulatorConfig(token={'***' if self.token else None}, endpoints={names}, host={self.host!r})"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EmulatorConfig:
+        """Build from a plain dict: ``{token, host, control_port, endpoints: [ {...}, ... ]}``."""
+        if not isinstance(data, dict):
+            raise ValueError("emulator config: expected a mapping")
+        known = {"token", "host", "control_port", "endpoints"}
+        for key in data:
+            if key not in known:
+                raise ValueError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+        endpoints_raw = data.get("endpoints", [])
+        if not isinstance(endpoints_raw, list):
+            raise ValueError("endpoints: expected a list")
+        endpoints = []
+        for i, item in enumerate(endpoints_raw):
+            try:
+                endpoints.append(EndpointConfig.from_dict(item))
+            except ValueError as error:
+                raise ValueError(f"endpoints[{i}].{error}") from None
+        token = data.get("token", DEFAULT_TOKEN)
+        if token is not None and not isinstance(token, str):
+            raise ValueError("token: expected a string or null")
+        host = data.get("host", "127.0.0.1")
+        port = data.get("control_port", 0)
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise ValueError("control_port: expected int")
+        return cls(token=token, endpoints=endpoints or default_endpoints(), host=host, control_port=port)
+
+
+def default_endpoints() -> list[EndpointConfig]:
+    """The demo set: one endpoint per task, running, with small realistic latencies."""
+    common = dict(namespace="batchrun-local", initial_state="running", min_replica=1, max_replica=2)
+    return [
+        EndpointConfig(name="gemma-local", task="text-generation", model_id="google/gemma-1.1-2b-it",
+                       latency_base_s=0.05, latency_per_token_s=0.002, **common),
+        EndpointConfig(name="sdxl-local", task="text-to-image", model_id="stabilityai/stable-diffusion-xl-base-1.0",
+                       image_latency_s=0.2, image_default_size=512, **common),
+        EndpointConfig(name="idefics2-local", task="image-text-to-text", model_id="HuggingFaceM4/idefics2-8b",
+                       latency_base_s=0.08, latency_per_token_s=0.003, **common),
+    ]
+
+
+def load_emulator_config(path: str | Path) -> EmulatorConfig:
+    """Read an emulator config from a YAML file; errors name the file and the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return EmulatorConfig.from_dict(data)
+    except (ValueError, yaml.YAMLError) as error:
+        raise ValueError(f"{path}: {error}") from None
