@@ -1,0 +1,267 @@
+"""The `batchrun` command.
+
+    batchrun validate JOB.yaml     check everything, spend nothing
+    batchrun run JOB.yaml          run or resume the job (Ctrl-C is safe; run again to resume)
+    batchrun status JOB.yaml       done / failed / remaining, from the output folder alone
+    batchrun endpoint status|pause|resume NAME --namespace NS
+    batchrun emulate               a local Inference Endpoint emulator on loopback
+
+Exit codes (reliability.md §6): 0 every row succeeded; 1 finished with failed rows; 2 nothing ran
+(bad spec, input or auth); 3 stopped early and resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BatchrunError, redact
+
+__all__ = ["main"]
+
+EPILOG = """\
+exit codes: 0 every row succeeded, 1 the job finished but some rows failed,
+            2 nothing ran (bad spec, input or token), 3 stopped early (resumable)
+
+The token comes from huggingface_hub: the HF_TOKEN environment variable or `hf auth login`.
+It is never accepted on the command line and never printed.
+
+examples:
+  batchrun validate jobs/quickstart.yaml
+  batchrun run jobs/quickstart.yaml
+  batchrun status jobs/quickstart.yaml
+  batchrun emulate --port 8080
+"""
+
+
+class _RedactingFilter(logging.Filter):
+    """Scrubs registered secrets from every log record, whatever logger produced it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        return True
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RedactingFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _echo(message: str) -> None:
+    print(redact(message), file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .spec import load_spec
+
+    return load_spec(args.job, output_override=getattr(args, "output", None))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .runner import preflight
+
+    spec = _load(args)
+    pre = asyncio.run(preflight(spec, check_endpoint=args.check_endpoint))
+    out = sys.stdout
+    print(f"spec ok: {spec.file or args.job} (job {spec.name!r}, task {spec.task})", file=out)
+    print(f"input: {pre.source.description}", file=out)
+    print(f"  columns: {', '.join(f'{f.name} ({f.type})' for f in pre.source.schema)}", file=out)
+    print(f"  rows: {pre.count if pre.count is not None else 'unknown until read (streamed)'}", file=out)
+    for row_id, prompt in pre.samples:
+        shown = prompt if len(prompt) <= 200 else prompt[:197] + "..."
+        print(f"  prompt for id {row_id!r}: {shown}", file=out)
+    print(f"output: {pre.store.root} (writable)", file=out)
+    e = spec.endpoint
+    where = e.url or (f"{e.namespace}/{e.name}" if e.name else "the built-in emulator (local)")
+    print(f"endpoint: {where}" + (f" [{pre.endpoint_note}]" if pre.endpoint_note else ""), file=out)
+    print(f"token: {'found' if pre.token else 'none'}", file=out)
+    print("nothing was sent.", file=out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner import RunOptions, run_job
+
+    spec = _load(args)
+    options = RunOptions(
+        fresh=args.fresh,
+        progress=args.progress,
+        summary_interval_s=args.summary_every,
+        grace_s=args.grace,
+        echo=_echo,
+    )
+    outcome = asyncio.run(run_job(spec, options))
+    return outcome.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .sink import read_status
+
+    spec = _load(args)
+    root = Path(spec.output.path)
+    status = read_status(root)
+    if status.job is None and not status.data_shards and not status.failed_shards:
+        print(f"{root}: no run yet (nothing written)")
+        return 0
+    print(f"output: {root}")
+    print(f"  ok: {status.ok} rows in {status.data_shards} shard(s)")
+    print(f"  failed: {status.failed} final, {status.failed_retryable} retryable (tried again on the next run)")
+    total = None
+    try:
+        from .sources import open_source
+
+        total = open_source(spec.input).count()
+    except BatchrunError:
+        pass
+    if total is not None:
+        remaining = max(0, total - status.ok - status.failed)
+        print(f"  remaining: {remaining} of {total} (including retryable failures)")
+    if status.last_summary:
+        s = status.last_summary
+        print(f"  last run: {s.get('outcome')} at {s.get('started_at')} (exit {s.get('exit_code')})")
+    return 0
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from .emulator import EmulatorConfig, describe, load_emulator_config, serve
+
+    if args.config:
+        config = load_emulator_config(args.config)
+    else:
+        config = EmulatorConfig()
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides["control_port"] = args.port
+    if args.host is not None:
+        overrides["host"] = args.host
+    if overrides:
+        import dataclasses
+
+        config = dataclasses.replace(config, **overrides)
+
+    def ready(emu: Any) -> None:
+        print(describe(emu), flush=True)
+
+    try:
+        asyncio.run(serve(config, ready=ready))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_endpoint(args: argparse.Namespace) -> int:
+    from .endpoint import HfControlPlane, control_plane_base
+    from .errors import register_secret
+    from huggingface_hub import get_token
+
+    token = get_token()
+    register_secret(token)
+
+    async def act() -> Any:
+        control = HfControlPlane(name=args.name, namespace=args.namespace, token=token)
+        if args.action == "pause":
+            return await control.pause()
+        if args.action == "resume":
+            return await control.resume()
+        if args.action == "scale-to-zero":
+            return await control.scale_to_zero()
+        return await control.get()
+
+    with control_plane_base(args.api_url):
+        snap = asyncio.run(act())
+    print(f"{snap.namespace}/{snap.name}: {snap.state}" + (f" ({snap.message})" if snap.message else ""))
+    print(f"  url: {snap.url or '-'}")
+    print(f"  replicas: {snap.ready_replicas}/{snap.target_replicas} ready (min {snap.min_replica}, max {snap.max_replica})")
+    print(f"  scale-to-zero timeout: {snap.scale_to_zero_timeout} min")
+    print(f"  model: {snap.repository} ({snap.task})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchrun",
+        description="Run big offline inference jobs against Hugging Face Inference Endpoints: resume the endpoint, "
+        "fan requests out with backpressure and retries, write Parquet, resume after any crash, pause the endpoint.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"batchrun {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v events, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("validate", help="check a job spec, its input and output; sends nothing",
+                       description="Check the spec, read the input schema, render the prompt for the first rows, "
+                       "check the output folder and the token. Sends no request and changes no endpoint.")
+    p.add_argument("job", help="job spec file (YAML), e.g. jobs/quickstart.yaml")
+    p.add_argument("--output", metavar="DIR", help="output folder (overrides output.path)")
+    p.add_argument("--check-endpoint", action="store_true",
+                   help="also read the endpoint's state from the control plane (read-only, costs nothing)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run or resume a job",
+                       description="Run the job. Rows already done are skipped, so running it again resumes. "
+                       "Ctrl-C (or SIGTERM) stops reading, lets requests in flight finish, commits, pauses the "
+                       "endpoint and exits 3; a second Ctrl-C abandons requests in flight at once.")
+    p.add_argument("job", help="job spec file (YAML)")
+    p.add_argument("--output", metavar="DIR", help="output folder (overrides output.path)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: move the previous output aside (to DIR.previous-TIMESTAMP; nothing is deleted)")
+    p.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default="auto",
+                   help="progress display: a bar on a terminal, periodic lines otherwise (default: auto)")
+    p.add_argument("--summary-every", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between progress lines when not on a terminal (default: 30)")
+    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
+                   help="on Ctrl-C/SIGTERM, how long requests in flight may finish (default: 30)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="done / failed / remaining rows, from the output folder alone")
+    p.add_argument("job", help="job spec file (YAML)")
+    p.add_argument("--output", metavar="DIR", help="output folder (overrides output.path)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("endpoint", help="look at, pause or resume a Dedicated Inference Endpoint",
+                       description="For the morning after a bad night: see an endpoint's state, or pause it.")
+    p.add_argument("action", choices=["status", "pause", "resume", "scale-to-zero"])
+    p.add_argument("name", help="endpoint name")
+    p.add_argument("--namespace", required=True, help="user or organization that owns the endpoint")
+    p.add_argument("--api-url", metavar="URL", default=None,
+                   help="control-plane base ending in /v2 (default: huggingface_hub's own)")
+    p.set_defaults(func=cmd_endpoint)
+
+    p = sub.add_parser("emulate", help="run the local Inference Endpoint emulator until stopped",
+                       description="Serve a local Inference Endpoint emulator on loopback: the control plane "
+                       "(/v2/endpoint/...) and one data plane per endpoint (TGI or text-to-image).")
+    p.add_argument("--port", type=int, default=None, help="control-plane port (default: from config, else a free one)")
+    p.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    p.add_argument("--config", metavar="FILE", help="emulator config (YAML); see docs/emulator.md")
+    p.set_defaults(func=cmd_emulate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except BatchrunError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""What a job costs while it runs, and when a budget or deadline says stop.
+
+Dedicated endpoints bill per replica for as long as replicas are starting or running. The meter
+integrates the replica count over time from the moment the job asks for the endpoint (resume)
+until it releases it (pause), which slightly over-counts a cold start and never under-counts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+__all__ = ["BudgetGuard", "CostMeter"]
+
+
+class CostMeter:
+    """Billable replica-seconds from acquire to release, priced per replica-hour when a price is known."""
+
+    def __init__(self, price_per_replica_hour: float | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.price_per_replica_hour = price_per_replica_hour
+        self._clock = clock
+        self._started: float | None = None
+        self._stopped: float | None = None
+        self._since = 0.0
+        self._replicas = 0
+        self._replica_seconds = 0.0
+
+    def start(self, replicas: int) -> None:
+        """The endpoint is being brought up (or used) with ``replicas`` replicas billing."""
+        if self._started is None:
+            self._started = self._since = self._clock()
+            self._replicas = max(1, replicas)
+
+    def set_replicas(self, replicas: int) -> None:
+        """The billing replica count changed (scale-up, a lost replica)."""
+        if self._started is None or self._stopped is not None:
+            return
+        now = self._clock()
+        self._replica_seconds += (now - self._since) * self._replicas
+        self._since, self._replicas = now, max(1, replicas)
+
+    def stop(self) -> None:
+        """The endpoint was released: billing by this job ends."""
+        if self._started is not None and self._stopped is None:
+            self.set_replicas(self._replicas)
+            self._stopped = self._clock()
+
+    @property
+    def running(self) -> bool:
+        return self._started is not None and self._stopped is None
+
+    @property
+    def replicas(self) -> int:
+        return self._replicas
+
+    @property
+    def replica_seconds(self) -> float:
+        if self._started is None:
+            return 0.0
+        live = (self._clock() - self._since) * self._replicas if self._stopped is None else 0.0
+        return self._replica_seconds + live
+
+    @property
+    def usd(self) -> float | None:
+        if self.price_per_replica_hour is None:
+            return None
+        return self.replica_seconds / 3600 * self.price_per_replica_hour
+
+    def usd_per_second(self) -> float | None:
+        if self.price_per_replica_hour is None:
+            return None
+        return self._replicas * self.price_per_replica_hour / 3600
+
+    def projected_usd(self, *, done: int, remaining: int | None, elapsed_s: float) -> float | None:
+        """Spent so far plus the remaining rows at the current row rate and replica count."""
+        spent, rate = self.usd, self.usd_per_second()
+        if spent is None or rate is None or remaining is None or done <= 0 or elapsed_s <= 0:
+            return None
+        return spent + remaining / (done / elapsed_s) * rate
+
+
+class BudgetGuard:
+    """Says when to stop so that neither ``max_usd`` nor the ``deadline`` is crossed.
+
+    ``margin_s`` is the time a stop takes (drain, commit, pause): the guard stops that long before
+    the money or the time runs out.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_usd: float | None,
+        deadline_s: float | None,
+        margin_s: float,
+        started_at: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_usd = max_usd
+        self.deadline_s = deadline_s
+        self.margin_s = margin_s
+        self._started_at = started_at
+        self._clock = clock
+
+    @property
+    def active(self) -> bool:
+        return self.max_usd is not None or self.deadline_s is not None
+
+    def check(self, meter: CostMeter) -> str | None:
+        """A reason to stop now, or None."""
+        if self.deadline_s is not None:
+            elapsed = self._clock() - self._started_at
+            if elapsed + self.margin_s >= self.deadline_s:
+                return f"the deadline of {self.deadline_s:.0f}s is near ({elapsed:.0f}s elapsed)"
+        if self.max_usd is not None:
+            spent, rate = meter.usd, meter.usd_per_second()
+            if spent is not None and rate is not None and spent + rate * self.margin_s >= self.max_usd:
+                return f"the budget of ${self.max_usd:.2f} is nearly spent (${spent:.2f} so far)"
+        return None

@@ -1,0 +1,230 @@
+"""Whole jobs against the emulator: the promises of reliability.md, end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from batchrun.errors import AuthError, ConfigMismatchError
+from jobkit import (
+    NS,
+    REPO,
+    TOKEN,
+    cli,
+    data_requests,
+    emulator,
+    read_ids,
+    read_rows,
+    run,
+    running_endpoint,
+    write_spec,
+    write_topics,
+)
+
+
+def _url_job(tmp_path: Path, emu, n: int = 60, name: str = "job", **overrides):
+    input_path = write_topics(tmp_path / "in" / "topics.parquet", n, empty_every=overrides.pop("empty_every", None))
+    return write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path, name=name, **overrides)
+
+
+def test_every_input_id_ends_in_exactly_one_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint(latency_base_s=0.002)) as emu:
+        spec = _url_job(tmp_path, emu, n=90, empty_every=10)
+        outcome, _ = run(spec)
+    out = tmp_path / "out" / "job"
+    ok, failed = read_ids(out / "data"), read_ids(out / "failed")
+    assert len(ok) == 81 and len(failed) == 9
+    assert sorted(ok + failed) == [f"row-{i:05d}" for i in range(90)]
+    failures = read_rows(out / "failed")
+    assert {f["error_type"] for f in failures} == {"template"}  # a null topic: no request was sent
+    assert all(f["attempts"] == 0 and f["status"] is None for f in failures)
+    assert not any(f["retryable"] for f in failures)
+    assert outcome.exit_code == 1  # finished, some rows failed
+
+
+def test_results_load_with_datasets_as_one_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint()) as emu:
+        outcome, _ = run(_url_job(tmp_path, emu, n=100))  # shard_rows 40: three shards
+    assert outcome.exit_code == 0
+    files = str(tmp_path / "out" / "job" / "data" / "*.parquet")
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert len(ds) == 100
+    for column in ("id", "topic", "generated_text", "finish_reason", "prompt_tokens", "completion_tokens",
+                   "latency_s", "attempts"):
+        assert column in ds.column_names
+    assert all(text for text in ds["generated_text"])
+
+
+def test_rerunning_a_finished_job_sends_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint()) as emu:
+        spec = _url_job(tmp_path, emu, n=50)
+        first, _ = run(spec)
+        sent = data_requests(emu)
+        second, lines = run(spec)
+        assert data_requests(emu) == sent
+    assert first.exit_code == second.exit_code == 0
+    assert second.summary["rows"]["skipped"] == 50
+    assert any("nothing to do" in line for line in lines)
+    assert sorted(read_ids(tmp_path / "out" / "job" / "data")) == [f"row-{i:05d}" for i in range(50)]
+
+
+def test_a_changed_template_is_refused_and_fresh_sets_the_old_output_aside(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint()) as emu:
+        run(_url_job(tmp_path, emu, n=20))
+        changed = _url_job(tmp_path, emu, n=20, prompt={"template": "Another {topic}."})
+        with pytest.raises(ConfigMismatchError) as refused:
+            run(changed)
+        assert "prompt" in str(refused.value) and "--fresh" in str(refused.value)
+        outcome, lines = run(changed, fresh=True)
+    assert outcome.exit_code == 0
+    aside = [p for p in (tmp_path / "out").iterdir() if p.name.startswith("job.previous-")]
+    assert len(aside) == 1 and len(read_ids(aside[0] / "data")) == 20  # kept, not deleted
+    assert len(read_ids(tmp_path / "out" / "job" / "data")) == 20
+
+
+def test_retryable_failures_are_tried_again_on_the_next_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    retries = {"max_attempts": 2, "budget_ratio": 1.0}
+    with emulator(running_endpoint(faults={"rate_500": 1.0})) as broken:
+        outcome, _ = run(_url_job(tmp_path, broken, n=30, retries=retries))
+    out = tmp_path / "out" / "job"
+    assert outcome.exit_code == 1
+    failures = read_rows(out / "failed")
+    assert len(failures) == 30
+    assert all(f["retryable"] and f["status"] == 500 and f["attempts"] == 2 for f in failures)
+    with emulator(running_endpoint()) as healthy:  # the server moved and healed: same job, new url
+        outcome, _ = run(_url_job(tmp_path, healthy, n=30, retries=retries))
+        assert data_requests(healthy) == 30
+    assert outcome.exit_code == 0
+    assert read_ids(out / "failed") == []  # the retryable failures were reopened...
+    assert sorted(read_ids(out / "data")) == [f"row-{i:05d}" for i in range(30)]  # ...and succeeded, once each
+    assert list((out / "state" / "retired").glob("*.parquet"))  # the old failure shard was kept aside
+
+
+def test_a_retry_budget_makes_an_outage_wait_instead_of_burning_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint()) as emu:
+        emu.inject(NS, "gen", "outage_503", seconds=1.5)
+        outcome, _ = run(_url_job(tmp_path, emu, n=40, retries={"max_attempts": 2, "budget_ratio": 0.1}))
+        sent = data_requests(emu)
+    # Without a budget, 40 rows x 2 attempts inside the outage would all fail. With it, retries are
+    # held back until requests succeed again, so most rows survive the outage.
+    assert len(read_ids(tmp_path / "out" / "job" / "data")) > 20
+    assert sent < 40 * 2 + 10
+
+
+def test_a_422_becomes_a_failure_row_and_is_never_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint(max_input_tokens=2, max_total_tokens=200)) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 10)
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path,
+                          prompt={"template": "{topic}", "system": None}, name="v")
+        outcome, _ = run(spec)
+        failures = read_rows(tmp_path / "out" / "v" / "failed")
+        assert failures and all(f["status"] == 422 and not f["retryable"] and f["attempts"] == 1 for f in failures)
+        assert all("Input validation error" in f["error"] for f in failures)
+        sent = data_requests(emu)
+        run(spec)  # permanent failures are not tried again
+        assert data_requests(emu) == sent
+
+
+def test_a_refused_token_stops_the_job_with_exit_code_2(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_token_for_this_test")
+    with emulator(running_endpoint()) as emu:
+        spec = _url_job(tmp_path, emu, n=40)
+        with pytest.raises(AuthError) as refused:
+            run(spec)
+        assert "HF_TOKEN" in str(refused.value)
+        result = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": "hf_wrong_token_for_this_test"})
+    assert result.returncode == 2, result.stderr
+    assert "hf_wrong_token_for_this_test" not in result.stderr + result.stdout
+
+
+def test_the_token_appears_nowhere(tmp_path, monkeypatch, caplog):
+    canary = "hf_CANARYcanary0123456789abcdefXYZ"
+    forms = [canary, base64.b64encode(canary.encode()).decode(), urllib.parse.quote(canary, safe="")]
+    monkeypatch.setenv("HF_TOKEN", canary)
+    caplog.set_level(logging.DEBUG)
+    with emulator(running_endpoint(faults={"rate_429": 0.1, "rate_500": 0.1}), token=canary) as emu:
+        spec = _url_job(tmp_path, emu, n=60, empty_every=7)
+        outcome, lines = run(spec)
+        result = cli("run", str(spec), "--progress", "lines", "-vv", env={"HF_TOKEN": canary})
+    assert outcome.exit_code in (0, 1)
+    texts = ["\n".join(lines), caplog.text, result.stdout, result.stderr]
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            texts.append(path.read_bytes().decode("latin-1"))
+    for text in texts:
+        for form in forms:
+            assert form not in text
+
+
+def test_validate_and_a_spec_typo_cost_nothing(tmp_path):
+    with emulator(running_endpoint(initial_state="paused")) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 10)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": "5s"}
+        good = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="good")
+        result = cli("validate", str(good), env={"HF_TOKEN": TOKEN})
+        assert result.returncode == 0, result.stderr
+        assert "nothing was sent" in result.stdout
+        assert "Write about topic number 0." in result.stdout
+        typo = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="typo", retries={"max_atempts": 3})
+        result = cli("run", str(typo), env={"HF_TOKEN": TOKEN})
+        assert result.returncode == 2
+        assert "retries.max_atempts" in result.stderr and "max_attempts" in result.stderr
+        assert emu.control_log == []
+        assert data_requests(emu) == 0
+
+
+def _wait_for_rows(out: Path, at_least: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        manifest = out / "state" / "manifest.jsonl"
+        if manifest.exists() and len(read_ids(out / "data")) >= at_least:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {at_least} committed rows in {out} after {timeout}s")
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_commits_pauses_and_exits_3_then_resume_finishes(tmp_path, signame):
+    with emulator(running_endpoint(initial_state="paused", latency_base_s=0.05)) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 400)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": "10s"}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="sig",
+                          concurrency={"max": 4, "initial": 4}, output={"shard_rows": 10})
+        env = {**os.environ, "HF_TOKEN": TOKEN}
+        proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out = tmp_path / "out" / "sig"
+        _wait_for_rows(out, 10)
+        proc.send_signal(getattr(signal, signame))
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 3, stderr
+        assert emu.state(NS, "gen").state == "paused"
+        pauses = [e for e in emu.control_log if e["path"].endswith("/pause")]
+        assert len(pauses) == 1
+        last_request = emu.stats()["endpoints"][f"{NS}/gen"]["last_request_at"]
+        assert last_request <= pauses[0]["t"]  # nothing reached the endpoint after the pause
+        partial = read_ids(out / "data")
+        assert 0 < len(partial) < 400
+        result = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
+        assert result.returncode == 0, result.stderr
+    ids = read_ids(out / "data")
+    assert sorted(ids) == [f"row-{i:05d}" for i in range(400)]  # none lost, none twice
