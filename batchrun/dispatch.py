@@ -1,0 +1,445 @@
+"""The dispatcher: rows in, one record per row out, with retries, backpressure and adaptive concurrency.
+
+A fixed pool of ``max_concurrency`` workers pulls rows one at a time, only when free, so a bounded
+queue upstream never grows. Each worker takes a slot of an :class:`~batchrun.limit.AdaptiveLimit`
+before sending, so at most ``limit <= max_concurrency`` requests run at once. Each row goes through
+one retry loop, the only one in batchrun (reliability.md §2):
+
+    prepare ─ fails? → RowFailure(retryable=False), nothing sent
+      │
+      └─ attempt: [before_send] → slot → send → classify
+            success          → RowResult
+            401 / 403        → AuthError out of run(): the job stops
+            permanent        → RowFailure(retryable=False)
+            transient        → policy.decide → give up: RowFailure(retryable=True)
+                                             → sleep (slot released) → retry budget → attempt again
+
+Shutdown: :meth:`Dispatcher.stop_intake` lets running requests finish and abandons rows that are
+waiting (for intake, a slot or a retry) without a record, so they run again next time;
+:meth:`Dispatcher.abort` cancels everything at once, and nothing is sent after it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import yarl
+
+from batchrun.errors import AuthError, RequestFailed, redact, register_secret
+from batchrun.limit import AdaptiveLimit
+from batchrun.records import Row, RowFailure, RowResult
+from batchrun.retry import (
+    FailureKind,
+    RetryBudget,
+    RetryPolicy,
+    Verdict,
+    classify,
+    is_overload,
+    parse_retry_after,
+)
+from batchrun.tasks import PreparedRequest, Task, join_url
+
+__all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
+
+# Server text kept in a failure row: enough to read the reason, not a whole HTML error page.
+_MAX_MESSAGE_CHARS = 500
+# A backoff for "does not burn attempts" failures (cold start) grows with consecutive ones, up to this
+# exponent: with the default policy that is min(cap, 0.5 * 2**6) = 30 s at most between probes.
+_NO_BURN_MAX_EXPONENT = 6
+# Longest single wait while the retry budget is spent: new requests elsewhere raise the allowance,
+# so look again this often rather than sleeping until the oldest retry expires.
+_BUDGET_POLL_S = 0.25
+
+
+@dataclass(frozen=True, kw_only=True)
+class DispatchConfig:
+    """How the dispatcher sends: concurrency bounds, per-request deadline, retry policy and budget."""
+
+    # Concurrency: the adaptive limit starts at initial_concurrency and stays within [1, max_concurrency].
+    max_concurrency: int = 256
+    initial_concurrency: int = 8
+    # A hung server cannot hang the job: every attempt has this total deadline.
+    request_timeout_s: float = 120.0
+    # Retries.
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    retry_budget_ratio: float = 0.1
+    # Sent with every request (e.g. X-Scale-Up-Timeout). Authorization is set from the token instead.
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {self.max_concurrency}")
+        if self.initial_concurrency < 1:
+            raise ValueError(f"initial_concurrency must be at least 1, got {self.initial_concurrency}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.retry_budget_ratio < 0:
+            raise ValueError(f"retry_budget_ratio must not be negative, got {self.retry_budget_ratio}")
+        if any(key.lower() == "authorization" for key in self.extra_headers):
+            raise ValueError("extra_headers may not set Authorization: the token comes from huggingface_hub")
+
+
+class LatencySample:
+    """A fixed-size uniform sample of latencies (reservoir sampling) for p50/p95 at constant memory."""
+
+    def __init__(self, size: int = 4096, *, seed: int = 0) -> None:
+        self.size = size
+        self.count = 0
+        self._values: list[float] = []
+        self._rng = random.Random(seed)
+
+    def add(self, value: float) -> None:
+        """Offer one latency to the sample."""
+        self.count += 1
+        if len(self._values) < self.size:
+            self._values.append(value)
+            return
+        slot = self._rng.randrange(self.count)
+        if slot < self.size:
+            self._values[slot] = value
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile (0..1) of the sample, or None before any latency was seen."""
+        if not self._values:
+            return None
+        ordered = sorted(self._values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class DispatchStats:
+    """Live counters for progress reporting. ``status_counts`` keys are HTTP statuses or failure kinds."""
+
+    sent: int = 0  # requests sent (attempts)
+    ok: int = 0  # rows that succeeded
+    failed: int = 0  # rows recorded as failures
+    retries: int = 0  # attempts after a row's first
+    in_flight: int = 0
+    status_counts: dict[str, int] = field(default_factory=dict)
+    output_tokens: int = 0
+    latencies: LatencySample = field(default_factory=LatencySample)
+    limit: int = 0  # the adaptive concurrency limit now
+
+
+class _Abandon(Exception):
+    """A row is left without a record because intake stopped (or the dispatcher closed)."""
+
+
+class Dispatcher:
+    """Sends every row's request to one endpoint and hands exactly one record per finished row to ``on_record``.
+
+    ``base_url`` is the endpoint's URL (it may carry a path). ``token`` becomes ``Authorization:
+    Bearer``; it is registered with :func:`~batchrun.errors.redact` and never appears in a message.
+    ``kept_columns(row)`` picks the input columns copied into each result. ``before_send`` is awaited
+    before every attempt (e.g. to hold requests while the endpoint is cold). ``no_burn(failure)``
+    returning True means that failure does not count against ``policy.max_attempts`` (it still backs
+    off and spends retry budget), e.g. a 503 while a scaled-to-zero endpoint wakes up.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        task: Task,
+        config: DispatchConfig,
+        token: str | None,
+        on_record: Callable[[RowResult | RowFailure], None],
+        kept_columns: Callable[[Row], dict[str, Any]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        before_send: Callable[[], Awaitable[None]] | None = None,
+        no_burn: Callable[[RequestFailed], bool] | None = None,
+    ) -> None:
+        url = yarl.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"base_url must be an http(s) URL, got {redact(base_url)!r}")
+        self.base_url = base_url
+        self.task = task
+        self.config = config
+        self._on_record = on_record
+        self._kept_columns = kept_columns
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._before_send = before_send
+        self._no_burn = no_burn
+        self._has_token = bool(token)
+        register_secret(token)
+        self._headers = {"Content-Type": "application/json", **config.extra_headers}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self.limit = AdaptiveLimit(
+            min(config.initial_concurrency, config.max_concurrency), maximum=config.max_concurrency, clock=clock
+        )
+        self.budget = RetryBudget(ratio=config.retry_budget_ratio, clock=clock)
+        self._stats = DispatchStats(limit=self.limit.limit)
+        self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
+        self._urls: dict[str, str] = {}
+        self._stopping = False  # stop_intake() or abort() was called
+        self._exhausted = False  # the rows ended: pull no more, but let retries run
+        self._closed = False  # abort() was called: send nothing more
+        self._stop_signal: asyncio.Future[None] | None = None
+        self._workers: list[asyncio.Task[None]] = []
+        self._pull_lock: asyncio.Lock | None = None
+        self._rows: AsyncIterator[Row] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, rows: AsyncIterator[Row]) -> None:
+        """Dispatch every row of ``rows`` until it ends, intake stops, or the job must stop.
+
+        Raises AuthError (after cancelling the other workers) when the endpoint refuses the token.
+        Returns normally after :meth:`abort`.
+        """
+        loop = asyncio.get_running_loop()
+        self._stop_signal = loop.create_future()
+        if self._stopping:
+            self._stop_signal.set_result(None)
+        self._pull_lock = asyncio.Lock()
+        self._rows = rows
+        n = self.config.max_concurrency
+        # limit_per_host=0: no separate per-host cap; the total equals the worker count, and every
+        # request goes to one host anyway. Connections are kept alive between requests.
+        connector = aiohttp.TCPConnector(limit=n, limit_per_host=0)
+        async with aiohttp.ClientSession(connector=connector, headers=self._headers) as session:
+            self._workers = [asyncio.create_task(self._worker(session), name=f"dispatch-{i}") for i in range(n)]
+            try:
+                done, pending = await asyncio.wait(self._workers, return_when=asyncio.FIRST_EXCEPTION)
+                failure = next(
+                    (t.exception() for t in done if not t.cancelled() and t.exception() is not None), None
+                )
+                if failure is not None:
+                    await self._cancel_workers()
+                    raise failure
+                if pending:  # only abort() ends workers by cancellation; let it finish
+                    await self._cancel_workers()
+            except BaseException:
+                await self._cancel_workers()
+                raise
+
+    @property
+    def stats(self) -> DispatchStats:
+        """Live counters; ``in_flight`` and ``limit`` are read at the moment of the call."""
+        self._stats.in_flight = self.limit.in_flight
+        self._stats.limit = self.limit.limit
+        return self._stats
+
+    def stop_intake(self) -> None:
+        """Graceful stop: take no new rows, let requests on the wire finish, abandon rows waiting to retry."""
+        self._stopping = True
+        if self._stop_signal is not None and not self._stop_signal.done():
+            self._stop_signal.set_result(None)
+
+    async def abort(self) -> None:
+        """Cancel every request in flight and every pending retry now; nothing is sent after this returns."""
+        self._closed = True
+        self.stop_intake()
+        await self._cancel_workers()
+
+    async def _cancel_workers(self) -> None:
+        workers = [w for w in self._workers if w is not asyncio.current_task()]
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    # ------------------------------------------------------------------ workers
+
+    async def _worker(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            row = await self._next_row()
+            if row is None:
+                return
+            try:
+                record = await self._process(session, row)
+            except _Abandon:
+                continue
+            if isinstance(record, RowResult):
+                self._stats.ok += 1
+            else:
+                self._stats.failed += 1
+            self._on_record(record)
+
+    async def _next_row(self) -> Row | None:
+        """The next row, or None when the rows ended or intake stopped. One worker pulls at a time."""
+        assert self._pull_lock is not None and self._rows is not None and self._stop_signal is not None
+        async with self._pull_lock:
+            if self._stopping or self._exhausted:
+                return None
+            pull = asyncio.ensure_future(anext(self._rows))
+            try:
+                await asyncio.wait((pull, self._stop_signal), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not pull.done():
+                    pull.cancel()  # intake stopped (or we were cancelled) while upstream had nothing yet
+            if not pull.done() or pull.cancelled():
+                return None  # intake stopped before upstream had a row; the pull is being cancelled
+            if self._stopping:
+                pull.exception()  # mark any upstream error as seen: intake is over either way
+                return None  # a row pulled just as intake stopped is left unstarted: it runs next time
+            try:
+                return pull.result()
+            except StopAsyncIteration:
+                self._exhausted = True  # the other workers stop pulling too; rows in flight finish
+                return None
+
+    async def _process(self, session: aiohttp.ClientSession, row: Row) -> RowResult | RowFailure:
+        try:
+            request = self.task.prepare(row)
+        except RequestFailed as failure:
+            return self._failure(row, failure, attempts=0)
+        body = json.dumps(request.payload).encode()  # once per row, not per attempt
+        url = self._url(request)
+        attempts = 0  # requests sent for this row
+        burned = 0  # attempts that count against policy.max_attempts
+        cold_streak = 0  # consecutive no-burn failures, for their backoff
+        while True:
+            if self._before_send is not None:
+                await self._before_send()
+            sent_at, outcome = await self._attempt(session, url, body, first=attempts == 0)
+            attempts += 1
+            if isinstance(outcome, dict):
+                latency = self._clock() - sent_at
+                self.limit.on_success(latency)
+                self._stats.latencies.add(latency)
+                self._stats.output_tokens += outcome.get("completion_tokens") or 0
+                kept = self._kept_columns(row) if self._kept_columns is not None else {}
+                return RowResult(row.position, row.id, kept, outcome, latency, attempts)
+            failure = outcome
+            if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
+                raise self._auth_error(failure.status)
+            if is_overload(failure):
+                self.limit.on_overload(sent_at)
+            if failure.retryable and self._no_burn is not None and self._no_burn(failure):
+                delay = self.config.policy.delay(failure, min(cold_streak, _NO_BURN_MAX_EXPONENT), self._rng)
+                cold_streak += 1
+            else:
+                decision = self.config.policy.decide(failure, burned, self._rng)
+                burned += 1
+                cold_streak = 0
+                if not decision.retry:
+                    return self._failure(row, failure, attempts=attempts)
+                delay = decision.delay_s
+            await self._wait_to_retry(delay)
+
+    async def _attempt(
+        self, session: aiohttp.ClientSession, url: str, body: bytes, *, first: bool
+    ) -> tuple[float, dict[str, Any] | RequestFailed]:
+        """Send one request inside a concurrency slot. Returns when it was sent, and outputs or a failure."""
+        async with self.limit.slot():
+            # Checked right before sending: after abort() nothing goes out, and after stop_intake()
+            # a row that was only waiting for a slot is left for next time.
+            if self._closed or self._stopping:
+                raise _Abandon()
+            self.budget.record_request()  # every request counts, retries included (the budget is a share)
+            self._stats.sent += 1
+            if not first:
+                self._stats.retries += 1
+            sent_at = self._clock()
+            try:
+                return sent_at, await self._send(session, url, body)
+            except RequestFailed as failure:
+                return sent_at, failure
+
+    async def _send(self, session: aiohttp.ClientSession, url: str, body: bytes) -> dict[str, Any]:
+        try:
+            async with session.post(url, data=body, timeout=self._timeout, allow_redirects=False) as response:
+                payload = await response.read()
+                status, headers = response.status, response.headers
+        except asyncio.TimeoutError:
+            self._count(FailureKind.TIMEOUT.value)
+            raise RequestFailed(
+                FailureKind.TIMEOUT.value, f"no complete answer within {self.config.request_timeout_s:g} s",
+                retryable=True,
+            ) from None
+        except aiohttp.ClientError as exc:
+            # Refused, reset, closed mid-answer (ClientPayloadError), bad HTTP from the server...
+            self._count(FailureKind.CONNECTION.value)
+            raise RequestFailed(
+                FailureKind.CONNECTION.value, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_CHARS], retryable=True
+            ) from None
+        self._count(str(status))
+        verdict = classify(status)
+        if verdict is Verdict.SUCCESS:
+            try:
+                return self.task.parse(status, headers, payload)
+            except RequestFailed:
+                self._count(FailureKind.BAD_BODY.value)
+                raise
+        retry_after = parse_retry_after(
+            headers.get("Retry-After"), time.time(), maximum=self.config.policy.max_retry_after
+        )
+        raise RequestFailed(
+            f"http_{status}",
+            _server_message(status, payload),
+            status=status,
+            retryable=verdict is Verdict.RETRY,
+            retry_after=retry_after,
+        )
+
+    async def _wait_to_retry(self, delay: float) -> None:
+        """Sleep ``delay`` (holding no slot), then wait for the retry budget. Abandons if intake stops."""
+        assert self._stop_signal is not None
+        if delay > 0:
+            await asyncio.wait((self._stop_signal,), timeout=delay)
+        while not self._stopping and not self.budget.try_spend():
+            wait = min(self.budget.time_until_available(), _BUDGET_POLL_S)
+            await asyncio.wait((self._stop_signal,), timeout=wait)
+        if self._stopping:
+            raise _Abandon()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _url(self, request: PreparedRequest) -> str:
+        url = self._urls.get(request.path)
+        if url is None:
+            url = self._urls[request.path] = join_url(self.base_url, request.path)
+        return url
+
+    def _count(self, key: str) -> None:
+        counts = self._stats.status_counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def _failure(self, row: Row, failure: RequestFailed, *, attempts: int) -> RowFailure:
+        return RowFailure(
+            position=row.position,
+            id=row.id,
+            error_type=failure.error_type,
+            error=failure.message,
+            status=failure.status,
+            attempts=attempts,
+            retryable=failure.retryable,
+        )
+
+    def _auth_error(self, status: int) -> AuthError:
+        if self._has_token:
+            message = (
+                f"The endpoint refused the token (HTTP {status}): it is invalid, expired, or cannot access "
+                f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."
+            )
+        else:
+            message = (
+                f"The endpoint requires a token (HTTP {status}) and none was found. "
+                f"Set HF_TOKEN, or run `hf auth login`."
+            )
+        return AuthError(message, status=status)
+
+
+def _server_message(status: int, body: bytes) -> str:
+    """A readable, redacted, bounded message from an error answer (TGI's JSON error, or raw text)."""
+    text = body[:4096].decode("utf-8", "replace")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict) and "error" in doc:
+        text = str(doc["error"])
+        if doc.get("error_type"):
+            text = f"{doc['error_type']}: {text}"
+    text = text.strip() or "(empty body)"
+    return redact(f"HTTP {status}: {text}")[:_MAX_MESSAGE_CHARS]

@@ -1,0 +1,256 @@
+"""The retry policy: which outcomes are retried, how long to wait, and how many retries to allow.
+
+Everything here is pure (no sleeping, no I/O): the dispatcher asks, then does the waiting itself.
+This is the only place in batchrun that decides about retries (reliability.md §2: retry at one layer).
+
+- :func:`classify` maps an HTTP status or a transport failure to a :class:`Verdict`.
+- :func:`parse_retry_after` reads a ``Retry-After`` header (seconds or an HTTP date).
+- :class:`RetryPolicy` turns one failed attempt into a :class:`Decision`: give up, or retry after N seconds.
+- :class:`RetryBudget` keeps retries under a share of all requests over a sliding window.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from batchrun.errors import RequestFailed
+
+__all__ = [
+    "Decision",
+    "FailureKind",
+    "RetryBudget",
+    "RetryPolicy",
+    "Verdict",
+    "classify",
+    "is_overload",
+    "parse_retry_after",
+]
+
+
+class FailureKind(str, enum.Enum):
+    """A failure that has no HTTP status (or whose status says success)."""
+
+    TIMEOUT = "timeout"
+    CONNECTION = "connection"
+    BAD_BODY = "bad_body"  # a 200 whose body is an error object, truncated or not JSON
+
+
+class Verdict(str, enum.Enum):
+    """What an outcome means for the row and the job."""
+
+    SUCCESS = "success"
+    RETRY = "retry"  # transient: try again later
+    FAIL = "fail"  # permanent for this row: record a failure now
+    STOP_JOB = "stop_job"  # the token was refused: no row can succeed (401/403)
+
+
+# reliability.md §2, spelled out. Statuses not listed fall back on their class: 5xx retry, the rest fail.
+_RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_AUTH_STATUSES = frozenset({401, 403})
+# Statuses that mean "the server has too much work": they shrink the adaptive concurrency limit.
+_OVERLOAD_STATUSES = frozenset({429, 503})
+
+
+def classify(outcome: int | FailureKind) -> Verdict:
+    """Classify an HTTP status, or a failure without a usable status, per reliability.md §2.
+
+    Retryable: timeouts, connection errors, a bad 200 body, 429, 500, 502, 503, 504 and any other 5xx.
+    Job-stopping: 401, 403. Everything else that is not a 2xx (400, 404, 413, 422, other 4xx, stray
+    1xx/3xx) is a permanent failure for the row.
+    """
+    if isinstance(outcome, FailureKind):
+        return Verdict.RETRY
+    if 200 <= outcome < 300:
+        return Verdict.SUCCESS
+    if outcome in _AUTH_STATUSES:
+        return Verdict.STOP_JOB
+    if outcome in _RETRYABLE_STATUSES or 500 <= outcome < 600:
+        return Verdict.RETRY
+    return Verdict.FAIL
+
+
+def is_overload(failure: RequestFailed) -> bool:
+    """True when a failure says the endpoint is over capacity (429, 503, a timeout).
+
+    These shrink the adaptive concurrency limit; other failures say nothing about load.
+    """
+    return failure.status in _OVERLOAD_STATUSES or failure.error_type == FailureKind.TIMEOUT.value
+
+
+def parse_retry_after(value: str | None, now: float, *, maximum: float) -> float | None:
+    """Seconds to wait according to a ``Retry-After`` header value, clamped to ``[0, maximum]``.
+
+    ``value`` is either a number of seconds (integer or decimal) or an HTTP date; ``now`` is the
+    current wall-clock time (``time.time()``), needed for the date form. Returns ``None`` when the
+    header is absent or unreadable, so that the caller falls back on plain backoff.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT; a naive result means it said so implicitly
+            return None
+        seconds = when.timestamp() - now
+    if math.isnan(seconds):
+        return None
+    return min(max(seconds, 0.0), maximum)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do after a failed attempt: give up (``retry`` is False), or retry after ``delay_s``."""
+
+    retry: bool
+    delay_s: float = 0.0
+
+    @classmethod
+    def give_up(cls) -> Decision:
+        """Stop trying this row in this run."""
+        return cls(retry=False)
+
+    @classmethod
+    def retry_after(cls, delay_s: float) -> Decision:
+        """Try again once ``delay_s`` seconds have passed."""
+        return cls(retry=True, delay_s=delay_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryPolicy:
+    """How many attempts a row gets per run, and how long to wait between them.
+
+    ``max_attempts`` counts every attempt including the first. Backoff is full jitter,
+    ``uniform(0, min(backoff_cap, backoff_base * 2**attempt))`` with ``attempt`` the 0-based index of
+    the attempt that just failed, so the first retry waits up to ``backoff_base``. A server's
+    ``Retry-After`` (already parsed into ``RequestFailed.retry_after``) is a floor: the delay is at
+    least that, clamped to ``max_retry_after``.
+    """
+
+    max_attempts: int = 4
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    max_retry_after: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.backoff_base < 0 or self.backoff_cap < 0 or self.max_retry_after < 0:
+            raise ValueError("backoff_base, backoff_cap and max_retry_after must not be negative")
+
+    def delay(self, failure: RequestFailed, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait before the next attempt: jittered backoff, never less than Retry-After."""
+        # Exponent capped so that 2**attempt cannot overflow a float for absurd attempt counts.
+        ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** min(attempt, 64))
+        wait = rng.uniform(0.0, ceiling)
+        if failure.retry_after is not None:
+            wait = max(wait, min(max(failure.retry_after, 0.0), self.max_retry_after))
+        return wait
+
+    def decide(self, failure: RequestFailed, attempt: int, rng: random.Random) -> Decision:
+        """Decide after attempt number ``attempt`` (0-based) failed with ``failure``."""
+        if not failure.retryable or attempt + 1 >= self.max_attempts:
+            return Decision.give_up()
+        return Decision.retry_after(self.delay(failure, attempt, rng))
+
+
+class RetryBudget:
+    """Keeps retries under ``ratio`` of all requests sent over the last ``window_s`` seconds.
+
+    Google SRE's client-side retry budget: when a whole endpoint is failing, per-row retries would
+    multiply its load; a budget caps that at about 10%. ``min_retries`` per window are always allowed
+    (Finagle's ``minRetriesPerSec``; the defaults give 5 retries/s over a 10 s window) so that a job
+    whose failure share is above the ratio slows down instead of stalling: with a long window and a
+    small floor, workers parked on the budget send no new requests, and so earn no new allowance. Past the budget the caller waits (:meth:`time_until_available`)
+    instead of dropping the row. Call :meth:`record_request` for every request sent, retries included.
+
+    Counts are kept in ``buckets`` time slices so memory stays constant at any request rate.
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.1,
+        window_s: float = 10.0,
+        min_retries: int = 50,
+        *,
+        buckets: int = 60,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ratio < 0 or window_s <= 0 or min_retries < 0 or buckets < 1:
+            raise ValueError("ratio and min_retries must not be negative; window_s and buckets must be positive")
+        self.ratio = ratio
+        self.window_s = window_s
+        self.min_retries = min_retries
+        self._clock = clock
+        self._width = window_s / buckets
+        # Each bucket: [slice index, requests, retries]; oldest on the left.
+        self._buckets: deque[list[int]] = deque()
+        self._requests = 0
+        self._retries = 0
+
+    def _current(self) -> list[int]:
+        index = math.floor(self._clock() / self._width)
+        # A bucket stays while any part of it lies inside the window (up to one slice of slack).
+        oldest_kept = index - math.ceil(self.window_s / self._width) + 1
+        while self._buckets and self._buckets[0][0] < oldest_kept:
+            _, requests, retries = self._buckets.popleft()
+            self._requests -= requests
+            self._retries -= retries
+        if not self._buckets or self._buckets[-1][0] != index:
+            self._buckets.append([index, 0, 0])
+        return self._buckets[-1]
+
+    @property
+    def allowed(self) -> float:
+        """Retries allowed in the current window."""
+        self._current()
+        return max(float(self.min_retries), self.ratio * self._requests)
+
+    @property
+    def retries_in_window(self) -> int:
+        """Retries spent in the current window."""
+        self._current()
+        return self._retries
+
+    def record_request(self) -> None:
+        """Count one request sent (a first attempt or a retry)."""
+        self._current()[1] += 1
+        self._requests += 1
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget if there is one; False means wait and ask again."""
+        bucket = self._current()
+        if self._retries + 1 > max(float(self.min_retries), self.ratio * self._requests):
+            return False
+        bucket[2] += 1
+        self._retries += 1
+        return True
+
+    def time_until_available(self) -> float:
+        """Seconds until the oldest retry leaves the window (0 when a retry can be spent now).
+
+        New requests raise the allowance too, so this is an upper bound: callers should wait at most
+        this long, and ask again sooner if they like.
+        """
+        self._current()
+        if self._retries + 1 <= max(float(self.min_retries), self.ratio * self._requests):
+            return 0.0
+        slices = math.ceil(self.window_s / self._width)
+        for index, _, retries in self._buckets:
+            if retries:
+                return max(0.0, (index + slices) * self._width - self._clock())
+        # No retry to expire (ratio or min_retries of 0): only new requests can help; look again soon.
+        return self._width

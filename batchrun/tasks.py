@@ -1,0 +1,324 @@
+"""Tasks: how one row becomes a request, and how a 200 answer becomes output columns.
+
+A task knows the wire format of one TGI route (protocols.md §1) and nothing about sending,
+retrying or writing. Rows that cannot make a request (empty prompt, a template that does not render)
+fail in :meth:`Task.prepare` with a non-retryable :class:`RequestFailed`, before anything is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from batchrun.errors import RequestFailed
+from batchrun.records import Row
+
+__all__ = [
+    "OUTPUT_SCHEMA",
+    "ChatCompletionTask",
+    "PreparedRequest",
+    "Task",
+    "TextGenerationTask",
+    "join_url",
+    "make_task",
+    "render_prompt",
+    "template_fields",
+]
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("generated_text", pa.string()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("prompt_tokens", pa.int64(), nullable=True),
+        pa.field("completion_tokens", pa.int64(), nullable=True),
+    ]
+)
+"""The output columns every text task produces."""
+
+TASKS = ("text-generation", "chat-completion")
+CHAT_PATH = "/v1/chat/completions"
+
+# Server text stored in a failure row is cut to this many characters: enough to read the reason,
+# not enough to bloat a Parquet file with an HTML error page.
+_MAX_MESSAGE_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request ready to send: ``path`` relative to the endpoint base, and the JSON ``payload``."""
+
+    path: str
+    payload: dict[str, Any]
+
+
+class Task(Protocol):
+    """One kind of inference: builds requests from rows and reads answers into output columns."""
+
+    name: str
+    output_schema: pa.Schema
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The request for ``row``; raises a non-retryable RequestFailed when there can be none."""
+        ...
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Output columns from a 2xx answer; raises a retryable RequestFailed for a bad body."""
+        ...
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a template refers to, in order of first use (for checking a spec early).
+
+    Raises ValueError for a malformed template (an unmatched brace).
+    """
+    names: list[str] = []
+    for _, field_name, _, _ in string.Formatter().parse(template):
+        if field_name is None:
+            continue
+        # "{a.b}" and "{a[0]}" read column "a".
+        name = field_name.split(".", 1)[0].split("[", 1)[0]
+        if name not in names:
+            names.append(name)
+    return names
+
+
+class _StrictColumns(Mapping[str, Any]):
+    """The row's columns as ``format_map`` sees them: a missing or null column is a template error."""
+
+    def __init__(self, columns: Mapping[str, Any]) -> None:
+        self._columns = columns
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._columns:
+            raise RequestFailed(
+                "template", f"the prompt template uses column {key!r}, which the row does not have", retryable=False
+            )
+        value = self._columns[key]
+        if value is None:
+            raise RequestFailed("template", f"column {key!r} is null in this row", retryable=False)
+        return value
+
+    def __iter__(self):  # pragma: no cover - format_map only looks keys up
+        return iter(self._columns)
+
+    def __len__(self) -> int:  # pragma: no cover
+        return len(self._columns)
+
+
+def render_prompt(*, template: str | None, column: str | None, columns: Mapping[str, Any]) -> str:
+    """The prompt for one row: ``template`` rendered with the row's columns, or one column's value.
+
+    Templates use ``str.format_map`` placeholders (``"Summarise: {text}"``; ``"{{"`` is a literal
+    brace). A placeholder naming a missing or null column raises ``RequestFailed(error_type="template")``;
+    so does a malformed template. With ``column``, a missing column is a ``template`` failure and a
+    null value an ``empty_prompt`` failure. Exactly one of ``template`` and ``column`` is given.
+    """
+    if (template is None) == (column is None):
+        raise ValueError("give exactly one of template and column")
+    if template is not None:
+        try:
+            return template.format_map(_StrictColumns(columns))
+        except RequestFailed:
+            raise
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            # Positional "{}", "{0}", an unmatched brace, a bad format spec, "{a.missing}" ...
+            raise RequestFailed(
+                "template", f"the prompt template cannot be rendered for this row: {type(exc).__name__}: {exc}",
+                retryable=False,
+            ) from None
+    assert column is not None
+    if column not in columns:
+        raise RequestFailed("template", f"the row has no column {column!r}", retryable=False)
+    value = columns[column]
+    if value is None:
+        raise RequestFailed("empty_prompt", f"column {column!r} is null in this row", retryable=False)
+    return value if isinstance(value, str) else str(value)
+
+
+def join_url(base: str, path: str) -> str:
+    """``base`` + ``path`` with exactly one slash between them.
+
+    ``base`` may carry a path of its own (a proxy prefix) and may already end with ``path``
+    (a user who pasted the full chat URL): then it is used as it is.
+    """
+    trimmed = base.rstrip("/")
+    if path in ("", "/"):
+        return trimmed + "/"
+    suffix = "/" + path.strip("/")
+    if trimmed.endswith(suffix):
+        return trimmed
+    return trimmed + suffix
+
+
+def _bad_body(message: str) -> RequestFailed:
+    return RequestFailed("bad_body", message[:_MAX_MESSAGE_CHARS], retryable=True)
+
+
+def _load_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        preview = body[:200].decode("utf-8", "replace")
+        raise _bad_body(f"the answer is not valid JSON (truncated?): {preview!r}") from None
+
+
+def _error_object(doc: Any) -> str | None:
+    """The message of a TGI error object ``{"error": ..., "error_type": ...}``, if ``doc`` is one."""
+    if isinstance(doc, dict) and "error" in doc:
+        kind = doc.get("error_type")
+        message = str(doc["error"])
+        return f"{kind}: {message}" if kind else message
+    return None
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    # aiohttp's headers are case-insensitive; a plain dict (tests, other clients) may not be.
+    value = headers.get(name)
+    if value is None:
+        for key, candidate in headers.items():
+            if key.lower() == name:
+                value = candidate
+                break
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _optional_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _check_parameters(parameters: Mapping[str, Any], reserved: tuple[str, ...]) -> dict[str, Any]:
+    if parameters.get("stream"):
+        raise ValueError("parameters.stream is not supported: batchrun reads whole answers")
+    clash = [key for key in reserved if key in parameters]
+    if clash:
+        raise ValueError(f"parameters may not set {', '.join(clash)}: batchrun sets them itself")
+    return dict(parameters)
+
+
+class TextGenerationTask:
+    """TGI's ``POST /``: ``{"inputs": prompt, "parameters": {..., "details": true}}`` → ``[{"generated_text", "details"}]``."""
+
+    name = "text-generation"
+    output_schema = OUTPUT_SCHEMA
+
+    def __init__(self, *, template: str | None, column: str | None, parameters: Mapping[str, Any]) -> None:
+        self.template = template
+        self.column = column
+        # details=true is what carries finish_reason and generated_tokens back.
+        self.parameters = {**_check_parameters(parameters, ("details",)), "details": True}
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The request for ``row``."""
+        prompt = render_prompt(template=self.template, column=self.column, columns=row.columns)
+        if not prompt.strip():
+            raise RequestFailed("empty_prompt", "the prompt is empty for this row", retryable=False)
+        return PreparedRequest("/", {"inputs": prompt, "parameters": self.parameters})
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Output columns from a 200 answer of ``POST /`` (a list) or ``/generate`` (an object)."""
+        doc = _load_json(body)
+        error = _error_object(doc)
+        if error is not None:
+            raise _bad_body(f"HTTP {status} carrying an error: {error}")
+        if isinstance(doc, list):
+            if len(doc) != 1:
+                raise _bad_body(f"expected a list with one answer, got {len(doc)} items")
+            doc = doc[0]
+        if not isinstance(doc, dict) or not isinstance(doc.get("generated_text"), str):
+            raise _bad_body("the answer has no generated_text string")
+        details = doc.get("details") if isinstance(doc.get("details"), dict) else {}
+        completion = _optional_int(details.get("generated_tokens"))
+        if completion is None:
+            completion = _header_int(headers, "x-generated-tokens")
+        finish = details.get("finish_reason")
+        return {
+            "generated_text": doc["generated_text"],
+            "finish_reason": finish if isinstance(finish, str) else None,
+            "prompt_tokens": _header_int(headers, "x-prompt-tokens"),
+            "completion_tokens": completion,
+        }
+
+
+class ChatCompletionTask:
+    """TGI's ``POST /v1/chat/completions`` (OpenAI style): messages in, ``choices[0].message`` out."""
+
+    name = "chat-completion"
+    output_schema = OUTPUT_SCHEMA
+
+    def __init__(
+        self, *, template: str | None, column: str | None, system: str | None, parameters: Mapping[str, Any]
+    ) -> None:
+        self.template = template
+        self.column = column
+        self.system = system
+        # TGI ignores the model name; "tgi" is what its docs send. A user's own "model" wins.
+        self.parameters = {"model": "tgi", **_check_parameters(parameters, ("messages",))}
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The request for ``row``."""
+        prompt = render_prompt(template=self.template, column=self.column, columns=row.columns)
+        if not prompt.strip():
+            raise RequestFailed("empty_prompt", "the prompt is empty for this row", retryable=False)
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        messages.append({"role": "user", "content": prompt})
+        return PreparedRequest(CHAT_PATH, {**self.parameters, "messages": messages})
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Output columns from a 200 chat completion."""
+        doc = _load_json(body)
+        error = _error_object(doc)
+        if error is not None:
+            raise _bad_body(f"HTTP {status} carrying an error: {error}")
+        try:
+            choice = doc["choices"][0]
+            content = choice["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise _bad_body("the answer has no choices[0].message.content") from None
+        if not isinstance(content, str):
+            raise _bad_body("choices[0].message.content is not a string")
+        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+        prompt_tokens = _optional_int(usage.get("prompt_tokens"))
+        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+        return {
+            "generated_text": content,
+            "finish_reason": finish if isinstance(finish, str) else None,
+            "prompt_tokens": prompt_tokens if prompt_tokens is not None else _header_int(headers, "x-prompt-tokens"),
+            "completion_tokens": _optional_int(usage.get("completion_tokens")),
+        }
+
+
+def make_task(
+    task: str,
+    *,
+    template: str | None = None,
+    column: str | None = None,
+    system: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+) -> Task:
+    """The task named ``task`` ("text-generation" or "chat-completion").
+
+    Exactly one of ``template`` and ``column`` says where the prompt comes from. ``system`` is a
+    system message (chat only). ``parameters`` are passed through unchanged under the route's own
+    names (``max_new_tokens`` for text generation, ``max_tokens`` for chat). Raises ValueError for
+    a combination that cannot work, so a spec can report it before anything starts.
+    """
+    if (template is None) == (column is None):
+        raise ValueError("give exactly one of template and column")
+    if template is not None:
+        template_fields(template)  # a malformed template fails here, not on every row
+    parameters = parameters or {}
+    if task == "text-generation":
+        if system:
+            raise ValueError("system applies to chat-completion only; put the text in the template instead")
+        return TextGenerationTask(template=template, column=column, parameters=parameters)
+    if task == "chat-completion":
+        return ChatCompletionTask(template=template, column=column, system=system, parameters=parameters)
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")

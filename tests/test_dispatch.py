@@ -1,0 +1,579 @@
+"""The dispatcher against real loopback servers scripted per test (aiohttp.web + TestServer).
+
+Each promise of reliability.md §2 that lives in the request path is checked here: one record per row
+whatever the faults, Retry-After honoured, 422 final, 401/403 stop the job, nothing sent after abort,
+stop_intake leaves unstarted rows for next time, bounded intake, and the limit finding capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import socket
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from batchrun.dispatch import DispatchConfig, Dispatcher
+from batchrun.errors import AuthError
+from batchrun.records import Row, RowFailure, RowResult
+from batchrun.retry import RetryPolicy
+from batchrun.tasks import make_task
+
+FAST = RetryPolicy(max_attempts=3, backoff_base=0.001, backoff_cap=0.005, max_retry_after=2.0)
+Handler = Callable[[web.Request, str, int], Awaitable[web.StreamResponse]]
+
+
+def ok(text: str = "fine", *, tokens: int = 3) -> web.Response:
+    return web.json_response(
+        [{"generated_text": text, "details": {"finish_reason": "length", "generated_tokens": tokens}}],
+        headers={"x-prompt-tokens": "4"},
+    )
+
+
+def tgi_error(status: int, message: str, error_type: str, **headers: str) -> web.Response:
+    return web.json_response({"error": message, "error_type": error_type}, status=status, headers=headers)
+
+
+class ScriptedServer:
+    """A TGI-like loopback server whose answer to each request comes from ``handler(request, prompt, nth)``.
+
+    ``nth`` counts the requests seen for that prompt (1 for the first). The server records every
+    arrival, and the peak number of requests it held at once.
+    """
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.arrivals: list[float] = []
+        self.by_prompt: collections.Counter[str] = collections.Counter()
+        self.headers: list[dict[str, str]] = []
+        self.in_flight = 0
+        self.peak = 0
+        self.released = asyncio.Event()  # set on close so hanging handlers end
+        self._server: TestServer | None = None
+
+    @property
+    def count(self) -> int:
+        return len(self.arrivals)
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return str(self._server.make_url("/"))
+
+    async def hang(self) -> web.Response:
+        await self.released.wait()
+        return ok()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.arrivals.append(time.monotonic())
+        self.headers.append(dict(request.headers))
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            body = await request.json()
+            prompt = body["inputs"] if "inputs" in body else body["messages"][-1]["content"]
+            self.by_prompt[prompt] += 1
+            return await self.handler(request, prompt, self.by_prompt[prompt])
+        finally:
+            self.in_flight -= 1
+
+    async def __aenter__(self) -> ScriptedServer:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._server = TestServer(app)
+        await self._server.start_server()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.released.set()
+        assert self._server is not None
+        await self._server.close()
+
+
+async def rows_of(prompts: Iterable[str]) -> AsyncIterator[Row]:
+    for i, prompt in enumerate(prompts):
+        yield Row(position=i, id=f"id-{i}", columns={"prompt": prompt})
+
+
+def dispatcher(
+    url: str, records: list[RowResult | RowFailure], *, token: str | None = None, **config: Any
+) -> Dispatcher:
+    extra = {k: config.pop(k) for k in ("kept_columns", "before_send", "no_burn") if k in config}
+    config.setdefault("policy", FAST)
+    config.setdefault("max_concurrency", 16)
+    config.setdefault("request_timeout_s", 5.0)
+    return Dispatcher(
+        base_url=url,
+        task=make_task("text-generation", column="prompt", parameters={"max_new_tokens": 8}),
+        config=DispatchConfig(**config),
+        token=token,
+        on_record=records.append,
+        rng=random.Random(0),
+        **extra,
+    )
+
+
+def by_id(records: list[RowResult | RowFailure]) -> dict[Any, RowResult | RowFailure]:
+    ids = [r.id for r in records]
+    assert len(ids) == len(set(ids)), "a row was recorded twice"
+    return {r.id: r for r in records}
+
+
+# ---------------------------------------------------------------------------------------- outcomes
+
+
+def test_every_row_gets_exactly_one_record_whatever_the_faults() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.StreamResponse:
+        kind = prompt.split(":")[0]
+        if kind == "ok":
+            return ok(prompt)
+        if kind == "429-once" and nth == 1:
+            return tgi_error(429, "Model is overloaded", "overloaded", **{"Retry-After": "0"})
+        if kind == "500-always":
+            return tgi_error(500, "Incomplete generation", "incomplete_generation")
+        if kind == "503-once" and nth == 1:
+            return web.Response(status=503, text="Service Unavailable")
+        if kind == "422":
+            return tgi_error(422, "Input validation error: `inputs` too long", "validation")
+        if kind == "404":
+            return web.Response(status=404, text="Not Found")
+        if kind == "reset-once" and nth == 1:
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response()
+        if kind == "cut-once" and nth == 1:  # Content-Length promises more than arrives
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.content_length = 1000
+            await response.prepare(request)
+            await response.write(b'[{"generated_text": "ab')
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if kind == "truncated-json-once" and nth == 1:
+            return web.Response(body=b'[{"generated_text": "ab', content_type="application/json")
+        if kind == "error-200-once" and nth == 1:
+            return web.json_response({"error": "Request failed during generation", "error_type": "generation"})
+        if kind == "hang-once" and nth == 1:
+            return await server.hang()
+        return ok(prompt)
+
+    kinds = ["ok", "429-once", "500-always", "503-once", "422", "404", "reset-once", "cut-once",
+             "truncated-json-once", "error-200-once", "hang-once", "empty"]  # fmt: skip
+    prompts = [("" if kind == "empty" else f"{kind}:{i}") for i in range(6) for kind in kinds]
+
+    async def main() -> tuple[list[RowResult | RowFailure], ScriptedServer]:
+        nonlocal server
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, request_timeout_s=0.3, retry_budget_ratio=1.0)
+            await asyncio.wait_for(d.run(rows_of(prompts)), 20)
+        return records, server
+
+    server: ScriptedServer
+    records, server = asyncio.run(main())
+    got = by_id(records)
+    assert set(got) == {f"id-{i}" for i in range(len(prompts))}
+    for i, prompt in enumerate(prompts):
+        record, kind = got[f"id-{i}"], prompt.split(":")[0] if prompt else "empty"
+        if kind == "500-always":
+            assert isinstance(record, RowFailure) and record.retryable and record.attempts == 3
+            assert record.status == 500 and "Incomplete generation" in record.error
+        elif kind in ("422", "404"):
+            assert isinstance(record, RowFailure) and not record.retryable and record.attempts == 1
+        elif kind == "empty":
+            assert isinstance(record, RowFailure) and record.error_type == "empty_prompt" and record.attempts == 0
+        else:
+            assert isinstance(record, RowResult), (kind, record)
+            assert record.attempts == (1 if kind == "ok" else 2)
+            assert record.output["generated_text"] == prompt
+    assert "" not in server.by_prompt  # empty prompts were never sent
+
+
+def test_a_422_fails_the_row_at_once_with_the_server_message() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return tgi_error(422, "Input validation error: `inputs` must have less than 4096 tokens", "validation")
+
+    async def main() -> tuple[list[RowResult | RowFailure], int]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            await dispatcher(server.url, records).run(rows_of(["too long"]))
+            return records, server.count
+
+    records, sent = asyncio.run(main())
+    assert sent == 1
+    [failure] = records
+    assert isinstance(failure, RowFailure)
+    assert (failure.status, failure.retryable, failure.attempts, failure.error_type) == (422, False, 1, "http_422")
+    assert "must have less than 4096 tokens" in failure.error
+
+
+def test_retry_after_is_honoured_before_resending() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if nth <= 2:
+            return tgi_error(429, "Model is overloaded", "overloaded", **{"Retry-After": "0.25"})
+        return ok()
+
+    async def main() -> tuple[list[RowResult | RowFailure], list[float]]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            await dispatcher(server.url, records).run(rows_of(["p"]))
+            return records, server.arrivals
+
+    records, arrivals = asyncio.run(main())
+    assert isinstance(records[0], RowResult) and records[0].attempts == 3
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert all(gap >= 0.24 for gap in gaps), gaps
+
+
+def test_rows_that_exhaust_their_attempts_are_retryable_failures() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return web.Response(status=502, text="Bad Gateway")
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            await dispatcher(server.url, records, retry_budget_ratio=1.0).run(rows_of(["a", "b"]))
+            assert server.count == 6
+        return records
+
+    for record in asyncio.run(main()):
+        assert isinstance(record, RowFailure) and record.retryable and record.attempts == 3 and record.status == 502
+
+
+def test_a_hung_server_times_out_and_cannot_hang_the_job() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return await server.hang()
+
+    async def main() -> list[RowResult | RowFailure]:
+        nonlocal server
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, request_timeout_s=0.1, policy=RetryPolicy(max_attempts=2, backoff_base=0.001))
+            await asyncio.wait_for(d.run(rows_of(["a", "b", "c"])), 5)
+            assert d.stats.status_counts["timeout"] == 6
+        return records
+
+    server: ScriptedServer
+    started = time.monotonic()
+    records = asyncio.run(main())
+    assert time.monotonic() - started < 3
+    assert {r.error_type for r in records} == {"timeout"} and all(r.retryable for r in records)  # type: ignore[union-attr]
+
+
+def test_a_server_that_refuses_connections_gives_retryable_failures() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        await dispatcher(f"http://127.0.0.1:{port}", records, retry_budget_ratio=1.0).run(rows_of(["a"]))
+        return records
+
+    [record] = asyncio.run(main())
+    assert isinstance(record, RowFailure) and record.error_type == "connection" and record.retryable
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_token_stops_the_job_without_showing_the_token(status: int) -> None:
+    token = "hf_canaryTOKEN0123456789"
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        await asyncio.sleep(0.01)
+        return web.Response(status=status, text=f"bad token {request.headers.get('Authorization')}")
+
+    async def main() -> tuple[list[RowResult | RowFailure], int]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, token=token, max_concurrency=4)
+            with pytest.raises(AuthError) as info:
+                await d.run(rows_of(f"p{i}" for i in range(1000)))
+            sent = server.count
+            await asyncio.sleep(0.1)
+            assert server.count == sent, "requests kept coming after the job stopped"
+            assert server.headers[0]["Authorization"] == f"Bearer {token}"
+        error = info.value
+        assert error.status == status and error.exit_code == 2
+        assert "HF_TOKEN" in str(error) and "hf auth login" in str(error)
+        assert token not in str(error) and token not in repr(error)
+        return records, sent
+
+    records, sent = asyncio.run(main())
+    assert records == []  # the refused rows are not failures: they run again with a good token
+    assert sent < 20
+
+
+# ---------------------------------------------------------------------------------------- hooks
+
+
+def test_kept_columns_latency_and_attempts_land_in_the_result() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if nth == 1:
+            return web.Response(status=503)
+        await asyncio.sleep(0.02)
+        return ok("answer", tokens=5)
+
+    async def main() -> tuple[list[RowResult | RowFailure], Dispatcher]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, kept_columns=lambda row: {"prompt": row.columns["prompt"]})
+            await d.run(rows_of(["q"]))
+        return records, d
+
+    [record], d = asyncio.run(main())
+    assert isinstance(record, RowResult)
+    assert record.kept == {"prompt": "q"} and record.attempts == 2 and record.position == 0
+    assert record.output == {"generated_text": "answer", "finish_reason": "length", "prompt_tokens": 4, "completion_tokens": 5}
+    assert 0.02 <= record.latency_s < 1
+    stats = d.stats
+    assert (stats.sent, stats.ok, stats.failed, stats.retries, stats.output_tokens) == (2, 1, 0, 1, 5)
+    assert stats.status_counts == {"503": 1, "200": 1} and stats.in_flight == 0
+    assert stats.latencies.quantile(0.5) == pytest.approx(record.latency_s)
+
+
+def test_no_burn_failures_back_off_without_using_up_attempts() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return web.Response(status=503) if nth <= 5 else ok()
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(
+                server.url, records, retry_budget_ratio=1.0,
+                policy=RetryPolicy(max_attempts=2, backoff_base=0.001, backoff_cap=0.002),
+                no_burn=lambda failure: failure.status == 503,
+            )  # fmt: skip
+            await d.run(rows_of(["cold"]))
+        return records
+
+    [record] = asyncio.run(main())
+    assert isinstance(record, RowResult) and record.attempts == 6
+
+
+def test_before_send_is_awaited_before_every_attempt_and_headers_are_sent() -> None:
+    calls = 0
+
+    async def before_send() -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return web.Response(status=500) if nth == 1 else ok()
+
+    async def main() -> ScriptedServer:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, before_send=before_send, extra_headers={"X-Scale-Up-Timeout": "600"})
+            await d.run(rows_of(["a", "b"]))
+        return server
+
+    server = asyncio.run(main())
+    assert calls == 4 == server.count
+    assert all(h["X-Scale-Up-Timeout"] == "600" and "Authorization" not in h for h in server.headers)
+    assert all(h["Content-Type"] == "application/json" for h in server.headers)
+
+
+# ---------------------------------------------------------------------------------------- shutdown
+
+
+def test_nothing_is_sent_after_abort_returns() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        await asyncio.sleep(0.02)
+        # A third of the rows fail at first, so retries are pending when abort() comes.
+        return web.Response(status=503) if nth == 1 and int(prompt[1:]) % 3 == 0 else ok()
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, retry_budget_ratio=1.0, policy=RetryPolicy(backoff_base=0.05))
+            run = asyncio.create_task(d.run(rows_of(f"p{i}" for i in range(10_000))))
+            await asyncio.sleep(0.3)
+            await d.abort()
+            sent_at_abort = server.count
+            assert sent_at_abort > 0
+            await asyncio.wait_for(run, 1)  # run() returns normally after abort
+            await asyncio.sleep(0.3)
+            assert server.count == sent_at_abort
+            assert len(records) < 10_000 and len(by_id(records)) == len(records)
+
+    asyncio.run(main())
+
+
+def test_stop_intake_finishes_requests_in_flight_and_leaves_the_rest_unrecorded() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        await asyncio.sleep(0.05)
+        return ok(prompt)
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, max_concurrency=8, initial_concurrency=8)
+            run = asyncio.create_task(d.run(rows_of(f"p{i}" for i in range(10_000))))
+            await asyncio.sleep(0.2)
+            d.stop_intake()
+            await asyncio.wait_for(run, 2)
+            # Every request that reached the server finished and was recorded; nothing else was.
+            assert 0 < len(records) == server.count < 10_000
+            assert all(isinstance(r, RowResult) for r in records)
+            assert len(by_id(records)) == len(records)
+
+    asyncio.run(main())
+
+
+def test_stop_intake_abandons_rows_waiting_to_retry_without_a_record() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if prompt.startswith("slow-fail"):
+            return web.Response(status=503)
+        await asyncio.sleep(0.01)
+        return ok()
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            # A long backoff: the failed rows sit waiting to retry when intake stops.
+            d = dispatcher(server.url, records, policy=RetryPolicy(backoff_base=30, backoff_cap=30))
+            d._rng = random.Random(3)  # noqa: SLF001 - any seed gives a wait far beyond the test
+            run = asyncio.create_task(d.run(rows_of(["slow-fail-1", "slow-fail-2", "a", "b"])))
+            await asyncio.sleep(0.3)
+            d.stop_intake()
+            started = time.monotonic()
+            await asyncio.wait_for(run, 2)
+            assert time.monotonic() - started < 0.5
+            assert sorted(r.id for r in records) == ["id-2", "id-3"]
+
+    asyncio.run(main())
+
+
+def test_stop_intake_ends_the_run_even_while_the_input_has_nothing_to_give() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return ok()
+
+    async def stalled_rows() -> AsyncIterator[Row]:
+        yield Row(0, "id-0", {"prompt": "a"})
+        await asyncio.Event().wait()  # an upstream that has gone quiet
+        yield Row(1, "id-1", {"prompt": "never"})
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records)
+            run = asyncio.create_task(d.run(stalled_rows()))
+            await asyncio.sleep(0.1)
+            d.stop_intake()
+            await asyncio.wait_for(run, 1)
+        assert [r.id for r in records] == ["id-0"]
+
+    asyncio.run(main())
+
+
+def test_an_error_in_the_input_stops_the_run_and_surfaces() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        await asyncio.sleep(0.01)
+        return ok()
+
+    async def broken_rows() -> AsyncIterator[Row]:
+        yield Row(0, "id-0", {"prompt": "a"})
+        raise OSError("input file vanished")
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            with pytest.raises(OSError, match="vanished"):
+                await asyncio.wait_for(dispatcher(server.url, records).run(broken_rows()), 2)
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------- flow control
+
+
+def test_workers_pull_rows_only_when_free_so_intake_stays_bounded() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        await asyncio.sleep(0.002)
+        return ok()
+
+    async def main() -> None:
+        queue: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=4)
+        pulled = 0
+        records: list[RowResult | RowFailure] = []
+        worst = 0
+
+        async def produce() -> None:
+            for i in range(600):
+                await queue.put(Row(i, i, {"prompt": f"p{i}"}))
+            await queue.put(None)
+
+        async def consume() -> AsyncIterator[Row]:
+            nonlocal pulled, worst
+            while (row := await queue.get()) is not None:
+                pulled += 1
+                worst = max(worst, pulled - len(records))
+                yield row
+
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, max_concurrency=8, initial_concurrency=8)
+            producer = asyncio.create_task(produce())
+            await d.run(consume())
+            await producer
+            assert len(records) == 600
+            assert worst <= 8  # never more rows taken than there are workers
+            assert server.peak <= 8
+
+    asyncio.run(main())
+
+
+def test_the_limit_finds_a_429_capacity_and_keeps_429s_rare() -> None:
+    capacity = 12
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        # TGI: beyond capacity, an instant 429 with no Retry-After; nothing queues.
+        if server.in_flight > capacity:
+            return tgi_error(429, "Model is overloaded", "overloaded")
+        await asyncio.sleep(0.01)
+        return ok()
+
+    async def main() -> tuple[Dispatcher, list[int]]:
+        nonlocal server
+        records: list[RowResult | RowFailure] = []
+        samples: list[int] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(
+                server.url, records, max_concurrency=64, initial_concurrency=4,
+                policy=RetryPolicy(max_attempts=6, backoff_base=0.01, backoff_cap=0.05),
+            )  # fmt: skip
+
+            async def watch() -> None:
+                while True:
+                    if len(records) > 600:
+                        samples.append(d.limit.limit)
+                    await asyncio.sleep(0.005)
+
+            watcher = asyncio.create_task(watch())
+            await asyncio.wait_for(d.run(rows_of(f"p{i}" for i in range(2000))), 20)
+            watcher.cancel()
+            assert all(isinstance(r, RowResult) for r in records) and len(records) == 2000
+        return d, samples
+
+    server: ScriptedServer
+    d, samples = asyncio.run(main())
+    stats = d.stats
+    share_429 = stats.status_counts.get("429", 0) / stats.sent
+    assert share_429 < 0.05, stats.status_counts
+    assert capacity * 0.5 <= statistics.median(samples) <= capacity * 1.5, (statistics.median(samples), samples[-20:])
+
+
+def test_config_refuses_an_authorization_header_and_nonsense_bounds() -> None:
+    with pytest.raises(ValueError):
+        DispatchConfig(extra_headers={"authorization": "Bearer x"})
+    with pytest.raises(ValueError):
+        DispatchConfig(max_concurrency=0)
+    with pytest.raises(ValueError):
+        DispatchConfig(request_timeout_s=0)
