@@ -86,6 +86,7 @@ class Preflight:
     spec: JobSpec
     source: Source
     task: Task
+    data_schema: Any  # pyarrow.Schema of the data shards
     store: OutputStore
     token: str | None
     identity: dict[str, Any]
@@ -176,6 +177,13 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         system=spec.prompt.system,
         parameters=dict(spec.parameters),
     )
+    # The output's schema, fixed up front: a clash between input and output columns is a spec problem.
+    data_schema = build_data_schema(
+        source.schema,
+        id_column=spec.input.id_column,
+        keep_columns=spec.input.keep_columns,
+        output_schema=task.output_schema,
+    )
     samples: list[tuple[Any, str]] = []
     for batch in source.batches(batch_size=3):
         for row in batch[:3]:
@@ -186,7 +194,6 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
                 samples.append((row.id, f"<row will fail without a request: {exc}>"))
         break
     store = OutputStore(spec.output.path)
-    await asyncio.to_thread(store.check_writable)
     token = _resolve_token(spec)
     identity = dict(spec.identity())
     identity["input"] = source.fingerprint()
@@ -194,6 +201,7 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         spec=spec,
         source=source,
         task=task,
+        data_schema=data_schema,
         store=store,
         token=token,
         identity=identity,
@@ -209,8 +217,14 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
     if check_endpoint and spec.endpoint.name:
         with control_plane_base(spec.endpoint.api_url):
             lifecycle = _lifecycle_for(spec, _control_for(spec, token), token, options=RunOptions())
-            snapshot = await lifecycle.preflight()
+            try:
+                snapshot = await lifecycle.preflight()
+            except EndpointError as exc:
+                exc.exit_code = 2  # found before anything was touched: nothing ran
+                raise
         pre.endpoint_note = f"{snapshot.namespace}/{snapshot.name}: {snapshot.state}, task {snapshot.task}"
+    # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
+    await asyncio.to_thread(store.check_writable)
     return pre
 
 
@@ -406,7 +420,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     options = options or RunOptions()
     started_wall = time.time()
     started = time.monotonic()
-    pre = await preflight(spec)
+    pre = await preflight(spec, check_endpoint=True)
     store = pre.store
 
     stored_job = await asyncio.to_thread(store.load_job)
@@ -431,16 +445,10 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
         },
     )
 
-    data_schema = build_data_schema(
-        pre.source.schema,
-        id_column=spec.input.id_column,
-        keep_columns=spec.input.keep_columns,
-        output_schema=pre.task.output_schema,
-    )
     id_column = spec.input.id_column or "id"
     sink = ParquetSink(
         store,
-        data_schema=data_schema,
+        data_schema=pre.data_schema,
         id_column=id_column,
         shard_rows=spec.output.shard_rows,
         shard_bytes=spec.output.shard_bytes,

@@ -30,17 +30,17 @@ def test_slow_start_doubles_the_limit_every_round() -> None:
 def test_after_an_overload_the_limit_grows_by_one_per_round() -> None:
     c = controller(100)
     c.on_overload(now=1.0, sent_at=1.0)
-    assert c.limit == 80
-    succeed(c, 82, now=2.0)  # one round: about `limit` successes
-    assert c.limit == 81
-    succeed(c, 82, now=3.0)
-    assert c.limit == 82
+    assert c.limit == 90
+    succeed(c, 92, now=2.0)  # one round: about `limit` successes
+    assert c.limit == 91
+    succeed(c, 92, now=3.0)
+    assert c.limit == 92
 
 
 def test_an_overload_cuts_the_limit_multiplicatively() -> None:
     c = controller(100)
     assert c.on_overload(now=5.0, sent_at=4.9)
-    assert c.limit == 80
+    assert c.limit == 90
 
 
 def test_a_burst_of_429s_from_one_overload_cuts_only_once() -> None:
@@ -48,14 +48,14 @@ def test_a_burst_of_429s_from_one_overload_cuts_only_once() -> None:
     # 50 requests sent together at t=1, all answered 429 at about t=1.1.
     cuts = [c.on_overload(now=1.1 + i * 0.001, sent_at=1.0) for i in range(50)]
     assert cuts.count(True) == 1
-    assert c.limit == 80
+    assert c.limit == 90
 
 
 def test_an_overload_seen_by_requests_sent_after_the_cut_cuts_again() -> None:
     c = controller(100)
     c.on_overload(now=1.0, sent_at=0.9)
     assert c.on_overload(now=1.2, sent_at=1.05)
-    assert c.limit == 64
+    assert c.limit == 81
 
 
 def test_without_a_send_time_one_latency_round_separates_cuts() -> None:
@@ -65,7 +65,7 @@ def test_without_a_send_time_one_latency_round_separates_cuts() -> None:
     assert c.on_overload(now=10.0)
     assert not c.on_overload(now=10.2)
     assert c.on_overload(now=10.6)
-    assert c.value == pytest.approx(before * 0.8 * 0.8)
+    assert c.value == pytest.approx(before * 0.9 * 0.9)
 
 
 def test_the_limit_stays_within_its_bounds() -> None:
@@ -150,7 +150,7 @@ def test_a_lower_limit_holds_new_requests_until_enough_finish() -> None:
         limit = AdaptiveLimit(4, maximum=4, clock=lambda: clock[0])
         for _ in range(4):
             await limit.acquire()
-        limit.on_overload(sent_at=0.0)  # 4 * 0.8 -> 3
+        limit.on_overload(sent_at=0.0)  # 4 * 0.9 -> 3.6, used as 3
         assert limit.limit == 3
         waiter = asyncio.ensure_future(limit.acquire())
         await asyncio.sleep(0)
