@@ -1,6 +1,68 @@
 """batchrun: run big offline inference jobs against Inference Endpoints, safely.
 
-spec -> source -> dispatch -> sink, with the endpoint lifecycle wrapped around dispatch.
+Data flows one way: spec -> source -> dispatch -> sink, with the endpoint lifecycle wrapped around
+dispatch. Most users only need the `batchrun` command; this is the surface for calling it from
+Python::
+
+    import asyncio, batchrun
+    outcome = asyncio.run(batchrun.run_job(batchrun.load_spec("jobs/quickstart.yaml")))
+    print(outcome.exit_code, outcome.summary["rows"])
 """
 
+from .errors import (
+    AuthError,
+    BatchrunError,
+    ConfigMismatchError,
+    EndpointError,
+    EndpointNotReadyError,
+    InputError,
+    JobStopped,
+    OutputError,
+    SpecError,
+)
+
 __version__ = "0.1.0"
+
+# The runner pulls in aiohttp, pyarrow and datasets; load it on first use so that `batchrun --help`
+# and `import batchrun.errors` stay instant.
+_LAZY = {
+    "JobOutcome": "runner",
+    "JobSpec": "spec",
+    "RunOptions": "runner",
+    "load_spec": "spec",
+    "parse_spec": "spec",
+    "preflight": "runner",
+    "read_status": "sink",
+    "run_job": "runner",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchrun' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+__all__ = [
+    "AuthError",
+    "BatchrunError",
+    "ConfigMismatchError",
+    "EndpointError",
+    "EndpointNotReadyError",
+    "InputError",
+    "JobOutcome",
+    "JobSpec",
+    "JobStopped",
+    "OutputError",
+    "RunOptions",
+    "SpecError",
+    "load_spec",
+    "parse_spec",
+    "preflight",
+    "read_status",
+    "run_job",
+]
