@@ -10,7 +10,11 @@ The built-in emulator (`endpoint: {local: ...}`) is driven through HfControlPlan
 endpoint is, with the control-plane base pointed at the emulator: there is no demo-mode branch.
 
 huggingface_hub's calls are blocking, so they run in threads. Its own ``wait()`` is never used: it
-ignores the replica count and, without a timeout, waits forever.
+ignores the replica count and, without a timeout, waits forever. A call already on the wire is never
+abandoned: if the task awaiting it is cancelled, the call is allowed to land first, so a late resume
+can never arrive after the pause that release() sends (see ``HfControlPlane._call``).
+
+The sequence and its guarantees are described in docs/lifecycle.md.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,12 +31,14 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from .errors import AuthError, EndpointError, EndpointNotReadyError, redact
+from .errors import AuthError, EndpointError, EndpointNotReadyError, RequestFailed, redact
 
 __all__ = [
     "ControlPlane",
+    "ControlPlaneUnavailableError",
     "EndpointLifecycle",
     "EndpointSnapshot",
+    "EndpointUnusableError",
     "HfControlPlane",
     "LifecycleSettings",
     "StaticEndpoint",
@@ -46,6 +54,30 @@ RESUMABLE = {"paused", "scaledToZero"}
 #: States that will become running without any call from us.
 STARTING = {"pending", "initializing", "updating"}
 FAILED = {"failed", "updateFailed"}
+#: States in which an endpoint bills nothing (protocols.md §3).
+AT_REST = {"paused", "scaledToZero", "failed"}
+#: Once the endpoint is running and only replicas are still coming up, poll at least this often, so
+#: that the moment it becomes ready is seen quickly (the wait before that is minutes; this is seconds).
+FAST_POLL_S = 0.5
+#: How often release() tries the final pause (or scale-to-zero) before giving up and saying so.
+RELEASE_ATTEMPTS = 4
+
+
+class ControlPlaneUnavailableError(EndpointError):
+    """The control plane could not be reached or answered 5xx/429: worth asking again."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class EndpointUnusableError(EndpointError):
+    """Found before anything was changed: the endpoint is missing, failed, or serves another task.
+
+    Exit code 2 (nothing ran), unlike an endpoint that breaks once the job has started (3).
+    """
+
+    exit_code = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,36 +175,56 @@ class HfControlPlane:
         return f"HfControlPlane(namespace={self.namespace!r}, name={self.name!r})"
 
     async def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> EndpointSnapshot:
+        # The blocking call runs in a thread that cancellation cannot stop. So when the awaiting task
+        # is cancelled (a signal during the wait), the call is let land before CancelledError goes on:
+        # otherwise a resume still on the wire could reach the control plane after release()'s pause.
+        call = asyncio.ensure_future(
+            asyncio.to_thread(fn, self.name, namespace=self.namespace, token=self._token, **kwargs)
+        )
+        # asyncio.wait, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives
+        # as the call completes, and the cancelled acquire() would then go on waiting for the endpoint.
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self._call_timeout_s)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait({call}, timeout=self._call_timeout_s)
+            raise
+        if not done:
+            raise ControlPlaneUnavailableError(
+                f"{what} on {self.namespace}/{self.name}: the control plane did not answer within "
+                f"{self._call_timeout_s:.0f}s"
+            )
+        try:
+            endpoint = call.result()
+        except Exception as exc:  # noqa: BLE001 - translated into batchrun's errors below
+            raise self._translate(what, exc) from None
+        return EndpointSnapshot.from_raw(endpoint.raw, self.namespace)
+
+    def _translate(self, what: str, exc: Exception) -> Exception:
         from huggingface_hub.errors import HfHubHTTPError
 
-        try:
-            endpoint = await asyncio.wait_for(
-                asyncio.to_thread(fn, self.name, namespace=self.namespace, token=self._token, **kwargs),
-                timeout=self._call_timeout_s,
-            )
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else None
-            body = redact(exc.response.text[:300]) if exc.response is not None else ""
-            ref = f"{self.namespace}/{self.name}"
+        ref = f"{self.namespace}/{self.name}"
+        if isinstance(exc, HfHubHTTPError):
+            response = exc.response
+            status = response.status_code if response is not None else None
+            body = redact(response.text[:300]) if response is not None else ""
             if status in (401, 403):
-                raise AuthError(
+                return AuthError(
                     f"the control plane refused the token ({status}) for {what} on {ref}: set HF_TOKEN or run "
                     "`hf auth login` with a token that may manage Inference Endpoints in this namespace",
                     status=status,
-                ) from None
+                )
             if status == 404:
-                raise EndpointError(
+                return EndpointUnusableError(
                     f"endpoint {ref} was not found ({what}): check endpoint.name and endpoint.namespace in the spec"
-                ) from None
-            raise EndpointError(f"{what} on {ref} failed with HTTP {status}: {body}") from None
-        except asyncio.TimeoutError:
-            raise EndpointError(
-                f"{what} on {self.namespace}/{self.name}: the control plane did not answer within "
-                f"{self._call_timeout_s:.0f}s"
-            ) from None
-        except OSError as exc:  # connection refused, DNS, TLS
-            raise EndpointError(f"{what} on {self.namespace}/{self.name}: cannot reach the control plane ({exc})") from None
-        return EndpointSnapshot.from_raw(endpoint.raw, self.namespace)
+                )
+            if status is None or status == 429 or status >= 500:
+                return ControlPlaneUnavailableError(f"{what} on {ref} failed with HTTP {status}: {body}", status=status)
+            return EndpointError(f"{what} on {ref} failed with HTTP {status}: {body}")
+        # Connection refused, DNS, TLS, reset: huggingface_hub 2.x raises its HTTP library's transport
+        # errors, which are not OSError.
+        detail = redact(f"{type(exc).__name__}: {exc}")[:300]
+        return ControlPlaneUnavailableError(f"{what} on {ref}: cannot reach the control plane ({detail})")
 
     async def get(self) -> EndpointSnapshot:
         return await self._call("get", self._api.get_inference_endpoint)
@@ -225,11 +277,14 @@ class LifecycleRecord:
     backstop_set: bool = False
     acquired_at: float | None = None  # monotonic time the resume (or first use) began
     ready_at: float | None = None
-    released_at: float | None = None
-    final_action: str | None = None
+    released_at: float | None = None  # when the final action (pause, scale-to-zero) was accepted
+    final_action: str | None = None  # pause | scale-to-zero | keep | none | "pause failed" ...
     note: str | None = None
     replicas: int = 1
     events: list[str] = field(default_factory=list)
+    #: (wall-clock time, event) for every event, for benchmarks and post-mortems.
+    timeline: list[tuple[float, str]] = field(default_factory=list)
+    release_started_at: float | None = None  # monotonic time release() began
 
 
 class StaticEndpoint:
@@ -254,13 +309,20 @@ class StaticEndpoint:
     def replicas_ready(self) -> int:
         return 1
 
+    def is_cold(self) -> bool:
+        return False
+
+    def no_burn(self, failure: RequestFailed) -> bool:
+        return False
+
 
 class EndpointLifecycle:
     """Brings a Dedicated Inference Endpoint up for a job and puts it back afterwards.
 
-    ``acquire()`` resumes it when paused or scaled to zero, applies the job's scaling, sets the
-    server-side idle backstop, and polls until it is running, healthy and every target replica is
-    ready. ``release()`` restores the user's scaling and idle timeout and applies ``on_finish``.
+    ``acquire()`` applies the job's scaling and the server-side idle backstop, resumes the endpoint
+    when paused or scaled to zero, and polls until it is running, healthy and every target replica
+    is ready. ``release()`` applies ``on_finish`` and restores the user's scaling and idle timeout;
+    it is safe to call on every exit path, more than once, and even if ``acquire()`` failed half way.
     The caller must stop all data-plane traffic before calling ``release()``.
     """
 
@@ -282,10 +344,17 @@ class EndpointLifecycle:
         self.extra_headers: dict[str, str] = {}
         self._original: EndpointSnapshot | None = None
         self._last: EndpointSnapshot | None = None
-        self._touched = False
+        self._changed: dict[str, int] = {}  # what acquire() changed, to be put back by release()
+        self._touched = False  # a state-changing call was sent (or may have been)
+        self._released = False
+        self._release_task: asyncio.Task[None] | None = None
+        self._cold = True
+        self._refreshing: asyncio.Task[Any] | None = None
+        self._last_refresh = float("-inf")
 
     def _event(self, message: str) -> None:
         self.record.events.append(message)
+        self.record.timeline.append((time.time(), message))
         log.info("endpoint_event %s", message)
         self._on_event(message)
 
@@ -293,22 +362,37 @@ class EndpointLifecycle:
     def ref(self) -> str:
         return f"{self.control.namespace}/{self.control.name}"
 
+    # ------------------------------------------------------------------ preflight
+
     async def preflight(self) -> EndpointSnapshot:
         """Read-only checks before anything bills: the endpoint exists, has a usable task, is not failed."""
         snapshot = await self.control.get()
         if snapshot.state in FAILED:
-            raise EndpointError(
+            raise EndpointUnusableError(
                 f"endpoint {self.ref} is {snapshot.state}: {snapshot.message or 'no message'}. "
                 "A failed endpoint cannot be resumed; fix or recreate it in the Inference Endpoints UI.",
                 state=snapshot.state,
             )
         if self.settings.supported_tasks and snapshot.task not in self.settings.supported_tasks:
-            raise EndpointError(
+            raise EndpointUnusableError(
                 f"endpoint {self.ref} serves task {snapshot.task!r}, which this job cannot use "
                 f"(expected one of {', '.join(self.settings.supported_tasks)})"
             )
         self._original = snapshot
         return snapshot
+
+    # ------------------------------------------------------------------ acquire
+
+    def _final_action(self, original: EndpointSnapshot) -> str:
+        on_finish = self.settings.on_finish
+        if on_finish is None:
+            return "keep" if original.state == "running" else "pause"
+        return on_finish
+
+    def _min_target(self, original: EndpointSnapshot) -> int:
+        wanted = self.settings.scale_min if self.settings.scale_min is not None else original.min_replica
+        top = self.settings.scale_max if self.settings.scale_max is not None else original.max_replica
+        return max(1, min(wanted, top) if top else wanted)
 
     async def acquire(self) -> str:
         """Make the endpoint ready and return its data-plane url."""
@@ -322,63 +406,85 @@ class EndpointLifecycle:
             changes["min_replica"] = s.scale_min
         if s.scale_max is not None and s.scale_max != original.max_replica:
             changes["max_replica"] = s.scale_max
-        if s.idle_backstop_s is not None and original.state != "running":
-            # Server-side safety net should this process die with SIGKILL: the endpoint scales itself to
-            # zero after this much idle time. Only set on endpoints this job brings up.
+        final = self._final_action(original)
+        if s.idle_backstop_s is not None and final != "keep":
+            # The server-side safety net should this process die with SIGKILL or the machine lose power:
+            # the endpoint's own idle timeout. Set whenever the job will put the endpoint down at the end.
             minutes = max(1, round(s.idle_backstop_s / 60))
             if minutes != original.scale_to_zero_timeout:
                 changes["scale_to_zero_timeout"] = minutes
-                self.record.backstop_set = True
+            self.record.backstop_set = True
+            min_after = changes.get("min_replica", original.min_replica)
+            if min_after > 0:
+                self._event(
+                    f"note: the idle backstop ({minutes} min) only scales an endpoint to zero when min_replica is 0; "
+                    f"with min_replica={min_after}, a job killed with SIGKILL leaves it running until "
+                    f"`batchrun endpoint pause {self.control.name} --namespace {self.control.namespace}`"
+                )
         if changes:
             self._touched = True
+            self._changed = dict(changes)
             await self.control.update(**changes)
             self.record.scaled = "min_replica" in changes or "max_replica" in changes
             self._event(f"updated {', '.join(f'{k}={v}' for k, v in changes.items())}")
+        if original.state == "scaledToZero" or changes.get("min_replica", original.min_replica) == 0:
+            # The proxy holds a request to a scaled-to-zero endpoint until a replica is up instead of
+            # answering 503 (protocols.md §3).
+            self.extra_headers["X-Scale-Up-Timeout"] = str(max(1, int(s.ready_timeout_s)))
         if original.state in RESUMABLE:
             self._touched = True
             await self.control.resume()
             self.record.resumed = True
             self._event(f"resume requested for {self.ref}")
-        return await self._wait_ready()
+        return await self._wait_ready(original)
 
-    def _target_replicas(self, snapshot: EndpointSnapshot) -> int:
-        wanted = self.settings.scale_min if self.settings.scale_min is not None else 1
-        return max(1, wanted, snapshot.min_replica if snapshot.min_replica else 0)
-
-    async def _wait_ready(self) -> str:
+    async def _wait_ready(self, original: EndpointSnapshot) -> str:
+        target = self._min_target(original)
         deadline = self._clock() + self.settings.ready_timeout_s
         last_line = ""
         async with aiohttp.ClientSession() as http:
             while True:
-                snapshot = await self.control.get()
-                self._last = snapshot
-                target = self._target_replicas(snapshot)
-                line = f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}"
-                if line != last_line:
-                    self._event(line)
-                    last_line = line
-                if snapshot.state in FAILED:
-                    raise EndpointError(
-                        f"endpoint {self.ref} became {snapshot.state} while starting: "
-                        f"{snapshot.message or 'no message'}",
-                        state=snapshot.state,
-                    )
-                if snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target:
-                    if await self._healthy(http, snapshot):
-                        self.record.ready_at = self._clock()
-                        self.record.replicas = snapshot.ready_replicas
-                        self._event(f"{self.ref} is ready at {snapshot.url}")
-                        return snapshot.url
-                if self._clock() >= deadline:
+                try:
+                    snapshot = await self.control.get()
+                except ControlPlaneUnavailableError as exc:  # a hiccup is not a reason to give up the wait
+                    log.warning("endpoint_poll_failed %s", exc)
+                    snapshot = self._last
+                if snapshot is not None:
+                    self._last = snapshot
+                    line = f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}"
+                    if line != last_line:
+                        self._event(line)
+                        last_line = line
+                    if snapshot.state in FAILED:
+                        raise EndpointError(
+                            f"endpoint {self.ref} became {snapshot.state} while starting: "
+                            f"{snapshot.message or 'no message'}",
+                            state=snapshot.state,
+                        )
+                    if snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target:
+                        if await self._healthy(http, snapshot):
+                            self.record.ready_at = self._clock()
+                            self.record.replicas = snapshot.ready_replicas
+                            self._cold = False
+                            self._event(f"{self.ref} is ready at {snapshot.url} ({snapshot.ready_replicas} replicas)")
+                            return snapshot.url
+                now = self._clock()
+                if now >= deadline:
+                    state = snapshot.state if snapshot else "unknown"
+                    ready = snapshot.ready_replicas if snapshot else 0
                     raise EndpointNotReadyError(
                         f"endpoint {self.ref} was not ready after {self.settings.ready_timeout_s:.0f}s "
-                        f"(last state {snapshot.state}, replicas {snapshot.ready_replicas}/{target}); "
+                        f"(last state {state}, replicas {ready}/{target}); "
                         "raise endpoint.ready_timeout or check the endpoint's logs",
-                        state=snapshot.state,
+                        state=state,
                     )
-                await asyncio.sleep(self.settings.poll_interval_s)
+                interval = self.settings.poll_interval_s
+                if snapshot is not None and snapshot.state in ("running", "updating"):
+                    interval = min(interval, FAST_POLL_S)
+                await asyncio.sleep(max(0.0, min(interval, deadline - now)))
 
     async def _healthy(self, http: aiohttp.ClientSession, snapshot: EndpointSnapshot) -> bool:
+        assert snapshot.url is not None
         url = f"{snapshot.url.rstrip('/')}/{snapshot.health_route.lstrip('/')}"
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
@@ -387,53 +493,185 @@ class EndpointLifecycle:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
+    # ------------------------------------------------------------------ during the run
+
     def replicas_ready(self) -> int:
         return self.record.replicas
 
+    def is_cold(self) -> bool:
+        """True until the endpoint is ready, and whenever the last refresh saw it not running or short of replicas.
+
+        While cold, a 503 is the endpoint starting (or a replica restarting), not a row's fault.
+        """
+        return self._cold
+
+    def no_burn(self, failure: RequestFailed) -> bool:
+        """The dispatcher's hook: a 503 while the endpoint is cold does not burn the row's attempts.
+
+        A 503 also asks for a refresh (at most once per poll interval, in the background), and until that
+        answer arrives the 503 is given the benefit of the doubt: a replica restart is then seen within
+        one control-plane round trip instead of at the next periodic refresh.
+        """
+        if failure.status != 503 or self._released:
+            return False
+        if self._refreshing is None and self._clock() - self._last_refresh >= self.settings.poll_interval_s:
+            with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
+                self._refreshing = asyncio.get_running_loop().create_task(self._background_refresh())
+        return self._cold or self._refreshing is not None
+
+    async def _background_refresh(self) -> None:
+        try:
+            await self.refresh()
+        except Exception as exc:  # noqa: BLE001 - a hint for no_burn only; never fails the job
+            log.warning("endpoint_refresh_failed %s", exc)
+        finally:
+            self._refreshing = None
+
     async def refresh(self) -> EndpointSnapshot:
-        """Read the endpoint's state during the run (replica count, failure)."""
+        """Read the endpoint's state during the run (replica count, failure, cold)."""
+        self._last_refresh = self._clock()
         snapshot = await self.control.get()
+        previous = self._last
         self._last = snapshot
+        target = self._min_target(self._original) if self._original is not None else 1
         if snapshot.state == "running":
             self.record.replicas = max(1, snapshot.ready_replicas)
+        if self.record.ready_at is not None:
+            self._cold = snapshot.state != "running" or snapshot.ready_replicas < target
+        if previous is None or (previous.state, previous.ready_replicas) != (snapshot.state, snapshot.ready_replicas):
+            self._event(f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}")
         return snapshot
 
+    # ------------------------------------------------------------------ release
+
     async def release(self) -> None:
-        """Restore the user's settings and apply on_finish. Data-plane traffic must already be stopped."""
+        """Apply on_finish and restore the user's settings. Data-plane traffic must already be stopped.
+
+        Idempotent. Runs to the end even if the task awaiting it is cancelled, and SIGINT/SIGTERM
+        arriving meanwhile are reported but cannot cut it short (when called from the main thread).
+        """
+        if self._release_task is None:
+            self.record.release_started_at = self._clock()
+            self._release_task = asyncio.ensure_future(self._release())
+        task = self._release_task
+        with _signals_deferred(self._event):
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(task)
+                raise
+
+    async def _release(self) -> None:
         original = self._original
-        self.record.released_at = self._clock()
-        if original is None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        self._released = True
+        if original is None or self.record.acquired_at is None:
+            # acquire() never began: nothing was changed, so nothing is put back.
+            self.record.released_at = self._clock()
             self.record.final_action = "none"
             return
-        on_finish = self.settings.on_finish
-        if on_finish is None:
-            if original.state == "running":
-                on_finish = "keep"
-                self.record.note = (
-                    f"{self.ref} was already running when the job started, so it was left running "
-                    "(set endpoint.on_finish: pause to pause it anyway)"
+        action = self._final_action(original)
+        if action == "keep" and self.settings.on_finish is None:
+            self.record.note = (
+                f"{self.ref} was already running when the job started, so it was left running "
+                "(set endpoint.on_finish: pause to pause it anyway)"
+            )
+        problems: list[str] = []
+        self.record.final_action = action
+        if action in ("pause", "scale-to-zero"):
+            # First: the billing stops here. Restoring settings can wait the few milliseconds it takes.
+            done = await self._put_down(action)
+            if not done:
+                problems.append(
+                    f"could not {action} {self.ref}: it may still be billing. Run "
+                    f"`batchrun endpoint pause {self.control.name} --namespace {self.control.namespace}`"
                 )
-            else:
-                on_finish = "pause"
-        if on_finish == "pause":
-            await self.control.pause()
-            self._event(f"paused {self.ref}")
-        elif on_finish == "scale-to-zero":
-            await self.control.scale_to_zero()
-            self._event(f"scaled {self.ref} to zero")
-        restore: dict[str, int] = {}
-        if self._touched:
-            current = await self.control.get()
-            if current.min_replica != original.min_replica:
-                restore["min_replica"] = original.min_replica
-            if current.max_replica != original.max_replica:
-                restore["max_replica"] = original.max_replica
-            if (
-                original.scale_to_zero_timeout is not None
-                and current.scale_to_zero_timeout != original.scale_to_zero_timeout
-            ):
-                restore["scale_to_zero_timeout"] = original.scale_to_zero_timeout
+        self.record.released_at = self._clock()
+        restore = {key: getattr(original, _SNAPSHOT_FIELD[key]) for key in self._changed}
+        restore = {key: value for key, value in restore.items() if value is not None}
         if restore:
-            await self.control.update(**restore)
-            self._event(f"restored {', '.join(f'{k}={v}' for k, v in restore.items())}")
-        self.record.final_action = on_finish
+            try:
+                await _with_retries(lambda: self.control.update(**restore))
+                self._event(f"restored {', '.join(f'{k}={v}' for k, v in restore.items())}")
+            except EndpointError as exc:
+                problems.append(f"could not restore {self.ref}'s settings ({', '.join(restore)}): {exc}")
+        if problems:
+            for problem in problems:
+                self._event(problem)
+            raise EndpointError("; ".join(problems))
+
+    async def _put_down(self, action: str) -> bool:
+        call = self.control.pause if action == "pause" else self.control.scale_to_zero
+        try:
+            await _with_retries(call)
+        except AuthError:
+            raise
+        except EndpointError as exc:
+            # A refusal may mean it is already at rest (a failed endpoint cannot be paused everywhere).
+            try:
+                snapshot = await self.control.get()
+            except EndpointError:
+                snapshot = None
+            if snapshot is None or snapshot.state not in AT_REST:
+                self.record.final_action = f"{action} failed"
+                self._event(f"{action} of {self.ref} failed: {exc}")
+                return False
+            self._event(f"{self.ref} is {snapshot.state} (the {action} call answered: {exc})")
+            return True
+        self._event(f"paused {self.ref}" if action == "pause" else f"scaled {self.ref} to zero")
+        return True
+
+
+_SNAPSHOT_FIELD = {
+    "min_replica": "min_replica",
+    "max_replica": "max_replica",
+    "scale_to_zero_timeout": "scale_to_zero_timeout",
+}
+
+
+async def _with_retries(call: Callable[[], Any], attempts: int = RELEASE_ATTEMPTS) -> Any:
+    """Call a control-plane coroutine factory, retrying only what is worth retrying (5xx, 429, no answer)."""
+    delay = 0.25
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except ControlPlaneUnavailableError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("endpoint_call_retry %s", exc)
+            await asyncio.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _signals_deferred(event: Callable[[str], None]) -> Iterator[None]:
+    """While the endpoint is being put down, SIGINT/SIGTERM say so instead of cutting it short.
+
+    The runner removes its own handlers before release() runs, which would leave SIGTERM with its
+    default action (die at once, endpoint running) and SIGINT raising KeyboardInterrupt anywhere.
+    Only the main thread may set handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def deferred(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        event(f"{name} received while putting the endpoint down; finishing that first")
+
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, deferred)
+        except (ValueError, OSError):
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import queue
 import signal
 import threading
 import time
@@ -43,6 +44,7 @@ from .errors import (
     InputError,
     JobStopped,
     SpecError,
+    redact,
     register_secret,
 )
 from .progress import ProgressReporter, Snapshot, format_summary
@@ -294,19 +296,21 @@ async def _endpoint_for(spec: JobSpec, token: str | None, options: RunOptions) -
 
 
 class PendingRows:
-    """Streams the rows not yet done from the source, through a bounded queue, on a reader thread.
+    """Streams the rows not yet done from the source, on a reader thread, through a bounded queue.
 
-    The source is read in a thread so that Parquet decoding never blocks the event loop; the queue
-    bound is the backpressure that keeps memory flat however large the input is.
+    The source is read in a thread so that Parquet decoding never blocks the event loop. Rows travel
+    in batches through a thread-safe queue of ``queue_batches`` slots: that bound is the backpressure
+    that keeps memory flat however large the input is. Each row is handed over exactly once: a put
+    into ``queue.Queue`` either happens or raises, with no cross-loop cancellation race.
     """
 
     _END = object()
 
-    def __init__(self, source: Source, done: Any, *, queue_size: int, batch_size: int = 512) -> None:
+    def __init__(self, source: Source, done: Any, *, queue_rows: int, batch_size: int = 256) -> None:
         self._source = source
         self._done = done
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=queue_size)
         self._batch_size = batch_size
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, queue_rows // batch_size))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -321,16 +325,12 @@ class PendingRows:
         self._thread.start()
 
     def _put(self, item: Any) -> bool:
-        assert self._loop is not None
         while not self._stop.is_set():
-            future = asyncio.run_coroutine_threadsafe(self._queue.put(item), self._loop)
             try:
-                future.result(timeout=0.5)
+                self._queue.put(item, timeout=0.2)
                 return True
-            except TimeoutError:
-                future.cancel()
-            except Exception:  # the loop is closing
-                return False
+            except queue.Full:
+                continue
         return False
 
     def _signal_first(self, found: bool) -> None:
@@ -341,36 +341,34 @@ class PendingRows:
             if not first.done():
                 first.set_result(found)
 
-        self._loop.call_soon_threadsafe(settle)
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self._loop.call_soon_threadsafe(settle)
 
     def _read(self) -> None:
+        pending: list[Row] = []
+        signalled = False
         try:
             for batch in self._source.batches(batch_size=self._batch_size):
+                if self._stop.is_set():
+                    return
                 for row in batch:
                     if row.position in self._done:
                         self.skipped += 1
-                        continue
+                    else:
+                        pending.append(row)
+                if pending and not signalled:
                     self._signal_first(True)
-                    if not self._put(row):
+                    signalled = True
+                # Hand over what each source batch held (rows read before a later read error still run).
+                if pending:
+                    if not self._put(pending):
                         return
-                if self._stop.is_set():
-                    return
+                    pending = []
         except BaseException as exc:  # reported to the job, which stops cleanly
             self.error = exc
         finally:
             self._signal_first(False)
-            if self._loop is not None and not self._loop.is_closed():
-                try:
-                    self._loop.call_soon_threadsafe(self._put_end_nowait)
-                except RuntimeError:
-                    pass
-
-    def _put_end_nowait(self) -> None:
-        # The end marker must arrive even when the queue is full: the consumer drains and then sees it.
-        async def put_end() -> None:
-            await self._queue.put(self._END)
-
-        asyncio.ensure_future(put_end())
+            self._put(self._END)
 
     async def has_pending(self) -> bool:
         """True once a row that is not done yet has been found; False if every row is done."""
@@ -380,18 +378,28 @@ class PendingRows:
     def stop(self) -> None:
         self._stop.set()
 
+    def _get(self) -> Any:
+        while not self._stop.is_set():
+            try:
+                return self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        return self._END
+
     async def rows(self) -> AsyncIterator[Row]:
-        while True:
-            if self._stop.is_set() and self._queue.empty():
-                return
-            item = await self._queue.get()
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                item = await asyncio.to_thread(self._get)
             if item is self._END:
                 if self.error is not None:
-                    raise InputError(f"reading the input failed: {self.error}") from None
+                    raise InputError(f"reading the input failed: {redact(str(self.error))}") from None
                 return
-            if self._stop.is_set():
-                return
-            yield item
+            for row in item:
+                if self._stop.is_set():
+                    return
+                yield row
 
 
 # --------------------------------------------------------------------------- the run
@@ -461,8 +469,8 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     def kept_columns(row: Row) -> dict[str, Any]:
         return {name: row.columns.get(name) for name in kept_names}
 
-    queue_size = max(64, 2 * spec.concurrency.max)
-    reader = PendingRows(pre.source, done, queue_size=queue_size)
+    # Room for a few thousand rows ahead of the workers: enough to never starve them, bounded always.
+    reader = PendingRows(pre.source, done, queue_rows=max(1024, 4 * spec.concurrency.max))
     reader.start()
 
     state = _RunState(failure_watch=_FailureWatch(spec.failure_threshold))
@@ -486,6 +494,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
                 phase = _DispatchPhase(
                     spec, pre, options, lifecycle, data_token, reader, sink, state, meter, kept_columns, started
                 )
+                phase.install_signal_handlers()
                 try:
                     stop_reason = await phase.run()
                 finally:
@@ -496,8 +505,11 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
                         await state.flush(sink)
                         await asyncio.to_thread(sink.commit)
                     finally:
-                        await lifecycle.release()
-                        meter.stop()
+                        try:
+                            await lifecycle.release()
+                        finally:
+                            meter.stop()
+                            phase.remove_signal_handlers()
         except (JobStopped, EndpointError, AuthError) as exc:
             error = exc
             stop_reason = str(exc)
@@ -637,6 +649,8 @@ class _DispatchPhase:
         self.stop_requested = asyncio.Event()
         self.abort_now = asyncio.Event()
         self.signals_seen = 0
+        self._installed: list[int] = []
+        self._committer_stop = asyncio.Event()
         self.guard = BudgetGuard(
             max_usd=spec.budget.max_usd,
             deadline_s=spec.budget.deadline,
@@ -665,16 +679,25 @@ class _DispatchPhase:
 
     # ---- the phase
 
-    async def run(self) -> str | None:
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM stop the job gracefully; kept until the endpoint is released."""
+        if not self.options.handle_signals:
+            return
         loop = asyncio.get_running_loop()
-        installed: list[int] = []
-        if self.options.handle_signals:
-            for sig, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
-                try:
-                    loop.add_signal_handler(sig, self.on_signal, name)
-                    installed.append(sig)
-                except (NotImplementedError, RuntimeError, ValueError):
-                    pass
+        for sig, name in ((signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")):
+            try:
+                loop.add_signal_handler(sig, self.on_signal, name)
+                self._installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+
+    def remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+    async def run(self) -> str | None:
         self.state.stop = self.request_stop
         monitor = asyncio.ensure_future(self._monitor())
         try:
@@ -687,8 +710,6 @@ class _DispatchPhase:
             monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await monitor
-            for sig in installed:
-                loop.remove_signal_handler(sig)
 
     async def _acquire(self) -> str | None:
         """The endpoint's url once ready, or None when a stop came first (the wait is abandoned)."""
@@ -764,7 +785,6 @@ class _DispatchPhase:
             retry_budget_ratio=r.budget_ratio,
             extra_headers=dict(self.lifecycle.extra_headers),
         )
-        is_cold = getattr(self.lifecycle, "is_cold", None)
         return Dispatcher(
             base_url=base_url,
             task=self.pre.task,
@@ -774,7 +794,7 @@ class _DispatchPhase:
             kept_columns=self.kept_columns,
             # 503s while the endpoint starts or a replica restarts are expected: they back off but
             # do not burn the row's attempts (reliability.md §2, cold start).
-            no_burn=(lambda failure: failure.status == 503 and is_cold()) if is_cold is not None else None,
+            no_burn=self.lifecycle.no_burn,
         )
 
     async def _dispatch(self, base_url: str) -> None:
@@ -802,16 +822,20 @@ class _DispatchPhase:
             else:
                 run_task.result()  # re-raises AuthError and friends
         finally:
-            for task in (abort_task, commit_task, run_task):
+            for task in (abort_task, run_task):
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            # Never cancel the committer: a cancelled await leaves its sink call running in a thread,
+            # racing the final commit. Ask it to stop and wait for its current step to finish.
+            self._committer_stop.set()
+            with contextlib.suppress(Exception):
                 await commit_task
             reporter.close()
 
     async def _commit_periodically(self) -> None:
         last_commit = time.monotonic()
-        while True:
-            await asyncio.sleep(0.25)
+        while not self._committer_stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._committer_stop.wait(), 0.25)
             await self.state.flush(self.sink)
             if time.monotonic() - last_commit >= self.options.commit_interval_s:
                 await asyncio.to_thread(self.sink.commit)

@@ -1,0 +1,360 @@
+"""The endpoint lifecycle through huggingface_hub against the emulator's control plane (docs/lifecycle.md).
+
+Each test drives a real EndpointLifecycle (or a whole job) over loopback HTTP: huggingface_hub's
+Inference Endpoints calls go to the emulator's /v2 API, the health check and the data plane to the
+emulated endpoint's own port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batchrun.endpoint import (
+    EndpointLifecycle,
+    EndpointUnusableError,
+    HfControlPlane,
+    LifecycleSettings,
+    control_plane_base,
+)
+from batchrun.errors import EndpointError, EndpointNotReadyError, RequestFailed
+from jobkit import FAST_LIFECYCLE, NS, TOKEN, cli, data_requests, emulator, read_ids, run, write_spec, write_topics
+from batchrun.emulator import EndpointConfig
+
+STATE_CHANGING = ("PUT", "POST", "DELETE")
+
+
+def endpoint_config(name: str = "gen", **overrides: Any) -> EndpointConfig:
+    values = {"name": name, "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE, **overrides}
+    return EndpointConfig.from_dict(values)
+
+
+def lifecycle(emu, name: str = "gen", **settings: Any) -> EndpointLifecycle:
+    events: list[str] = []
+    values = {"poll_interval_s": 0.02, "ready_timeout_s": 5.0, **settings}
+    life = EndpointLifecycle(
+        HfControlPlane(name=name, namespace=NS, token=TOKEN),
+        LifecycleSettings(**values),
+        token=TOKEN,
+        on_event=events.append,
+    )
+    return life
+
+
+def drive(emu, coroutine_fn):
+    """Run ``coroutine_fn()`` with huggingface_hub pointed at the emulator."""
+
+    async def main():
+        with control_plane_base(emu.api_url):
+            return await coroutine_fn()
+
+    return asyncio.run(main())
+
+
+def changes(emu) -> list[tuple[str, str]]:
+    """The state-changing control-plane calls, in order: (method, last path segment or PUT body keys)."""
+    out = []
+    for entry in emu.control_log:
+        if entry["method"] in STATE_CHANGING:
+            tail = entry["path"].rsplit("/", 1)[-1]
+            out.append((entry["method"], tail if entry["method"] == "POST" else "update"))
+    return out
+
+
+def scaling(emu, name: str = "gen") -> tuple[int, int, float]:
+    state = emu.state(NS, name)
+    return state.min_replica, state.max_replica, state.scale_to_zero_timeout
+
+
+def job(tmp_path: Path, emu, n: int = 40, name: str = "job", **endpoint: Any) -> Path:
+    input_path = write_topics(tmp_path / "in" / f"{name}.parquet", n)
+    spec_endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 10, **endpoint}
+    return write_spec(tmp_path, endpoint=spec_endpoint, input_path=input_path, name=name)
+
+
+# --------------------------------------------------------------------------- acquire
+
+
+def test_a_paused_endpoint_scaled_to_4_is_used_only_once_all_4_replicas_are_ready():
+    with emulator(endpoint_config(replica_start_s=0.1)) as emu:
+        life = lifecycle(emu, scale_min=4, scale_max=4, idle_backstop_s=120)
+        seen: dict[str, Any] = {}
+
+        async def body():
+            url = await life.acquire()
+            state = emu.state(NS, "gen")
+            seen.update(url=url, ready=state.ready_replicas, state=state.state, cold=life.is_cold(),
+                        scaling=scaling(emu))
+            await life.release()
+
+        drive(emu, body)
+        assert seen["url"] == emu.endpoint_url(NS, "gen")
+        assert (seen["state"], seen["ready"]) == ("running", 4)  # not a moment before the 4th replica
+        assert seen["scaling"] == (4, 4, 2)  # the job's scaling, and the backstop in minutes
+        assert seen["cold"] is False
+        # The state changes were shown as they happened, replica by replica.
+        shown = "\n".join(life.record.events)
+        for fragment in ("is paused", "pending", "initializing", "running, replicas 1/4", "running, replicas 4/4",
+                         "is ready"):
+            assert fragment in shown
+        assert changes(emu) == [("PUT", "update"), ("POST", "resume"), ("POST", "pause"), ("PUT", "update")]
+        assert emu.state(NS, "gen").state == "paused"
+        assert scaling(emu) == (1, 1, 15)  # the user's settings are back
+        assert life.record.resumed and life.record.scaled and life.record.backstop_set
+        assert life.record.final_action == "pause" and life.record.replicas == 4
+        assert life.record.acquired_at <= life.record.ready_at <= life.record.released_at
+
+
+def test_a_whole_job_scaled_to_4_replicas_finishes_and_leaves_the_endpoint_as_it_found_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(endpoint_config(latency_base_s=0.005)) as emu:
+        outcome, lines = run(job(tmp_path, emu, n=60, scale={"min_replica": 4, "max_replica": 4}))
+        stats = emu.stats()["endpoints"][f"{NS}/gen"]
+        log = emu.control_log
+        assert outcome.exit_code == 0
+        assert stats["requests"] == 60
+        resume = next(e for e in log if e["path"].endswith("/resume"))
+        pause = next(e for e in log if e["path"].endswith("/pause"))
+        assert resume["t"] < stats["first_request_at"] and stats["last_request_at"] <= pause["t"]
+        assert emu.state(NS, "gen").state == "paused" and scaling(emu) == (1, 1, 15)
+    assert any("replicas 4/4" in line for line in lines)
+    assert outcome.summary["endpoint"]["resumed"] is True
+    assert outcome.summary["endpoint"]["final_action"] == "pause"
+    assert len(read_ids(tmp_path / "out" / "job" / "data")) == 60
+
+
+def test_an_endpoint_that_fails_while_starting_aborts_with_its_message():
+    with emulator(endpoint_config(fail_on_deploy=True)) as emu:
+        life = lifecycle(emu)
+
+        async def body():
+            try:
+                with pytest.raises(EndpointError) as failed:
+                    await life.acquire()
+                return failed.value
+            finally:
+                await life.release()
+
+        error = drive(emu, body)
+        assert error.state == "failed"
+        assert "container exited with code 1" in str(error) and "became failed while starting" in str(error)
+        assert emu.state(NS, "gen").state == "paused"
+        assert scaling(emu) == (1, 1, 15)
+        assert data_requests(emu) == 0
+
+
+def test_a_ready_timeout_raises_a_clear_error_within_the_timeout():
+    with emulator(endpoint_config(initializing_s=30)) as emu:
+        life = lifecycle(emu, ready_timeout_s=0.4)
+
+        async def body():
+            started = time.monotonic()
+            try:
+                with pytest.raises(EndpointNotReadyError) as late:
+                    await life.acquire()
+                return late.value, time.monotonic() - started
+            finally:
+                await life.release()
+
+        error, waited = drive(emu, body)
+        assert waited < 2.0
+        assert "not ready after" in str(error) and "ready_timeout" in str(error)
+        assert error.state == "initializing"
+        assert emu.state(NS, "gen").state == "paused"
+
+
+def test_an_already_running_endpoint_is_used_as_it_is_and_left_running_with_a_note(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(endpoint_config(initial_state="running")) as emu:
+        outcome, lines = run(job(tmp_path, emu, n=30))
+        assert outcome.exit_code == 0
+        assert changes(emu) == []  # no resume, no backstop, no pause: it is the user's running endpoint
+        assert emu.state(NS, "gen").state == "running"
+        assert scaling(emu) == (1, 1, 15)
+    assert outcome.summary["endpoint"]["initial_state"] == "running"
+    assert outcome.summary["endpoint"]["resumed"] is False
+    assert outcome.summary["endpoint"]["final_action"] == "keep"
+    assert "left running" in outcome.summary["endpoint"]["note"]
+
+
+def test_an_already_running_endpoint_is_paused_when_on_finish_says_so_and_its_scaling_restored():
+    with emulator(endpoint_config(initial_state="running", replica_start_s=0.05)) as emu:
+        life = lifecycle(emu, on_finish="pause", scale_min=2, scale_max=2, idle_backstop_s=120)
+
+        async def body():
+            await life.acquire()
+            ready = emu.state(NS, "gen").ready_replicas
+            await life.release()
+            return ready
+
+        assert drive(emu, body) == 2
+        assert ("POST", "resume") not in changes(emu)
+        assert emu.state(NS, "gen").state == "paused"
+        assert scaling(emu) == (1, 1, 15)
+        assert life.record.note is None and life.record.final_action == "pause"
+
+
+def test_a_scaled_to_zero_endpoint_is_woken_and_requests_carry_x_scale_up_timeout(tmp_path, monkeypatch):
+    with emulator(endpoint_config(initial_state="scaledToZero", min_replica=0)) as emu:
+        life = lifecycle(emu, ready_timeout_s=7.0)
+
+        async def body():
+            await life.acquire()
+            state = emu.state(NS, "gen").state
+            await life.release()
+            return state
+
+        assert drive(emu, body) == "running"
+        assert life.extra_headers == {"X-Scale-Up-Timeout": "7"}
+        assert life.record.initial_state == "scaledToZero" and life.record.resumed
+        assert emu.state(NS, "gen").state == "paused"  # on_finish unset: it was not running, so pause
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(endpoint_config(initial_state="scaledToZero", min_replica=0)) as emu:
+        outcome, _ = run(job(tmp_path, emu, n=20, on_finish="scale-to-zero"))
+        assert outcome.exit_code == 0 and data_requests(emu) == 20
+        assert emu.state(NS, "gen").state == "scaledToZero"
+        assert scaling(emu) == (0, 1, 15)
+
+
+# --------------------------------------------------------------------------- preflight, backstop, release
+
+
+@pytest.mark.parametrize(
+    "config, spec_name, expected",
+    [
+        (dict(initial_state="failed"), "gen", "cannot be resumed"),
+        (dict(task="text-to-image"), "gen", "serves task 'text-to-image'"),
+        (dict(), "no-such-endpoint", "was not found"),
+    ],
+    ids=["failed", "wrong-task", "missing"],
+)
+def test_preflight_refuses_an_unusable_endpoint_without_changing_anything(config, spec_name, expected):
+    with emulator(endpoint_config(**config)) as emu:
+        life = lifecycle(emu, spec_name, supported_tasks=("text-generation",))
+
+        async def body():
+            with pytest.raises(EndpointUnusableError) as refused:
+                await life.acquire()
+            await life.release()
+            return refused.value
+
+        error = drive(emu, body)
+        assert expected in str(error) and error.exit_code == 2
+        assert changes(emu) == []
+        assert life.record.final_action == "none"
+
+
+def test_a_job_on_a_missing_endpoint_exits_2_and_changes_nothing(tmp_path):
+    with emulator(endpoint_config()) as emu:
+        input_path = write_topics(tmp_path / "in" / "missing.parquet", 10)
+        endpoint = {"name": "nope", "namespace": NS, "api_url": emu.api_url}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="missing")
+        result = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
+        assert changes(emu) == []
+    assert "was not found" in result.stderr
+    assert result.returncode == 2
+
+
+def test_the_backstop_is_set_on_resume_and_the_users_idle_timeout_restored_at_release():
+    with emulator(endpoint_config(scale_to_zero_timeout=30)) as emu:
+        life = lifecycle(emu, idle_backstop_s=300)
+
+        async def body():
+            await life.acquire()
+            during = await life.control.get()
+            await life.release()
+            return during
+
+        during = drive(emu, body)
+        assert during.scale_to_zero_timeout == 5  # minutes, server side: it outlives this process
+        assert scaling(emu) == (1, 1, 30)
+        # min_replica 1 means the backstop cannot fire: the user is told what to do instead.
+        assert any("only scales an endpoint to zero when min_replica is 0" in e for e in life.record.events)
+
+
+def test_release_is_idempotent_and_a_second_call_sends_nothing():
+    with emulator(endpoint_config()) as emu:
+        life = lifecycle(emu)
+
+        async def body():
+            await life.acquire()
+            await life.release()
+            before = len(emu.control_log)
+            await life.release()
+            return before
+
+        before = drive(emu, body)
+        assert len(emu.control_log) == before
+        assert [c for c in changes(emu) if c == ("POST", "pause")] == [("POST", "pause")]
+
+
+def test_release_before_acquire_touches_nothing():
+    with emulator(endpoint_config()) as emu:
+        life = lifecycle(emu)
+        drive(emu, life.release)
+        assert emu.control_log == [] and life.record.final_action == "none"
+
+
+def test_cancelling_acquire_at_any_moment_then_releasing_leaves_it_paused_with_no_resume_after_the_pause():
+    # Cancelled at different moments: before the update, with the resume on the wire, during the wait.
+    # A control-plane call already in a thread is let land first, so the pause is always the last word.
+    with emulator(endpoint_config(initializing_s=30)) as emu:
+        for delay in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.2):
+            life = lifecycle(emu, ready_timeout_s=60, idle_backstop_s=120)
+
+            async def body():
+                acquire = asyncio.ensure_future(life.acquire())
+                await asyncio.sleep(delay)
+                acquire.cancel()
+                with pytest.raises((asyncio.CancelledError, EndpointError)):
+                    await acquire
+                await life.release()
+
+            drive(emu, body)
+            posts = [c for c in changes(emu) if c[0] == "POST"]
+            assert emu.state(NS, "gen").state == "paused", delay
+            assert not posts or posts[-1] == ("POST", "pause"), (delay, posts)
+            assert scaling(emu) == (1, 1, 15), delay
+
+
+def test_is_cold_until_ready_and_again_when_a_replica_restarts():
+    with emulator(endpoint_config(min_replica=2, max_replica=2, replica_start_s=0.5)) as emu:
+        life = lifecycle(emu)
+        cold = RequestFailed("http_503", "Service Unavailable", status=503, retryable=True)
+        overloaded = RequestFailed("http_429", "Model is overloaded", status=429, retryable=True)
+
+        async def body():
+            seen = [life.is_cold()]
+            await life.acquire()
+            seen.append(life.is_cold())
+            emu.lose_replica(NS, "gen")
+            await life.refresh()
+            seen += [life.is_cold(), life.no_burn(cold), life.no_burn(overloaded)]
+            await asyncio.sleep(0.7)
+            await life.refresh()
+            seen.append(life.is_cold())
+            await life.release()
+            seen.append(life.no_burn(cold))  # after release, nothing is excused
+            return seen
+
+        assert drive(emu, body) == [True, False, True, True, False, False, False]
+
+
+def test_the_endpoint_command_shows_pauses_and_resumes_an_endpoint():
+    with emulator(endpoint_config(initial_state="running")) as emu:
+        env = {"HF_TOKEN": TOKEN}
+        status = cli("endpoint", "status", "gen", "--namespace", NS, "--api-url", emu.api_url, env=env)
+        assert status.returncode == 0, status.stderr
+        assert f"{NS}/gen: running" in status.stdout and "scale-to-zero timeout: 15 min" in status.stdout
+        paused = cli("endpoint", "pause", "gen", "--namespace", NS, "--api-url", emu.api_url, env=env)
+        assert paused.returncode == 0 and f"{NS}/gen: paused" in paused.stdout
+        assert emu.state(NS, "gen").state == "paused"
+        resumed = cli("endpoint", "resume", "gen", "--namespace", NS, "--api-url", emu.api_url, env=env)
+        assert resumed.returncode == 0 and emu.state(NS, "gen").state in ("pending", "initializing", "running")
+        missing = cli("endpoint", "status", "nope", "--namespace", NS, "--api-url", emu.api_url, env=env)
+        assert missing.returncode != 0 and "was not found" in missing.stderr
+        assert TOKEN not in status.stdout + status.stderr + missing.stderr
