@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -265,6 +268,9 @@ class LifecycleSettings:
     idle_backstop_s: float | None = 900.0
     poll_interval_s: float = 2.0
     supported_tasks: tuple[str, ...] = ()
+    # Where the user's settings are kept while the job has changed them, so that a job killed with
+    # SIGKILL is followed by a run that restores the user's values, not the killed run's.
+    state_file: str | None = None
 
 
 @dataclass(slots=True)
@@ -343,6 +349,8 @@ class EndpointLifecycle:
         self.record = LifecycleRecord()
         self.extra_headers: dict[str, str] = {}
         self._original: EndpointSnapshot | None = None
+        self._last_seen: EndpointSnapshot | None = None  # as preflight saw it, before any change
+        self._saved: dict[str, Any] = {}
         self._last: EndpointSnapshot | None = None
         self._changed: dict[str, int] = {}  # what acquire() changed, to be put back by release()
         self._touched = False  # a state-changing call was sent (or may have been)
@@ -378,7 +386,7 @@ class EndpointLifecycle:
                 f"endpoint {self.ref} serves task {snapshot.task!r}, which this job cannot use "
                 f"(expected one of {', '.join(self.settings.supported_tasks)})"
             )
-        self._original = snapshot
+        self._original = self._last_seen = snapshot
         return snapshot
 
     # ------------------------------------------------------------------ acquire
@@ -386,8 +394,45 @@ class EndpointLifecycle:
     def _final_action(self, original: EndpointSnapshot) -> str:
         on_finish = self.settings.on_finish
         if on_finish is None:
-            return "keep" if original.state == "running" else "pause"
+            started = self._saved.get("initial_state", original.state) if self._saved else original.state
+            return "keep" if started == "running" else "pause"
         return on_finish
+
+    def _load_saved(self) -> dict[str, Any]:
+        """The user's settings saved by an earlier run of this job that never reached release()."""
+        path = self.settings.state_file
+        if not path:
+            return {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return saved if isinstance(saved, dict) and saved.get("endpoint") == self.ref else {}
+
+    def _save_user_settings(self, original: EndpointSnapshot) -> None:
+        path = self.settings.state_file
+        if not path or self._saved:
+            return
+        record = {
+            "endpoint": self.ref,
+            "initial_state": original.state,
+            "min_replica": original.min_replica,
+            "max_replica": original.max_replica,
+            "scale_to_zero_timeout": original.scale_to_zero_timeout,
+        }
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._saved = record
+
+    def _forget_user_settings(self) -> None:
+        if self.settings.state_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.settings.state_file)
 
     def _min_target(self, original: EndpointSnapshot) -> int:
         wanted = self.settings.scale_min if self.settings.scale_min is not None else original.min_replica
@@ -400,6 +445,22 @@ class EndpointLifecycle:
         self.record.initial_state = original.state
         self.record.acquired_at = self._clock()
         self._event(f"{self.ref} is {original.state}")
+        self._saved = self._load_saved()
+        if self._saved:
+            # An earlier run changed the endpoint and died before putting it back: its settings are
+            # the job's, not the user's. Restore to what the user had before that run.
+            original = dataclasses.replace(
+                original,
+                min_replica=self._saved["min_replica"],
+                max_replica=self._saved["max_replica"],
+                scale_to_zero_timeout=self._saved["scale_to_zero_timeout"],
+            )
+            self._original = original
+            self._event(
+                f"an earlier run left {self.ref} changed; the settings it found are restored at the end "
+                f"(min_replica={original.min_replica}, max_replica={original.max_replica}, "
+                f"scale_to_zero_timeout={original.scale_to_zero_timeout})"
+            )
         s = self.settings
         changes: dict[str, int] = {}
         if s.scale_min is not None and s.scale_min != original.min_replica:
@@ -421,9 +482,17 @@ class EndpointLifecycle:
                     f"with min_replica={min_after}, a job killed with SIGKILL leaves it running until "
                     f"`batchrun endpoint pause {self.control.name} --namespace {self.control.namespace}`"
                 )
+        if self._saved:
+            # Whatever differs from the user's settings now is put back at release, changed by us or not.
+            current = self._last_seen if self._last_seen is not None else original
+            for key in _SNAPSHOT_FIELD:
+                if getattr(current, _SNAPSHOT_FIELD[key]) != getattr(original, _SNAPSHOT_FIELD[key]):
+                    self._changed.setdefault(key, 0)
+        if changes or self._saved or original.state in RESUMABLE:
+            self._save_user_settings(original)
         if changes:
             self._touched = True
-            self._changed = dict(changes)
+            self._changed.update(changes)
             await self.control.update(**changes)
             self.record.scaled = "min_replica" in changes or "max_replica" in changes
             self._event(f"updated {', '.join(f'{k}={v}' for k, v in changes.items())}")
@@ -602,6 +671,7 @@ class EndpointLifecycle:
             for problem in problems:
                 self._event(problem)
             raise EndpointError("; ".join(problems))
+        self._forget_user_settings()
 
     async def _put_down(self, action: str) -> bool:
         call = self.control.pause if action == "pause" else self.control.scale_to_zero

@@ -113,11 +113,11 @@ def test_an_exception_while_sending_pauses_the_endpoint_and_nothing_is_sent_afte
     original = Dispatcher._send
     sent = [0]
 
-    async def failing_send(self, session, url, body):
+    async def failing_send(self, *args, **kwargs):
         sent[0] += 1
         if sent[0] > 15:
             raise RuntimeError("a bug in the request path")
-        return await original(self, session, url, body)
+        return await original(self, *args, **kwargs)
 
     monkeypatch.setattr(Dispatcher, "_send", failing_send)
     with emulator(paused_endpoint(latency_base_s=0.01)) as emu:
@@ -267,3 +267,25 @@ def test_sigkill_leaves_the_backstop_set_and_the_endpoint_command_pauses_it(tmp_
         paused = cli("endpoint", "pause", "gen", "--namespace", NS, "--api-url", emu.api_url, env={"HF_TOKEN": TOKEN})
         assert paused.returncode == 0, paused.stderr
         assert emu.state(NS, "gen").state == "paused"
+
+
+def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs(tmp_path):
+    with emulator(paused_endpoint(latency_base_s=0.05)) as emu:
+        spec = job(tmp_path, emu, n=300, spec={"concurrency": {"max": 4, "initial": 4}})
+        proc = _start(spec)
+        try:
+            _wait_until(lambda: data_requests(emu) >= 20, proc=proc)
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=10)
+        finally:
+            proc.kill()
+        state = emu.state(NS, "gen")
+        assert (state.min_replica, state.max_replica, state.scale_to_zero_timeout) == (2, 3, 2)  # the job's
+        # The same job again: it finds the endpoint running with its own settings, finishes the rows,
+        # and puts back what the user had before the killed run, then pauses (the job brought it up).
+        finished = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
+        assert finished.returncode == 0, finished.stderr
+        assert "an earlier run left" in finished.stderr
+        assert_put_back(emu)
+        assert not (tmp_path / "out" / "job" / "state" / "endpoint.json").exists()
+    assert len(read_ids(tmp_path / "out" / "job" / "data")) == 300

@@ -358,3 +358,23 @@ def test_the_endpoint_command_shows_pauses_and_resumes_an_endpoint():
         missing = cli("endpoint", "status", "nope", "--namespace", NS, "--api-url", emu.api_url, env=env)
         assert missing.returncode != 0 and "was not found" in missing.stderr
         assert TOKEN not in status.stdout + status.stderr + missing.stderr
+
+
+def test_503s_while_a_replica_restarts_do_not_burn_rows_attempts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config = EndpointConfig.from_dict({
+        "name": "gen", "namespace": NS, "initial_state": "running", **FAST_LIFECYCLE, "replica_start_s": 0.4,
+        "latency_base_s": 0.01, "episodes": [{"kind": "lose_replica", "after_requests": 40}],
+    })
+    with emulator(config) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 200)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "on_finish": "pause"}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="restart",
+                          concurrency={"max": 8, "initial": 8},
+                          retries={"max_attempts": 1, "backoff_base": 0.05, "backoff_cap": 0.2, "budget_ratio": 1.0})
+        outcome, _ = run(spec)
+        statuses = emu.stats()["endpoints"][f"{NS}/gen"]["by_route"]
+    assert any("503" in counts for counts in statuses.values())  # the restart was seen
+    # With one attempt per row, any 503 that burned an attempt would have become a failure row.
+    assert outcome.exit_code == 0, outcome.summary
+    assert len(read_ids(tmp_path / "out" / "restart" / "data")) == 200
