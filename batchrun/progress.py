@@ -134,8 +134,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if lat.get("p50") is not None:
         lines.append(f"  latency p50 {lat['p50']:.3f}s, p95 {lat['p95']:.3f}s; retries {summary['retries']}")
     endpoint = summary.get("endpoint") or {}
-    if endpoint.get("final_action"):
-        lines.append(f"  endpoint: {endpoint.get('ref', '')} {endpoint['final_action']}".rstrip())
+    action = endpoint.get("final_action")
+    if action and action != "none":
+        said = {"pause": "paused", "scale-to-zero": "scaled to zero", "keep": "left running"}.get(action, action)
+        lines.append(f"  endpoint: {endpoint.get('ref', '')} {said}")
     if endpoint.get("note"):
         lines.append(f"  note: {endpoint['note']}")
     cost = summary.get("cost") or {}

@@ -229,3 +229,47 @@ def test_a_signal_stops_commits_pauses_and_exits_3_then_resume_finishes(tmp_path
         assert result.returncode == 0, result.stderr
     ids = read_ids(out / "data")
     assert sorted(ids) == [f"row-{i:05d}" for i in range(400)]  # none lost, none twice
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        {"rate_429": 0.3, "retry_after_s": 0.05},
+        {"rate_429_no_retry_after": 0.3},
+        {"rate_500": 0.1, "rate_502": 0.1, "rate_503": 0.1, "rate_504": 0.1},
+        {"rate_reset": 0.2},
+        {"rate_hang": 0.1, "hang_s": 30.0},
+        {"rate_error_body": 0.2},
+        {"rate_truncated": 0.2},
+    ],
+    ids=["429-retry-after", "429-bare", "5xx", "resets", "hangs", "error-bodies", "truncated-bodies"],
+)
+def test_every_fault_kind_ends_each_row_exactly_once_and_mostly_in_success(tmp_path, monkeypatch, faults):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint(faults={"seed": 3, **faults})) as emu:
+        spec = _url_job(tmp_path, emu, n=80, request_timeout="1s",
+                        retries={"max_attempts": 5, "budget_ratio": 1.0, "max_retry_after": 0.2})
+        outcome, _ = run(spec)
+    out = tmp_path / "out" / "job"
+    ok, failed = read_ids(out / "data"), read_ids(out / "failed")
+    assert sorted(ok + failed) == [f"row-{i:05d}" for i in range(80)]
+    assert len(ok) >= 76, read_rows(out / "failed")  # five attempts get nearly every row through
+    assert outcome.summary["retries"] > 0  # the faults did fire, and were retried
+    assert outcome.exit_code in (0, 1)
+    rows = read_rows(out / "data")
+    assert all(r["generated_text"] for r in rows)  # a 200 with an error or cut body never counts as a result
+    assert max(r["attempts"] for r in rows) > 1
+
+
+def test_status_reports_done_failed_and_remaining_from_the_output_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint()) as emu:
+        spec = _url_job(tmp_path, emu, n=50, empty_every=10, input={"limit": 30})
+        before = cli("status", str(spec))
+        assert before.returncode == 0 and "no run yet" in before.stdout
+        run(spec)
+    result = cli("status", str(spec))
+    assert result.returncode == 0, result.stderr
+    assert "ok: 27 rows" in result.stdout
+    assert "failed: 3 final, 0 retryable" in result.stdout
+    assert "remaining: 0 of 30" in result.stdout

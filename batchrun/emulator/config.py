@@ -99,6 +99,8 @@ class EndpointConfig:
     accelerator: str = "gpu"
     instance_type: str = "nvidia-a10g"
     instance_size: str = "x1"
+    # Where the data plane listens (loopback); 0 picks a free port. Fixed ports suit `batchrun emulate`.
+    port: int = 0
     # Scaling.
     initial_state: str = "paused"
     min_replica: int = 1

@@ -69,7 +69,7 @@ class Emulator:
     async def add_endpoint(self, config: EndpointConfig) -> EndpointServer:
         """Start serving one more endpoint (also used by the API's create)."""
         server = EndpointServer(config, token=self.config.token, host=self.config.host)
-        await server.start()
+        await server.start(config.port)
         self._servers[(config.namespace, config.name)] = server
         return server
 
