@@ -3,6 +3,7 @@
     batchrun validate JOB.yaml     check everything, spend nothing
     batchrun run JOB.yaml          run or resume the job (Ctrl-C is safe; run again to resume)
     batchrun status JOB.yaml       done / failed / remaining, from the output folder alone
+    batchrun preview OUTPUT        a static HTML contact sheet of the results (images with prompts)
     batchrun endpoint status|pause|resume NAME --namespace NS
     batchrun emulate               a local Inference Endpoint emulator on loopback
 
@@ -35,6 +36,7 @@ examples:
   batchrun validate jobs/quickstart.yaml
   batchrun run jobs/quickstart.yaml
   batchrun status jobs/quickstart.yaml
+  batchrun preview out/images --limit 100
   batchrun emulate --port 8080
 """
 
@@ -130,6 +132,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if status.last_summary:
         s = status.last_summary
         print(f"  last run: {s.get('outcome')} at {s.get('started_at')} (exit {s.get('exit_code')})")
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from .errors import OutputError
+    from .preview import write_preview
+
+    root = Path(args.output)
+    if not root.is_dir():
+        raise OutputError(f"{root} is not an output folder (no such directory)")
+    if args.limit < 0:
+        raise OutputError(f"--limit must be 0 or more, got {args.limit}")
+    html = Path(args.html) if args.html else root / "preview.html"
+    try:
+        written = write_preview(root, html, limit=args.limit)
+    except OSError as exc:
+        raise OutputError(f"cannot write the preview {html}: {exc}") from None
+    print(written)
     return 0
 
 
@@ -229,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job spec file (YAML)")
     p.add_argument("--output", metavar="DIR", help="output folder (overrides output.path)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("preview", help="write a static HTML contact sheet of an output folder",
+                       description="Write one self-contained HTML page showing the first results of an output "
+                       "folder: generated images with their prompt and seed, input images with their answer, or a "
+                       "table of answers. It opens from disk; nothing is served.")
+    p.add_argument("output", metavar="OUTPUT", help="the job's output folder (output.path or --output)")
+    p.add_argument("--html", metavar="FILE", default=None, help="where to write the page (default: OUTPUT/preview.html)")
+    p.add_argument("--limit", type=int, default=60, metavar="N", help="show at most N results (default: 60)")
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("endpoint", help="look at, pause or resume a Dedicated Inference Endpoint",
                        description="For the morning after a bad night: see an endpoint's state, or pause it.")

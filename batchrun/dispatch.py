@@ -295,15 +295,18 @@ class Dispatcher:
             return self._failure(row, failure, attempts=0)
         body = json.dumps(request.payload).encode()  # once per row, not per attempt
         url = self._url(request)
+        headers = request.headers or None
         attempts = 0  # requests sent for this row
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive no-burn failures, for their backoff
         while True:
             if self._before_send is not None:
                 await self._before_send()
-            sent_at, outcome = await self._attempt(session, url, body, first=attempts == 0)
+            sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
             attempts += 1
             if isinstance(outcome, dict):
+                if request.outputs:  # columns the task knew before sending (a text-to-image seed)
+                    outcome = {**request.outputs, **outcome}
                 latency = self._clock() - sent_at
                 self.limit.on_success(latency)
                 self._stats.latencies.add(latency)
@@ -328,7 +331,13 @@ class Dispatcher:
             await self._wait_to_retry(delay)
 
     async def _attempt(
-        self, session: aiohttp.ClientSession, url: str, body: bytes, *, first: bool
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        *,
+        first: bool,
     ) -> tuple[float, dict[str, Any] | RequestFailed]:
         """Send one request inside a concurrency slot. Returns when it was sent, and outputs or a failure."""
         async with self.limit.slot():
@@ -342,13 +351,23 @@ class Dispatcher:
                 self._stats.retries += 1
             sent_at = self._clock()
             try:
-                return sent_at, await self._send(session, url, body)
+                return sent_at, await self._send(session, url, body, headers)
             except RequestFailed as failure:
                 return sent_at, failure
 
-    async def _send(self, session: aiohttp.ClientSession, url: str, body: bytes) -> dict[str, Any]:
+    async def _send(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        body: bytes,
+        request_headers: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         try:
-            async with session.post(url, data=body, timeout=self._timeout, allow_redirects=False) as response:
+            # The task's own headers (text-to-image's Accept) are added to the session's. The answer is
+            # read as raw bytes and only the task decides what it is: JSON, or image bytes kept as sent.
+            async with session.post(
+                url, data=body, headers=request_headers, timeout=self._timeout, allow_redirects=False
+            ) as response:
                 payload = await response.read()
                 status, headers = response.status, response.headers
         except asyncio.TimeoutError:

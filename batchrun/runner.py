@@ -63,6 +63,8 @@ log = logging.getLogger("batchrun.runner")
 ENDPOINT_TASKS = {
     "text-generation": ("text-generation", "text2text-generation", "image-text-to-text"),
     "chat-completion": ("text-generation", "text2text-generation", "image-text-to-text", "conversational"),
+    "text-to-image": ("text-to-image",),
+    "image-text-to-text": ("image-text-to-text", "text-generation"),
 }
 LOCAL_NAMESPACE = "batchrun-local"
 
@@ -145,6 +147,11 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
             )
     if spec.prompt.column is not None and spec.prompt.column not in columns:
         raise SpecError(where, "prompt.column", f"{spec.prompt.column!r} is not an input column (columns: {', '.join(columns)})")
+    image_columns = (("prompt.image_column", spec.prompt.image_column),
+                     ("image.seed_column", spec.image.seed_column if spec.image else None))
+    for key, name in image_columns:
+        if name is not None and name not in columns:
+            raise SpecError(where, key, f"{name!r} is not an input column (columns: {', '.join(columns)})")
     keep = spec.input.keep_columns
     if keep:
         missing = [c for c in keep if c not in columns]
@@ -178,6 +185,8 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         column=spec.prompt.column,
         system=spec.prompt.system,
         parameters=dict(spec.parameters),
+        image_column=spec.prompt.image_column,
+        image=spec.image,
     )
     # The output's schema, fixed up front: a clash between input and output columns is a spec problem.
     data_schema = build_data_schema(
@@ -283,7 +292,9 @@ async def _endpoint_for(
     local = dict(e.local or {})
     local.setdefault("name", "local-" + spec.name.lower().replace("_", "-")[:24])
     local.setdefault("namespace", LOCAL_NAMESPACE)
-    local.setdefault("task", "text-generation")
+    # The emulated endpoint serves what the job asks for, unless the spec says otherwise.
+    local.setdefault("task", {"text-to-image": "text-to-image", "image-text-to-text": "image-text-to-text"}.get(
+        spec.task, "text-generation"))
     try:
         endpoint_config = EndpointConfig.from_dict(local)
     except (ValueError, TypeError) as exc:

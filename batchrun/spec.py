@@ -13,12 +13,17 @@ Conventions the rest of batchrun can rely on:
   ``"6h"``, ``"1h30m"`` or ``"250ms"``.
 - Sizes (``output.shard_bytes``) are ints in bytes. The YAML may say ``67108864``, ``"64MB"``
   (SI, 10**6) or ``"64MiB"`` (IEC, 2**20).
-- Paths (``input.parquet``, ``input.jsonl``, ``input.dataset.path``, ``output.path``) stay exactly
-  as written. Relative paths are resolved against the current working directory when they are
-  used (by :mod:`batchrun.sources` and the sink), not against the spec file's folder: a job is run
+- Paths (``input.parquet``, ``input.jsonl``, ``input.dataset.path``, ``output.path``,
+  ``image.base_dir``) stay exactly as written. Relative paths are resolved against the current
+  working directory when they are used (by :mod:`batchrun.sources`, the sink and the image
+  loader), not against the spec file's folder: a job is run
   from the project folder, the way ``jobs/quickstart.yaml`` names ``sample_data/prompts.parquet``.
 - ``parameters`` and ``endpoint.local`` are passed through unchanged as plain dicts; the route and
-  the emulator own their meaning.
+  the emulator own their meaning. For text-to-image, the parameters the toolkit documents
+  (``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``width``, ``height``) are
+  type-checked, and ``seed`` is refused: it is set per row from ``image.seed_column`` / ``image.seed``.
+- ``image`` holds the image options of the two image tasks (see :class:`ImageSpec`); a key that
+  does not apply to the job's task is an error, like an unknown one.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ __all__ = [
     "ConcurrencySpec",
     "DatasetSpec",
     "EndpointSpec",
+    "ImageSpec",
     "InputSpec",
     "JobSpec",
     "OutputSpec",
@@ -53,9 +59,9 @@ __all__ = [
     "parse_spec",
 ]
 
-SUPPORTED_TASKS = ("text-generation", "chat-completion")
-# Tasks the spec format reserves; accepted by name so the message can say "not supported yet".
-PLANNED_TASKS = ("text-to-image", "image-text-to-text")
+SUPPORTED_TASKS = ("text-generation", "chat-completion", "text-to-image", "image-text-to-text")
+IMAGE_TASKS = ("text-to-image", "image-text-to-text")
+IMAGE_FORMATS = ("png", "jpeg", "webp")
 ON_FINISH = ("pause", "scale-to-zero", "keep")
 
 DEFAULT_READY_TIMEOUT = 20 * 60.0
@@ -104,19 +110,43 @@ class InputSpec:
 class PromptSpec:
     """How a row becomes a prompt: a ``template`` with ``{column}`` placeholders, or a ``column``.
 
-    ``system`` is the chat system message (chat-completion only).
+    ``system`` is the chat system message (chat-completion and image-text-to-text).
+    ``image_column`` is the input column holding the picture (image-text-to-text only).
     """
 
     template: str | None = None
     column: str | None = None
     system: str | None = None
+    image_column: str | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
-        """The input columns the prompt reads, in order of first use."""
-        if self.column is not None:
-            return (self.column,)
-        return _template_fields(self.template or "")
+        """The input columns the prompt reads, in order of first use (the image column last)."""
+        names = (self.column,) if self.column is not None else _template_fields(self.template or "")
+        if self.image_column is not None and self.image_column not in names:
+            names = (*names, self.image_column)
+        return names
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageSpec:
+    """Image options. Which keys apply depends on the task.
+
+    text-to-image: ``format`` (png, jpeg or webp) is what the job asks for with ``Accept`` and
+    stores; each row's seed is its ``seed_column`` value, or, without a column (or where the value
+    is null), derived from the row id and the job's ``seed`` (:func:`batchrun.images.derive_seed`),
+    so any row can be drawn again.
+
+    image-text-to-text: ``max_side`` shrinks an input image whose longer side is over it before
+    sending (``None``: send as it is); ``base_dir`` is where relative image paths are looked up
+    (``None``: the current directory, like every relative path in a spec).
+    """
+
+    format: str = "png"
+    seed_column: str | None = None
+    seed: int = 0
+    max_side: int | None = None
+    base_dir: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -212,6 +242,7 @@ class JobSpec:
     request_timeout: float
     failure_threshold: float | None
     output: OutputSpec
+    image: ImageSpec | None = None  # set for the image tasks only
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -232,7 +263,7 @@ class JobSpec:
             endpoint_identity = {"local": True, "model": model}
         else:
             endpoint_identity = {"namespace": endpoint.namespace, "name": endpoint.name}
-        return {
+        identity: dict[str, Any] = {
             "task": self.task,
             "prompt": {
                 "template": self.prompt.template,
@@ -242,6 +273,17 @@ class JobSpec:
             "parameters": dict(self.parameters),
             "endpoint": endpoint_identity,
         }
+        # Text jobs keep the identity they always had, so their existing outputs still resume.
+        if self.task == "text-to-image" and self.image is not None:
+            identity["image"] = {
+                "format": self.image.format,
+                "seed_column": self.image.seed_column,
+                "seed": self.image.seed,
+            }
+        elif self.task == "image-text-to-text" and self.image is not None:
+            identity["prompt"]["image_column"] = self.prompt.image_column
+            identity["image"] = {"max_side": self.image.max_side}
+        return identity
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,11 +335,25 @@ def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job")
 
 _JOB_KEYS = (
     "name", "task", "input", "prompt", "parameters", "endpoint", "budget", "concurrency",
-    "retries", "request_timeout", "failure_threshold", "output",
+    "retries", "request_timeout", "failure_threshold", "output", "image",
 )  # fmt: skip
 _INPUT_KEYS = ("parquet", "dataset", "jsonl", "id_column", "limit", "keep_columns")
 _DATASET_KEYS = ("path", "name", "split", "data_files", "data_dir", "revision", "options")
-_PROMPT_KEYS = ("template", "column", "system")
+_PROMPT_KEYS = ("template", "column", "system", "image_column")
+_IMAGE_KEYS = ("format", "seed_column", "seed", "max_side", "base_dir")
+_IMAGE_KEYS_BY_TASK = {
+    "text-to-image": ("format", "seed_column", "seed"),
+    "image-text-to-text": ("max_side", "base_dir"),
+}
+# The toolkit's documented text-to-image parameters, and what each must be.
+_TEXT_TO_IMAGE_PARAMETERS = {
+    "negative_prompt": "a string",
+    "num_inference_steps": "a positive integer",
+    "guidance_scale": "a number",
+    "width": "a positive integer",
+    "height": "a positive integer",
+}
+_SEED_MAX = 2**63 - 1
 _ENDPOINT_KEYS = (
     "url", "local", "name", "namespace", "api_url", "scale", "ready_timeout", "on_finish",
     "idle_backstop", "price_per_replica_hour",
@@ -351,6 +407,8 @@ class _Parser:
         for key in parameters:
             if not isinstance(key, str):
                 raise self.error("parameters", f"expected string parameter names, got {key!r}")
+        if task == "text-to-image":
+            self.text_to_image_parameters(parameters)
         output = self.output(data.get("output"), name)
         return JobSpec(
             name=name,
@@ -365,6 +423,7 @@ class _Parser:
             request_timeout=self.duration(data, "request_timeout", default=120.0),
             failure_threshold=self.fraction(data, "failure_threshold", default=None),
             output=output,
+            image=self.image(data.get("image"), task),
             file=self.file,
             raw=data,
         )
@@ -372,8 +431,6 @@ class _Parser:
     def task(self, value: Any) -> str:
         if not isinstance(value, str):
             raise self.error("task", f"expected one of {', '.join(SUPPORTED_TASKS)}, got {_describe(value)}")
-        if value in PLANNED_TASKS:
-            raise self.error("task", f"{value!r} is not supported yet; supported tasks: {', '.join(SUPPORTED_TASKS)}")
         if value not in SUPPORTED_TASKS:
             raise self.error(
                 "task",
@@ -458,9 +515,70 @@ class _Parser:
         else:
             column = self.string(data, "column", prefix="prompt.")
         system = self.string(data, "system", prefix="prompt.", default=None, allow_empty=True)
-        if system is not None and task != "chat-completion":
-            raise self.error("prompt.system", f"only applies to task chat-completion, not {task}")
-        return PromptSpec(template=template, column=column, system=system)
+        if system is not None and task not in ("chat-completion", "image-text-to-text"):
+            raise self.error(
+                "prompt.system", f"only applies to tasks chat-completion and image-text-to-text, not {task}"
+            )
+        image_column = self.string(data, "image_column", prefix="prompt.", default=None)
+        if task == "image-text-to-text" and image_column is None:
+            raise self.error(
+                "prompt.image_column", "is required for task image-text-to-text (the input column holding the image)"
+            )
+        if task != "image-text-to-text" and image_column is not None:
+            raise self.error("prompt.image_column", f"only applies to task image-text-to-text, not {task}")
+        return PromptSpec(template=template, column=column, system=system, image_column=image_column)
+
+    def image(self, data: Any, task: str) -> ImageSpec | None:
+        if task not in IMAGE_TASKS:
+            if data is not None:
+                raise self.error("image", f"only applies to tasks {' and '.join(IMAGE_TASKS)}, not {task}")
+            return None
+        if data is None:
+            return ImageSpec()
+        data = self.section(data, "image", _IMAGE_KEYS)
+        allowed = _IMAGE_KEYS_BY_TASK[task]
+        for key in data:
+            if key not in allowed:
+                owner = next(t for t, keys in _IMAGE_KEYS_BY_TASK.items() if key in keys)
+                raise self.error(
+                    f"image.{key}", f"only applies to task {owner}, not {task}; expected one of {', '.join(allowed)}"
+                )
+        fmt = data.get("format", "png")
+        if isinstance(fmt, str) and fmt.lower() == "jpg":
+            fmt = "jpeg"
+        if not isinstance(fmt, str) or fmt.lower() not in IMAGE_FORMATS:
+            hint = _suggest(fmt.lower(), IMAGE_FORMATS) if isinstance(fmt, str) else ""
+            raise self.error("image.format", f"expected one of {', '.join(IMAGE_FORMATS)}, got {_describe(fmt)}{hint}")
+        seed = self.integer(data, "seed", prefix="image.", default=0, minimum=0)
+        if seed > _SEED_MAX:
+            raise self.error("image.seed", f"expected a non-negative integer below 2**63, got {seed}")
+        return ImageSpec(
+            format=fmt.lower(),
+            seed_column=self.string(data, "seed_column", prefix="image.", default=None),
+            seed=seed,
+            max_side=self.integer(data, "max_side", prefix="image.", default=None, minimum=1),
+            base_dir=self.string(data, "base_dir", prefix="image.", default=None),
+        )
+
+    def text_to_image_parameters(self, parameters: Mapping[str, Any]) -> None:
+        if "seed" in parameters:
+            raise self.error(
+                "parameters.seed",
+                "is set per row for text-to-image: name a column with image.seed_column, or let batchrun "
+                "derive each row's seed from its id (change image.seed to draw a different set)",
+            )
+        for key, expected in _TEXT_TO_IMAGE_PARAMETERS.items():
+            if key not in parameters:
+                continue
+            value = parameters[key]
+            if expected == "a string":
+                ok = isinstance(value, str)
+            elif expected == "a number":
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            if not ok:
+                raise self.error(f"parameters.{key}", f"expected {expected}, got {_describe(value)}")
 
     def endpoint(self, data: Any) -> EndpointSpec:
         data = self.section(data, "endpoint", _ENDPOINT_KEYS)

@@ -1,8 +1,14 @@
 """Tasks: how one row becomes a request, and how a 200 answer becomes output columns.
 
-A task knows the wire format of one TGI route (protocols.md §1) and nothing about sending,
-retrying or writing. Rows that cannot make a request (empty prompt, a template that does not render)
-fail in :meth:`Task.prepare` with a non-retryable :class:`RequestFailed`, before anything is sent.
+A task knows the wire format of one route (protocols.md §1, §2) and nothing about sending,
+retrying or writing. Rows that cannot make a request (empty prompt, a template that does not render,
+an input image that does not decode) fail in :meth:`Task.prepare` with a non-retryable
+:class:`RequestFailed`, before anything is sent.
+
+    text-generation      TextGenerationTask   POST /                     text out
+    chat-completion      ChatCompletionTask   POST /v1/chat/completions  text out
+    image-text-to-text   VisionChatTask       POST /v1/chat/completions  image + text in, text out
+    text-to-image        TextToImageTask      POST / (Accept: image/*)   image bytes out, stored unchanged
 """
 
 from __future__ import annotations
@@ -10,20 +16,36 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
 
 from batchrun.errors import RequestFailed
+from batchrun.images import (
+    ACCEPT,
+    check_generated_image,
+    decode_json_image,
+    derive_seed,
+    image_output_schema,
+    image_value,
+    load_input_image,
+    to_data_url,
+)
 from batchrun.records import Row
+
+if TYPE_CHECKING:
+    from batchrun.spec import ImageSpec
 
 __all__ = [
     "OUTPUT_SCHEMA",
+    "VISION_OUTPUT_SCHEMA",
     "ChatCompletionTask",
     "PreparedRequest",
     "Task",
     "TextGenerationTask",
+    "TextToImageTask",
+    "VisionChatTask",
     "join_url",
     "make_task",
     "render_prompt",
@@ -40,7 +62,11 @@ OUTPUT_SCHEMA = pa.schema(
 )
 """The output columns every text task produces."""
 
-TASKS = ("text-generation", "chat-completion")
+VISION_OUTPUT_SCHEMA = OUTPUT_SCHEMA.append(pa.field("image_downsized", pa.bool_(), nullable=True))
+"""A vision-language job's columns: the text ones, and whether the input image was shrunk to send it
+(null for an http(s) URL, which the server fetches and batchrun never sees)."""
+
+TASKS = ("text-generation", "chat-completion", "text-to-image", "image-text-to-text")
 CHAT_PATH = "/v1/chat/completions"
 
 # Server text stored in a failure row is cut to this many characters: enough to read the reason,
@@ -50,10 +76,18 @@ _MAX_MESSAGE_CHARS = 500
 
 @dataclass(frozen=True, slots=True)
 class PreparedRequest:
-    """A request ready to send: ``path`` relative to the endpoint base, and the JSON ``payload``."""
+    """A request ready to send: ``path`` relative to the endpoint base, and the JSON ``payload``.
+
+    ``headers`` are sent with this request only (text-to-image's ``Accept``). ``outputs`` are output
+    columns already known before sending (the seed a row was drawn with, whether its image was
+    downsized); the dispatcher adds them to what :meth:`Task.parse` reads from the answer, so a
+    task's parse never needs to know which row it is reading.
+    """
 
     path: str
     payload: dict[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -176,14 +210,18 @@ def _error_object(doc: Any) -> str | None:
     return None
 
 
-def _header_int(headers: Mapping[str, str], name: str) -> int | None:
-    # aiohttp's headers are case-insensitive; a plain dict (tests, other clients) may not be.
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """Header ``name`` (lower case). aiohttp's headers are case-insensitive; a plain dict may not be."""
     value = headers.get(name)
     if value is None:
         for key, candidate in headers.items():
             if key.lower() == name:
-                value = candidate
-                break
+                return candidate
+    return value
+
+
+def _header_int(headers: Mapping[str, str], name: str) -> int | None:
+    value = _header(headers, name)
     try:
         return int(value) if value is not None else None
     except ValueError:
@@ -201,6 +239,30 @@ def _check_parameters(parameters: Mapping[str, Any], reserved: tuple[str, ...]) 
     if clash:
         raise ValueError(f"parameters may not set {', '.join(clash)}: batchrun sets them itself")
     return dict(parameters)
+
+
+def _parse_chat_completion(status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+    """The text columns of a 200 chat completion; a retryable RequestFailed for a bad body."""
+    doc = _load_json(body)
+    error = _error_object(doc)
+    if error is not None:
+        raise _bad_body(f"HTTP {status} carrying an error: {error}")
+    try:
+        choice = doc["choices"][0]
+        content = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise _bad_body("the answer has no choices[0].message.content") from None
+    if not isinstance(content, str):
+        raise _bad_body("choices[0].message.content is not a string")
+    usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+    prompt_tokens = _optional_int(usage.get("prompt_tokens"))
+    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+    return {
+        "generated_text": content,
+        "finish_reason": finish if isinstance(finish, str) else None,
+        "prompt_tokens": prompt_tokens if prompt_tokens is not None else _header_int(headers, "x-prompt-tokens"),
+        "completion_tokens": _optional_int(usage.get("completion_tokens")),
+    }
 
 
 class TextGenerationTask:
@@ -273,25 +335,144 @@ class ChatCompletionTask:
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """Output columns from a 200 chat completion."""
-        doc = _load_json(body)
-        error = _error_object(doc)
-        if error is not None:
-            raise _bad_body(f"HTTP {status} carrying an error: {error}")
+        return _parse_chat_completion(status, headers, body)
+
+
+class VisionChatTask:
+    """A vision-language model through TGI's chat route: the rendered text and one image per row.
+
+    The image comes from ``image_column``, in any shape :func:`~batchrun.images.load_input_image`
+    reads (a ``datasets`` Image value, raw bytes, a local path, an http(s) URL). It is decoded in
+    :meth:`prepare`, so an image that cannot be read fails its row before a request is sent, and it
+    travels as an exact ``data:<mime>;base64,...`` URL (an http(s) URL is passed through for the
+    server to fetch). With ``max_side``, a larger image is shrunk to fit first; the
+    ``image_downsized`` column says so.
+    """
+
+    name = "image-text-to-text"
+    output_schema = VISION_OUTPUT_SCHEMA
+
+    def __init__(
+        self,
+        *,
+        template: str | None,
+        column: str | None,
+        image_column: str,
+        system: str | None,
+        parameters: Mapping[str, Any],
+        max_side: int | None = None,
+        base_dir: str | None = None,
+    ) -> None:
+        if max_side is not None and (isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 1):
+            raise ValueError(f"max_side must be a positive integer or None, got {max_side!r}")
+        self.template = template
+        self.column = column
+        self.image_column = image_column
+        self.system = system
+        self.max_side = max_side
+        self.base_dir = base_dir
+        self.parameters = {"model": "tgi", **_check_parameters(parameters, ("messages",))}
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The chat request for ``row``: its text prompt and its image as content parts."""
+        prompt = render_prompt(template=self.template, column=self.column, columns=row.columns)
+        if not prompt.strip():
+            raise RequestFailed("empty_prompt", "the prompt is empty for this row", retryable=False)
+        if self.image_column not in row.columns:
+            raise RequestFailed("bad_image", f"the row has no image column {self.image_column!r}", retryable=False)
+        image = load_input_image(row.columns[self.image_column], base_dir=self.base_dir)
         try:
-            choice = doc["choices"][0]
-            content = choice["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise _bad_body("the answer has no choices[0].message.content") from None
-        if not isinstance(content, str):
-            raise _bad_body("choices[0].message.content is not a string")
-        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
-        prompt_tokens = _optional_int(usage.get("prompt_tokens"))
-        finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+            url, report = to_data_url(image, max_side=self.max_side)
+        except (OSError, ValueError, SyntaxError) as exc:  # Pillow decoded it but cannot re-encode it
+            message = f"the image cannot be re-encoded to send: {exc}"
+            raise RequestFailed("bad_image", message, retryable=False) from None
+        messages: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]
+        messages.append({"role": "user", "content": content})
+        downsized = None if image.url is not None else bool(report["downsized"])
+        return PreparedRequest(
+            CHAT_PATH, {**self.parameters, "messages": messages}, outputs={"image_downsized": downsized}
+        )
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Output columns from a 200 chat completion (as for a text chat job)."""
+        return _parse_chat_completion(status, headers, body)
+
+
+class TextToImageTask:
+    """The inference toolkit's text-to-image route (protocols.md §2): one image per row, kept as sent.
+
+    The request asks for ``image_format`` with ``Accept`` and carries the row's seed: its
+    ``seed_column`` value, or one derived from the row id and ``job_seed`` when there is no column
+    or the value is null. The answer is checked (Pillow decodes all of it, in the format asked for)
+    and stored byte for byte; a 200 that is not such an image is a retryable failure. A JSON answer
+    holding a base64 image (a server that ignored ``Accept``) is read too, then checked the same way.
+    """
+
+    name = "text-to-image"
+
+    def __init__(
+        self,
+        *,
+        template: str | None,
+        column: str | None,
+        parameters: Mapping[str, Any],
+        image_format: str = "png",
+        seed_column: str | None = None,
+        job_seed: int = 0,
+    ) -> None:
+        image_format = image_format.lower()
+        if image_format not in ACCEPT:
+            raise ValueError(f"image_format must be one of {', '.join(ACCEPT)}, got {image_format!r}")
+        if "seed" in parameters:
+            raise ValueError("parameters may not set seed for text-to-image: it comes from seed_column or job_seed")
+        self.template = template
+        self.column = column
+        self.image_format = image_format
+        self.seed_column = seed_column
+        self.job_seed = job_seed
+        self.parameters = _check_parameters(parameters, ())
+        self.output_schema = image_output_schema()
+        self._headers = {"Accept": ACCEPT[image_format]}
+
+    def seed_for(self, row: Row) -> int:
+        """The seed ``row`` is drawn with; the same in every run and every process."""
+        if self.seed_column is not None:
+            value = row.columns.get(self.seed_column)
+            if value is not None:
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+                    raise RequestFailed(
+                        "bad_seed",
+                        f"column {self.seed_column!r} holds {value!r}; expected an integer from 0 to 2**63 - 1",
+                        retryable=False,
+                    )
+                return value
+        return derive_seed(row.id, self.job_seed)
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The request for ``row``, with its seed in the parameters and in the known outputs."""
+        prompt = render_prompt(template=self.template, column=self.column, columns=row.columns)
+        if not prompt.strip():
+            raise RequestFailed("empty_prompt", "the prompt is empty for this row", retryable=False)
+        seed = self.seed_for(row)
+        payload = {"inputs": prompt, "parameters": {**self.parameters, "seed": seed}}
+        return PreparedRequest("/", payload, headers=self._headers, outputs={"seed": seed})
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Output columns from a 200: the image bytes unchanged, its size and format."""
+        content_type = _header(headers, "content-type")
+        data = body
+        if content_type is not None and content_type.split(";")[0].strip().lower() == "application/json":
+            # A JSON error object, or a base64 image from a server that ignored Accept.
+            data = decode_json_image(body)
+        checked = check_generated_image(data, content_type, self.image_format)
         return {
-            "generated_text": content,
-            "finish_reason": finish if isinstance(finish, str) else None,
-            "prompt_tokens": prompt_tokens if prompt_tokens is not None else _header_int(headers, "x-prompt-tokens"),
-            "completion_tokens": _optional_int(usage.get("completion_tokens")),
+            "image": image_value(bytes(data)),
+            "width": checked.width,
+            "height": checked.height,
+            "format": checked.format,
         }
 
 
@@ -302,23 +483,51 @@ def make_task(
     column: str | None = None,
     system: str | None = None,
     parameters: Mapping[str, Any] | None = None,
+    image_column: str | None = None,
+    image: ImageSpec | None = None,
 ) -> Task:
-    """The task named ``task`` ("text-generation" or "chat-completion").
+    """The task named ``task`` (one of :data:`TASKS`).
 
     Exactly one of ``template`` and ``column`` says where the prompt comes from. ``system`` is a
-    system message (chat only). ``parameters`` are passed through unchanged under the route's own
-    names (``max_new_tokens`` for text generation, ``max_tokens`` for chat). Raises ValueError for
-    a combination that cannot work, so a spec can report it before anything starts.
+    system message (chat and vision only). ``parameters`` are passed through unchanged under the
+    route's own names (``max_new_tokens`` for text generation, ``max_tokens`` for chat,
+    ``num_inference_steps`` for text-to-image). ``image_column`` (image-text-to-text only) names
+    the input column with the picture; ``image`` is the spec's :class:`~batchrun.spec.ImageSpec`
+    (defaults when None). Raises ValueError for a combination that cannot work, so a spec can
+    report it before anything starts.
     """
     if (template is None) == (column is None):
         raise ValueError("give exactly one of template and column")
     if template is not None:
         template_fields(template)  # a malformed template fails here, not on every row
     parameters = parameters or {}
+    if image_column is not None and task != "image-text-to-text":
+        raise ValueError("image_column applies to image-text-to-text only")
+    if task in ("text-generation", "text-to-image") and system:
+        raise ValueError(f"system does not apply to {task}; put the text in the template instead")
     if task == "text-generation":
-        if system:
-            raise ValueError("system applies to chat-completion only; put the text in the template instead")
         return TextGenerationTask(template=template, column=column, parameters=parameters)
     if task == "chat-completion":
         return ChatCompletionTask(template=template, column=column, system=system, parameters=parameters)
+    if task == "text-to-image":
+        return TextToImageTask(
+            template=template,
+            column=column,
+            parameters=parameters,
+            image_format=getattr(image, "format", "png"),
+            seed_column=getattr(image, "seed_column", None),
+            job_seed=getattr(image, "seed", 0),
+        )
+    if task == "image-text-to-text":
+        if image_column is None:
+            raise ValueError("image-text-to-text needs image_column, the input column holding the image")
+        return VisionChatTask(
+            template=template,
+            column=column,
+            image_column=image_column,
+            system=system,
+            parameters=parameters,
+            max_side=getattr(image, "max_side", None),
+            base_dir=getattr(image, "base_dir", None),
+        )
     raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")

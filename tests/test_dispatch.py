@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import random
 import socket
 import statistics
@@ -19,11 +20,14 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from PIL import Image
 
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.errors import AuthError
+from batchrun.images import derive_seed
 from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import RetryPolicy
+from batchrun.spec import ImageSpec
 from batchrun.tasks import make_task
 
 FAST = RetryPolicy(max_attempts=3, backoff_base=0.001, backoff_cap=0.005, max_retry_after=2.0)
@@ -103,7 +107,7 @@ async def rows_of(prompts: Iterable[str]) -> AsyncIterator[Row]:
 
 
 def dispatcher(
-    url: str, records: list[RowResult | RowFailure], *, token: str | None = None, **config: Any
+    url: str, records: list[RowResult | RowFailure], *, token: str | None = None, task: Any = None, **config: Any
 ) -> Dispatcher:
     extra = {k: config.pop(k) for k in ("kept_columns", "before_send", "no_burn") if k in config}
     config.setdefault("policy", FAST)
@@ -111,7 +115,7 @@ def dispatcher(
     config.setdefault("request_timeout_s", 5.0)
     return Dispatcher(
         base_url=url,
-        task=make_task("text-generation", column="prompt", parameters={"max_new_tokens": 8}),
+        task=task or make_task("text-generation", column="prompt", parameters={"max_new_tokens": 8}),
         config=DispatchConfig(**config),
         token=token,
         on_record=records.append,
@@ -379,6 +383,36 @@ def test_before_send_is_awaited_before_every_attempt_and_headers_are_sent() -> N
     assert calls == 4 == server.count
     assert all(h["X-Scale-Up-Timeout"] == "600" and "Authorization" not in h for h in server.headers)
     assert all(h["Content-Type"] == "application/json" for h in server.headers)
+
+
+def test_a_tasks_own_headers_are_sent_and_its_known_outputs_join_the_result() -> None:
+    pictures: dict[str, bytes] = {}
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if nth == 1 and prompt == "b":  # a proxy page with a 200: retried, not stored
+            return web.Response(text="<html>upstream busy</html>", content_type="text/html")
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), (len(prompt) * 40, 0, 0)).save(out, format="PNG")
+        pictures[prompt] = out.getvalue()
+        return web.Response(body=out.getvalue(), content_type="image/png")
+
+    async def main() -> tuple[ScriptedServer, list[RowResult | RowFailure]]:
+        records: list[RowResult | RowFailure] = []
+        task = make_task("text-to-image", column="prompt", image=ImageSpec(format="png", seed=3))
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, task=task, extra_headers={"X-Scale-Up-Timeout": "600"})
+            await d.run(rows_of(["a", "b"]))
+        return server, records
+
+    server, records = asyncio.run(main())
+    assert all(h["Accept"] == "image/png" and h["X-Scale-Up-Timeout"] == "600" for h in server.headers)
+    results = by_id(records)
+    for i, prompt in enumerate(["a", "b"]):
+        result = results[f"id-{i}"]
+        assert isinstance(result, RowResult)
+        assert result.output["image"]["bytes"] == pictures[prompt]  # stored as the server sent them
+        assert result.output["seed"] == derive_seed(f"id-{i}", 3)
+    assert results["id-1"].attempts == 2
 
 
 # ---------------------------------------------------------------------------------------- shutdown

@@ -11,6 +11,7 @@ import pytest
 from batchrun.errors import SpecError
 from batchrun.spec import (
     DEFAULT_SHARD_BYTES,
+    ImageSpec,
     JobSpec,
     load_spec,
     parse_duration,
@@ -123,12 +124,12 @@ output:
 def test_every_shipped_job_spec_loads(job, monkeypatch):
     monkeypatch.chdir(REPO)
     spec = load_spec(job)
-    assert spec.name and spec.task in ("text-generation", "chat-completion")
+    assert spec.name and spec.task in ("text-generation", "chat-completion", "text-to-image", "image-text-to-text")
 
 
-def test_the_shipped_jobs_cover_quickstart_poems_textgen_and_dataset():
+def test_the_shipped_jobs_cover_quickstart_poems_textgen_dataset_images_and_vision():
     names = {p.stem for p in (REPO / "jobs").glob("*.yaml")}
-    assert {"quickstart", "poems", "textgen", "dataset"} <= names
+    assert {"quickstart", "poems", "textgen", "dataset", "images", "vision"} <= names
 
 
 def test_the_name_defaults_to_the_file_stem(tmp_path):
@@ -266,10 +267,6 @@ def test_the_four_core_sections_are_required(missing):
     assert err.key == missing and "required" in err.problem
 
 
-@pytest.mark.parametrize("task", ["text-to-image", "image-text-to-text"])
-def test_planned_tasks_are_rejected_as_not_supported_yet(task):
-    err = spec_error(spec_with(task=task))
-    assert err.key == "task" and "not supported yet" in err.problem
 
 
 def test_a_misspelt_task_gets_a_suggestion():
@@ -277,8 +274,9 @@ def test_a_misspelt_task_gets_a_suggestion():
     assert "did you mean 'chat-completion'" in err.problem
 
 
-def test_a_system_prompt_is_only_for_chat():
-    err = spec_error(spec_with(task="text-generation", prompt={"template": "{a}", "system": "x"}))
+@pytest.mark.parametrize("task", ["text-generation", "text-to-image"])
+def test_a_system_prompt_is_only_for_chat_and_vision(task):
+    err = spec_error(spec_with(task=task, prompt={"template": "{a}", "system": "x"}))
     assert err.key == "prompt.system" and "chat-completion" in err.problem
 
 
@@ -431,3 +429,101 @@ def test_errors_from_a_file_carry_its_path(tmp_path):
 
 def test_jobspec_is_exported_with_the_loader():
     assert isinstance(parse_spec(MINIMAL), JobSpec)
+
+
+# --- image tasks --------------------------------------------------------------------------------
+
+TEXT_TO_IMAGE = spec_with(task="text-to-image", prompt={"column": "prompt"})
+VISION = spec_with(task="image-text-to-text", prompt={"template": "{question}", "image_column": "image"})
+
+
+def image_spec(base: dict, **changes) -> dict:
+    data = copy.deepcopy(base)
+    data.update(changes)
+    return data
+
+
+def test_a_text_to_image_spec_gets_png_and_seeds_derived_from_ids_by_default():
+    spec = parse_spec(TEXT_TO_IMAGE)
+    assert spec.task == "text-to-image"
+    assert spec.image == ImageSpec(format="png", seed_column=None, seed=0)
+    assert spec.identity()["image"] == {"format": "png", "seed_column": None, "seed": 0}
+
+
+def test_a_text_to_image_spec_takes_format_seed_column_and_job_seed():
+    spec = parse_spec(image_spec(TEXT_TO_IMAGE, image={"format": "JPG", "seed_column": "seed", "seed": 7}))
+    assert (spec.image.format, spec.image.seed_column, spec.image.seed) == ("jpeg", "seed", 7)
+
+
+@pytest.mark.parametrize("change", [{"format": "webp"}, {"seed": 1}, {"seed_column": "s"}])
+def test_the_image_options_that_change_pictures_are_part_of_the_identity(change):
+    base = parse_spec(TEXT_TO_IMAGE).identity()
+    assert parse_spec(image_spec(TEXT_TO_IMAGE, image=change)).identity() != base
+
+
+def test_a_vision_spec_names_its_image_column_and_may_downsize():
+    spec = parse_spec(image_spec(VISION, image={"max_side": 512, "base_dir": "pics"}))
+    assert spec.prompt.image_column == "image" and spec.prompt.columns == ("question", "image")
+    assert spec.image.max_side == 512 and spec.image.base_dir == "pics"
+    identity = spec.identity()
+    assert identity["prompt"]["image_column"] == "image" and identity["image"] == {"max_side": 512}
+    moved = parse_spec(image_spec(VISION, image={"max_side": 512, "base_dir": "elsewhere"}))
+    assert moved.identity() == identity  # a folder is a location, not a configuration
+    assert parse_spec(image_spec(VISION, image={"max_side": 256})).identity() != identity
+
+
+def test_a_vision_spec_may_have_a_system_prompt():
+    spec = parse_spec(image_spec(VISION, prompt={"column": "question", "image_column": "image", "system": "Be brief."}))
+    assert spec.prompt.system == "Be brief."
+
+
+def test_text_jobs_keep_their_identity_without_image_keys():
+    assert "image" not in parse_spec(MINIMAL).identity()
+    assert parse_spec(MINIMAL).image is None
+
+
+def test_a_vision_spec_without_an_image_column_is_refused():
+    err = spec_error(image_spec(VISION, prompt={"template": "{question}"}))
+    assert err.key == "prompt.image_column" and "required" in err.problem
+
+
+@pytest.mark.parametrize("task", ["chat-completion", "text-to-image"])
+def test_an_image_column_is_refused_outside_vision(task):
+    err = spec_error(spec_with(task=task, prompt={"template": "{a}", "image_column": "image"}))
+    assert err.key == "prompt.image_column" and "image-text-to-text" in err.problem
+
+
+def test_an_image_section_is_refused_for_a_text_job():
+    err = spec_error(spec_with(image={"format": "png"}))
+    assert err.key == "image" and "text-to-image" in err.problem
+
+
+@pytest.mark.parametrize(
+    ("base", "image", "key", "expected"),
+    [
+        (TEXT_TO_IMAGE, {"format": "gif"}, "image.format", "expected one of png, jpeg, webp"),
+        (TEXT_TO_IMAGE, {"fromat": "png"}, "image.fromat", "did you mean 'format'"),
+        (TEXT_TO_IMAGE, {"seed": -1}, "image.seed", "non-negative integer"),
+        (TEXT_TO_IMAGE, {"seed_column": ""}, "image.seed_column", "non-empty string"),
+        (TEXT_TO_IMAGE, {"max_side": 512}, "image.max_side", "only applies to task image-text-to-text"),
+        (VISION, {"format": "png"}, "image.format", "only applies to task text-to-image"),
+        (VISION, {"max_side": 0}, "image.max_side", "positive integer"),
+    ],
+)
+def test_image_option_errors_name_the_key_and_what_was_expected(base, image, key, expected):
+    err = spec_error(image_spec(base, image=image), file="jobs/images.yaml")
+    assert err.file == "jobs/images.yaml" and err.key == key and expected in err.problem
+
+
+def test_a_text_to_image_seed_in_parameters_points_to_the_image_options():
+    err = spec_error(image_spec(TEXT_TO_IMAGE, parameters={"seed": 3}))
+    assert err.key == "parameters.seed" and "image.seed_column" in err.problem
+
+
+@pytest.mark.parametrize(
+    ("parameters", "key"),
+    [({"width": "256"}, "parameters.width"), ({"num_inference_steps": 0}, "parameters.num_inference_steps"),
+     ({"guidance_scale": True}, "parameters.guidance_scale"), ({"negative_prompt": 3}, "parameters.negative_prompt")],
+)
+def test_text_to_image_parameters_are_type_checked(parameters, key):
+    assert spec_error(image_spec(TEXT_TO_IMAGE, parameters=parameters)).key == key

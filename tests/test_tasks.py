@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import pyarrow as pa
 import pytest
 
+from PIL import Image
+
 from batchrun.errors import RequestFailed
 from batchrun.records import Row
-from batchrun.tasks import OUTPUT_SCHEMA, join_url, make_task, render_prompt, template_fields
+from batchrun.images import derive_seed
+from batchrun.spec import ImageSpec
+from batchrun.tasks import (
+    OUTPUT_SCHEMA,
+    VISION_OUTPUT_SCHEMA,
+    PreparedRequest,
+    join_url,
+    make_task,
+    render_prompt,
+    template_fields,
+)
 
 
 def row(**columns) -> Row:
@@ -154,9 +168,9 @@ def test_impossible_task_configurations_are_refused_up_front(kwargs: dict) -> No
         make_task("text-generation", **kwargs)
 
 
-def test_unknown_task_is_refused() -> None:
+def test_unknown_task_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match="text-to-image"):
-        make_task("text-to-image", column="a")
+        make_task("image-to-video", column="a")
 
 
 @pytest.mark.parametrize(
@@ -174,3 +188,138 @@ def test_unknown_task_is_refused() -> None:
 )
 def test_join_url_puts_one_slash_between_base_and_path(base: str, path: str, expected: str) -> None:
     assert join_url(base, path) == expected
+
+
+# ---------------------------------------------------------------------------------------- images
+
+
+def picture(pil_format: str = "PNG", size: tuple[int, int] = (32, 24)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 40, 40)).save(out, format=pil_format)
+    return out.getvalue()
+
+
+def text_to_image(**image: object):
+    return make_task(
+        "text-to-image", column="prompt", parameters={"width": 64, "height": 64, "num_inference_steps": 4},
+        image=ImageSpec(**image),
+    )
+
+
+def test_text_to_image_asks_for_the_format_with_accept_and_sends_the_row_seed() -> None:
+    task = text_to_image(format="webp", seed_column="seed")
+    request = task.prepare(Row(position=3, id=7, columns={"prompt": "a fox", "seed": 42}))
+    assert request.path == "/" and request.headers == {"Accept": "image/webp"}
+    assert request.payload == {"inputs": "a fox", "parameters": {"width": 64, "height": 64, "num_inference_steps": 4,
+                                                                 "seed": 42}}
+    assert request.outputs == {"seed": 42}
+
+
+def test_a_row_without_a_seed_gets_one_derived_from_its_id_and_the_job_seed() -> None:
+    task = text_to_image(seed_column="seed", seed=5)
+    no_column = text_to_image(seed=5)
+    null_seed = task.prepare(Row(position=0, id="r1", columns={"prompt": "x", "seed": None}))
+    derived = no_column.prepare(Row(position=9, id="r1", columns={"prompt": "x"}))
+    assert null_seed.outputs["seed"] == derived.outputs["seed"] == derive_seed("r1", 5)
+    assert derived.payload["parameters"]["seed"] == derive_seed("r1", 5) != derive_seed("r1", 0)
+
+
+@pytest.mark.parametrize("seed", ["12", -1, 2**63, True])
+def test_a_seed_that_is_not_a_usable_integer_fails_the_row_before_sending(seed) -> None:
+    with pytest.raises(RequestFailed) as info:
+        text_to_image(seed_column="seed").prepare(row(prompt="x", seed=seed))
+    assert info.value.error_type == "bad_seed" and not info.value.retryable
+
+
+def test_text_to_image_stores_the_bytes_unchanged_with_size_and_format() -> None:
+    data = picture("PNG", (48, 40))
+    out = text_to_image().parse(200, {"Content-Type": "image/png"}, data)
+    assert out == {"image": {"bytes": data, "path": None}, "width": 48, "height": 40, "format": "png"}
+    assert set(out) | {"seed"} == set(text_to_image().output_schema.names)
+
+
+def test_a_json_answer_with_a_base64_png_is_accepted_when_png_was_asked() -> None:
+    data = picture("PNG")
+    body = json.dumps(base64.b64encode(data).decode()).encode()
+    out = text_to_image().parse(200, {"content-type": "application/json"}, body)
+    assert out["image"]["bytes"] == data
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "error_type"),
+    [
+        ("text/html", b"<html><body>Bad gateway</body></html>", "not_an_image"),
+        ("application/json", b'{"error":"CUDA out of memory"}', "not_an_image"),
+        ("image/png", picture("PNG")[:60], "not_an_image"),
+        ("image/png", picture("JPEG"), "wrong_image_format"),
+    ],
+)
+def test_a_200_that_is_not_the_asked_image_is_a_retryable_failure(content_type, body, error_type) -> None:
+    with pytest.raises(RequestFailed) as info:
+        text_to_image().parse(200, {"Content-Type": content_type}, body)
+    assert info.value.error_type == error_type and info.value.retryable
+
+
+def test_text_to_image_refuses_a_seed_parameter_and_a_system_prompt() -> None:
+    with pytest.raises(ValueError, match="seed"):
+        make_task("text-to-image", column="p", parameters={"seed": 1})
+    with pytest.raises(ValueError, match="system"):
+        make_task("text-to-image", column="p", system="be nice")
+
+
+def vision(**image: object):
+    return make_task("image-text-to-text", template="Q: {q}", image_column="img", system="Be brief.",
+                     parameters={"max_tokens": 20}, image=ImageSpec(**image))
+
+
+def test_vision_sends_the_text_and_the_image_as_chat_content_parts() -> None:
+    data = picture("JPEG")
+    request = vision().prepare(row(q="colour?", img={"bytes": data, "path": "a.jpg"}))
+    assert request.path == "/v1/chat/completions"
+    system, user = request.payload["messages"]
+    assert system == {"role": "system", "content": "Be brief."}
+    text, image = user["content"]
+    assert text == {"type": "text", "text": "Q: colour?"}
+    assert image == {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(data).decode()}}
+    assert request.payload["max_tokens"] == 20 and request.outputs == {"image_downsized": False}
+
+
+def test_vision_downsizes_an_image_over_max_side_and_says_so() -> None:
+    request = vision(max_side=16).prepare(row(q="x", img=picture("PNG", (64, 32))))
+    url = request.payload["messages"][1]["content"][1]["image_url"]["url"]
+    sent = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    assert sent.size == (16, 8) and request.outputs == {"image_downsized": True}
+
+
+def test_vision_passes_an_http_url_through_and_cannot_say_whether_it_was_downsized() -> None:
+    request = vision(max_side=16).prepare(row(q="x", img="https://example.org/cat.png"))
+    assert request.payload["messages"][1]["content"][1]["image_url"]["url"] == "https://example.org/cat.png"
+    assert request.outputs == {"image_downsized": None}
+
+
+@pytest.mark.parametrize("value", [b"not an image", None, {"bytes": None, "path": None}, "/no/such/file.png"])
+def test_an_input_image_that_cannot_be_read_fails_the_row_before_sending(value) -> None:
+    with pytest.raises(RequestFailed) as info:
+        vision().prepare(row(q="x", img=value))
+    assert info.value.error_type == "bad_image" and not info.value.retryable
+
+
+def test_vision_reads_answers_like_chat_and_declares_the_downsized_column() -> None:
+    body = json.dumps({"choices": [{"message": {"content": "red"}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 70, "completion_tokens": 1}}).encode()
+    out = vision().parse(200, {}, body)
+    assert out == {"generated_text": "red", "finish_reason": "stop", "prompt_tokens": 70, "completion_tokens": 1}
+    assert VISION_OUTPUT_SCHEMA.names == [*OUTPUT_SCHEMA.names, "image_downsized"]
+
+
+def test_vision_needs_an_image_column_and_only_vision_takes_one() -> None:
+    with pytest.raises(ValueError, match="image_column"):
+        make_task("image-text-to-text", column="q")
+    with pytest.raises(ValueError, match="image_column"):
+        make_task("chat-completion", column="q", image_column="img")
+
+
+def test_text_tasks_send_no_extra_headers_and_know_no_outputs_in_advance() -> None:
+    request = make_task("chat-completion", column="q").prepare(row(q="hi"))
+    assert request == PreparedRequest("/v1/chat/completions", request.payload)
+    assert request.headers == {} and request.outputs == {}
