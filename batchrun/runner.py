@@ -91,6 +91,7 @@ class Preflight:
     source: Source
     task: Task
     data_schema: Any  # pyarrow.Schema of the data shards
+    keep_columns: tuple[str, ...] | None  # the input columns copied to the output (None: all)
     store: OutputStore
     token: str | None
     identity: dict[str, Any]
@@ -189,10 +190,16 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         image=spec.image,
     )
     # The output's schema, fixed up front: a clash between input and output columns is a spec problem.
+    keep_columns = spec.input.keep_columns
+    seed_column = spec.image.seed_column if spec.image is not None else None
+    if keep_columns is None and seed_column is not None and seed_column in task.output_schema.names:
+        # The output's own `seed` column records the seed used, which is this input column's value (or
+        # the derived one where it was null): keeping the input column too would only clash.
+        keep_columns = tuple(c for c in source.schema.names if c not in (seed_column, spec.input.id_column))
     data_schema = build_data_schema(
         source.schema,
         id_column=spec.input.id_column,
-        keep_columns=spec.input.keep_columns,
+        keep_columns=keep_columns,
         output_schema=task.output_schema,
     )
     samples: list[tuple[Any, str]] = []
@@ -213,6 +220,7 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         source=source,
         task=task,
         data_schema=data_schema,
+        keep_columns=keep_columns,
         store=store,
         token=token,
         identity=identity,
@@ -240,10 +248,24 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
 
 
 def _prompt_of(payload: dict[str, Any]) -> str:
+    """What a request asks, for people: image parts are summarised, never printed as base64."""
     if "inputs" in payload:
         return str(payload["inputs"])
+
+    def content(value: Any) -> str:
+        if not isinstance(value, list):
+            return str(value)
+        parts = []
+        for part in value:
+            if part.get("type") == "image_url":
+                url = str((part.get("image_url") or {}).get("url", ""))
+                parts.append(f"<image {url.split(';')[0] if url.startswith('data:') else url}>")
+            else:
+                parts.append(str(part.get("text", "")))
+        return " ".join(parts)
+
     messages = payload.get("messages") or []
-    return " | ".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+    return " | ".join(f"{m.get('role')}: {content(m.get('content'))}" for m in messages)
 
 
 # --------------------------------------------------------------------------- endpoint
@@ -478,15 +500,17 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
         shard_bytes=spec.output.shard_bytes,
     )
     done = await asyncio.to_thread(sink.open)
-    keep = spec.input.keep_columns
+    keep = pre.keep_columns
     input_columns = [c for c in pre.source.schema.names if c != spec.input.id_column]
     kept_names = [c for c in input_columns if keep is None or c in keep]
 
     def kept_columns(row: Row) -> dict[str, Any]:
         return {name: row.columns.get(name) for name in kept_names}
 
-    # Room for a few thousand rows ahead of the workers: enough to never starve them, bounded always.
-    reader = PendingRows(pre.source, done, queue_rows=max(1024, 4 * spec.concurrency.max))
+    # Rows read ahead of the workers: enough to never starve them, bounded always. Input images can be
+    # megabytes each, so a vision job reads less far ahead.
+    ahead = max(64, 2 * spec.concurrency.max) if spec.prompt.image_column else max(1024, 4 * spec.concurrency.max)
+    reader = PendingRows(pre.source, done, queue_rows=ahead, batch_size=min(256, ahead // 2))
     reader.start()
 
     state = _RunState(failure_watch=_FailureWatch(spec.failure_threshold))

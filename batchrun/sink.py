@@ -562,6 +562,9 @@ class SinkCounters:
         return self.data_shards + self.failed_shards
 
 
+_ROW_GROUP_BYTES = 8 << 20
+
+
 def _estimate_bytes(value: Any) -> int:
     """A cheap guess at a value's size in a buffer: exact for text and bytes, flat for the rest."""
     if isinstance(value, (str, bytes)):
@@ -876,8 +879,11 @@ class ParquetSink:
         # The sidecar must be durable before the shard can be seen, or a listed shard could lack it.
         _write_durably(sidecar, positions.astype(_POSITION_DTYPE, copy=False).tobytes())
         _fsync_dir(store.positions_dir)
+        # Row groups of about 8 MiB: the writer's buffers follow the row group, not the shard, which keeps
+        # image shards' memory low, and the Hub's viewer reads small row groups of images quickly.
+        row_group_rows = max(1, min(table.num_rows, int(table.num_rows * _ROW_GROUP_BYTES / max(1, table.nbytes))))
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
+            pq.write_table(table, f, compression="zstd", row_group_size=row_group_rows)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

@@ -160,6 +160,19 @@ def test_seeds_come_from_the_column_or_the_row_id_and_the_stored_bytes_are_the_e
         assert row["format"] == "jpeg"
 
 
+def test_a_seed_column_needs_no_keep_columns_the_output_seed_records_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(image_endpoint()) as emu:
+        input_path = write_prompts(tmp_path / "in.parquet", 6, seeds=True)
+        spec = image_job(tmp_path, url_of(emu), input_path, image={"format": "png", "seed_column": "seed"},
+                         input={"parquet": str(input_path), "id_column": "id"})  # keep every column
+        outcome, _ = run(spec)
+    assert outcome.exit_code == 0
+    rows = {r["id"]: r for r in read_rows(tmp_path / "out" / "img" / "data")}
+    assert set(rows["p0001"]) >= {"id", "prompt", "image", "seed"}
+    assert rows["p0001"]["seed"] == 1001 and rows["p0000"]["seed"] == derive_seed("p0000", 0)
+
+
 def test_the_same_job_run_twice_draws_the_same_pictures(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     input_path = write_prompts(tmp_path / "in.parquet", 8)
