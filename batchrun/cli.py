@@ -290,6 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 3
+    except Exception:  # a bug: the endpoint was released on the way out; say so, and where it broke
+        import traceback
+
+        print(redact(traceback.format_exc()), file=sys.stderr)
+        print(
+            "error: batchrun stopped on an internal error (above). The endpoint was released and every "
+            "committed row is kept: run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,6 +43,7 @@ from .errors import (
     EndpointError,
     InputError,
     JobStopped,
+    RequestFailed,
     SpecError,
     redact,
     register_secret,
@@ -93,7 +94,7 @@ class Preflight:
     data_schema: Any  # pyarrow.Schema of the data shards
     keep_columns: tuple[str, ...] | None  # the input columns copied to the output (None: all)
     store: OutputStore
-    token: str | None
+    token: str | None = field(repr=False)
     identity: dict[str, Any]
     fingerprint: str
     count: int | None
@@ -165,13 +166,22 @@ def _fingerprint(identity: dict[str, Any]) -> str:
 
 
 def _compare_identity(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The parts of the identity that changed. The served model counts only when both runs knew it."""
     keys = sorted(set(stored) | set(current))
-    return [key for key in keys if stored.get(key) != current.get(key)]
+    optional = {"model"}
+    return [
+        key
+        for key in keys
+        if stored.get(key) != current.get(key) and not (key in optional and (key not in stored or key not in current))
+    ]
 
 
 async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight:
     """Validate everything that can be validated without spending money. Raises exit-2 errors."""
-    source = await asyncio.to_thread(open_source, spec.input)
+    try:
+        source = await asyncio.to_thread(open_source, spec.input)
+    except InputError as exc:
+        raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
     _check_columns(spec, source)
     duplicates = await asyncio.to_thread(source.find_duplicate_ids)
     if duplicates:
@@ -180,15 +190,18 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
             f"input.id_column {spec.input.id_column!r} has duplicate ids ({shown}); every row needs a unique id "
             "so that it ends in exactly one output record. Fix the input or drop input.id_column to number rows."
         )
-    task = make_task(
-        spec.task,
-        template=spec.prompt.template,
-        column=spec.prompt.column,
-        system=spec.prompt.system,
-        parameters=dict(spec.parameters),
-        image_column=spec.prompt.image_column,
-        image=spec.image,
-    )
+    try:
+        task = make_task(
+            spec.task,
+            template=spec.prompt.template,
+            column=spec.prompt.column,
+            system=spec.prompt.system,
+            parameters=dict(spec.parameters),
+            image_column=spec.prompt.image_column,
+            image=spec.image,
+        )
+    except ValueError as exc:  # parameters the route cannot take (stream, messages, ...)
+        raise SpecError(spec.file, "parameters", str(exc)) from None
     # The output's schema, fixed up front: a clash between input and output columns is a spec problem.
     keep_columns = spec.input.keep_columns
     seed_column = spec.image.seed_column if spec.image is not None else None
@@ -203,14 +216,21 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         output_schema=task.output_schema,
     )
     samples: list[tuple[Any, str]] = []
+    template_failures: list[str] = []
     for batch in source.batches(batch_size=3):
         for row in batch[:3]:
             try:
                 request = task.prepare(row)
                 samples.append((row.id, _prompt_of(request.payload)))
-            except BatchrunError as exc:
+            except RequestFailed as exc:
                 samples.append((row.id, f"<row will fail without a request: {exc}>"))
+                if exc.error_type == "template":
+                    template_failures.append(str(exc))
         break
+    if samples and len(template_failures) == len(samples):
+        # Every row looked at fails to render: a mistake in the template, not in the data. Found now,
+        # it costs nothing; found after the resume, it costs a cold start for no request at all.
+        raise SpecError(spec.file, "prompt.template", f"cannot render the first rows: {template_failures[0]}")
     store = OutputStore(spec.output.path)
     token = _resolve_token(spec)
     identity = dict(spec.identity())
@@ -242,6 +262,10 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
                 exc.exit_code = 2  # found before anything was touched: nothing ran
                 raise
         pre.endpoint_note = f"{snapshot.namespace}/{snapshot.name}: {snapshot.state}, task {snapshot.task}"
+        # The model the endpoint serves is part of the job's identity: an endpoint updated to another
+        # model between two runs must not add its answers to the same output.
+        pre.identity["model"] = snapshot.repository
+        pre.fingerprint = _fingerprint(pre.identity)
     # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
     await asyncio.to_thread(store.check_writable)
     return pre
@@ -551,12 +575,18 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
                         finally:
                             meter.stop()
                             phase.remove_signal_handlers()
-        except (JobStopped, EndpointError, AuthError) as exc:
+        except BatchrunError as exc:
+            # Anything batchrun raises once the endpoint was acquired ends the job as stopped early: the
+            # endpoint was released above, the summary is written below, and the job can be resumed.
             error = exc
             stop_reason = str(exc)
         finally:
             reader.stop()
-            await asyncio.to_thread(sink.close)
+            try:
+                await asyncio.to_thread(sink.close)
+            except BatchrunError as exc:
+                error = error or exc
+                stop_reason = stop_reason or str(exc)
 
     status = await asyncio.to_thread(read_status, store.root)
     wall = time.monotonic() - started
@@ -690,6 +720,7 @@ class _DispatchPhase:
         self.stop_requested = asyncio.Event()
         self.abort_now = asyncio.Event()
         self.signals_seen = 0
+        self._first_signal_at = 0.0
         self._installed: list[int] = []
         self._committer_stop = asyncio.Event()
         self.guard = BudgetGuard(
@@ -712,6 +743,13 @@ class _DispatchPhase:
             self.state.dispatcher.stop_intake()
 
     def on_signal(self, signame: str) -> None:
+        now = time.monotonic()
+        if self.signals_seen and now - self._first_signal_at < 1.0:
+            # `timeout` and some supervisors signal the process and then its group: one intent, two
+            # signals. Only a second signal a moment later means "abandon requests in flight".
+            return
+        if not self.signals_seen:
+            self._first_signal_at = now
         self.signals_seen += 1
         if self.signals_seen > 1:
             self.options.echo(f"{signame} again: abandoning requests in flight now")

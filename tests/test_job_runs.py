@@ -273,3 +273,73 @@ def test_status_reports_done_failed_and_remaining_from_the_output_alone(tmp_path
     assert "ok: 27 rows" in result.stdout
     assert "failed: 3 final, 0 retryable" in result.stdout
     assert "remaining: 0 of 30" in result.stdout
+
+
+def test_a_template_that_fails_on_every_previewed_row_is_a_spec_error_before_anything_runs(tmp_path):
+    with emulator(running_endpoint(initial_state="paused")) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 10)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, prompt={"template": "{topic:d}"})
+        result = cli("run", str(spec), env={"HF_TOKEN": TOKEN})
+        assert result.returncode == 2, result.stderr
+        assert "prompt.template" in result.stderr and "cannot render" in result.stderr
+        assert [e for e in emu.control_log if e["method"] != "GET"] == []  # nothing resumed
+
+
+def test_parameters_the_route_cannot_take_are_a_spec_error_not_a_traceback(tmp_path):
+    input_path = write_topics(tmp_path / "in" / "t.parquet", 5)
+    spec = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9"}, input_path=input_path,
+                      parameters={"max_tokens": 5, "stream": True})
+    result = cli("validate", str(spec))
+    assert result.returncode == 2
+    assert "parameters" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_preflight_record_never_shows_the_token(tmp_path, monkeypatch):
+    import asyncio
+
+    from batchrun.runner import preflight
+    from batchrun.spec import load_spec
+
+    canary = "hf_CANARYpreflightrepr0123456789"
+    monkeypatch.setenv("HF_TOKEN", canary)
+    spec = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9"},
+                      input_path=write_topics(tmp_path / "in" / "t.parquet", 5))
+    pre = asyncio.run(preflight(load_spec(spec)))
+    assert pre.token == canary
+    assert canary not in repr(pre)
+
+
+def test_an_endpoint_serving_another_model_is_refused_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    from huggingface_hub import HfApi, constants
+
+    with emulator(running_endpoint(initial_state="paused")) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 10)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path)
+        first, _ = run(spec)
+        assert first.exit_code == 0
+        monkeypatch.setattr(constants, "INFERENCE_ENDPOINTS_ENDPOINT", emu.api_url)
+        HfApi().update_inference_endpoint("gen", namespace=NS, repository="other/model", token=TOKEN)
+        with pytest.raises(ConfigMismatchError) as refused:
+            run(spec)
+    assert "model" in str(refused.value)
+
+
+def test_two_signals_in_the_same_instant_still_stop_gracefully(tmp_path):
+    with emulator(running_endpoint(initial_state="paused", latency_base_s=0.05)) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 400)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": "10s"}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="twice",
+                          concurrency={"max": 4, "initial": 4}, output={"shard_rows": 10})
+        proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
+                                cwd=REPO, env={**os.environ, "HF_TOKEN": TOKEN},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _wait_for_rows(tmp_path / "out" / "twice", 10)
+        proc.send_signal(signal.SIGINT)  # what `timeout -s INT` does: the process, then its group
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 3, stderr
+        assert "abandoning" not in stderr and "finishing requests in flight" in stderr
+        assert emu.state(NS, "gen").state == "paused"
