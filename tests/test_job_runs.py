@@ -158,7 +158,7 @@ def test_a_refused_token_stops_the_job_with_exit_code_2(tmp_path, monkeypatch):
 
 
 def test_the_token_appears_nowhere(tmp_path, monkeypatch, caplog):
-    canary = "hf_CANARYcanary0123456789abcdefXYZ"
+    canary = "hf_CANARY_not_a_real_token_0123456789"
     forms = [canary, base64.b64encode(canary.encode()).decode(), urllib.parse.quote(canary, safe="")]
     monkeypatch.setenv("HF_TOKEN", canary)
     caplog.set_level(logging.DEBUG)
