@@ -25,7 +25,10 @@ How a shard is published (the order is what makes a crash at any point harmless)
 
 Only step 4 makes a shard count. At :meth:`ParquetSink.open`, anything the manifest does not list is
 moved to ``state/orphans/`` and its rows are redone; a listed shard that cannot be read is moved
-there too and its rows are redone as well. Nothing the user can see is ever deleted.
+there too and its rows are redone as well. Nothing the user can see is ever deleted. An error after
+step 3 breaks the sink for the rest of the process (its rows may already count, so they are never
+published again); the next open settles it. A row that does not fit the schema becomes a permanent
+``output_schema`` failure instead of failing its whole shard.
 
 Resume does not hold finished ids: it holds a bitmap over source positions (:class:`DoneSet`),
 12.5 MB for 100 million rows, rebuilt at open from the sidecars of the listed shards.
@@ -289,8 +292,9 @@ class OutputStore:
     def check_writable(self) -> None:
         """Prove the folder can be written before anything costs money (reliability.md §3).
 
-        Creates the root and ``state/`` if needed and writes and removes a probe file. On failure it
-        removes the folders it created, so a typo does not leave a half-made layout behind.
+        Creates the root and ``state/`` if needed, writes and removes a probe file, then removes every
+        folder it created, whether the probe succeeded or not: ``batchrun validate`` promises to change
+        nothing, and the run creates what it needs when the sink opens.
         """
         created: list[Path] = []
         probe = self.state_dir / f".write-probe-{os.getpid()}"
@@ -304,10 +308,12 @@ class OutputStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 probe.unlink()
+            raise OutputError(f"the output folder {self.root} is not writable: {exc}") from exc
+        finally:
+            # Innermost first; rmdir never removes a folder something else has written into meanwhile.
             for folder in reversed(created):
                 with contextlib.suppress(OSError):
                     folder.rmdir()
-            raise OutputError(f"the output folder {self.root} is not writable: {exc}") from exc
 
     def load_job(self) -> dict | None:
         """The job snapshot saved by a previous run, or None for a new output folder."""
@@ -564,6 +570,9 @@ class SinkCounters:
 
 _ROW_GROUP_BYTES = 8 << 20
 
+#: What building an Arrow array from Python values raises for a value that does not fit its type.
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError)
+
 
 def _estimate_bytes(value: Any) -> int:
     """A cheap guess at a value's size in a buffer: exact for text and bytes, flat for the rest."""
@@ -572,6 +581,14 @@ def _estimate_bytes(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_estimate_bytes(v) for v in value.values())
     return 8
+
+
+def _fits(value: Any, type_: pa.DataType) -> bool:
+    try:
+        pa.array([value], type=type_)
+    except _CONVERSION_ERRORS:
+        return False
+    return True
 
 
 class _ShardBuffer:
@@ -590,6 +607,41 @@ class _ShardBuffer:
     def to_table(self) -> pa.Table:
         arrays = [pa.array(self.columns[f.name], type=f.type) for f in self.schema]
         return pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def unconvertible_rows(self) -> dict[int, tuple[str, str]]:
+        """The rows that cannot be converted: index -> (first bad column, what is wrong with it).
+
+        Only for the slow path after :meth:`to_table` failed: each column is tried whole, and only a
+        column that fails is tried value by value.
+        """
+        bad: dict[int, tuple[str, str]] = {}
+        for field in self.schema:
+            values = self.columns[field.name]
+            try:
+                pa.array(values, type=field.type)
+                continue
+            except _CONVERSION_ERRORS:
+                pass
+            for index, value in enumerate(values):
+                if index in bad:
+                    continue
+                try:
+                    pa.array([value], type=field.type)
+                except _CONVERSION_ERRORS as exc:
+                    problem = f"column {field.name!r}: expected {field.type}, got {type(value).__name__}"
+                    detail = str(exc).strip()
+                    if detail:
+                        problem += f" ({detail[:200]})"
+                    bad[index] = (field.name, redact(problem))
+        return bad
+
+    def remove(self, indices: set[int]) -> None:
+        """Drop the rows at ``indices`` (the byte estimate is left as is: it only triggers rotation)."""
+        for name, values in self.columns.items():
+            self.columns[name] = [v for i, v in enumerate(values) if i not in indices]
+        self.positions = [p for i, p in enumerate(self.positions) if i not in indices]
+        if "retryable" in self.columns:
+            self.retryable = sum(1 for v in self.columns["retryable"] if v)
 
     def clear(self) -> None:
         for values in self.columns.values():
@@ -639,6 +691,8 @@ class ParquetSink:
         self._failed = _ShardBuffer(self.failed_schema)
         self._manifest = None
         self._next_seq = 0
+        # Why publication failed after a shard became visible; once set, nothing more is written.
+        self._broken: str | None = None
 
     def __repr__(self) -> str:
         return f"ParquetSink({str(self.store.root)!r}, run={self.run_id!r}, {self.counters})"
@@ -782,6 +836,7 @@ class ParquetSink:
 
     def add(self, record: RowResult | RowFailure) -> None:
         """Buffer one row's final record; publishes a shard when it reaches ``shard_rows`` or ``shard_bytes``."""
+        self._refuse_if_broken()
         if self.done is None or self._manifest is None:
             raise RuntimeError("ParquetSink.add() needs an open sink: call open() first, and not after close()")
         if isinstance(record, RowResult):
@@ -821,6 +876,7 @@ class ParquetSink:
 
     def commit(self) -> None:
         """Publish whatever is buffered, data and failed, if anything."""
+        self._refuse_if_broken()
         self._commit_buffer("data")
         self._commit_buffer("failed")
 
@@ -834,6 +890,28 @@ class ParquetSink:
                 self._manifest.close()
                 self._manifest = None
 
+    def _refuse_if_broken(self) -> None:
+        if self._broken is not None:
+            raise self._broken_error()
+
+    def _broken_error(self) -> OutputError:
+        return OutputError(
+            f"the output could not be committed: {self._broken}; "
+            "run the job again: the next run resumes from what was published"
+        )
+
+    def _break(self, reason: str) -> None:
+        """Stop writing for good: a shard is visible and may or may not be recorded in the manifest.
+
+        Publishing its rows again could list them twice, and a manifest line may be cut short, so no
+        further line may follow it. The next :meth:`open` settles it: a complete line counts the
+        shard, a torn one is cut off and the shard moved to ``state/orphans/``.
+        """
+        self._broken = reason
+        self._data.clear()
+        self._failed.clear()
+        logger.error("sink.broken reason=%s (nothing more is written; the next run reconciles)", redact(reason))
+
     def __enter__(self) -> ParquetSink:
         return self
 
@@ -846,14 +924,23 @@ class ParquetSink:
             return
         try:
             table = buffer.to_table()
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
-            raise OutputError(f"a buffered {kind} row does not fit the output schema: {exc}") from exc
+        except _CONVERSION_ERRORS:
+            # One row that does not fit must not hold back the others (or fail every run the same way).
+            self._divert_unconvertible(kind, buffer)
+            if not len(buffer):
+                return
+            try:
+                table = buffer.to_table()
+            except _CONVERSION_ERRORS as exc:
+                raise OutputError(f"a buffered {kind} row does not fit the output schema: {exc}") from exc
         positions = np.asarray(buffer.positions, dtype=_POSITION_DTYPE)
         try:
             self._publish(kind, table, positions, retryable=buffer.retryable)
         except OSError as exc:
-            # The buffer is kept: a later commit publishes it under a new name, and anything half-done
-            # here is not in the manifest, so the next open moves it aside.
+            if self._broken is not None:  # the shard was renamed into place: never publish these rows again
+                raise self._broken_error() from exc
+            # Nothing was visible yet: the buffer is kept, a later commit publishes it under a new
+            # name, and the sidecar and temp file left behind vouch for nothing (removed at open).
             raise OutputError(f"cannot publish a {kind} shard in {self.store.root}: {exc}") from exc
         if kind == "data":
             self.counters.ok += len(buffer)
@@ -862,6 +949,48 @@ class ParquetSink:
             self.counters.failed += len(buffer)
             self.counters.failed_shards += 1
         buffer.clear()
+
+    def _divert_unconvertible(self, kind: str, buffer: _ShardBuffer) -> None:
+        """Turn each row of ``buffer`` that cannot be converted into a permanent ``output_schema`` failure.
+
+        Data rows move to the failed buffer (published with it); failed rows are rewritten in place.
+        The positions stay in the done-set: each still ends in exactly one place.
+        """
+        bad = buffer.unconvertible_rows()
+        unrecordable = [i for i, (column, _) in bad.items() if column == self.id_column]
+        if unrecordable:
+            index = unrecordable[0]
+            raise OutputError(
+                f"row at position {buffer.positions[index]} cannot be recorded at all: {bad[index][1]}"
+            )
+        cols = buffer.columns
+        for index, (_, problem) in sorted(bad.items()):
+            logger.warning(
+                "sink.row_unconvertible position=%d problem=%s (recorded as a permanent failure)",
+                buffer.positions[index], problem,
+            )  # fmt: skip
+            attempts = cols["attempts"][index]
+            attempts = attempts if _fits(attempts, pa.int32()) else None
+            if kind == "data":
+                failed = self._failed
+                failed.columns[self.id_column].append(cols[self.id_column][index])
+                failed.columns["error_type"].append("output_schema")
+                failed.columns["error"].append(problem)
+                failed.columns["status"].append(None)
+                failed.columns["attempts"].append(attempts)
+                failed.columns["retryable"].append(False)
+                failed.positions.append(buffer.positions[index])
+                failed.estimated_bytes += 64 + len(problem)
+            else:
+                cols["error_type"][index] = "output_schema"
+                cols["error"][index] = problem
+                cols["status"][index] = None
+                cols["attempts"][index] = attempts
+                cols["retryable"][index] = False
+        if kind == "data":
+            buffer.remove(set(bad))
+        else:
+            buffer.retryable = sum(1 for v in cols["retryable"] if v)
 
     def _publish(
         self, kind: str, table: pa.Table, positions: np.ndarray, *, retryable: int, replaces: str | None = None
@@ -887,23 +1016,29 @@ class ParquetSink:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(folder)
-
-        event = {
-            "op": "publish",
-            "kind": kind,
-            "file": final.relative_to(store.root).as_posix(),
-            "positions": sidecar.relative_to(store.root).as_posix(),
-            "rows": table.num_rows,
-            "retryable": retryable,
-            "seq": seq,
-            "run": self.run_id,
-            "bytes": final.stat().st_size,
-            "time": _now(),
-        }
-        if replaces is not None:
-            event["replaces"] = replaces
-        self._append(event)
+        # From here on the shard is visible, and its manifest line may be written, whole or in part,
+        # even if an error follows: its rows must never be published again by this process.
+        relative = final.relative_to(store.root).as_posix()
+        try:
+            _fsync_dir(folder)
+            event = {
+                "op": "publish",
+                "kind": kind,
+                "file": relative,
+                "positions": sidecar.relative_to(store.root).as_posix(),
+                "rows": table.num_rows,
+                "retryable": retryable,
+                "seq": seq,
+                "run": self.run_id,
+                "bytes": final.stat().st_size,
+                "time": _now(),
+            }
+            if replaces is not None:
+                event["replaces"] = replaces
+            self._append(event)
+        except OSError as exc:
+            self._break(f"recording {relative} in the manifest failed after it was renamed into place ({exc})")
+            raise
         return event
 
     def _append(self, event: dict) -> None:

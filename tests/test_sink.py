@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -551,10 +552,25 @@ def test_check_writable_leaves_nothing_behind_when_it_fails(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_check_writable_creates_the_folder_and_leaves_no_probe(store):
+def test_check_writable_on_a_fresh_path_leaves_nothing_behind(tmp_path):
+    store = OutputStore(tmp_path / "x" / "y" / "out")
     store.check_writable()
-    assert store.state_dir.is_dir()
-    assert list(store.state_dir.iterdir()) == []
+    assert not (tmp_path / "x").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_writable_on_an_existing_output_removes_nothing_and_leaves_no_probe(store):
+    _publish_rows(store, range(3))
+    store.write_summary({"ok": 3})
+    before = sorted(p.relative_to(store.root) for p in store.root.rglob("*"))
+    store.check_writable()
+    assert sorted(p.relative_to(store.root) for p in store.root.rglob("*")) == before
+
+    # An existing folder without state/ keeps the folder; only the state/ the probe made goes.
+    bare = OutputStore(store.root.parent / "bare")
+    bare.root.mkdir()
+    bare.check_writable()
+    assert bare.root.is_dir() and list(bare.root.iterdir()) == []
 
 
 def test_job_and_summary_are_saved_atomically_without_secrets(store, monkeypatch):
@@ -645,3 +661,146 @@ def test_any_interleaving_of_results_failures_commits_and_crashes_ends_with_ever
     assert sorted(every_id) == [row_id(p) for p in range(total)]
     status = read_status(store.root)
     assert status.ok + status.failed == total and status.failed_retryable == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# A publication that fails part-way
+
+
+def _fail_manifest_fsync(monkeypatch, sink: ParquetSink) -> None:
+    """Make the fsync of the manifest raise, as a full or failing disk would: the line is already written."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if sink._manifest is not None and fd == sink._manifest.fileno():
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_manifest_fsync_failure_never_publishes_the_same_rows_twice(store, monkeypatch):
+    sink = make_sink(store)
+    sink.open()
+    for position in range(4):
+        sink.add(ok(position))
+    _fail_manifest_fsync(monkeypatch, sink)
+    with pytest.raises(OutputError, match="run the job again"):
+        sink.commit()
+    monkeypatch.undo()
+
+    # What the runner does next: more rows, more commits, a close. None of them may write anything.
+    with pytest.raises(OutputError, match="could not be committed.*run the job again"):
+        sink.add(ok(4))
+    with pytest.raises(OutputError, match="could not be committed"):
+        sink.commit()
+    with pytest.raises(OutputError, match="could not be committed"):
+        sink.close()
+    assert len(shards(store.data_dir)) == 1
+    assert ids_in(store.data_dir) == [row_id(p) for p in range(4)]
+
+    # The line made it whole: the next run counts the shard and redoes only the rest.
+    sink = make_sink(store)
+    done = sink.open()
+    assert done.ok == 4 and 4 not in done
+    sink.add(ok(4))
+    sink.close()
+    assert sorted(ids_in(store.data_dir)) == [row_id(p) for p in range(5)]
+
+
+def test_a_manifest_line_torn_by_a_failed_append_leaves_every_position_exactly_once(store, monkeypatch):
+    sink = make_sink(store)
+    sink.open()
+    sink.add(ok(0))
+    sink.commit()
+    for position in range(1, 4):
+        sink.add(ok(position))
+
+    def torn_append(self, event):
+        line = json.dumps(event, separators=(",", ":")).encode()
+        self._manifest.write(line[: len(line) // 2])
+        self._manifest.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ParquetSink, "_append", torn_append)
+    with pytest.raises(OutputError, match="run the job again"):
+        sink.commit()
+    monkeypatch.undo()
+    with pytest.raises(OutputError, match="could not be committed"):
+        sink.close()
+    assert len(shards(store.data_dir)) == 2, "the shard was renamed into place before the append failed"
+
+    sink = make_sink(store)
+    done = sink.open()
+    assert 0 in done and not any(p in done for p in range(1, 4))
+    assert len(list(store.orphans_dir.glob("*.parquet"))) == 1, "the shard its torn line did not vouch for"
+    for position in range(1, 4):
+        sink.add(ok(position))
+    sink.close()
+    manifest_events(store)  # every line parses again
+    assert sorted(ids_in(store.data_dir)) == [row_id(p) for p in range(4)]
+
+
+def test_a_failure_before_the_rename_keeps_the_buffer_for_the_next_commit(store, monkeypatch):
+    sink = make_sink(store)
+    sink.open()
+    sink.add(ok(0))
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OutputError, match="cannot publish"):
+        sink.commit()
+    monkeypatch.undo()
+    assert shards(store.data_dir) == []
+
+    sink.add(ok(1))
+    sink.close()
+    assert ids_in(store.data_dir) == [row_id(0), row_id(1)]
+    assert make_sink(store).open().ok == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# Rows that do not fit the schema
+
+
+def test_a_row_whose_value_does_not_fit_its_column_becomes_a_permanent_failure_and_the_rest_are_published(store):
+    sink = make_sink(store)
+    sink.open()
+    sink.add(ok(0))
+    drifted = dataclasses.replace(ok(1), attempts=2)
+    drifted.output["generated_text"] = {"text": "hello"}  # a dict where strings were inferred
+    sink.add(drifted)
+    sink.add(ok(2))
+    sink.close()
+
+    assert ids_in(store.data_dir) == [row_id(0), row_id(2)]
+    (failed,) = shards(store.failed_dir)
+    (row,) = pq.read_table(failed).to_pylist()
+    assert row["key"] == row_id(1)
+    assert row["error_type"] == "output_schema"
+    assert "column 'generated_text': expected string, got dict" in row["error"]
+    assert (row["status"], row["attempts"], row["retryable"]) == (None, 2, False)
+    assert (sink.counters.ok, sink.counters.failed) == (2, 1)
+
+    done = make_sink(store).open()
+    assert all(p in done for p in range(3)), "the job can finish: the row is not redone forever"
+    assert (done.ok, done.failed, done.retried_failures) == (2, 1, 0)
+
+
+def test_an_integer_too_large_for_its_column_fails_only_its_row(store):
+    sink = make_sink(store)
+    sink.open()
+    big = ok(0)
+    big.output["prompt_tokens"] = 2**70
+    sink.add(big)
+    sink.add(ok(1))
+    sink.add(failure(2, retryable=False))
+    sink.close()
+    assert ids_in(store.data_dir) == [row_id(1)]
+    rows = {r["key"]: r for p in shards(store.failed_dir) for r in pq.read_table(p).to_pylist()}
+    assert set(rows) == {row_id(0), row_id(2)}
+    assert rows[row_id(0)]["error_type"] == "output_schema"
+    assert "column 'prompt_tokens'" in rows[row_id(0)]["error"]
+    assert rows[row_id(2)]["error_type"] == "validation"
