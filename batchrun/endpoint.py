@@ -22,14 +22,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -46,6 +50,8 @@ __all__ = [
     "LifecycleSettings",
     "StaticEndpoint",
     "control_plane_base",
+    "endpoint_state_path",
+    "state_dir",
 ]
 
 log = logging.getLogger("batchrun.endpoint")
@@ -64,6 +70,63 @@ AT_REST = {"paused", "scaledToZero", "failed"}
 FAST_POLL_S = 0.5
 #: How often release() tries the final pause (or scale-to-zero) before giving up and saying so.
 RELEASE_ATTEMPTS = 4
+
+
+def state_dir() -> Path:
+    """batchrun's own state folder: $BATCHRUN_STATE_DIR, else $XDG_CACHE_HOME/batchrun, else ~/.cache/batchrun."""
+    explicit = os.environ.get("BATCHRUN_STATE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return (Path(cache).expanduser() if cache else Path.home() / ".cache") / "batchrun"
+
+
+def endpoint_state_path(api_url: str | None, namespace: str, name: str) -> Path:
+    """Where the user's settings of one endpoint are kept while a job has changed them.
+
+    One file per endpoint (control plane + namespace + name), outside any job's output folder, so
+    that any later run on that endpoint finds it: after `--fresh`, with another output folder, or
+    from another job. The name is readable (``ns__name``) and unique (a hash of all three).
+    """
+    api = (api_url or DEFAULT_API_URL).rstrip("/")
+    digest = hashlib.sha256(f"{api}/{namespace}/{name}".encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{namespace}__{name}")[:96]
+    return state_dir() / "endpoints" / f"{readable}-{digest}.json"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux); None elsewhere or if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _process_started(pid: int) -> str | None:
+    """The process's start time (Linux), to tell a live process from a reused pid; None elsewhere."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def _process_alive(pid: int, started: str | None) -> bool:
+    """True when process ``pid`` still runs and (where it can be told) is the one that wrote the record."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass
+    except OSError:  # ProcessLookupError: gone
+        return False
+    fields = _proc_stat(pid)
+    if fields is None:
+        return True  # no /proc: trust the signal check
+    if fields[0] in ("Z", "X"):  # killed, not yet reaped
+        return False
+    return started is None or len(fields) <= 19 or fields[19] == started
+
+
+#: State files held by lifecycles alive in this process (between saving or adopting one and release).
+_HELD: set[str] = set()
 
 
 class ControlPlaneUnavailableError(EndpointError):
@@ -165,7 +228,15 @@ def control_plane_base(api_url: str | None) -> Iterator[None]:
 class HfControlPlane:
     """The production control plane: huggingface_hub's Inference Endpoints API, run in threads."""
 
-    def __init__(self, *, name: str, namespace: str, token: str | None, call_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        namespace: str,
+        token: str | None,
+        call_timeout_s: float = 60.0,
+        api_url: str | None = None,
+    ) -> None:
         from huggingface_hub import HfApi
 
         self.name = name
@@ -173,6 +244,16 @@ class HfControlPlane:
         self._token = token
         self._api = HfApi()
         self._call_timeout_s = call_timeout_s
+        self._api_url = api_url.rstrip("/") if api_url else None
+
+    @property
+    def api_url(self) -> str:
+        """The control-plane base the calls go to: as given, else huggingface_hub's current one."""
+        if self._api_url:
+            return self._api_url
+        from huggingface_hub import constants
+
+        return constants.INFERENCE_ENDPOINTS_ENDPOINT.rstrip("/")
 
     def __repr__(self) -> str:  # never show the token
         return f"HfControlPlane(namespace={self.namespace!r}, name={self.name!r})"
@@ -269,7 +350,8 @@ class LifecycleSettings:
     poll_interval_s: float = 2.0
     supported_tasks: tuple[str, ...] = ()
     # Where the user's settings are kept while the job has changed them, so that a job killed with
-    # SIGKILL is followed by a run that restores the user's values, not the killed run's.
+    # SIGKILL is followed by a run that restores the user's values, not the killed run's. None: the
+    # endpoint's own file in batchrun's state folder (endpoint_state_path), shared by every job.
     state_file: str | None = None
 
 
@@ -357,8 +439,13 @@ class EndpointLifecycle:
         self._released = False
         self._release_task: asyncio.Task[None] | None = None
         self._cold = True
+        self._cold_since: float | None = None  # when the current cold spell began (first excused 503)
+        self._cold_reported = False  # the "503s now count" event was shown for this spell
         self._refreshing: asyncio.Task[Any] | None = None
         self._last_refresh = float("-inf")
+        self._state_path: str | None = None
+        self._owns_state = False  # this run wrote (or took over) the state file: it deletes it after release
+        self._foreign_owner: str | None = None  # a live process that holds the state file
 
     def _event(self, message: str) -> None:
         self.record.events.append(message)
@@ -398,41 +485,95 @@ class EndpointLifecycle:
             return "keep" if started == "running" else "pause"
         return on_finish
 
+    def state_path(self) -> str:
+        """The file that keeps the user's settings while the job has changed them (see endpoint_state_path)."""
+        if self._state_path is None:
+            if self.settings.state_file:
+                self._state_path = self.settings.state_file
+            else:
+                api_url = getattr(self.control, "api_url", None)
+                if api_url is None:
+                    from huggingface_hub import constants
+
+                    api_url = constants.INFERENCE_ENDPOINTS_ENDPOINT
+                self._state_path = str(endpoint_state_path(api_url, self.control.namespace, self.control.name))
+        return self._state_path
+
     def _load_saved(self) -> dict[str, Any]:
-        """The user's settings saved by an earlier run of this job that never reached release()."""
-        path = self.settings.state_file
-        if not path:
-            return {}
+        """The user's settings saved by an earlier run that never reached release().
+
+        A file held by a run that is still alive (another job on the same endpoint) is not taken over:
+        that run will put the endpoint back itself.
+        """
+        path = self.state_path()
         try:
             with open(path, encoding="utf-8") as f:
                 saved = json.load(f)
         except (OSError, ValueError):
             return {}
-        return saved if isinstance(saved, dict) and saved.get("endpoint") == self.ref else {}
+        if not isinstance(saved, dict) or saved.get("endpoint") != self.ref:
+            return {}
+        pid, host = saved.get("pid"), saved.get("host")
+        if isinstance(pid, int) and host == socket.gethostname():
+            if pid == os.getpid():
+                alive = path in _HELD
+            else:
+                alive = _process_alive(pid, saved.get("process_started"))
+            if alive:
+                self._foreign_owner = f"pid {pid}"
+                self._event(
+                    f"another batchrun run (pid {pid}) is using {self.ref} and will put it back; "
+                    "this job leaves its saved settings alone"
+                )
+                return {}
+        return saved
 
     def _save_user_settings(self, original: EndpointSnapshot) -> None:
-        path = self.settings.state_file
-        if not path or self._saved:
+        if self._foreign_owner is not None:
+            return
+        path = self.state_path()
+        if self._saved:
+            # Left by a dead run: now this run's to put back and delete.
+            self._owns_state = True
+            _HELD.add(path)
             return
         record = {
             "endpoint": self.ref,
+            "api_url": getattr(self.control, "api_url", None),
             "initial_state": original.state,
             "min_replica": original.min_replica,
             "max_replica": original.max_replica,
             "scale_to_zero_timeout": original.scale_to_zero_timeout,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "pid": os.getpid(),
+            "process_started": _process_started(os.getpid()),
+            "host": socket.gethostname(),
         }
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            # Before any change: without this record a SIGKILL would leave the next run unable to restore.
+            raise EndpointError(
+                f"cannot save {self.ref}'s settings to {path} before changing them ({exc}); "
+                "set BATCHRUN_STATE_DIR to a writable folder"
+            ) from None
+        self._owns_state = True
+        _HELD.add(path)
         self._saved = record
 
     def _forget_user_settings(self) -> None:
-        if self.settings.state_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.settings.state_file)
+        if self._state_path is None or not self._owns_state:
+            return  # never saved nor taken over by this run: not ours to delete
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._state_path)
 
     def _min_target(self, original: EndpointSnapshot) -> int:
         wanted = self.settings.scale_min if self.settings.scale_min is not None else original.min_replica
@@ -577,16 +718,37 @@ class EndpointLifecycle:
     def no_burn(self, failure: RequestFailed) -> bool:
         """The dispatcher's hook: a 503 while the endpoint is cold does not burn the row's attempts.
 
+        Only for a bounded cold spell: once 503s have been excused for longer than ``ready_timeout_s``
+        (the patience the job has for a start) they count again, so a replica that never comes back
+        (a crash loop) ends in failure rows and the failure threshold instead of endless retries. A
+        refresh that sees the endpoint warm again ends the spell.
+
         A 503 also asks for a refresh (at most once per poll interval, in the background), and until that
         answer arrives the 503 is given the benefit of the doubt: a replica restart is then seen within
         one control-plane round trip instead of at the next periodic refresh.
         """
         if failure.status != 503 or self._released:
             return False
-        if self._refreshing is None and self._clock() - self._last_refresh >= self.settings.poll_interval_s:
+        now = self._clock()
+        if self._refreshing is None and now - self._last_refresh >= self.settings.poll_interval_s:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
                 self._refreshing = asyncio.get_running_loop().create_task(self._background_refresh())
-        return self._cold or self._refreshing is not None
+        if not (self._cold or self._refreshing is not None):
+            return False
+        # Excused only for as long as the job would wait for a start: a replica that crash-loops must
+        # not keep the job retrying (and billing) forever.
+        if self._cold_since is None:
+            self._cold_since = now
+        spell = now - self._cold_since
+        if spell > self.settings.ready_timeout_s:
+            if not self._cold_reported:
+                self._cold_reported = True
+                self._event(
+                    f"{self.ref} still not ready after {spell:.1f}s (endpoint.ready_timeout "
+                    f"{self.settings.ready_timeout_s:g}s): 503s now count against rows' attempts"
+                )
+            return False
+        return True
 
     async def _background_refresh(self) -> None:
         try:
@@ -607,6 +769,12 @@ class EndpointLifecycle:
             self.record.replicas = max(1, snapshot.ready_replicas)
         if self.record.ready_at is not None:
             self._cold = snapshot.state != "running" or snapshot.ready_replicas < target
+            if self._cold:
+                if self._cold_since is None:
+                    self._cold_since = self._last_refresh
+            else:  # warm again: the next cold spell gets the full patience
+                self._cold_since = None
+                self._cold_reported = False
         if previous is None or (previous.state, previous.ready_replicas) != (snapshot.state, snapshot.ready_replicas):
             self._event(f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}")
         return snapshot
@@ -633,6 +801,14 @@ class EndpointLifecycle:
                 raise
 
     async def _release(self) -> None:
+        try:
+            await self._release_once()
+        finally:
+            # Released (well or not): a later run in this process may take the file over if it is left.
+            if self._owns_state and self._state_path is not None:
+                _HELD.discard(self._state_path)
+
+    async def _release_once(self) -> None:
         original = self._original
         if self._refreshing is not None:
             self._refreshing.cancel()

@@ -299,9 +299,7 @@ def _control_for(spec: JobSpec, token: str | None, *, name: str | None = None, n
     return HfControlPlane(name=name or spec.endpoint.name, namespace=namespace or spec.endpoint.namespace, token=token)
 
 
-def _lifecycle_for(
-    spec: JobSpec, control: HfControlPlane, token: str | None, *, options: RunOptions, state_file: str | None = None
-) -> EndpointLifecycle:
+def _lifecycle_for(spec: JobSpec, control: HfControlPlane, token: str | None, *, options: RunOptions) -> EndpointLifecycle:
     e = spec.endpoint
     settings = LifecycleSettings(
         scale_min=e.scale.min_replica if e.scale else None,
@@ -311,15 +309,12 @@ def _lifecycle_for(
         idle_backstop_s=e.idle_backstop,
         poll_interval_s=options.poll_interval_s if options.poll_interval_s is not None else 1.0,
         supported_tasks=ENDPOINT_TASKS.get(spec.task, ()),
-        state_file=state_file,
     )
     return EndpointLifecycle(control, settings, token=token, on_event=lambda m: options.echo(f"endpoint: {m}"))
 
 
 @contextlib.asynccontextmanager
-async def _endpoint_for(
-    spec: JobSpec, token: str | None, options: RunOptions, *, state_file: str | None = None
-) -> AsyncIterator[tuple[Any, str | None]]:
+async def _endpoint_for(spec: JobSpec, token: str | None, options: RunOptions) -> AsyncIterator[tuple[Any, str | None]]:
     """Yield (lifecycle, data-plane token) for the spec's endpoint; a local one runs an emulator meanwhile."""
     e = spec.endpoint
     if e.url:
@@ -327,7 +322,7 @@ async def _endpoint_for(
         return
     if e.name:
         with control_plane_base(e.api_url):
-            yield _lifecycle_for(spec, _control_for(spec, token), token, options=options, state_file=state_file), token
+            yield _lifecycle_for(spec, _control_for(spec, token), token, options=options), token
         return
     # endpoint: {local: {...}}: the built-in emulator plays a Dedicated Inference Endpoint, driven through the
     # same huggingface_hub control-plane code as a real one.
@@ -552,8 +547,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
         options.echo(f"nothing to do: every row of {spec.name} already has a result or a final failure")
     else:
         try:
-            state_file = str(store.state_dir / "endpoint.json")
-            async with _endpoint_for(spec, pre.token, options, state_file=state_file) as (lifecycle, data_token):
+            async with _endpoint_for(spec, pre.token, options) as (lifecycle, data_token):
                 lifecycle_record = lifecycle.record
                 endpoint_info["ref"] = getattr(lifecycle, "ref", None) or spec.endpoint.url
                 phase = _DispatchPhase(

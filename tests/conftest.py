@@ -18,3 +18,5 @@ def _isolated_from_the_hub(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path_factory.getbasetemp() / "no-saved-token"))
+    # Where jobs keep the user's endpoint settings while they change them (never ~/.cache in tests).
+    monkeypatch.setenv("BATCHRUN_STATE_DIR", str(tmp_path_factory.mktemp("batchrun-state")))

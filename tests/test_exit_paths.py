@@ -20,13 +20,19 @@ import pytest
 
 from batchrun.dispatch import Dispatcher
 from batchrun.emulator import EndpointConfig
-from batchrun.errors import InputError
+from batchrun.endpoint import endpoint_state_path
 from batchrun.sink import ParquetSink
 from batchrun.sources import ParquetSource
 from jobkit import FAST_LIFECYCLE, NS, REPO, TOKEN, cli, data_requests, emulator, read_ids, run, write_spec, write_topics
 
 SCALE = {"min_replica": 2, "max_replica": 3}
 USER_SCALING = (1, 1, 15)
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path, monkeypatch):
+    """The endpoints' saved settings go to this test's folder (subprocesses inherit it), never ~/.cache."""
+    monkeypatch.setenv("BATCHRUN_STATE_DIR", str(tmp_path / "batchrun-state"))
 
 
 def paused_endpoint(**overrides: Any) -> EndpointConfig:
@@ -84,26 +90,29 @@ def test_an_exception_while_reading_pauses_the_endpoint_and_nothing_is_sent_afte
 
     monkeypatch.setattr(ParquetSource, "batches", failing_batches)
     with emulator(paused_endpoint(latency_base_s=0.01)) as emu:
-        with pytest.raises(InputError, match="the input disk went away"):
-            run(job(tmp_path, emu, n=100))
+        outcome, _ = run(job(tmp_path, emu, n=100))
+        assert outcome.exit_code == 3  # stopped early: the rows read so far are kept, a rerun resumes
+        assert "the input disk went away" in outcome.summary["stop_reason"]
         assert_put_back(emu)
 
 
 def test_an_exception_while_writing_pauses_the_endpoint_and_nothing_is_sent_after_the_pause(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    original = ParquetSink.add
-    added = [0]
+    original = ParquetSink._publish
+    published = [0]
 
-    def failing_add(self, record):
-        added[0] += 1
-        if added[0] > 10:
+    def failing_publish(self, *args, **kwargs):
+        # The disk fills up after the first shard; the sink turns the OSError into an OutputError.
+        published[0] += 1
+        if published[0] > 1:
             raise OSError(28, "No space left on device")
-        return original(self, record)
+        return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ParquetSink, "add", failing_add)
+    monkeypatch.setattr(ParquetSink, "_publish", failing_publish)
     with emulator(paused_endpoint(latency_base_s=0.02)) as emu:
-        with pytest.raises(OSError, match="No space left"):
-            run(job(tmp_path, emu, n=400, spec={"concurrency": {"max": 4, "initial": 4}}))
+        outcome, _ = run(job(tmp_path, emu, n=400, spec={"concurrency": {"max": 4, "initial": 4}}))
+        assert outcome.exit_code == 3
+        assert "No space left" in outcome.summary["stop_reason"]
         assert_put_back(emu)
         assert data_requests(emu) < 400  # it stopped early
 
@@ -269,7 +278,10 @@ def test_sigkill_leaves_the_backstop_set_and_the_endpoint_command_pauses_it(tmp_
         assert emu.state(NS, "gen").state == "paused"
 
 
-def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs(tmp_path):
+@pytest.mark.parametrize("rerun", ["same", "fresh", "other-output"])
+def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs(tmp_path, rerun):
+    # The user's settings are kept per endpoint in batchrun's state folder, not in the output folder, so
+    # they survive `--fresh` (which moves the output aside) and a run into another output folder.
     with emulator(paused_endpoint(latency_base_s=0.05)) as emu:
         spec = job(tmp_path, emu, n=300, spec={"concurrency": {"max": 4, "initial": 4}})
         proc = _start(spec)
@@ -281,11 +293,20 @@ def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs
             proc.kill()
         state = emu.state(NS, "gen")
         assert (state.min_replica, state.max_replica, state.scale_to_zero_timeout) == (2, 3, 2)  # the job's
-        # The same job again: it finds the endpoint running with its own settings, finishes the rows,
-        # and puts back what the user had before the killed run, then pauses (the job brought it up).
-        finished = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
+        saved = endpoint_state_path(emu.api_url, NS, "gen")
+        assert saved.parent.parent == tmp_path / "batchrun-state" and saved.exists()
+        # The job again: it finds the endpoint running with the killed run's settings, finishes the rows,
+        # and puts back what the user had before the killed run, then pauses (the killed run brought it up).
+        args, output = [str(spec)], "job"
+        if rerun == "fresh":
+            args.append("--fresh")
+        elif rerun == "other-output":
+            spec, output = job(tmp_path, emu, n=300, name="other"), "other"
+            args = [str(spec)]
+        finished = cli("run", *args, "--progress", "off", env={"HF_TOKEN": TOKEN})
         assert finished.returncode == 0, finished.stderr
         assert "an earlier run left" in finished.stderr
         assert_put_back(emu)
-        assert not (tmp_path / "out" / "job" / "state" / "endpoint.json").exists()
-    assert len(read_ids(tmp_path / "out" / "job" / "data")) == 300
+        assert not saved.exists()
+        assert list(saved.parent.iterdir()) == []
+    assert len(read_ids(tmp_path / "out" / output / "data")) == 300

@@ -8,6 +8,10 @@ emulated endpoint's own port.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +24,27 @@ from batchrun.endpoint import (
     HfControlPlane,
     LifecycleSettings,
     control_plane_base,
+    endpoint_state_path,
+    state_dir,
 )
 from batchrun.errors import EndpointError, EndpointNotReadyError, RequestFailed
-from jobkit import FAST_LIFECYCLE, NS, TOKEN, cli, data_requests, emulator, read_ids, run, write_spec, write_topics
+from batchrun.runner import RunOptions, run_job
+from batchrun.spec import load_spec
+from jobkit import (FAST_LIFECYCLE, NS, TOKEN, cli, data_requests, emulator, read_ids, read_rows, run, write_spec,
+                    write_topics)
 from batchrun.emulator import EndpointConfig
 
 STATE_CHANGING = ("PUT", "POST", "DELETE")
+
+
+@pytest.fixture(autouse=True)
+def _own_state_dir(tmp_path, monkeypatch):
+    """The endpoints' saved settings go to this test's folder, never to ~/.cache/batchrun."""
+    monkeypatch.setenv("BATCHRUN_STATE_DIR", str(tmp_path / "batchrun-state"))
+
+
+def saved_files(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "batchrun-state" / "endpoints").glob("*.json"))
 
 
 def endpoint_config(name: str = "gen", **overrides: Any) -> EndpointConfig:
@@ -378,3 +397,177 @@ def test_503s_while_a_replica_restarts_do_not_burn_rows_attempts(tmp_path, monke
     # With one attempt per row, any 503 that burned an attempt would have become a failure row.
     assert outcome.exit_code == 0, outcome.summary
     assert len(read_ids(tmp_path / "out" / "restart" / "data")) == 200
+
+
+# --------------------------------------------------------------------------- the saved settings, per endpoint
+
+
+def test_the_state_folder_is_batchrun_state_dir_else_the_xdg_cache_else_home_cache(tmp_path, monkeypatch):
+    assert state_dir() == tmp_path / "batchrun-state"
+    monkeypatch.delenv("BATCHRUN_STATE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert state_dir() == tmp_path / "xdg" / "batchrun"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert state_dir() == tmp_path / "home" / ".cache" / "batchrun"
+    # One file per control plane + namespace + name, readable and distinct.
+    path = endpoint_state_path("https://api.endpoints.huggingface.cloud/v2/", "my-org", "llama")
+    assert path.parent == tmp_path / "home" / ".cache" / "batchrun" / "endpoints"
+    assert path.name.startswith("my-org__llama-") and path.suffix == ".json"
+    assert path == endpoint_state_path(None, "my-org", "llama")  # None: the production control plane
+    others = {endpoint_state_path("http://127.0.0.1:9/v2", "my-org", "llama"),
+              endpoint_state_path(None, "my-org", "llama2"), endpoint_state_path(None, "other", "llama")}
+    assert path not in others and len(others) == 3
+
+
+def test_the_users_settings_are_kept_outside_the_output_while_the_job_has_changed_them(tmp_path):
+    with emulator(endpoint_config()) as emu:
+        life = lifecycle(emu, scale_min=2, scale_max=3, idle_backstop_s=120)
+
+        async def body():
+            await life.acquire()
+            files = saved_files(tmp_path)
+            record = json.loads(files[0].read_text()) if files else None
+            await life.release()
+            return files, record
+
+        files, record = drive(emu, body)
+        assert len(files) == 1 and files[0] == Path(life.state_path())
+        assert files[0].name.startswith(f"{NS}__gen-")
+        assert files[0] == endpoint_state_path(emu.api_url, NS, "gen")
+        assert record["endpoint"] == f"{NS}/gen" and record["initial_state"] == "paused"
+        assert (record["min_replica"], record["max_replica"], record["scale_to_zero_timeout"]) == (1, 1, 15)
+        assert record["api_url"] == emu.api_url and record["pid"] == os.getpid()
+        assert saved_files(tmp_path) == []  # deleted once release put everything back
+        assert not list((tmp_path / "batchrun-state" / "endpoints").glob("*.tmp"))
+        assert scaling(emu) == (1, 1, 15) and emu.state(NS, "gen").state == "paused"
+
+
+def _left_behind(emu, pid: int) -> Path:
+    """A record as a killed run leaves it, with the endpoint running on that run's settings."""
+    path = endpoint_state_path(emu.api_url, NS, "gen")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "endpoint": f"{NS}/gen", "initial_state": "paused", "min_replica": 1, "max_replica": 1,
+        "scale_to_zero_timeout": 15, "pid": pid, "host": __import__("socket").gethostname(),
+    }))
+    return path
+
+
+def test_a_record_left_by_a_dead_run_is_taken_over_restored_and_deleted(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with emulator(endpoint_config(initial_state="running", min_replica=2, max_replica=3,
+                                  scale_to_zero_timeout=2)) as emu:
+        path = _left_behind(emu, dead.pid)
+        life = lifecycle(emu, scale_min=2, scale_max=3, idle_backstop_s=120)
+
+        async def body():
+            await life.acquire()
+            await life.release()
+
+        drive(emu, body)
+        assert any("an earlier run left" in e for e in life.record.events)
+        assert emu.state(NS, "gen").state == "paused"  # the killed run had resumed it
+        assert scaling(emu) == (1, 1, 15)
+        assert not path.exists()
+
+
+def test_a_record_held_by_a_live_run_is_left_to_it(tmp_path):
+    # Another job on the same endpoint is still running (here: the test runner's parent process).
+    with emulator(endpoint_config(initial_state="running", min_replica=2, max_replica=3,
+                                  scale_to_zero_timeout=2)) as emu:
+        path = _left_behind(emu, os.getppid())
+        before = path.read_text()
+        life = lifecycle(emu, idle_backstop_s=120)
+
+        async def body():
+            await life.acquire()
+            await life.release()
+
+        drive(emu, body)
+        assert any("another batchrun run" in e for e in life.record.events)
+        assert not any("an earlier run left" in e for e in life.record.events)
+        assert emu.state(NS, "gen").state == "running"  # it was running when this job found it: kept
+        assert path.read_text() == before  # neither overwritten nor deleted
+
+
+def test_an_unwritable_state_folder_stops_the_job_before_any_change(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("BATCHRUN_STATE_DIR", str(blocker))
+    with emulator(endpoint_config()) as emu:
+        life = lifecycle(emu, scale_min=2, scale_max=2)
+
+        async def body():
+            try:
+                with pytest.raises(EndpointError) as refused:
+                    await life.acquire()
+                return refused.value
+            finally:
+                await life.release()
+
+        error = drive(emu, body)
+        assert "BATCHRUN_STATE_DIR" in str(error)
+        assert [c for c in changes(emu) if c != ("POST", "pause")] == []  # no update, no resume
+        assert emu.state(NS, "gen").state == "paused" and scaling(emu) == (1, 1, 15)
+
+
+# --------------------------------------------------------------------------- a bounded cold spell
+
+
+def test_503s_are_excused_only_for_ready_timeout_and_a_warm_refresh_starts_a_new_spell():
+    with emulator(endpoint_config(initial_state="running", replica_start_s=0.8)) as emu:
+        life = lifecycle(emu, ready_timeout_s=0.3, on_finish="pause")
+        cold = RequestFailed("http_503", "Service Unavailable", status=503, retryable=True)
+
+        async def body():
+            await life.acquire()
+            emu.lose_replica(NS, "gen")
+            await life.refresh()
+            seen = [life.is_cold(), life.no_burn(cold)]
+            await asyncio.sleep(0.4)
+            seen += [life.no_burn(cold), life.no_burn(cold)]  # past ready_timeout: they count
+            await asyncio.sleep(0.6)  # the replica is back
+            await life.refresh()
+            emu.lose_replica(NS, "gen")
+            await life.refresh()
+            seen.append(life.no_burn(cold))  # a new spell: excused again
+            await life.release()
+            return seen
+
+        assert drive(emu, body) == [True, True, False, False, True]
+        notices = [e for e in life.record.events if "503s now count against rows' attempts" in e]
+        assert len(notices) == 1 and "still not ready after" in notices[0]
+
+
+def test_a_replica_that_never_comes_back_ends_the_job_instead_of_retrying_forever(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config = EndpointConfig.from_dict({
+        "name": "gen", "namespace": NS, "initial_state": "running", **FAST_LIFECYCLE, "replica_start_s": 600,
+        "latency_base_s": 0.005, "episodes": [{"kind": "lose_replica", "after_requests": 30}],
+    })
+    with emulator(config) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 120)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "on_finish": "pause",
+                    "ready_timeout": 0.5}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="crashloop",
+                          concurrency={"max": 4, "initial": 4},
+                          retries={"max_attempts": 2, "backoff_base": 0.05, "backoff_cap": 0.2, "budget_ratio": 1.0})
+        lines: list[str] = []
+        options = RunOptions(progress="off", handle_signals=False, echo=lines.append, poll_interval_s=0.05)
+        started = time.monotonic()
+        # Bounded: before the fix this job never ended (every 503 excused while the replica restarts).
+        outcome = asyncio.run(asyncio.wait_for(run_job(load_spec(spec), options), timeout=60))
+        elapsed = time.monotonic() - started
+        assert emu.state(NS, "gen").state == "paused"
+        assert scaling(emu) == (1, 1, 15)
+    assert elapsed < 30
+    assert any("503s now count against rows' attempts" in line for line in lines), lines
+    assert outcome.exit_code in (0, 1, 3), outcome.summary
+    # Rows answered before the loss are kept; those that met the 503s are retryable failures for the next run
+    # (the failure threshold may stop the job before the rest are tried).
+    rows = read_rows(tmp_path / "out" / "crashloop" / "data")
+    failures = read_rows(tmp_path / "out" / "crashloop" / "failed")
+    assert rows and failures and len(rows) < 120
+    assert all(f["retryable"] and f["status"] == 503 and f["attempts"] >= 2 for f in failures), failures[:3]
