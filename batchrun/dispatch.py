@@ -277,9 +277,9 @@ class Dispatcher:
             finally:
                 if not pull.done():
                     pull.cancel()  # intake stopped (or we were cancelled) while upstream had nothing yet
-                    # The cancelled pull may still end with the upstream's own exception (its end, or an
-                    # error): nothing will use it, so mark it seen rather than warn at exit.
-                    pull.add_done_callback(lambda task: task.cancelled() or task.exception())
+                # If we leave here without reading the pull (we were cancelled), it may still end with
+                # the upstream's own exception (its end, or an error): mark it seen, do not warn at exit.
+                pull.add_done_callback(lambda task: task.cancelled() or task.exception())
             if not pull.done() or pull.cancelled():
                 return None  # intake stopped before upstream had a row; the pull is being cancelled
             if self._stopping:

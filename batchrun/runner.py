@@ -183,7 +183,13 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
     except InputError as exc:
         raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
     _check_columns(spec, source)
-    duplicates = await asyncio.to_thread(source.find_duplicate_ids)
+    input_fingerprint = await asyncio.to_thread(source.fingerprint)
+    store = OutputStore(spec.output.path)
+    stored = await asyncio.to_thread(store.load_job) if store.exists() else None
+    # The duplicate scan reads every id (8 bytes a row in memory); an input already scanned under the
+    # same fingerprint by an earlier run of this job is not scanned again on resume.
+    scanned = bool(stored and stored.get("ids_checked") == input_fingerprint)
+    duplicates = [] if scanned else await asyncio.to_thread(source.find_duplicate_ids)
     if duplicates:
         shown = ", ".join(repr(d) for d in duplicates[:5])
         raise InputError(
@@ -231,10 +237,9 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         # Every row looked at fails to render: a mistake in the template, not in the data. Found now,
         # it costs nothing; found after the resume, it costs a cold start for no request at all.
         raise SpecError(spec.file, "prompt.template", f"cannot render the first rows: {template_failures[0]}")
-    store = OutputStore(spec.output.path)
     token = _resolve_token(spec)
     identity = dict(spec.identity())
-    identity["input"] = source.fingerprint()
+    identity["input"] = input_fingerprint
     pre = Preflight(
         spec=spec,
         source=source,
@@ -506,6 +511,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
             "fingerprint": pre.fingerprint,
             "spec": spec.raw,
             "spec_file": str(spec.file) if spec.file else None,
+            "ids_checked": pre.identity["input"],  # this input's ids were found unique
             "created_at": (stored_job or {}).get("created_at") or dt.datetime.now(dt.timezone.utc).isoformat(),
         },
     )

@@ -343,3 +343,21 @@ def test_two_signals_in_the_same_instant_still_stop_gracefully(tmp_path):
         assert proc.returncode == 3, stderr
         assert "abandoning" not in stderr and "finishing requests in flight" in stderr
         assert emu.state(NS, "gen").state == "paused"
+
+
+def test_a_resume_does_not_scan_the_same_input_for_duplicate_ids_again(tmp_path, monkeypatch):
+    from batchrun.sources import ParquetSource
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    scans = []
+    original = ParquetSource.find_duplicate_ids
+    monkeypatch.setattr(ParquetSource, "find_duplicate_ids", lambda self: scans.append(1) or original(self))
+    with emulator(running_endpoint()) as emu:
+        spec = _url_job(tmp_path, emu, n=20)
+        run(spec)
+        run(spec)
+        assert len(scans) == 1
+        write_topics(tmp_path / "in" / "topics.parquet", 25)  # the input changed: scanned again (and refused)
+        with pytest.raises(ConfigMismatchError):
+            run(spec)
+        assert len(scans) == 2
