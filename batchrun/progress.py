@@ -80,9 +80,9 @@ class ProgressReporter:
             "failed": snap.failed,
         }
         if snap.spent_usd is not None:
-            postfix["cost"] = f"${snap.spent_usd:.2f}"
+            postfix["cost"] = _usd(snap.spent_usd)
             if snap.projected_usd is not None:
-                postfix["cost"] += f"/~${snap.projected_usd:.2f}"
+                postfix["cost"] += f"/~{_usd(snap.projected_usd)}"
         return postfix
 
     def refresh(self) -> None:
@@ -109,6 +109,11 @@ class ProgressReporter:
             self.refresh()
             self._bar.close()
             self._bar = None
+
+
+def _usd(amount: float) -> str:
+    """Dollars, with cents for real bills and more digits for the emulator's tiny ones."""
+    return f"${amount:.2f}" if amount >= 1 else f"${amount:.4f}"
 
 
 def _duration(seconds: float) -> str:
@@ -142,7 +147,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  note: {endpoint['note']}")
     cost = summary.get("cost") or {}
     if cost.get("usd") is not None:
-        lines.append(f"  cost: ${cost['usd']:.2f} ({cost['replica_hours']:.3f} replica-hours)")
+        lines.append(f"  cost: {_usd(cost['usd'])} ({cost['replica_hours']:.3f} replica-hours)")
     output = summary.get("output")
     if output:
         lines.append(f"  output: {output}")
