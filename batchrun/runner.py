@@ -122,43 +122,23 @@ def _resolve_token(spec: JobSpec) -> str | None:
     return token
 
 
-def _placeholders(template: str) -> list[str]:
-    import string
-
-    names = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None and name != "":
-            names.append(name.split(".")[0].split("[")[0])
-    return names
-
-
 def _check_columns(spec: JobSpec, source: Source) -> None:
+    """Every column the spec names exists in the input (the template's were parsed with the spec)."""
     columns = list(source.schema.names)
-    where = spec.file
-    if spec.prompt.template is not None:
-        try:
-            missing = [name for name in _placeholders(spec.prompt.template) if name not in columns]
-        except ValueError as exc:
-            raise SpecError(where, "prompt.template", f"is not a valid template ({exc}); write literal braces as {{{{ }}}}")
-        if missing:
-            raise SpecError(
-                where,
-                "prompt.template",
-                f"uses {', '.join('{' + m + '}' for m in missing)}, but the input has no such column "
-                f"(columns: {', '.join(columns)})",
-            )
-    if spec.prompt.column is not None and spec.prompt.column not in columns:
-        raise SpecError(where, "prompt.column", f"{spec.prompt.column!r} is not an input column (columns: {', '.join(columns)})")
-    image_columns = (("prompt.image_column", spec.prompt.image_column),
-                     ("image.seed_column", spec.image.seed_column if spec.image else None))
-    for key, name in image_columns:
-        if name is not None and name not in columns:
-            raise SpecError(where, key, f"{name!r} is not an input column (columns: {', '.join(columns)})")
-    keep = spec.input.keep_columns
-    if keep:
-        missing = [c for c in keep if c not in columns]
-        if missing:
-            raise SpecError(where, "input.keep_columns", f"{', '.join(missing)} not in the input (columns: {', '.join(columns)})")
+    available = f"(columns: {', '.join(columns)})"
+    missing = [name for name in spec.prompt.columns if name not in columns]
+    if missing:
+        if spec.prompt.template is not None and set(missing) - {spec.prompt.image_column}:
+            names = ", ".join("{" + m + "}" for m in missing if m != spec.prompt.image_column)
+            raise SpecError(spec.file, "prompt.template", f"uses {names}, but the input has no such column {available}")
+        key = "prompt.column" if missing[0] == spec.prompt.column else "prompt.image_column"
+        raise SpecError(spec.file, key, f"{missing[0]!r} is not an input column {available}")
+    seed_column = spec.image.seed_column if spec.image else None
+    if seed_column is not None and seed_column not in columns:
+        raise SpecError(spec.file, "image.seed_column", f"{seed_column!r} is not an input column {available}")
+    missing = [c for c in spec.input.keep_columns or () if c not in columns]
+    if missing:
+        raise SpecError(spec.file, "input.keep_columns", f"{', '.join(missing)} not in the input {available}")
 
 
 def _fingerprint(identity: dict[str, Any]) -> str:

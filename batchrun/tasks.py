@@ -49,7 +49,6 @@ __all__ = [
     "join_url",
     "make_task",
     "render_prompt",
-    "template_fields",
 ]
 
 OUTPUT_SCHEMA = pa.schema(
@@ -103,22 +102,6 @@ class Task(Protocol):
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """Output columns from a 2xx answer; raises a retryable RequestFailed for a bad body."""
         ...
-
-
-def template_fields(template: str) -> list[str]:
-    """The column names a template refers to, in order of first use (for checking a spec early).
-
-    Raises ValueError for a malformed template (an unmatched brace).
-    """
-    names: list[str] = []
-    for _, field_name, _, _ in string.Formatter().parse(template):
-        if field_name is None:
-            continue
-        # "{a.b}" and "{a[0]}" read column "a".
-        name = field_name.split(".", 1)[0].split("[", 1)[0]
-        if name not in names:
-            names.append(name)
-    return names
 
 
 class _StrictColumns(Mapping[str, Any]):
@@ -499,7 +482,7 @@ def make_task(
     if (template is None) == (column is None):
         raise ValueError("give exactly one of template and column")
     if template is not None:
-        template_fields(template)  # a malformed template fails here, not on every row
+        list(string.Formatter().parse(template))  # a malformed template fails here, not on every row
     parameters = parameters or {}
     if image_column is not None and task != "image-text-to-text":
         raise ValueError("image_column applies to image-text-to-text only")

@@ -50,7 +50,8 @@ def write_spec(tmp_path: Path, *, endpoint: dict[str, Any], input_path: Path, na
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):
-            spec[key] = {**spec[key], **value}
+            merged = {**spec[key], **value}
+            spec[key] = {k: v for k, v in merged.items() if v is not None}  # None removes a default key
         else:
             spec[key] = value
     path = tmp_path / f"{name}.yaml"

@@ -361,3 +361,21 @@ def test_a_resume_does_not_scan_the_same_input_for_duplicate_ids_again(tmp_path,
         with pytest.raises(ConfigMismatchError):
             run(spec)
         assert len(scans) == 2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        ({"prompt": {"template": "About {subject}."}}, "prompt.template", "{subject}"),
+        ({"prompt": {"template": None, "column": "text", "system": None}}, "prompt.column", "'text'"),
+        ({"input": {"keep_columns": ["topic", "nope"]}}, "input.keep_columns", "nope"),
+    ],
+    ids=["template", "column", "keep_columns"],
+)
+def test_a_column_the_input_lacks_is_named_with_the_columns_it_has(tmp_path, overrides, key, words):
+    input_path = write_topics(tmp_path / "in" / "t.parquet", 5)
+    spec = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9"}, input_path=input_path, **overrides)
+    result = cli("validate", str(spec))
+    assert result.returncode == 2
+    assert key in result.stderr and words in result.stderr and "columns: id, topic" in result.stderr
+    assert not (tmp_path / "out").exists()  # validate changed nothing

@@ -22,7 +22,6 @@ from batchrun.tasks import (
     join_url,
     make_task,
     render_prompt,
-    template_fields,
 )
 
 
@@ -58,12 +57,6 @@ def test_templates_that_cannot_render_are_template_failures(template: str) -> No
     with pytest.raises(RequestFailed) as info:
         render_prompt(template=template, column=None, columns={"topic": "x"})
     assert info.value.error_type == "template" and not info.value.retryable
-
-
-def test_template_fields_lists_the_columns_a_template_needs() -> None:
-    assert template_fields("{a} and {b.x} and {a} {{c}} {d[0]}") == ["a", "b", "d"]
-    with pytest.raises(ValueError):
-        template_fields("unclosed {a")
 
 
 def test_a_column_prompt_uses_the_value_as_it_is() -> None:
