@@ -86,7 +86,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"output: {pre.store.root} (writable)", file=out)
     e = spec.endpoint
     where = e.url or (f"{e.namespace}/{e.name}" if e.name else "the built-in emulator (local)")
-    print(f"endpoint: {where}" + (f" [{pre.endpoint_note}]" if pre.endpoint_note else ""), file=out)
+    note = pre.endpoint_note
+    if args.check_endpoint and note is None:
+        note = "not checked: only a Dedicated endpoint (endpoint.name) has a control plane to ask"
+    print(f"endpoint: {where}" + (f" [{note}]" if note else ""), file=out)
     print(f"token: {'found' if pre.token else 'none'}", file=out)
     print("nothing was sent.", file=out)
     return 0

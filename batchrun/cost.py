@@ -114,5 +114,5 @@ class BudgetGuard:
         if self.max_usd is not None:
             spent, rate = meter.usd, meter.usd_per_second()
             if spent is not None and rate is not None and spent + rate * self.margin_s >= self.max_usd:
-                return f"the budget of ${self.max_usd:.2f} is nearly spent (${spent:.2f} so far)"
+                return f"the budget of ${self.max_usd:g} is nearly spent (${spent:.4f} so far)"
         return None

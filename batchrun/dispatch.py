@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import yarl
 
-from batchrun.errors import AuthError, RequestFailed, redact, register_secret
+from batchrun.errors import AuthError, EndpointError, RequestFailed, redact, register_secret
 from batchrun.limit import AdaptiveLimit
 from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import (
@@ -319,6 +319,13 @@ class Dispatcher:
             failure = outcome
             if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
                 raise self._auth_error(failure.status)
+            if failure.error_type == _ENDPOINT_PAUSED:
+                raise EndpointError(
+                    f"the endpoint answered that it is paused ({failure.message}). Resume it (for a Dedicated "
+                    "endpoint: `batchrun endpoint resume NAME --namespace NS`, or let batchrun manage it with "
+                    "endpoint.name), then run the job again: it continues where it stopped.",
+                    state="paused",
+                )
             if is_overload(failure):
                 self.limit.on_overload(sent_at)
             if failure.retryable and self._no_burn is not None and self._no_burn(failure):
@@ -393,6 +400,10 @@ class Dispatcher:
             except RequestFailed:
                 self._count(FailureKind.BAD_BODY.value)
                 raise
+        if status == 400 and _is_paused_answer(payload):
+            # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
+            # failure would lose it for good, so the whole job stops (resumable) instead.
+            raise RequestFailed(_ENDPOINT_PAUSED, _server_message(status, payload), status=status, retryable=False)
         retry_after = parse_retry_after(
             headers.get("Retry-After"), time.time(), maximum=self.config.policy.max_retry_after
         )
@@ -450,6 +461,18 @@ class Dispatcher:
                 f"Set HF_TOKEN, or run `hf auth login`."
             )
         return AuthError(message, status=status)
+
+
+_ENDPOINT_PAUSED = "endpoint_paused"
+
+
+def _is_paused_answer(body: bytes) -> bool:
+    """The Inference Endpoints proxy's plain-text answer for a paused endpoint (protocol reference §3).
+
+    It is text, not TGI's JSON error, so it is recognised by its words, as huggingface_hub recognises
+    the control plane's "already running".
+    """
+    return b"endpoint is paused" in body[:512].lower()
 
 
 def _server_message(status: int, body: bytes) -> str:

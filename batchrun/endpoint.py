@@ -300,7 +300,7 @@ class HfControlPlane:
                 )
             if status == 404:
                 return EndpointUnusableError(
-                    f"endpoint {ref} was not found ({what}): check endpoint.name and endpoint.namespace in the spec"
+                    f"endpoint {ref} was not found ({what}): check the endpoint's name and namespace, and the control-plane base (endpoint.api_url or --api-url, ending in /v2)"
                 )
             if status is None or status == 429 or status >= 500:
                 return ControlPlaneUnavailableError(f"{what} on {ref} failed with HTTP {status}: {body}", status=status)
@@ -676,7 +676,7 @@ class EndpointLifecycle:
                             self.record.ready_at = self._clock()
                             self.record.replicas = snapshot.ready_replicas
                             self._cold = False
-                            self._event(f"{self.ref} is ready at {snapshot.url} ({snapshot.ready_replicas} replicas)")
+                            self._event(f"{self.ref} is ready at {snapshot.url} ({snapshot.ready_replicas} replica{'s' if snapshot.ready_replicas != 1 else ''})")
                             return snapshot.url
                 now = self._clock()
                 if now >= deadline:

@@ -69,7 +69,7 @@ class ConfigMismatchError(BatchrunError):
         self.output = output
         self.changed = changed
         super().__init__(
-            f"{output} holds results of a job with a different {', '.join(changed)}. "
+            f"{output} holds the results of this job under other settings: {'; '.join(changed)}. "
             "Mixing two configurations in one output is refused. Restore the previous values to resume, "
             "use another output folder (--output DIR), or pass --fresh to set the old output aside and start over."
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -133,6 +134,10 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
             raise SpecError(spec.file, "prompt.template", f"uses {names}, but the input has no such column {available}")
         key = "prompt.column" if missing[0] == spec.prompt.column else "prompt.image_column"
         raise SpecError(spec.file, key, f"{missing[0]!r} is not an input column {available}")
+    if spec.prompt.template is not None and spec.prompt.image_column is not None:
+        if "{" + spec.prompt.image_column + "}" in spec.prompt.template:
+            raise SpecError(spec.file, "prompt.template", f"uses {{{spec.prompt.image_column}}}, the image column: "
+                            "the image is sent as an image part beside the text; leave it out of the template")
     seed_column = spec.image.seed_column if spec.image else None
     if seed_column is not None and seed_column not in columns:
         raise SpecError(spec.file, "image.seed_column", f"{seed_column!r} is not an input column {available}")
@@ -146,17 +151,24 @@ def _fingerprint(identity: dict[str, Any]) -> str:
 
 
 def _compare_identity(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The parts of the identity that changed. The served model counts only when both runs knew it."""
-    keys = sorted(set(stored) | set(current))
-    optional = {"model"}
-    return [
-        key
-        for key in keys
-        if stored.get(key) != current.get(key) and not (key in optional and (key not in stored or key not in current))
-    ]
+    """What changed in the identity, said with old and new values. The served model counts only when
+    both runs knew it."""
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if old == new or (key == "model" and (key not in stored or key not in current)):
+            continue
+        if key == "input":
+            changes.append("input (its files or their content changed)")
+        elif isinstance(old, dict) and isinstance(new, dict):
+            parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            changes.append(f"{key} ({', '.join(parts)})")
+        else:
+            changes.append(f"{key} ({old!r} -> {new!r})")
+    return changes
 
 
-async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight:
+async def preflight(spec: JobSpec, *, check_endpoint: bool = False, fresh: bool = False) -> Preflight:
     """Validate everything that can be validated without spending money. Raises exit-2 errors."""
     try:
         source = await asyncio.to_thread(open_source, spec.input)
@@ -238,6 +250,8 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
             "no Hugging Face token found: set HF_TOKEN or run `hf auth login` (a token that may call and manage "
             f"Inference Endpoints in {spec.endpoint.namespace})"
         )
+    if spec.endpoint.local is not None:
+        _local_endpoint_config(spec)  # a typo under endpoint.local is a spec error, found now
     if check_endpoint and spec.endpoint.name:
         with control_plane_base(spec.endpoint.api_url):
             lifecycle = _lifecycle_for(spec, _control_for(spec, token), token, options=RunOptions())
@@ -251,6 +265,10 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False) -> Preflight
         # model between two runs must not add its answers to the same output.
         pre.identity["model"] = snapshot.repository
         pre.fingerprint = _fingerprint(pre.identity)
+    if stored is not None and not fresh:
+        changed = _compare_identity(stored.get("identity", {}), pre.identity)
+        if changed:
+            raise ConfigMismatchError(str(store.root), changed)
     # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
     await asyncio.to_thread(store.check_writable)
     return pre
@@ -298,6 +316,22 @@ def _lifecycle_for(spec: JobSpec, control: HfControlPlane, token: str | None, *,
     return EndpointLifecycle(control, settings, token=token, on_event=lambda m: options.echo(f"endpoint: {m}"))
 
 
+def _local_endpoint_config(spec: JobSpec) -> Any:
+    """The emulator endpoint that `endpoint: {local: ...}` describes (SpecError for a bad key)."""
+    from .emulator import EndpointConfig
+
+    local = dict(spec.endpoint.local or {})
+    local.setdefault("name", "local-" + spec.name.lower().replace("_", "-")[:24])
+    local.setdefault("namespace", LOCAL_NAMESPACE)
+    # The emulated endpoint serves what the job asks for, unless the spec says otherwise.
+    local.setdefault("task", {"text-to-image": "text-to-image", "image-text-to-text": "image-text-to-text"}.get(
+        spec.task, "text-generation"))
+    try:
+        return EndpointConfig.from_dict(local)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(spec.file, "endpoint.local", str(exc)) from None
+
+
 @contextlib.asynccontextmanager
 async def _endpoint_for(spec: JobSpec, token: str | None, options: RunOptions) -> AsyncIterator[tuple[Any, str | None]]:
     """Yield (lifecycle, data-plane token) for the spec's endpoint; a local one runs an emulator meanwhile."""
@@ -313,25 +347,19 @@ async def _endpoint_for(spec: JobSpec, token: str | None, options: RunOptions) -
     # same huggingface_hub control-plane code as a real one.
     import secrets
 
-    from .emulator import Emulator, EmulatorConfig, EndpointConfig
+    from .emulator import Emulator, EmulatorConfig
 
-    local = dict(e.local or {})
-    local.setdefault("name", "local-" + spec.name.lower().replace("_", "-")[:24])
-    local.setdefault("namespace", LOCAL_NAMESPACE)
-    # The emulated endpoint serves what the job asks for, unless the spec says otherwise.
-    local.setdefault("task", {"text-to-image": "text-to-image", "image-text-to-text": "image-text-to-text"}.get(
-        spec.task, "text-generation"))
-    try:
-        endpoint_config = EndpointConfig.from_dict(local)
-    except (ValueError, TypeError) as exc:
-        raise SpecError(spec.file, "endpoint.local", str(exc)) from None
+    endpoint_config = _local_endpoint_config(spec)
     local_token = "local-" + secrets.token_hex(16)
     register_secret(local_token)
     async with Emulator(EmulatorConfig(token=local_token, endpoints=[endpoint_config])) as emu:
         options.echo(f"endpoint: started the built-in emulator (control plane {emu.api_url})")
         with control_plane_base(emu.api_url):
             control = _control_for(spec, local_token, name=endpoint_config.name, namespace=endpoint_config.namespace)
-            yield _lifecycle_for(spec, control, local_token, options=options), local_token
+            lifecycle = _lifecycle_for(spec, control, local_token, options=options)
+            # The emulator ends with this process: no server-side backstop is needed, nor advice about it.
+            lifecycle.settings = dataclasses.replace(lifecycle.settings, idle_backstop_s=None)
+            yield lifecycle, local_token
 
 
 # --------------------------------------------------------------------------- reading
@@ -470,7 +498,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     options = options or RunOptions()
     started_wall = time.time()
     started = time.monotonic()
-    pre = await preflight(spec, check_endpoint=True)
+    pre = await preflight(spec, check_endpoint=True, fresh=options.fresh)
     store = pre.store
 
     stored_job = await asyncio.to_thread(store.load_job)
@@ -479,10 +507,6 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
         options.echo(f"--fresh: the previous output was moved to {moved}")
         await asyncio.to_thread(store.check_writable)
         stored_job = None
-    if stored_job is not None:
-        changed = _compare_identity(stored_job.get("identity", {}), pre.identity)
-        if changed:
-            raise ConfigMismatchError(str(store.root), changed)
     await asyncio.to_thread(
         store.save_job,
         {

@@ -470,3 +470,14 @@ def test_the_shipped_image_jobs_run_from_the_command_line_as_a_user_would(tmp_pa
 def test_preview_of_a_folder_that_does_not_exist_exits_2(tmp_path):
     result = cli("preview", str(tmp_path / "nothing"))
     assert result.returncode == 2 and "not an output folder" in result.stderr
+
+
+def test_a_template_that_pastes_the_image_column_into_the_text_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(vision_endpoint()) as emu:
+        spec = vision_job(tmp_path, url_of(emu), SAMPLE_DATA / "vision.parquet",
+                          prompt={"template": "{question} {image}", "image_column": "image"})
+        with pytest.raises(SpecError) as refused:
+            run(spec)
+        assert data_requests(emu) == 0
+    assert refused.value.key == "prompt.template" and "image part" in refused.value.problem

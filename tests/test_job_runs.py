@@ -379,3 +379,37 @@ def test_a_column_the_input_lacks_is_named_with_the_columns_it_has(tmp_path, ove
     assert result.returncode == 2
     assert key in result.stderr and words in result.stderr and "columns: id, topic" in result.stderr
     assert not (tmp_path / "out").exists()  # validate changed nothing
+
+
+def test_a_paused_url_endpoint_stops_the_job_without_losing_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint(initial_state="paused")) as emu:
+        spec = _url_job(tmp_path, emu, n=30)
+        stopped, _ = run(spec)
+        assert stopped.exit_code == 3 and "paused" in stopped.summary["stop_reason"]
+        assert read_ids(tmp_path / "out" / "job" / "failed") == []  # no row was written off
+        emu.call(lambda: emu.emulator.state(NS, "gen").resume())
+        deadline = time.monotonic() + 5
+        while emu.state(NS, "gen").state != "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        resumed, _ = run(spec)
+    assert resumed.exit_code == 0
+    assert sorted(read_ids(tmp_path / "out" / "job" / "data")) == [f"row-{i:05d}" for i in range(30)]
+
+
+def test_a_typo_under_endpoint_local_is_found_by_validate(tmp_path):
+    input_path = write_topics(tmp_path / "in" / "t.parquet", 5)
+    spec = write_spec(tmp_path, endpoint={"local": {"latncy_base_s": 0.1}}, input_path=input_path)
+    result = cli("validate", str(spec))
+    assert result.returncode == 2
+    assert "endpoint.local" in result.stderr and "latncy_base_s" in result.stderr
+
+
+def test_validate_says_when_the_output_holds_another_configuration(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint()) as emu:
+        run(_url_job(tmp_path, emu, n=10))
+        changed = _url_job(tmp_path, emu, n=10, parameters={"max_tokens": 12, "seed": 2})
+        result = cli("validate", str(changed))
+    assert result.returncode == 2
+    assert "seed: 1 -> 2" in result.stderr and "--fresh" in result.stderr
