@@ -130,11 +130,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     rows = summary["rows"]
     lines = [
         f"job {summary['job']}: {summary['outcome']}",
-        f"  rows: {rows['ok']} ok, {rows['failed']} failed, {rows['skipped']} skipped (done earlier)"
+        f"  this run: {rows['ok']} ok, {rows['failed']} failed, {rows['skipped']} skipped (finished by earlier runs)"
         + (f", {rows['pending']} not yet run" if rows.get("pending") else ""),
-        f"  wall {summary['wall_s']:.1f}s, {summary['throughput_rows_per_s']:.1f} rows/s, "
-        f"{summary['output_tokens']} output tokens",
     ]
+    if "total_ok" in rows:
+        retryable = rows.get("total_failed_retryable") or 0
+        lines.append(
+            f"  the output holds: {rows['total_ok']} ok, {rows['total_failed']} failed"
+            + (f" ({retryable} retryable: run again to retry them)" if retryable else "")
+        )
+    tokens = f", {summary['output_tokens']} output tokens" if summary.get("output_tokens") else ""
+    lines.append(f"  wall {summary['wall_s']:.1f}s, {summary['throughput_rows_per_s']:.1f} rows/s{tokens}")
     lat = summary.get("latency_s") or {}
     if lat.get("p50") is not None:
         lines.append(f"  latency p50 {lat['p50']:.3f}s, p95 {lat['p95']:.3f}s; retries {summary['retries']}")
