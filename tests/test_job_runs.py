@@ -413,3 +413,22 @@ def test_validate_says_when_the_output_holds_another_configuration(tmp_path, mon
         result = cli("validate", str(changed))
     assert result.returncode == 2
     assert "seed: 1 -> 2" in result.stderr and "--fresh" in result.stderr
+
+
+def test_a_failure_rate_past_the_threshold_stops_the_job_and_pauses_the_endpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    endpoint_config = running_endpoint(initial_state="paused", max_input_tokens=2, max_total_tokens=200,
+                                       latency_base_s=0.005)
+    with emulator(endpoint_config) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 600)
+        endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url}
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="bad",
+                          prompt={"template": "{topic}", "system": None}, failure_threshold=0.5,
+                          concurrency={"max": 4, "initial": 4})
+        outcome, _ = run(spec)  # every prompt is over the endpoint's input limit: 422 for each row
+        assert emu.state(NS, "gen").state == "paused"
+        pause = [e for e in emu.control_log if e["path"].endswith("/pause")][0]
+        assert emu.stats()["endpoints"][f"{NS}/gen"]["last_request_at"] <= pause["t"]
+    assert outcome.exit_code == 3
+    assert "failure_threshold" in outcome.summary["stop_reason"]
+    assert 50 <= len(read_ids(tmp_path / "out" / "bad" / "failed")) < 600  # it stopped early
