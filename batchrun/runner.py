@@ -101,6 +101,7 @@ class Preflight:
     count: int | None
     samples: list[tuple[Any, str]] = field(default_factory=list)  # (row id, rendered prompt or error)
     endpoint_note: str | None = None
+    stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
 
 
 @dataclass(slots=True)
@@ -244,6 +245,7 @@ async def preflight(spec: JobSpec, *, check_endpoint: bool = False, fresh: bool 
         fingerprint=_fingerprint(identity),
         count=source.count(),
         samples=samples,
+        stored_job=stored,
     )
     if spec.endpoint.name and not token:
         raise AuthError(
@@ -501,7 +503,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh)
     store = pre.store
 
-    stored_job = await asyncio.to_thread(store.load_job)
+    stored_job = pre.stored_job
     if stored_job is not None and options.fresh:
         moved = await asyncio.to_thread(store.set_aside)
         options.echo(f"--fresh: the previous output was moved to {moved}")
