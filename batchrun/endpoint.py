@@ -369,10 +369,14 @@ class LifecycleRecord:
     final_action: str | None = None  # pause | scale-to-zero | keep | none | "pause failed" ...
     note: str | None = None
     replicas: int = 1
-    events: list[str] = field(default_factory=list)
     #: (wall-clock time, event) for every event, for benchmarks and post-mortems.
     timeline: list[tuple[float, str]] = field(default_factory=list)
     release_started_at: float | None = None  # monotonic time release() began
+
+    @property
+    def events(self) -> list[str]:
+        """The events' messages, in order."""
+        return [message for _, message in self.timeline]
 
 
 class StaticEndpoint:
@@ -448,7 +452,6 @@ class EndpointLifecycle:
         self._foreign_owner: str | None = None  # a live process that holds the state file
 
     def _event(self, message: str) -> None:
-        self.record.events.append(message)
         self.record.timeline.append((time.time(), message))
         log.info("endpoint_event %s", message)
         self._on_event(message)

@@ -23,9 +23,8 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .cost import BudgetGuard, CostMeter
@@ -43,7 +42,6 @@ from .errors import (
     ConfigMismatchError,
     EndpointError,
     InputError,
-    JobStopped,
     RequestFailed,
     SpecError,
     redact,

@@ -571,3 +571,56 @@ def test_a_replica_that_never_comes_back_ends_the_job_instead_of_retrying_foreve
     failures = read_rows(tmp_path / "out" / "crashloop" / "failed")
     assert rows and failures and len(rows) < 120
     assert all(f["retryable"] and f["status"] == 503 and f["attempts"] >= 2 for f in failures), failures[:3]
+
+
+def test_concurrency_grows_as_replicas_come_online(tmp_path, monkeypatch):
+    """reliability.md §2: the adaptive limit finds the new capacity without being told."""
+    import threading
+
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    config = EndpointConfig.from_dict({
+        "name": "gen", "namespace": NS, "initial_state": "running", **FAST_LIFECYCLE,
+        "min_replica": 1, "max_replica": 3, "max_concurrent_requests": 8, "latency_base_s": 0.05,
+    })
+    with emulator(config) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 2500)
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path,
+                          name="grow", concurrency={"max": 64, "initial": 4},
+                          retries={"max_attempts": 8, "budget_ratio": 1.0})
+        key = f"{NS}/gen"
+        ok_counts: list[tuple[float, int]] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                routes = emu.stats()["endpoints"][key]["by_route"]
+                ok_counts.append((time.monotonic(), sum(c.get("200", 0) for c in routes.values())))
+                time.sleep(0.1)
+
+        def scale_up() -> None:
+            time.sleep(2.0)  # one replica, found and used first
+            monkeypatch.setattr(constants, "INFERENCE_ENDPOINTS_ENDPOINT", emu.api_url)
+            HfApi().update_inference_endpoint("gen", namespace=NS, min_replica=3, max_replica=3, token=TOKEN)
+            scaled_at.append(time.monotonic())
+
+        scaled_at: list[float] = []
+        threads = [threading.Thread(target=watch), threading.Thread(target=scale_up)]
+        for t in threads:
+            t.start()
+        outcome, _ = run(spec)
+        done.set()
+        for t in threads:
+            t.join()
+        assert emu.state(NS, "gen").ready_replicas == 3
+
+    def rate(start: float, end: float) -> float:
+        inside = [(t, n) for t, n in ok_counts if start <= t <= end]
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+    assert outcome.exit_code == 0
+    before = rate(scaled_at[0] - 1.0, scaled_at[0])
+    after = rate(scaled_at[0] + 1.0, ok_counts[-1][0] - 0.3)
+    # One replica serves at most 8 / 0.05 s = 160 rows/s; three serve 480. The ratio is measured in one run.
+    assert after > 1.8 * before, (before, after)

@@ -285,7 +285,7 @@ class EndpointServer:
         def metrics() -> Reply:
             ok = sum(n for (route, status), n in self.stats.by_route_status.items() if status == "200")
             lines = [f"tgi_request_count {self.stats.requests}", f"tgi_request_success {ok}",
-                     f"tgi_batch_current_size {self.admitted}", f"tgi_queue_size 0"]
+                     f"tgi_batch_current_size {self.admitted}", "tgi_queue_size 0"]
             return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain")
         return await self._plain_route(request, "GET /metrics", metrics)
 
