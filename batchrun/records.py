@@ -36,7 +36,11 @@ class RowResult:
 
 @dataclass(frozen=True, slots=True)
 class RowFailure:
-    """A row that failed. ``retryable`` failures are tried again on the next run; others are final."""
+    """A row that failed. ``retryable`` failures are tried again on the next run; others are final.
+
+    ``kept`` holds the kept input columns, as for a result, so that a failure can be read without
+    joining it back to the input.
+    """
 
     position: int
     id: Any
@@ -45,4 +49,4 @@ class RowFailure:
     status: int | None
     attempts: int
     retryable: bool
-    extra: dict[str, Any] = field(default_factory=dict)
+    kept: dict[str, Any] = field(default_factory=dict)
