@@ -9,6 +9,8 @@ Python::
     print(outcome.exit_code, outcome.summary["rows"])
 """
 
+from importlib import metadata as _metadata
+
 from .errors import (
     AuthError,
     BatchrunError,
@@ -21,23 +23,26 @@ from .errors import (
     SpecError,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("batchrun")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 # The runner pulls in aiohttp, pyarrow and datasets; load it on first use so that `batchrun --help`
 # and `import batchrun.errors` stay instant.
 _LAZY = {
-    "JobOutcome": "runner",
+    "JobOutcome": "summary",
     "JobSpec": "spec",
     "RunOptions": "runner",
     "load_spec": "spec",
     "parse_spec": "spec",
-    "preflight": "runner",
-    "read_status": "sink",
+    "preflight": "preflight",
+    "read_status": "output",
     "run_job": "runner",
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'batchrun' has no attribute {name!r}")

@@ -71,7 +71,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .runner import preflight
+    from .preflight import preflight
 
     spec = _load(args)
     pre = asyncio.run(preflight(spec, check_endpoint=args.check_endpoint))
@@ -83,13 +83,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for row_id, prompt in pre.samples:
         shown = prompt if len(prompt) <= 200 else prompt[:197] + "..."
         print(f"  prompt for id {row_id!r}: {shown}", file=out)
-    print(f"output: {pre.store.root} (writable)", file=out)
+    print(f"output: {spec.output.path} (writable)", file=out)
     e = spec.endpoint
     where = e.url or (f"{e.namespace}/{e.name}" if e.name else "the built-in emulator (local)")
-    note = pre.endpoint_note
-    if args.check_endpoint and note is None:
-        note = "not checked: only a Dedicated endpoint (endpoint.name) has a control plane to ask"
-    print(f"endpoint: {where}" + (f" [{note}]" if note else ""), file=out)
+    note = pre.endpoint_check.note if pre.endpoint_check is not None else None
+    print(f"endpoint: {where}" + (f" [{note}]" if note else " (not contacted; --check-endpoint asks it)"), file=out)
     print(f"token: {'found' if pre.token else 'none'}", file=out)
     print("nothing was sent.", file=out)
     return 0
@@ -111,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .sink import read_status
+    from .output import read_status
 
     spec = _load(args)
     root = Path(spec.output.path)
@@ -184,15 +182,16 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
 
 def cmd_endpoint(args: argparse.Namespace) -> int:
-    from .endpoint import HfControlPlane, control_plane_base
-    from .errors import register_secret
     from huggingface_hub import get_token
+
+    from .endpoints.control_plane import HfControlPlane
+    from .errors import register_secret
 
     token = get_token()
     register_secret(token)
 
     async def act() -> Any:
-        control = HfControlPlane(name=args.name, namespace=args.namespace, token=token)
+        control = HfControlPlane(name=args.name, namespace=args.namespace, token=token, api_url=args.api_url)
         if args.action == "pause":
             return await control.pause()
         if args.action == "resume":
@@ -201,8 +200,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
             return await control.scale_to_zero()
         return await control.get()
 
-    with control_plane_base(args.api_url):
-        snap = asyncio.run(act())
+    snap = asyncio.run(act())
     print(f"{snap.namespace}/{snap.name}: {snap.state}" + (f" ({snap.message})" if snap.message else ""))
     print(f"  url: {snap.url or '-'}")
     print(f"  replicas: {snap.ready_replicas}/{snap.target_replicas} ready (min {snap.min_replica}, max {snap.max_replica})")

@@ -7,10 +7,16 @@ until it releases it (pause), which slightly over-counts a cold start and never 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
+from batchrun.stop import Stop, StopReason
+
 __all__ = ["BudgetGuard", "CostMeter"]
+
+#: How often the guard looks at the meter and the clock while a job runs.
+CHECK_EVERY_S = 0.25
 
 
 class CostMeter:
@@ -105,14 +111,25 @@ class BudgetGuard:
     def active(self) -> bool:
         return self.max_usd is not None or self.deadline_s is not None
 
-    def check(self, meter: CostMeter) -> str | None:
+    def check(self, meter: CostMeter) -> tuple[StopReason, str] | None:
         """A reason to stop now, or None."""
         if self.deadline_s is not None:
             elapsed = self._clock() - self._started_at
             if elapsed + self.margin_s >= self.deadline_s:
-                return f"the deadline of {self.deadline_s:.0f}s is near ({elapsed:.0f}s elapsed)"
+                return StopReason.DEADLINE, f"the deadline of {self.deadline_s:.0f}s is near ({elapsed:.0f}s elapsed)"
         if self.max_usd is not None:
             spent, rate = meter.usd, meter.usd_per_second()
             if spent is not None and rate is not None and spent + rate * self.margin_s >= self.max_usd:
-                return f"the budget of ${self.max_usd:g} is nearly spent (${spent:.4f} so far)"
+                return StopReason.BUDGET, f"the budget of ${self.max_usd:g} is nearly spent (${spent:.4f} so far)"
         return None
+
+    async def watch(self, meter: CostMeter, stop: Stop) -> None:
+        """Until cancelled or stopped: request a stop when the budget or the deadline says so."""
+        if not self.active:
+            return
+        while not stop.requested:
+            reason = self.check(meter)
+            if reason is not None:
+                stop.request(*reason)
+                return
+            await asyncio.sleep(CHECK_EVERY_S)

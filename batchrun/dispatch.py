@@ -7,16 +7,18 @@ one retry loop, the only one in batchrun (reliability.md §2):
 
     prepare ─ fails? → RowFailure(retryable=False), nothing sent
       │
-      └─ attempt: [before_send] → slot → send → classify
+      └─ attempt: slot → send → classify
             success          → RowResult
             401 / 403        → AuthError out of run(): the job stops
             permanent        → RowFailure(retryable=False)
-            transient        → policy.decide → give up: RowFailure(retryable=True)
+            transient        → excused (a cold start)? back off without using up an attempt
+                             → policy.decide → give up: RowFailure(retryable=True)
                                              → sleep (slot released) → retry budget → attempt again
 
-Shutdown: :meth:`Dispatcher.stop_intake` lets running requests finish and abandons rows that are
-waiting (for intake, a slot or a retry) without a record, so they run again next time;
-:meth:`Dispatcher.abort` cancels everything at once, and nothing is sent after it returns.
+Stopping is the job's :class:`~batchrun.stop.Stop`: once a stop is requested, no row is pulled and
+rows waiting (for a slot, a backoff or the retry budget) are left without a record, so they run again
+next time; requests on the wire finish within the grace. When the grace ends, everything still running
+is cancelled, and nothing is sent after :meth:`Dispatcher.run` returns.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import yarl
 
+from batchrun.endpoints.base import DataPlane
 from batchrun.errors import AuthError, EndpointError, RequestFailed, redact, register_secret
 from batchrun.limit import AdaptiveLimit
 from batchrun.records import Row, RowFailure, RowResult
@@ -44,15 +47,17 @@ from batchrun.retry import (
     is_overload,
     parse_retry_after,
 )
+from batchrun.spec import ConcurrencySpec
+from batchrun.stop import Stop
 from batchrun.tasks import PreparedRequest, Task, join_url
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
 # Server text kept in a failure row: enough to read the reason, not a whole HTML error page.
 _MAX_MESSAGE_CHARS = 500
-# A backoff for "does not burn attempts" failures (cold start) grows with consecutive ones, up to this
-# exponent: with the default policy that is min(cap, 0.5 * 2**6) = 30 s at most between probes.
-_NO_BURN_MAX_EXPONENT = 6
+# A backoff for excused failures (cold start) grows with consecutive ones, up to this exponent: with
+# the default policy that is min(cap, 0.5 * 2**6) = 30 s at most between probes.
+_EXCUSED_MAX_EXPONENT = 6
 # Longest single wait while the retry budget is spent: new requests elsewhere raise the allowance,
 # so look again this often rather than sleeping until the oldest retry expires.
 _BUDGET_POLL_S = 0.25
@@ -63,15 +68,13 @@ class DispatchConfig:
     """How the dispatcher sends: concurrency bounds, per-request deadline, retry policy and budget."""
 
     # Concurrency: the adaptive limit starts at initial_concurrency and stays within [1, max_concurrency].
-    max_concurrency: int = 256
-    initial_concurrency: int = 8
+    max_concurrency: int = ConcurrencySpec.max
+    initial_concurrency: int = ConcurrencySpec.initial
     # A hung server cannot hang the job: every attempt has this total deadline.
     request_timeout_s: float = 120.0
     # Retries.
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     retry_budget_ratio: float = 0.1
-    # Sent with every request (e.g. X-Scale-Up-Timeout). Authorization is set from the token instead.
-    extra_headers: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -82,8 +85,6 @@ class DispatchConfig:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.retry_budget_ratio < 0:
             raise ValueError(f"retry_budget_ratio must not be negative, got {self.retry_budget_ratio}")
-        if any(key.lower() == "authorization" for key in self.extra_headers):
-            raise ValueError("extra_headers may not set Authorization: the token comes from huggingface_hub")
 
 
 class LatencySample:
@@ -129,51 +130,68 @@ class DispatchStats:
 
 
 class _Abandon(Exception):
-    """A row is left without a record because intake stopped (or the dispatcher closed)."""
+    """A row is left without a record because intake stopped (it runs again next time)."""
+
+
+class _RowFeed:
+    """The rows, pulled one worker at a time; remembers that they ended."""
+
+    def __init__(self, rows: AsyncIterator[Row]) -> None:
+        self._rows = rows
+        self._lock = asyncio.Lock()
+        self.ended = False
+
+    async def next(self) -> Row | None:
+        async with self._lock:
+            if self.ended:
+                return None
+            try:
+                return await anext(self._rows)
+            except StopAsyncIteration:
+                self.ended = True  # the other workers stop pulling too; rows in flight finish
+                return None
 
 
 class Dispatcher:
     """Sends every row's request to one endpoint and hands exactly one record per finished row to ``on_record``.
 
-    ``base_url`` is the endpoint's URL (it may carry a path). ``token`` becomes ``Authorization:
-    Bearer``; it is registered with :func:`~batchrun.errors.redact` and never appears in a message.
-    ``kept_columns(row)`` picks the input columns copied into each result. ``before_send`` is awaited
-    before every attempt (e.g. to hold requests while the endpoint is cold). ``no_burn(failure)``
-    returning True means that failure does not count against ``policy.max_attempts`` (it still backs
-    off and spends retry budget), e.g. a 503 while a scaled-to-zero endpoint wakes up.
+    ``plane`` is where requests go: the endpoint's url (it may carry a path), headers to add, and the
+    token, sent as ``Authorization: Bearer`` and never shown in a message. ``kept_columns(row)`` picks
+    the input columns copied into each record. ``excuses(failure)`` returning True means that failure
+    does not count against ``policy.max_attempts`` (it still backs off and spends retry budget), e.g. a
+    503 while a scaled-to-zero endpoint wakes up.
     """
 
     def __init__(
         self,
         *,
-        base_url: str,
+        plane: DataPlane,
         task: Task,
         config: DispatchConfig,
-        token: str | None,
         on_record: Callable[[RowResult | RowFailure], None],
         kept_columns: Callable[[Row], dict[str, Any]] | None = None,
+        excuses: Callable[[RequestFailed], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        before_send: Callable[[], Awaitable[None]] | None = None,
-        no_burn: Callable[[RequestFailed], bool] | None = None,
     ) -> None:
-        url = yarl.URL(base_url)
+        url = yarl.URL(plane.url)
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"base_url must be an http(s) URL, got {redact(base_url)!r}")
-        self.base_url = base_url
+            raise ValueError(f"the endpoint url must be an http(s) URL, got {redact(plane.url)!r}")
+        if any(key.lower() == "authorization" for key in plane.headers):
+            raise ValueError("the data plane's headers may not set Authorization: the token comes from huggingface_hub")
+        self.base_url = plane.url
         self.task = task
         self.config = config
         self._on_record = on_record
         self._kept_columns = kept_columns
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
-        self._before_send = before_send
-        self._no_burn = no_burn
-        self._has_token = bool(token)
-        register_secret(token)
-        self._headers = {"Content-Type": "application/json", **config.extra_headers}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+        self._excuses = excuses
+        self._has_token = bool(plane.token)
+        register_secret(plane.token)
+        self._headers = {"Content-Type": "application/json", **plane.headers}
+        if plane.token:
+            self._headers["Authorization"] = f"Bearer {plane.token}"
         self.limit = AdaptiveLimit(
             min(config.initial_concurrency, config.max_concurrency), maximum=config.max_concurrency, clock=clock
         )
@@ -181,47 +199,31 @@ class Dispatcher:
         self._stats = DispatchStats(limit=self.limit.limit)
         self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
         self._urls: dict[str, str] = {}
-        self._stopping = False  # stop_intake() or abort() was called
-        self._exhausted = False  # the rows ended: pull no more, but let retries run
-        self._closed = False  # abort() was called: send nothing more
-        self._stop_signal: asyncio.Future[None] | None = None
-        self._workers: list[asyncio.Task[None]] = []
-        self._pull_lock: asyncio.Lock | None = None
-        self._rows: AsyncIterator[Row] | None = None
+        self._stop = Stop()
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, rows: AsyncIterator[Row]) -> None:
-        """Dispatch every row of ``rows`` until it ends, intake stops, or the job must stop.
+    async def run(self, rows: AsyncIterator[Row], stop: Stop | None = None) -> None:
+        """Dispatch every row of ``rows`` until they end or ``stop`` is requested; see the module docstring.
 
-        Raises AuthError (after cancelling the other workers) when the endpoint refuses the token.
-        Returns normally after :meth:`abort`.
+        Raises AuthError (after cancelling the other workers) when the endpoint refuses the token, and
+        EndpointError when it answers that it is paused. Returns normally when the grace ends.
         """
-        loop = asyncio.get_running_loop()
-        self._stop_signal = loop.create_future()
-        if self._stopping:
-            self._stop_signal.set_result(None)
-        self._pull_lock = asyncio.Lock()
-        self._rows = rows
+        self._stop = stop = stop or Stop()
+        feed = _RowFeed(rows)
         n = self.config.max_concurrency
         # limit_per_host=0: no separate per-host cap; the total equals the worker count, and every
         # request goes to one host anyway. Connections are kept alive between requests.
         connector = aiohttp.TCPConnector(limit=n, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector, headers=self._headers) as session:
-            self._workers = [asyncio.create_task(self._worker(session), name=f"dispatch-{i}") for i in range(n)]
-            try:
-                done, pending = await asyncio.wait(self._workers, return_when=asyncio.FIRST_EXCEPTION)
-                failure = next(
-                    (t.exception() for t in done if not t.cancelled() and t.exception() is not None), None
-                )
-                if failure is not None:
-                    await self._cancel_workers()
-                    raise failure
-                if pending:  # only abort() ends workers by cancellation; let it finish
-                    await self._cancel_workers()
-            except BaseException:
-                await self._cancel_workers()
-                raise
+            async with stop.until_aborted():
+                try:
+                    async with asyncio.TaskGroup() as workers:
+                        for i in range(n):
+                            workers.create_task(self._worker(session, feed), name=f"dispatch-{i}")
+                except BaseExceptionGroup as group:
+                    # One worker's AuthError (or a reader error) ends them all; raise it as itself.
+                    raise group.exceptions[0] from None
 
     @property
     def stats(self) -> DispatchStats:
@@ -230,31 +232,15 @@ class Dispatcher:
         self._stats.limit = self.limit.limit
         return self._stats
 
-    def stop_intake(self) -> None:
-        """Graceful stop: take no new rows, let requests on the wire finish, abandon rows waiting to retry."""
-        self._stopping = True
-        if self._stop_signal is not None and not self._stop_signal.done():
-            self._stop_signal.set_result(None)
-
-    async def abort(self) -> None:
-        """Cancel every request in flight and every pending retry now; nothing is sent after this returns."""
-        self._closed = True
-        self.stop_intake()
-        await self._cancel_workers()
-
-    async def _cancel_workers(self) -> None:
-        workers = [w for w in self._workers if w is not asyncio.current_task()]
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-
     # ------------------------------------------------------------------ workers
 
-    async def _worker(self, session: aiohttp.ClientSession) -> None:
-        while True:
-            row = await self._next_row()
-            if row is None:
-                return
+    async def _worker(self, session: aiohttp.ClientSession, feed: _RowFeed) -> None:
+        while not self._stop.requested:
+            row = None
+            async with self._stop.until_requested():
+                row = await feed.next()
+            if row is None or self._stop.requested:
+                return  # the rows ended, or intake stopped: a row pulled just then runs next time
             try:
                 record = await self._process(session, row)
             except _Abandon:
@@ -265,46 +251,18 @@ class Dispatcher:
                 self._stats.failed += 1
             self._on_record(record)
 
-    async def _next_row(self) -> Row | None:
-        """The next row, or None when the rows ended or intake stopped. One worker pulls at a time."""
-        assert self._pull_lock is not None and self._rows is not None and self._stop_signal is not None
-        async with self._pull_lock:
-            if self._stopping or self._exhausted:
-                return None
-            pull = asyncio.ensure_future(anext(self._rows))
-            try:
-                await asyncio.wait((pull, self._stop_signal), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not pull.done():
-                    pull.cancel()  # intake stopped (or we were cancelled) while upstream had nothing yet
-                # If we leave here without reading the pull (we were cancelled), it may still end with
-                # the upstream's own exception (its end, or an error): mark it seen, do not warn at exit.
-                pull.add_done_callback(lambda task: task.cancelled() or task.exception())
-            if not pull.done() or pull.cancelled():
-                return None  # intake stopped before upstream had a row; the pull is being cancelled
-            if self._stopping:
-                pull.exception()  # mark any upstream error as seen: intake is over either way
-                return None  # a row pulled just as intake stopped is left unstarted: it runs next time
-            try:
-                return pull.result()
-            except StopAsyncIteration:
-                self._exhausted = True  # the other workers stop pulling too; rows in flight finish
-                return None
-
     async def _process(self, session: aiohttp.ClientSession, row: Row) -> RowResult | RowFailure:
         try:
             request = self.task.prepare(row)
-        except RequestFailed as failure:
-            return self._failure(row, failure, attempts=0)
+        except RequestFailed as unsendable:
+            return self._failure(row, unsendable, attempts=0)
         body = json.dumps(request.payload).encode()  # once per row, not per attempt
         url = self._url(request)
         headers = request.headers or None
         attempts = 0  # requests sent for this row
         burned = 0  # attempts that count against policy.max_attempts
-        cold_streak = 0  # consecutive no-burn failures, for their backoff
+        cold_streak = 0  # consecutive excused failures, for their backoff
         while True:
-            if self._before_send is not None:
-                await self._before_send()
             sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
             attempts += 1
             if isinstance(outcome, dict):
@@ -314,8 +272,7 @@ class Dispatcher:
                 self.limit.on_success(latency)
                 self._stats.latencies.add(latency)
                 self._stats.output_tokens += outcome.get("completion_tokens") or 0
-                kept = self._kept_columns(row) if self._kept_columns is not None else {}
-                return RowResult(row.position, row.id, kept, outcome, latency, attempts)
+                return RowResult(row.position, row.id, self._kept(row), outcome, latency, attempts)
             failure = outcome
             if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
                 raise self._auth_error(failure.status)
@@ -328,8 +285,8 @@ class Dispatcher:
                 )
             if is_overload(failure):
                 self.limit.on_overload(sent_at)
-            if failure.retryable and self._no_burn is not None and self._no_burn(failure):
-                delay = self.config.policy.delay(failure, min(cold_streak, _NO_BURN_MAX_EXPONENT), self._rng)
+            if failure.retryable and self._excuses is not None and self._excuses(failure):
+                delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
                 cold_streak += 1
             else:
                 decision = self.config.policy.decide(failure, burned, self._rng)
@@ -350,10 +307,14 @@ class Dispatcher:
         first: bool,
     ) -> tuple[float, dict[str, Any] | RequestFailed]:
         """Send one request inside a concurrency slot. Returns when it was sent, and outputs or a failure."""
-        async with self.limit.slot():
-            # Checked right before sending: after abort() nothing goes out, and after stop_intake()
-            # a row that was only waiting for a slot is left for next time.
-            if self._closed or self._stopping:
+        async with self._stop.until_requested() as waiting:
+            await self.limit.acquire()
+        if waiting.cancelled:
+            raise _Abandon()
+        try:
+            # Checked right before sending: once a stop is requested, a row that was only waiting for a
+            # slot is left for next time.
+            if self._stop.requested:
                 raise _Abandon()
             self.budget.record_request()  # every request counts, retries included (the budget is a share)
             self._stats.sent += 1
@@ -364,6 +325,8 @@ class Dispatcher:
                 return sent_at, await self._send(session, url, body, headers)
             except RequestFailed as failure:
                 return sent_at, failure
+        finally:
+            self.limit.release()
 
     async def _send(
         self,
@@ -417,13 +380,12 @@ class Dispatcher:
 
     async def _wait_to_retry(self, delay: float) -> None:
         """Sleep ``delay`` (holding no slot), then wait for the retry budget. Abandons if intake stops."""
-        assert self._stop_signal is not None
-        if delay > 0:
-            await asyncio.wait((self._stop_signal,), timeout=delay)
-        while not self._stopping and not self.budget.try_spend():
-            wait = min(self.budget.time_until_available(), _BUDGET_POLL_S)
-            await asyncio.wait((self._stop_signal,), timeout=wait)
-        if self._stopping:
+        async with self._stop.until_requested() as waiting:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            while not self.budget.try_spend():
+                await asyncio.sleep(min(self.budget.time_until_available(), _BUDGET_POLL_S))
+        if waiting.cancelled or self._stop.requested:
             raise _Abandon()
 
     # ------------------------------------------------------------------ helpers
@@ -433,6 +395,9 @@ class Dispatcher:
         if url is None:
             url = self._urls[request.path] = join_url(self.base_url, request.path)
         return url
+
+    def _kept(self, row: Row) -> dict[str, Any]:
+        return self._kept_columns(row) if self._kept_columns is not None else {}
 
     def _count(self, key: str) -> None:
         counts = self._stats.status_counts
@@ -447,6 +412,7 @@ class Dispatcher:
             status=failure.status,
             attempts=attempts,
             retryable=failure.retryable,
+            kept=self._kept(row),
         )
 
     def _auth_error(self, status: int) -> AuthError:

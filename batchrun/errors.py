@@ -6,10 +6,13 @@
     ├── ConfigMismatchError            resume with a changed template/model/task/parameters           -> 2
     ├── OutputError                    the output folder is not writable or is damaged                -> 2
     ├── AuthError (PermissionError)    no token, or the endpoint answered 401/403                     -> 2
-    ├── EndpointError                  the endpoint is missing, failed, or cannot serve the task      -> 3
-    │   └── EndpointNotReadyError (TimeoutError)  it did not become ready within ready_timeout        -> 3
-    └── JobStopped                     stopped early and resumable: signal, budget, deadline,
-                                       failure threshold                                              -> 3
+    ├── EndpointError                  the endpoint failed or broke once the job had started          -> 3
+    │   ├── EndpointNotReadyError (TimeoutError)  it did not become ready within ready_timeout        -> 3
+    │   ├── ControlPlaneUnavailableError  the control plane did not answer, or answered 429/5xx       -> 3
+    │   └── EndpointUnusableError      found before anything changed: missing, failed, wrong task,
+    │                                  unreachable                                                    -> 2
+    └── JobStopped                     a stop (signal, budget...) came while the endpoint was being
+                                       acquired; it was released, and the job can be resumed          -> 3
 
     RequestFailed                      one request's outcome that is not a success; used inside
                                        dispatch and turned into a retry or a failure row, never
@@ -32,6 +35,8 @@ __all__ = [
     "EndpointError",
     "EndpointNotReadyError",
     "InputError",
+    "ControlPlaneUnavailableError",
+    "EndpointUnusableError",
     "JobStopped",
     "OutputError",
     "RequestFailed",
@@ -101,8 +106,24 @@ class EndpointNotReadyError(EndpointError, TimeoutError):
     """The endpoint did not become ready within the spec's ``ready_timeout``."""
 
 
+class ControlPlaneUnavailableError(EndpointError):
+    """The control plane could not be reached or answered 5xx/429: worth asking again."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class EndpointUnusableError(EndpointError):
+    """Found before anything was changed: the endpoint is missing, failed, serves another task, or
+    cannot be reached. Exit code 2 (nothing ran), unlike an endpoint that breaks once the job has
+    started (3)."""
+
+    exit_code = 2
+
+
 class JobStopped(BatchrunError):
-    """The job stopped early on purpose and can be resumed by running it again."""
+    """A stop was requested while the endpoint was being acquired: it was released, nothing was sent."""
 
     exit_code = 3
 

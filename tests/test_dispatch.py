@@ -1,8 +1,8 @@
 """The dispatcher against real loopback servers scripted per test (aiohttp.web + TestServer).
 
 Each promise of reliability.md §2 that lives in the request path is checked here: one record per row
-whatever the faults, Retry-After honoured, 422 final, 401/403 stop the job, nothing sent after abort,
-stop_intake leaves unstarted rows for next time, bounded intake, and the limit finding capacity.
+whatever the faults, Retry-After honoured, 422 final, 401/403 stop the job, nothing sent after the grace ends,
+a stop request leaves unstarted rows for next time, bounded intake, and the limit finding capacity.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from aiohttp.test_utils import TestServer
 from PIL import Image
 
 from batchrun.dispatch import DispatchConfig, Dispatcher
+from batchrun.endpoints import DataPlane
 from batchrun.errors import AuthError
 from batchrun.images import derive_seed
 from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import RetryPolicy
 from batchrun.spec import ImageSpec
+from batchrun.stop import Stop, StopReason
 from batchrun.tasks import make_task
 
 FAST = RetryPolicy(max_attempts=3, backoff_base=0.001, backoff_cap=0.005, max_retry_after=2.0)
@@ -109,15 +111,15 @@ async def rows_of(prompts: Iterable[str]) -> AsyncIterator[Row]:
 def dispatcher(
     url: str, records: list[RowResult | RowFailure], *, token: str | None = None, task: Any = None, **config: Any
 ) -> Dispatcher:
-    extra = {k: config.pop(k) for k in ("kept_columns", "before_send", "no_burn") if k in config}
+    extra = {k: config.pop(k) for k in ("kept_columns", "excuses") if k in config}
+    headers = config.pop("extra_headers", {})
     config.setdefault("policy", FAST)
     config.setdefault("max_concurrency", 16)
     config.setdefault("request_timeout_s", 5.0)
     return Dispatcher(
-        base_url=url,
+        plane=DataPlane(url=url, headers=headers, token=token),
         task=task or make_task("text-generation", column="prompt", parameters={"max_new_tokens": 8}),
         config=DispatchConfig(**config),
-        token=token,
         on_record=records.append,
         rng=random.Random(0),
         **extra,
@@ -342,7 +344,7 @@ def test_kept_columns_latency_and_attempts_land_in_the_result() -> None:
     assert stats.latencies.quantile(0.5) == pytest.approx(record.latency_s)
 
 
-def test_no_burn_failures_back_off_without_using_up_attempts() -> None:
+def test_excused_failures_back_off_without_using_up_attempts() -> None:
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         return web.Response(status=503) if nth <= 5 else ok()
 
@@ -352,7 +354,7 @@ def test_no_burn_failures_back_off_without_using_up_attempts() -> None:
             d = dispatcher(
                 server.url, records, retry_budget_ratio=1.0,
                 policy=RetryPolicy(max_attempts=2, backoff_base=0.001, backoff_cap=0.002),
-                no_burn=lambda failure: failure.status == 503,
+                excuses=lambda failure: failure.status == 503,
             )  # fmt: skip
             await d.run(rows_of(["cold"]))
         return records
@@ -361,26 +363,19 @@ def test_no_burn_failures_back_off_without_using_up_attempts() -> None:
     assert isinstance(record, RowResult) and record.attempts == 6
 
 
-def test_before_send_is_awaited_before_every_attempt_and_headers_are_sent() -> None:
-    calls = 0
-
-    async def before_send() -> None:
-        nonlocal calls
-        calls += 1
-        await asyncio.sleep(0)
-
+def test_the_data_planes_headers_are_sent_with_every_attempt() -> None:
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         return web.Response(status=500) if nth == 1 else ok()
 
     async def main() -> ScriptedServer:
         records: list[RowResult | RowFailure] = []
         async with ScriptedServer(handler) as server:
-            d = dispatcher(server.url, records, before_send=before_send, extra_headers={"X-Scale-Up-Timeout": "600"})
+            d = dispatcher(server.url, records, extra_headers={"X-Scale-Up-Timeout": "600"})
             await d.run(rows_of(["a", "b"]))
         return server
 
     server = asyncio.run(main())
-    assert calls == 4 == server.count
+    assert server.count == 4
     assert all(h["X-Scale-Up-Timeout"] == "600" and "Authorization" not in h for h in server.headers)
     assert all(h["Content-Type"] == "application/json" for h in server.headers)
 
@@ -418,7 +413,7 @@ def test_a_tasks_own_headers_are_sent_and_its_known_outputs_join_the_result() ->
 # ---------------------------------------------------------------------------------------- shutdown
 
 
-def test_nothing_is_sent_after_abort_returns() -> None:
+def test_nothing_is_sent_after_the_grace_is_aborted() -> None:
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         await asyncio.sleep(0.02)
         # A third of the rows fail at first, so retries are pending when abort() comes.
@@ -428,9 +423,12 @@ def test_nothing_is_sent_after_abort_returns() -> None:
         records: list[RowResult | RowFailure] = []
         async with ScriptedServer(handler) as server:
             d = dispatcher(server.url, records, retry_budget_ratio=1.0, policy=RetryPolicy(backoff_base=0.05))
-            run = asyncio.create_task(d.run(rows_of(f"p{i}" for i in range(10_000))))
+            stop = Stop(grace_s=30)
+            run = asyncio.create_task(d.run(rows_of(f"p{i}" for i in range(10_000)), stop))
             await asyncio.sleep(0.3)
-            await d.abort()
+            stop.request(StopReason.SIGNAL, "test")
+            stop.abort()
+            await asyncio.sleep(0)
             # A request written to the socket just before abort() may be read by the server a moment
             # later; what must never happen is a request *sent* afterwards (a pending retry, a new row).
             await asyncio.sleep(0.05)
@@ -444,7 +442,7 @@ def test_nothing_is_sent_after_abort_returns() -> None:
     asyncio.run(main())
 
 
-def test_stop_intake_finishes_requests_in_flight_and_leaves_the_rest_unrecorded() -> None:
+def test_a_stop_request_finishes_requests_in_flight_and_leaves_the_rest_unrecorded() -> None:
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         await asyncio.sleep(0.05)
         return ok(prompt)
@@ -453,9 +451,10 @@ def test_stop_intake_finishes_requests_in_flight_and_leaves_the_rest_unrecorded(
         records: list[RowResult | RowFailure] = []
         async with ScriptedServer(handler) as server:
             d = dispatcher(server.url, records, max_concurrency=8, initial_concurrency=8)
-            run = asyncio.create_task(d.run(rows_of(f"p{i}" for i in range(10_000))))
+            stop = Stop(grace_s=30)
+            run = asyncio.create_task(d.run(rows_of(f"p{i}" for i in range(10_000)), stop))
             await asyncio.sleep(0.2)
-            d.stop_intake()
+            stop.request(StopReason.SIGNAL, "test")
             await asyncio.wait_for(run, 2)
             # Every request that reached the server finished and was recorded; nothing else was.
             assert 0 < len(records) == server.count < 10_000
@@ -465,7 +464,7 @@ def test_stop_intake_finishes_requests_in_flight_and_leaves_the_rest_unrecorded(
     asyncio.run(main())
 
 
-def test_stop_intake_abandons_rows_waiting_to_retry_without_a_record() -> None:
+def test_a_stop_request_abandons_rows_waiting_to_retry_without_a_record() -> None:
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         if prompt.startswith("slow-fail"):
             return web.Response(status=503)
@@ -478,9 +477,10 @@ def test_stop_intake_abandons_rows_waiting_to_retry_without_a_record() -> None:
             # A long backoff: the failed rows sit waiting to retry when intake stops.
             d = dispatcher(server.url, records, policy=RetryPolicy(backoff_base=30, backoff_cap=30))
             d._rng = random.Random(3)  # noqa: SLF001 - any seed gives a wait far beyond the test
-            run = asyncio.create_task(d.run(rows_of(["slow-fail-1", "slow-fail-2", "a", "b"])))
+            stop = Stop(grace_s=30)
+            run = asyncio.create_task(d.run(rows_of(["slow-fail-1", "slow-fail-2", "a", "b"]), stop))
             await asyncio.sleep(0.3)
-            d.stop_intake()
+            stop.request(StopReason.SIGNAL, "test")
             started = time.monotonic()
             await asyncio.wait_for(run, 2)
             assert time.monotonic() - started < 0.5
@@ -489,7 +489,7 @@ def test_stop_intake_abandons_rows_waiting_to_retry_without_a_record() -> None:
     asyncio.run(main())
 
 
-def test_stop_intake_ends_the_run_even_while_the_input_has_nothing_to_give() -> None:
+def test_a_stop_request_ends_the_run_even_while_the_input_has_nothing_to_give() -> None:
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         return ok()
 
@@ -502,9 +502,10 @@ def test_stop_intake_ends_the_run_even_while_the_input_has_nothing_to_give() -> 
         records: list[RowResult | RowFailure] = []
         async with ScriptedServer(handler) as server:
             d = dispatcher(server.url, records)
-            run = asyncio.create_task(d.run(stalled_rows()))
+            stop = Stop(grace_s=30)
+            run = asyncio.create_task(d.run(stalled_rows(), stop))
             await asyncio.sleep(0.1)
-            d.stop_intake()
+            stop.request(StopReason.SIGNAL, "test")
             await asyncio.wait_for(run, 1)
         assert [r.id for r in records] == ["id-0"]
 
@@ -611,7 +612,7 @@ def test_the_limit_finds_a_429_capacity_and_keeps_429s_rare() -> None:
 
 def test_config_refuses_an_authorization_header_and_nonsense_bounds() -> None:
     with pytest.raises(ValueError):
-        DispatchConfig(extra_headers={"authorization": "Bearer x"})
+        dispatcher("http://127.0.0.1:9", [], extra_headers={"authorization": "Bearer x"})
     with pytest.raises(ValueError):
         DispatchConfig(max_concurrency=0)
     with pytest.raises(ValueError):

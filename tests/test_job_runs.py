@@ -8,13 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
-from batchrun.errors import AuthError, ConfigMismatchError
+from batchrun.errors import AuthError, ConfigMismatchError, EndpointUnusableError
 from jobkit import (
     NS,
     REPO,
@@ -380,20 +381,37 @@ def test_a_column_the_input_lacks_is_named_with_the_columns_it_has(tmp_path, ove
     assert not (tmp_path / "out").exists()  # validate changed nothing
 
 
-def test_a_paused_url_endpoint_stops_the_job_without_losing_rows(tmp_path, monkeypatch):
+def test_a_paused_url_endpoint_is_refused_before_anything_is_sent(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with emulator(running_endpoint(initial_state="paused")) as emu:
         spec = _url_job(tmp_path, emu, n=30)
+        with pytest.raises(EndpointUnusableError, match="paused") as refused:
+            run(spec)
+        assert refused.value.exit_code == 2
+        assert data_requests(emu) == 0
+
+
+def test_a_url_endpoint_paused_mid_run_stops_the_job_without_losing_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint(latency_base_s=0.02)) as emu:
+        spec = _url_job(tmp_path, emu, n=300, concurrency={"max": 4, "initial": 4})
+        pauser = threading.Thread(target=_pause_after, args=(emu, 20), daemon=True)
+        pauser.start()
         stopped, _ = run(spec)
+        pauser.join(timeout=30)
         assert stopped.exit_code == 3 and "paused" in stopped.summary["stop_reason"]
         assert read_ids(tmp_path / "out" / "job" / "failed") == []  # no row was written off
         emu.call(lambda: emu.emulator.state(NS, "gen").resume())
-        deadline = time.monotonic() + 5
-        while emu.state(NS, "gen").state != "running" and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: emu.state(NS, "gen").state == "running", timeout=10, what="the endpoint running again")
         resumed, _ = run(spec)
     assert resumed.exit_code == 0
-    assert sorted(read_ids(tmp_path / "out" / "job" / "data")) == [f"row-{i:05d}" for i in range(30)]
+    assert sorted(read_ids(tmp_path / "out" / "job" / "data")) == [f"row-{i:05d}" for i in range(300)]
+
+
+def _pause_after(emu, requests: int) -> None:
+    """Pause the endpoint once it has served ``requests`` requests (an observed event, not a delay)."""
+    wait_until(lambda: data_requests(emu) >= requests, timeout=60, what=f"{requests} requests served")
+    emu.call(lambda: emu.emulator.state(NS, "gen").pause())
 
 
 def test_a_typo_under_endpoint_local_is_found_by_validate(tmp_path):

@@ -18,16 +18,10 @@ from typing import Any
 
 import pytest
 
-from batchrun.endpoint import (
-    EndpointLifecycle,
-    EndpointUnusableError,
-    HfControlPlane,
-    LifecycleSettings,
-    control_plane_base,
-    endpoint_state_path,
-    state_dir,
-)
-from batchrun.errors import EndpointError, EndpointNotReadyError, RequestFailed
+from batchrun.endpoints import DedicatedEndpoint, LifecycleSettings
+from batchrun.endpoints.control_plane import HfControlPlane, control_plane_base
+from batchrun.endpoints.saved_settings import endpoint_state_path, state_dir
+from batchrun.errors import EndpointError, EndpointNotReadyError, EndpointUnusableError, RequestFailed
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
 from jobkit import (FAST_LIFECYCLE, NS, TOKEN, cli, data_requests, emulator, read_ids, read_rows, run, write_spec,
@@ -52,10 +46,10 @@ def endpoint_config(name: str = "gen", **overrides: Any) -> EndpointConfig:
     return EndpointConfig.from_dict(values)
 
 
-def lifecycle(emu, name: str = "gen", **settings: Any) -> EndpointLifecycle:
+def lifecycle(emu, name: str = "gen", **settings: Any) -> DedicatedEndpoint:
     events: list[str] = []
     values = {"poll_interval_s": 0.02, "ready_timeout_s": 5.0, **settings}
-    life = EndpointLifecycle(
+    life = DedicatedEndpoint(
         HfControlPlane(name=name, namespace=NS, token=TOKEN),
         LifecycleSettings(**values),
         token=TOKEN,
@@ -106,7 +100,7 @@ def test_a_paused_endpoint_scaled_to_4_is_used_only_once_all_4_replicas_are_read
         async def body():
             url = await life.acquire()
             state = emu.state(NS, "gen")
-            seen.update(url=url, ready=state.ready_replicas, state=state.state, cold=life.is_cold(),
+            seen.update(url=url, ready=state.ready_replicas, state=state.state, cold=life.cold,
                         scaling=scaling(emu))
             await life.release()
 
@@ -222,13 +216,10 @@ def test_a_scaled_to_zero_endpoint_is_woken_and_requests_carry_x_scale_up_timeou
         life = lifecycle(emu, ready_timeout_s=7.0)
 
         async def body():
-            await life.acquire()
-            state = emu.state(NS, "gen").state
-            await life.release()
-            return state
+            async with life as plane:
+                return emu.state(NS, "gen").state, dict(plane.headers)
 
-        assert drive(emu, body) == "running"
-        assert life.extra_headers == {"X-Scale-Up-Timeout": "7"}
+        assert drive(emu, body) == ("running", {"X-Scale-Up-Timeout": "7"})
         assert life.record.initial_state == "scaledToZero" and life.record.resumed
         assert emu.state(NS, "gen").state == "paused"  # on_finish unset: it was not running, so pause
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -347,17 +338,17 @@ def test_is_cold_until_ready_and_again_when_a_replica_restarts():
         overloaded = RequestFailed("http_429", "Model is overloaded", status=429, retryable=True)
 
         async def body():
-            seen = [life.is_cold()]
+            seen = [life.cold]
             await life.acquire()
-            seen.append(life.is_cold())
+            seen.append(life.cold)
             emu.lose_replica(NS, "gen")
             await life.refresh()
-            seen += [life.is_cold(), life.no_burn(cold), life.no_burn(overloaded)]
+            seen += [life.cold, life.excuses(cold), life.excuses(overloaded)]
             await asyncio.sleep(0.7)
             await life.refresh()
-            seen.append(life.is_cold())
+            seen.append(life.cold)
             await life.release()
-            seen.append(life.no_burn(cold))  # after release, nothing is excused
+            seen.append(life.excuses(cold))  # after release, nothing is excused
             return seen
 
         assert drive(emu, body) == [True, False, True, True, False, False, False]
@@ -525,14 +516,14 @@ def test_503s_are_excused_only_for_ready_timeout_and_a_warm_refresh_starts_a_new
             await life.acquire()
             emu.lose_replica(NS, "gen")
             await life.refresh()
-            seen = [life.is_cold(), life.no_burn(cold)]
+            seen = [life.cold, life.excuses(cold)]
             await asyncio.sleep(0.4)
-            seen += [life.no_burn(cold), life.no_burn(cold)]  # past ready_timeout: they count
+            seen += [life.excuses(cold), life.excuses(cold)]  # past ready_timeout: they count
             await asyncio.sleep(0.6)  # the replica is back
             await life.refresh()
             emu.lose_replica(NS, "gen")
             await life.refresh()
-            seen.append(life.no_burn(cold))  # a new spell: excused again
+            seen.append(life.excuses(cold))  # a new spell: excused again
             await life.release()
             return seen
 

@@ -1,0 +1,77 @@
+"""Endpoints: the alternatives a job can send to, behind one interface.
+
+    base.py            Endpoint (the interface), DataPlane, EndpointCheck, LifecycleRecord
+    url.py             UrlEndpoint: a plain url, no lifecycle
+    dedicated.py       DedicatedEndpoint: a Dedicated Inference Endpoint through huggingface_hub
+    local.py           LocalEndpoint: the built-in emulator, driven as a Dedicated endpoint
+    control_plane.py   the control plane through huggingface_hub (the production path)
+    saved_settings.py  the user's settings, kept on disk while a job has changed them
+    cold_start.py      when a 503 is the endpoint starting, not a row's fault
+
+:func:`open_endpoint` is the one place that maps a spec's `endpoint:` to one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from batchrun.endpoints.base import DataPlane, Endpoint, EndpointCheck, LifecycleRecord
+from batchrun.endpoints.control_plane import HfControlPlane
+from batchrun.endpoints.dedicated import DedicatedEndpoint, LifecycleSettings
+from batchrun.endpoints.local import LocalEndpoint, local_endpoint_config
+from batchrun.endpoints.url import UrlEndpoint
+from batchrun.stop import Stop
+
+if TYPE_CHECKING:
+    from batchrun.spec import JobSpec
+
+__all__ = [
+    "DataPlane",
+    "DedicatedEndpoint",
+    "Endpoint",
+    "EndpointCheck",
+    "LifecycleRecord",
+    "LifecycleSettings",
+    "LocalEndpoint",
+    "UrlEndpoint",
+    "open_endpoint",
+]
+
+
+def open_endpoint(
+    spec: JobSpec,
+    *,
+    token: str | None,
+    stop: Stop,
+    echo: Callable[[str], None],
+    poll_interval_s: float = 1.0,
+) -> Endpoint:
+    """The endpoint the spec names, ready to be checked and entered. Raises SpecError for a bad `local:`."""
+    from batchrun.tasks import task_kind
+
+    e = spec.endpoint
+    if e.url is not None:
+        return UrlEndpoint(e.url, token=token)
+    kind = task_kind(spec.task)
+    settings = LifecycleSettings(
+        scale_min=e.scale.min_replica if e.scale else None,
+        scale_max=e.scale.max_replica if e.scale else None,
+        ready_timeout_s=e.ready_timeout,
+        on_finish=e.on_finish,
+        idle_backstop_s=e.idle_backstop,
+        poll_interval_s=poll_interval_s,
+        supported_tasks=kind.endpoint_tasks,
+    )
+
+    def on_event(message: str) -> None:
+        echo(f"endpoint: {message}")
+
+    if e.local is not None:
+        config = local_endpoint_config(e.local, job_name=spec.name, task=kind.emulator_task, file=spec.file)
+        return LocalEndpoint(config, settings, stop=stop, on_event=on_event,
+                             price_per_replica_hour=e.price_per_replica_hour)
+    assert e.name is not None and e.namespace is not None  # the spec parser guarantees one of the three
+    control = HfControlPlane(name=e.name, namespace=e.namespace, token=token, api_url=e.api_url)
+    return DedicatedEndpoint(control, settings, token=token, stop=stop, on_event=on_event,
+                             price_per_replica_hour=e.price_per_replica_hour)

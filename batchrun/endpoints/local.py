@@ -1,0 +1,123 @@
+"""The built-in emulator playing a Dedicated Inference Endpoint (`endpoint: {local: ...}`).
+
+It starts an emulator on loopback for the length of the job and then drives it through exactly the
+code a real endpoint gets (:class:`~batchrun.endpoints.dedicated.DedicatedEndpoint` over huggingface_hub):
+there is no demo-mode branch, only another control-plane base.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from batchrun.cost import CostMeter
+from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
+from batchrun.endpoints.control_plane import HfControlPlane
+from batchrun.endpoints.dedicated import DedicatedEndpoint, LifecycleSettings
+from batchrun.errors import RequestFailed, SpecError, register_secret
+from batchrun.stop import Stop
+
+if TYPE_CHECKING:
+    from batchrun.emulator import Emulator, EndpointConfig
+
+__all__ = ["LOCAL_NAMESPACE", "LocalEndpoint", "local_endpoint_config"]
+
+LOCAL_NAMESPACE = "batchrun-local"
+
+
+def local_endpoint_config(
+    local: Mapping[str, Any], *, job_name: str, task: str, file: str | None = None
+) -> EndpointConfig:
+    """The emulator endpoint that `endpoint: {local: ...}` describes (a SpecError for a bad key).
+
+    ``task`` is what the emulated endpoint serves unless the spec says otherwise.
+    """
+    from batchrun.emulator import EndpointConfig
+
+    values = dict(local)
+    values.setdefault("name", "local-" + job_name.lower().replace("_", "-")[:24])
+    values.setdefault("namespace", LOCAL_NAMESPACE)
+    values.setdefault("task", task)
+    try:
+        return EndpointConfig.from_dict(values)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(file, "endpoint.local", str(exc)) from None
+
+
+class LocalEndpoint:
+    """An emulated endpoint, started on entry and stopped after its release."""
+
+    def __init__(
+        self,
+        config: EndpointConfig,
+        settings: LifecycleSettings,
+        *,
+        stop: Stop,
+        on_event: Callable[[str], None],
+        price_per_replica_hour: float | None = None,
+    ) -> None:
+        self.config = config
+        self.ref = f"{config.namespace}/{config.name}"
+        # The emulator ends with this process: no server-side backstop is needed, nor advice about it,
+        # and the user's settings need no file that outlives the job.
+        state_file = os.path.join(tempfile.gettempdir(), f"batchrun-local-{os.getpid()}-{secrets.token_hex(4)}.json")
+        self._settings = replace(settings, idle_backstop_s=None, state_file=state_file)
+        self._stop = stop
+        self._on_event = on_event
+        self._price = price_per_replica_hour
+        self._emulator: Emulator | None = None
+        self._inner: DedicatedEndpoint | None = None
+        self._record = LifecycleRecord()
+        self._meter = CostMeter(price_per_replica_hour)
+
+    @property
+    def record(self) -> LifecycleRecord:
+        return self._inner.record if self._inner is not None else self._record
+
+    @property
+    def meter(self) -> CostMeter:
+        return self._inner.meter if self._inner is not None else self._meter
+
+    async def check(self) -> EndpointCheck:
+        return EndpointCheck(note=f"the built-in emulator ({self.ref}, model {self.config.model_id})",
+                             model=self.config.model_id)
+
+    async def __aenter__(self) -> DataPlane:
+        from batchrun.emulator import Emulator, EmulatorConfig
+
+        token = "local-" + secrets.token_hex(16)
+        register_secret(token)
+        emulator = Emulator(EmulatorConfig(token=token, endpoints=[self.config]))
+        await emulator.start()
+        self._emulator = emulator
+        self._on_event(f"started the built-in emulator (control plane {emulator.api_url})")
+        control = HfControlPlane(
+            name=self.config.name, namespace=self.config.namespace, token=token, api_url=emulator.api_url
+        )
+        self._inner = DedicatedEndpoint(
+            control, self._settings, token=token, stop=self._stop, on_event=self._on_event,
+            price_per_replica_hour=self._price,
+        )
+        try:
+            return await self._inner.__aenter__()
+        except BaseException:
+            await emulator.stop()
+            raise
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self._inner is not None:
+                await self._inner.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._emulator is not None:
+                await self._emulator.stop()
+
+    def excuses(self, failure: RequestFailed) -> bool:
+        return self._inner is not None and self._inner.excuses(failure)

@@ -1,0 +1,106 @@
+"""A plain url: any TGI or OpenAI-compatible server. Nothing to resume, nothing to release.
+
+Its check asks the server what it serves (TGI's ``GET /info``: ``model_id``, ``model_sha``), which
+proves that it answers before anything else is spent, and puts the served model in the job's identity,
+so that a resume against another model behind the same url is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+import yarl
+
+from batchrun.cost import CostMeter
+from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
+from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
+
+__all__ = ["UrlEndpoint"]
+
+#: Routes a user may have pasted as part of the url; the server's own routes hang off what precedes them.
+_ROUTE_SUFFIXES = ("/v1/chat/completions", "/v1/completions", "/generate_stream", "/generate")
+CHECK_TIMEOUT_S = 10.0
+
+
+def server_root(url: str) -> str:
+    """The url without a pasted route, for the server's own routes (``/info``, ``/health``)."""
+    trimmed = url.rstrip("/")
+    for suffix in _ROUTE_SUFFIXES:
+        if trimmed.endswith(suffix):
+            return trimmed[: -len(suffix)]
+    return trimmed
+
+
+class UrlEndpoint:
+    """`endpoint: {url: ...}`: used as it is, left as it is."""
+
+    def __init__(self, url: str, *, token: str | None) -> None:
+        self.url = url
+        self.ref = redact(url)
+        self.record = LifecycleRecord(initial_state="static")
+        self.meter = CostMeter(None)
+        self._token = token
+
+    def __repr__(self) -> str:
+        return f"UrlEndpoint({self.ref!r})"
+
+    async def check(self) -> EndpointCheck:
+        """Ask ``GET /info``; any HTTP answer proves the server is there, only a TGI one names the model."""
+        info_url = str(yarl.URL(server_root(self.url) + "/info"))
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http, http.get(info_url, headers=headers) as answer:
+                status, body = answer.status, await answer.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            detail = redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
+            raise EndpointUnusableError(
+                f"cannot reach the endpoint at {self.ref} ({detail}): check endpoint.url and that the server is "
+                "running; nothing was sent"
+            ) from None
+        if status in (401, 403):
+            raise AuthError(
+                f"the endpoint at {self.ref} refused the token (HTTP {status}): set HF_TOKEN to a token with access, "
+                "or run `hf auth login`",
+                status=status,
+            )
+        if status == 400 and b"endpoint is paused" in body[:512].lower():
+            raise EndpointUnusableError(
+                f"the endpoint at {self.ref} is paused: resume it (for a Dedicated endpoint, `batchrun endpoint "
+                "resume NAME --namespace NS`, or let batchrun manage it with endpoint.name), then run the job again"
+            )
+        info = _json_object(body) if status == 200 else {}
+        model = info.get("model_id") if isinstance(info.get("model_id"), str) else None
+        revision = info.get("model_sha") if isinstance(info.get("model_sha"), str) else None
+        if model:
+            note = f"{self.ref}: serves {model}" + (f" at revision {revision}" if revision else "")
+        else:
+            note = f"{self.ref}: answers (HTTP {status} on /info; the model it serves is not known)"
+        details: dict[str, Any] = {k: info[k] for k in ("version", "max_concurrent_requests") if k in info}
+        return EndpointCheck(note=note, model=model, revision=revision, details=details)
+
+    async def __aenter__(self) -> DataPlane:
+        self.record.acquired_at = self.record.ready_at = time.monotonic()
+        return DataPlane(url=self.url, token=self._token)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.record.released_at = time.monotonic()
+        self.record.final_action = "none"
+
+    def excuses(self, failure: RequestFailed) -> bool:
+        return False
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

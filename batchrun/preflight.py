@@ -1,0 +1,269 @@
+"""Everything checked before anything costs money (reliability.md §3, §5).
+
+    spec -> input (schema, duplicate ids) -> columns -> task -> output schema -> prompts of the first rows
+         -> token -> endpoint (read-only) -> the output's identity -> the output is writable
+
+Anything wrong here raises an exit-2 error before a single billable call: a typo costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchrun.endpoints import Endpoint, EndpointCheck, open_endpoint
+from batchrun.errors import (
+    AuthError,
+    ConfigMismatchError,
+    EndpointError,
+    EndpointUnusableError,
+    InputError,
+    RequestFailed,
+    SpecError,
+    register_secret,
+)
+from batchrun.sources import Source, open_source
+from batchrun.spec import JobSpec
+from batchrun.stop import Stop
+from batchrun.tasks import Task, make_task, prompt_column_problem
+
+__all__ = ["Preflight", "preflight"]
+
+#: How many of the first rows have their prompt rendered (and shown by `batchrun validate`).
+SAMPLE_ROWS = 3
+
+
+@dataclass(slots=True)
+class Preflight:
+    """Everything checked before anything costs money, and what the checks found."""
+
+    spec: JobSpec
+    source: Source
+    task: Task
+    data_schema: Any  # pyarrow.Schema of the data shards
+    kept_columns: tuple[str, ...]  # the input columns copied to the output, in input order
+    endpoint: Endpoint
+    token: str | None = field(repr=False)
+    identity: dict[str, Any]
+    fingerprint: str
+    count: int | None
+    samples: list[tuple[Any, str]] = field(default_factory=list)  # (row id, rendered prompt or error)
+    endpoint_check: EndpointCheck | None = None
+    stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
+
+
+async def preflight(
+    spec: JobSpec,
+    *,
+    check_endpoint: bool = False,
+    fresh: bool = False,
+    stop: Stop | None = None,
+    echo: Callable[[str], None] = print,
+    poll_interval_s: float | None = None,
+) -> Preflight:
+    """Validate everything that can be validated without spending money. Raises exit-2 errors.
+
+    ``check_endpoint`` also asks the endpoint itself (read-only): `batchrun run` always does.
+    """
+    from batchrun.output import OutputStore, build_data_schema
+
+    source = await _open_input(spec)
+    _check_columns(spec, source)
+    store = OutputStore(spec.output.path)
+    stored = await asyncio.to_thread(store.load_job) if store.exists() else None
+    input_fingerprint = await asyncio.to_thread(source.fingerprint)
+    await _check_unique_ids(spec, source, scanned=bool(stored and stored.get("ids_checked") == input_fingerprint))
+    task = _make_task(spec)
+    kept = _kept_columns(spec, source, task)
+    data_schema = build_data_schema(
+        source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema
+    )
+    samples = await asyncio.to_thread(_render_first_rows, spec, source, task)
+    token = _resolve_token(spec)
+    endpoint = open_endpoint(
+        spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0
+    )
+    check = await _check_endpoint(endpoint) if check_endpoint else None
+    identity = _identity(spec, input_fingerprint, check)
+    if stored is not None and not fresh:
+        changed = _compare_identity(stored.get("identity", {}), identity)
+        if changed:
+            raise ConfigMismatchError(str(store.root), changed)
+    # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
+    await asyncio.to_thread(store.check_writable)
+    return Preflight(
+        spec=spec,
+        source=source,
+        task=task,
+        data_schema=data_schema,
+        kept_columns=kept,
+        endpoint=endpoint,
+        token=token,
+        identity=identity,
+        fingerprint=fingerprint(identity),
+        count=source.count(),
+        samples=samples,
+        endpoint_check=check,
+        stored_job=stored,
+    )
+
+
+async def _open_input(spec: JobSpec) -> Source:
+    try:
+        return await asyncio.to_thread(open_source, spec.input)
+    except InputError as exc:
+        raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
+
+
+def _check_columns(spec: JobSpec, source: Source) -> None:
+    """Every column the spec names exists in the input, and a prompt column holds text. The one place
+    these are checked; each problem names the spec key."""
+    columns = list(source.schema.names)
+    available = f"(columns: {', '.join(columns)})"
+    prompt = spec.prompt
+    missing = [name for name in prompt.columns if name not in columns]
+    if missing:
+        if prompt.template is not None and set(missing) - {prompt.image_column}:
+            names = ", ".join("{" + m + "}" for m in missing if m != prompt.image_column)
+            raise SpecError(spec.file, "prompt.template", f"uses {names}, but the input has no such column {available}")
+        key = "prompt.column" if missing[0] == prompt.column else "prompt.image_column"
+        raise SpecError(spec.file, key, f"{missing[0]!r} is not an input column {available}")
+    if prompt.column is not None:
+        problem = prompt_column_problem(source.schema.field(prompt.column))
+        if problem is not None:
+            raise SpecError(spec.file, "prompt.column", problem)
+    if prompt.template is not None and prompt.image_column is not None and "{" + prompt.image_column + "}" in prompt.template:
+        raise SpecError(spec.file, "prompt.template", f"uses {{{prompt.image_column}}}, the image column: "
+                        "the image is sent as an image part beside the text; leave it out of the template")
+    seed_column = spec.image.seed_column if spec.image else None
+    if seed_column is not None and seed_column not in columns:
+        raise SpecError(spec.file, "image.seed_column", f"{seed_column!r} is not an input column {available}")
+    missing = [c for c in spec.input.keep_columns or () if c not in columns]
+    if missing:
+        raise SpecError(spec.file, "input.keep_columns", f"{', '.join(missing)} not in the input {available}")
+
+
+async def _check_unique_ids(spec: JobSpec, source: Source, *, scanned: bool) -> None:
+    # The duplicate scan reads every id (8 bytes a row in memory); an input already scanned under the
+    # same fingerprint by an earlier run of this job is not scanned again on resume.
+    duplicates = [] if scanned else await asyncio.to_thread(source.find_duplicate_ids)
+    if duplicates:
+        shown = ", ".join(repr(d) for d in duplicates[:5])
+        raise InputError(
+            f"input.id_column {spec.input.id_column!r} has duplicate ids ({shown}); every row needs a unique id "
+            "so that it ends in exactly one output record. Fix the input or drop input.id_column to number rows."
+        )
+
+
+def _make_task(spec: JobSpec) -> Task:
+    try:
+        return make_task(spec)
+    except ValueError as exc:  # parameters the route cannot take (stream, messages, ...)
+        raise SpecError(spec.file, "parameters", str(exc)) from None
+
+
+def _kept_columns(spec: JobSpec, source: Source, task: Task) -> tuple[str, ...]:
+    """The input columns copied to the output, in input order (all but the id by default)."""
+    names = [c for c in source.schema.names if c != spec.input.id_column]
+    if spec.input.id_column is None and spec.input.keep_columns is None and "id" in names:
+        raise SpecError(
+            spec.file, "input.id_column", "the input has a column named 'id', which clashes with the id column "
+            "batchrun would number rows with; set input.id_column: id to use it, or list input.keep_columns without it"
+        )
+    if spec.input.keep_columns is not None:
+        wanted = set(spec.input.keep_columns)
+        return tuple(c for c in names if c in wanted)
+    seed_column = spec.image.seed_column if spec.image is not None else None
+    if seed_column is not None and seed_column in task.output_schema.names:
+        # The output's own `seed` column records the seed used, which is this input column's value (or
+        # the derived one where it was null): keeping the input column too would only clash.
+        return tuple(c for c in names if c != seed_column)
+    return tuple(names)
+
+
+def _render_first_rows(spec: JobSpec, source: Source, task: Task) -> list[tuple[Any, str]]:
+    """The prompts of the first rows; a template that fails on every one of them is a spec error."""
+    samples: list[tuple[Any, str]] = []
+    template_failures: list[str] = []
+    for batch in source.batches(batch_size=SAMPLE_ROWS):
+        for row in batch[:SAMPLE_ROWS]:
+            try:
+                samples.append((row.id, task.describe(task.prepare(row))))
+            except RequestFailed as exc:
+                samples.append((row.id, f"<row will fail without a request: {exc}>"))
+                if exc.error_type == "template":
+                    template_failures.append(str(exc))
+        break
+    if samples and len(template_failures) == len(samples):
+        # Every row looked at fails to render: a mistake in the template, not in the data. Found now,
+        # it costs nothing; found after the resume, it costs a cold start for no request at all.
+        raise SpecError(spec.file, "prompt.template", f"cannot render the first rows: {template_failures[0]}")
+    return samples
+
+
+def _resolve_token(spec: JobSpec) -> str | None:
+    """The token: huggingface_hub's (HF_TOKEN or the saved login). Never from the command line."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    register_secret(token)
+    if spec.endpoint.name and not token:
+        raise AuthError(
+            "no Hugging Face token found: set HF_TOKEN or run `hf auth login` (a token that may call and manage "
+            f"Inference Endpoints in {spec.endpoint.namespace})"
+        )
+    return token
+
+
+async def _check_endpoint(endpoint: Endpoint) -> EndpointCheck:
+    try:
+        return await endpoint.check()
+    except EndpointUnusableError:
+        raise
+    except EndpointError as exc:  # found before anything was touched: nothing ran (exit 2)
+        raise EndpointUnusableError(str(exc), state=exc.state) from None
+
+
+def _identity(spec: JobSpec, input_fingerprint: str, check: EndpointCheck | None) -> dict[str, Any]:
+    """The configuration that must not change between a run and its resume (reliability.md §1).
+
+    The served model and its revision join it when the endpoint said them: an endpoint updated to
+    another model between two runs must not add its answers to the same output.
+    """
+    identity = dict(spec.identity())
+    identity["input"] = input_fingerprint
+    if check is not None and check.model:
+        identity["model"] = check.model
+        if check.revision:
+            identity["revision"] = check.revision
+    return identity
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """A short stable digest of an identity."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+#: Identity keys that count only when both runs knew them (a check that could not tell is not a change).
+_KNOWN_ONLY = ("model", "revision")
+
+
+def _compare_identity(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What changed in the identity, said with old and new values."""
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        old, new = stored.get(key), current.get(key)
+        if old == new or (key in _KNOWN_ONLY and (key not in stored or key not in current)):
+            continue
+        if key == "input":
+            changes.append("input (its files or their content changed)")
+        elif isinstance(old, dict) and isinstance(new, dict):
+            parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            changes.append(f"{key} ({', '.join(parts)})")
+        else:
+            changes.append(f"{key} ({old!r} -> {new!r})")
+    return changes

@@ -1,0 +1,144 @@
+"""The rows not yet done, streamed from the source on a reader thread, with backpressure.
+
+The source is read in a thread so that Parquet decoding never blocks the event loop. Each batch of
+rows that are not done yet is handed to the loop; at most ``ahead_batches`` batches are handed over
+and not yet consumed, and the thread waits (on a semaphore, not a poll) until a batch is used up:
+that bound keeps memory flat however large the input is. Each row is handed over exactly once.
+
+The reader watches the job's :class:`~batchrun.stop.Stop`: once a stop is requested it reads no more;
+an input that cannot be read part way requests one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Protocol
+
+from batchrun.errors import InputError, redact
+from batchrun.records import Row
+from batchrun.sources import Source
+from batchrun.stop import Stop, StopReason
+
+__all__ = ["PendingRows"]
+
+
+class DonePositions(Protocol):
+    def __contains__(self, position: int) -> bool: ...
+
+
+class _End:
+    """The input ended (``error`` set when reading failed)."""
+
+    def __init__(self, error: BaseException | None = None) -> None:
+        self.error = error
+
+
+class PendingRows:
+    """``async with PendingRows(...) as reader``: the thread runs inside the block; ``rows()`` yields."""
+
+    def __init__(
+        self, source: Source, done: DonePositions, stop: Stop, *, ahead_batches: int = 4, batch_size: int = 256
+    ) -> None:
+        self._source = source
+        self._done = done
+        self._stop = stop
+        self._batch_size = batch_size
+        self._room = threading.Semaphore(max(1, ahead_batches))
+        self._queue: asyncio.Queue[list[Row] | _End] = asyncio.Queue()
+        self._first: asyncio.Future[bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()
+        self.skipped = 0  # rows already done by earlier runs
+        self.error: BaseException | None = None  # why reading failed, if it did
+
+    async def __aenter__(self) -> PendingRows:
+        self._loop = asyncio.get_running_loop()
+        self._first = self._loop.create_future()
+        self._stop.on_request(lambda cause: self._room.release())  # a waiting reader wakes up and ends
+        self._thread = threading.Thread(target=self._read, name="batchrun-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._closed.set()
+        self._room.release()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def has_pending(self) -> bool:
+        """True once a row that is not done yet has been found; False if every row is done.
+
+        Raises InputError when the input could not be read before any pending row was found.
+        """
+        assert self._first is not None
+        found = await self._first
+        if not found and self.error is not None:
+            raise InputError(f"reading the input failed: {redact(str(self.error))}")
+        return found
+
+    async def rows(self) -> AsyncIterator[Row]:
+        """The pending rows in order. Reading that fails part way stops the job (rows read so far finish)."""
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _End):
+                self._queue.put_nowait(item)  # every consumer sees the end
+                if item.error is not None:
+                    self._stop.request(StopReason.ERROR, f"reading the input failed: {redact(str(item.error))}")
+                return
+            self._room.release()
+            for row in item:
+                yield row
+
+    # ------------------------------------------------------------------ the thread
+
+    def _stopped(self) -> bool:
+        return self._closed.is_set() or self._stop.requested
+
+    def _read(self) -> None:
+        end = _End()
+        try:
+            for batch in self._source.batches(batch_size=self._batch_size):
+                if self._stopped():
+                    return
+                pending = [row for row in batch if row.position not in self._done]
+                self.skipped += len(batch) - len(pending)
+                if not pending:
+                    continue
+                self._settle_first(True)
+                self._room.acquire()
+                if self._stopped():
+                    return
+                self._hand_over(pending)
+        except BaseException as exc:  # reported to the job, which stops cleanly
+            self.error = exc
+            end = _End(exc)
+        finally:
+            self._settle_first(False)
+            self._hand_over(end)
+
+    def _hand_over(self, item: list[Row] | _End) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is reading any more
+            pass
+
+    def _settle_first(self, found: bool) -> None:
+        assert self._loop is not None and self._first is not None
+        first = self._first
+
+        def settle() -> None:
+            if not first.done():
+                first.set_result(found)
+
+        try:
+            self._loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed
+            pass

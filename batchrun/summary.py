@@ -1,0 +1,104 @@
+"""The end of a job: the summary written to ``state/summary.json`` and shown to the person.
+
+It says how the job ended (the exit code of reliability.md §6), what this run did and what the output
+now holds, the latency, the endpoint's fate and the cost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from batchrun.progress import format_usd
+from batchrun.stop import StopCause
+
+__all__ = ["JobOutcome", "build_summary", "exit_code_for", "format_summary"]
+
+
+@dataclass(slots=True)
+class JobOutcome:
+    """How a job ended: the exit code (reliability.md §6) and the summary written to summary.json."""
+
+    exit_code: int
+    summary: dict[str, Any]
+
+
+def exit_code_for(cause: StopCause | None, *, pending: int | None, failed: int) -> tuple[int, str]:
+    """The exit code and the outcome's words."""
+    if (cause is not None and cause.early) or pending:
+        return 3, "stopped early"
+    if failed:
+        return 1, "finished with failed rows"
+    return 0, "finished, every row succeeded"
+
+
+def build_summary(
+    *,
+    job: str,
+    started_wall: float,
+    wall_s: float,
+    rows: dict[str, Any],
+    dispatch: dict[str, Any],
+    endpoint: dict[str, Any],
+    cost: dict[str, Any],
+    output: str,
+    cause: StopCause | None,
+) -> dict[str, Any]:
+    """The summary as summary.json holds it."""
+    done = rows["ok"] + rows["failed"]
+    pending = rows.get("pending")
+    failed_total = rows["total_failed"]
+    exit_code, outcome = exit_code_for(cause, pending=pending, failed=failed_total)
+    return {
+        "job": job,
+        "outcome": outcome,
+        "exit_code": exit_code,
+        "started_at": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(),
+        "wall_s": round(wall_s, 3),
+        "rows": rows,
+        "throughput_rows_per_s": round(done / wall_s, 2) if wall_s > 0 else 0.0,
+        **dispatch,
+        "endpoint": endpoint,
+        "cost": cost,
+        "output": output,
+        "stop_reason": cause.detail if cause is not None and cause.early else None,
+        "stop_kind": cause.reason.value if cause is not None else None,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-job summary as a few readable lines (the same figures as summary.json)."""
+    rows = summary["rows"]
+    lines = [
+        f"job {summary['job']}: {summary['outcome']}",
+        f"  this run: {rows['ok']} ok, {rows['failed']} failed, {rows['skipped']} skipped (finished by earlier runs)"
+        + (f", {rows['pending']} not yet run" if rows.get("pending") else ""),
+    ]
+    if "total_ok" in rows:
+        retryable = rows.get("total_failed_retryable") or 0
+        lines.append(
+            f"  the output holds: {rows['total_ok']} ok, {rows['total_failed']} failed"
+            + (f" ({retryable} retryable: run again to retry them)" if retryable else "")
+        )
+    tokens = f", {summary['output_tokens']} output tokens" if summary.get("output_tokens") else ""
+    lines.append(f"  wall {summary['wall_s']:.1f}s, {summary['throughput_rows_per_s']:.1f} rows/s{tokens}")
+    lat = summary.get("latency_s") or {}
+    if lat.get("p50") is not None:
+        lines.append(f"  latency p50 {lat['p50']:.3f}s, p95 {lat['p95']:.3f}s; retries {summary['retries']}")
+    endpoint = summary.get("endpoint") or {}
+    action = endpoint.get("final_action")
+    if action and action != "none":
+        said = {"pause": "paused", "scale-to-zero": "scaled to zero", "keep": "left running"}.get(action, action)
+        lines.append(f"  endpoint: {endpoint.get('ref', '')} {said}")
+    if endpoint.get("note"):
+        lines.append(f"  note: {endpoint['note']}")
+    cost = summary.get("cost") or {}
+    if cost.get("usd") is not None:
+        lines.append(f"  cost: {format_usd(cost['usd'])} ({cost['replica_hours']:.3f} replica-hours)")
+    output = summary.get("output")
+    if output:
+        lines.append(f"  output: {output}")
+    if summary.get("stop_reason"):
+        lines.append(f"  stopped: {summary['stop_reason']} (run the same command again to resume)")
+    return "\n".join(lines)
