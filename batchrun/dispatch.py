@@ -24,6 +24,7 @@ is cancelled, and nothing is sent after :meth:`Dispatcher.run` returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -34,6 +35,7 @@ from typing import Any
 import aiohttp
 import yarl
 
+from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.endpoints.base import DataPlane
 from batchrun.errors import AuthError, EndpointError, RequestFailed, redact, register_secret
 from batchrun.limit import AdaptiveLimit
@@ -75,6 +77,8 @@ class DispatchConfig:
     # Retries.
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     retry_budget_ratio: float = 0.1
+    # An endpoint unavailable for longer than this stops the job (resumable) instead of waiting on.
+    outage_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -200,6 +204,9 @@ class Dispatcher:
         self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
         self._urls: dict[str, str] = {}
         self._stop = Stop()
+        self.breaker = CircuitBreaker()
+        self._breaker_changed = asyncio.Event()
+        self._good_limit = self.limit.value  # the limit while the endpoint last answered well
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -263,8 +270,10 @@ class Dispatcher:
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive excused failures, for their backoff
         while True:
+            probe = await self._admitted()
             sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
             attempts += 1
+            self._observe(outcome, probe=probe)
             if isinstance(outcome, dict):
                 if request.outputs:  # columns the task knew before sending (a text-to-image seed)
                     outcome = {**request.outputs, **outcome}
@@ -285,7 +294,12 @@ class Dispatcher:
                 )
             if is_overload(failure):
                 self.limit.on_overload(sent_at)
-            if failure.retryable and self._excuses is not None and self._excuses(failure):
+            outage = failure.retryable and not self.breaker.closed
+            if outage:
+                # The breaker holds the row until the endpoint is back; its attempts are kept, and its
+                # retry does not wait for the retry budget (the breaker already spared the endpoint).
+                delay = 0.0
+            elif failure.retryable and self._excuses is not None and self._excuses(failure):
                 delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
                 cold_streak += 1
             else:
@@ -295,7 +309,7 @@ class Dispatcher:
                 if not decision.retry:
                     return self._failure(row, failure, attempts=attempts)
                 delay = decision.delay_s
-            await self._wait_to_retry(delay)
+            await self._wait_to_retry(delay, spend_budget=not outage)
 
     async def _attempt(
         self,
@@ -378,15 +392,56 @@ class Dispatcher:
             retry_after=retry_after,
         )
 
-    async def _wait_to_retry(self, delay: float) -> None:
+    async def _wait_to_retry(self, delay: float, *, spend_budget: bool = True) -> None:
         """Sleep ``delay`` (holding no slot), then wait for the retry budget. Abandons if intake stops."""
         async with self._stop.until_requested() as waiting:
             if delay > 0:
                 await asyncio.sleep(delay)
-            while not self.budget.try_spend():
+            while spend_budget and not self.budget.try_spend():
                 await asyncio.sleep(min(self.budget.time_until_available(), _BUDGET_POLL_S))
         if waiting.cancelled or self._stop.requested:
             raise _Abandon()
+
+    # ------------------------------------------------------------------ the circuit breaker
+
+    async def _admitted(self) -> bool:
+        """Wait until the breaker lets a request out; True when it goes as the probe."""
+        while True:
+            now = self._clock()
+            admission = self.breaker.admit(now)
+            if admission is not Admission.WAIT:
+                return admission is Admission.PROBE
+            outage = self.breaker.outage_s(now)
+            if outage > self.config.outage_timeout_s:
+                raise EndpointError(
+                    f"the endpoint has not answered for {outage:.0f}s (outage_timeout "
+                    f"{self.config.outage_timeout_s:g}s); the rows not done are kept for the next run",
+                    state="unavailable",
+                )
+            async with self._stop.until_requested() as waiting:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.breaker.wait_s(now)):
+                        await self._breaker_changed.wait()
+            if waiting.cancelled:
+                raise _Abandon()
+
+    def _observe(self, outcome: dict[str, Any] | RequestFailed, *, probe: bool) -> None:
+        """Count an outcome for the breaker; when it closes again, go back to the last good limit."""
+        unavailable = isinstance(outcome, RequestFailed) and _is_unavailable(outcome)
+        if not unavailable and self.breaker.closed:
+            self._good_limit = max(self._good_limit * 0.99, self.limit.value)
+        if self.breaker.record(unavailable=unavailable, now=self._clock(), probe=probe):
+            if self.breaker.closed:
+                self.limit.raise_to(self._good_limit)
+            self._breaker_changed.set()
+            self._breaker_changed.clear()
+        elif probe:  # a failed probe: the waiters look again at the next probe time
+            self._breaker_changed.set()
+            self._breaker_changed.clear()
+
+    def waiting_for(self) -> str | None:
+        """Why requests are held back right now, for the progress line (None when they are not)."""
+        return self.breaker.describe(self._clock())
 
     # ------------------------------------------------------------------ helpers
 
@@ -430,6 +485,14 @@ class Dispatcher:
 
 
 _ENDPOINT_PAUSED = "endpoint_paused"
+#: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
+_UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def _is_unavailable(failure: RequestFailed) -> bool:
+    if failure.status is not None:
+        return failure.status in _UNAVAILABLE_STATUSES
+    return failure.error_type in (FailureKind.CONNECTION.value, FailureKind.TIMEOUT.value)
 
 
 def _is_paused_answer(body: bytes) -> bool:

@@ -219,6 +219,17 @@ class AdaptiveLimit:
         """Report a 429/503/timeout for a request sent at ``sent_at`` (this limit's clock). True if cut."""
         return self.controller.on_overload(now=self._clock(), sent_at=sent_at)
 
+    @property
+    def value(self) -> float:
+        """The limit as the controller holds it (fractional)."""
+        return self.controller.value
+
+    def raise_to(self, value: float) -> None:
+        """Go back to at least ``value`` (the level that was good before an outage), and wake waiters."""
+        if value > self.controller.value:
+            self.controller.value = min(float(self.controller.maximum), value)
+            self._wake()
+
     def _wake(self) -> None:
         # Hand slots over directly (count them as taken here) so a newcomer cannot jump the queue.
         while self._waiters and self._in_flight < self.limit:

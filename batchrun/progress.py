@@ -32,6 +32,7 @@ class Snapshot:
     output_tokens: int
     spent_usd: float | None = None
     projected_usd: float | None = None
+    waiting_for: str | None = None  # why requests are held back ("endpoint unavailable since 8s, probing")
 
 
 class ProgressReporter:
@@ -89,6 +90,8 @@ class ProgressReporter:
             "retries": snap.retries,
             "failed": snap.failed,
         }
+        if snap.waiting_for:
+            postfix["waiting"] = snap.waiting_for
         if snap.spent_usd is not None:
             postfix["cost"] = format_usd(snap.spent_usd)
             if snap.projected_usd is not None:

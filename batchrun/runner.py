@@ -149,6 +149,7 @@ async def _dispatch(
             done=tally.done, ok=tally.ok, failed=tally.failed, retries=stats.retries, in_flight=stats.in_flight,
             limit=stats.limit, output_tokens=tally.output_tokens, spent_usd=meter.usd,
             projected_usd=meter.projected_usd(done=tally.done, remaining=remaining, elapsed_s=started.elapsed()),
+            waiting_for=dispatcher.waiting_for(),
         )
 
     reporter = ProgressReporter(snapshot, total=total, mode=options.progress, interval_s=options.summary_interval_s)

@@ -1,0 +1,73 @@
+"""The circuit breaker: an outage pauses intake, one probe finds the return, rows keep their attempts.
+
+The state machine is checked with a fake clock; a whole job on the emulator checks that an outage
+costs a handful of requests instead of one failed attempt per row.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from batchrun.breaker import Admission, BreakerState, CircuitBreaker
+from jobkit import NS, TOKEN, emulator, run, running_endpoint, write_spec, write_topics
+
+
+def test_the_breaker_opens_when_most_recent_outcomes_say_unavailable():
+    breaker = CircuitBreaker(window=10, min_outcomes=10, trip_share=0.5)
+    for _ in range(5):
+        breaker.record(unavailable=False, now=0.0)
+    for i in range(4):
+        assert not breaker.record(unavailable=True, now=1.0 + i)
+    assert breaker.admit(5.0) is Admission.SEND
+    assert breaker.record(unavailable=True, now=5.0)  # 5 of 10: open
+    assert breaker.state is BreakerState.OPEN and breaker.trips == 1
+    assert breaker.admit(5.0) is Admission.WAIT
+    assert breaker.describe(7.0) == "endpoint unavailable since 2s, probing"
+
+
+def test_a_few_failures_among_many_successes_leave_it_closed():
+    breaker = CircuitBreaker(window=20, min_outcomes=10, trip_share=0.5)
+    for i in range(200):
+        breaker.record(unavailable=(i % 4 == 0), now=float(i))
+    assert breaker.closed and breaker.trips == 0
+
+
+def test_one_probe_at_a_time_and_its_success_closes_the_breaker():
+    breaker = CircuitBreaker(window=10, min_outcomes=10, probe_s=0.25, max_probe_s=2.0)
+    for _ in range(10):
+        breaker.record(unavailable=True, now=0.0)
+    assert breaker.admit(0.1) is Admission.WAIT and breaker.wait_s(0.1) == pytest.approx(0.15)
+    assert breaker.admit(0.25) is Admission.PROBE
+    assert breaker.admit(0.26) is Admission.WAIT  # only one probe on the wire
+    assert breaker.record(unavailable=False, now=0.3, probe=True)
+    assert breaker.closed and breaker.admit(0.3) is Admission.SEND and breaker.outage_s(0.3) == 0.0
+
+
+def test_a_failed_probe_waits_longer_before_the_next_up_to_a_ceiling():
+    breaker = CircuitBreaker(window=10, min_outcomes=10, probe_s=0.25, max_probe_s=1.0)
+    for _ in range(10):
+        breaker.record(unavailable=True, now=0.0)
+    now, waits = 0.25, []
+    for _ in range(5):
+        assert breaker.admit(now) is Admission.PROBE
+        breaker.record(unavailable=True, now=now, probe=True)
+        waits.append(breaker.wait_s(now))
+        now += waits[-1]
+    assert waits == [0.5, 1.0, 1.0, 1.0, 1.0]
+    assert breaker.outage_s(now) == pytest.approx(now)  # one outage, however many probes failed
+
+
+def test_an_outage_costs_a_few_requests_not_one_failed_attempt_per_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    outage = [{"kind": "outage_503", "after_requests": 50, "seconds": 2.0}]
+    with emulator(running_endpoint(latency_base_s=0.03, episodes=outage)) as emu:
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")},
+                          input_path=write_topics(tmp_path / "in.parquet", 300),
+                          retries={"max_attempts": 2, "backoff_base": 0.5, "backoff_cap": 5, "budget_ratio": 0.1})
+        outcome, _ = run(spec)
+    counts = outcome.summary["status_counts"]
+    assert outcome.exit_code == 0, outcome.summary  # no row used up its 2 attempts on the outage
+    assert outcome.summary["rows"]["ok"] == 300
+    # Without the breaker every row sent during the outage fails once (about 250 of them); with it,
+    # only the requests already on the wire when it opened, and one probe at a time.
+    assert 0 < counts.get("503", 0) < 80, counts
