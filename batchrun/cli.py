@@ -64,6 +64,17 @@ def _echo(message: str) -> None:
     print(redact(message), file=sys.stderr, flush=True)
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
+
+
 def _load(args: argparse.Namespace) -> Any:
     from .spec import load_spec
 
@@ -232,18 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run or resume a job",
                        description="Run the job. Rows already done are skipped, so running it again resumes. "
-                       "Ctrl-C (or SIGTERM) stops reading, lets requests in flight finish, commits, pauses the "
-                       "endpoint and exits 3; a second Ctrl-C abandons requests in flight at once.")
+                       "Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops reading, lets requests in flight finish, "
+                       "commits, pauses the endpoint and exits 3; a second signal, or SIGQUIT, abandons requests in "
+                       "flight at once.")
     p.add_argument("job", help="job spec file (YAML)")
     p.add_argument("--output", metavar="DIR", help="output folder (overrides output.path)")
     p.add_argument("--fresh", action="store_true",
                    help="start over: move the previous output aside (to DIR.previous-TIMESTAMP; nothing is deleted)")
     p.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default="auto",
                    help="progress display: a bar on a terminal, periodic lines otherwise (default: auto)")
-    p.add_argument("--summary-every", type=float, default=30.0, metavar="SECONDS",
+    p.add_argument("--summary-every", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds between progress lines when not on a terminal (default: 30)")
-    p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
-                   help="on Ctrl-C/SIGTERM, how long requests in flight may finish (default: 30)")
+    p.add_argument("--grace", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                   help="on Ctrl-C, SIGTERM or SIGHUP, how long requests in flight may finish (default: 30); "
+                   "a second signal, or SIGQUIT, abandons them at once. The endpoint is released either way.")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining rows, from the output folder alone")

@@ -8,12 +8,20 @@ until it releases it (pause), which slightly over-counts a cold start and never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from batchrun.stop import Stop, StopReason
 
-__all__ = ["BudgetGuard", "CostMeter"]
+__all__ = ["BudgetGuard", "CostMeter", "Spent", "SpendLedger"]
+
+#: The share of a budget (or a deadline) kept back at most for the stop itself (drain, commit, pause).
+MARGIN_SHARE = 0.1
 
 #: How often the guard looks at the meter and the clock while a job runs.
 CHECK_EVERY_S = 0.25
@@ -85,11 +93,49 @@ class CostMeter:
         return spent + remaining / (done / elapsed_s) * rate
 
 
-class BudgetGuard:
-    """Says when to stop so that neither ``max_usd`` nor the ``deadline`` is crossed.
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """What a job has spent over all its runs."""
 
-    ``margin_s`` is the time a stop takes (drain, commit, pause): the guard stops that long before
-    the money or the time runs out.
+    usd: float = 0.0
+    replica_hours: float = 0.0
+    runs: int = 0
+
+
+class SpendLedger:
+    """A job's spending over all its runs, kept in its output (``state/spend.json``): a budget is per
+    job, not per run (reliability.md §3). Saved every few seconds while a run bills, so a run killed
+    with SIGKILL loses at most those seconds from the ledger."""
+
+    def __init__(self, output: str | Path) -> None:
+        self.path = Path(output) / "state" / "spend.json"
+
+    def load(self) -> Spent:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            return Spent(usd=float(data["usd"]), replica_hours=float(data["replica_hours"]), runs=int(data["runs"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return Spent()
+
+    def save(self, spent: Spent) -> None:
+        """Replace the ledger atomically; a failure leaves the old one (the job goes on)."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"usd": spent.usd, "replica_hours": spent.replica_hours, "runs": spent.runs}))
+            os.replace(tmp, self.path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+class BudgetGuard:
+    """Says when to stop so that neither ``max_usd`` (over all the job's runs) nor this run's
+    ``deadline`` is crossed.
+
+    ``margin_s`` is the time a stop takes (drain, commit, pause): the guard stops that long before the
+    money or the time runs out, but never keeps back more than a tenth of the budget or of the
+    deadline, so a small budget is not stopped at once. ``spent_before`` is what earlier runs spent.
     """
 
     def __init__(
@@ -99,13 +145,36 @@ class BudgetGuard:
         deadline_s: float | None,
         margin_s: float,
         started_at: float,
+        spent_before: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_usd = max_usd
         self.deadline_s = deadline_s
         self.margin_s = margin_s
+        self.spent_before = spent_before
         self._started_at = started_at
         self._clock = clock
+
+    def describe(self, meter: CostMeter) -> str | None:
+        """The stop margins, said once at the start of a run."""
+        parts = []
+        if self.max_usd is not None:
+            rate = meter.usd_per_second()
+            margin = self._usd_margin(rate or 0.0)
+            parts.append(f"budget ${self.max_usd:g} (${self.spent_before:.4f} spent by earlier runs; "
+                         f"stops with ${margin:.4f} left for the drain and the pause)")
+        if self.deadline_s is not None:
+            parts.append(f"deadline {self.deadline_s:g}s for this run (stops {self._time_margin():.0f}s before it)")
+        return "; ".join(parts) or None
+
+    def _time_margin(self) -> float:
+        if self.deadline_s is None:
+            return self.margin_s
+        return min(self.margin_s, MARGIN_SHARE * self.deadline_s)
+
+    def _usd_margin(self, rate: float) -> float:
+        assert self.max_usd is not None
+        return min(rate * self.margin_s, MARGIN_SHARE * self.max_usd)
 
     @property
     def active(self) -> bool:
@@ -115,12 +184,17 @@ class BudgetGuard:
         """A reason to stop now, or None."""
         if self.deadline_s is not None:
             elapsed = self._clock() - self._started_at
-            if elapsed + self.margin_s >= self.deadline_s:
+            if elapsed + self._time_margin() >= self.deadline_s:
                 return StopReason.DEADLINE, f"the deadline of {self.deadline_s:.0f}s is near ({elapsed:.0f}s elapsed)"
         if self.max_usd is not None:
             spent, rate = meter.usd, meter.usd_per_second()
-            if spent is not None and rate is not None and spent + rate * self.margin_s >= self.max_usd:
-                return StopReason.BUDGET, f"the budget of ${self.max_usd:g} is nearly spent (${spent:.4f} so far)"
+            if spent is not None and rate is not None:
+                total = self.spent_before + spent
+                if total + self._usd_margin(rate) >= self.max_usd:
+                    return StopReason.BUDGET, (
+                        f"the budget of ${self.max_usd:g} is nearly spent (${total:.4f} over this job's runs); "
+                        "raise budget.max_usd to go on"
+                    )
         return None
 
     async def watch(self, meter: CostMeter, stop: Stop) -> None:

@@ -4,6 +4,7 @@
     ├── SpecError (ValueError)         the job spec is malformed: file, key path, what was expected   -> 2
     ├── InputError                     the input cannot be read, lacks a column, has duplicate ids    -> 2
     ├── ConfigMismatchError            resume with a changed template/model/task/parameters           -> 2
+    ├── BudgetSpentError               the job's budget (over all its runs) is already spent         -> 2
     ├── OutputError                    the output folder is not writable or is damaged                -> 2
     ├── AuthError (PermissionError)    no token, or the endpoint answered 401/403                     -> 2
     ├── EndpointError                  the endpoint failed or broke once the job had started          -> 3
@@ -31,6 +32,7 @@ import urllib.parse
 __all__ = [
     "AuthError",
     "BatchrunError",
+    "BudgetSpentError",
     "ConfigMismatchError",
     "EndpointError",
     "EndpointNotReadyError",
@@ -77,6 +79,18 @@ class ConfigMismatchError(BatchrunError):
             f"{output} holds the results of this job under other settings: {'; '.join(changed)}. "
             "Mixing two configurations in one output is refused. Restore the previous values to resume, "
             "use another output folder (--output DIR), or pass --fresh to set the old output aside and start over."
+        )
+
+
+class BudgetSpentError(BatchrunError):
+    """The job's budget is already spent by its earlier runs: running again would spend past it."""
+
+    def __init__(self, max_usd: float, spent_usd: float, runs: int) -> None:
+        self.max_usd = max_usd
+        self.spent_usd = spent_usd
+        super().__init__(
+            f"budget.max_usd is ${max_usd:g} and this job has already spent ${spent_usd:.4f} over {runs} run(s); "
+            "raise budget.max_usd to go on (the output keeps what was spent, in state/spend.json)"
         )
 
 

@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchrun.cost import MARGIN_SHARE, Spent, SpendLedger
 from batchrun.endpoints import Endpoint, EndpointCheck, open_endpoint
 from batchrun.errors import (
     AuthError,
+    BudgetSpentError,
     ConfigMismatchError,
     EndpointError,
     EndpointUnusableError,
@@ -54,6 +56,7 @@ class Preflight:
     samples: list[tuple[Any, str]] = field(default_factory=list)  # (row id, rendered prompt or error)
     endpoint_check: EndpointCheck | None = None
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
+    spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
 
 
 async def preflight(
@@ -84,6 +87,10 @@ async def preflight(
     )
     samples = await asyncio.to_thread(_render_first_rows, spec, source, task)
     token = _resolve_token(spec)
+    spent = SpendLedger(store.root).load() if stored is not None and not fresh else Spent()
+    # What remains within the guard's margin could not buy a run: it would stop as soon as it started.
+    if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
+        raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
     endpoint = open_endpoint(
         spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0
     )
@@ -109,6 +116,7 @@ async def preflight(
         samples=samples,
         endpoint_check=check,
         stored_job=stored,
+        spent=spent,
     )
 
 

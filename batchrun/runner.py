@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchrun.committer import Committer, finish_in_thread
-from batchrun.cost import BudgetGuard
+from batchrun.cost import BudgetGuard, CostMeter, Spent, SpendLedger
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
 from batchrun.errors import AuthError, BatchrunError, EndpointError, JobStopped, OutputError
@@ -154,12 +154,17 @@ async def _dispatch(
 
     reporter = ProgressReporter(snapshot, total=total, mode=options.progress, interval_s=options.summary_interval_s)
     guard = BudgetGuard(max_usd=pre.spec.budget.max_usd, deadline_s=pre.spec.budget.deadline,
-                        margin_s=min(options.grace_s, pre.spec.request_timeout) + 2.0, started_at=started.monotonic)
+                        margin_s=min(options.grace_s, pre.spec.request_timeout) + 2.0, started_at=started.monotonic,
+                        spent_before=pre.spent.usd)
+    limits = guard.describe(meter)
+    if limits:
+        options.echo(f"limits: {limits}")
     reporter.start()
     background = [
         asyncio.create_task(_stop_on_error(committer.run(), stop), name="committer"),
         asyncio.create_task(reporter.run(), name="progress"),
         asyncio.create_task(guard.watch(meter, stop), name="budget"),
+        asyncio.create_task(_keep_spending_ledger(pre, meter), name="spend"),
     ]
     try:
         await dispatcher.run(reader.rows(), stop)
@@ -169,6 +174,25 @@ async def _dispatch(
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         reporter.close()
+
+
+#: How often a billing run writes its spending to the ledger.
+LEDGER_EVERY_S = 5.0
+
+
+def _spent_so_far(pre: Preflight, meter: CostMeter) -> Spent:
+    before = pre.spent
+    return Spent(usd=before.usd + (meter.usd or 0.0), replica_hours=before.replica_hours + meter.replica_seconds / 3600,
+                 runs=before.runs + 1)
+
+
+async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:
+    """While the run bills, its spending joins the job's ledger every few seconds (a budget is per job)."""
+    ledger = SpendLedger(pre.spec.output.path)
+    while True:
+        await asyncio.sleep(LEDGER_EVERY_S)
+        if meter.replica_seconds:
+            await asyncio.to_thread(ledger.save, _spent_so_far(pre, meter))
 
 
 async def _stop_on_error(work: Any, stop: Stop) -> None:
@@ -288,7 +312,10 @@ async def _summarize(
     meter = endpoint.meter
     cost: dict[str, Any] = {}
     if meter.replica_seconds and pre.spec.endpoint.url is None:
-        cost = {"replica_hours": round(meter.replica_seconds / 3600, 6), "usd": meter.usd}
+        job = _spent_so_far(pre, meter)
+        await asyncio.to_thread(SpendLedger(store.root).save, job)
+        cost = {"replica_hours": round(meter.replica_seconds / 3600, 6), "usd": meter.usd,
+                "job_usd": job.usd if meter.usd is not None else None, "job_replica_hours": round(job.replica_hours, 6)}
     rows = {
         "ok": tally.ok,
         "failed": tally.failed,

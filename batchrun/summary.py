@@ -95,10 +95,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  note: {endpoint['note']}")
     cost = summary.get("cost") or {}
     if cost.get("usd") is not None:
-        lines.append(f"  cost: {format_usd(cost['usd'])} ({cost['replica_hours']:.3f} replica-hours)")
+        job = f"; {format_usd(cost['job_usd'])} over the job's runs" if cost.get("job_usd") is not None else ""
+        lines.append(f"  cost: {format_usd(cost['usd'])} ({cost['replica_hours']:.3f} replica-hours){job}")
     output = summary.get("output")
     if output:
         lines.append(f"  output: {output}")
     if summary.get("stop_reason"):
-        lines.append(f"  stopped: {summary['stop_reason']} (run the same command again to resume)")
+        hint = "run the same command again to resume"
+        if summary.get("stop_kind") == "budget":
+            hint = "raise budget.max_usd, then run the same command again to resume"
+        elif summary.get("stop_kind") == "auth":
+            hint = "fix the token, then run the same command again to resume"
+        lines.append(f"  stopped: {summary['stop_reason']} ({hint})")
     return "\n".join(lines)

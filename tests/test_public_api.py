@@ -28,3 +28,15 @@ def test_the_cli_help_names_every_command_and_the_exit_codes(capsys):
     for command in ("validate", "run", "status", "endpoint", "emulate"):
         assert command in text
     assert "exit codes" in text and "HF_TOKEN" in text
+
+
+def test_a_summary_interval_of_zero_or_less_is_refused_with_a_clear_message(capsys):
+    import pytest
+
+    from batchrun.cli import main
+
+    for value in ("0", "-5", "soon"):
+        with pytest.raises(SystemExit) as refused:
+            main(["run", "jobs/quickstart.yaml", "--summary-every", value])
+        assert refused.value.code == 2
+        assert "--summary-every" in capsys.readouterr().err
