@@ -140,14 +140,14 @@ def test_a_folder_without_parquet_files_says_so(tmp_path):
 @pytest.mark.parametrize("content", [b"", b"this is not parquet at all", b"PAR1" + b"\0" * 64])
 def test_an_unreadable_parquet_file_is_an_input_error_naming_it(tmp_path, content):
     (tmp_path / "bad.parquet").write_bytes(content)
-    with pytest.raises(InputError, match="bad.parquet"):
+    with pytest.raises(InputError, match=r"bad\.parquet"):
         open_source(parquet_input("bad.parquet"))
 
 
 def test_a_parquet_file_cut_short_is_refused_before_reading_rows(tmp_path):
     data = write_parquet(tmp_path / "p.parquet", list(range(100))).read_bytes()
     (tmp_path / "p.parquet").write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match="p.parquet"):
+    with pytest.raises(InputError, match=r"p\.parquet"):
         open_source(parquet_input("p.parquet"))
 
 
@@ -485,7 +485,7 @@ def test_a_saved_dataset_dict_is_read_by_split(tmp_path):
     )
     splits.save_to_disk(str(tmp_path / "dd"))
     assert [r.columns["x"] for r in all_rows(open_source(dataset_input("dd", split="test")))] == [3]
-    with pytest.raises(InputError, match="no split 'validation'.*test, train"):
+    with pytest.raises(InputError, match=r"no split 'validation'.*test, train"):
         open_source(dataset_input("dd", split="validation"))
 
 
