@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from batchrun.errors import RequestFailed
+from batchrun.spec import RetrySpec
 
 __all__ = [
     "Decision",
@@ -140,10 +141,21 @@ class RetryPolicy:
     least that, clamped to ``max_retry_after``.
     """
 
-    max_attempts: int = 4
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
-    max_retry_after: float = 120.0
+    # The defaults are the spec's: a job without a `retries` section and a bare RetryPolicy() agree.
+    max_attempts: int = RetrySpec.max_attempts
+    backoff_base: float = RetrySpec.backoff_base
+    backoff_cap: float = RetrySpec.backoff_cap
+    max_retry_after: float = RetrySpec.max_retry_after
+
+    @classmethod
+    def from_spec(cls, spec: RetrySpec) -> RetryPolicy:
+        """The policy a job's ``retries`` section describes (its ``budget_ratio`` goes to :class:`RetryBudget`)."""
+        return cls(
+            max_attempts=spec.max_attempts,
+            backoff_base=spec.backoff_base,
+            backoff_cap=spec.backoff_cap,
+            max_retry_after=spec.max_retry_after,
+        )
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -174,15 +186,15 @@ class RetryBudget:
     multiply its load; a budget caps that at about 10%. ``min_retries`` per window are always allowed
     (Finagle's ``minRetriesPerSec``; the defaults give 5 retries/s over a 10 s window) so that a job
     whose failure share is above the ratio slows down instead of stalling: with a long window and a
-    small floor, workers parked on the budget send no new requests, and so earn no new allowance. Past the budget the caller waits (:meth:`time_until_available`)
-    instead of dropping the row. Call :meth:`record_request` for every request sent, retries included.
+    small floor, workers parked on the budget send no new requests, and so earn no new allowance.
+    Past the budget the caller waits (:meth:`time_until_available`) instead of dropping the row. Call :meth:`record_request` for every request sent, retries included.
 
     Counts are kept in ``buckets`` time slices so memory stays constant at any request rate.
     """
 
     def __init__(
         self,
-        ratio: float = 0.1,
+        ratio: float = RetrySpec.budget_ratio,
         window_s: float = 10.0,
         min_retries: int = 50,
         *,

@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -52,10 +52,9 @@ from batchrun.spec import DatasetSpec, InputSpec
 
 __all__ = ["Source", "open_source"]
 
-# How many JSONL rows the schema is inferred from.
-JSONL_SCHEMA_ROWS = 1000
-# JSONL inputs up to this size are counted up front (a quick scan); larger ones report None.
-JSONL_COUNT_MAX_BYTES = 64 * 2**20
+# Nested JSONL values (lists, objects) are typed this many at a time during the open scan: enough
+# for pyarrow to infer well, few enough that memory stays flat.
+JSONL_NESTED_SAMPLE = 1024
 # Files up to this size are hashed whole for the fingerprint; larger ones by their head and tail.
 FULL_DIGEST_MAX_BYTES = 64 * 2**20
 SAMPLE_DIGEST_BYTES = 2**20
@@ -97,8 +96,9 @@ class Source(Protocol):
 def open_source(spec: InputSpec) -> Source:
     """Open the input a job spec names, checking what can be checked without reading every row.
 
-    Raises :class:`InputError` for a missing or unreadable input, an ``id_column`` or a
-    ``keep_columns`` entry the input does not have, or an id column of an unusable type.
+    Raises :class:`InputError` for a missing or unreadable input, an ``id_column`` the input does
+    not have, or an id column of an unusable type. (Whether ``keep_columns`` and the prompt's
+    columns exist is the job's preflight to check, against :attr:`Source.schema`.)
     """
     if spec.kind == "parquet":
         source: _BaseSource = ParquetSource(spec)
@@ -128,12 +128,6 @@ def _check_columns(spec: InputSpec, source: _BaseSource) -> None:
             raise InputError(
                 f"input.id_column: column {spec.id_column!r} has type {id_type}; "
                 "ids must be integers or strings"
-            )
-    for column in spec.keep_columns or ():
-        if column not in names:
-            raise InputError(
-                f"input.keep_columns: the input has no column {column!r}; "
-                f"available columns: {available} ({source.description})"
             )
 
 
@@ -243,6 +237,9 @@ class _BaseSource:
         raise NotImplementedError
 
     def _id_chunks(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -425,6 +422,7 @@ class ParquetSource(_BaseSource):
         return _table_row_dicts(self._record_batches(batch_size))
 
     def _id_chunks(self) -> Iterator[pa.Array]:
+        assert self.id_column is not None
         for batch in self._record_batches(ID_SCAN_BATCH, columns=[self.id_column]):
             yield batch.column(0)
 
@@ -458,10 +456,20 @@ def _schema_line(schema: pa.Schema) -> str:
 class JsonlSource(_BaseSource):
     """Rows from JSON Lines files, one object a line, read line by line.
 
-    The schema is inferred with pyarrow from the first ``JSONL_SCHEMA_ROWS`` rows. Every row is
-    given exactly those columns (a key missing from a row is ``None``); a key that first appears
-    later in the file is not part of the schema and is dropped. Blank lines are skipped and take no
-    position. A line that is not a JSON object raises :class:`InputError` naming the file and line.
+    JSON has no schema, and a streamed run must never meet a row that the output cannot hold after
+    it has paid for the answer. So the whole input is scanned once when it is opened (it is read
+    anyway for the count and the fingerprint), keeping only a small summary per column, and every
+    column gets a type that all its values fit (see :class:`_JsonlTypes`):
+
+    - only integers: int64; integers and decimals: float64; only strings, or only booleans: their type;
+    - only lists, or only objects: the Arrow type they all unify to;
+    - anything else (integers and strings, an integer beyond int64, lists of mixed types...): string,
+      with each value that is not a string written as its JSON text (id ``7`` becomes ``"7"``).
+
+    Rows are handed out already converted to those types, so ``Row.id`` and ``Row.columns`` match
+    :attr:`schema`. Columns are the keys of all rows, in order of first appearance; a key missing
+    from a row is ``None``. Blank lines are skipped and take no position. A line that is not a JSON
+    object raises :class:`InputError` naming the file and line, when the input is opened.
     """
 
     def __init__(self, spec: InputSpec) -> None:
@@ -471,16 +479,18 @@ class JsonlSource(_BaseSource):
         self._identity = [
             {"name": _relative_name(p, root), "size": p.stat().st_size, "digest": _file_digest(p)} for p in self.files
         ]
-        self.schema = self._infer_schema()
+        types = _JsonlTypes()
+        for value in self._objects():
+            types.add(value)
+        self.schema, self._converters = types.settle()
         self._names = self.schema.names
-        self._count: int | None = None
-        self._counted = False
-        self.description = f"jsonl: {spec.path} ({_plural(len(self.files), 'file')})"
+        self._count = types.rows
+        self.description = f"jsonl: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(self._count, 'row')})"
 
     def _objects(self) -> Iterator[dict[str, Any]]:
         for path in self.files:
             try:
-                f = open(path, "rb")
+                f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; opening gets its own message
             except OSError as exc:
                 raise InputError(f"input.jsonl: cannot read {str(path)!r}: {exc}") from None
             with f:
@@ -497,41 +507,23 @@ class JsonlSource(_BaseSource):
                         )
                     yield value
 
-    def _infer_schema(self) -> pa.Schema:
-        sample = []
-        for value in self._objects():
-            sample.append(value)
-            if len(sample) >= JSONL_SCHEMA_ROWS:
-                break
-        if not sample:
-            return pa.schema([])
-        try:
-            inferred = pa.array(sample)
-        except (pa.ArrowException, ValueError, TypeError) as exc:
-            raise InputError(
-                f"input.jsonl: cannot infer column types from the first {len(sample)} rows of {self.spec.path!r}: {exc}"
-            ) from None
-        return pa.schema(list(inferred.type))
+    def _settled(self, value: dict[str, Any]) -> dict[str, Any]:
+        columns = {name: value.get(name) for name in self._names}
+        for name, convert in self._converters.items():
+            if columns[name] is not None:
+                columns[name] = convert(columns[name])
+        return columns
 
-    def _total_rows(self) -> int | None:
-        if not self._counted:
-            self._counted = True
-            if sum(p.stat().st_size for p in self.files) <= JSONL_COUNT_MAX_BYTES:
-                count = 0
-                for path in self.files:
-                    with open(path, "rb") as f:
-                        count += sum(1 for line in f if line.strip())
-                self._count = count
+    def _total_rows(self) -> int:
         return self._count
 
     def fingerprint(self) -> str:
         return _fingerprint({"kind": "jsonl", "id_column": self.id_column, "files": self._identity})
 
     def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-        names = self._names
         batch: list[dict[str, Any]] = []
         for value in self._objects():
-            batch.append({name: value.get(name) for name in names})
+            batch.append(self._settled(value))
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
@@ -539,14 +531,104 @@ class JsonlSource(_BaseSource):
             yield batch
 
     def _id_chunks(self) -> Iterator[list[Any]]:
+        assert self.id_column is not None
+        convert = self._converters.get(self.id_column)
         chunk: list[Any] = []
         for value in self._objects():
-            chunk.append(value.get(self.id_column))
+            item = value.get(self.id_column)
+            chunk.append(convert(item) if convert is not None and item is not None else item)
             if len(chunk) >= ID_SCAN_BATCH:
                 yield chunk
                 chunk = []
         if chunk:
             yield chunk
+
+
+def _json_text(value: Any) -> str:
+    """A JSON value as text for a string column: strings unchanged, anything else as its JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+class _JsonlTypes:
+    """What each JSONL column held over the whole input, in memory that does not grow with it.
+
+    Per column: the kinds of scalar seen (``bool``, ``int``, ``bigint`` beyond int64, ``float``,
+    ``str``, ``nested``) and, for lists and objects, the Arrow type they unify to so far (typed
+    :data:`JSONL_NESTED_SAMPLE` values at a time). Nulls say nothing about a type.
+    """
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.kinds: dict[str, set[str]] = {}  # insertion order is the column order
+        self.nested: dict[str, pa.DataType] = {}
+        self.pending: dict[str, list[Any]] = {}
+        self.untyped: set[str] = set()  # nested values with no common Arrow type: JSON text
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows += 1
+        for key, value in row.items():
+            kinds = self.kinds.setdefault(key, set())
+            if value is None:
+                continue
+            kind = type(value)
+            if kind is bool:
+                kinds.add("bool")
+            elif kind is int:
+                kinds.add("int" if -(2**63) <= value < 2**63 else "bigint")
+            elif kind is float:
+                kinds.add("float")
+            elif kind is str:
+                kinds.add("str")
+            else:
+                kinds.add("nested")
+                if key not in self.untyped:
+                    pending = self.pending.setdefault(key, [])
+                    pending.append(value)
+                    if len(pending) >= JSONL_NESTED_SAMPLE:
+                        self._type_pending(key)
+
+    def _type_pending(self, key: str) -> None:
+        values = self.pending.pop(key, [])
+        if not values or key in self.untyped:
+            return
+        try:
+            found = pa.array(values).type
+            known = self.nested.get(key)
+            if known is not None and not known.equals(found):
+                merged = pa.unify_schemas(
+                    [pa.schema([("v", known)]), pa.schema([("v", found)])], promote_options="permissive"
+                )
+                found = merged.field("v").type
+            self.nested[key] = found
+        except (pa.ArrowException, ValueError, TypeError, OverflowError):
+            self.untyped.add(key)
+            self.nested.pop(key, None)
+
+    def settle(self) -> tuple[pa.Schema, dict[str, Callable[[Any], Any]]]:
+        """The schema every row fits, and the conversions (by column) that make each value fit it."""
+        for key in list(self.pending):
+            self._type_pending(key)
+        fields = []
+        converters: dict[str, Callable[[Any], Any]] = {}
+        for key, kinds in self.kinds.items():
+            if not kinds:
+                kind: pa.DataType = pa.null()
+            elif kinds == {"bool"}:
+                kind = pa.bool_()
+            elif kinds == {"int"}:
+                kind = pa.int64()
+            elif kinds <= {"int", "float"}:
+                kind = pa.float64()
+                converters[key] = float
+            elif kinds == {"str"}:
+                kind = pa.string()
+            elif kinds == {"nested"} and key in self.nested:
+                kind = self.nested[key]
+            else:
+                kind = pa.string()
+                converters[key] = _json_text
+            fields.append(pa.field(key, kind))
+        return pa.schema(fields), converters
 
 
 # --------------------------------------------------------------------------------------------------
@@ -594,6 +676,7 @@ class SavedDatasetSource(_BaseSource):
         self._num_rows = dataset.num_rows
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix == ".arrow")
         self._identity = [{"name": p.name, "size": p.stat().st_size, "digest": _file_digest(p)} for p in files]
+        assert spec.dataset is not None
         self.description = (
             f"dataset: {spec.dataset.path} (saved with save_to_disk, split {spec.dataset.split}, "
             f"{_plural(self._num_rows, 'row')})"

@@ -28,6 +28,7 @@ Conventions the rest of batchrun can rely on:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 import re
@@ -40,6 +41,7 @@ from typing import Any
 import yaml
 
 from batchrun.errors import SpecError
+from batchrun.tasks import TASK_KINDS, TaskKind
 
 __all__ = [
     "BudgetSpec",
@@ -59,14 +61,13 @@ __all__ = [
     "parse_spec",
 ]
 
-SUPPORTED_TASKS = ("text-generation", "chat-completion", "text-to-image", "image-text-to-text")
-IMAGE_TASKS = ("text-to-image", "image-text-to-text")
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 ON_FINISH = ("pause", "scale-to-zero", "keep")
 
 DEFAULT_READY_TIMEOUT = 20 * 60.0
 DEFAULT_IDLE_BACKSTOP = 15 * 60.0
 DEFAULT_SHARD_BYTES = 64 * 2**20
+DEFAULT_REQUEST_TIMEOUT = 120.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,8 +240,8 @@ class JobSpec:
     budget: BudgetSpec
     concurrency: ConcurrencySpec
     retries: RetrySpec
-    request_timeout: float
-    failure_threshold: float | None
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    failure_threshold: float | None = None
     output: OutputSpec
     image: ImageSpec | None = None  # set for the image tasks only
     file: str | None = None
@@ -304,15 +305,67 @@ def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpe
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(file, "(file)", f"cannot read it: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _DuplicateKey as exc:
+        raise SpecError(file, exc.path, exc.problem) from None
     except yaml.YAMLError as exc:
         raise _yaml_error(file, exc) from None
     if data is None:
         raise SpecError(file, "(top level)", "the file is empty; expected a mapping of job keys")
     spec = parse_spec(data, file=file, default_name=Path(path).stem)
     if output_override is not None:
+        problem = _output_path_problem(str(output_override))
+        if problem is not None:
+            raise SpecError(file, "--output", problem)
         spec = replace(spec, output=replace(spec.output, path=str(output_override)))
     return spec
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.problem = problem
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping.
+
+    PyYAML keeps the last of two equal keys without a word, so a job would silently run with half of
+    what its file says. The check walks the composed node tree first, where key paths and line
+    numbers are still known. Keys brought in by a ``<<`` merge may be overridden, as YAML intends.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_duplicate_keys(node, "", set())
+        return super().construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias to a node already checked (or to one of its parents)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_lines: dict[tuple[str, Any], int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key_path = path
+            if isinstance(key_node, yaml.ScalarNode):
+                key_path = f"{path}.{key_node.value}" if path else str(key_node.value)
+                key = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in first_lines:
+                    raise _DuplicateKey(
+                        key_path,
+                        f"is given twice (lines {first_lines[key]} and {line}); YAML would keep only the last, "
+                        "silently dropping the other: keep one",
+                    )
+                first_lines[key] = line
+            _refuse_duplicate_keys(value_node, key_path, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, f"{path}[{index}]", seen)
 
 
 def _yaml_error(file: str, exc: yaml.YAMLError) -> SpecError:
@@ -333,18 +386,34 @@ def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job")
 # --------------------------------------------------------------------------------------------------
 # Validation. One small parser object so that every check knows the file it reports against.
 
-_JOB_KEYS = (
-    "name", "task", "input", "prompt", "parameters", "endpoint", "budget", "concurrency",
-    "retries", "request_timeout", "failure_threshold", "output", "image",
-)  # fmt: skip
+
+
+def _keys(spec_class: type) -> tuple[str, ...]:
+    """The spec keys of a section whose keys are its config class's fields, one to one."""
+    return tuple(f.name for f in dataclasses.fields(spec_class))
+
+
+def _default(spec_class: type, name: str) -> Any:
+    """The default ``spec_class`` declares for field ``name``: the parser's only source of defaults."""
+    for f in dataclasses.fields(spec_class):
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    raise KeyError(f"{spec_class.__name__}.{name} has no plain default")
+
+
+# `file` and `raw` record where the spec came from; they are not keys a spec may set.
+_JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw"))
+# The input section names its kind by its key (parquet, jsonl or dataset), so it is not one to one.
 _INPUT_KEYS = ("parquet", "dataset", "jsonl", "id_column", "limit", "keep_columns")
-_DATASET_KEYS = ("path", "name", "split", "data_files", "data_dir", "revision", "options")
-_PROMPT_KEYS = ("template", "column", "system", "image_column")
-_IMAGE_KEYS = ("format", "seed_column", "seed", "max_side", "base_dir")
-_IMAGE_KEYS_BY_TASK = {
-    "text-to-image": ("format", "seed_column", "seed"),
-    "image-text-to-text": ("max_side", "base_dir"),
-}
+_DATASET_KEYS = _keys(DatasetSpec)
+_PROMPT_KEYS = _keys(PromptSpec)
+_IMAGE_KEYS = _keys(ImageSpec)
+# The tasks that take an image section, and the keys each takes, from the task registry.
+_IMAGE_KEYS_BY_TASK = {kind.name: kind.image_keys for kind in TASK_KINDS.values() if kind.image_keys}
+# Every name a route uses for its output token limit; a job may only use its own route's name.
+_TOKEN_LIMIT_PARAMETERS = tuple(
+    dict.fromkeys(k.token_limit_parameter for k in TASK_KINDS.values() if k.token_limit_parameter)
+)
 # The toolkit's documented text-to-image parameters, and what each must be.
 _TEXT_TO_IMAGE_PARAMETERS = {
     "negative_prompt": "a string",
@@ -354,16 +423,13 @@ _TEXT_TO_IMAGE_PARAMETERS = {
     "height": "a positive integer",
 }
 _SEED_MAX = 2**63 - 1
-_ENDPOINT_KEYS = (
-    "url", "local", "name", "namespace", "api_url", "scale", "ready_timeout", "on_finish",
-    "idle_backstop", "price_per_replica_hour",
-)  # fmt: skip
+_ENDPOINT_KEYS = _keys(EndpointSpec)
 _LIFECYCLE_KEYS = ("api_url", "scale", "ready_timeout", "on_finish", "idle_backstop", "price_per_replica_hour")
-_SCALE_KEYS = ("min_replica", "max_replica")
-_BUDGET_KEYS = ("max_usd", "deadline")
-_CONCURRENCY_KEYS = ("max", "initial")
-_RETRY_KEYS = ("max_attempts", "backoff_base", "backoff_cap", "max_retry_after", "budget_ratio")
-_OUTPUT_KEYS = ("path", "shard_rows", "shard_bytes")
+_SCALE_KEYS = _keys(ScaleSpec)
+_BUDGET_KEYS = _keys(BudgetSpec)
+_CONCURRENCY_KEYS = _keys(ConcurrencySpec)
+_RETRY_KEYS = _keys(RetrySpec)
+_OUTPUT_KEYS = _keys(OutputSpec)
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -397,46 +463,63 @@ class _Parser:
         name = self.string(data, "name", default=default_name)
         if "/" in name or "\\" in name or name in (".", ".."):
             raise self.error("name", f"expected a plain name without path separators, got {name!r}")
-        task = self.task(data["task"])
-        prompt = self.prompt(data["prompt"], task)
-        parameters = data.get("parameters")
-        if parameters is None:
-            parameters = {}
-        elif not isinstance(parameters, Mapping):
-            raise self.error("parameters", f"expected a mapping of the route's parameters, got {_describe(parameters)}")
-        for key in parameters:
-            if not isinstance(key, str):
-                raise self.error("parameters", f"expected string parameter names, got {key!r}")
-        if task == "text-to-image":
-            self.text_to_image_parameters(parameters)
+        kind = self.task(data["task"])
+        task = kind.name
+        prompt = self.prompt(data["prompt"], kind)
+        parameters = self.parameters(data.get("parameters"), kind)
         output = self.output(data.get("output"), name)
         return JobSpec(
             name=name,
             task=task,
             input=self.input(data["input"]),
             prompt=prompt,
-            parameters=dict(parameters),
+            parameters=parameters,
             endpoint=self.endpoint(data["endpoint"]),
             budget=self.budget(data.get("budget")),
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
-            request_timeout=self.duration(data, "request_timeout", default=120.0),
-            failure_threshold=self.fraction(data, "failure_threshold", default=None),
+            request_timeout=self.duration(data, "request_timeout", default=_default(JobSpec, "request_timeout")),
+            failure_threshold=self.fraction(data, "failure_threshold", default=_default(JobSpec, "failure_threshold")),
             output=output,
-            image=self.image(data.get("image"), task),
+            image=self.image(data.get("image"), kind),
             file=self.file,
             raw=data,
         )
 
-    def task(self, value: Any) -> str:
+    def task(self, value: Any) -> TaskKind:
+        names = tuple(TASK_KINDS)
         if not isinstance(value, str):
-            raise self.error("task", f"expected one of {', '.join(SUPPORTED_TASKS)}, got {_describe(value)}")
-        if value not in SUPPORTED_TASKS:
-            raise self.error(
-                "task",
-                f"expected one of {', '.join(SUPPORTED_TASKS)}, got {value!r}{_suggest(value, SUPPORTED_TASKS)}",
-            )
-        return value
+            raise self.error("task", f"expected one of {', '.join(names)}, got {_describe(value)}")
+        if value not in TASK_KINDS:
+            raise self.error("task", f"expected one of {', '.join(names)}, got {value!r}{_suggest(value, names)}")
+        return TASK_KINDS[value]
+
+    def parameters(self, data: Any, kind: TaskKind) -> dict[str, Any]:
+        """The route's parameters, passed through, once the ones batchrun owns or the route ignores are refused."""
+        if data is None:
+            return {}
+        if not isinstance(data, Mapping):
+            raise self.error("parameters", f"expected a mapping of the route's parameters, got {_describe(data)}")
+        for key in data:
+            if not isinstance(key, str):
+                raise self.error("parameters", f"expected string parameter names, got {key!r}")
+        if data.get("stream"):
+            raise self.error("parameters.stream", "is not supported: batchrun reads whole answers")
+        if kind.name == "text-to-image":
+            self.text_to_image_parameters(data)
+        for key in kind.reserved_parameters:
+            if key in data:
+                raise self.error(f"parameters.{key}", f"is set by batchrun itself for task {kind.name}; remove it")
+        own = kind.token_limit_parameter
+        for key in _TOKEN_LIMIT_PARAMETERS:
+            if key in data and own is not None and key != own:
+                # The route would ignore it without a word, and every answer would run to the server's default.
+                raise self.error(
+                    f"parameters.{key}",
+                    f"task {kind.name} sends to {_route_name(kind)}, which takes {own}; "
+                    f"{'remove it' if own in data else 'rename it'}",
+                )
+        return dict(data)
 
     def input(self, data: Any) -> InputSpec:
         data = self.section(data, "input", _INPUT_KEYS)
@@ -489,18 +572,18 @@ class _Parser:
         return DatasetSpec(
             path=self.string(data, "path", prefix=prefix),
             name=self.string(data, "name", prefix=prefix, default=None),
-            split=self.string(data, "split", prefix=prefix, default="train"),
+            split=self.string(data, "split", prefix=prefix, default=_default(DatasetSpec, "split")),
             data_files=data_files,
             data_dir=self.string(data, "data_dir", prefix=prefix, default=None),
             revision=self.string(data, "revision", prefix=prefix, default=None),
             options=dict(options),
         )
 
-    def prompt(self, data: Any, task: str) -> PromptSpec:
+    def prompt(self, data: Any, kind: TaskKind) -> PromptSpec:
         data = self.section(data, "prompt", _PROMPT_KEYS)
-        kind = self.exactly_one(data, "prompt", ("template", "column"))
+        source = self.exactly_one(data, "prompt", ("template", "column"))
         template = column = None
-        if kind == "template":
+        if source == "template":
             template = self.string(data, "template", prefix="prompt.")
             try:
                 fields = _template_fields(template)
@@ -515,41 +598,42 @@ class _Parser:
         else:
             column = self.string(data, "column", prefix="prompt.")
         system = self.string(data, "system", prefix="prompt.", default=None, allow_empty=True)
-        if system is not None and task not in ("chat-completion", "image-text-to-text"):
-            raise self.error(
-                "prompt.system", f"only applies to tasks chat-completion and image-text-to-text, not {task}"
-            )
+        if system is not None and not kind.takes_system:
+            owners = " and ".join(k.name for k in TASK_KINDS.values() if k.takes_system)
+            raise self.error("prompt.system", f"only applies to tasks {owners}, not {kind.name}")
         image_column = self.string(data, "image_column", prefix="prompt.", default=None)
-        if task == "image-text-to-text" and image_column is None:
+        if kind.image_column == "required" and image_column is None:
             raise self.error(
-                "prompt.image_column", "is required for task image-text-to-text (the input column holding the image)"
+                "prompt.image_column", f"is required for task {kind.name} (the input column holding the image)"
             )
-        if task != "image-text-to-text" and image_column is not None:
-            raise self.error("prompt.image_column", f"only applies to task image-text-to-text, not {task}")
+        if kind.image_column == "forbidden" and image_column is not None:
+            owners = " and ".join(k.name for k in TASK_KINDS.values() if k.image_column == "required")
+            raise self.error("prompt.image_column", f"only applies to task {owners}, not {kind.name}")
         return PromptSpec(template=template, column=column, system=system, image_column=image_column)
 
-    def image(self, data: Any, task: str) -> ImageSpec | None:
-        if task not in IMAGE_TASKS:
+    def image(self, data: Any, kind: TaskKind) -> ImageSpec | None:
+        task = kind.name
+        if not kind.image_keys:
             if data is not None:
-                raise self.error("image", f"only applies to tasks {' and '.join(IMAGE_TASKS)}, not {task}")
+                raise self.error("image", f"only applies to tasks {' and '.join(_IMAGE_KEYS_BY_TASK)}, not {task}")
             return None
         if data is None:
             return ImageSpec()
         data = self.section(data, "image", _IMAGE_KEYS)
-        allowed = _IMAGE_KEYS_BY_TASK[task]
+        allowed = kind.image_keys
         for key in data:
             if key not in allowed:
                 owner = next(t for t, keys in _IMAGE_KEYS_BY_TASK.items() if key in keys)
                 raise self.error(
                     f"image.{key}", f"only applies to task {owner}, not {task}; expected one of {', '.join(allowed)}"
                 )
-        fmt = data.get("format", "png")
+        fmt = data.get("format", _default(ImageSpec, "format"))
         if isinstance(fmt, str) and fmt.lower() == "jpg":
             fmt = "jpeg"
         if not isinstance(fmt, str) or fmt.lower() not in IMAGE_FORMATS:
             hint = _suggest(fmt.lower(), IMAGE_FORMATS) if isinstance(fmt, str) else ""
             raise self.error("image.format", f"expected one of {', '.join(IMAGE_FORMATS)}, got {_describe(fmt)}{hint}")
-        seed = self.integer(data, "seed", prefix="image.", default=0, minimum=0)
+        seed = self.integer(data, "seed", prefix="image.", default=_default(ImageSpec, "seed"), minimum=0)
         if seed > _SEED_MAX:
             raise self.error("image.seed", f"expected a non-negative integer below 2**63, got {seed}")
         return ImageSpec(
@@ -636,9 +720,13 @@ class _Parser:
             namespace=namespace,
             api_url=api_url,
             scale=self.scale(data.get("scale")),
-            ready_timeout=self.duration(data, "ready_timeout", prefix=prefix, default=DEFAULT_READY_TIMEOUT),
+            ready_timeout=self.duration(
+                data, "ready_timeout", prefix=prefix, default=_default(EndpointSpec, "ready_timeout")
+            ),
             on_finish=on_finish,
-            idle_backstop=self.duration(data, "idle_backstop", prefix=prefix, default=DEFAULT_IDLE_BACKSTOP),
+            idle_backstop=self.duration(
+                data, "idle_backstop", prefix=prefix, default=_default(EndpointSpec, "idle_backstop")
+            ),
             price_per_replica_hour=price,
         )
 
@@ -669,8 +757,10 @@ class _Parser:
         if data is None:
             return ConcurrencySpec()
         data = self.section(data, "concurrency", _CONCURRENCY_KEYS)
-        high = self.integer(data, "max", prefix="concurrency.", default=256, minimum=1)
-        initial = self.integer(data, "initial", prefix="concurrency.", default=min(8, high), minimum=1)
+        high = self.integer(data, "max", prefix="concurrency.", default=_default(ConcurrencySpec, "max"), minimum=1)
+        initial = self.integer(
+            data, "initial", prefix="concurrency.", default=min(_default(ConcurrencySpec, "initial"), high), minimum=1
+        )
         if initial > high:
             raise self.error("concurrency.initial", f"expected at most concurrency.max ({high}), got {initial}")
         return ConcurrencySpec(max=high, initial=initial)
@@ -680,16 +770,19 @@ class _Parser:
             return RetrySpec()
         data = self.section(data, "retries", _RETRY_KEYS)
         p = "retries."
-        base = self.number(data, "backoff_base", prefix=p, default=0.5, minimum=0.0)
-        cap = self.number(data, "backoff_cap", prefix=p, default=30.0, minimum=0.0)
+        defaults = RetrySpec()
+        base = self.number(data, "backoff_base", prefix=p, default=defaults.backoff_base, minimum=0.0)
+        cap = self.number(data, "backoff_cap", prefix=p, default=defaults.backoff_cap, minimum=0.0)
         if cap < base:
             raise self.error("retries.backoff_cap", f"expected at least backoff_base ({base:g}), got {cap:g}")
         return RetrySpec(
-            max_attempts=self.integer(data, "max_attempts", prefix=p, default=5, minimum=1),
+            max_attempts=self.integer(data, "max_attempts", prefix=p, default=defaults.max_attempts, minimum=1),
             backoff_base=base,
             backoff_cap=cap,
-            max_retry_after=self.number(data, "max_retry_after", prefix=p, default=120.0, minimum=0.0),
-            budget_ratio=self.fraction(data, "budget_ratio", prefix=p, default=0.1),
+            max_retry_after=self.number(
+                data, "max_retry_after", prefix=p, default=defaults.max_retry_after, minimum=0.0
+            ),
+            budget_ratio=self.fraction(data, "budget_ratio", prefix=p, default=defaults.budget_ratio),
         )
 
     def output(self, data: Any, job_name: str) -> OutputSpec:
@@ -697,11 +790,20 @@ class _Parser:
             data = {}
         data = self.section(data, "output", _OUTPUT_KEYS)
         return OutputSpec(
-            # Without a path, results go to out/<job name>, the layout the sample jobs use.
-            path=self.string(data, "path", prefix="output.", default=f"out/{job_name}"),
-            shard_rows=self.integer(data, "shard_rows", prefix="output.", default=10_000, minimum=1),
-            shard_bytes=self.size(data, "shard_bytes", prefix="output.", default=DEFAULT_SHARD_BYTES),
+            path=self.output_path(data, job_name),
+            shard_rows=self.integer(
+                data, "shard_rows", prefix="output.", default=_default(OutputSpec, "shard_rows"), minimum=1
+            ),
+            shard_bytes=self.size(data, "shard_bytes", prefix="output.", default=_default(OutputSpec, "shard_bytes")),
         )
+
+    def output_path(self, data: Mapping[str, Any], job_name: str) -> str:
+        # Without a path, results go to out/<job name>, the layout the sample jobs use.
+        path: str = self.string(data, "path", prefix="output.", default=f"out/{job_name}")
+        problem = _output_path_problem(path)
+        if problem is not None:
+            raise self.error("output.path", problem)
+        return path
 
     # -- shapes --------------------------------------------------------------------------------
 
@@ -733,7 +835,10 @@ class _Parser:
 
     _REQUIRED: Any = object()
 
-    def string(self, data, key, *, prefix="", default=_REQUIRED, allow_empty=False) -> Any:
+    def string(
+        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
+        allow_empty: bool = False,
+    ) -> Any:
         value = data.get(key)
         if value is None:
             if default is _Parser._REQUIRED:
@@ -743,7 +848,10 @@ class _Parser:
             raise self.error(prefix + key, f"expected a non-empty string, got {_describe(value)}")
         return value
 
-    def integer(self, data, key, *, prefix="", default=_REQUIRED, minimum=None) -> Any:
+    def integer(
+        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
+        minimum: int | None = None,
+    ) -> Any:
         value = data.get(key)
         kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else "an integer"
         if value is None:
@@ -757,7 +865,11 @@ class _Parser:
             raise self.error(prefix + key, f"expected {kind}, got {value}")
         return value
 
-    def number(self, data, key, *, prefix="", default=_REQUIRED, minimum=None, strict=False) -> Any:
+    def number(
+        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
+        minimum: float | None = None,
+        strict: bool = False,
+    ) -> Any:
         value = data.get(key)
         if value is None:
             if default is _Parser._REQUIRED:
@@ -770,7 +882,9 @@ class _Parser:
             raise self.error(prefix + key, f"expected {kind}, got {value}")
         return float(value)
 
-    def fraction(self, data, key, *, prefix="", default=_REQUIRED) -> Any:
+    def fraction(
+        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
+    ) -> Any:
         value = data.get(key)
         if value is None:
             if default is _Parser._REQUIRED:
@@ -780,7 +894,9 @@ class _Parser:
             raise self.error(prefix + key, f"expected a share between 0 and 1 (like 0.5), got {_describe(value)}")
         return float(value)
 
-    def duration(self, data, key, *, prefix="", default=_REQUIRED) -> Any:
+    def duration(
+        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
+    ) -> Any:
         value = data.get(key)
         if value is None:
             if default is _Parser._REQUIRED:
@@ -794,7 +910,9 @@ class _Parser:
             )
         return seconds
 
-    def size(self, data, key, *, prefix="", default=_REQUIRED) -> Any:
+    def size(
+        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
+    ) -> Any:
         value = data.get(key)
         if value is None:
             if default is _Parser._REQUIRED:
@@ -864,6 +982,23 @@ def _is_data_files(value: Any) -> bool:
     if isinstance(value, Mapping):
         return all(isinstance(k, str) and _is_data_files(v) and not isinstance(v, Mapping) for k, v in value.items())
     return False
+
+
+def _route_name(kind: TaskKind) -> str:
+    label = "the chat route" if kind.route.rstrip("/").endswith("/chat/completions") else "the generation route"
+    return f"{label} (POST {kind.route})"
+
+
+def _output_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be the output folder: it must name a folder of its own."""
+    last = path.strip().replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if not path.strip():
+        return "expected a folder for the results, got an empty path"
+    if last in ("", ".", ".."):
+        # The output folder gets a manifest, shards and a lock of its own; `.` would scatter them
+        # among the user's files (and a fresh run would clear them).
+        return f"expected a folder of the job's own, like out/{{job name}}, got {path!r}; name a folder"
+    return None
 
 
 def _suggest(word: str, choices: tuple[str, ...]) -> str:

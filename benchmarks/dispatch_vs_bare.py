@@ -24,7 +24,7 @@ from aiohttp import web
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import RetryPolicy
-from batchrun.tasks import join_url, make_task
+from batchrun.tasks import build_task, join_url
 
 # ------------------------------------------------------------------------------------------ server
 
@@ -138,7 +138,7 @@ def _dispatcher_runner(initial: int) -> Callable[[str, str, list[str], int], Awa
         parameters = {"max_tokens": 16} if task == "chat-completion" else {"max_new_tokens": 16}
         dispatcher = Dispatcher(
             base_url=url,
-            task=make_task(task, column="prompt", parameters=parameters),
+            task=build_task(task, column="prompt", parameters=parameters),
             config=DispatchConfig(max_concurrency=concurrency, initial_concurrency=initial, policy=RetryPolicy()),
             token=None,
             on_record=on_record,

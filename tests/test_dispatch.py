@@ -30,7 +30,7 @@ from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import RetryPolicy
 from batchrun.spec import ImageSpec
 from batchrun.stop import Stop, StopReason
-from batchrun.tasks import make_task
+from batchrun.tasks import build_task
 
 FAST = RetryPolicy(max_attempts=3, backoff_base=0.001, backoff_cap=0.005, max_retry_after=2.0)
 Handler = Callable[[web.Request, str, int], Awaitable[web.StreamResponse]]
@@ -118,7 +118,7 @@ def dispatcher(
     config.setdefault("request_timeout_s", 5.0)
     return Dispatcher(
         plane=DataPlane(url=url, headers=headers, token=token),
-        task=task or make_task("text-generation", column="prompt", parameters={"max_new_tokens": 8}),
+        task=task or build_task("text-generation", column="prompt", parameters={"max_new_tokens": 8}),
         config=DispatchConfig(**config),
         on_record=records.append,
         rng=random.Random(0),
@@ -393,7 +393,7 @@ def test_a_tasks_own_headers_are_sent_and_its_known_outputs_join_the_result() ->
 
     async def main() -> tuple[ScriptedServer, list[RowResult | RowFailure]]:
         records: list[RowResult | RowFailure] = []
-        task = make_task("text-to-image", column="prompt", image=ImageSpec(format="png", seed=3))
+        task = build_task("text-to-image", column="prompt", image=ImageSpec(format="png", seed=3))
         async with ScriptedServer(handler) as server:
             d = dispatcher(server.url, records, task=task, extra_headers={"X-Scale-Up-Timeout": "600"})
             await d.run(rows_of(["a", "b"]))

@@ -18,6 +18,7 @@ from batchrun.retry import (
     is_overload,
     parse_retry_after,
 )
+from batchrun.spec import RetrySpec
 
 
 class FakeClock:
@@ -179,3 +180,15 @@ def test_old_requests_stop_counting_after_the_window() -> None:
     assert budget.allowed == 50
     clock.now += 11
     assert budget.allowed == 0
+
+
+def test_a_bare_policy_and_a_job_without_a_retries_section_agree() -> None:
+    assert RetryPolicy() == RetryPolicy.from_spec(RetrySpec())
+    assert RetryPolicy().max_attempts == RetrySpec().max_attempts == 5
+    assert RetryBudget().ratio == RetrySpec().budget_ratio
+
+
+def test_from_spec_carries_every_retry_knob() -> None:
+    spec = RetrySpec(max_attempts=2, backoff_base=0.1, backoff_cap=3.0, max_retry_after=9.0, budget_ratio=0.5)
+    policy = RetryPolicy.from_spec(spec)
+    assert (policy.max_attempts, policy.backoff_base, policy.backoff_cap, policy.max_retry_after) == (2, 0.1, 3.0, 9.0)

@@ -11,8 +11,12 @@ import pytest
 from batchrun.errors import SpecError
 from batchrun.spec import (
     DEFAULT_SHARD_BYTES,
+    BudgetSpec,
+    ConcurrencySpec,
     ImageSpec,
     JobSpec,
+    OutputSpec,
+    RetrySpec,
     load_spec,
     parse_duration,
     parse_size,
@@ -527,3 +531,139 @@ def test_a_text_to_image_seed_in_parameters_points_to_the_image_options():
 )
 def test_text_to_image_parameters_are_type_checked(parameters, key):
     assert spec_error(image_spec(TEXT_TO_IMAGE, parameters=parameters)).key == key
+
+
+# --- defaults and keys declared once ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "spec_class"),
+    [("concurrency", ConcurrencySpec), ("retries", RetrySpec), ("budget", BudgetSpec), ("image", ImageSpec)],
+)
+def test_an_empty_section_and_a_missing_one_both_get_the_dataclass_defaults(section, spec_class):
+    task = "text-to-image" if section == "image" else "chat-completion"
+    prompt = {"column": "prompt"}
+    given = getattr(parse_spec(spec_with(task=task, prompt=prompt, **{section: {}})), section)
+    missing = getattr(parse_spec(spec_with(task=task, prompt=prompt)), section)
+    assert given == missing == spec_class()
+
+
+@pytest.mark.parametrize(
+    ("section", "spec_class"),
+    [("retries", RetrySpec), ("concurrency", ConcurrencySpec), ("output", OutputSpec), ("budget", BudgetSpec)],
+)
+def test_an_unknown_key_lists_the_config_class_fields_as_the_expected_keys(section, spec_class):
+    err = spec_error(spec_with(**{section: {"zzz": 1}}))
+    assert err.key == f"{section}.zzz"
+    assert f"expected one of {', '.join(f.name for f in dataclasses.fields(spec_class))}" in err.problem
+
+
+# --- duplicate keys -----------------------------------------------------------------------------
+
+
+def test_a_key_given_twice_is_refused_naming_its_path_and_both_lines(tmp_path):
+    text = (
+        "task: chat-completion\n"
+        "input: {parquet: a.parquet}\n"
+        "prompt: {column: q}\n"
+        "endpoint:\n"
+        "  url: http://127.0.0.1:1\n"
+        "retries:\n"
+        "  max_attempts: 3\n"
+        "  backoff_base: 1\n"
+        "  max_attempts: 9\n"
+    )
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert info.value.key == "retries.max_attempts"
+    assert "lines 7 and 9" in info.value.problem
+
+
+def test_a_top_level_key_given_twice_is_refused(tmp_path):
+    text = "task: chat-completion\ninput: {parquet: a.parquet}\nprompt: {column: q}\nendpoint: {url: http://h:1}\ntask: text-generation\n"
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert info.value.key == "task" and "lines 1 and 5" in info.value.problem
+
+
+def test_a_key_given_twice_inside_a_list_item_names_the_item(tmp_path):
+    text = (
+        "task: chat-completion\ninput: {parquet: a.parquet}\nprompt: {column: q}\nendpoint: {url: http://h:1}\n"
+        "parameters:\n  tools:\n    - {name: a, name: b}\n"
+    )
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert info.value.key == "parameters.tools[0].name" and "lines 7 and 7" in info.value.problem
+
+
+def test_a_key_brought_in_by_a_merge_may_be_overridden(tmp_path):
+    text = (
+        "base: &base {max_tokens: 10, temperature: 0.5}\n"
+        "task: chat-completion\ninput: {parquet: a.parquet}\nprompt: {column: q}\nendpoint: {url: http://h:1}\n"
+        "parameters: {<<: *base, max_tokens: 20}\n"
+    )
+    # `base` is not a job key, so the spec is refused for that, not for the overridden max_tokens.
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert info.value.key == "base"
+
+
+# --- parameters the route would ignore or batchrun owns -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("task", "wrong", "right"),
+    [
+        ("chat-completion", "max_new_tokens", "max_tokens"),
+        ("image-text-to-text", "max_new_tokens", "max_tokens"),
+        ("text-generation", "max_tokens", "max_new_tokens"),
+    ],
+)
+def test_a_token_limit_under_the_other_routes_name_is_refused_saying_which_name_to_use(task, wrong, right):
+    prompt = {"column": "q", "image_column": "img"} if task == "image-text-to-text" else {"column": "q"}
+    err = spec_error(spec_with(task=task, prompt=prompt, parameters={wrong: 50}))
+    assert err.key == f"parameters.{wrong}"
+    assert f"takes {right}; rename it" in err.problem
+
+
+def test_both_token_limit_names_in_one_chat_job_ask_to_remove_the_wrong_one():
+    err = spec_error(spec_with(parameters={"max_tokens": 5, "max_new_tokens": 50}))
+    assert err.key == "parameters.max_new_tokens" and "remove it" in err.problem
+
+
+@pytest.mark.parametrize(
+    ("task", "parameters", "key"),
+    [
+        ("chat-completion", {"stream": True}, "parameters.stream"),
+        ("text-generation", {"stream": True}, "parameters.stream"),
+        ("text-generation", {"details": False}, "parameters.details"),
+        ("chat-completion", {"messages": []}, "parameters.messages"),
+    ],
+)
+def test_parameters_batchrun_sets_or_cannot_read_are_spec_errors_naming_them(task, parameters, key):
+    assert spec_error(spec_with(task=task, prompt={"column": "q"}, parameters=parameters)).key == key
+
+
+def test_stream_false_is_accepted():
+    assert parse_spec(spec_with(parameters={"stream": False})).parameters == {"stream": False}
+
+
+# --- the output folder --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["", "  ", ".", "./", "..", "out/..", "out/.", "/"])
+def test_an_output_override_that_names_no_folder_of_its_own_is_refused(tmp_path, path):
+    text = "task: text-generation\ninput: {jsonl: q.jsonl}\nprompt: {column: q}\nendpoint: {local: {}}\n"
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text), output_override=path)
+    assert info.value.key == "--output"
+
+
+@pytest.mark.parametrize("path", ["", ".", "..", "results/."])
+def test_an_output_path_that_names_no_folder_of_its_own_is_refused(path):
+    err = spec_error(spec_with(output={"path": path}))
+    assert err.key == "output.path"
+
+
+def test_a_dot_output_path_asks_for_a_folder():
+    assert "name a folder" in spec_error(spec_with(output={"path": "."})).problem

@@ -5,23 +5,29 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pytest
-
 from PIL import Image
 
 from batchrun.errors import RequestFailed
-from batchrun.records import Row
 from batchrun.images import derive_seed
-from batchrun.spec import ImageSpec
+from batchrun.records import Row
+from batchrun.spec import ImageSpec, parse_spec
 from batchrun.tasks import (
     OUTPUT_SCHEMA,
+    TASK_KINDS,
     VISION_OUTPUT_SCHEMA,
     PreparedRequest,
+    build_task,
     join_url,
     make_task,
+    placeholder_column_problem,
+    prompt_column_problem,
     render_prompt,
+    task_kind,
 )
 
 
@@ -73,12 +79,12 @@ def test_a_null_prompt_column_is_an_empty_prompt_failure() -> None:
 @pytest.mark.parametrize("value", ["", "   \n"])
 def test_empty_prompts_fail_before_any_request(task: str, value: str) -> None:
     with pytest.raises(RequestFailed) as info:
-        make_task(task, column="text").prepare(row(text=value))
+        build_task(task, column="text").prepare(row(text=value))
     assert info.value.error_type == "empty_prompt" and not info.value.retryable
 
 
 def test_text_generation_posts_to_root_with_details_on_and_parameters_unchanged() -> None:
-    task = make_task("text-generation", template="Q: {q}", parameters={"max_new_tokens": 20, "stop": ["\n"]})
+    task = build_task("text-generation", template="Q: {q}", parameters={"max_new_tokens": 20, "stop": ["\n"]})
     request = task.prepare(row(q="why?"))
     assert request.path == "/"
     assert request.payload == {"inputs": "Q: why?", "parameters": {"max_new_tokens": 20, "stop": ["\n"], "details": True}}
@@ -86,17 +92,17 @@ def test_text_generation_posts_to_root_with_details_on_and_parameters_unchanged(
 
 def test_text_generation_reads_the_list_answer_with_header_prompt_tokens() -> None:
     body = json.dumps([{"generated_text": "because", "details": {"finish_reason": "eos_token", "generated_tokens": 2}}])
-    out = make_task("text-generation", column="q").parse(200, {"X-Prompt-Tokens": "7"}, body.encode())
+    out = build_task("text-generation", column="q").parse(200, {"X-Prompt-Tokens": "7"}, body.encode())
     assert out == {"generated_text": "because", "finish_reason": "eos_token", "prompt_tokens": 7, "completion_tokens": 2}
 
 
 def test_text_generation_without_details_or_headers_gives_nulls() -> None:
-    out = make_task("text-generation", column="q").parse(200, {}, b'[{"generated_text": "x"}]')
+    out = build_task("text-generation", column="q").parse(200, {}, b'[{"generated_text": "x"}]')
     assert out == {"generated_text": "x", "finish_reason": None, "prompt_tokens": None, "completion_tokens": None}
 
 
 def test_chat_builds_system_and_user_messages() -> None:
-    task = make_task("chat-completion", template="Hi {name}", system="Be brief.", parameters={"max_tokens": 9})
+    task = build_task("chat-completion", template="Hi {name}", system="Be brief.", parameters={"max_tokens": 9})
     request = task.prepare(row(name="Ada"))
     assert request.path == "/v1/chat/completions"
     assert request.payload == {
@@ -107,7 +113,7 @@ def test_chat_builds_system_and_user_messages() -> None:
 
 
 def test_chat_without_system_sends_only_the_user_message() -> None:
-    request = make_task("chat-completion", column="q").prepare(row(q="hello"))
+    request = build_task("chat-completion", column="q").prepare(row(q="hello"))
     assert request.payload["messages"] == [{"role": "user", "content": "hello"}]
 
 
@@ -117,7 +123,7 @@ def test_chat_reads_content_finish_reason_and_usage() -> None:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23},
     }
-    out = make_task("chat-completion", column="q").parse(200, {}, json.dumps(body).encode())
+    out = build_task("chat-completion", column="q").parse(200, {}, json.dumps(body).encode())
     assert out == {"generated_text": "Hello!", "finish_reason": "stop", "prompt_tokens": 20, "completion_tokens": 3}
 
 
@@ -135,14 +141,14 @@ def test_chat_reads_content_finish_reason_and_usage() -> None:
 )
 def test_a_200_with_an_error_or_a_broken_body_is_a_retryable_bad_body(task: str, body: bytes) -> None:
     with pytest.raises(RequestFailed) as info:
-        make_task(task, column="q").parse(200, {}, body)
+        build_task(task, column="q").parse(200, {}, body)
     assert info.value.error_type == "bad_body" and info.value.retryable
 
 
 def test_output_columns_match_the_schema() -> None:
-    out = make_task("text-generation", column="q").parse(200, {"x-prompt-tokens": "1"}, b'[{"generated_text": "x"}]')
+    out = build_task("text-generation", column="q").parse(200, {"x-prompt-tokens": "1"}, b'[{"generated_text": "x"}]')
     table = pa.Table.from_pylist([out], schema=OUTPUT_SCHEMA)
-    assert table.schema == make_task("chat-completion", column="q").output_schema
+    assert table.schema == build_task("chat-completion", column="q").output_schema
     assert OUTPUT_SCHEMA.field("prompt_tokens").nullable and OUTPUT_SCHEMA.field("completion_tokens").type == pa.int64()
 
 
@@ -158,12 +164,12 @@ def test_output_columns_match_the_schema() -> None:
 )
 def test_impossible_task_configurations_are_refused_up_front(kwargs: dict) -> None:
     with pytest.raises(ValueError):
-        make_task("text-generation", **kwargs)
+        build_task("text-generation", **kwargs)
 
 
 def test_unknown_task_is_refused_naming_the_known_ones() -> None:
     with pytest.raises(ValueError, match="text-to-image"):
-        make_task("image-to-video", column="a")
+        build_task("image-to-video", column="a")
 
 
 @pytest.mark.parametrize(
@@ -193,7 +199,7 @@ def picture(pil_format: str = "PNG", size: tuple[int, int] = (32, 24)) -> bytes:
 
 
 def text_to_image(**image: object):
-    return make_task(
+    return build_task(
         "text-to-image", column="prompt", parameters={"width": 64, "height": 64, "num_inference_steps": 4},
         image=ImageSpec(**image),
     )
@@ -255,13 +261,13 @@ def test_a_200_that_is_not_the_asked_image_is_a_retryable_failure(content_type, 
 
 def test_text_to_image_refuses_a_seed_parameter_and_a_system_prompt() -> None:
     with pytest.raises(ValueError, match="seed"):
-        make_task("text-to-image", column="p", parameters={"seed": 1})
+        build_task("text-to-image", column="p", parameters={"seed": 1})
     with pytest.raises(ValueError, match="system"):
-        make_task("text-to-image", column="p", system="be nice")
+        build_task("text-to-image", column="p", system="be nice")
 
 
 def vision(**image: object):
-    return make_task("image-text-to-text", template="Q: {q}", image_column="img", system="Be brief.",
+    return build_task("image-text-to-text", template="Q: {q}", image_column="img", system="Be brief.",
                      parameters={"max_tokens": 20}, image=ImageSpec(**image))
 
 
@@ -307,12 +313,113 @@ def test_vision_reads_answers_like_chat_and_declares_the_downsized_column() -> N
 
 def test_vision_needs_an_image_column_and_only_vision_takes_one() -> None:
     with pytest.raises(ValueError, match="image_column"):
-        make_task("image-text-to-text", column="q")
+        build_task("image-text-to-text", column="q")
     with pytest.raises(ValueError, match="image_column"):
-        make_task("chat-completion", column="q", image_column="img")
+        build_task("chat-completion", column="q", image_column="img")
 
 
 def test_text_tasks_send_no_extra_headers_and_know_no_outputs_in_advance() -> None:
-    request = make_task("chat-completion", column="q").prepare(row(q="hi"))
+    request = build_task("chat-completion", column="q").prepare(row(q="hi"))
     assert request == PreparedRequest("/v1/chat/completions", request.payload)
     assert request.headers == {} and request.outputs == {}
+
+
+# ---------------------------------------------------------------------------------------- registry
+
+
+def spec_for(task: str, **extra: object):
+    data = {"task": task, "input": {"parquet": "in.parquet"}, "prompt": {"column": "q"},
+            "endpoint": {"url": "http://127.0.0.1:8080"}}
+    if task == "image-text-to-text":
+        data["prompt"] = {"column": "q", "image_column": "img"}
+    data.update(extra)
+    return parse_spec(data)
+
+
+@pytest.mark.parametrize("name", list(TASK_KINDS))
+def test_make_task_builds_the_registered_task_for_a_spec_and_sends_to_its_route(name: str) -> None:
+    task = make_task(spec_for(name))
+    assert task.name == name
+    request = task.prepare(row(q="hello", img=picture("PNG")))
+    assert request.path == task_kind(name).route
+
+
+def test_the_registry_lists_every_task_once_in_the_documented_order() -> None:
+    assert list(TASK_KINDS) == ["text-generation", "chat-completion", "text-to-image", "image-text-to-text"]
+    assert task_kind("chat-completion").endpoint_tasks == (
+        "text-generation", "text2text-generation", "image-text-to-text", "conversational")
+    assert {k.name: k.emulator_task for k in TASK_KINDS.values()} == {
+        "text-generation": "text-generation", "chat-completion": "text-generation",
+        "text-to-image": "text-to-image", "image-text-to-text": "image-text-to-text"}
+    with pytest.raises(ValueError, match="chat-completion"):
+        task_kind("chat")
+
+
+def test_importing_the_registry_and_the_spec_loads_neither_pyarrow_nor_pillow() -> None:
+    code = ("import sys, batchrun.spec, batchrun.tasks; "
+            "print(sorted(m for m in ('pyarrow', 'PIL', 'numpy', 'aiohttp') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_describe_shows_the_prompt_a_text_request_sends() -> None:
+    task = build_task("text-generation", template="Q: {q}")
+    assert task.describe(task.prepare(row(q="why?"))) == "Q: why?"
+
+
+def test_describe_summarises_an_image_part_and_never_prints_its_base64() -> None:
+    task = vision()
+    data = picture("PNG")
+    text = task.describe(task.prepare(row(q="colour?", img=data)))
+    assert text == "system: Be brief. | user: Q: colour? <image data:image/png>"
+    assert base64.b64encode(data).decode()[:20] not in text
+
+
+# ---------------------------------------------------------------------------------- prompt values
+
+
+@pytest.mark.parametrize("value", [[{"role": "user", "content": "hi"}], {"a": 1}, b"bytes", 7, 1.5, True])
+def test_a_prompt_column_value_that_is_not_a_string_fails_the_row_instead_of_sending_its_repr(value) -> None:
+    with pytest.raises(RequestFailed) as info:
+        render_prompt(template=None, column="messages", columns={"messages": value})
+    assert info.value.error_type == "bad_prompt" and not info.value.retryable
+    assert "'messages'" in info.value.message and type(value).__name__ in info.value.message.replace("binary", "bytes")
+
+
+@pytest.mark.parametrize("value", [[1, 2], {"a": 1}, b"\x00\x01"])
+def test_a_placeholder_holding_a_list_a_mapping_or_bytes_is_a_template_failure_naming_the_column(value) -> None:
+    with pytest.raises(RequestFailed) as info:
+        render_prompt(template="About {topic}", column=None, columns={"topic": value})
+    assert info.value.error_type == "template" and not info.value.retryable and "'topic'" in info.value.message
+
+
+def test_placeholders_format_numbers() -> None:
+    assert render_prompt(template="{n} and {x}", column=None, columns={"n": 3, "x": 0.5}) == "3 and 0.5"
+
+
+@pytest.mark.parametrize(
+    ("kind", "accepted"),
+    [
+        (pa.string(), True),
+        (pa.large_string(), True),
+        (pa.int64(), False),
+        (pa.float64(), False),
+        (pa.binary(), False),
+        (pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])), False),
+        (pa.struct([("bytes", pa.binary()), ("path", pa.string())]), False),
+    ],
+)
+def test_only_a_string_column_can_be_the_prompt_column(kind: pa.DataType, accepted: bool) -> None:
+    problem = prompt_column_problem(pa.field("q", kind))
+    assert (problem is None) == accepted
+    if problem is not None:
+        assert "'q'" in problem and str(kind) in problem
+
+
+@pytest.mark.parametrize(
+    ("kind", "accepted"),
+    [(pa.string(), True), (pa.int32(), True), (pa.float64(), True), (pa.bool_(), True), (pa.timestamp("s"), True),
+     (pa.binary(), False), (pa.list_(pa.string()), False), (pa.struct([("a", pa.int8())]), False)],
+)
+def test_a_placeholder_column_takes_scalars_but_not_lists_structs_or_binary(kind: pa.DataType, accepted: bool) -> None:
+    assert (placeholder_column_problem(pa.field("topic", kind)) is None) == accepted

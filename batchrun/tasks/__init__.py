@@ -1,0 +1,226 @@
+"""Tasks: how one row becomes a request, and how a 200 answer becomes output columns.
+
+A task knows the wire format of one route (protocols.md §1, §2) and nothing about sending,
+retrying or writing. Rows that cannot make a request (empty prompt, a template that does not render,
+an input image that does not decode) fail in :meth:`Task.prepare` with a non-retryable
+:class:`~batchrun.errors.RequestFailed`, before anything is sent.
+
+    text-generation      TextGenerationTask   POST /                     text out
+    chat-completion      ChatCompletionTask   POST /v1/chat/completions  text out
+    text-to-image        TextToImageTask      POST / (Accept: image/*)   image bytes out, stored unchanged
+    image-text-to-text   VisionChatTask       POST /v1/chat/completions  image + text in, text out
+
+Every fact about a task that more than one module needs (its route, the endpoint tasks that can
+serve it, which spec keys apply) is declared once, in :data:`TASK_KINDS`. This module is light (no
+pyarrow, no Pillow): the spec parser reads the registry, and ``batchrun validate`` and ``--help``
+must stay fast. The task classes and output schemas load on first use.
+
+    base.py            PreparedRequest, the Task protocol, prompts, reading answers
+    text.py            TextGenerationTask, ChatCompletionTask, OUTPUT_SCHEMA
+    vision.py          VisionChatTask, VISION_OUTPUT_SCHEMA
+    text_to_image.py   TextToImageTask
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from batchrun.tasks.base import (
+    PreparedRequest,
+    Task,
+    join_url,
+    placeholder_column_problem,
+    prompt_column_problem,
+    render_prompt,
+)
+
+if TYPE_CHECKING:
+    from batchrun.spec import ImageSpec, JobSpec
+    from batchrun.tasks.text import OUTPUT_SCHEMA, ChatCompletionTask, TextGenerationTask
+    from batchrun.tasks.text_to_image import TextToImageTask
+    from batchrun.tasks.vision import VISION_OUTPUT_SCHEMA, VisionChatTask
+
+__all__ = [
+    "OUTPUT_SCHEMA",
+    "TASK_KINDS",
+    "VISION_OUTPUT_SCHEMA",
+    "ChatCompletionTask",
+    "PreparedRequest",
+    "Task",
+    "TaskKind",
+    "TextGenerationTask",
+    "TextToImageTask",
+    "VisionChatTask",
+    "build_task",
+    "join_url",
+    "make_task",
+    "placeholder_column_problem",
+    "prompt_column_problem",
+    "render_prompt",
+    "task_kind",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskKind:
+    """What batchrun knows about one task, declared once for the spec, the runner and the task."""
+
+    name: str
+    """The spec's ``task`` value, e.g. ``chat-completion``."""
+    route: str
+    """The path requests go to, relative to the endpoint's base URL."""
+    endpoint_tasks: tuple[str, ...]
+    """Inference Endpoint ``model.task`` values whose servers answer this route."""
+    emulator_task: str
+    """What the built-in emulator serves for a job of this task (``endpoint: {local: ...}``)."""
+    takes_system: bool
+    """Whether ``prompt.system`` applies."""
+    image_column: str
+    """``"required"`` or ``"forbidden"``: whether ``prompt.image_column`` must be given."""
+    image_keys: tuple[str, ...]
+    """The ``image.*`` spec keys that apply; empty when the ``image`` section does not."""
+    token_limit_parameter: str | None
+    """The route's name for the output token limit (``max_new_tokens`` or ``max_tokens``), if any."""
+    reserved_parameters: tuple[str, ...]
+    """Parameters batchrun sets itself on every request; the spec may not set them."""
+    implementation: str
+    """``module:Class`` of the task class, imported when a task is built."""
+
+
+TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
+    {
+        kind.name: kind
+        for kind in (
+            TaskKind(
+                name="text-generation",
+                route="/",
+                endpoint_tasks=("text-generation", "text2text-generation", "image-text-to-text"),
+                emulator_task="text-generation",
+                takes_system=False,
+                image_column="forbidden",
+                image_keys=(),
+                token_limit_parameter="max_new_tokens",
+                reserved_parameters=("details",),  # details=true carries finish_reason and token counts
+                implementation="batchrun.tasks.text:TextGenerationTask",
+            ),
+            TaskKind(
+                name="chat-completion",
+                route="/v1/chat/completions",
+                endpoint_tasks=("text-generation", "text2text-generation", "image-text-to-text", "conversational"),
+                emulator_task="text-generation",
+                takes_system=True,
+                image_column="forbidden",
+                image_keys=(),
+                token_limit_parameter="max_tokens",
+                reserved_parameters=("messages",),
+                implementation="batchrun.tasks.text:ChatCompletionTask",
+            ),
+            TaskKind(
+                name="text-to-image",
+                route="/",
+                endpoint_tasks=("text-to-image",),
+                emulator_task="text-to-image",
+                takes_system=False,
+                image_column="forbidden",
+                image_keys=("format", "seed_column", "seed"),
+                token_limit_parameter=None,
+                reserved_parameters=("seed",),  # per row, from image.seed_column or image.seed
+                implementation="batchrun.tasks.text_to_image:TextToImageTask",
+            ),
+            TaskKind(
+                name="image-text-to-text",
+                route="/v1/chat/completions",
+                endpoint_tasks=("image-text-to-text", "text-generation"),
+                emulator_task="image-text-to-text",
+                takes_system=True,
+                image_column="required",
+                image_keys=("max_side", "base_dir"),
+                token_limit_parameter="max_tokens",
+                reserved_parameters=("messages",),
+                implementation="batchrun.tasks.vision:VisionChatTask",
+            ),
+        )
+    }
+)
+"""Every task batchrun runs, in the order the docs list them."""
+
+
+def task_kind(name: str) -> TaskKind:
+    """The registry entry for task ``name``; ValueError naming the known tasks for any other."""
+    try:
+        return TASK_KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASK_KINDS)}") from None
+
+
+def make_task(spec: JobSpec | str, **legacy: Any) -> Task:
+    """The task object for a validated job spec.
+
+    Every check a task needs (parameters the route refuses, keys that do not apply) is made by the
+    spec parser, so this does not fail for a spec that :func:`~batchrun.spec.parse_spec` accepted.
+    """
+    if isinstance(spec, str):
+        # Transitional: the keyword form (task name, template=..., ...) the runner calls until it
+        # passes its JobSpec. Remove together with that call.
+        return build_task(spec, **legacy)
+    module_name, class_name = task_kind(spec.task).implementation.split(":")
+    task_class = getattr(importlib.import_module(module_name), class_name)
+    task: Task = task_class.from_spec(spec)
+    return task
+
+
+def build_task(
+    name: str,
+    *,
+    template: str | None = None,
+    column: str | None = None,
+    system: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    image_column: str | None = None,
+    image: ImageSpec | None = None,
+) -> Task:
+    """The task a job spec with these prompt, parameters and image keys would run (tests, benchmarks).
+
+    The keys go through the spec parser, so anything a spec refuses is refused here too, as a
+    :class:`~batchrun.errors.SpecError` (a ValueError).
+    """
+    from batchrun.spec import parse_spec
+
+    keys = {"template": template, "column": column, "system": system, "image_column": image_column}
+    prompt = {key: value for key, value in keys.items() if value is not None}
+    data: dict[str, Any] = {
+        "task": name,
+        "input": {"parquet": "input.parquet"},
+        "prompt": prompt,
+        "parameters": dict(parameters or {}),
+        "endpoint": {"url": "http://127.0.0.1:1"},
+    }
+    if image is not None:
+        kind = TASK_KINDS.get(name)
+        image_keys = kind.image_keys if kind is not None else ()
+        data["image"] = {key: getattr(image, key) for key in image_keys if getattr(image, key) is not None}
+    return make_task(parse_spec(data, file="<build_task>"))
+
+
+# The task classes and schemas import pyarrow (and Pillow): load them on first use.
+_LAZY = {
+    "OUTPUT_SCHEMA": "batchrun.tasks.text",
+    "TextGenerationTask": "batchrun.tasks.text",
+    "ChatCompletionTask": "batchrun.tasks.text",
+    "VISION_OUTPUT_SCHEMA": "batchrun.tasks.vision",
+    "VisionChatTask": "batchrun.tasks.vision",
+    "TextToImageTask": "batchrun.tasks.text_to_image",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,266 @@
+"""What every task shares: the request a row becomes, the Task protocol, prompts, and reading answers.
+
+Light on purpose (no pyarrow, no Pillow at import): :mod:`batchrun.tasks` imports it eagerly, and
+the spec parser imports :mod:`batchrun.tasks`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from batchrun.errors import RequestFailed
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from batchrun.records import Row
+
+__all__ = [
+    "PreparedRequest",
+    "Task",
+    "join_url",
+    "placeholder_column_problem",
+    "prompt_column_problem",
+    "render_prompt",
+]
+
+# Server text stored in a failure row is cut to this many characters: enough to read the reason,
+# not enough to bloat a Parquet file with an HTML error page.
+MAX_MESSAGE_CHARS = 500
+
+# Values a template placeholder cannot stand for: their Python repr is not text anyone meant to send.
+_NOT_TEXT = (list, tuple, dict, set, frozenset, bytes, bytearray, memoryview)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRequest:
+    """A request ready to send: ``path`` relative to the endpoint base, and the JSON ``payload``.
+
+    ``headers`` are sent with this request only (text-to-image's ``Accept``). ``outputs`` are output
+    columns already known before sending (the seed a row was drawn with, whether its image was
+    downsized); the dispatcher adds them to what :meth:`Task.parse` reads from the answer, so a
+    task's parse never needs to know which row it is reading.
+    """
+
+    path: str
+    payload: dict[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    outputs: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    """One kind of inference: builds requests from rows and reads answers into output columns."""
+
+    name: str
+    output_schema: pa.Schema
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The request for ``row``; raises a non-retryable RequestFailed when there can be none."""
+        ...
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Output columns from a 2xx answer; raises a retryable RequestFailed for a bad body."""
+        ...
+
+    def describe(self, request: PreparedRequest) -> str:
+        """What ``request`` asks, for people (previews, logs): images summarised, never base64."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def _type_name(value: Any) -> str:
+    return "binary" if isinstance(value, (bytes, bytearray, memoryview)) else type(value).__name__
+
+
+class _StrictColumns(Mapping[str, Any]):
+    """The row's columns as ``format_map`` sees them: a missing or null column is a template error,
+    and so is a value that is not a scalar (a list, a mapping, bytes)."""
+
+    def __init__(self, columns: Mapping[str, Any]) -> None:
+        self._columns = columns
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._columns:
+            raise RequestFailed(
+                "template", f"the prompt template uses column {key!r}, which the row does not have", retryable=False
+            )
+        value = self._columns[key]
+        if value is None:
+            raise RequestFailed("template", f"column {key!r} is null in this row", retryable=False)
+        if isinstance(value, _NOT_TEXT):
+            raise RequestFailed(
+                "template",
+                f"column {key!r} holds a {_type_name(value)} value in this row; a template placeholder takes text "
+                "or a number",
+                retryable=False,
+            )
+        return value
+
+    def __iter__(self) -> Iterator[str]:  # pragma: no cover - format_map only looks keys up
+        return iter(self._columns)
+
+    def __len__(self) -> int:  # pragma: no cover
+        return len(self._columns)
+
+
+def render_prompt(*, template: str | None, column: str | None, columns: Mapping[str, Any]) -> str:
+    """The prompt for one row: ``template`` rendered with the row's columns, or one column's value.
+
+    Templates use ``str.format_map`` placeholders (``"Summarise: {text}"``; ``"{{"`` is a literal
+    brace); a placeholder takes text or a number. A placeholder naming a missing or null column, or
+    one holding a list, a mapping or bytes, raises ``RequestFailed(error_type="template")``; so does a
+    malformed template. With ``column``, a missing column is a ``template`` failure, a null value an
+    ``empty_prompt`` failure, and a value that is not a string a ``bad_prompt`` failure (it is never
+    sent as its Python repr). Exactly one of ``template`` and ``column`` is given. All are
+    non-retryable.
+    """
+    if (template is None) == (column is None):
+        raise ValueError("give exactly one of template and column")
+    if template is not None:
+        try:
+            return template.format_map(_StrictColumns(columns))
+        except RequestFailed:
+            raise
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+            # Positional "{}", "{0}", an unmatched brace, a bad format spec, "{a.missing}" ...
+            raise RequestFailed(
+                "template", f"the prompt template cannot be rendered for this row: {type(exc).__name__}: {exc}",
+                retryable=False,
+            ) from None
+    assert column is not None
+    if column not in columns:
+        raise RequestFailed("template", f"the row has no column {column!r}", retryable=False)
+    value = columns[column]
+    if value is None:
+        raise RequestFailed("empty_prompt", f"column {column!r} is null in this row", retryable=False)
+    if not isinstance(value, str):
+        raise RequestFailed(
+            "bad_prompt",
+            f"column {column!r} holds a {_type_name(value)} value in this row, not text; "
+            "prompt.column must name a string column",
+            retryable=False,
+        )
+    return value
+
+
+def prompt_column_problem(field: pa.Field) -> str | None:
+    """Why ``field`` cannot be ``prompt.column``, or ``None`` when it can (a string column).
+
+    Numbers are refused too: a prompt that is a number is almost certainly the wrong column.
+    Meant for preflight, so that the mistake costs nothing: each row would fail with ``bad_prompt``.
+    """
+    import pyarrow as pa  # callers hold a schema, so pyarrow is loaded already
+
+    kind = field.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or _is_string_view(kind):
+        return None
+    return (
+        f"column {field.name!r} has type {kind}, not text; prompt.column must name a string column "
+        "(use prompt.template to build the prompt from other columns)"
+    )
+
+
+def placeholder_column_problem(field: pa.Field) -> str | None:
+    """Why ``field`` cannot fill a ``{placeholder}`` of ``prompt.template``, or ``None`` when it can.
+
+    Text, numbers, booleans, dates and times format as text; lists, structs, maps and binary
+    values do not (each row would fail with a ``template`` failure naming the column).
+    """
+    import pyarrow as pa
+
+    kind = field.type
+    if pa.types.is_nested(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or (
+        pa.types.is_fixed_size_binary(kind)
+    ):
+        return (
+            f"column {field.name!r} has type {kind}; a template placeholder takes text or a number, "
+            "not a list, a struct or binary data"
+        )
+    return None
+
+
+def _is_string_view(kind: pa.DataType) -> bool:
+    import pyarrow as pa
+
+    check = getattr(pa.types, "is_string_view", None)
+    return bool(check(kind)) if check is not None else False
+
+
+# --------------------------------------------------------------------------------------------------
+# URLs and answers
+
+
+def join_url(base: str, path: str) -> str:
+    """``base`` + ``path`` with exactly one slash between them.
+
+    ``base`` may carry a path of its own (a proxy prefix) and may already end with ``path``
+    (a user who pasted the full chat URL): then it is used as it is.
+    """
+    trimmed = base.rstrip("/")
+    if path in ("", "/"):
+        return trimmed + "/"
+    suffix = "/" + path.strip("/")
+    if trimmed.endswith(suffix):
+        return trimmed
+    return trimmed + suffix
+
+
+def bad_body(message: str) -> RequestFailed:
+    """The retryable failure for a 2xx answer that cannot be read."""
+    return RequestFailed("bad_body", message[:MAX_MESSAGE_CHARS], retryable=True)
+
+
+def load_json(body: bytes) -> Any:
+    """``body`` as JSON; a retryable ``bad_body`` failure when it is not (a truncated answer)."""
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        preview = body[:200].decode("utf-8", "replace")
+        raise bad_body(f"the answer is not valid JSON (truncated?): {preview!r}") from None
+
+
+def error_object(doc: Any) -> str | None:
+    """The message of a TGI error object ``{"error": ..., "error_type": ...}``, if ``doc`` is one."""
+    if isinstance(doc, dict) and "error" in doc:
+        kind = doc.get("error_type")
+        message = str(doc["error"])
+        return f"{kind}: {message}" if kind else message
+    return None
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """Header ``name`` (lower case). aiohttp's headers are case-insensitive; a plain dict may not be."""
+    value = headers.get(name)
+    if value is None:
+        for key, candidate in headers.items():
+            if key.lower() == name:
+                return candidate
+    return value
+
+
+def header_int(headers: Mapping[str, str], name: str) -> int | None:
+    """Header ``name`` as an int, or ``None`` when absent or not a number."""
+    value = header(headers, name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def optional_int(value: Any) -> int | None:
+    """``value`` when it is a JSON integer (not a boolean), else ``None``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def require_prompt(template: str | None, column: str | None, row: Row) -> str:
+    """The row's rendered prompt; an ``empty_prompt`` failure when it is blank."""
+    prompt = render_prompt(template=template, column=column, columns=row.columns)
+    if not prompt.strip():
+        raise RequestFailed("empty_prompt", "the prompt is empty for this row", retryable=False)
+    return prompt
