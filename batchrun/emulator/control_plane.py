@@ -9,24 +9,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from batchrun.emulator.config import TASKS, EndpointConfig
+from batchrun.emulator.data_plane import EndpointServer
 from batchrun.emulator.state import TransitionRefused
-
-if TYPE_CHECKING:
-    from batchrun.emulator.server import Emulator
 
 NOT_FOUND = {"error": "Endpoint not found"}
 UNAUTHORIZED = {"error": "Invalid credentials in Authorization header"}
 
 
-class ControlPlane:
-    """The aiohttp application of the control port, bound to one emulator."""
+class EndpointRegistry(Protocol):
+    """What the control plane needs from the emulator that owns it: its endpoints' servers.
 
-    def __init__(self, emulator: Emulator, token: str | None) -> None:
+    ``batchrun.emulator.server.Emulator`` implements it; the control plane knows only this, so the
+    two modules do not import each other.
+    """
+
+    def find(self, namespace: str, name: str) -> EndpointServer | None: ...
+
+    def servers(self) -> list[EndpointServer]: ...
+
+    async def add_endpoint(self, config: EndpointConfig) -> EndpointServer: ...
+
+    async def remove_endpoint(self, namespace: str, name: str) -> None: ...
+
+    def template(self) -> EndpointConfig: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class ControlPlane:
+    """The aiohttp application of the control port, bound to one emulator's endpoints."""
+
+    def __init__(self, emulator: EndpointRegistry, token: str | None) -> None:
         self.emulator = emulator
         self._expected_auth = f"Bearer {token}" if token is not None else None
         self.log: list[dict] = []
@@ -62,7 +80,7 @@ class ControlPlane:
             return self._answer(request, 401, UNAUTHORIZED)
         return None
 
-    def _find(self, request: web.Request):
+    def _find(self, request: web.Request) -> EndpointServer | None:
         return self.emulator.find(request.match_info["namespace"], request.match_info["name"])
 
     # ----- routes
