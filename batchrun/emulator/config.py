@@ -8,6 +8,8 @@ job spec's ``endpoint: {local: {...}}`` dict comes in: it rejects unknown keys a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,17 @@ TASKS = ("text-generation", "text-to-image", "image-text-to-text")
 INITIAL_STATES = ("paused", "running", "scaledToZero", "failed")
 EPISODE_KINDS = ("outage_503", "lose_replica", "fail_endpoint")
 DEFAULT_TOKEN = "hf_emulator_local_token"
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit_sha(value: object) -> bool:
+    """Whether ``value`` is a full git commit sha (40 lowercase hex digits), as the Hub names a revision."""
+    return isinstance(value, str) and _COMMIT_SHA.fullmatch(value) is not None
+
+
+def derived_revision(model_id: str) -> str:
+    """The revision an endpoint serves when none is configured: a stable 40-hex sha of the model id."""
+    return hashlib.sha1(f"batchrun-emulator/{model_id}".encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +104,8 @@ class EndpointConfig:
     namespace: str = "batchrun-local"
     task: str = "text-generation"
     model_id: str = "google/gemma-1.1-2b-it"
-    revision: str = "main"
+    # The commit served (GET /info's model_sha, the control plane's model.revision); None: derived_revision(model_id).
+    revision: str | None = None
     framework: str = "pytorch"
     type: str = "protected"  # protected endpoints check the bearer token on the data plane too
     vendor: str = "aws"
@@ -129,7 +143,14 @@ class EndpointConfig:
     faults: Faults = field(default_factory=Faults)
     episodes: tuple[Episode, ...] = ()
 
+    @property
+    def model_sha(self) -> str:
+        """The 40-hex revision this endpoint serves: ``revision`` if set, else one derived from ``model_id``."""
+        return self.revision if self.revision is not None else derived_revision(self.model_id)
+
     def __post_init__(self) -> None:
+        if self.revision is not None and not is_commit_sha(self.revision):
+            raise ValueError(f"revision: expected a 40-hex commit sha (or no revision), got {self.revision!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.initial_state not in INITIAL_STATES:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from batchrun.emulator.config import TASKS, EndpointConfig
+from batchrun.emulator.config import TASKS, EndpointConfig, is_commit_sha
 from batchrun.emulator.data_plane import EndpointServer
 from batchrun.emulator.state import TransitionRefused
 
@@ -144,10 +144,12 @@ class ControlPlane:
             config = self._config_from_create(request.match_info["namespace"], body)
         except (ValueError, KeyError, TypeError) as error:
             return self._answer(request, 400, {"error": f"Invalid endpoint definition: {error}"}, logged)
+        assert isinstance(body, dict)  # _config_from_create refused anything else
         if self.emulator.find(config.namespace, config.name) is not None:
             return self._answer(request, 409, {"error": "Endpoint already exists"}, logged)
         server = await self.emulator.add_endpoint(config)
-        server.state.update({key: value for key, value in body.items() if key in ("model",)})
+        # The rest of the model block (image, env, ...) is echoed; the revision shown is the resolved one.
+        server.state.update({"model": {k: v for k, v in body["model"].items() if k != "revision"}})
         server.state.resume()
         return self._answer(request, 200, server.state.to_api(), logged)
 
@@ -177,7 +179,9 @@ class ControlPlane:
         return dataclasses.replace(
             template,
             name=body["name"], namespace=namespace, task=task, model_id=model["repository"],
-            revision=model.get("revision") or "main", framework=model.get("framework") or "pytorch",
+            # A commit sha is served as given; a branch or tag (or none) resolves to the model's derived sha.
+            revision=model.get("revision") if is_commit_sha(model.get("revision")) else None,
+            framework=model.get("framework") or "pytorch",
             type=body.get("type", "protected"),
             vendor=body.get("provider", {}).get("vendor", "aws"),
             region=body.get("provider", {}).get("region", "us-east-1"),
@@ -201,5 +205,5 @@ def _without_secrets(body: dict) -> dict:
     # The control log may be printed by tests; secret values sent to the API stay out of it.
     model = body.get("model")
     if isinstance(model, dict) and "secrets" in model:
-        return {**body, "model": {**model, "secrets": {k: "***" for k in model["secrets"]}}}
+        return {**body, "model": {**model, "secrets": dict.fromkeys(model["secrets"], "***")}}
     return body

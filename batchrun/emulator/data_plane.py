@@ -64,6 +64,7 @@ class EndpointServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         if self.config.task == "text-to-image":
             app.router.add_post("/", self._image)
+            app.router.add_get("/info", self._no_info)  # the toolkit has no /info: a 404 past the proxy
         else:
             app.router.add_post("/", self._generate_list)
             app.router.add_post("/generate", self._generate)
@@ -280,6 +281,9 @@ class EndpointServer:
 
     async def _info(self, request: web.Request) -> web.StreamResponse:
         return await self._plain_route(request, "GET /info", lambda: json_reply(self.tgi.info()))
+
+    async def _no_info(self, request: web.Request) -> web.StreamResponse:
+        return await self._plain_route(request, "GET /info", lambda: text_reply(404, "Not Found"))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         def metrics() -> Reply:
