@@ -71,6 +71,8 @@ class Faults:
                 raise ValueError(f"faults.{f.name}: must be between 0 and 1, got {value!r}")
         if self.total() > 1.0:
             raise ValueError(f"faults: the rates add up to {self.total():.3f}, more than 1")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"faults.seed: must fit in 64 bits, got {self.seed}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,6 +142,9 @@ class EndpointConfig:
     image_reject_non_square: bool = True
     # Determinism and faults.
     seed: int = 0
+    # Mixed into every fault draw besides faults.seed: the same value replays the same faults, another
+    # value draws others. `batchrun run` sets it to a run counter so a rerun meets fresh faults.
+    fault_seed: int = 0
     faults: Faults = field(default_factory=Faults)
     episodes: tuple[Episode, ...] = ()
 
@@ -160,6 +165,8 @@ class EndpointConfig:
                 f"min_replica/max_replica: need 0 <= min_replica <= max_replica and max_replica >= 1, "
                 f"got {self.min_replica}/{self.max_replica}"
             )
+        if not -(2**63) <= self.fault_seed < 2**63:
+            raise ValueError(f"fault_seed: must fit in 64 bits, got {self.fault_seed}")
         if self.max_concurrent_requests < 1:
             raise ValueError("max_concurrent_requests: must be at least 1")
         if self.max_input_tokens >= self.max_total_tokens:

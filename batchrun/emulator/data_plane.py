@@ -44,7 +44,7 @@ class EndpointServer:
         self.config = config
         self.host = host
         self.stats = EndpointStats()
-        self.dice = FaultDice(config.faults)
+        self.dice = FaultDice(config.faults, config.fault_seed)
         self.episodes = EpisodeScript(config.episodes, self.play)
         self.outage_until = 0.0
         self.admitted = 0  # TGI requests inside the model (capacity is counted on these)

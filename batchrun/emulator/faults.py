@@ -1,8 +1,10 @@
 """Fault injection: which request meets which fault, and the scripted episodes.
 
-A request's fault is decided from a hash of (faults.seed, request body, how many times that same
-body was seen before), so reruns of the same workload meet the same faults whatever the order or
-concurrency of the requests, and a retried request draws again.
+A request's fault is decided from a hash of (faults.seed, the endpoint's fault_seed, request body,
+how many times that same body was seen before), so reruns of the same workload with the same seeds
+meet the same faults whatever the order or concurrency of the requests, and a retried request draws
+again. The counts start from zero with each emulator; ``fault_seed`` is what makes one run's draws
+differ from the previous run's (batchrun passes its run counter there).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ FAULT_KINDS = ("429", "429_no_retry_after", "500", "502", "503", "504", "reset",
 class FaultDice:
     """Draws the fault, if any, of each request."""
 
-    def __init__(self, faults: Faults) -> None:
+    def __init__(self, faults: Faults, draw_seed: int = 0) -> None:
         self.faults = faults
+        # 0 adds nothing to the hash, so the draws of configs without a fault_seed are unchanged.
+        self._salt = b"" if draw_seed == 0 else b"fault_seed" + draw_seed.to_bytes(8, "big", signed=True)
         self._enabled = faults.total() > 0
         self._seen: Counter[bytes] = Counter()
         # Cumulative thresholds in a fixed order, so the mapping from a draw to a fault is stable.
@@ -38,7 +42,8 @@ class FaultDice:
         digest = hashlib.blake2b(body, digest_size=16).digest()
         occurrence = self._seen[digest]
         self._seen[digest] += 1
-        material = self.faults.seed.to_bytes(8, "big", signed=True) + digest + occurrence.to_bytes(4, "big")
+        material = (self.faults.seed.to_bytes(8, "big", signed=True) + digest + occurrence.to_bytes(4, "big")
+                    + self._salt)
         roll = int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big") / 2**64
         for threshold, kind in self._thresholds:
             if roll < threshold:
