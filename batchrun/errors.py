@@ -8,6 +8,8 @@
     ├── AuthError (PermissionError)    no token, or the endpoint answered 401/403                     -> 2
     ├── EndpointError                  the endpoint is missing, failed, or cannot serve the task      -> 3
     │   └── EndpointNotReadyError (TimeoutError)  it did not become ready within ready_timeout        -> 3
+    ├── EmulatorError                  the local emulator cannot start: busy port, non-loopback host,
+    │                                  a file that is not an emulator config                          -> 2
     └── JobStopped                     stopped early and resumable: signal, budget, deadline,
                                        failure threshold                                              -> 3
 
@@ -29,6 +31,7 @@ __all__ = [
     "AuthError",
     "BatchrunError",
     "ConfigMismatchError",
+    "EmulatorError",
     "EndpointError",
     "EndpointNotReadyError",
     "InputError",
@@ -99,6 +102,12 @@ class EndpointError(BatchrunError):
 
 class EndpointNotReadyError(EndpointError, TimeoutError):
     """The endpoint did not become ready within the spec's ``ready_timeout``."""
+
+
+class EmulatorError(BatchrunError):
+    """The local Inference Endpoint emulator cannot start or its config is unusable (one line, no traceback)."""
+
+    exit_code = 2
 
 
 class JobStopped(BatchrunError):
