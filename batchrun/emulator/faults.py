@@ -55,8 +55,10 @@ class EpisodeScript:
     """Plays the configured episodes against an endpoint, plus the ones injected at runtime."""
 
     def __init__(self, episodes: tuple[Episode, ...], act: Callable[[Episode], None]) -> None:
-        self._by_count = sorted((e for e in episodes if e.after_requests is not None), key=lambda e: e.after_requests)
-        self._timed = [e for e in episodes if e.at_s is not None]
+        # Each list pairs an episode with its trigger (Episode guarantees exactly one of the two is set).
+        self._by_count = sorted(((e.after_requests, e) for e in episodes if e.after_requests is not None),
+                                key=lambda pair: pair[0])
+        self._timed = [(e.at_s, e) for e in episodes if e.at_s is not None]
         self._act = act
         self._timers: list[asyncio.TimerHandle] = []
 
@@ -64,9 +66,9 @@ class EpisodeScript:
         """Called with the 1-based number of each data-plane request."""
         if number == 1 and self._timed:
             loop = asyncio.get_running_loop()
-            self._timers = [loop.call_later(e.at_s, self._act, e) for e in self._timed]
-        while self._by_count and self._by_count[0].after_requests <= number:
-            self._act(self._by_count.pop(0))
+            self._timers = [loop.call_later(at_s, self._act, e) for at_s, e in self._timed]
+        while self._by_count and self._by_count[0][0] <= number:
+            self._act(self._by_count.pop(0)[1])
 
     def cancel(self) -> None:
         """Stop pending timers (shutdown)."""
