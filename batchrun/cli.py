@@ -166,12 +166,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:
+    # Every problem (bad flag, file that is not an emulator config, busy port) is an EmulatorError: one line, exit 2.
     from .emulator import EmulatorConfig, describe, load_emulator_config, serve
+    from .emulator.config import check_loopback_host
+    from .errors import EmulatorError
 
-    if args.config:
-        config = load_emulator_config(args.config)
-    else:
-        config = EmulatorConfig()
+    if args.host is not None:
+        check_loopback_host(args.host, key="--host")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        raise EmulatorError(f"--port {args.port}: expected 0..65535 (0 picks a free port)")
+    config = load_emulator_config(args.config) if args.config else EmulatorConfig()
     overrides: dict[str, Any] = {}
     if args.port is not None:
         overrides["control_port"] = args.port

@@ -12,6 +12,8 @@
     │   ├── ControlPlaneUnavailableError  the control plane did not answer, or answered 429/5xx       -> 3
     │   └── EndpointUnusableError      found before anything changed: missing, failed, wrong task,
     │                                  unreachable                                                    -> 2
+    ├── EmulatorError                  the local emulator cannot start: busy port, non-loopback host,
+    │                                  a file that is not an emulator config                          -> 2
     └── JobStopped                     a stop (signal, budget...) came while the endpoint was being
                                        acquired; it was released, and the job can be resumed          -> 3
 
@@ -34,6 +36,7 @@ __all__ = [
     "BatchrunError",
     "BudgetSpentError",
     "ConfigMismatchError",
+    "EmulatorError",
     "EndpointError",
     "EndpointNotReadyError",
     "InputError",
@@ -132,6 +135,12 @@ class EndpointUnusableError(EndpointError):
     """Found before anything was changed: the endpoint is missing, failed, serves another task, or
     cannot be reached. Exit code 2 (nothing ran), unlike an endpoint that breaks once the job has
     started (3)."""
+
+    exit_code = 2
+
+
+class EmulatorError(BatchrunError):
+    """The local Inference Endpoint emulator cannot start or its config is unusable (one line, no traceback)."""
 
     exit_code = 2
 

@@ -31,7 +31,7 @@ from batchrun.errors import (
 from batchrun.sources import Source, open_source
 from batchrun.spec import JobSpec
 from batchrun.stop import Stop
-from batchrun.tasks import Task, make_task, prompt_column_problem
+from batchrun.tasks import Task, make_task, placeholder_column_problem, prompt_column_problem
 
 __all__ = ["Preflight", "preflight"]
 
@@ -144,6 +144,10 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
         problem = prompt_column_problem(source.schema.field(prompt.column))
         if problem is not None:
             raise SpecError(spec.file, "prompt.column", problem)
+    for name in prompt.columns if prompt.template is not None else ():
+        problem = placeholder_column_problem(source.schema.field(name)) if name != prompt.image_column else None
+        if problem is not None:
+            raise SpecError(spec.file, "prompt.template", problem)
     if prompt.template is not None and prompt.image_column is not None and "{" + prompt.image_column + "}" in prompt.template:
         raise SpecError(spec.file, "prompt.template", f"uses {{{prompt.image_column}}}, the image column: "
                         "the image is sent as an image part beside the text; leave it out of the template")

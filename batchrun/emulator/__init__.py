@@ -6,6 +6,7 @@ on loopback, and batchrun's tests and benchmarks inject faults through it. See d
 
 from batchrun.emulator.config import (
     EmulatorConfig,
+    EmulatorConfigError,
     EndpointConfig,
     Episode,
     Faults,
@@ -18,6 +19,7 @@ from batchrun.emulator.state import EndpointState
 __all__ = [
     "Emulator",
     "EmulatorConfig",
+    "EmulatorConfigError",
     "EmulatorThread",
     "EndpointConfig",
     "EndpointState",

@@ -8,6 +8,9 @@ job spec's ``endpoint: {local: {...}}`` dict comes in: it rejects unknown keys a
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import ipaddress
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,10 +19,44 @@ from typing import Any
 
 import yaml
 
+from batchrun.errors import EmulatorError
+
 TASKS = ("text-generation", "text-to-image", "image-text-to-text")
 INITIAL_STATES = ("paused", "running", "scaledToZero", "failed")
 EPISODE_KINDS = ("outage_503", "lose_replica", "fail_endpoint")
 DEFAULT_TOKEN = "hf_emulator_local_token"
+EMULATOR_CONFIG_KEYS = ("token", "host", "control_port", "endpoints")
+# Top-level keys of a batchrun job spec: a file holding some of these is a job, not an emulator config.
+_JOB_SPEC_KEYS = frozenset({"input", "prompt", "task", "output", "endpoint", "parameters", "concurrency"})
+
+
+class EmulatorConfigError(EmulatorError, ValueError):
+    """An emulator config (file, dict or setting) that cannot be used; the message names the file and key."""
+
+
+def check_loopback_host(host: str, *, key: str = "host") -> None:
+    """Refuse any address but a loopback one (127.0.0.0/8, ::1, localhost): the emulator accepts a fixed token."""
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise EmulatorConfigError(
+            f"{key} {host}: the emulator only binds loopback addresses (127.0.0.0/8, ::1, localhost), because it "
+            "accepts a fixed token and is meant for tests and demos")
+_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+def is_commit_sha(value: object) -> bool:
+    """Whether ``value`` is a full git commit sha (40 lowercase hex digits), as the Hub names a revision."""
+    return isinstance(value, str) and _COMMIT_SHA.fullmatch(value) is not None
+
+
+def derived_revision(model_id: str) -> str:
+    """The revision an endpoint serves when none is configured: a stable 40-hex sha of the model id."""
+    return hashlib.sha1(f"batchrun-emulator/{model_id}".encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +95,8 @@ class Faults:
                 raise ValueError(f"faults.{f.name}: must be between 0 and 1, got {value!r}")
         if self.total() > 1.0:
             raise ValueError(f"faults: the rates add up to {self.total():.3f}, more than 1")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"faults.seed: must fit in 64 bits, got {self.seed}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +130,8 @@ class EndpointConfig:
     namespace: str = "batchrun-local"
     task: str = "text-generation"
     model_id: str = "google/gemma-1.1-2b-it"
-    revision: str = "main"
+    # The commit served (GET /info's model_sha, the control plane's model.revision); None: derived_revision(model_id).
+    revision: str | None = None
     framework: str = "pytorch"
     type: str = "protected"  # protected endpoints check the bearer token on the data plane too
     vendor: str = "aws"
@@ -126,10 +166,20 @@ class EndpointConfig:
     image_reject_non_square: bool = True
     # Determinism and faults.
     seed: int = 0
+    # Mixed into every fault draw besides faults.seed: the same value replays the same faults, another
+    # value draws others. `batchrun run` sets it to a run counter so a rerun meets fresh faults.
+    fault_seed: int = 0
     faults: Faults = field(default_factory=Faults)
     episodes: tuple[Episode, ...] = ()
 
+    @property
+    def model_sha(self) -> str:
+        """The 40-hex revision this endpoint serves: ``revision`` if set, else one derived from ``model_id``."""
+        return self.revision if self.revision is not None else derived_revision(self.model_id)
+
     def __post_init__(self) -> None:
+        if self.revision is not None and not is_commit_sha(self.revision):
+            raise ValueError(f"revision: expected a 40-hex commit sha (or no revision), got {self.revision!r}")
         if self.task not in TASKS:
             raise ValueError(f"task: expected one of {', '.join(TASKS)}, got {self.task!r}")
         if self.initial_state not in INITIAL_STATES:
@@ -139,6 +189,10 @@ class EndpointConfig:
                 f"min_replica/max_replica: need 0 <= min_replica <= max_replica and max_replica >= 1, "
                 f"got {self.min_replica}/{self.max_replica}"
             )
+        if not -(2**63) <= self.fault_seed < 2**63:
+            raise ValueError(f"fault_seed: must fit in 64 bits, got {self.fault_seed}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port: expected 0..65535 (0 picks a free port), got {self.port}")
         if self.max_concurrent_requests < 1:
             raise ValueError("max_concurrent_requests: must be at least 1")
         if self.max_input_tokens >= self.max_total_tokens:
@@ -218,11 +272,12 @@ class EmulatorConfig:
         for endpoint in self.endpoints:
             key = (endpoint.namespace, endpoint.name)
             if key in seen:
-                raise ValueError(f"endpoints: {endpoint.namespace}/{endpoint.name} is defined twice")
+                raise EmulatorConfigError(f"endpoints: {endpoint.namespace}/{endpoint.name} is defined twice")
             seen.add(key)
-        if self.host not in ("127.0.0.1", "localhost", "::1"):
-            # The emulator is a loopback tool: it never listens on a reachable interface.
-            raise ValueError(f"host: only loopback addresses are allowed, got {self.host!r}")
+        # The emulator is a loopback tool: it never listens on a reachable interface.
+        check_loopback_host(self.host)
+        if not 0 <= self.control_port <= 65535:
+            raise EmulatorConfigError(f"control_port: expected 0..65535, got {self.control_port}")
 
     def __repr__(self) -> str:
         # Never show the token.
@@ -232,34 +287,43 @@ class EmulatorConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmulatorConfig:
         """Build from a plain dict: ``{token, host, control_port, endpoints: [ {...}, ... ]}``."""
+        expected = f"an emulator config has the keys {', '.join(EMULATOR_CONFIG_KEYS)}; see docs/emulator.md"
         if not isinstance(data, dict):
-            raise ValueError("emulator config: expected a mapping")
-        known = {"token", "host", "control_port", "endpoints"}
-        for key in data:
-            if key not in known:
-                raise ValueError(f"{key}: unknown key (known: {', '.join(sorted(known))})")
+            raise EmulatorConfigError(f"not an emulator config: expected a mapping, got {type(data).__name__}; "
+                                      f"{expected}")
+        unknown = [key for key in data if key not in EMULATOR_CONFIG_KEYS]
+        if unknown:
+            if _JOB_SPEC_KEYS & set(data):
+                raise EmulatorConfigError("this is a job spec, not an emulator config: run it with `batchrun run FILE`"
+                                          f" ({expected})")
+            names = ", ".join(str(key) for key in unknown)
+            raise EmulatorConfigError(f"not an emulator config: unknown key{'s' if len(unknown) > 1 else ''} {names} "
+                                      f"({expected})")
         endpoints_raw = data.get("endpoints", [])
         if not isinstance(endpoints_raw, list):
-            raise ValueError("endpoints: expected a list")
+            raise EmulatorConfigError("endpoints: expected a list")
         endpoints = []
         for i, item in enumerate(endpoints_raw):
             try:
                 endpoints.append(EndpointConfig.from_dict(item))
             except ValueError as error:
-                raise ValueError(f"endpoints[{i}].{error}") from None
+                raise EmulatorConfigError(f"endpoints[{i}].{error}") from None
         token = data.get("token", DEFAULT_TOKEN)
         if token is not None and not isinstance(token, str):
-            raise ValueError("token: expected a string or null")
+            raise EmulatorConfigError("token: expected a string or null")
         host = data.get("host", "127.0.0.1")
+        if not isinstance(host, str):
+            raise EmulatorConfigError("host: expected a string")
         port = data.get("control_port", 0)
         if not isinstance(port, int) or isinstance(port, bool):
-            raise ValueError("control_port: expected int")
+            raise EmulatorConfigError("control_port: expected int")
         return cls(token=token, endpoints=endpoints or default_endpoints(), host=host, control_port=port)
 
 
 def default_endpoints() -> list[EndpointConfig]:
     """The demo set: one endpoint per task, running, with small realistic latencies."""
-    common = dict(namespace="batchrun-local", initial_state="running", min_replica=1, max_replica=2)
+    common: dict[str, Any] = {"namespace": "batchrun-local", "initial_state": "running", "min_replica": 1,
+                              "max_replica": 2}
     return [
         EndpointConfig(name="gemma-local", task="text-generation", model_id="google/gemma-1.1-2b-it",
                        latency_base_s=0.05, latency_per_token_s=0.002, **common),
@@ -271,10 +335,18 @@ def default_endpoints() -> list[EndpointConfig]:
 
 
 def load_emulator_config(path: str | Path) -> EmulatorConfig:
-    """Read an emulator config from a YAML file; errors name the file and the key."""
+    """Read an emulator config from a YAML file; an EmulatorConfigError (a ValueError) names the file and the key."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except OSError as error:
+        raise EmulatorConfigError(f"{path}: cannot read the emulator config: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise EmulatorConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    try:
         return EmulatorConfig.from_dict(data)
-    except (ValueError, yaml.YAMLError) as error:
-        raise ValueError(f"{path}: {error}") from None
+    except ValueError as error:
+        message = str(error).replace("`batchrun run FILE`", f"`batchrun run {path}`")
+        raise EmulatorConfigError(f"{path}: {message}") from None

@@ -9,24 +9,42 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from batchrun.emulator.config import TASKS, EndpointConfig
+from batchrun.emulator.config import TASKS, EndpointConfig, is_commit_sha
+from batchrun.emulator.data_plane import EndpointServer
 from batchrun.emulator.state import TransitionRefused
-
-if TYPE_CHECKING:
-    from batchrun.emulator.server import Emulator
 
 NOT_FOUND = {"error": "Endpoint not found"}
 UNAUTHORIZED = {"error": "Invalid credentials in Authorization header"}
 
 
-class ControlPlane:
-    """The aiohttp application of the control port, bound to one emulator."""
+class EndpointRegistry(Protocol):
+    """What the control plane needs from the emulator that owns it: its endpoints' servers.
 
-    def __init__(self, emulator: Emulator, token: str | None) -> None:
+    ``batchrun.emulator.server.Emulator`` implements it; the control plane knows only this, so the
+    two modules do not import each other.
+    """
+
+    def find(self, namespace: str, name: str) -> EndpointServer | None: ...
+
+    def servers(self) -> list[EndpointServer]: ...
+
+    async def add_endpoint(self, config: EndpointConfig) -> EndpointServer: ...
+
+    async def remove_endpoint(self, namespace: str, name: str) -> None: ...
+
+    def template(self) -> EndpointConfig: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class ControlPlane:
+    """The aiohttp application of the control port, bound to one emulator's endpoints."""
+
+    def __init__(self, emulator: EndpointRegistry, token: str | None) -> None:
         self.emulator = emulator
         self._expected_auth = f"Bearer {token}" if token is not None else None
         self.log: list[dict] = []
@@ -62,7 +80,7 @@ class ControlPlane:
             return self._answer(request, 401, UNAUTHORIZED)
         return None
 
-    def _find(self, request: web.Request):
+    def _find(self, request: web.Request) -> EndpointServer | None:
         return self.emulator.find(request.match_info["namespace"], request.match_info["name"])
 
     # ----- routes
@@ -126,10 +144,12 @@ class ControlPlane:
             config = self._config_from_create(request.match_info["namespace"], body)
         except (ValueError, KeyError, TypeError) as error:
             return self._answer(request, 400, {"error": f"Invalid endpoint definition: {error}"}, logged)
+        assert isinstance(body, dict)  # _config_from_create refused anything else
         if self.emulator.find(config.namespace, config.name) is not None:
             return self._answer(request, 409, {"error": "Endpoint already exists"}, logged)
         server = await self.emulator.add_endpoint(config)
-        server.state.update({key: value for key, value in body.items() if key in ("model",)})
+        # The rest of the model block (image, env, ...) is echoed; the revision shown is the resolved one.
+        server.state.update({"model": {k: v for k, v in body["model"].items() if k != "revision"}})
         server.state.resume()
         return self._answer(request, 200, server.state.to_api(), logged)
 
@@ -159,7 +179,9 @@ class ControlPlane:
         return dataclasses.replace(
             template,
             name=body["name"], namespace=namespace, task=task, model_id=model["repository"],
-            revision=model.get("revision") or "main", framework=model.get("framework") or "pytorch",
+            # A commit sha is served as given; a branch or tag (or none) resolves to the model's derived sha.
+            revision=model.get("revision") if is_commit_sha(model.get("revision")) else None,
+            framework=model.get("framework") or "pytorch",
             type=body.get("type", "protected"),
             vendor=body.get("provider", {}).get("vendor", "aws"),
             region=body.get("provider", {}).get("region", "us-east-1"),
@@ -183,5 +205,5 @@ def _without_secrets(body: dict) -> dict:
     # The control log may be printed by tests; secret values sent to the API stay out of it.
     model = body.get("model")
     if isinstance(model, dict) and "secrets" in model:
-        return {**body, "model": {**model, "secrets": {k: "***" for k in model["secrets"]}}}
+        return {**body, "model": {**model, "secrets": dict.fromkeys(model["secrets"], "***")}}
     return body

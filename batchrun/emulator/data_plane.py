@@ -26,6 +26,7 @@ from aiohttp import web
 from batchrun.emulator import vision
 from batchrun.emulator.config import EndpointConfig, Episode
 from batchrun.emulator.faults import EpisodeScript, FaultDice
+from batchrun.emulator.listen import listen
 from batchrun.emulator.replies import Reply, json_reply, text_reply, tgi_error
 from batchrun.emulator.state import ACTIVE_STATES, EndpointState
 from batchrun.emulator.stats import EndpointStats
@@ -44,7 +45,7 @@ class EndpointServer:
         self.config = config
         self.host = host
         self.stats = EndpointStats()
-        self.dice = FaultDice(config.faults)
+        self.dice = FaultDice(config.faults, config.fault_seed)
         self.episodes = EpisodeScript(config.episodes, self.play)
         self.outage_until = 0.0
         self.admitted = 0  # TGI requests inside the model (capacity is counted on these)
@@ -64,6 +65,7 @@ class EndpointServer:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         if self.config.task == "text-to-image":
             app.router.add_post("/", self._image)
+            app.router.add_get("/info", self._no_info)  # the toolkit has no /info: a 404 past the proxy
         else:
             app.router.add_post("/", self._generate_list)
             app.router.add_post("/generate", self._generate)
@@ -76,9 +78,14 @@ class EndpointServer:
         # handler_cancellation: a client that gives up on a hung request frees it at once.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.2)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, port)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            bound = await listen(self._runner, self.host, port,
+                                 what=f"endpoint {self.config.namespace}/{self.config.name}: ",
+                                 advice="give the endpoint another port (its `port` key; 0 picks a free one)")
+        except BaseException:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.state = EndpointState(self.config, f"http://{host}:{bound}")
         self._idle_task = asyncio.get_running_loop().create_task(self._idle_watch())
@@ -280,6 +287,9 @@ class EndpointServer:
 
     async def _info(self, request: web.Request) -> web.StreamResponse:
         return await self._plain_route(request, "GET /info", lambda: json_reply(self.tgi.info()))
+
+    async def _no_info(self, request: web.Request) -> web.StreamResponse:
+        return await self._plain_route(request, "GET /info", lambda: text_reply(404, "Not Found"))
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
         def metrics() -> Reply:

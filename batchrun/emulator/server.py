@@ -12,6 +12,7 @@ from aiohttp import web
 from batchrun.emulator.config import DEFAULT_TOKEN, EmulatorConfig, EndpointConfig, Episode
 from batchrun.emulator.control_plane import ControlPlane
 from batchrun.emulator.data_plane import EndpointServer
+from batchrun.emulator.listen import listen
 from batchrun.emulator.state import EndpointState
 
 
@@ -39,16 +40,15 @@ class Emulator:
         await self.stop()
 
     async def start(self) -> None:
-        """Open the control port and every endpoint's port."""
+        """Open the control port and every endpoint's port; EmulatorError (and nothing left open) if one is busy."""
         self._runner = web.AppRunner(self._control.app(), access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.control_port)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        self.control_url = f"http://{host}:{port}"
-        self.api_url = f"{self.control_url}/v2"
         try:
+            port = await listen(self._runner, self.config.host, self.config.control_port, what="",
+                                advice="pick another with --port (or control_port in the config; 0 picks a free one)")
+            host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+            self.control_url = f"http://{host}:{port}"
+            self.api_url = f"{self.control_url}/v2"
             for endpoint in self.config.endpoints:
                 await self.add_endpoint(endpoint)
         except BaseException:

@@ -58,7 +58,7 @@ class EndpointState:
         self.scale_to_zero_timeout = config.scale_to_zero_timeout
         self.compute = {"accelerator": config.accelerator, "instanceType": config.instance_type,
                         "instanceSize": config.instance_size}
-        self.model = {"repository": config.model_id, "revision": config.revision, "task": config.task,
+        self.model = {"repository": config.model_id, "revision": config.model_sha, "task": config.task,
                       "framework": config.framework,
                       "image": {"tgi": {"url": "ghcr.io/huggingface/text-generation-inference:latest"}}, "env": {}}
         self.extra: dict = {}  # other PUT fields (route, tags, ...), kept and echoed

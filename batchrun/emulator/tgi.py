@@ -9,6 +9,7 @@ answer with a sentence naming each image's size and dominant colour.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import random
 import time
@@ -23,6 +24,8 @@ from batchrun.emulator.config import EndpointConfig
 from batchrun.emulator.replies import Reply, json_reply, text_reply, tgi_error
 
 TGI_VERSION = "3.3.6"
+# The git sha of the TGI build, as /info reports it (a fixed stand-in: the emulator is no TGI build).
+TGI_SHA = hashlib.sha1(f"text-generation-inference/{TGI_VERSION}".encode()).hexdigest()
 IMAGE_TOKENS = 64  # prompt tokens counted per image (assumed; real models use hundreds to thousands)
 MAX_STOP_SEQUENCES = 4
 # Parameters that change the sampled words; max_new_tokens and stop only cut the stream.
@@ -315,11 +318,13 @@ class TgiModel:
         """The body of GET /info."""
         cfg = self.config
         return {
-            "model_id": cfg.model_id, "model_sha": None, "model_pipeline_tag": cfg.task, "model_device_type": "cuda",
-            "model_dtype": "torch.float16", "max_concurrent_requests": cfg.max_concurrent_requests,
+            "model_id": cfg.model_id, "model_sha": cfg.model_sha, "model_pipeline_tag": cfg.task,
+            # TGI reports the torch dtype's repr, e.g. "torch.float16" (its router passes the shard's str(dtype)).
+            "model_device_type": "cuda", "model_dtype": "torch.float16",
+            "max_concurrent_requests": cfg.max_concurrent_requests,
             "max_best_of": 2, "max_stop_sequences": MAX_STOP_SEQUENCES, "max_input_tokens": cfg.max_input_tokens,
             "max_total_tokens": cfg.max_total_tokens, "validation_workers": 2, "max_client_batch_size": 4,
-            "router": "text-generation-router", "version": TGI_VERSION, "sha": None, "docker_label": None,
+            "router": "text-generation-router", "version": TGI_VERSION, "sha": TGI_SHA, "docker_label": None,
         }
 
 

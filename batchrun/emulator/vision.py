@@ -13,6 +13,7 @@ import base64
 import binascii
 import io
 import re
+from typing import Any
 from urllib.parse import urlparse
 
 import aiohttp
@@ -79,9 +80,9 @@ def dominant_colour(image: Image.Image) -> str:
     """The palette name most pixels are closest to (on a 16x16 thumbnail)."""
     small = image.convert("RGB").resize((16, 16))
     votes: dict[str, int] = {}
-    pixels = small.get_flattened_data() if hasattr(small, "get_flattened_data") else small.getdata()  # Pillow < 12
+    pixels: Any = small.get_flattened_data() if hasattr(small, "get_flattened_data") else small.getdata()  # Pillow < 12
     for pixel in pixels:
-        name = min(_PALETTE, key=lambda n: sum((a - b) ** 2 for a, b in zip(pixel, _PALETTE[n])))
+        name = min(_PALETTE, key=lambda n: sum((a - b) ** 2 for a, b in zip(pixel, _PALETTE[n], strict=True)))
         votes[name] = votes.get(name, 0) + 1
     return max(sorted(votes), key=lambda n: votes[n])
 

@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 
-from batchrun.emulator import Emulator, Episode, Faults
+from batchrun.emulator import Emulator, EndpointConfig, Episode, Faults
 from emulator_helpers import AUTH, NS, config, endpoint, run
 
 
@@ -171,3 +171,32 @@ def test_requests_per_prompt_count_every_attempt_including_refused_and_faulted_o
     statuses, per_prompt = run(body())
     assert {200, 503} <= set(statuses)
     assert per_prompt == {"same prompt": 8}
+
+
+def faulted_request_numbers(fault_seed: int, requests: int = 80) -> set[int]:
+    """The 1-based numbers of the requests that met a fault, one fresh emulator (a run of a job) per call."""
+    async def body():
+        cfg = endpoint("gen", fault_seed=fault_seed, faults=Faults(rate_503=0.3, seed=5))
+        async with Emulator(config(cfg)) as emu:
+            url = emu.endpoint_url(NS, "gen")
+            statuses = [(await send(url, f"row {i}"))[0] for i in range(requests)]
+            return {number for number, status in enumerate(statuses, 1) if status != 200}
+    return run(body())
+
+
+def test_the_fault_seed_replays_the_same_faults_and_another_fault_seed_draws_others():
+    first_run = faulted_request_numbers(fault_seed=1)
+    assert first_run, "a 30% fault rate over 80 requests faults some"
+    assert faulted_request_numbers(fault_seed=1) == first_run
+    second_run = faulted_request_numbers(fault_seed=2)
+    assert second_run != first_run
+    # A rerun retries the rows that failed: under another fault_seed most of them now succeed.
+    assert len(first_run & second_run) < len(first_run)
+
+
+def test_fault_seed_is_a_checked_config_key():
+    assert EndpointConfig.from_dict({"name": "x", "fault_seed": 3}).fault_seed == 3
+    with pytest.raises(ValueError, match="fault_seed: expected int"):
+        EndpointConfig.from_dict({"name": "x", "fault_seed": "3"})
+    with pytest.raises(ValueError, match="fault_seed: must fit in 64 bits"):
+        EndpointConfig(name="x", fault_seed=2**64)
