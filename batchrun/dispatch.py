@@ -49,7 +49,7 @@ from batchrun.retry import (
     is_overload,
     parse_retry_after,
 )
-from batchrun.spec import ConcurrencySpec
+from batchrun.spec import DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
 from batchrun.stop import Stop
 from batchrun.tasks import PreparedRequest, Task, join_url
 
@@ -73,10 +73,10 @@ class DispatchConfig:
     max_concurrency: int = ConcurrencySpec.max
     initial_concurrency: int = ConcurrencySpec.initial
     # A hung server cannot hang the job: every attempt has this total deadline.
-    request_timeout_s: float = 120.0
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT
     # Retries.
     policy: RetryPolicy = field(default_factory=RetryPolicy)
-    retry_budget_ratio: float = 0.1
+    retry_budget_ratio: float = RetrySpec.budget_ratio
     # An endpoint unavailable for longer than this stops the job (resumable) instead of waiting on.
     outage_timeout_s: float = 600.0
 

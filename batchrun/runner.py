@@ -112,14 +112,13 @@ async def _serve(
 
 
 def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: Tally) -> Dispatcher:
-    spec, r = pre.spec, pre.spec.retries
+    spec = pre.spec
     config = DispatchConfig(
         max_concurrency=spec.concurrency.max,
         initial_concurrency=min(spec.concurrency.initial, spec.concurrency.max),
         request_timeout_s=spec.request_timeout,
-        policy=RetryPolicy(max_attempts=r.max_attempts, backoff_base=r.backoff_base, backoff_cap=r.backoff_cap,
-                           max_retry_after=r.max_retry_after),
-        retry_budget_ratio=r.budget_ratio,
+        policy=RetryPolicy.from_spec(spec.retries),
+        retry_budget_ratio=spec.retries.budget_ratio,
     )
     kept = pre.kept_columns
 
