@@ -32,7 +32,7 @@ _LAZY = {
     "load_spec": "spec",
     "parse_spec": "spec",
     "preflight": "runner",
-    "read_status": "sink",
+    "read_status": "output",
     "run_job": "runner",
 }
 

@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .sink import read_status
+    from .output import read_status
 
     spec = _load(args)
     root = Path(spec.output.path)

@@ -39,6 +39,8 @@ from typing import Any, Protocol
 import aiohttp
 
 from .errors import AuthError, EndpointError, EndpointNotReadyError, RequestFailed, redact
+from .holder import process_alive as _process_alive
+from .holder import process_started as _process_started
 
 __all__ = [
     "ControlPlane",
@@ -92,37 +94,6 @@ def endpoint_state_path(api_url: str | None, namespace: str, name: str) -> Path:
     digest = hashlib.sha256(f"{api}/{namespace}/{name}".encode()).hexdigest()[:16]
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{namespace}__{name}")[:96]
     return state_dir() / "endpoints" / f"{readable}-{digest}.json"
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/PID/stat after the command name (Linux); None elsewhere or if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _process_started(pid: int) -> str | None:
-    """The process's start time (Linux), to tell a live process from a reused pid; None elsewhere."""
-    fields = _proc_stat(pid)
-    return fields[19] if fields is not None and len(fields) > 19 else None
-
-
-def _process_alive(pid: int, started: str | None) -> bool:
-    """True when process ``pid`` still runs and (where it can be told) is the one that wrote the record."""
-    try:
-        os.kill(pid, 0)
-    except PermissionError:
-        pass
-    except OSError:  # ProcessLookupError: gone
-        return False
-    fields = _proc_stat(pid)
-    if fields is None:
-        return True  # no /proc: trust the signal check
-    if fields[0] in ("Z", "X"):  # killed, not yet reaped
-        return False
-    return started is None or len(fields) <= 19 or fields[19] == started
 
 
 #: State files held by lifecycles alive in this process (between saving or adopting one and release).

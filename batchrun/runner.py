@@ -50,7 +50,7 @@ from .errors import (
 from .progress import ProgressReporter, Snapshot, format_summary
 from .records import Row, RowFailure, RowResult
 from .retry import RetryPolicy
-from .sink import OutputStore, ParquetSink, build_data_schema, read_status
+from .output import OutputStore, ParquetSink, build_data_schema, read_status
 from .sources import Source, open_source
 from .spec import JobSpec
 from .tasks import Task, make_task

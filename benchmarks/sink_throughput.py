@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from batchrun.records import RowResult
-from batchrun.sink import OutputStore, ParquetSink, build_data_schema
+from batchrun.output import OutputStore, ParquetSink, build_data_schema
 
 INPUT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string())])
 OUTPUT_SCHEMA = pa.schema(
