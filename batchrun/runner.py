@@ -47,10 +47,10 @@ from .errors import (
     redact,
     register_secret,
 )
+from .output import OutputStore, ParquetSink, build_data_schema, read_status
 from .progress import ProgressReporter, Snapshot, format_summary
 from .records import Row, RowFailure, RowResult
 from .retry import RetryPolicy
-from .output import OutputStore, ParquetSink, build_data_schema, read_status
 from .sources import Source, open_source
 from .spec import JobSpec
 from .tasks import Task, make_task
@@ -521,17 +521,18 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     )
 
     id_column = spec.input.id_column or "id"
+    keep = pre.keep_columns
+    input_columns = [c for c in pre.source.schema.names if c != spec.input.id_column]
+    kept_names = [c for c in input_columns if keep is None or c in keep]
     sink = ParquetSink(
         store,
         data_schema=pre.data_schema,
         id_column=id_column,
         shard_rows=spec.output.shard_rows,
         shard_bytes=spec.output.shard_bytes,
+        kept_columns=kept_names,
     )
     done = await asyncio.to_thread(sink.open)
-    keep = pre.keep_columns
-    input_columns = [c for c in pre.source.schema.names if c != spec.input.id_column]
-    kept_names = [c for c in input_columns if keep is None or c in keep]
 
     def kept_columns(row: Row) -> dict[str, Any]:
         return {name: row.columns.get(name) for name in kept_names}
