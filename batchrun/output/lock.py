@@ -187,8 +187,9 @@ class OutputLock:
         stale = self.took_over
         if stale is not None:
             logger.warning(
-                "output.lock_taken_over output=%s holder=%s (no longer running)", self.root, stale.describe()
-            )
+                "output.lock_taken_over output=%s (taking over the lock of pid %d on %s, which is no longer running)",
+                self.root, stale.pid, stale.host,
+            )  # fmt: skip
         return stale
 
     def _take_file(self, me: Holder) -> int:
