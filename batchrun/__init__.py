@@ -18,6 +18,7 @@ from .errors import (
     InputError,
     JobStopped,
     OutputError,
+    OutputLockedError,
     SpecError,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "JobSpec",
     "JobStopped",
     "OutputError",
+    "OutputLockedError",
     "RunOptions",
     "SpecError",
     "load_spec",
