@@ -20,6 +20,7 @@ from .errors import (
     InputError,
     JobStopped,
     OutputError,
+    OutputLockedError,
     SpecError,
 )
 
@@ -63,6 +64,7 @@ __all__ = [
     "JobSpec",
     "JobStopped",
     "OutputError",
+    "OutputLockedError",
     "RunOptions",
     "SpecError",
     "load_spec",

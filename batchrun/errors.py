@@ -6,6 +6,7 @@
     ├── ConfigMismatchError            resume with a changed template/model/task/parameters           -> 2
     ├── BudgetSpentError               the job's budget (over all its runs) is already spent         -> 2
     ├── OutputError                    the output folder is not writable or is damaged                -> 2
+    │   └── OutputLockedError          another run is writing the same output folder                  -> 2
     ├── AuthError (PermissionError)    no token, or the endpoint answered 401/403                     -> 2
     ├── EndpointError                  the endpoint failed or broke once the job had started          -> 3
     │   ├── EndpointNotReadyError (TimeoutError)  it did not become ready within ready_timeout        -> 3
@@ -30,6 +31,10 @@ from __future__ import annotations
 
 import base64
 import urllib.parse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from batchrun.holder import Holder
 
 __all__ = [
     "AuthError",
@@ -44,6 +49,7 @@ __all__ = [
     "EndpointUnusableError",
     "JobStopped",
     "OutputError",
+    "OutputLockedError",
     "RequestFailed",
     "SpecError",
     "redact",
@@ -99,6 +105,19 @@ class BudgetSpentError(BatchrunError):
 
 class OutputError(BatchrunError):
     """The output folder cannot be written, or its state is damaged."""
+
+
+class OutputLockedError(OutputError):
+    """Another batchrun run holds the output folder. ``holder`` names it (None: a record that could not be read)."""
+
+    def __init__(self, output: str, holder: Holder | None) -> None:
+        self.output = output
+        self.holder = holder
+        who = holder.describe() if holder is not None else "a process whose record cannot be read"
+        super().__init__(
+            f"{output} is being written by another batchrun run: {who}. "
+            "Wait for it to finish, or stop it; a run is never started twice on one output."
+        )
 
 
 class AuthError(BatchrunError, PermissionError):

@@ -239,18 +239,50 @@ class _Output:
 async def _open_output(
     pre: Preflight, stop: Stop, *, fresh: bool, echo: Callable[[str], None]
 ) -> AsyncIterator[_Output]:
-    """The output, opened for this run: set aside with --fresh, job.json saved, the sink open (and closed)."""
+    """The output, opened for this run: locked (one writer), set aside with --fresh, job.json saved,
+    the sink open; closed and unlocked on the way out."""
     from batchrun.output import OutputStore, ParquetSink
 
     spec = pre.spec
     store = OutputStore(spec.output.path)
-    stored_job = pre.stored_job
-    if stored_job is not None and fresh:
-        moved = await asyncio.to_thread(store.set_aside)
-        echo(f"--fresh: the previous output was moved to {moved}")
-        await asyncio.to_thread(store.check_writable)
-        stored_job = None
-    job = {
+    lock = await _lock_output(store, echo)
+    try:
+        stored_job = pre.stored_job
+        if stored_job is not None and fresh:
+            moved = await asyncio.to_thread(store.set_aside)  # the lock file moves with it
+            echo(f"--fresh: the previous output was moved to {moved}")
+            lock.release()
+            lock = await _lock_output(store, echo)
+            stored_job = None
+        await asyncio.to_thread(store.save_job, _job_record(pre, stored_job))
+        sink = ParquetSink(store, data_schema=pre.data_schema, id_column=spec.input.id_column or "id",
+                           shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
+                           kept_columns=pre.kept_columns)
+        done = await asyncio.to_thread(sink.open)
+        output = _Output(store=store, sink=sink, done=done, stop=stop)
+        try:
+            yield output
+        finally:
+            await output.close()
+    finally:
+        lock.release()
+
+
+async def _lock_output(store: Any, echo: Callable[[str], None]) -> Any:
+    """One writer per output: a second run is refused at once, naming the holder (OutputLockedError)."""
+    from batchrun.output import OutputLock
+
+    lock = OutputLock(store.root)
+    stale = await asyncio.to_thread(lock.acquire)
+    if stale is not None:
+        echo(f"taking over the output's lock from {stale.describe()}, which is no longer running")
+    return lock
+
+
+def _job_record(pre: Preflight, stored_job: dict[str, Any] | None) -> dict[str, Any]:
+    """state/job.json: the spec snapshot and the identity a resume is checked against."""
+    spec = pre.spec
+    return {
         "name": spec.name,
         "identity": pre.identity,
         "fingerprint": pre.fingerprint,
@@ -258,16 +290,8 @@ async def _open_output(
         "spec_file": str(spec.file) if spec.file else None,
         "ids_checked": pre.identity["input"],  # this input's ids were found unique
         "created_at": (stored_job or {}).get("created_at") or dt.datetime.now(dt.UTC).isoformat(),
+        "runs": int((stored_job or {}).get("runs", 0)) + 1,
     }
-    await asyncio.to_thread(store.save_job, job)
-    sink = ParquetSink(store, data_schema=pre.data_schema, id_column=spec.input.id_column or "id",
-                       shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes)
-    done = await asyncio.to_thread(sink.open)
-    output = _Output(store=store, sink=sink, done=done, stop=stop)
-    try:
-        yield output
-    finally:
-        await output.close()
 
 
 @contextlib.asynccontextmanager

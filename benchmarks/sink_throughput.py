@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from batchrun.output import OutputStore, ParquetSink, build_data_schema
 from batchrun.records import RowResult
-from batchrun.sink import OutputStore, ParquetSink, build_data_schema
 
 INPUT_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string())])
 OUTPUT_SCHEMA = pa.schema(

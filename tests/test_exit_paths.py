@@ -21,9 +21,9 @@ import pytest
 
 from batchrun.dispatch import Dispatcher
 from batchrun.emulator import EndpointConfig
-from batchrun.errors import BudgetSpentError
 from batchrun.endpoints.saved_settings import endpoint_state_path
-from batchrun.sink import ParquetSink
+from batchrun.errors import BudgetSpentError
+from batchrun.output import ParquetSink
 from batchrun.sources import ParquetSource
 from jobkit import FAST_LIFECYCLE, NS, REPO, TOKEN, cli, data_requests, emulator, read_ids, run, write_spec, write_topics
 

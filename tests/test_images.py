@@ -30,8 +30,8 @@ from batchrun.images import (
     load_input_image,
     to_data_url,
 )
+from batchrun.output import OutputStore, ParquetSink, build_data_schema
 from batchrun.records import RowResult
-from batchrun.sink import OutputStore, ParquetSink, build_data_schema
 
 SAMPLE_DATA = Path(__file__).resolve().parent.parent / "sample_data"
 DATA_URL = re.compile(r"data:(?P<mime>image/[a-z]+);base64,(?P<payload>[A-Za-z0-9+/]*={0,2})")

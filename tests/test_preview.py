@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from batchrun.images import IMAGE_FEATURE_TYPE, image_output_schema, image_value
+from batchrun.output import build_data_schema
 from batchrun.preview import THUMBNAIL_SIDE, write_preview
-from batchrun.sink import build_data_schema
 
 CHROMIUM = Path("/usr/bin/chromium")
 IMG_TAG = re.compile(r'<img src="data:image/(?:jpeg|png);base64,([A-Za-z0-9+/=]+)"')

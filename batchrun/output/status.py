@@ -1,0 +1,66 @@
+"""What an output folder holds, read without changing anything (``batchrun status``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchrun.errors import OutputError
+from batchrun.output.layout import OutputStore
+from batchrun.output.manifest import read_manifest, shard_problem
+
+__all__ = ["OutputStatus", "read_status"]
+
+
+@dataclass
+class OutputStatus:
+    """What an output folder holds, as far as its manifest vouches for it."""
+
+    ok: int
+    failed: int
+    failed_retryable: int
+    data_shards: int
+    failed_shards: int
+    last_summary: dict | None
+    job: dict | None
+
+
+def read_status(root: str | Path) -> OutputStatus:
+    """Count what ``root`` holds without changing anything (no reconcile, no moves).
+
+    Counts come from Parquet footers and the failed shards' ``retryable`` column; a listed shard that
+    cannot be read is not counted, as resume would not count it either.
+    """
+    store = OutputStore(root)
+    if store.root.exists() and not store.root.is_dir():
+        raise OutputError(f"{store.root} is not an output folder (it is a file)")
+    # A folder that does not exist yet holds no run: all counts are zero and job is None.
+    view = read_manifest(store.manifest_path)
+    status = OutputStatus(
+        ok=0,
+        failed=0,
+        failed_retryable=0,
+        data_shards=0,
+        failed_shards=0,
+        last_summary=store.load_summary(),
+        job=store.load_job(),
+    )
+    for relative, shard in view.listed.items():
+        if shard_problem(store.root, shard, ()) is not None:
+            continue
+        if shard.kind == "data":
+            status.data_shards += 1
+            status.ok += shard.rows
+            continue
+        status.failed_shards += 1
+        try:
+            retryable = pq.read_table(store.root / relative, columns=["retryable"]).column("retryable")
+        except Exception:  # a footer that reads but a column that does not: not counted, like resume
+            continue
+        n_retryable = int(pc.sum(retryable.fill_null(False)).as_py() or 0)
+        status.failed_retryable += n_retryable
+        status.failed += shard.rows - n_retryable
+    return status
