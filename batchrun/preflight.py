@@ -24,6 +24,7 @@ from batchrun.errors import (
     EndpointError,
     EndpointUnusableError,
     InputError,
+    OutputError,
     RequestFailed,
     SpecError,
     register_secret,
@@ -75,8 +76,10 @@ async def preflight(
     from batchrun.output import OutputStore, build_data_schema
 
     source = await _open_input(spec)
+    _check_not_empty(spec, source.count())
     _check_columns(spec, source)
     store = OutputStore(spec.output.path)
+    await asyncio.to_thread(_check_output_folder, store)
     stored = await asyncio.to_thread(store.load_job) if store.exists() else None
     input_fingerprint = await asyncio.to_thread(source.fingerprint)
     await _check_unique_ids(spec, source, scanned=bool(stored and stored.get("ids_checked") == input_fingerprint))
@@ -91,8 +94,10 @@ async def preflight(
     # What remains within the guard's margin could not buy a run: it would stop as soon as it started.
     if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
         raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
+    runs_before = int((stored or {}).get("runs", 0)) if not fresh else 0
     endpoint = open_endpoint(
-        spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0
+        spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0,
+        run_number=runs_before + 1,
     )
     check = await _check_endpoint(endpoint) if check_endpoint else None
     identity = _identity(spec, input_fingerprint, check)
@@ -125,6 +130,40 @@ async def _open_input(spec: JobSpec) -> Source:
         return await asyncio.to_thread(open_source, spec.input)
     except InputError as exc:
         raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
+
+
+def _check_not_empty(spec: JobSpec, count: int | None) -> None:
+    """An input with no rows is a mistake (a nightly job on a broken export) unless the spec says otherwise.
+
+    A streamed input whose size is not known up front is checked when it is read (the reader finds no
+    row at all).
+    """
+    if count == 0 and not spec.input.allow_empty:
+        raise InputError(empty_input_message(spec))
+
+
+def empty_input_message(spec: JobSpec) -> str:
+    where = spec.input.path or (spec.input.dataset.path if spec.input.dataset else "the input")
+    return (f"the input has no rows ({where}); nothing to do. If an empty input is normal for this job, "
+            "set input.allow_empty: true")
+
+
+#: What a batchrun output folder holds at its top; anything else means the folder is someone else's.
+_OUTPUT_ENTRIES = frozenset({"data", "failed", "state", "preview.html"})
+
+
+def _check_output_folder(store: Any) -> None:
+    """Refuse a non-empty folder that is not a batchrun output: results would be mixed with the user's files."""
+    root = store.root
+    if not root.is_dir() or store.exists():
+        return
+    foreign = sorted(entry.name for entry in root.iterdir() if entry.name not in _OUTPUT_ENTRIES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise OutputError(
+            f"the output folder {root} is not empty and is not a batchrun output (it holds {shown}); "
+            "name a new or empty folder with output.path or --output"
+        )
 
 
 def _check_columns(spec: JobSpec, source: Source) -> None:

@@ -27,8 +27,16 @@ from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent, SpendLedger
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
-from batchrun.errors import AuthError, BatchrunError, EndpointError, JobStopped, OutputError
-from batchrun.preflight import Preflight, preflight
+from batchrun.errors import (
+    AuthError,
+    BatchrunError,
+    EmulatorError,
+    EndpointError,
+    InputError,
+    JobStopped,
+    OutputError,
+)
+from batchrun.preflight import Preflight, empty_input_message, preflight
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.reader import PendingRows
 from batchrun.records import Row
@@ -69,6 +77,8 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
             async with _pending_rows(pre, output.done, stop) as reader:
                 if await reader.has_pending():
                     dispatch_stats = await _serve(pre, output, reader, tally, stop, options, started)
+                elif reader.skipped == 0 and not spec.input.allow_empty:  # a streamed input turned out empty
+                    raise InputError(empty_input_message(spec))
                 else:  # a finished job sends nothing and never touches the endpoint
                     stop.request(StopReason.DONE, "every row already has its record")
                     options.echo(f"nothing to do: every row of {spec.name} already has a result or a final failure")
@@ -102,6 +112,8 @@ async def _serve(
                 await committer.commit()  # before the release: what finished is kept even if it fails
     except JobStopped:
         pass  # the stop came while the endpoint was starting; its reason is already the stop's
+    except EmulatorError:
+        raise  # the built-in emulator could not start (a busy port): nothing ran, exit 2
     except AuthError as exc:
         stop.request(StopReason.AUTH, str(exc))
     except EndpointError as exc:

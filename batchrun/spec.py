@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from batchrun.errors import SpecError
-from batchrun.tasks import TASK_KINDS, TaskKind
+from batchrun.task_kinds import TASK_KINDS, TaskKind
 
 __all__ = [
     "BudgetSpec",
@@ -97,6 +97,7 @@ class InputSpec:
 
     ``path`` is the Parquet/JSONL file, folder or glob (unset for a dataset, which uses
     ``dataset``). ``keep_columns`` of ``None`` keeps every input column in the output.
+    ``allow_empty``: an input with no rows is a normal night for this job (exit 0), not a mistake (exit 2).
     """
 
     kind: str
@@ -105,6 +106,7 @@ class InputSpec:
     id_column: str | None = None
     limit: int | None = None
     keep_columns: tuple[str, ...] | None = None
+    allow_empty: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -404,7 +406,7 @@ def _default(spec_class: type, name: str) -> Any:
 # `file` and `raw` record where the spec came from; they are not keys a spec may set.
 _JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw"))
 # The input section names its kind by its key (parquet, jsonl or dataset), so it is not one to one.
-_INPUT_KEYS = ("parquet", "dataset", "jsonl", "id_column", "limit", "keep_columns")
+_INPUT_KEYS = ("parquet", "dataset", "jsonl", "id_column", "limit", "keep_columns", "allow_empty")
 _DATASET_KEYS = _keys(DatasetSpec)
 _PROMPT_KEYS = _keys(PromptSpec)
 _IMAGE_KEYS = _keys(ImageSpec)
@@ -537,6 +539,9 @@ class _Parser:
             if not isinstance(keep, list) or not all(isinstance(c, str) and c for c in keep):
                 raise self.error("input.keep_columns", f"expected a list of column names, got {_describe(keep)}")
             keep_columns = tuple(keep)
+        allow_empty = data.get("allow_empty", InputSpec.allow_empty)
+        if not isinstance(allow_empty, bool):
+            raise self.error("input.allow_empty", f"expected true or false, got {_describe(allow_empty)}")
         return InputSpec(
             kind=kind,
             path=path,
@@ -544,6 +549,7 @@ class _Parser:
             id_column=self.string(data, "id_column", prefix="input.", default=None),
             limit=limit,
             keep_columns=keep_columns,
+            allow_empty=allow_empty,
         )
 
     def dataset(self, data: Any) -> DatasetSpec:

@@ -13,9 +13,11 @@ import time
 import urllib.parse
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from batchrun.errors import AuthError, ConfigMismatchError, EndpointUnusableError
+from batchrun.errors import AuthError, ConfigMismatchError, EndpointUnusableError, InputError, OutputError
 from jobkit import (
     NS,
     REPO,
@@ -449,3 +451,60 @@ def test_a_failure_rate_past_the_threshold_stops_the_job_and_pauses_the_endpoint
     assert outcome.exit_code == 3
     assert "failure_threshold" in outcome.summary["stop_reason"]
     assert 50 <= len(read_ids(tmp_path / "out" / "bad" / "failed")) < 600  # it stopped early
+
+
+def _empty_input(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("id", pa.string()), ("topic", pa.string())])
+    pq.write_table(pa.table({"id": [], "topic": []}, schema=schema), path)
+    return path
+
+
+def test_an_empty_input_is_refused_unless_the_spec_allows_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    empty = _empty_input(tmp_path / "in" / "empty.parquet")
+    with emulator(running_endpoint()) as emu:
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=empty)
+        with pytest.raises(InputError, match="the input has no rows") as refused:
+            run(spec)
+        assert refused.value.exit_code == 2
+        allowed = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=empty,
+                             name="allowed", input={"allow_empty": True})
+        outcome, _ = run(allowed)
+        assert outcome.exit_code == 0 and data_requests(emu) == 0
+
+
+def test_a_folder_that_is_not_a_batchrun_output_is_refused_and_left_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    folder = tmp_path / "out" / "job"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("my notes")
+    with emulator(running_endpoint()) as emu:
+        with pytest.raises(OutputError, match="not a batchrun output") as refused:
+            run(_url_job(tmp_path, emu, n=10))
+        assert refused.value.exit_code == 2 and data_requests(emu) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_at_once_and_a_killed_holder_is_taken_over(tmp_path):
+    with emulator(running_endpoint(latency_base_s=0.2)) as emu:
+        spec = _url_job(tmp_path, emu, n=400, concurrency={"max": 4, "initial": 4})
+        env = {**os.environ, "HF_TOKEN": TOKEN}
+        first = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
+                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: data_requests(emu) >= 8, timeout=60, proc=first, what="the first run sending")
+            second = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
+            assert second.returncode == 2, second.stderr
+            assert f"pid {first.pid} on host" in second.stderr and "since" in second.stderr
+            assert "Traceback" not in second.stderr
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=30)
+        finally:
+            first.kill()
+            first.wait(timeout=30)
+        third = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
+        assert third.returncode == 0, third.stderr
+        assert f"taking over the output's lock from pid {first.pid}" in third.stderr
+    out = tmp_path / "out" / "job"
+    assert sorted(read_ids(out / "data")) == [f"row-{i:05d}" for i in range(400)]  # once each

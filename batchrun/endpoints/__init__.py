@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -46,9 +47,14 @@ def open_endpoint(
     stop: Stop,
     echo: Callable[[str], None],
     poll_interval_s: float = 1.0,
+    run_number: int = 1,
 ) -> Endpoint:
-    """The endpoint the spec names, ready to be checked and entered. Raises SpecError for a bad `local:`."""
-    from batchrun.tasks import task_kind
+    """The endpoint the spec names, ready to be checked and entered. Raises SpecError for a bad `local:`.
+
+    ``run_number`` (the how-manieth run of this job) seeds the built-in emulator's fault draws, so each
+    run of a job meets other faults while one run stays reproducible.
+    """
+    from batchrun.task_kinds import task_kind
 
     e = spec.endpoint
     if e.url is not None:
@@ -69,6 +75,8 @@ def open_endpoint(
 
     if e.local is not None:
         config = local_endpoint_config(e.local, job_name=spec.name, task=kind.emulator_task, file=spec.file)
+        if "fault_seed" not in e.local:
+            config = dataclasses.replace(config, fault_seed=run_number)
         return LocalEndpoint(config, settings, stop=stop, on_event=on_event,
                              price_per_replica_hour=e.price_per_replica_hour)
     assert e.name is not None and e.namespace is not None  # the spec parser guarantees one of the three

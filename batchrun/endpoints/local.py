@@ -73,6 +73,7 @@ class LocalEndpoint:
         self._emulator: Emulator | None = None
         self._inner: DedicatedEndpoint | None = None
         self._record = LifecycleRecord()
+        self._telemetry = False
         self._meter = CostMeter(price_per_replica_hour)
 
     @property
@@ -88,12 +89,23 @@ class LocalEndpoint:
                              model=self.config.model_id)
 
     async def __aenter__(self) -> DataPlane:
+        from huggingface_hub import constants
+
         from batchrun.emulator import Emulator, EmulatorConfig
 
+        # A local run needs nothing from the internet: huggingface_hub's first call otherwise fetches
+        # its agent registry from the Hub (a 3 s timeout where the Hub cannot be reached). The setting is
+        # read at call time and put back when the emulator stops; a real endpoint's path is unchanged.
+        self._telemetry = constants.HF_HUB_DISABLE_TELEMETRY
+        constants.HF_HUB_DISABLE_TELEMETRY = True
         token = "local-" + secrets.token_hex(16)
         register_secret(token)
         emulator = Emulator(EmulatorConfig(token=token, endpoints=[self.config]))
-        await emulator.start()
+        try:
+            await emulator.start()
+        except BaseException:
+            constants.HF_HUB_DISABLE_TELEMETRY = self._telemetry
+            raise
         self._emulator = emulator
         self._on_event(f"started the built-in emulator (control plane {emulator.api_url})")
         control = HfControlPlane(
@@ -107,17 +119,21 @@ class LocalEndpoint:
             return await self._inner.__aenter__()
         except BaseException:
             await emulator.stop()
+            constants.HF_HUB_DISABLE_TELEMETRY = self._telemetry
             raise
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        from huggingface_hub import constants
+
         try:
             if self._inner is not None:
                 await self._inner.__aexit__(exc_type, exc, tb)
         finally:
             if self._emulator is not None:
                 await self._emulator.stop()
+            constants.HF_HUB_DISABLE_TELEMETRY = self._telemetry
 
     def excuses(self, failure: RequestFailed) -> bool:
         return self._inner is not None and self._inner.excuses(failure)

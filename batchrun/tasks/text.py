@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from batchrun.tasks import task_kind
+from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import (
     PreparedRequest,
     bad_body,

@@ -14,7 +14,7 @@ from batchrun.images import (
     image_output_schema,
     image_value,
 )
-from batchrun.tasks import task_kind
+from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import PreparedRequest, header, require_prompt
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from batchrun.errors import RequestFailed
 from batchrun.images import load_input_image, to_data_url
-from batchrun.tasks import task_kind
+from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import PreparedRequest, require_prompt
 from batchrun.tasks.text import OUTPUT_SCHEMA, describe_messages, parse_chat_completion
 
