@@ -46,6 +46,7 @@ def _kill_and_resume(tmp_path: Path, kills: int, rows: int, seed: int) -> None:
                           retries={"max_attempts": 2, "budget_ratio": 1.0})
         env = {**os.environ, "HF_TOKEN": TOKEN}
         out = tmp_path / "out" / "kill"
+        landed: list[tuple[int, int]] = []  # (rows awaited, rows committed when the kill had landed)
         for kill in range(kills):
             # Each kill waits for an observed point of the work: N rows committed in the manifest, N drawn
             # between "this run committed something" and "half of what is left", so that it lands in the
@@ -65,8 +66,10 @@ def _kill_and_resume(tmp_path: Path, kills: int, rows: int, seed: int) -> None:
                 proc.kill()
                 proc.wait(timeout=30)
             assert proc.returncode == -signal.SIGKILL
+            landed.append((target, committed_rows(out)))
         committed = committed_rows(out)
-        assert 0 < committed < rows  # the kills landed in the middle of the work (by construction)
+        print(f"rows awaited / committed at each kill: {landed} of {rows}")  # shown with -s or -rP
+        assert 0 < committed < rows, landed  # the kills landed in the middle of the work (by construction)
         finished = None
         for _ in range(3):  # retryable failures (the injected 500s) are retried on each run
             finished = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
