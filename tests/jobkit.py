@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -18,9 +21,11 @@ from batchrun.emulator import EmulatorConfig, EmulatorThread, EndpointConfig
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
 
+T = TypeVar("T")
+
 TOKEN = "hf_jobtest_token_not_real_000"
 NS = "jobs-test"
-FAST_LIFECYCLE = dict(pending_s=0.05, initializing_s=0.1, replica_start_s=0.05)
+FAST_LIFECYCLE = {"pending_s": 0.05, "initializing_s": 0.1, "replica_start_s": 0.05}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -105,3 +110,145 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
         text=True,
         timeout=timeout,
     )
+
+
+# ------------------------------------------------------------------------------------- waiting for events
+# Tests never sleep to let something happen: they wait for it to be observed, with a bounded poll.
+# The timeouts are generous limits against a hang, not expectations of speed.
+
+POLL_S = 0.01
+
+
+def _early_exit(proc: subprocess.Popen | None, log: Path | None = None) -> str | None:
+    """Why waiting is pointless: the process being watched has exited (with its stderr), or None.
+
+    The stderr is read from ``proc.stderr`` when it is a pipe, else from the file ``log``.
+    """
+    if proc is None or proc.poll() is None:
+        return None
+    stderr = ""
+    if log is not None:
+        stderr = Path(log).read_text(errors="replace") if Path(log).exists() else ""
+    elif proc.stderr is not None:
+        try:
+            stderr = proc.stderr.read() or ""
+        except (OSError, ValueError):
+            stderr = "(stderr unreadable)"
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode(errors="replace")
+    return f"the process exited early with {proc.returncode}; stderr:\n{stderr[-4000:]}"
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+               what: str = "the condition", interval: float = POLL_S, log: Path | None = None) -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    Fails with a message naming ``what`` was awaited after ``timeout`` seconds, or as soon as ``proc``
+    (when given) has exited without the condition holding, with its stderr (or the file ``log``).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        exited = _early_exit(proc, log)
+        if exited is not None:
+            value = predicate()  # it may have happened just before the exit
+            if value:
+                return value
+            raise AssertionError(f"waiting for {what}: {exited}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waiting for {what}: not seen after {timeout:g} s")
+        time.sleep(interval)
+
+
+async def wait_until_async(predicate: Callable[[], T], *, limit_s: float = 30.0, what: str = "the condition",
+                           interval: float = POLL_S) -> T:
+    """:func:`wait_until` for a coroutine: polls without blocking the event loop."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waiting for {what}: not seen after {limit_s:g} s")
+        await asyncio.sleep(interval)
+
+
+async def wait_for_async(check: Callable[[], Awaitable[T]], *, limit_s: float = 30.0, what: str = "the condition",
+                         interval: float = POLL_S) -> T:
+    """Like :func:`wait_until_async` for an async check (e.g. one that makes a request)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waiting for {what}: not seen after {limit_s:g} s")
+        await asyncio.sleep(interval)
+
+
+def manifest_events(out_dir: Path) -> list[dict[str, Any]]:
+    """The events of ``OUT/state/manifest.jsonl``; a last line torn mid-write is ignored."""
+    try:
+        raw = (Path(out_dir) / "state" / "manifest.jsonl").read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = [line for line in raw.split(b"\n") if line.strip()]
+    events: list[dict[str, Any]] = []
+    for index, line in enumerate(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            if index == len(lines) - 1:
+                break  # torn by a crash, or still being written: it does not count yet
+            raise
+        events.append(event)
+    return events
+
+
+def committed_rows(out_dir: Path) -> int:
+    """Rows in the shards the manifest lists now: published, not retired or replaced since."""
+    listed: dict[str, int] = {}
+    for event in manifest_events(out_dir):
+        if event.get("op") == "publish":
+            listed[event["file"]] = int(event["rows"])
+            if event.get("replaces"):
+                listed.pop(event["replaces"], None)
+        elif event.get("op") == "retire":
+            listed.pop(event["file"], None)
+    return sum(listed.values())
+
+
+def wait_for_committed(out_dir: Path, n: int, proc: subprocess.Popen | None = None, *, timeout: float = 120.0,
+                       log: Path | None = None) -> int:
+    """Wait until the manifest lists at least ``n`` committed rows; returns how many it lists."""
+    def enough() -> int:
+        rows = committed_rows(out_dir)
+        return rows if rows >= n else 0
+
+    return wait_until(enough, timeout=timeout, proc=proc, log=log,
+                      what=f"{n} committed rows in {out_dir}/state/manifest.jsonl")
+
+
+def wait_for_requests(emu: EmulatorThread, n: int, proc: subprocess.Popen | None = None, *, name: str = "gen",
+                      timeout: float = 120.0) -> int:
+    """Wait until the emulated endpoint ``name`` has seen at least ``n`` data-plane requests."""
+    def enough() -> int:
+        seen = data_requests(emu, name)
+        return seen if seen >= n else 0
+
+    return wait_until(enough, timeout=timeout, proc=proc, what=f"{n} data-plane requests at {NS}/{name}")
+
+
+def wait_for_control_call(emu: EmulatorThread, method: str, path_end: str, proc: subprocess.Popen | None = None, *,
+                          after: int = 0, timeout: float = 60.0) -> dict[str, Any]:
+    """Wait until the emulator's control log holds a ``method`` call on a path ending ``path_end``; returns it.
+
+    ``after``: ignore the first ``after`` entries of the log (calls made before the awaited step).
+    """
+    def seen() -> dict[str, Any] | None:
+        log = emu.control_log[after:]
+        return next((e for e in log if e["method"] == method and e["path"].endswith(path_end)), None)
+
+    return wait_until(seen, timeout=timeout, proc=proc, what=f"a {method} ...{path_end} in the control log")

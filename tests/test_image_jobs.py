@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from jobkit import (
     read_rows,
     run,
     running_endpoint,
+    wait_for_committed,
 )
 
 SAMPLE_DATA = REPO / "sample_data"
@@ -280,15 +280,6 @@ def test_shards_rotate_by_bytes_and_every_shard_loads(tmp_path, monkeypatch):
     assert len(load_with_datasets(tmp_path / "out" / "img" / "data")) == 24
 
 
-def _wait_for_rows(out: Path, at_least: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (out / "state" / "manifest.jsonl").exists() and len(read_ids(out / "data")) >= at_least:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"no {at_least} committed rows in {out} after {timeout}s")
-
-
 def test_an_image_job_stopped_midway_resumes_without_redrawing_or_losing_a_row(tmp_path, monkeypatch):
     n = 60
     with emulator(image_endpoint(image_latency_s=0.02)) as emu:
@@ -299,7 +290,7 @@ def test_an_image_job_stopped_midway_resumes_without_redrawing_or_losing_a_row(t
         proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out = tmp_path / "out" / "mid"
-        _wait_for_rows(out, 5)
+        wait_for_committed(out, 5, proc)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 3, stderr

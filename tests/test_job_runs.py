@@ -29,6 +29,8 @@ from jobkit import (
     read_rows,
     run,
     running_endpoint,
+    wait_for_committed,
+    wait_until,
     write_spec,
     write_topics,
 )
@@ -195,16 +197,6 @@ def test_validate_and_a_spec_typo_cost_nothing(tmp_path):
         assert data_requests(emu) == 0
 
 
-def _wait_for_rows(out: Path, at_least: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        manifest = out / "state" / "manifest.jsonl"
-        if manifest.exists() and len(read_ids(out / "data")) >= at_least:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {at_least} committed rows in {out} after {timeout}s")
-
-
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_a_signal_stops_commits_pauses_and_exits_3_then_resume_finishes(tmp_path, signame):
     with emulator(running_endpoint(initial_state="paused", latency_base_s=0.05)) as emu:
@@ -216,7 +208,7 @@ def test_a_signal_stops_commits_pauses_and_exits_3_then_resume_finishes(tmp_path
         proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out = tmp_path / "out" / "sig"
-        _wait_for_rows(out, 10)
+        wait_for_committed(out, 10, proc)
         proc.send_signal(getattr(signal, signame))
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 3, stderr
@@ -338,7 +330,7 @@ def test_two_signals_in_the_same_instant_still_stop_gracefully(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
                                 cwd=REPO, env={**os.environ, "HF_TOKEN": TOKEN},
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for_rows(tmp_path / "out" / "twice", 10)
+        wait_for_committed(tmp_path / "out" / "twice", 10, proc)
         proc.send_signal(signal.SIGINT)  # what `timeout -s INT` does: the process, then its group
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
@@ -404,7 +396,7 @@ def test_a_url_endpoint_paused_mid_run_stops_the_job_without_losing_rows(tmp_pat
         assert stopped.exit_code == 3 and "paused" in stopped.summary["stop_reason"]
         assert read_ids(tmp_path / "out" / "job" / "failed") == []  # no row was written off
         emu.call(lambda: emu.emulator.state(NS, "gen").resume())
-        wait_until(lambda: emu.state(NS, "gen").state == "running", timeout=10, what="the endpoint running again")
+        wait_until(lambda: emu.state(NS, "gen").state == "running", what="the endpoint running again")
         resumed, _ = run(spec)
     assert resumed.exit_code == 0
     assert sorted(read_ids(tmp_path / "out" / "job" / "data")) == [f"row-{i:05d}" for i in range(300)]

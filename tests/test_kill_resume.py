@@ -11,20 +11,32 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from jobkit import NS, REPO, TOKEN, cli, emulator, read_ids, running_endpoint, write_spec, write_topics
+from jobkit import (
+    NS,
+    REPO,
+    TOKEN,
+    cli,
+    committed_rows,
+    emulator,
+    read_ids,
+    running_endpoint,
+    wait_for_committed,
+    write_spec,
+    write_topics,
+)
 
 FULL = os.environ.get("BATCHRUN_SLOW") == "1"
 
 
 def _kill_and_resume(tmp_path: Path, kills: int, rows: int, seed: int) -> None:
     rng = random.Random(seed)
-    # Faults make some rows retry and some fail retryably, so kills also land mid-retry.
+    # Faults make some rows retry and some fail retryably, so kills also land mid-retry. The latency and
+    # the concurrency cap bound the pace (8 / ~0.05 s, about 160 rows/s) whatever the machine's speed, so
+    # the work left after each awaited point lasts far longer than it takes to see it and kill.
     endpoint = running_endpoint(latency_base_s=0.04, latency_jitter_s=0.02,
                                 faults={"rate_500": 0.05, "rate_429": 0.05, "retry_after_s": 0.05})
     with emulator(endpoint) as emu:
@@ -34,14 +46,30 @@ def _kill_and_resume(tmp_path: Path, kills: int, rows: int, seed: int) -> None:
                           retries={"max_attempts": 2, "budget_ratio": 1.0})
         env = {**os.environ, "HF_TOKEN": TOKEN}
         out = tmp_path / "out" / "kill"
-        for _ in range(kills):
-            proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
-                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(0.6, 2.0))  # interpreter start-up is ~0.5 s of this
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        committed = len(read_ids(out / "data")) + len(read_ids(out / "failed"))
-        assert 0 < committed < rows  # the kills landed in the middle of the work
+        landed: list[tuple[int, int]] = []  # (rows awaited, rows committed when the kill had landed)
+        for kill in range(kills):
+            # Each kill waits for an observed point of the work: N rows committed in the manifest, N drawn
+            # between "this run committed something" and "half of what is left", so that it lands in the
+            # middle of the work on a slow machine and on a fast one alike.
+            before = committed_rows(out)
+            target = before + rng.randint(1, max(1, (rows - before) // 2))
+            log = tmp_path / f"kill-{kill}.stderr"
+            with open(log, "w") as stderr:
+                proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
+                                        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+            try:
+                wait_for_committed(out, target, proc, log=log)
+                assert proc.poll() is None, f"run {kill} finished before its kill"  # killed mid-work
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(timeout=30)
+            finally:
+                proc.kill()
+                proc.wait(timeout=30)
+            assert proc.returncode == -signal.SIGKILL
+            landed.append((target, committed_rows(out)))
+        committed = committed_rows(out)
+        print(f"rows awaited / committed at each kill: {landed} of {rows}")  # shown with -s or -rP
+        assert 0 < committed < rows, landed  # the kills landed in the middle of the work (by construction)
         finished = None
         for _ in range(3):  # retryable failures (the injected 500s) are retried on each run
             finished = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
@@ -51,6 +79,7 @@ def _kill_and_resume(tmp_path: Path, kills: int, rows: int, seed: int) -> None:
     ok, failed = read_ids(out / "data"), read_ids(out / "failed")
     expected = [f"row-{i:05d}" for i in range(rows)]
     assert sorted(ok + failed) == expected  # nothing lost, nothing twice
+    assert committed_rows(out) == rows  # and the manifest vouches for every one of them
     for folder in ("data", "failed"):
         for file in (out / folder).glob("*.parquet"):
             pq.read_metadata(file)  # every published file has its footer

@@ -105,6 +105,7 @@ class DedicatedEndpoint:
         self._release_task: asyncio.Task[None] | None = None
         self._refreshing: asyncio.Task[Any] | None = None
         self._last_refresh = float("-inf")
+        self._unconfirmed_503_at: float | None = None  # a 503 no later look at the endpoint has explained
         self._serving: contextlib.AbstractAsyncContextManager[DataPlane] | None = None
         self._initial_state: str | None = None  # as an earlier, killed run found it
 
@@ -179,10 +180,15 @@ class DedicatedEndpoint:
         """
         if failure.status != 503 or self._released:
             return False
-        if self._refreshing is None and self._clock() - self._last_refresh >= self.settings.poll_interval_s:
+        now = self._clock()
+        if self._unconfirmed_503_at is None:
+            self._unconfirmed_503_at = now
+        if self._refreshing is None and now - self._last_refresh >= self.settings.poll_interval_s:
             with contextlib.suppress(RuntimeError):  # no running loop: nothing to schedule
                 self._refreshing = asyncio.get_running_loop().create_task(self._background_refresh())
-        return self._cold.excuses(failure, doubt=self._refreshing is not None)
+        # The doubt lasts until a look at the endpoint that began after this 503 says it is warm: a look
+        # begun just before a replica was lost would otherwise end it too early.
+        return self._cold.excuses(failure, doubt=self._unconfirmed_503_at is not None)
 
     @property
     def cold(self) -> bool:
@@ -395,14 +401,17 @@ class DedicatedEndpoint:
 
     async def refresh(self) -> EndpointSnapshot:
         """Read the endpoint's state during the run (replica count, failure, cold)."""
-        self._last_refresh = self._clock()
+        started = self._last_refresh = self._clock()
         snapshot = await self.control.get()
         previous, self._last = self._last, snapshot
         target = self._min_target(self._original) if self._original is not None else 1
         if snapshot.state == "running":
             self.record.replicas = max(1, snapshot.ready_replicas)
         if self.record.ready_at is not None:
-            self._cold.set_warm(snapshot.state == "running" and snapshot.ready_replicas >= target)
+            warm = snapshot.state == "running" and snapshot.ready_replicas >= target
+            self._cold.set_warm(warm)
+            if warm and self._unconfirmed_503_at is not None and started >= self._unconfirmed_503_at:
+                self._unconfirmed_503_at = None
             self.meter.set_replicas(max(snapshot.ready_replicas, snapshot.target_replicas))
         if previous is None or (previous.state, previous.ready_replicas) != (snapshot.state, snapshot.ready_replicas):
             self._event(f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}")

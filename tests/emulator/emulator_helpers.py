@@ -28,3 +28,19 @@ def config(*endpoints: EndpointConfig, token: str | None = TOKEN) -> EmulatorCon
 def run(coroutine):
     """Run an async test body (the suite does not use pytest-asyncio)."""
     return asyncio.run(coroutine)
+
+
+async def until(predicate, *, what: str = "the condition", limit_s: float = 30.0) -> None:
+    """Wait for an observed event with a short poll; the limit is against a hang, not a speed claim."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit_s
+    while not predicate():
+        assert loop.time() < deadline, f"waiting for {what}: not seen after {limit_s:g} s"
+        await asyncio.sleep(0.002)
+
+
+async def sleep_until(loop_time: float) -> None:
+    """Let the event loop's clock reach ``loop_time`` (the emulator times its episodes on that clock)."""
+    loop = asyncio.get_running_loop()
+    while loop.time() <= loop_time:
+        await asyncio.sleep(max(0.001, loop_time - loop.time() + 0.001))

@@ -33,20 +33,19 @@ async def until(predicate, timeout: float = 5.0) -> None:
 
 def test_129th_concurrent_request_on_one_replica_gets_429():
     async def body():
-        async with Emulator(config(endpoint("gen", latency_base_s=0.6))) as emu, session() as http:
+        async with Emulator(config(endpoint("gen", latency_base_s=1.5))) as emu, session() as http:
             url = emu.endpoint_url(NS, "gen")
             held = [asyncio.create_task(post_generate(http, url, f"p{i}")) for i in range(128)]
             await until(lambda: emu.find(NS, "gen").admitted == 128)
-            started = time.monotonic()
             status, text = await post_generate(http, url, "one too many")
-            refused_after = time.monotonic() - started
+            still_held = sum(not task.done() for task in held)
             results = await asyncio.gather(*held)
-            return status, text, refused_after, results, emu.stats()["endpoints"][f"{NS}/gen"]
+            return status, text, still_held, results, emu.stats()["endpoints"][f"{NS}/gen"]
 
-    status, text, refused_after, results, stats = run(body())
+    status, text, still_held, results, stats = run(body())
     assert status == 429
     assert text == '{"error":"Model is overloaded","error_type":"overloaded"}'
-    assert refused_after < 0.3  # immediate, not queued behind the 0.6 s requests
+    assert still_held == 128  # immediate: answered while every 1.5 s request was still held, not queued
     assert [s for s, _ in results] == [200] * 128
     assert stats["peak_concurrency"] == 129
 
@@ -79,8 +78,10 @@ def test_resume_goes_pending_then_initializing_then_running_on_the_configured_ti
 
     seen, url, expected_url = run(body())
     assert [name for _, name in seen] == ["pending", "initializing", "running"]
-    assert 0.09 <= seen[1][0] <= 0.2
-    assert 0.29 <= seen[2][0] <= 0.45
+    # The lower bounds are the timing promise (never sooner than configured); the upper ones are
+    # generous limits against a stall, not speed claims.
+    assert 0.09 <= seen[1][0] <= 2.0
+    assert 0.29 <= seen[2][0] <= 3.0
     assert url == expected_url
 
 
@@ -100,17 +101,18 @@ def test_more_replicas_become_ready_one_by_one_every_replica_start_s():
     ready_at, target = run(body())
     assert target == 4
     for replicas, expected in ((2, 0.1), (3, 0.2), (4, 0.3)):
-        assert expected - 0.01 <= ready_at[replicas] <= expected + 0.08
+        assert expected - 0.01 <= ready_at[replicas]  # one by one: never sooner than replica_start_s each
+        assert ready_at[replicas] <= expected + 2.0  # a limit against a stall, not a speed claim
 
 
 def test_a_paused_endpoint_answers_400_and_an_initializing_one_503():
     async def body():
-        cfg = endpoint("gen", initial_state="paused", pending_s=0.0, initializing_s=0.3)
+        cfg = endpoint("gen", initial_state="paused", pending_s=0.0, initializing_s=5.0)
         async with Emulator(config(cfg)) as emu, session() as http:
             url = emu.endpoint_url(NS, "gen")
             paused = await post_generate(http, url)
             emu.state(NS, "gen").resume()
-            await asyncio.sleep(0.05)
+            await until(lambda: emu.state(NS, "gen").state == "initializing")
             initializing = await post_generate(http, url)
             return paused, initializing, emu.state(NS, "gen").state
 
@@ -150,8 +152,8 @@ def test_x_scale_up_timeout_holds_the_request_until_a_replica_is_ready():
             return held[0], time.monotonic() - started
 
     status, waited = run(body())
-    assert status == 200
-    assert 0.14 <= waited < 1.0
+    assert status == 200  # held, then answered, within the 5 s X-Scale-Up-Timeout
+    assert waited >= 0.14  # held until the replica was ready, not answered before
 
 
 def test_an_idle_endpoint_with_min_replica_0_scales_to_zero_after_its_timeout():
@@ -162,11 +164,11 @@ def test_an_idle_endpoint_with_min_replica_0_scales_to_zero_after_its_timeout():
             await post_generate(http, emu.endpoint_url(NS, "gen"))
             state = emu.state(NS, "gen")
             started = time.monotonic()
-            await until(lambda: state.state == "scaledToZero", timeout=3)
+            await until(lambda: state.state == "scaledToZero", timeout=30)  # a limit against a hang
             return time.monotonic() - started, state.url
 
     after, url = run(body())
-    assert 0.08 <= after <= 1.2
+    assert after >= 0.08  # not before its idle timeout
     assert url is not None
 
 
@@ -188,7 +190,8 @@ def test_text_to_image_draws_one_image_at_a_time_per_replica_and_queues_the_rest
 
     statuses, elapsed, stats = run(body())
     assert statuses == [200] * 6  # queued, never 429
-    assert 0.29 <= elapsed < 0.9  # 6 images, 2 at a time, 0.1 s each
+    assert elapsed >= 0.29  # 6 images, 2 at a time, 0.1 s each: three rounds at least
+    assert elapsed < 30  # a limit against a hang, not a speed claim
     assert stats["peak_concurrency"] == 6
 
 
@@ -224,17 +227,26 @@ def test_billable_seconds_include_the_replica_initializing_but_not_pending():
         cfg = endpoint("gen", initial_state="paused", pending_s=0.2, initializing_s=0.2)
         async with Emulator(config(cfg)) as emu:
             state = emu.state(NS, "gen")
+            loop = asyncio.get_running_loop()
+            resumed_at = loop.time()
             state.resume()
-            await asyncio.sleep(0.15)
-            during_pending = state.billable_seconds()
+            # While pending, every reading is 0 (read in the same step as the state, so it is pending).
+            during_pending = []
+            while state.state == "pending":
+                during_pending.append(state.billable_seconds())
+                await asyncio.sleep(0.01)
             await until(lambda: state.state == "running")
-            await asyncio.sleep(0.2)
+            running_at = loop.time()
+            while loop.time() < running_at + 0.2:
+                await asyncio.sleep(0.2)
             state.pause()
-            billed = state.billable_seconds()
-            await asyncio.sleep(0.1)
-            return during_pending, billed, state.billable_seconds()
+            billed, paused_at = state.billable_seconds(), loop.time()
+            await asyncio.sleep(0.1)  # a window to watch for billing that must not happen
+            return during_pending, billed, paused_at - resumed_at, state.billable_seconds()
 
-    during_pending, billed, after_pause = run(body())
-    assert during_pending == 0
-    assert 0.38 <= billed <= 0.55  # 0.2 s initializing + 0.2 s running, one replica
+    during_pending, billed, since_resume, after_pause = run(body())
+    assert during_pending and set(during_pending) == {0}
+    # 0.2 s initializing + at least 0.2 s running, one replica; at most the time since the resume less
+    # the 0.2 s pending (measured in the same run, so a slow machine moves both bounds together).
+    assert 0.38 <= billed <= since_resume - 0.2 + 0.02
     assert after_pause == billed

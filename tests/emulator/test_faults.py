@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from batchrun.emulator import Emulator, EndpointConfig, Episode, Faults
-from emulator_helpers import AUTH, NS, config, endpoint, run
+from emulator_helpers import AUTH, NS, config, endpoint, run, sleep_until, until
 
 
 async def send(url: str, prompt: str = "hello", *, timeout: float = 5.0) -> tuple[int | str, dict, bytes]:
@@ -28,7 +28,8 @@ def one_fault(faults: Faults, prompt: str = "hello", timeout: float = 5.0):
     async def body():
         async with Emulator(config(endpoint("gen", faults=faults))) as emu:
             outcome = await send(emu.endpoint_url(NS, "gen"), prompt, timeout=timeout)
-            await asyncio.sleep(0.05)  # let a cancelled handler record its status
+            # A handler cancelled by the client's hang-up records its status when it ends.
+            await until(lambda: emu.stats()["endpoints"][f"{NS}/gen"]["in_flight"] == 0, what="the handler's end")
             return outcome, emu.stats()["endpoints"][f"{NS}/gen"]["by_route"]
     return run(body())
 
@@ -109,12 +110,14 @@ def test_faults_are_reproducible_for_the_same_seed_and_differ_for_another():
 
 def test_an_outage_episode_answers_503_to_everything_for_its_seconds():
     async def body():
-        cfg = endpoint("gen", episodes=(Episode(kind="outage_503", after_requests=2, seconds=0.2),))
+        # Long enough for three requests on a slow machine; the end is awaited on the emulator's clock.
+        cfg = endpoint("gen", episodes=(Episode(kind="outage_503", after_requests=2, seconds=0.5),))
         async with Emulator(config(cfg)) as emu:
             url = emu.endpoint_url(NS, "gen")
             before = (await send(url))[0]
             during = [(await send(url, f"p{i}"))[0] for i in range(3)]
-            await asyncio.sleep(0.25)
+            # The outage began with the first of these, so it ends by the loop time seen now + 0.5 s.
+            await sleep_until(asyncio.get_running_loop().time() + 0.5)
             after = (await send(url))[0]
             return before, during, after
 
@@ -128,7 +131,7 @@ def test_a_lost_replica_gives_503s_until_it_has_restarted():
             emu.lose_replica(NS, "gen")
             state = emu.state(NS, "gen")
             lost = (state.state, state.ready_replicas, (await send(url))[0])
-            await asyncio.sleep(0.2)
+            await until(lambda: state.ready_replicas == 1, what="the replica restarted")
             return lost, state.ready_replicas, (await send(url))[0]
 
     assert run(body()) == (("running", 0, 503), 1, 200)
@@ -136,12 +139,12 @@ def test_a_lost_replica_gives_503s_until_it_has_restarted():
 
 def test_an_endpoint_failing_while_a_job_runs_goes_failed_and_stops_serving():
     async def body():
-        cfg = endpoint("gen", episodes=(Episode(kind="fail_endpoint", at_s=0.1),))
+        cfg = endpoint("gen", episodes=(Episode(kind="fail_endpoint", at_s=0.5),))
         async with Emulator(config(cfg)) as emu:
             url = emu.endpoint_url(NS, "gen")
             first = (await send(url))[0]
-            await asyncio.sleep(0.15)
             state = emu.state(NS, "gen")
+            await until(lambda: state.state == "failed", what="the endpoint failed")
             return first, state.state, state.url, (await send(url))[0], state.billable_seconds()
 
     first, state, url, later, _ = run(body())
@@ -152,9 +155,10 @@ def test_inject_starts_an_outage_at_runtime():
     async def body():
         async with Emulator(config(endpoint("gen"))) as emu:
             url = emu.endpoint_url(NS, "gen")
-            emu.inject(NS, "gen", "outage_503", seconds=0.1)
+            emu.inject(NS, "gen", "outage_503", seconds=0.5)
+            ends_by = asyncio.get_running_loop().time() + 0.5  # on the clock the emulator times it with
             during = (await send(url))[0]
-            await asyncio.sleep(0.12)
+            await sleep_until(ends_by)
             return during, (await send(url))[0]
 
     assert run(body()) == (503, 200)
