@@ -5,7 +5,7 @@ each row fails once, and the retries then trickle out at the retry budget's floo
 endpoint is back. With it (reliability.md §2):
 
     CLOSED     requests flow. When most of the recent outcomes say "unavailable" (503, 500, 502, 504,
-               a refused or reset connection, a timeout), the breaker opens.
+               a refused or reset connection, a timeout), or the last few in a row do, the breaker opens.
     OPEN       nothing is sent; rows that failed meanwhile keep their attempts. Every ``probe_s``
                (growing up to ``max_probe_s``) one request may go out: HALF_OPEN.
     HALF_OPEN  one probe is on the wire. Its success closes the breaker; its failure opens it again.
@@ -46,12 +46,15 @@ class CircuitBreaker:
         window: int = 20,
         min_outcomes: int = 10,
         trip_share: float = 0.5,
+        trip_streak: int = 5,
         probe_s: float = 0.25,
         max_probe_s: float = 2.0,
     ) -> None:
         if not 0 < trip_share <= 1 or min_outcomes < 1 or window < min_outcomes:
             raise ValueError("need 0 < trip_share <= 1 and 1 <= min_outcomes <= window")
         self.trip_share = trip_share
+        self.trip_streak = trip_streak  # this many unavailable outcomes in a row open it at once
+        self._streak = 0
         self.min_outcomes = min_outcomes
         self.probe_s = probe_s
         self.max_probe_s = max_probe_s
@@ -97,9 +100,11 @@ class CircuitBreaker:
             self._unavailable -= 1
         self._recent.append(unavailable)
         self._unavailable += unavailable
+        self._streak = self._streak + 1 if unavailable else 0
         if self.state is not BreakerState.CLOSED or not unavailable:
             return False
-        if len(self._recent) >= self.min_outcomes and self._unavailable >= self.trip_share * len(self._recent):
+        most = len(self._recent) >= self.min_outcomes and self._unavailable >= self.trip_share * len(self._recent)
+        if most or self._streak >= self.trip_streak:
             self._open(now, first=True)
             return True
         return False
@@ -113,6 +118,7 @@ class CircuitBreaker:
         self.opened_at = None
         self._recent.clear()
         self._unavailable = 0
+        self._streak = 0
         self._probe_wait = self.probe_s
         return True
 

@@ -49,7 +49,7 @@ from batchrun.retry import (
     is_overload,
     parse_retry_after,
 )
-from batchrun.spec import DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
+from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
 from batchrun.stop import Stop
 from batchrun.tasks import PreparedRequest, Task, join_url
 
@@ -78,7 +78,7 @@ class DispatchConfig:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     retry_budget_ratio: float = RetrySpec.budget_ratio
     # An endpoint unavailable for longer than this stops the job (resumable) instead of waiting on.
-    outage_timeout_s: float = 600.0
+    outage_timeout_s: float = DEFAULT_OUTAGE_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:

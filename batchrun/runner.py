@@ -131,6 +131,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         request_timeout_s=spec.request_timeout,
         policy=RetryPolicy.from_spec(spec.retries),
         retry_budget_ratio=spec.retries.budget_ratio,
+        outage_timeout_s=spec.outage_timeout,
     )
     kept = pre.kept_columns
 

@@ -8,7 +8,7 @@ ignored changes a job without telling anyone.
 
 Conventions the rest of batchrun can rely on:
 
-- Durations (``request_timeout``, ``budget.deadline``, ``endpoint.ready_timeout``,
+- Durations (``request_timeout``, ``outage_timeout``, ``budget.deadline``, ``endpoint.ready_timeout``,
   ``endpoint.idle_backstop``) are floats in seconds. The YAML may say ``90``, ``"90s"``, ``"20m"``,
   ``"6h"``, ``"1h30m"`` or ``"250ms"``.
 - Sizes (``output.shard_bytes``) are ints in bytes. The YAML may say ``67108864``, ``"64MB"``
@@ -68,6 +68,7 @@ DEFAULT_READY_TIMEOUT = 20 * 60.0
 DEFAULT_IDLE_BACKSTOP = 15 * 60.0
 DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_REQUEST_TIMEOUT = 120.0
+DEFAULT_OUTAGE_TIMEOUT = 600.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class JobSpec:
     concurrency: ConcurrencySpec
     retries: RetrySpec
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT  # an endpoint unavailable this long stops the job (exit 3)
     failure_threshold: float | None = None
     output: OutputSpec
     image: ImageSpec | None = None  # set for the image tasks only
@@ -481,6 +483,7 @@ class _Parser:
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
             request_timeout=self.duration(data, "request_timeout", default=_default(JobSpec, "request_timeout")),
+            outage_timeout=self.duration(data, "outage_timeout", default=_default(JobSpec, "outage_timeout")),
             failure_threshold=self.fraction(data, "failure_threshold", default=_default(JobSpec, "failure_threshold")),
             output=output,
             image=self.image(data.get("image"), kind),

@@ -25,6 +25,16 @@ def test_the_breaker_opens_when_most_recent_outcomes_say_unavailable():
     assert breaker.describe(7.0) == "endpoint unavailable since 2s, probing"
 
 
+def test_a_streak_of_unavailable_answers_opens_it_before_the_window_fills():
+    breaker = CircuitBreaker(window=20, min_outcomes=10, trip_streak=5)
+    for i in range(20):
+        breaker.record(unavailable=False, now=float(i))
+    for i in range(4):
+        assert not breaker.record(unavailable=True, now=20.0 + i)
+    assert breaker.record(unavailable=True, now=24.0)  # 5 of 20 in the window, but 5 in a row
+    assert breaker.state is BreakerState.OPEN
+
+
 def test_a_few_failures_among_many_successes_leave_it_closed():
     breaker = CircuitBreaker(window=20, min_outcomes=10, trip_share=0.5)
     for i in range(200):
