@@ -12,7 +12,9 @@ endpoint is back. With it (reliability.md §2):
 
 When it closes, work resumes at the concurrency that was good before the outage, so an outage of T
 seconds costs about T plus a few round trips. 429 is not unavailability: it is the adaptive limit's
-business. Pure arithmetic on a clock that is passed in; the dispatcher does the waiting.
+business. Only failures of different rows count as an outage: one row whose every request fails (a
+prompt that breaks the model) is that row's problem, even at the end of a job when it is the only one
+still sending. Pure arithmetic on a clock that is passed in; the dispatcher does the waiting.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ import enum
 from collections import deque
 
 __all__ = ["Admission", "BreakerState", "CircuitBreaker"]
+
+#: Unavailable outcomes in a row, of this many different rows, after which a failure is taken as the
+#: endpoint's until it is known.
+SUSPICION_STREAK = 2
 
 
 class BreakerState(str, enum.Enum):
@@ -54,14 +60,14 @@ class CircuitBreaker:
             raise ValueError("need 0 < trip_share <= 1 and 1 <= min_outcomes <= window")
         self.trip_share = trip_share
         self.trip_streak = trip_streak  # this many unavailable outcomes in a row open it at once
-        self._streak = 0
+        self._streak: set[int] = set()  # the rows of the current run of unavailable outcomes
         self.min_outcomes = min_outcomes
         self.probe_s = probe_s
         self.max_probe_s = max_probe_s
         self.state = BreakerState.CLOSED
         self.opened_at: float | None = None  # when the current outage was first seen
         self.trips = 0  # outages seen
-        self._recent: deque[bool] = deque(maxlen=window)  # True: unavailable
+        self._recent: deque[tuple[bool, int]] = deque(maxlen=window)  # (unavailable, row)
         self._unavailable = 0
         self._next_probe_at = 0.0
         self._probe_wait = probe_s
@@ -72,6 +78,12 @@ class CircuitBreaker:
     @property
     def closed(self) -> bool:
         return self.state is BreakerState.CLOSED
+
+    @property
+    def suspects_outage(self) -> bool:
+        """Open, or the last outcomes in a row were unavailable: a failure now may be the endpoint's,
+        not the row's, so the row should not use up its attempts on it."""
+        return self.state is not BreakerState.CLOSED or len(self._streak) >= SUSPICION_STREAK
 
     def admit(self, now: float) -> Admission:
         """May a request go out now? A PROBE answer is given to one request at a time."""
@@ -92,19 +104,24 @@ class CircuitBreaker:
         """How long the endpoint has been unavailable (0 while closed)."""
         return 0.0 if self.opened_at is None else now - self.opened_at
 
-    def record(self, *, unavailable: bool, now: float, probe: bool = False) -> bool:
-        """Count one outcome. True when this outcome changed the state (opened or closed it)."""
+    def record(self, *, unavailable: bool, now: float, probe: bool = False, row: int = 0) -> bool:
+        """Count one outcome of the request for ``row``. True when it changed the state (opened or closed it)."""
         if probe:
             return self._probe_answered(unavailable, now)
-        if len(self._recent) == self._recent.maxlen and self._recent[0]:
+        if len(self._recent) == self._recent.maxlen and self._recent[0][0]:
             self._unavailable -= 1
-        self._recent.append(unavailable)
+        self._recent.append((unavailable, row))
         self._unavailable += unavailable
-        self._streak = self._streak + 1 if unavailable else 0
+        if unavailable:
+            self._streak.add(row)
+        else:
+            self._streak.clear()
         if self.state is not BreakerState.CLOSED or not unavailable:
             return False
         most = len(self._recent) >= self.min_outcomes and self._unavailable >= self.trip_share * len(self._recent)
-        if most or self._streak >= self.trip_streak:
+        if most:  # of several rows, not one row's retries
+            most = len({key for bad, key in self._recent if bad}) >= SUSPICION_STREAK
+        if most or len(self._streak) >= self.trip_streak:
             self._open(now, first=True)
             return True
         return False
@@ -118,7 +135,7 @@ class CircuitBreaker:
         self.opened_at = None
         self._recent.clear()
         self._unavailable = 0
-        self._streak = 0
+        self._streak.clear()
         self._probe_wait = self.probe_s
         return True
 

@@ -120,31 +120,64 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .output import read_status
+    from .cost import SpendLedger
+    from .output import read_lock, read_status
 
     spec = _load(args)
     root = Path(spec.output.path)
     status = read_status(root)
+    lock = read_lock(root)
     if status.job is None and not status.data_shards and not status.failed_shards:
         print(f"{root}: no run yet (nothing written)")
         return 0
     print(f"output: {root}")
+    if lock is not None and lock.running:
+        who = lock.holder.describe() if lock.holder is not None else "a process whose record cannot be read"
+        print(f"  running now: {who}")
     print(f"  ok: {status.ok} rows in {status.data_shards} shard(s)")
     print(f"  failed: {status.failed} final, {status.failed_retryable} retryable (tried again on the next run)")
-    total = None
-    try:
-        from .sources import open_source
-
-        total = open_source(spec.input).count()
-    except BatchrunError:
-        pass
-    if total is not None:
-        remaining = max(0, total - status.ok - status.failed)
-        print(f"  remaining: {remaining} of {total} (including retryable failures)")
+    _print_remaining(spec, status)
+    spent = SpendLedger(root).load()
+    if spent.runs:
+        print(f"  spent: ${spent.usd:.4f} over {spent.runs} run(s) ({spent.replica_hours:.3f} replica-hours)"
+              + (f" of budget.max_usd ${spec.budget.max_usd:g}" if spec.budget.max_usd is not None else ""))
     if status.last_summary:
         s = status.last_summary
         print(f"  last run: {s.get('outcome')} at {s.get('started_at')} (exit {s.get('exit_code')})")
+    _print_mismatch(spec, status.job)
     return 0
+
+
+def _print_remaining(spec: Any, status: Any) -> None:
+    """How much of the input the output covers, said plainly even when the input shrank (a lower limit)."""
+    from .sources import open_source
+
+    try:
+        total = open_source(spec.input).count()
+    except BatchrunError:
+        return
+    if total is None:
+        return
+    recorded = status.ok + status.failed
+    if recorded > total:
+        print(f"  remaining: 0 of {total}; the output holds {recorded - total} more rows than the input now gives "
+              "(input.limit was lowered, or the input shrank): they stay, and the next run sends nothing for them")
+        return
+    print(f"  remaining: {total - recorded} of {total} (including retryable failures)")
+
+
+def _print_mismatch(spec: Any, job: dict[str, Any] | None) -> None:
+    """Warn when the spec no longer matches the output, which `batchrun run` would refuse."""
+    from .preflight import compare_identity
+
+    if not job:
+        return
+    stored = dict(job.get("identity") or {})
+    stored.pop("input", None)  # the input's content is checked by run; status does not read it all
+    changed = compare_identity(stored, dict(spec.identity()))
+    if changed:
+        print(f"  warning: the spec no longer matches this output ({'; '.join(changed)}); `batchrun run` would "
+              "refuse to resume it: restore those values, use --output DIR, or run with --fresh")
 
 
 def cmd_preview(args: argparse.Namespace) -> int:

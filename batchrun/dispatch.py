@@ -273,7 +273,7 @@ class Dispatcher:
             probe = await self._admitted()
             sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
             attempts += 1
-            self._observe(outcome, probe=probe)
+            self._observe(outcome, probe=probe, row=row.position)
             if isinstance(outcome, dict):
                 if request.outputs:  # columns the task knew before sending (a text-to-image seed)
                     outcome = {**request.outputs, **outcome}
@@ -294,11 +294,13 @@ class Dispatcher:
                 )
             if is_overload(failure):
                 self.limit.on_overload(sent_at)
-            outage = failure.retryable and not self.breaker.closed
+            outage = failure.retryable and _is_unavailable(failure) and self.breaker.suspects_outage
             if outage:
-                # The breaker holds the row until the endpoint is back; its attempts are kept, and its
-                # retry does not wait for the retry budget (the breaker already spared the endpoint).
-                delay = 0.0
+                # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs
+                # off; once the breaker is open it holds the row until the endpoint is back. Its retry does
+                # not wait for the retry budget: the breaker already spares the endpoint.
+                delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
+                cold_streak += 1
             elif failure.retryable and self._excuses is not None and self._excuses(failure):
                 delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
                 cold_streak += 1
@@ -425,12 +427,12 @@ class Dispatcher:
             if waiting.cancelled:
                 raise _Abandon()
 
-    def _observe(self, outcome: dict[str, Any] | RequestFailed, *, probe: bool) -> None:
+    def _observe(self, outcome: dict[str, Any] | RequestFailed, *, probe: bool, row: int) -> None:
         """Count an outcome for the breaker; when it closes again, go back to the last good limit."""
         unavailable = isinstance(outcome, RequestFailed) and _is_unavailable(outcome)
         if not unavailable and self.breaker.closed:
             self._good_limit = max(self._good_limit * 0.99, self.limit.value)
-        if self.breaker.record(unavailable=unavailable, now=self._clock(), probe=probe):
+        if self.breaker.record(unavailable=unavailable, now=self._clock(), probe=probe, row=row):
             if self.breaker.closed:
                 self.limit.raise_to(self._good_limit)
             self._breaker_changed.set()

@@ -23,6 +23,7 @@ import base64
 import binascii
 import hashlib
 import io
+import re
 import json
 import os
 from dataclasses import dataclass
@@ -306,7 +307,17 @@ def _decode(data: bytes) -> tuple[str, int, int]:
         raise
     # Pillow plugins raise a zoo of exceptions on bad input (SyntaxError from some of them).
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise _Undecodable(str(exc) or type(exc).__name__) from None
+        raise _Undecodable(_readable(exc)) from None
+
+
+#: Python's default repr of an object (``<_io.BytesIO object at 0x7f...>``), which Pillow puts in messages.
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def _readable(exc: BaseException) -> str:
+    """Pillow's message without the in-memory file's repr: "cannot identify image file" says it all."""
+    text = _OBJECT_REPR.sub("", str(exc)).strip().rstrip(":").strip()
+    return text or type(exc).__name__
 
 
 def _from_bytes(raw: bytes | bytearray | memoryview, path: str | None) -> InputImage:

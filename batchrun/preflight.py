@@ -101,8 +101,9 @@ async def preflight(
     )
     check = await _check_endpoint(endpoint) if check_endpoint else None
     identity = _identity(spec, input_fingerprint, check)
+    data_schema = _with_provenance(data_schema, identity)
     if stored is not None and not fresh:
-        changed = _compare_identity(stored.get("identity", {}), identity)
+        changed = compare_identity(stored.get("identity", {}), identity)
         if changed:
             raise ConfigMismatchError(str(store.root), changed)
     # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
@@ -294,6 +295,18 @@ def _identity(spec: JobSpec, input_fingerprint: str, check: EndpointCheck | None
     return identity
 
 
+def _with_provenance(schema: Any, identity: dict[str, Any]) -> Any:
+    """Every Parquet file says what made it: batchrun's version, the job's fingerprint and the served
+    model and revision where the endpoint named them (key-value metadata ``batchrun``)."""
+    from batchrun import __version__
+
+    record = {"version": __version__, "fingerprint": fingerprint(identity)}
+    record.update({key: identity[key] for key in _KNOWN_ONLY if key in identity})
+    metadata = dict(schema.metadata or {})
+    metadata[b"batchrun"] = json.dumps(record, sort_keys=True).encode()
+    return schema.with_metadata(metadata)
+
+
 def fingerprint(identity: dict[str, Any]) -> str:
     """A short stable digest of an identity."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -303,7 +316,7 @@ def fingerprint(identity: dict[str, Any]) -> str:
 _KNOWN_ONLY = ("model", "revision")
 
 
-def _compare_identity(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def compare_identity(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What changed in the identity, said with old and new values."""
     changes = []
     for key in sorted(set(stored) | set(current)):

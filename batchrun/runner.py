@@ -364,6 +364,9 @@ async def _summarize(
     dispatch = {"output_tokens": tally.output_tokens, "retries": 0, "status_counts": {},
                 "latency_s": {"p50": None, "p95": None}, **dispatch}
     endpoint_info = {"ref": endpoint.ref, **endpoint.record.summary()} if endpoint.record.acquired_at else {}
+    check = pre.endpoint_check
+    if check is not None and check.model:
+        endpoint_info.update(model=check.model, revision=check.revision)
     return build_summary(job=pre.spec.name, started_wall=started.wall, wall_s=started.elapsed(), rows=rows,
                          dispatch=dispatch, endpoint=endpoint_info, cost=cost, output=str(store.root), cause=stop.cause)
 

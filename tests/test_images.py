@@ -305,6 +305,13 @@ def test_an_undecodable_or_missing_input_image_is_a_bad_image_never_retried(valu
     assert caught.value.status is None
 
 
+def test_a_bad_image_message_never_shows_a_python_object_repr():
+    with pytest.raises(RequestFailed) as caught:
+        load_input_image({"bytes": b"certainly not a picture", "path": None})
+    assert "cannot identify image file" in caught.value.message
+    assert "object at 0x" not in caught.value.message and "BytesIO" not in caught.value.message
+
+
 def test_a_bad_image_message_names_the_path(tmp_path):
     with pytest.raises(RequestFailed, match="missing.png") as caught:
         load_input_image(str(tmp_path / "missing.png"))

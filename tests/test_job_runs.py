@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import signal
@@ -529,3 +530,49 @@ def test_a_server_that_stops_answering_mid_run_stops_the_job_with_its_rows_pendi
     rows = outcome.summary["rows"]
     assert rows["failed"] == 0  # no row was written off because the server went away
     assert rows["pending"] > 0 and rows["ok"] + rows["pending"] == 400
+
+
+def test_a_url_endpoint_serving_another_model_is_refused_on_resume_and_files_name_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint(model_id="org/model-a")) as first_server:
+        spec = _url_job(tmp_path, first_server, n=20, output={"shard_rows": 5})
+        outcome, _ = run(spec)
+        assert outcome.exit_code == 0
+    assert outcome.summary["endpoint"]["model"] == "org/model-a"
+    shard = sorted((tmp_path / "out" / "job" / "data").glob("*.parquet"))[0]
+    provenance = json.loads(pq.read_schema(shard).metadata[b"batchrun"])
+    assert provenance["model"] == "org/model-a" and len(provenance["revision"]) == 40
+    # The same job later finds another model behind its url: its answers must not join the output.
+    with emulator(running_endpoint(model_id="org/model-b")) as second_server:
+        spec = _url_job(tmp_path, second_server, n=20, output={"shard_rows": 5})
+        with pytest.raises(ConfigMismatchError, match="model") as refused:
+            run(spec)
+        assert data_requests(second_server) == 0
+    assert "org/model-a" in str(refused.value) and "org/model-b" in str(refused.value)
+
+
+def test_status_shows_a_run_in_progress_a_lowered_limit_and_a_spec_that_no_longer_matches(tmp_path):
+    with emulator(running_endpoint(latency_base_s=0.2)) as emu:
+        spec = _url_job(tmp_path, emu, n=400, concurrency={"max": 4, "initial": 4}, output={"shard_rows": 10})
+        env = {**os.environ, "HF_TOKEN": TOKEN}
+        job = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_for_committed(tmp_path / "out" / "job", 40, job)
+            during = cli("status", str(spec))
+            assert during.returncode == 0, during.stderr
+            assert f"running now: pid {job.pid} on host" in during.stdout
+            job.send_signal(signal.SIGINT)
+            job.communicate(timeout=60)
+        finally:
+            job.kill()
+            job.wait(timeout=30)
+        after = cli("status", str(spec))
+        assert "running now" not in after.stdout
+        lowered = _url_job(tmp_path, emu, n=400, input={"limit": 20}, output={"shard_rows": 10})
+        shown = cli("status", str(lowered)).stdout
+        assert "remaining: 0 of 20" in shown and "more rows than the input now gives" in shown
+        changed = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")},
+                             input_path=tmp_path / "in" / "topics.parquet", prompt={"template": "Now about {topic}."})
+    warned = cli("status", str(changed)).stdout
+    assert "the spec no longer matches this output" in warned and "prompt" in warned
