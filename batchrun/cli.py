@@ -251,7 +251,8 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
     snap = asyncio.run(act())
     print(f"{snap.namespace}/{snap.name}: {snap.state}" + (f" ({snap.message})" if snap.message else ""))
     print(f"  url: {snap.url or '-'}")
-    print(f"  replicas: {snap.ready_replicas}/{snap.target_replicas} ready (min {snap.min_replica}, max {snap.max_replica})")
+    print(f"  replicas: {snap.ready_replicas}/{snap.target_replicas} ready "
+          f"(min {snap.min_replica}, max {snap.max_replica})")
     print(f"  scale-to-zero timeout: {snap.scale_to_zero_timeout} min")
     print(f"  model: {snap.repository} ({snap.task})")
     return 0
@@ -306,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "folder: generated images with their prompt and seed, input images with their answer, or a "
                        "table of answers. It opens from disk; nothing is served.")
     p.add_argument("output", metavar="OUTPUT", help="the job's output folder (output.path or --output)")
-    p.add_argument("--html", metavar="FILE", default=None, help="where to write the page (default: OUTPUT/preview.html)")
+    p.add_argument("--html", metavar="FILE", default=None,
+                   help="where to write the page (default: OUTPUT/preview.html)")
     p.add_argument("--limit", type=int, default=60, metavar="N", help="show at most N results (default: 60)")
     p.set_defaults(func=cmd_preview)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from batchrun.stop import Stop, StopReason
 
-__all__ = ["BudgetGuard", "CostMeter", "Spent", "SpendLedger"]
+__all__ = ["BudgetGuard", "CostMeter", "SpendLedger", "Spent"]
 
 #: The share of a budget (or a deadline) kept back at most for the stop itself (drain, commit, pause).
 MARGIN_SHARE = 0.1

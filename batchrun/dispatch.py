@@ -222,15 +222,14 @@ class Dispatcher:
         # limit_per_host=0: no separate per-host cap; the total equals the worker count, and every
         # request goes to one host anyway. Connections are kept alive between requests.
         connector = aiohttp.TCPConnector(limit=n, limit_per_host=0)
-        async with aiohttp.ClientSession(connector=connector, headers=self._headers) as session:
-            async with stop.until_aborted():
-                try:
-                    async with asyncio.TaskGroup() as workers:
-                        for i in range(n):
-                            workers.create_task(self._worker(session, feed), name=f"dispatch-{i}")
-                except BaseExceptionGroup as group:
-                    # One worker's AuthError (or a reader error) ends them all; raise it as itself.
-                    raise group.exceptions[0] from None
+        async with aiohttp.ClientSession(connector=connector, headers=self._headers) as session, stop.until_aborted():
+            try:
+                async with asyncio.TaskGroup() as workers:
+                    for i in range(n):
+                        workers.create_task(self._worker(session, feed), name=f"dispatch-{i}")
+            except BaseExceptionGroup as group:
+                # One worker's AuthError (or EndpointError) ends them all; raise it as itself.
+                raise group.exceptions[0] from None
 
     @property
     def stats(self) -> DispatchStats:
@@ -359,7 +358,7 @@ class Dispatcher:
             ) as response:
                 payload = await response.read()
                 status, headers = response.status, response.headers
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._count(FailureKind.TIMEOUT.value)
             raise RequestFailed(
                 FailureKind.TIMEOUT.value, f"no complete answer within {self.config.request_timeout_s:g} s",

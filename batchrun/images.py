@@ -23,9 +23,9 @@ import base64
 import binascii
 import hashlib
 import io
-import re
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,7 +264,7 @@ def to_data_url(image: InputImage, *, max_side: int | None) -> tuple[str, dict[s
 
     with Image.open(io.BytesIO(image.data)) as opened:
         opened.load()
-        info = dict(opened.info)
+        info: dict[str, Any] = {str(k): v for k, v in opened.info.items()}
         picture = opened.copy()
     if too_big:
         assert max_side is not None
@@ -362,9 +362,7 @@ def _encode(picture: Image.Image, pil_format: str, info: dict[str, Any]) -> byte
         picture = picture.convert("RGBA" if "A" in picture.getbands() else "RGB")
     # The colour profile and EXIF (orientation above all) travel with the pixels, as in the original.
     options: dict[str, Any] = {key: info[key] for key in ("icc_profile", "exif") if info.get(key)}
-    if pil_format == "JPEG":
-        options["quality"] = 90
-    elif pil_format == "WEBP":
+    if pil_format == "JPEG" or pil_format == "WEBP":
         options["quality"] = 90
     out = io.BytesIO()
     picture.save(out, format=pil_format, **options)

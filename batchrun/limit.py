@@ -35,6 +35,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 __all__ = ["AdaptiveLimit", "LimitController"]
 
@@ -157,7 +158,7 @@ class AdaptiveLimit:
         minimum: int = 1,
         maximum: int,
         clock: Callable[[], float] = time.monotonic,
-        **tuning: float,
+        **tuning: Any,
     ) -> None:
         self.controller = LimitController(initial, minimum=minimum, maximum=maximum, **tuning)
         self._clock = clock

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchrun.cost import MARGIN_SHARE, Spent, SpendLedger
+from batchrun.cost import MARGIN_SHARE, SpendLedger, Spent
 from batchrun.endpoints import Endpoint, EndpointCheck, open_endpoint
 from batchrun.errors import (
     AuthError,
@@ -188,7 +188,8 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
         problem = placeholder_column_problem(source.schema.field(name)) if name != prompt.image_column else None
         if problem is not None:
             raise SpecError(spec.file, "prompt.template", problem)
-    if prompt.template is not None and prompt.image_column is not None and "{" + prompt.image_column + "}" in prompt.template:
+    image_placeholder = "{" + prompt.image_column + "}" if prompt.image_column is not None else None
+    if prompt.template is not None and image_placeholder is not None and image_placeholder in prompt.template:
         raise SpecError(spec.file, "prompt.template", f"uses {{{prompt.image_column}}}, the image column: "
                         "the image is sent as an image part beside the text; leave it out of the template")
     seed_column = spec.image.seed_column if spec.image else None
@@ -326,7 +327,8 @@ def compare_identity(stored: dict[str, Any], current: dict[str, Any]) -> list[st
         if key == "input":
             changes.append("input (its files or their content changed)")
         elif isinstance(old, dict) and isinstance(new, dict):
-            parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            keys = sorted(set(old) | set(new))
+            parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
             changes.append(f"{key} ({', '.join(parts)})")
         else:
             changes.append(f"{key} ({old!r} -> {new!r})")

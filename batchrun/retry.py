@@ -187,7 +187,8 @@ class RetryBudget:
     (Finagle's ``minRetriesPerSec``; the defaults give 5 retries/s over a 10 s window) so that a job
     whose failure share is above the ratio slows down instead of stalling: with a long window and a
     small floor, workers parked on the budget send no new requests, and so earn no new allowance.
-    Past the budget the caller waits (:meth:`time_until_available`) instead of dropping the row. Call :meth:`record_request` for every request sent, retries included.
+    Past the budget the caller waits (:meth:`time_until_available`) instead of dropping the row.
+    Call :meth:`record_request` for every request sent, retries included.
 
     Counts are kept in ``buckets`` time slices so memory stays constant at any request rate.
     """

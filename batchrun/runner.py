@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchrun.committer import Committer, finish_in_thread
-from batchrun.cost import BudgetGuard, CostMeter, Spent, SpendLedger
+from batchrun.cost import BudgetGuard, CostMeter, SpendLedger, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
 from batchrun.errors import (

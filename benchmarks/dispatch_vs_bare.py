@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from batchrun.dispatch import DispatchConfig, Dispatcher
+from batchrun.endpoints import DataPlane
 from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import RetryPolicy
 from batchrun.tasks import build_task, join_url
@@ -88,12 +89,11 @@ async def run_bare_aiohttp(url: str, task: str, prompts: list[str], concurrency:
         async def one(prompt: str) -> None:
             nonlocal ok
             path, payload = _payload(task, prompt, 16)
-            async with semaphore:
-                async with session.post(join_url(url, path), json=payload) as response:
-                    body = await response.read()
-                    if response.status == 200:
-                        json.loads(body)
-                        ok += 1
+            async with semaphore, session.post(join_url(url, path), json=payload) as response:
+                body = await response.read()
+                if response.status == 200:
+                    json.loads(body)
+                    ok += 1
 
         await asyncio.gather(*(one(p) for p in prompts))
     return ok
@@ -137,10 +137,9 @@ def _dispatcher_runner(initial: int) -> Callable[[str, str, list[str], int], Awa
 
         parameters = {"max_tokens": 16} if task == "chat-completion" else {"max_new_tokens": 16}
         dispatcher = Dispatcher(
-            base_url=url,
+            plane=DataPlane(url=url),
             task=build_task(task, column="prompt", parameters=parameters),
             config=DispatchConfig(max_concurrency=concurrency, initial_concurrency=initial, policy=RetryPolicy()),
-            token=None,
             on_record=on_record,
         )
         await dispatcher.run(rows())

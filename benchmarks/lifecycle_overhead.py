@@ -36,10 +36,11 @@ NS = "bench"
 
 
 def one_run(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    from jobkit import write_spec, write_topics
+
     from batchrun.emulator import EmulatorConfig, EmulatorThread, EndpointConfig
     from batchrun.runner import RunOptions, run_job
     from batchrun.spec import load_spec
-    from jobkit import write_spec, write_topics
 
     config = EndpointConfig.from_dict({
         "name": "gen", "namespace": NS, "initial_state": "paused", "pending_s": 0.3, "initializing_s": 1.0,

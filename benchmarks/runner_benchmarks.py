@@ -62,9 +62,8 @@ class EmulatorProcess:
 
 
 async def _stats(control: str, name: str) -> dict:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{control}/emulator/stats") as response:
-            return (await response.json())["endpoints"][f"{NS}/{name}"]
+    async with aiohttp.ClientSession() as http, http.get(f"{control}/emulator/stats") as response:
+        return (await response.json())["endpoints"][f"{NS}/{name}"]
 
 
 def _write_input(folder: Path, rows: int) -> Path:

@@ -8,7 +8,7 @@ import os
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("HF_HUB_OFFLINE", None)
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ costs a handful of requests instead of one failed attempt per row.
 from __future__ import annotations
 
 import pytest
+from jobkit import NS, TOKEN, emulator, run, running_endpoint, write_spec, write_topics
 
 from batchrun.breaker import Admission, BreakerState, CircuitBreaker
-from jobkit import NS, TOKEN, emulator, run, running_endpoint, write_spec, write_topics
 
 
 def test_the_breaker_opens_when_most_recent_outcomes_say_unavailable():

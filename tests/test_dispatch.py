@@ -523,7 +523,7 @@ def test_a_stop_request_abandons_rows_waiting_to_retry_without_a_record() -> Non
         async with ScriptedServer(handler) as server:
             # A long backoff: the failed rows sit waiting to retry when intake stops.
             d = dispatcher(server.url, records, policy=RetryPolicy(backoff_base=30, backoff_cap=30))
-            d._rng = random.Random(3)  # noqa: SLF001 - any seed gives a wait far beyond the test
+            d._rng = random.Random(3)
             stop = Stop(grace_s=30)
             run = asyncio.create_task(d.run(rows_of(["slow-fail-1", "slow-fail-2", "a", "b"]), stop))
             # Both rows that failed are waiting to retry; the other two are done.

@@ -18,6 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobkit import (
+    FAST_LIFECYCLE,
+    NS,
+    REPO,
+    TOKEN,
+    cli,
+    data_requests,
+    emulator,
+    read_ids,
+    run,
+    wait_for_control_call,
+    wait_for_requests,
+    wait_until,
+    write_spec,
+    write_topics,
+)
 
 from batchrun.dispatch import Dispatcher
 from batchrun.emulator import EndpointConfig
@@ -25,8 +41,6 @@ from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.errors import BudgetSpentError
 from batchrun.output import ParquetSink
 from batchrun.sources import ParquetSource
-from jobkit import (FAST_LIFECYCLE, NS, REPO, TOKEN, cli, data_requests, emulator, read_ids, run, wait_for_control_call,
-                    wait_for_requests, wait_until, write_spec, write_topics)
 
 SCALE = {"min_replica": 2, "max_replica": 3}
 USER_SCALING = (1, 1, 15)

@@ -24,13 +24,6 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from aiohttp import web
-from PIL import Image
-
-from batchrun.emulator import drawing
-from batchrun.errors import SpecError
-from batchrun.images import derive_seed
-from batchrun.runner import RunOptions, run_job
-from batchrun.spec import load_spec
 from jobkit import (
     FAST_LIFECYCLE,
     NS,
@@ -45,6 +38,13 @@ from jobkit import (
     running_endpoint,
     wait_for_committed,
 )
+from PIL import Image
+
+from batchrun.emulator import drawing
+from batchrun.errors import SpecError
+from batchrun.images import derive_seed
+from batchrun.runner import RunOptions, run_job
+from batchrun.spec import load_spec
 
 SAMPLE_DATA = REPO / "sample_data"
 SIZE = 64  # pixels: small pictures keep every job quick

@@ -68,7 +68,7 @@ def _quiet_datasets():
 def test_image_feature_type_is_exactly_what_datasets_decodes():
     from datasets import Image as ImageFeature
 
-    assert IMAGE_FEATURE_TYPE == ImageFeature().pa_type
+    assert ImageFeature().pa_type == IMAGE_FEATURE_TYPE
     assert [f.name for f in IMAGE_FEATURE_TYPE] == ["bytes", "path"]
     assert IMAGE_FEATURE_TYPE.field("bytes").type == pa.binary()
 

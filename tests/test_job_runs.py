@@ -10,15 +10,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from batchrun.errors import AuthError, ConfigMismatchError, EndpointUnusableError, InputError, OutputError
 from jobkit import (
     NS,
     REPO,
@@ -35,6 +32,8 @@ from jobkit import (
     write_spec,
     write_topics,
 )
+
+from batchrun.errors import AuthError, ConfigMismatchError, EndpointUnusableError, InputError, OutputError
 
 
 def _url_job(tmp_path: Path, emu, n: int = 60, name: str = "job", **overrides):

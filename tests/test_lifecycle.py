@@ -17,16 +17,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jobkit import (
+    FAST_LIFECYCLE,
+    NS,
+    TOKEN,
+    cli,
+    data_requests,
+    emulator,
+    read_ids,
+    read_rows,
+    run,
+    wait_until,
+    wait_until_async,
+    write_spec,
+    write_topics,
+)
 
+from batchrun.emulator import EndpointConfig
 from batchrun.endpoints import DedicatedEndpoint, LifecycleSettings
 from batchrun.endpoints.control_plane import HfControlPlane, control_plane_base
 from batchrun.endpoints.saved_settings import endpoint_state_path, state_dir
 from batchrun.errors import EndpointError, EndpointNotReadyError, EndpointUnusableError, RequestFailed
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
-from jobkit import (FAST_LIFECYCLE, NS, TOKEN, cli, data_requests, emulator, read_ids, read_rows, run, wait_until,
-                    wait_until_async, write_spec, write_topics)
-from batchrun.emulator import EndpointConfig
 
 STATE_CHANGING = ("PUT", "POST", "DELETE")
 

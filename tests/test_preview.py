@@ -104,7 +104,7 @@ def test_a_vision_preview_shows_each_input_image_with_its_answer(tmp_path):
             "id": ["img01", "img02"],
             "question": ["What colour?", "What shape & size?"],
             "photo": pa.array([image_value(picture(0, (64, 48))), image_value(picture(1, (96, 72), "JPEG"))],
-                              IMAGE_FEATURE_TYPE),  # fmt: skip
+                              IMAGE_FEATURE_TYPE),
             "generated_text": ["It is red.", "A <square>."],
             "latency_s": [0.1, 0.2],
             "attempts": [1, 1],

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from batchrun.emulator.config import EndpointConfig
 
@@ -40,7 +40,7 @@ class TransitionRefused(Exception):
 
 def iso_now() -> str:
     """Wall-clock time in the API's format, e.g. 2026-11-25T08:00:00.000Z."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 class EndpointState:
@@ -105,7 +105,7 @@ class EndpointState:
             event = self._changed
             try:
                 await asyncio.wait_for(event.wait(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return predicate()
         return True
 
@@ -299,7 +299,8 @@ class EndpointState:
             "accountId": None,
             "healthRoute": "/health",
             "provider": {"vendor": self.config.vendor, "region": self.config.region},
-            "compute": {**self.compute, "id": f"{self.config.vendor}-{self.config.region}-{self.compute['instanceType']}",
+            "compute": {**self.compute,
+                        "id": f"{self.config.vendor}-{self.config.region}-{self.compute['instanceType']}",
                         "scaling": {"minReplica": self.min_replica, "maxReplica": self.max_replica,
                                     "scaleToZeroTimeout": _whole_if_integral(self.scale_to_zero_timeout)}},
             "model": dict(self.model),

@@ -323,9 +323,9 @@ class DedicatedEndpoint:
                             f"{snapshot.message or 'no message'}",
                             state=snapshot.state,
                         )
-                    if snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target:
-                        if await self._healthy(http, snapshot):
-                            return self._ready(snapshot)
+                    up = snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target
+                    if up and await self._healthy(http, snapshot):
+                        return self._ready(snapshot)
                 now = self._clock()
                 if now >= deadline:
                     raise self._not_ready(snapshot, target)

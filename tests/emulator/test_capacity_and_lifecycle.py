@@ -7,10 +7,10 @@ import time
 
 import aiohttp
 import pytest
+from emulator_helpers import AUTH, NS, config, endpoint, run
 
 from batchrun.emulator import Emulator, EndpointConfig
 from batchrun.emulator.state import EndpointState
-from emulator_helpers import AUTH, NS, config, endpoint, run
 
 
 def session() -> aiohttp.ClientSession:

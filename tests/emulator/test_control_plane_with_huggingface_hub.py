@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
+from emulator_helpers import NS, TOKEN, config, endpoint
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, InferenceEndpointError
 
 from batchrun.emulator import EmulatorThread
-from emulator_helpers import NS, TOKEN, config, endpoint
 
 pytestmark = pytest.mark.usefixtures("hub_client_on_loopback")
 

@@ -6,12 +6,12 @@ import base64
 import io
 
 import pytest
+from emulator_helpers import NS, TOKEN, config, endpoint, run
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 from huggingface_hub.errors import HfHubHTTPError, OverloadedError, ValidationError
 from PIL import Image
 
 from batchrun.emulator import EmulatorThread, Faults
-from emulator_helpers import NS, TOKEN, config, endpoint, run
 
 pytestmark = pytest.mark.usefixtures("hub_client_on_loopback")
 

@@ -8,10 +8,10 @@ import json
 
 import aiohttp
 import pytest
+from emulator_helpers import AUTH, NS, config, endpoint, run
 from PIL import Image
 
 from batchrun.emulator import Emulator, EmulatorConfig, EndpointConfig, load_emulator_config
-from emulator_helpers import AUTH, NS, config, endpoint, run
 
 
 def call(cfg: EndpointConfig, path: str, payload, headers: dict | None = None, raw: bool = False):

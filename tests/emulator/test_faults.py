@@ -7,9 +7,9 @@ import json
 
 import aiohttp
 import pytest
+from emulator_helpers import AUTH, NS, config, endpoint, run, sleep_until, until
 
 from batchrun.emulator import Emulator, EndpointConfig, Episode, Faults
-from emulator_helpers import AUTH, NS, config, endpoint, run, sleep_until, until
 
 
 async def send(url: str, prompt: str = "hello", *, timeout: float = 5.0) -> tuple[int | str, dict, bytes]:
@@ -18,7 +18,7 @@ async def send(url: str, prompt: str = "hello", *, timeout: float = 5.0) -> tupl
         async with aiohttp.ClientSession(headers=AUTH, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
             async with http.post(url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 4}}) as r:
                 return r.status, dict(r.headers), await r.read()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return "timeout", {}, b""
     except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError):
         return "reset", {}, b""

@@ -7,10 +7,10 @@ import json
 import urllib.request
 
 import aiohttp
+from emulator_helpers import AUTH, NS, TOKEN, config, endpoint, run
 
 import batchrun.emulator
 from batchrun.emulator import Emulator, EmulatorConfig, EmulatorThread, default_endpoints, describe, serve
-from emulator_helpers import AUTH, NS, TOKEN, config, endpoint, run
 
 
 def test_all_is_sorted_and_names_only_real_objects():
