@@ -257,7 +257,8 @@ def test_html_answered_with_200_becomes_a_retryable_not_an_image_failure(tmp_pat
         outcome, _ = run(spec)
     failures = read_rows(tmp_path / "out" / "img" / "failed")
     assert outcome.exit_code == 1 and read_ids(tmp_path / "out" / "img" / "data") == []
-    assert len(failures) == 3 and server.requests == 3 * RETRIES["max_attempts"]
+    # Every attempt of every row, and the preflight's one GET /info.
+    assert len(failures) == 3 and server.requests == 3 * RETRIES["max_attempts"] + 1
     for row in failures:
         assert row["error_type"] == "not_an_image" and row["retryable"] and row["status"] == 200
         assert "text/html" in row["error"] and "Please log in" in row["error"]
