@@ -259,6 +259,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Longer than most functions on purpose: the whole command line, read in one place, is its own help.
     parser = argparse.ArgumentParser(
         prog="batchrun",
         description="Run big offline inference jobs against Hugging Face Inference Endpoints: resume the endpoint, "

@@ -310,7 +310,10 @@ class Dispatcher:
                 if not decision.retry:
                     return self._failure(row, failure, attempts=attempts)
                 delay = decision.delay_s
-            await self._wait_to_retry(delay, spend_budget=not outage)
+            # A 429 is the endpoint saying "not now" at once, and the adaptive limit already holds the load
+            # at its capacity: its retry waits for a slot, not for the retry budget, which is for failures
+            # that cost the endpoint work (and would bottleneck a job whose capacity shrank).
+            await self._wait_to_retry(delay, spend_budget=not outage and failure.status != 429)
 
     async def _attempt(
         self,

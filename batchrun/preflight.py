@@ -72,6 +72,8 @@ async def preflight(
     """Validate everything that can be validated without spending money. Raises exit-2 errors.
 
     ``check_endpoint`` also asks the endpoint itself (read-only): `batchrun run` always does.
+    A list of steps, each a call; kept in one function so that their order, which is what makes a
+    typo cost nothing, reads top to bottom.
     """
     from batchrun.output import OutputStore, build_data_schema
 

@@ -673,6 +673,7 @@ class _Parser:
             if not ok:
                 raise self.error(f"parameters.{key}", f"expected {expected}, got {_describe(value)}")
 
+    # One of the longer checks: the three ways to name an endpoint and the keys each allows are read together.
     def endpoint(self, data: Any) -> EndpointSpec:
         data = self.section(data, "endpoint", _ENDPOINT_KEYS)
         kind = self.exactly_one(data, "endpoint", ("url", "local", "name"))

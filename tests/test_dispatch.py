@@ -667,3 +667,22 @@ def test_config_refuses_an_authorization_header_and_nonsense_bounds() -> None:
         DispatchConfig(max_concurrency=0)
     with pytest.raises(ValueError):
         DispatchConfig(request_timeout_s=0)
+
+
+def test_429_retries_wait_for_a_concurrency_slot_not_for_the_retry_budget() -> None:
+    # A capacity below the concurrency answers 429 at once; the adaptive limit holds the load there. Budgeting
+    # those retries too made a job whose capacity shrank crawl at the budget's floor (5 retries/s).
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return tgi_error(429, "Model is overloaded", "overloaded") if nth == 1 else ok()
+
+    async def main() -> tuple[list[RowResult | RowFailure], Dispatcher]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, retry_budget_ratio=0.0)
+            await d.run(rows_of(f"p{i}" for i in range(120)))
+        return records, d
+
+    records, d = asyncio.run(main())
+    assert len(by_id(records)) == 120 and all(isinstance(r, RowResult) for r in records)
+    assert d.stats.retries == 120
+    assert d.budget.retries_in_window == 0  # none of them spent the retry budget
