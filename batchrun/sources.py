@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -254,6 +253,8 @@ def _hash_ids(chunk: Any) -> np.ndarray:
     else:
         values = np.asarray(chunk, dtype=object)
     # pandas' vectorised SipHash: deterministic and far faster than hashing in a Python loop.
+    import pandas as pd  # heavy: loaded only for the duplicate-id scan
+
     return pd.util.hash_array(values, categorize=False)
 
 

@@ -4,6 +4,8 @@ Think of it as moto for Hugging Face Inference Endpoints: huggingface_hub's own 
 on loopback, and batchrun's tests and benchmarks inject faults through it. See docs/emulator.md.
 """
 
+from typing import TYPE_CHECKING
+
 from batchrun.emulator.config import (
     EmulatorConfig,
     EmulatorConfigError,
@@ -13,8 +15,32 @@ from batchrun.emulator.config import (
     default_endpoints,
     load_emulator_config,
 )
-from batchrun.emulator.server import Emulator, EmulatorThread, describe, serve
-from batchrun.emulator.state import EndpointState
+
+if TYPE_CHECKING:
+    from batchrun.emulator.server import Emulator, EmulatorThread, describe, serve
+    from batchrun.emulator.state import EndpointState
+
+# The servers pull in aiohttp's web stack; a job that only checks an `endpoint.local` block (batchrun
+# validate) needs the config alone, so they load on first use.
+_LAZY = {
+    "Emulator": "server",
+    "EmulatorThread": "server",
+    "describe": "server",
+    "serve": "server",
+    "EndpointState": "state",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchrun.emulator' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"batchrun.emulator.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Emulator",

@@ -19,9 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from batchrun.cost import CostMeter
 from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
@@ -38,6 +36,9 @@ from batchrun.errors import (
     RequestFailed,
 )
 from batchrun.stop import Stop, StopReason
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["DedicatedEndpoint", "LifecycleSettings"]
 
@@ -309,6 +310,8 @@ class DedicatedEndpoint:
         target = self._min_target(original)
         deadline = self._clock() + self.settings.ready_timeout_s
         last_line = ""
+        import aiohttp  # loaded when an endpoint is acquired: `batchrun validate` does without it
+
         async with aiohttp.ClientSession() as http:
             while True:
                 snapshot = await self._poll()
@@ -361,6 +364,8 @@ class DedicatedEndpoint:
         )
 
     async def _healthy(self, http: aiohttp.ClientSession, snapshot: EndpointSnapshot) -> bool:
+        import aiohttp
+
         assert snapshot.url is not None
         url = f"{snapshot.url.rstrip('/')}/{snapshot.health_route.lstrip('/')}"
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}

@@ -37,7 +37,7 @@ def local_endpoint_config(
 
     ``task`` is what the emulated endpoint serves unless the spec says otherwise.
     """
-    from batchrun.emulator import EndpointConfig
+    from batchrun.emulator.config import EndpointConfig
 
     values = dict(local)
     values.setdefault("name", "local-" + job_name.lower().replace("_", "-")[:24])

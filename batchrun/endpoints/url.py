@@ -11,9 +11,6 @@ import time
 from types import TracebackType
 from typing import Any
 
-import aiohttp
-import yarl
-
 from batchrun.cost import CostMeter
 from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
@@ -49,6 +46,9 @@ class UrlEndpoint:
 
     async def check(self) -> EndpointCheck:
         """Ask ``GET /info``; any HTTP answer proves the server is there, only a TGI one names the model."""
+        import aiohttp  # loaded when the endpoint is checked: `batchrun validate` does without it
+        import yarl
+
         info_url = str(yarl.URL(server_root(self.url) + "/info"))
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)
