@@ -498,6 +498,8 @@ def test_a_second_run_on_the_same_output_is_refused_at_once_and_a_killed_holder_
         finally:
             first.kill()
             first.wait(timeout=30)
+        # The same job with more room (concurrency is not part of its identity), so the rest goes quickly.
+        spec = _url_job(tmp_path, emu, n=400, concurrency={"max": 64, "initial": 64})
         third = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
         assert third.returncode == 0, third.stderr
         assert f"taking over the output's lock from pid {first.pid}" in third.stderr
