@@ -226,15 +226,17 @@ def catch_signals(stop: Stop, *, echo: Callable[[str], None], enabled: bool = Tr
             return
         if not first_at:
             first_at.append(now)
-        if stop.requested and stop.aborted:
-            echo(f"{name} received: the endpoint is being released; finishing that first")
-            return
         if stop.request(StopReason.SIGNAL, f"interrupted by {name}"):
             if name in ABORT_SIGNALS:
                 echo(f"{name}: abandoning requests in flight now")
                 stop.abort()
             return
-        echo(f"{name} again: abandoning requests in flight now")
+        assert stop.cause is not None
+        if stop.cause.reason is StopReason.SIGNAL:
+            echo(f"{name} again: abandoning requests in flight now; the endpoint is still released")
+        else:
+            echo(f"{name} received while the job stops ({stop.cause.detail}): abandoning what is in flight; "
+                 "the endpoint is still released")
         stop.abort()
 
     installed: list[signal.Signals] = []
