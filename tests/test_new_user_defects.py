@@ -13,11 +13,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from jobkit import NS, TOKEN, cli, emulator, read_ids, run, running_endpoint, write_spec, write_topics
 
 from batchrun.errors import EndpointUnusableError, OutputError
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
-from jobkit import NS, TOKEN, cli, emulator, read_ids, run, running_endpoint, write_spec, write_topics
 
 
 def _free_port() -> int:
@@ -91,7 +91,7 @@ def test_progress_lines_say_when_a_short_job_starts(tmp_path):
 
 
 def test_running_a_local_job_again_meets_other_faults_so_retryable_failures_make_progress(tmp_path):
-    local = {"faults": {"rate_500": 0.3}, "latency_base_s": 0.005, **{"pending_s": 0.01, "initializing_s": 0.01}}
+    local = {"faults": {"rate_500": 0.3}, "latency_base_s": 0.005, "pending_s": 0.01, "initializing_s": 0.01}
     spec = write_spec(tmp_path, endpoint={"local": local}, input_path=write_topics(tmp_path / "in.parquet", 40),
                       retries={"max_attempts": 1, "budget_ratio": 1.0})
     failed_after = []
