@@ -47,7 +47,6 @@ class Preflight:
     spec: JobSpec
     source: Source
     task: Task
-    data_schema: Any  # pyarrow.Schema of the data shards
     kept_columns: tuple[str, ...]  # the input columns copied to the output, in input order
     endpoint: Endpoint
     token: str | None = field(repr=False)
@@ -58,6 +57,14 @@ class Preflight:
     endpoint_check: EndpointCheck | None = None
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
+
+    def data_schema(self) -> Any:
+        """The pyarrow schema of the data shards, with its datasets features and provenance metadata."""
+        from batchrun.output import build_data_schema
+
+        schema = build_data_schema(self.source.schema, id_column=self.spec.input.id_column,
+                                   keep_columns=self.kept_columns, output_schema=self.task.output_schema)
+        return _with_provenance(schema, self.identity)
 
 
 async def preflight(
@@ -75,7 +82,7 @@ async def preflight(
     A list of steps, each a call; kept in one function so that their order, which is what makes a
     typo cost nothing, reads top to bottom.
     """
-    from batchrun.output import OutputStore, build_data_schema
+    from batchrun.output import OutputStore, data_columns
 
     source = await _open_input(spec)
     _check_not_empty(spec, source.count())
@@ -87,9 +94,8 @@ async def preflight(
     await _check_unique_ids(spec, source, scanned=bool(stored and stored.get("ids_checked") == input_fingerprint))
     task = _make_task(spec)
     kept = _kept_columns(spec, source, task)
-    data_schema = build_data_schema(
-        source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema
-    )
+    # The output's columns are checked now; their datasets features (a heavy import) when the run opens it.
+    data_columns(source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema)
     samples = await asyncio.to_thread(_render_first_rows, spec, source, task)
     token = _resolve_token(spec)
     spent = SpendLedger(store.root).load() if stored is not None and not fresh else Spent()
@@ -103,7 +109,6 @@ async def preflight(
     )
     check = await _check_endpoint(endpoint) if check_endpoint else None
     identity = _identity(spec, input_fingerprint, check)
-    data_schema = _with_provenance(data_schema, identity)
     if stored is not None and not fresh:
         changed = compare_identity(stored.get("identity", {}), identity)
         if changed:
@@ -114,7 +119,6 @@ async def preflight(
         spec=spec,
         source=source,
         task=task,
-        data_schema=data_schema,
         kept_columns=kept,
         endpoint=endpoint,
         token=token,

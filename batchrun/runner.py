@@ -268,7 +268,7 @@ async def _open_output(
             lock = await _lock_output(store, echo)
             stored_job = None
         await asyncio.to_thread(store.save_job, _job_record(pre, stored_job))
-        sink = ParquetSink(store, data_schema=pre.data_schema, id_column=spec.input.id_column or "id",
+        sink = ParquetSink(store, data_schema=pre.data_schema(), id_column=spec.input.id_column or "id",
                            shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
                            kept_columns=pre.kept_columns)
         done = await asyncio.to_thread(sink.open)

@@ -44,7 +44,7 @@ The modules, one responsibility each: ``layout`` (where things live, job.json, s
 from batchrun.output.done import DoneSet
 from batchrun.output.layout import OutputStore
 from batchrun.output.lock import LockState, OutputLock, read_lock
-from batchrun.output.schema import FAILED_COLUMNS, build_data_schema, build_failed_schema
+from batchrun.output.schema import FAILED_COLUMNS, build_data_schema, build_failed_schema, data_columns
 from batchrun.output.sink import ParquetSink, SinkCounters
 from batchrun.output.status import OutputStatus, read_status
 
@@ -59,6 +59,7 @@ __all__ = [
     "SinkCounters",
     "build_data_schema",
     "build_failed_schema",
+    "data_columns",
     "read_lock",
     "read_status",
 ]

@@ -62,6 +62,46 @@ def with_hf_metadata(schema: pa.Schema) -> pa.Schema:
     return schema.with_metadata(metadata)
 
 
+def data_columns(
+    input_schema: pa.Schema,
+    *,
+    id_column: str | None,
+    keep_columns: Sequence[str] | None,
+    output_schema: pa.Schema,
+) -> tuple[pa.Field, list[str]]:
+    """The id field and the kept input columns of the data shards; OutputError for a clash of names.
+
+    Needs no ``datasets``: ``batchrun validate`` checks the output's columns with this alone.
+    """
+    if id_column is None:
+        id_field = pa.field("id", pa.int64())
+    else:
+        if id_column not in input_schema.names:
+            raise OutputError(f"the id column {id_column!r} is not in the input (columns: {input_schema.names})")
+        id_field = input_schema.field(id_column)
+    if keep_columns is None:
+        kept_names = [name for name in input_schema.names if name != id_column]
+        if id_column is None and "id" in kept_names:
+            raise OutputError(
+                "the input has a column named 'id', which clashes with the generated id column; "
+                "set id_column: id to use it as the id, or list keep_columns without it"
+            )
+    else:
+        wanted = set(keep_columns)
+        kept_names = [name for name in input_schema.names if name in wanted and name != id_field.name]
+    taken = {id_field.name: "the id column"}
+    for name in kept_names:
+        taken[name] = "a kept input column"
+    for field in [*output_schema, *BOOKKEEPING_COLUMNS]:
+        if field.name in taken:
+            raise OutputError(
+                f"the output column {field.name!r} clashes with {taken[field.name]} of the same name; "
+                f"list keep_columns without {field.name!r}, or rename the input column"
+            )
+        taken[field.name] = "an output column"
+    return id_field, kept_names
+
+
 def build_data_schema(
     input_schema: pa.Schema,
     *,
@@ -79,40 +119,14 @@ def build_data_schema(
     ``keep_columns`` is assumed to name input columns: preflight checks that once and reports it as
     ``input.keep_columns``. A name clash between the columns is refused here.
     """
+    id_field, kept_names = data_columns(
+        input_schema, id_column=id_column, keep_columns=keep_columns, output_schema=output_schema
+    )
     input_features = features_dict(input_schema)
     output_features = features_dict(output_schema)
-
-    if id_column is None:
-        id_field = pa.field("id", pa.int64())
-        id_feature: dict[str, Any] = {"dtype": "int64", "_type": "Value"}
-    else:
-        if id_column not in input_schema.names:
-            raise OutputError(f"the id column {id_column!r} is not in the input (columns: {input_schema.names})")
-        id_field = input_schema.field(id_column)
-        id_feature = input_features[id_column]
-
-    if keep_columns is None:
-        kept_names = [name for name in input_schema.names if name != id_column]
-        if id_column is None and "id" in kept_names:
-            raise OutputError(
-                "the input has a column named 'id', which clashes with the generated id column; "
-                "set id_column: id to use it as the id, or list keep_columns without it"
-            )
-    else:
-        wanted = set(keep_columns)
-        kept_names = [name for name in input_schema.names if name in wanted and name != id_field.name]
-
-    taken = {id_field.name: "the id column"}
-    for name in kept_names:
-        taken[name] = "a kept input column"
-    for field in [*output_schema, *BOOKKEEPING_COLUMNS]:
-        if field.name in taken:
-            raise OutputError(
-                f"the output column {field.name!r} clashes with {taken[field.name]} of the same name; "
-                f"list keep_columns without {field.name!r}, or rename the input column"
-            )
-        taken[field.name] = "an output column"
-
+    id_feature: dict[str, Any] = (
+        {"dtype": "int64", "_type": "Value"} if id_column is None else input_features[id_column]
+    )
     fields = [id_field, *(input_schema.field(n) for n in kept_names), *output_schema, *BOOKKEEPING_COLUMNS]
     features = {id_field.name: id_feature}
     features.update({n: input_features[n] for n in kept_names})
