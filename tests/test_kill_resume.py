@@ -49,10 +49,11 @@ def _kill_and_resume(tmp_path: Path, kills: int, rows: int, seed: int) -> None:
         landed: list[tuple[int, int]] = []  # (rows awaited, rows committed when the kill had landed)
         for kill in range(kills):
             # Each kill waits for an observed point of the work: N rows committed in the manifest, N drawn
-            # between "this run committed something" and "half of what is left", so that it lands in the
-            # middle of the work on a slow machine and on a fast one alike.
+            # between "this run committed something" and a share of what is left that keeps work for every
+            # kill still to come, so that each lands in the middle of the work on a slow machine and on a
+            # fast one alike.
             before = committed_rows(out)
-            target = before + rng.randint(1, max(1, (rows - before) // 2))
+            target = before + rng.randint(1, max(1, (rows - before) // (kills - kill + 1)))
             log = tmp_path / f"kill-{kill}.stderr"
             with open(log, "w") as stderr:
                 proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
