@@ -23,6 +23,7 @@ from .errors import (
     OutputLockedError,
     SpecError,
 )
+from .lazy import lazy_attributes
 
 try:
     __version__ = _metadata.version("batchrun")
@@ -32,26 +33,16 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 # The runner pulls in aiohttp, pyarrow and datasets; load it on first use so that `batchrun --help`
 # and `import batchrun.errors` stay instant.
 _LAZY = {
-    "JobOutcome": "summary",
-    "JobSpec": "spec",
-    "RunOptions": "runner",
-    "load_spec": "spec",
-    "parse_spec": "spec",
-    "preflight": "preflight",
-    "read_status": "output",
-    "run_job": "runner",
+    "JobOutcome": "batchrun.summary",
+    "JobSpec": "batchrun.spec",
+    "RunOptions": "batchrun.runner",
+    "load_spec": "batchrun.spec",
+    "parse_spec": "batchrun.spec",
+    "preflight": "batchrun.preflight",
+    "read_status": "batchrun.output",
+    "run_job": "batchrun.runner",
 }
-
-
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batchrun' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(globals(), _LAZY)
 
 __all__ = [
     "AuthError",

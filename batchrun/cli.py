@@ -120,8 +120,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .cost import SpendLedger
-    from .output import read_lock, read_status
+    from .cost import Spent
+    from .output import OutputStore, read_lock, read_status
 
     spec = _load(args)
     root = Path(spec.output.path)
@@ -137,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  ok: {status.ok} rows in {status.data_shards} shard(s)")
     print(f"  failed: {status.failed} final, {status.failed_retryable} retryable (tried again on the next run)")
     _print_remaining(spec, status)
-    spent = SpendLedger(root).load()
+    spent = Spent.from_record(OutputStore(root).load_spend())
     if spent.runs:
         print(f"  spent: ${spent.usd:.4f} over {spent.runs} run(s) ({spent.replica_hours:.3f} replica-hours)"
               + (f" of budget.max_usd ${spec.budget.max_usd:g}" if spec.budget.max_usd is not None else ""))

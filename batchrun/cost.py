@@ -8,17 +8,14 @@ until it releases it (pause), which slightly over-counts a cold start and never 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from batchrun.stop import Stop, StopReason
 
-__all__ = ["BudgetGuard", "CostMeter", "SpendLedger", "Spent"]
+__all__ = ["BudgetGuard", "CostMeter", "Spent"]
 
 #: The share of a budget (or a deadline) kept back at most for the stop itself (drain, commit, pause).
 MARGIN_SHARE = 0.1
@@ -95,38 +92,25 @@ class CostMeter:
 
 @dataclass(frozen=True, slots=True)
 class Spent:
-    """What a job has spent over all its runs."""
+    """What a job has spent over all its runs (``state/spend.json``): a budget is per job, not per run
+    (reliability.md §3). A billing run saves it every few seconds, so a run killed with SIGKILL loses at
+    most those seconds from it."""
 
     usd: float = 0.0
     replica_hours: float = 0.0
     runs: int = 0
 
-
-class SpendLedger:
-    """A job's spending over all its runs, kept in its output (``state/spend.json``): a budget is per
-    job, not per run (reliability.md §3). Saved every few seconds while a run bills, so a run killed
-    with SIGKILL loses at most those seconds from the ledger."""
-
-    def __init__(self, output: str | Path) -> None:
-        self.path = Path(output) / "state" / "spend.json"
-
-    def load(self) -> Spent:
+    @classmethod
+    def from_record(cls, record: dict[str, Any] | None) -> Spent:
+        """Read back what :meth:`record` wrote; nothing (or something unreadable) is nothing spent."""
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            return Spent(usd=float(data["usd"]), replica_hours=float(data["replica_hours"]), runs=int(data["runs"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return Spent()
+            return cls(usd=float(record["usd"]), replica_hours=float(record["replica_hours"]),
+                       runs=int(record["runs"])) if record else cls()
+        except (KeyError, TypeError, ValueError):
+            return cls()
 
-    def save(self, spent: Spent) -> None:
-        """Replace the ledger atomically; a failure leaves the old one (the job goes on)."""
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"usd": spent.usd, "replica_hours": spent.replica_hours, "runs": spent.runs}))
-            os.replace(tmp, self.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+    def record(self) -> dict[str, Any]:
+        return {"usd": self.usd, "replica_hours": self.replica_hours, "runs": self.runs}
 
 
 class BudgetGuard:

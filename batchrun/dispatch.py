@@ -47,6 +47,7 @@ from batchrun.retry import (
     Verdict,
     classify,
     is_overload,
+    is_paused_answer,
     parse_retry_after,
 )
 from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
@@ -381,7 +382,7 @@ class Dispatcher:
             except RequestFailed:
                 self._count(FailureKind.BAD_BODY.value)
                 raise
-        if status == 400 and _is_paused_answer(payload):
+        if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
             # failure would lose it for good, so the whole job stops (resumable) instead.
             raise RequestFailed(_ENDPOINT_PAUSED, _server_message(status, payload), status=status, retryable=False)
@@ -497,15 +498,6 @@ def _is_unavailable(failure: RequestFailed) -> bool:
     if failure.status is not None:
         return failure.status in _UNAVAILABLE_STATUSES
     return failure.error_type in (FailureKind.CONNECTION.value, FailureKind.TIMEOUT.value)
-
-
-def _is_paused_answer(body: bytes) -> bool:
-    """The Inference Endpoints proxy's plain-text answer for a paused endpoint (protocol reference §3).
-
-    It is text, not TGI's JSON error, so it is recognised by its words, as huggingface_hub recognises
-    the control plane's "already running".
-    """
-    return b"endpoint is paused" in body[:512].lower()
 
 
 def _server_message(status: int, body: bytes) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchrun.cost import MARGIN_SHARE, SpendLedger, Spent
+from batchrun.cost import MARGIN_SHARE, Spent
 from batchrun.endpoints import Endpoint, EndpointCheck, open_endpoint
 from batchrun.errors import (
     AuthError,
@@ -85,7 +85,8 @@ async def preflight(
     from batchrun.output import OutputStore, data_columns
 
     source = await _open_input(spec)
-    _check_not_empty(spec, source.count())
+    count = source.count()
+    _check_not_empty(spec, count)
     _check_columns(spec, source)
     store = OutputStore(spec.output.path)
     await asyncio.to_thread(_check_output_folder, store)
@@ -98,7 +99,9 @@ async def preflight(
     data_columns(source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema)
     samples = await asyncio.to_thread(_render_first_rows, spec, source, task)
     token = _resolve_token(spec)
-    spent = SpendLedger(store.root).load() if stored is not None and not fresh else Spent()
+    spent = Spent()
+    if stored is not None and not fresh:
+        spent = Spent.from_record(await asyncio.to_thread(store.load_spend))
     # What remains within the guard's margin could not buy a run: it would stop as soon as it started.
     if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
         raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
@@ -107,8 +110,15 @@ async def preflight(
         spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0,
         run_number=runs_before + 1,
     )
-    check = await _check_endpoint(endpoint) if check_endpoint else None
+    # A job whose last run finished every row sends nothing and touches no endpoint, not even to ask
+    # what it serves (a url's GET /info would wake a scaled-to-zero endpoint); the model it recorded
+    # stays in its identity.
+    finished = stored is not None and not fresh and _finished(await asyncio.to_thread(store.load_summary), count)
+    check = await _check_endpoint(endpoint) if check_endpoint and not finished else None
     identity = _identity(spec, input_fingerprint, check)
+    if finished and stored is not None:
+        known = stored.get("identity") or {}
+        identity.update({key: known[key] for key in _KNOWN_ONLY if key in known})
     if stored is not None and not fresh:
         changed = compare_identity(stored.get("identity", {}), identity)
         if changed:
@@ -124,7 +134,7 @@ async def preflight(
         token=token,
         identity=identity,
         fingerprint=fingerprint(identity),
-        count=source.count(),
+        count=count,
         samples=samples,
         endpoint_check=check,
         stored_job=stored,
@@ -137,6 +147,16 @@ async def _open_input(spec: JobSpec) -> Source:
         return await asyncio.to_thread(open_source, spec.input)
     except InputError as exc:
         raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
+
+
+def _finished(summary: dict[str, Any] | None, count: int | None) -> bool:
+    """Whether the last run's summary says every row of ``count`` has its final record."""
+    rows = (summary or {}).get("rows") or {}
+    try:
+        done = int(rows["total_ok"]) + int(rows["total_failed"])
+        return count is not None and not rows["total_failed_retryable"] and done >= count
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _check_not_empty(spec: JobSpec, count: int | None) -> None:

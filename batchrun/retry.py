@@ -31,6 +31,7 @@ __all__ = [
     "Verdict",
     "classify",
     "is_overload",
+    "is_paused_answer",
     "parse_retry_after",
 ]
 
@@ -83,6 +84,15 @@ def is_overload(failure: RequestFailed) -> bool:
     These shrink the adaptive concurrency limit; other failures say nothing about load.
     """
     return failure.status in _OVERLOAD_STATUSES or failure.error_type == FailureKind.TIMEOUT.value
+
+
+def is_paused_answer(body: bytes) -> bool:
+    """The Inference Endpoints proxy's plain-text answer for a paused endpoint (protocols.md §3).
+
+    It is text, not TGI's JSON error, so it is recognised by its words, as huggingface_hub recognises
+    the control plane's "already running". Not the row's fault: the endpoint itself is paused.
+    """
+    return b"endpoint is paused" in body[:512].lower()
 
 
 def parse_retry_after(value: str | None, now: float, *, maximum: float) -> float | None:

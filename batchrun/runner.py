@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchrun.committer import Committer, finish_in_thread
-from batchrun.cost import BudgetGuard, CostMeter, SpendLedger, Spent
+from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
 from batchrun.errors import (
@@ -199,12 +199,18 @@ def _spent_so_far(pre: Preflight, meter: CostMeter) -> Spent:
 
 
 async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:
-    """While the run bills, its spending joins the job's ledger every few seconds (a budget is per job)."""
-    ledger = SpendLedger(pre.spec.output.path)
+    """While the run bills, its spending joins the job's ledger every few seconds (a budget is per job).
+
+    A ledger that cannot be written now (a full disk) is written again at the next turn and at the end.
+    """
+    from batchrun.output import OutputStore
+
+    store = OutputStore(pre.spec.output.path)
     while True:
         await asyncio.sleep(LEDGER_EVERY_S)
         if meter.replica_seconds:
-            await asyncio.to_thread(ledger.save, _spent_so_far(pre, meter))
+            with contextlib.suppress(OutputError):
+                await asyncio.to_thread(store.save_spend, _spent_so_far(pre, meter).record())
 
 
 async def _stop_on_error(work: Any, stop: Stop) -> None:
@@ -322,14 +328,14 @@ async def _pending_rows(pre: Preflight, done: Any, stop: Stop) -> AsyncIterator[
 # --------------------------------------------------------------------------- the summary
 
 
-@dataclass(frozen=True, slots=True)
 class _Started:
-    wall: float
-    monotonic: float
+    """When the run started, on the wall clock (for people) and the monotonic one (for durations)."""
+
+    __slots__ = ("monotonic", "wall")
 
     def __init__(self) -> None:
-        object.__setattr__(self, "wall", time.time())
-        object.__setattr__(self, "monotonic", time.monotonic())
+        self.wall = time.time()
+        self.monotonic = time.monotonic()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.monotonic
@@ -349,7 +355,7 @@ async def _summarize(
     cost: dict[str, Any] = {}
     if meter.replica_seconds and pre.spec.endpoint.url is None:
         job = _spent_so_far(pre, meter)
-        await asyncio.to_thread(SpendLedger(store.root).save, job)
+        await asyncio.to_thread(store.save_spend, job.record())
         cost = {"replica_hours": round(meter.replica_seconds / 3600, 6), "usd": meter.usd,
                 "job_usd": job.usd if meter.usd is not None else None, "job_replica_hours": round(job.replica_hours, 6)}
     rows = {

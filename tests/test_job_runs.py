@@ -87,6 +87,19 @@ def test_rerunning_a_finished_job_sends_nothing(tmp_path, monkeypatch):
     assert sorted(read_ids(tmp_path / "out" / "job" / "data")) == [f"row-{i:05d}" for i in range(50)]
 
 
+def test_rerunning_a_finished_job_does_not_ask_the_endpoint_anything(tmp_path, monkeypatch):
+    # Not even GET /info: a url in front of a scaled-to-zero endpoint would wake up and bill for it.
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(running_endpoint(model_id="org/model-a")) as emu:
+        spec = _url_job(tmp_path, emu, n=20)
+        first, _ = run(spec)
+    assert first.exit_code == 0
+    again, lines = run(spec)  # the server is gone now: any request would fail
+    assert again.exit_code == 0 and any("nothing to do" in line for line in lines)
+    job = json.loads((tmp_path / "out" / "job" / "state" / "job.json").read_text())
+    assert job["identity"]["model"] == "org/model-a"  # what the first run learned is kept
+
+
 def test_a_changed_template_is_refused_and_fresh_sets_the_old_output_aside(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with emulator(running_endpoint()) as emu:
@@ -314,9 +327,10 @@ def test_an_endpoint_serving_another_model_is_refused_on_resume(tmp_path, monkey
     with emulator(running_endpoint(initial_state="paused")) as emu:
         input_path = write_topics(tmp_path / "in" / "t.parquet", 10)
         endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url}
-        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path)
-        first, _ = run(spec)
+        # The first run does half the rows (a limit is not part of the job's identity); the second resumes.
+        first, _ = run(write_spec(tmp_path, endpoint=endpoint, input_path=input_path, input={"limit": 5}))
         assert first.exit_code == 0
+        spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path)
         monkeypatch.setattr(constants, "INFERENCE_ENDPOINTS_ENDPOINT", emu.api_url)
         HfApi().update_inference_endpoint("gen", namespace=NS, repository="other/model", token=TOKEN)
         with pytest.raises(ConfigMismatchError) as refused:
@@ -536,7 +550,8 @@ def test_a_server_that_stops_answering_mid_run_stops_the_job_with_its_rows_pendi
 def test_a_url_endpoint_serving_another_model_is_refused_on_resume_and_files_name_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with emulator(running_endpoint(model_id="org/model-a")) as first_server:
-        spec = _url_job(tmp_path, first_server, n=20, output={"shard_rows": 5})
+        # Half the rows now (a limit is not part of the job's identity), so that the next run resumes.
+        spec = _url_job(tmp_path, first_server, n=20, output={"shard_rows": 5}, input={"limit": 10})
         outcome, _ = run(spec)
         assert outcome.exit_code == 0
     assert outcome.summary["endpoint"]["model"] == "org/model-a"

@@ -15,6 +15,7 @@ from batchrun.emulator.config import (
     default_endpoints,
     load_emulator_config,
 )
+from batchrun.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from batchrun.emulator.server import Emulator, EmulatorThread, describe, serve
@@ -23,24 +24,13 @@ if TYPE_CHECKING:
 # The servers pull in aiohttp's web stack; a job that only checks an `endpoint.local` block (batchrun
 # validate) needs the config alone, so they load on first use.
 _LAZY = {
-    "Emulator": "server",
-    "EmulatorThread": "server",
-    "describe": "server",
-    "serve": "server",
-    "EndpointState": "state",
+    "Emulator": "batchrun.emulator.server",
+    "EmulatorThread": "batchrun.emulator.server",
+    "describe": "batchrun.emulator.server",
+    "serve": "batchrun.emulator.server",
+    "EndpointState": "batchrun.emulator.state",
 }
-
-
-def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'batchrun.emulator' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"batchrun.emulator.{module}"), name)
-    globals()[name] = value
-    return value
-
+__getattr__ = lazy_attributes(globals(), _LAZY)
 
 __all__ = [
     "Emulator",

@@ -14,6 +14,7 @@ from typing import Any
 from batchrun.cost import CostMeter
 from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
+from batchrun.retry import is_paused_answer
 
 __all__ = ["UrlEndpoint"]
 
@@ -67,7 +68,7 @@ class UrlEndpoint:
                 "or run `hf auth login`",
                 status=status,
             )
-        if status == 400 and b"endpoint is paused" in body[:512].lower():
+        if status == 400 and is_paused_answer(body):
             raise EndpointUnusableError(
                 f"the endpoint at {self.ref} is paused: resume it (for a Dedicated endpoint, `batchrun endpoint "
                 "resume NAME --namespace NS`, or let batchrun manage it with endpoint.name), then run the job again"

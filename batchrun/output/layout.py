@@ -108,6 +108,14 @@ class OutputStore:
         """Save the run's summary atomically. Secrets are scrubbed."""
         self._save_state_file("summary.json", summary)
 
+    def load_spend(self) -> dict | None:
+        """What the job spent over its runs (see ``batchrun.cost.Spent``), or None."""
+        return read_json(self.state_dir / "spend.json")
+
+    def save_spend(self, spend: dict) -> None:
+        """Save the job's spending atomically."""
+        self._save_state_file("spend.json", spend)
+
     def _save_state_file(self, name: str, value: dict) -> None:
         path = self.state_dir / name
         try:

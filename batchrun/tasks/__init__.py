@@ -27,6 +27,7 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from batchrun.lazy import lazy_attributes
 from batchrun.task_kinds import TASK_KINDS, TaskKind, task_kind
 from batchrun.tasks.base import (
     PreparedRequest,
@@ -124,10 +125,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(globals(), _LAZY)
