@@ -4,8 +4,9 @@ Without it, an outage costs a multiple of its length: first attempts keep going 
 each row fails once, and the retries then trickle out at the retry budget's floor long after the
 endpoint is back. With it (reliability.md §2):
 
-    CLOSED     requests flow. When most of the recent outcomes say "unavailable" (503, 500, 502, 504,
-               a refused or reset connection, a timeout), or the last few in a row do, the breaker opens.
+    CLOSED     requests flow. When most of the recent outcomes say "unavailable" (a 500, 502, 503 or
+               504 that is not the model server's own JSON error, a refused or reset connection, a
+               timeout), or the last few in a row do, the breaker opens.
     OPEN       nothing is sent; rows that failed meanwhile keep their attempts. Every ``probe_s``
                (growing up to ``max_probe_s``) one request may go out: HALF_OPEN.
     HALF_OPEN  one probe is on the wire. Its success closes the breaker; its failure opens it again.

@@ -382,19 +382,21 @@ class Dispatcher:
             except RequestFailed:
                 self._count(FailureKind.BAD_BODY.value)
                 raise
+        message, model_answered = _server_message(status, payload)
         if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
             # failure would lose it for good, so the whole job stops (resumable) instead.
-            raise RequestFailed(_ENDPOINT_PAUSED, _server_message(status, payload), status=status, retryable=False)
+            raise RequestFailed(_ENDPOINT_PAUSED, message, status=status, retryable=False)
         retry_after = parse_retry_after(
             headers.get("Retry-After"), time.time(), maximum=self.config.policy.max_retry_after
         )
         raise RequestFailed(
             f"http_{status}",
-            _server_message(status, payload),
+            message,
             status=status,
             retryable=verdict is Verdict.RETRY,
             retry_after=retry_after,
+            model_answered=model_answered,
         )
 
     async def _wait_to_retry(self, delay: float, *, spend_budget: bool = True) -> None:
@@ -495,21 +497,29 @@ _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
 
 
 def _is_unavailable(failure: RequestFailed) -> bool:
+    if failure.model_answered:
+        # TGI's own JSON error (a 500 ``incomplete_generation``): the model ran and failed on this row.
+        # Taking it for an outage would let a few such rows at the end of a job hold the breaker open,
+        # each probe failing again, until the outage timeout.
+        return False
     if failure.status is not None:
         return failure.status in _UNAVAILABLE_STATUSES
     return failure.error_type in (FailureKind.CONNECTION.value, FailureKind.TIMEOUT.value)
 
 
-def _server_message(status: int, body: bytes) -> str:
-    """A readable, redacted, bounded message from an error answer (TGI's JSON error, or raw text)."""
+def _server_message(status: int, body: bytes) -> tuple[str, bool]:
+    """A readable, redacted, bounded message from an error answer (TGI's JSON error, or raw text), and
+    whether the answer was the model server's own JSON error rather than a proxy's text."""
     text = body[:4096].decode("utf-8", "replace")
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
         doc = None
+    model_answered = False
     if isinstance(doc, dict) and "error" in doc:
+        model_answered = True
         text = str(doc["error"])
         if doc.get("error_type"):
             text = f"{doc['error_type']}: {text}"
     text = text.strip() or "(empty body)"
-    return redact(f"HTTP {status}: {text}")[:_MAX_MESSAGE_CHARS]
+    return redact(f"HTTP {status}: {text}")[:_MAX_MESSAGE_CHARS], model_answered

@@ -180,7 +180,9 @@ class RequestFailed(BatchrunError):
     ``error_type`` is a short stable name (``http_429``, ``timeout``, ``connection``, ``bad_body``,
     ``validation`` ...); ``status`` is the HTTP status when there was one; ``retry_after`` is the
     server's Retry-After in seconds, already parsed; ``retryable`` is the fixed classification of
-    reliability.md §2.
+    reliability.md §2. ``model_answered`` says the model server itself answered with its JSON error
+    (``{"error": ...}``), as opposed to a proxy's page or no answer at all: the endpoint is up, and
+    the failure is this row's, not an outage.
     """
 
     def __init__(
@@ -191,12 +193,14 @@ class RequestFailed(BatchrunError):
         status: int | None = None,
         retryable: bool,
         retry_after: float | None = None,
+        model_answered: bool = False,
     ) -> None:
         self.error_type = error_type
         self.message = redact(message)
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
+        self.model_answered = model_answered
         super().__init__(self.message)
 
     def __repr__(self) -> str:

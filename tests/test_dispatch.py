@@ -318,6 +318,35 @@ def test_a_hung_server_cannot_hang_the_job_and_its_rows_are_not_written_off() ->
     assert asyncio.run(main()) == []  # every row stays pending for the next run
 
 
+def test_rows_the_model_fails_on_are_failures_not_an_outage_even_when_nothing_else_is_left() -> None:
+    # Eight rows whose every request gets TGI's own 500: the model ran and failed on them. Taken for an
+    # outage, they would hold the breaker open (each probe failing again) until the outage timeout, and
+    # the job would stop with them pending, to fail the same way on every run.
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if prompt.startswith("poison"):
+            return tgi_error(500, "Incomplete generation", "incomplete_generation")
+        return ok(prompt)
+
+    prompts = [f"poison:{i}" for i in range(8)] + [f"fine:{i}" for i in range(4)]
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, retry_budget_ratio=1.0, outage_timeout_s=2.0)
+            await asyncio.wait_for(d.run(rows_of(prompts)), 30)
+            assert d.breaker.trips == 0
+        return records
+
+    got = by_id(asyncio.run(main()))
+    assert len(got) == len(prompts)
+    for i, prompt in enumerate(prompts):
+        record = got[f"id-{i}"]
+        if prompt.startswith("poison"):
+            assert isinstance(record, RowFailure) and record.status == 500 and record.attempts == 3
+        else:
+            assert isinstance(record, RowResult)
+
+
 def test_a_server_that_refuses_connections_stops_the_run_with_its_rows_pending() -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
