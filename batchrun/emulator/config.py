@@ -80,6 +80,9 @@ class Faults:
     # 200 answers that must not be trusted.
     rate_error_body: float = 0.0  # 200 whose JSON body is a TGI error object
     rate_truncated: float = 0.0  # 200 whose body is cut in half (Content-Length matches the cut)
+    # A request with a json grammar (or response_format) is answered with broken JSON, or JSON that
+    # breaks the schema; other requests are answered as usual.
+    rate_invalid_json: float = 0.0
     retry_after_s: float = 1.0  # the value sent in Retry-After for rate_429
     hang_s: float = 300.0
     seed: int = 0

@@ -163,7 +163,8 @@ class EndpointServer:
                 status = refusal.status
                 return refusal.to_response()
             fault = self.dice.draw(body)
-            if fault is not None and fault not in ("error_body", "truncated"):
+            request[_FAULT] = fault
+            if fault is not None and fault not in _LATE_FAULTS:
                 # The model never sees this request, so its prompt is counted here (the model counts the rest).
                 self._count_prompt(body)
                 if fault in ("reset", "hang"):
@@ -193,7 +194,7 @@ class EndpointServer:
 
     async def _early_fault(self, request: web.Request, fault: str) -> Reply | None:
         """The answer of a fault that strikes before the model runs; None for the others (and after a reset)."""
-        if fault in ("error_body", "truncated"):
+        if fault in _LATE_FAULTS:
             return None
         text_to_image = self.config.task == "text-to-image"
         if fault in ("429", "429_no_retry_after"):
@@ -262,6 +263,7 @@ class EndpointServer:
                 prepared = await self.tgi.prepare_generate(payload)
         except Invalid as invalid:
             return invalid.reply
+        prepared.broken = request.get(_FAULT) == "invalid_json"
         self.stats.prompt(prepared.prompt)
         capacity = self.state.ready_replicas * self.config.max_concurrent_requests
         if self.admitted >= capacity:
@@ -338,6 +340,11 @@ class EndpointServer:
         reply = refusal if refusal is not None else make()
         self.stats.count_only(route, reply.status)
         return reply.to_response()
+
+
+_FAULT = web.RequestKey("batchrun_fault", object)  # the fault drawn for a request, for the model to see
+# Faults that strike after the model ran: the answer is spoilt, not replaced.
+_LATE_FAULTS = ("error_body", "truncated", "invalid_json")
 
 
 def _reset_connection(request: web.Request) -> None:

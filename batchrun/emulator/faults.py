@@ -16,7 +16,9 @@ from collections.abc import Callable
 
 from batchrun.emulator.config import Episode, Faults
 
-FAULT_KINDS = ("429", "429_no_retry_after", "500", "502", "503", "504", "reset", "hang", "error_body", "truncated")
+# New kinds go at the end, so the draws of existing configurations stay the same.
+FAULT_KINDS = ("429", "429_no_retry_after", "500", "502", "503", "504", "reset", "hang", "error_body", "truncated",
+               "invalid_json")
 
 
 class FaultDice:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from PIL import Image
 
-from batchrun.emulator import textgen, vision
+from batchrun.emulator import schema_docs, textgen, vision
 from batchrun.emulator.config import EndpointConfig
 from batchrun.emulator.replies import Reply, json_reply, text_reply, tgi_error
 
@@ -58,6 +59,8 @@ class Prepared:
     stop: list[str]
     seed: int | None
     sampling: dict
+    schema: dict | bool | None = None  # the JSON Schema of a ``json`` grammar: the answer is a document
+    broken: bool = False  # the ``invalid_json`` fault: the answer breaks the schema
 
 
 class TgiModel:
@@ -109,7 +112,9 @@ class TgiModel:
                 prefix = _split_words(vision.describe(images))
                 text = vision.MARKDOWN_IMAGE.sub("", inputs)
         input_tokens = textgen.count_tokens(text) + IMAGE_TOKENS * image_count
-        return self._limits(inputs, prefix, input_tokens, parameters.get("max_new_tokens"), parameters)
+        prepared = self._limits(inputs, prefix, input_tokens, parameters.get("max_new_tokens"), parameters)
+        prepared.schema = _grammar_schema(parameters.get("grammar"), "parameters.grammar")
+        return prepared
 
     async def prepare_chat(self, payload: dict) -> Prepared:
         """Validate a /v1/chat/completions body."""
@@ -149,7 +154,10 @@ class TgiModel:
         prefix = _split_words(vision.describe(images)) if images else []
         input_tokens = textgen.count_tokens(prompt) + IMAGE_TOKENS * len(images)
         parameters = {key: payload.get(key) for key in ("temperature", "top_p", "seed", "stop", "frequency_penalty")}
-        return self._limits(prompt, prefix, input_tokens, payload.get("max_tokens"), parameters)
+        parameters["grammar"] = payload.get("response_format")  # it shapes the answer, so it seeds it too
+        prepared = self._limits(prompt, prefix, input_tokens, payload.get("max_tokens"), parameters)
+        prepared.schema = _grammar_schema(payload.get("response_format"), "response_format")
+        return prepared
 
     async def _image(self, url: str) -> Image.Image:
         try:
@@ -196,6 +204,15 @@ class TgiModel:
         # The endpoint's own seed plays the part of its weights: two endpoints answer differently.
         sampling = {**prepared.sampling, "endpoint_seed": self.config.seed} if self.config.seed else prepared.sampling
         seed = textgen.stream_seed(prepared.prompt, prepared.seed, sampling)
+        if prepared.schema is not None:
+            # A json grammar: the answer is a document valid against the schema (or, under the
+            # invalid_json fault, one that is not), cut by max_new_tokens like any generation.
+            rng = random.Random(seed)
+            draw = schema_docs.violation if prepared.broken else schema_docs.document
+            text = draw(prepared.schema, rng)
+            text = text if isinstance(text, str) and prepared.broken else json.dumps(text)
+            return textgen.generate(iter(_JSON_TOKEN.findall(text)), max_new_tokens=prepared.max_new_tokens,
+                                    stop=prepared.stop)
         words = textgen.word_stream(seed)
         if prepared.prefix_tokens:
             words = _chain(prepared.prefix_tokens, (" " + w.lstrip() if w != "." else w for w in words))
@@ -326,6 +343,38 @@ class TgiModel:
             "max_total_tokens": cfg.max_total_tokens, "validation_workers": 2, "max_client_batch_size": 4,
             "router": "text-generation-router", "version": TGI_VERSION, "sha": TGI_SHA, "docker_label": None,
         }
+
+
+_JSON_TOKEN = re.compile(r"\w+|\W", re.DOTALL)
+_JSON_GRAMMARS = ("json", "json_object", "json_schema")
+
+
+def _grammar_schema(grammar: object, field: str) -> dict | bool | None:
+    """The JSON Schema a TGI grammar or chat ``response_format`` asks for; None for none (or a regex).
+
+    TGI's shape is ``{"type": "json", "value": SCHEMA}`` (``json_object`` is an alias); ``json_schema``
+    takes ``{"name": ..., "schema": SCHEMA}`` as its value, or OpenAI's ``"json_schema"`` key.
+    """
+    if grammar is None:
+        return None
+    if not isinstance(grammar, dict) or not isinstance(grammar.get("type"), str):
+        raise Invalid(text_reply(422, "Failed to deserialize the JSON body into the target type: "
+                                      f"{field}: missing field `type`"))
+    kind = grammar["type"]
+    if kind == "regex":
+        return None  # not emulated: the answer is the usual words
+    if kind not in _JSON_GRAMMARS:
+        raise Invalid(text_reply(422, "Failed to deserialize the JSON body into the target type: "
+                                      f"{field}.type: unknown variant `{kind}`, expected one of `json`, "
+                                      "`json_object`, `json_schema`, `regex`"))
+    value = grammar.get("value", grammar.get("json_schema"))
+    if kind == "json_schema" and isinstance(value, dict) and "schema" in value:
+        value = value["schema"]
+    if value is None and kind == "json_object":
+        return {"type": "object"}  # JSON mode without a schema: any object
+    if not isinstance(value, (dict, bool)):
+        raise _validation(f"{field}: the grammar's value must be a JSON Schema object")
+    return value
 
 
 def chat_prompt(messages: list) -> str:
