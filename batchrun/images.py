@@ -110,13 +110,16 @@ def image_value(data: bytes, *, path: str | None = None) -> dict[str, Any]:
     return {"bytes": data, "path": path}
 
 
-def derive_seed(row_id: Any, job_seed: int = 0) -> int:
+def derive_seed(row_id: Any, job_seed: int = 0, *draw: int | str) -> int:
     """A seed in ``[0, 2**31 - 1]`` for a row without one: the same for the same id in every process.
 
     Built from SHA-256 of the id's text, not ``hash()``, which is salted per process for strings.
-    ``job_seed`` lets two jobs over the same ids draw different pictures.
+    ``job_seed`` lets two jobs over the same ids draw different pictures. ``draw`` tells apart the
+    draws of one row (a sample index, a try after an invalid answer); with none, the seed is the one
+    a row has always had.
     """
-    digest = hashlib.sha256(f"{job_seed}:{row_id}".encode()).digest()
+    material = ":".join([str(job_seed), str(row_id), *(str(part) for part in draw)])
+    digest = hashlib.sha256(material.encode()).digest()
     return int.from_bytes(digest[:8], "big") & _SEED_MAX
 
 

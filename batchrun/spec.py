@@ -122,6 +122,7 @@ class PromptSpec:
     column: str | None = None
     system: str | None = None
     image_column: str | None = None
+    schema_column: str | None = None  # a column holding each row's JSON Schema (structured output)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -218,6 +219,9 @@ class RetrySpec:
     backoff_cap: float = 30.0
     max_retry_after: float = 120.0
     budget_ratio: float = 0.1
+    # More tries for an answer that is not valid against the output schema, each with a fresh seed.
+    # They count apart from max_attempts, which is for transport failures.
+    invalid_output: int = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,6 +252,8 @@ class JobSpec:
     failure_threshold: float | None = None
     output: OutputSpec
     image: ImageSpec | None = None  # set for the image tasks only
+    # Structured output: the JSON Schema every answer must follow (loaded and checked; see structured.py).
+    output_schema: Mapping[str, Any] | None = None
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -288,6 +294,11 @@ class JobSpec:
         elif self.task == "image-text-to-text" and self.image is not None:
             identity["prompt"]["image_column"] = self.prompt.image_column
             identity["image"] = {"max_side": self.image.max_side}
+        # Only when set, so the outputs of jobs without structured output keep their identity.
+        if self.output_schema is not None:
+            identity["output_schema"] = dict(self.output_schema)
+        if self.prompt.schema_column is not None:
+            identity["prompt"]["schema_column"] = self.prompt.schema_column
         return identity
 
 
@@ -471,6 +482,7 @@ class _Parser:
         task = kind.name
         prompt = self.prompt(data["prompt"], kind)
         parameters = self.parameters(data.get("parameters"), kind)
+        output_schema = self.output_schema(data.get("output_schema"), kind, prompt, parameters)
         output = self.output(data.get("output"), name)
         return JobSpec(
             name=name,
@@ -487,6 +499,7 @@ class _Parser:
             failure_threshold=self.fraction(data, "failure_threshold", default=_default(JobSpec, "failure_threshold")),
             output=output,
             image=self.image(data.get("image"), kind),
+            output_schema=output_schema,
             file=self.file,
             raw=data,
         )
@@ -525,6 +538,32 @@ class _Parser:
                     f"{'remove it' if own in data else 'rename it'}",
                 )
         return dict(data)
+
+    def output_schema(
+        self, data: Any, kind: TaskKind, prompt: PromptSpec, parameters: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The job's JSON Schema, checked against its metaschema now: a bad schema costs nothing."""
+        from batchrun.structured import SchemaProblem, load_schema
+
+        wanted = "output_schema" if data is not None else "prompt.schema_column" if prompt.schema_column else None
+        if wanted is None:
+            return None
+        if kind.schema_parameter is None:
+            owners = ", ".join(k.name for k in TASK_KINDS.values() if k.schema_parameter)
+            raise self.error(wanted, f"structured output applies to tasks {owners}, not {kind.name}")
+        if data is not None and prompt.schema_column is not None:
+            raise self.error("output_schema", "give one schema for the job or prompt.schema_column, not both")
+        if kind.schema_parameter in parameters:
+            raise self.error(
+                f"parameters.{kind.schema_parameter}",
+                f"is set by batchrun from {wanted} for task {kind.name}; remove it",
+            )
+        if data is None:
+            return None
+        try:
+            return load_schema(data)
+        except SchemaProblem as problem:
+            raise self.error("output_schema", str(problem)) from None
 
     def input(self, data: Any) -> InputSpec:
         data = self.section(data, "input", _INPUT_KEYS)
@@ -611,6 +650,7 @@ class _Parser:
             owners = " and ".join(k.name for k in TASK_KINDS.values() if k.takes_system)
             raise self.error("prompt.system", f"only applies to tasks {owners}, not {kind.name}")
         image_column = self.string(data, "image_column", prefix="prompt.", default=None)
+        schema_column = self.string(data, "schema_column", prefix="prompt.", default=None)
         if kind.image_column == "required" and image_column is None:
             raise self.error(
                 "prompt.image_column", f"is required for task {kind.name} (the input column holding the image)"
@@ -618,7 +658,9 @@ class _Parser:
         if kind.image_column == "forbidden" and image_column is not None:
             owners = " and ".join(k.name for k in TASK_KINDS.values() if k.image_column == "required")
             raise self.error("prompt.image_column", f"only applies to task {owners}, not {kind.name}")
-        return PromptSpec(template=template, column=column, system=system, image_column=image_column)
+        return PromptSpec(
+            template=template, column=column, system=system, image_column=image_column, schema_column=schema_column
+        )
 
     def image(self, data: Any, kind: TaskKind) -> ImageSpec | None:
         task = kind.name
@@ -793,6 +835,7 @@ class _Parser:
                 data, "max_retry_after", prefix=p, default=defaults.max_retry_after, minimum=0.0
             ),
             budget_ratio=self.fraction(data, "budget_ratio", prefix=p, default=defaults.budget_ratio),
+            invalid_output=self.integer(data, "invalid_output", prefix=p, default=defaults.invalid_output, minimum=0),
         )
 
     def output(self, data: Any, job_name: str) -> OutputSpec:

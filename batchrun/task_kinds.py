@@ -36,6 +36,9 @@ class TaskKind:
     """Parameters batchrun sets itself on every request; the spec may not set them."""
     implementation: str
     """``module:Class`` of the task class, imported when a task is built."""
+    schema_parameter: str | None = None
+    """Where the route takes a JSON Schema for structured output (TGI's ``grammar`` on ``/generate``,
+    ``response_format`` on the chat route); None when the task has no structured output."""
 
 
 TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
@@ -53,6 +56,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter="max_new_tokens",
                 reserved_parameters=("details",),  # details=true carries finish_reason and token counts
                 implementation="batchrun.tasks.text:TextGenerationTask",
+                schema_parameter="grammar",
             ),
             TaskKind(
                 name="chat-completion",
@@ -65,6 +69,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter="max_tokens",
                 reserved_parameters=("messages",),
                 implementation="batchrun.tasks.text:ChatCompletionTask",
+                schema_parameter="response_format",
             ),
             TaskKind(
                 name="text-to-image",
@@ -89,6 +94,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter="max_tokens",
                 reserved_parameters=("messages",),
                 implementation="batchrun.tasks.vision:VisionChatTask",
+                schema_parameter="response_format",
             ),
         )
     }

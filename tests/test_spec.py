@@ -179,7 +179,7 @@ def test_config_objects_are_frozen_keyword_only_and_readable():
         spec.name = "other"
     with pytest.raises(TypeError):
         type(spec.retries)(5)  # positional arguments are refused
-    assert repr(spec.retries) == "RetrySpec(max_attempts=5, backoff_base=0.5, backoff_cap=30.0, max_retry_after=120.0, budget_ratio=0.1)"
+    assert repr(spec.retries) == "RetrySpec(max_attempts=5, backoff_base=0.5, backoff_cap=30.0, max_retry_after=120.0, budget_ratio=0.1, invalid_output=2)"
     assert "raw=" not in repr(spec)
 
 

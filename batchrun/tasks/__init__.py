@@ -19,6 +19,7 @@ must stay fast. The task classes and output schemas load on first use.
     text.py            TextGenerationTask, ChatCompletionTask, OUTPUT_SCHEMA
     vision.py          VisionChatTask, VISION_OUTPUT_SCHEMA
     text_to_image.py   TextToImageTask
+    structured.py      StructuredTask: a text task whose answers follow a JSON Schema
 """
 
 from __future__ import annotations
@@ -78,6 +79,16 @@ def make_task(spec: JobSpec | str, **legacy: Any) -> Task:
     module_name, class_name = task_kind(spec.task).implementation.split(":")
     task_class = getattr(importlib.import_module(module_name), class_name)
     task: Task = task_class.from_spec(spec)
+    if spec.output_schema is not None or spec.prompt.schema_column is not None:
+        from batchrun.structured import OutputSchema
+        from batchrun.tasks.structured import StructuredTask
+
+        seed = spec.parameters.get("seed")
+        schema = OutputSchema(
+            schema=dict(spec.output_schema) if spec.output_schema is not None else None,
+            per_row=spec.prompt.schema_column,
+        )
+        task = StructuredTask(task, schema, job_seed=seed if isinstance(seed, int) else None)
     return task
 
 

@@ -42,13 +42,15 @@ class PreparedRequest:
     ``headers`` are sent with this request only (text-to-image's ``Accept``). ``outputs`` are output
     columns already known before sending (the seed a row was drawn with, whether its image was
     downsized); the dispatcher adds them to what :meth:`Task.parse` reads from the answer, so a
-    task's parse never needs to know which row it is reading.
+    task's parse never needs to know which row it is reading. ``answer_schema`` is the JSON Schema
+    the answer must follow (structured output), or None.
     """
 
     path: str
     payload: dict[str, Any]
     headers: Mapping[str, str] = field(default_factory=dict)
     outputs: Mapping[str, Any] = field(default_factory=dict)
+    answer_schema: Mapping[str, Any] | None = None
 
 
 class Task(Protocol):

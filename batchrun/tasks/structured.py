@@ -1,0 +1,84 @@
+"""Structured output around a text task: the schema goes out with every request, and answers are read.
+
+:class:`StructuredTask` wraps the job's text task (text generation, chat, vision chat). Its
+requests carry the row's JSON Schema the way the route takes it (docs/structured-output.md):
+
+    text-generation      "parameters": {"grammar": {"type": "json", "value": SCHEMA}}
+    chat / vision chat   "response_format": {"type": "json_object", "value": SCHEMA}
+
+:meth:`StructuredTask.read` turns an answer's ``generated_text`` into the ``parsed`` column, or
+raises :class:`~batchrun.structured.InvalidAnswer`; the dispatcher then asks :meth:`redraw` for the
+same request with a fresh seed (derived from the job's seed, the row id and the try), up to
+``retries.invalid_output`` times. Retrying lives in the dispatcher alone (reliability.md §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from batchrun.errors import RequestFailed
+from batchrun.images import derive_seed
+from batchrun.structured import InvalidAnswer, OutputSchema
+from batchrun.task_kinds import task_kind
+from batchrun.tasks.base import PreparedRequest, Task
+
+if TYPE_CHECKING:
+    from batchrun.records import Row
+
+__all__ = ["StructuredTask"]
+
+
+class StructuredTask:
+    """``inner`` with a JSON Schema on every request and a ``parsed`` output column."""
+
+    def __init__(self, inner: Task, schema: OutputSchema, *, job_seed: int | None = None) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.kind = task_kind(inner.name)
+        if self.kind.schema_parameter is None:
+            raise ValueError(f"task {inner.name} has no structured output")
+        self.schema = schema
+        self.job_seed = job_seed
+        self.output_schema: pa.Schema = inner.output_schema.append(schema.column)
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The inner task's request for ``row``, with the row's schema where the route takes it."""
+        request = self.inner.prepare(row)
+        try:
+            schema = self.schema.schema_of(row.columns)
+        except InvalidAnswer as problem:  # a row's own schema column holds no usable schema
+            raise RequestFailed("bad_schema", str(problem), retryable=False) from None
+        payload = dict(request.payload)
+        if self.kind.schema_parameter == "grammar":
+            payload["parameters"] = {**payload.get("parameters", {}), "grammar": {"type": "json", "value": schema}}
+        else:
+            payload["response_format"] = {"type": "json_object", "value": schema}
+        return PreparedRequest(request.path, payload, request.headers, request.outputs, answer_schema=schema)
+
+    def redraw(self, request: PreparedRequest, row: Row, attempt: int) -> PreparedRequest:
+        """``request`` again with a fresh seed for the ``attempt``-th try after an invalid answer."""
+        seed = derive_seed(row.id, self.job_seed or 0, "invalid", attempt)
+        payload = dict(request.payload)
+        if self.kind.schema_parameter == "grammar":
+            payload["parameters"] = {**payload["parameters"], "seed": seed}
+        else:
+            payload["seed"] = seed
+        return PreparedRequest(request.path, payload, request.headers, request.outputs, request.answer_schema)
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """The inner task's columns; :meth:`read` adds ``parsed``."""
+        return self.inner.parse(status, headers, body)
+
+    def read(self, request: PreparedRequest, outcome: dict[str, Any]) -> dict[str, Any]:
+        """``outcome`` with its ``parsed`` value; InvalidAnswer when the text is not a valid document."""
+        assert request.answer_schema is not None, "a request prepared by this task"
+        text = outcome.get("generated_text") or ""
+        outcome[self.schema.column.name] = self.schema.parse(text, dict(request.answer_schema))
+        return outcome
+
+    def describe(self, request: PreparedRequest) -> str:
+        """What the inner task describes: the schema is not part of the prompt people read."""
+        return self.inner.describe(request)
