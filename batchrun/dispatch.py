@@ -8,7 +8,9 @@ one retry loop, the only one in batchrun (reliability.md §2):
     prepare ─ fails? → RowFailure(retryable=False), nothing sent
       │
       └─ attempt: slot → send → classify
-            success          → RowResult
+            success          → RowResult (an answer invalid against the output schema is drawn
+                               again with a fresh seed, retries.invalid_output times, then a
+                               RowFailure(invalid_output))
             401 / 403        → AuthError out of run(): the job stops
             permanent        → RowFailure(retryable=False)
             transient        → excused (a cold start)? back off without using up an attempt
@@ -52,7 +54,9 @@ from batchrun.retry import (
 )
 from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
 from batchrun.stop import Stop
+from batchrun.structured import InvalidAnswer
 from batchrun.tasks import PreparedRequest, Task, join_url
+from batchrun.tasks.structured import StructuredTask
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
@@ -80,6 +84,8 @@ class DispatchConfig:
     retry_budget_ratio: float = RetrySpec.budget_ratio
     # An endpoint unavailable for longer than this stops the job (resumable) instead of waiting on.
     outage_timeout_s: float = DEFAULT_OUTAGE_TIMEOUT
+    # Structured output: more tries, each with a fresh seed, for an answer not valid against the schema.
+    invalid_output_retries: int = RetrySpec.invalid_output
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -208,6 +214,8 @@ class Dispatcher:
         self.breaker = CircuitBreaker()
         self._breaker_changed = asyncio.Event()
         self._good_limit = self.limit.value  # the limit while the endpoint last answered well
+        # Answers that must follow a JSON Schema are read (and redrawn) here, the one retry layer.
+        self._structured = task if isinstance(task, StructuredTask) else None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -269,6 +277,7 @@ class Dispatcher:
         attempts = 0  # requests sent for this row
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive excused failures, for their backoff
+        redraws = 0  # tries after an answer that was not valid against the output schema
         while True:
             probe = await self._admitted()
             sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
@@ -281,6 +290,21 @@ class Dispatcher:
                 self.limit.on_success(latency)
                 self._stats.latencies.add(latency)
                 self._stats.output_tokens += outcome.get("completion_tokens") or 0
+                if self._structured is not None:
+                    try:
+                        outcome = self._structured.read(request, outcome)
+                    except InvalidAnswer as invalid:
+                        # The endpoint answered, but not a document of the schema: draw again with a
+                        # fresh seed. These tries count apart from transport attempts and need no
+                        # backoff: nothing is wrong with the endpoint.
+                        self._count(_INVALID_OUTPUT)
+                        redraws += 1
+                        if redraws > self.config.invalid_output_retries:
+                            failure = RequestFailed(_INVALID_OUTPUT, str(invalid), status=200, retryable=False)
+                            return self._failure(row, failure, attempts=attempts)
+                        request = self._structured.redraw(request, row, redraws)
+                        body = json.dumps(request.payload).encode()
+                        continue
                 return RowResult(row.position, row.id, self._kept(row), outcome, latency, attempts)
             failure = outcome
             if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
@@ -492,6 +516,7 @@ class Dispatcher:
 
 
 _ENDPOINT_PAUSED = "endpoint_paused"
+_INVALID_OUTPUT = "invalid_output"  # a 200 whose answer is not valid against the output schema
 #: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
 _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
 

@@ -218,6 +218,9 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
     if prompt.template is not None and image_placeholder is not None and image_placeholder in prompt.template:
         raise SpecError(spec.file, "prompt.template", f"uses {{{prompt.image_column}}}, the image column: "
                         "the image is sent as an image part beside the text; leave it out of the template")
+    schema_column = prompt.schema_column
+    if schema_column is not None and schema_column not in columns:
+        raise SpecError(spec.file, "prompt.schema_column", f"{schema_column!r} is not an input column {available}")
     seed_column = spec.image.seed_column if spec.image else None
     if seed_column is not None and seed_column not in columns:
         raise SpecError(spec.file, "image.seed_column", f"{seed_column!r} is not an input column {available}")

@@ -132,6 +132,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         policy=RetryPolicy.from_spec(spec.retries),
         retry_budget_ratio=spec.retries.budget_ratio,
         outage_timeout_s=spec.outage_timeout,
+        invalid_output_retries=spec.retries.invalid_output,
     )
     kept = pre.kept_columns
 

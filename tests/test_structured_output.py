@@ -146,3 +146,93 @@ def test_a_schema_per_row_comes_from_its_column_and_a_bad_one_fails_that_row_uns
     with pytest.raises(RequestFailed, match="not a valid JSON Schema") as caught:
         task.prepare(row(s={"type": 12}))
     assert caught.value.error_type == "bad_schema" and not caught.value.retryable
+
+
+# ---------------------------------------------------------------------------------------------- whole jobs
+
+from jobkit import read_rows, run, write_spec, write_topics  # noqa: E402
+
+LOCAL = {"latency_base_s": 0.001, "pending_s": 0.01, "initializing_s": 0.01}
+
+
+def structured_job(tmp_path: Path, *, faults: dict[str, Any] | None = None, **overrides: Any) -> Path:
+    input_path = write_topics(tmp_path / "in" / "t.parquet", 30)
+    local = {**LOCAL, **({"faults": faults} if faults else {})}
+    overrides.setdefault("parameters", {"max_tokens": 400, "seed": 1})
+    return write_spec(tmp_path, endpoint={"local": local}, input_path=input_path, output_schema=PERSON, **overrides)
+
+
+def test_a_structured_job_writes_each_answer_parsed_into_a_struct_column_that_datasets_reads(tmp_path: Path) -> None:
+    outcome, _ = run(structured_job(tmp_path))
+    assert outcome.exit_code == 0
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    assert len(rows) == 30
+    for record in rows:
+        assert record["parsed"] == json.loads(record["generated_text"])  # the emulator fills every property
+    from datasets import load_dataset
+
+    features = load_dataset("parquet", data_dir=str(tmp_path / "out" / "job" / "data"), split="train").features
+    assert set(features["parsed"]) == {"name", "age", "tags", "home"}
+
+
+def test_invalid_answers_are_drawn_again_and_the_rest_fail_as_invalid_output_with_the_raw_text(tmp_path: Path) -> None:
+    # Half of all structured answers are spoilt: with 2 more tries, most rows end valid; a few
+    # (about 1 in 8) stay invalid and become failure rows that keep the validator's message and the text.
+    spec = structured_job(tmp_path, faults={"rate_invalid_json": 0.5, "seed": 3})
+    outcome, _ = run(spec)
+    ok = read_rows(tmp_path / "out" / "job" / "data")
+    failed = read_rows(tmp_path / "out" / "job" / "failed")
+    assert len(ok) + len(failed) == 30 and {r["id"] for r in ok}.isdisjoint(r["id"] for r in failed)
+    assert any(r["attempts"] > 1 for r in ok)  # some were drawn again and then passed
+    assert failed, "with half the answers spoilt, some row should stay invalid after 3 tries"
+    for record in failed:
+        assert record["error_type"] == "invalid_output" and record["attempts"] == 3 and not record["retryable"]
+        assert "answer:" in record["error"]
+    assert outcome.exit_code == 1  # finished, some rows failed
+
+
+def test_a_token_limit_too_small_for_the_document_fails_rows_as_invalid_output(tmp_path: Path) -> None:
+    outcome, _ = run(structured_job(tmp_path, parameters={"max_tokens": 4, "seed": 1}))
+    failed = read_rows(tmp_path / "out" / "job" / "failed")
+    assert len(failed) == 30 and {r["error_type"] for r in failed} == {"invalid_output"}
+    assert "not valid JSON" in failed[0]["error"]
+    assert outcome.exit_code == 1
+
+
+def test_a_job_killed_amid_invalid_answer_retries_resumes_with_nothing_lost_or_twice(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from jobkit import NS, REPO, TOKEN, cli, committed_rows, emulator, read_ids, running_endpoint, wait_for_committed
+
+    rows = 300
+    # Half the answers spoilt, so at any moment many rows are between tries; the latency and the
+    # concurrency bound the pace, so the kill (after an observed commit) lands mid-work on any machine.
+    endpoint = running_endpoint(latency_base_s=0.03, faults={"rate_invalid_json": 0.5, "seed": 5})
+    with emulator(endpoint) as emu:
+        input_path = write_topics(tmp_path / "in" / "t.parquet", rows)
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path,
+                          output_schema=PERSON, parameters={"max_tokens": 400, "seed": 1},
+                          concurrency={"max": 8, "initial": 8}, output={"shard_rows": 20})
+        out = tmp_path / "out" / "job"
+        log = tmp_path / "killed.stderr"
+        with open(log, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
+                                    cwd=REPO, env={**os.environ, "HF_TOKEN": TOKEN},
+                                    stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for_committed(out, 40, proc, log=log)
+            assert proc.poll() is None, "the job finished before its kill"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        assert 0 < committed_rows(out) < rows
+        finished = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
+        assert finished.returncode == 1, finished.stderr  # finished; some rows stayed invalid
+    ok, failed = read_ids(out / "data"), read_ids(out / "failed")
+    assert sorted(ok + failed) == sorted(f"row-{i:05d}" for i in range(rows))  # each id exactly once
+    assert ok and failed
