@@ -479,7 +479,8 @@ class _Parser:
         self.keys(data, "", _JOB_KEYS)
         batch_file = isinstance(data.get("input"), Mapping) and "openai_batch" in data["input"]
         # A job on an OpenAI batch file needs neither task nor prompt: its request lines carry both.
-        for required in ("input", "endpoint") if batch_file else ("task", "input", "prompt", "endpoint"):
+        no_prompt = batch_file or data.get("task") == OPENAI_BATCH_TASK  # (the latter is refused just below)
+        for required in ("input", "endpoint") if no_prompt else ("task", "input", "prompt", "endpoint"):
             if required not in data:
                 raise self.error(required, "is required")
 
