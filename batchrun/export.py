@@ -12,10 +12,9 @@ The OpenAI batch output format, one line a request, is what OpenAI's files and v
      "error": null}
 
 A failed row has ``"response": null`` (or ``{"status_code": <status>, "request_id": ..., "body":
-{"error": ...}}`` when the endpoint answered) and ``"error": {"code": <error_type>, "message":
-...}``. The ids are derived from the ``custom_id``, so exporting the same output twice gives the
-same file. Files are written next to their target and renamed into place: a reader never sees half
-an export.
+null}`` when the endpoint answered) and ``"error": {"code": <error_type>, "message": ...}``. The
+ids are derived from the ``custom_id``, so exporting the same output twice gives the same file.
+Files are written next to their target and renamed into place: a reader never sees half an export.
 """
 
 from __future__ import annotations
@@ -159,8 +158,9 @@ def _openai_failure(row: dict[str, Any]) -> dict[str, Any]:
     code, message, status = row.get("error_type"), row.get("error"), row.get("status")
     response = None
     if status is not None:
-        body = {"error": {"message": message, "type": code, "param": None, "code": None}}
-        response = {"status_code": status, "request_id": request_id, "body": body}
+        # The body stays null: vLLM's BatchResponseData types it as one of its response models, which an
+        # error object is not; the error itself is in "error", where every reader looks.
+        response = {"status_code": status, "request_id": request_id, "body": None}
     return {"id": line_id, "custom_id": custom_id, "response": response, "error": {"code": code, "message": message}}
 
 
