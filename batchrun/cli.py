@@ -4,6 +4,7 @@
     batchrun run JOB.yaml          run or resume the job (Ctrl-C is safe; run again to resume)
     batchrun status JOB.yaml       done / failed / remaining, from the output folder alone
     batchrun preview OUTPUT        a static HTML contact sheet of the results (images with prompts)
+    batchrun export OUTPUT --to F  the committed rows as JSON lines, plain or in OpenAI's batch output format
     batchrun endpoint status|pause|resume NAME --namespace NS
     batchrun emulate               a local Inference Endpoint emulator on loopback
 
@@ -37,7 +38,23 @@ examples:
   batchrun run jobs/quickstart.yaml
   batchrun status jobs/quickstart.yaml
   batchrun preview out/images --limit 100
+  batchrun export out/openai_batch --format openai-batch --to results.jsonl
   batchrun emulate --port 8080
+"""
+
+
+EXPORT_DESCRIPTION = """\
+Write the rows an output folder has committed (never a shard still being written) as JSON lines.
+
+  --format jsonl          one result row a line, every column (bytes as base64 text)
+  --format openai-batch   OpenAI's batch output format, for the output of an input.openai_batch job:
+                          {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+                          read by code written for OpenAI's batch files and by vLLM's BatchRequestOutput
+
+Failed rows (retryable ones too: run the job again first to retry them) become lines with an error:
+{"response": null (or the status code), "error": {"code", "message"}} in the openai-batch format, the
+failure columns (error_type, error, status, ...) in jsonl. They go to --errors FILE if given, else
+into the same file as the results.
 """
 
 
@@ -198,6 +215,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_output
+
+    counts = export_output(args.output, fmt=args.format, to=args.to, errors=args.errors)
+    where = f"{counts.failures} failure(s) to {args.errors}" if args.errors else f"{counts.failures} failure(s)"
+    print(f"wrote {counts.results} result(s) to {args.to}; {where}"
+          + ("" if args.errors else " in the same file"))
+    return 0
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     # Every problem (bad flag, file that is not an emulator config, busy port) is an EmulatorError: one line, exit 2.
     from .emulator import EmulatorConfig, describe, load_emulator_config, serve
@@ -312,6 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the page (default: OUTPUT/preview.html)")
     p.add_argument("--limit", type=int, default=60, metavar="N", help="show at most N results (default: 60)")
     p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("export", help="write an output folder's committed rows as JSON lines",
+                       description=EXPORT_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                       "  batchrun export out/openai_batch --format openai-batch --to results.jsonl "
+                       "--errors errors.jsonl\n"
+                       "  batchrun export out/quickstart --to quickstart.jsonl")
+    p.add_argument("output", metavar="OUTPUT", help="the job's output folder (output.path or --output)")
+    p.add_argument("--format", choices=["jsonl", "openai-batch"], default="jsonl",
+                   help="jsonl: one result row a line; openai-batch: OpenAI's batch output lines (default: jsonl)")
+    p.add_argument("--to", metavar="FILE", required=True, help="the file to write (replaced whole when complete)")
+    p.add_argument("--errors", metavar="FILE", default=None,
+                   help="write failed rows here instead of into --to (default: into --to)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("endpoint", help="look at, pause or resume a Dedicated Inference Endpoint",
                        description="For the morning after a bad night: see an endpoint's state, or pause it.")

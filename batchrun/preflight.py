@@ -32,7 +32,13 @@ from batchrun.errors import (
 from batchrun.sources import Source, open_source
 from batchrun.spec import JobSpec
 from batchrun.stop import Stop
-from batchrun.tasks import Task, make_task, placeholder_column_problem, prompt_column_problem
+from batchrun.tasks import (
+    Task,
+    make_task,
+    messages_column_problem,
+    placeholder_column_problem,
+    prompt_column_problem,
+)
 
 __all__ = ["Preflight", "preflight"]
 
@@ -199,6 +205,8 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
     columns = list(source.schema.names)
     available = f"(columns: {', '.join(columns)})"
     prompt = spec.prompt
+    if prompt.messages_column is not None:
+        _check_messages_column(spec, source, available)
     missing = [name for name in prompt.columns if name not in columns]
     if missing:
         if prompt.template is not None and set(missing) - {prompt.image_column}:
@@ -227,6 +235,16 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
     missing = [c for c in spec.input.keep_columns or () if c not in columns]
     if missing:
         raise SpecError(spec.file, "input.keep_columns", f"{', '.join(missing)} not in the input {available}")
+
+
+def _check_messages_column(spec: JobSpec, source: Source, available: str) -> None:
+    """``prompt.messages_column`` exists and can hold conversations (each row's turns are checked as it is sent)."""
+    name = spec.prompt.messages_column
+    if name not in source.schema.names:
+        raise SpecError(spec.file, "prompt.messages_column", f"{name!r} is not an input column {available}")
+    problem = messages_column_problem(source.schema.field(name))
+    if problem is not None:
+        raise SpecError(spec.file, "prompt.messages_column", problem)
 
 
 async def _check_unique_ids(spec: JobSpec, source: Source, *, scanned: bool) -> None:

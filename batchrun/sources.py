@@ -4,7 +4,7 @@ Every source reads in batches, so memory stays flat however large the input is, 
 one deterministic order. ``Row.position`` is the row's 0-based index in that order and is what
 resume relies on, so the order depends only on the input itself:
 
-- Parquet and JSONL files are read in the sorted order of their paths (plain string order:
+- Parquet, JSONL and OpenAI batch files are read in the sorted order of their paths (plain string order:
   ``part-10`` comes before ``part-2``), each file from its first row to its last.
 - A folder written by ``Dataset.save_to_disk`` is read from its memory-mapped Arrow table.
 - Anything else under ``input.dataset`` goes through ``datasets.load_dataset_builder(...)
@@ -103,6 +103,8 @@ def open_source(spec: InputSpec) -> Source:
         source: _BaseSource = ParquetSource(spec)
     elif spec.kind == "jsonl":
         source = JsonlSource(spec)
+    elif spec.kind == "openai_batch":
+        source = OpenAIBatchSource(spec)
     elif spec.kind == "dataset":
         assert spec.dataset is not None
         saved = _saved_dataset_folder(spec.dataset)
@@ -792,3 +794,118 @@ class StreamedDatasetSource(_BaseSource):
         ids = self._dataset.select_columns([self.id_column])
         for table in self._arrow_tables(ids, ID_SCAN_BATCH):
             yield table.column(0).combine_chunks()
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI batch files
+
+
+#: The columns of an OpenAI batch file's rows. ``body`` is the request body's JSON text, so that the
+#: bodies of any route (chat messages, completion prompts, tools ...) share one column type.
+OPENAI_BATCH_SCHEMA = pa.schema(
+    [
+        pa.field("custom_id", pa.string()),
+        pa.field("method", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("body", pa.string()),
+    ]
+)
+
+
+class OpenAIBatchSource(_BaseSource):
+    """Rows from an OpenAI Batch input file: one request a line (``custom_id``, ``method``, ``url``, ``body``).
+
+    The whole file is checked when it is opened, before anything is resumed: a line that is not a
+    JSON object, a missing or non-string ``custom_id``, or a ``custom_id`` used twice raises
+    :class:`InputError` naming the file and line. The ids are collected for that (a dict of the
+    ids, about 100 bytes each: OpenAI caps a batch file at 50,000 requests). What a line asks for
+    (its ``method``, ``url`` and ``body``) is the task's to judge, row by row: a request batchrun
+    cannot serve becomes a failure row, not a refused job. Blank lines are skipped.
+    """
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__(spec)
+        assert spec.path is not None
+        self.files, root = _resolve_files(spec.path, "input.openai_batch", (".jsonl", ".ndjson"))
+        self._identity = [
+            {"name": _relative_name(p, root), "size": p.stat().st_size, "digest": _file_digest(p)} for p in self.files
+        ]
+        self.schema = OPENAI_BATCH_SCHEMA
+        seen: dict[str, str] = {}  # custom_id -> where it was first found
+        for where, line in self._lines():
+            custom_id = line.get("custom_id")
+            if custom_id is None or custom_id == "":
+                raise InputError(f"input.openai_batch: {where}: the request has no custom_id")
+            if not isinstance(custom_id, str):
+                raise InputError(
+                    f"input.openai_batch: {where}: custom_id must be a string, got {json.dumps(custom_id)}"
+                )
+            if custom_id in seen:
+                raise InputError(
+                    f"input.openai_batch: {where}: custom_id {custom_id!r} is used twice (first on {seen[custom_id]}); "
+                    "every request needs its own custom_id, which names its result"
+                )
+            seen[custom_id] = where
+        self._count = len(seen)
+        self.description = (
+            f"openai batch: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(self._count, 'request')})"
+        )
+
+    def _lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each request line as a JSON object, with where it is (``requests.jsonl, line 3``)."""
+        several = len(self.files) > 1
+        for path in self.files:
+            try:
+                f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; opening gets its own message
+            except OSError as exc:
+                raise InputError(f"input.openai_batch: cannot read {str(path)!r}: {exc}") from None
+            with f:
+                for number, raw in enumerate(f, start=1):
+                    if not raw.strip():
+                        continue
+                    where = f"{path if several else path.name}, line {number}"
+                    try:
+                        value = json.loads(raw)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        raise InputError(f"input.openai_batch: {where}: not valid JSON: {exc}") from None
+                    if not isinstance(value, dict):
+                        raise InputError(
+                            f"input.openai_batch: {where}: expected a JSON object (custom_id, method, url, body), "
+                            f"got {type(value).__name__}"
+                        )
+                    yield where, value
+
+    @staticmethod
+    def _columns(line: dict[str, Any]) -> dict[str, Any]:
+        body = line.get("body")
+        return {
+            "custom_id": line["custom_id"],
+            "method": None if line.get("method") is None else _json_text(line["method"]),
+            "url": None if line.get("url") is None else _json_text(line["url"]),
+            "body": None if body is None else json.dumps(body, ensure_ascii=False),
+        }
+
+    def _total_rows(self) -> int:
+        return self._count
+
+    def fingerprint(self) -> str:
+        return _fingerprint({"kind": "openai_batch", "files": self._identity})
+
+    def find_duplicate_ids(self) -> list:
+        """Always ``[]``: the file was refused at open time if a custom_id repeats (with its line)."""
+        return []
+
+    def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        batch: list[dict[str, Any]] = []
+        for _where, line in self._lines():
+            batch.append(self._columns(line))
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _id_chunks(self) -> Iterator[list[Any]]:
+        chunk = [line["custom_id"] for _where, line in self._lines()]
+        if chunk:
+            yield chunk

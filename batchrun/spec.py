@@ -94,7 +94,10 @@ class DatasetSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class InputSpec:
-    """Where the rows come from. ``kind`` is ``parquet``, ``jsonl`` or ``dataset``.
+    """Where the rows come from. ``kind`` is ``parquet``, ``jsonl``, ``dataset`` or ``openai_batch``.
+
+    ``openai_batch`` is a JSONL file of OpenAI Batch request lines (``custom_id``, ``method``, ``url``,
+    ``body``); its ``id_column`` is always ``custom_id``, set by the parser.
 
     ``path`` is the Parquet/JSONL file, folder or glob (unset for a dataset, which uses
     ``dataset``). ``keep_columns`` of ``None`` keeps every input column in the output.
@@ -112,21 +115,28 @@ class InputSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class PromptSpec:
-    """How a row becomes a prompt: a ``template`` with ``{column}`` placeholders, or a ``column``.
+    """How a row becomes a prompt: a ``template`` with ``{column}`` placeholders, a ``column``, or a
+    ``messages_column`` of chat conversations (``[{role, content}]``, ``datasets``' conversational format).
 
-    ``system`` is the chat system message (chat-completion and image-text-to-text).
-    ``image_column`` is the input column holding the picture (image-text-to-text only).
+    ``system`` is the chat system message (chat-completion and image-text-to-text); with
+    ``messages_column`` it is prepended only to conversations that have no system message.
+    ``image_column`` is the input column holding the picture (image-text-to-text only, without
+    ``messages_column``: a conversation carries its images as image parts).
+    All of them are unset for an ``openai-batch`` job, whose request lines carry their own messages.
     """
 
     template: str | None = None
     column: str | None = None
     system: str | None = None
     image_column: str | None = None
+    messages_column: str | None = None
     schema_column: str | None = None  # a column holding each row's JSON Schema (structured output)
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The input columns the prompt reads, in order of first use (the image column last)."""
+        if self.messages_column is not None:
+            return (self.messages_column,)
         names = (self.column,) if self.column is not None else _template_fields(self.template or "")
         if self.image_column is not None and self.image_column not in names:
             names = (*names, self.image_column)
@@ -284,6 +294,8 @@ class JobSpec:
             "parameters": dict(self.parameters),
             "endpoint": endpoint_identity,
         }
+        if self.prompt.messages_column is not None:  # only when set: older outputs keep their identity
+            identity["prompt"]["messages_column"] = self.prompt.messages_column
         # Text jobs keep the identity they always had, so their existing outputs still resume.
         if self.task == "text-to-image" and self.image is not None:
             identity["image"] = {
@@ -419,7 +431,12 @@ def _default(spec_class: type, name: str) -> Any:
 # `file` and `raw` record where the spec came from; they are not keys a spec may set.
 _JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw"))
 # The input section names its kind by its key (parquet, jsonl or dataset), so it is not one to one.
-_INPUT_KEYS = ("parquet", "dataset", "jsonl", "id_column", "limit", "keep_columns", "allow_empty")
+_INPUT_KINDS = ("parquet", "dataset", "jsonl", "openai_batch")
+_INPUT_KEYS = (*_INPUT_KINDS, "id_column", "limit", "keep_columns", "allow_empty")
+#: The task of a job reading an OpenAI batch file, implied by ``input.openai_batch``.
+OPENAI_BATCH_TASK = "openai-batch"
+#: The id column of an OpenAI batch file: each request line's ``custom_id``.
+OPENAI_BATCH_ID = "custom_id"
 _DATASET_KEYS = _keys(DatasetSpec)
 _PROMPT_KEYS = _keys(PromptSpec)
 _IMAGE_KEYS = _keys(ImageSpec)
@@ -471,16 +488,20 @@ class _Parser:
         if not isinstance(data, Mapping):
             raise self.error("(top level)", f"expected a mapping of job keys, got {_describe(data)}")
         self.keys(data, "", _JOB_KEYS)
-        for required in ("task", "input", "prompt", "endpoint"):
+        batch_file = isinstance(data.get("input"), Mapping) and "openai_batch" in data["input"]
+        # A job on an OpenAI batch file needs neither task nor prompt: its request lines carry both.
+        no_prompt = batch_file or data.get("task") == OPENAI_BATCH_TASK  # (the latter is refused just below)
+        for required in ("input", "endpoint") if no_prompt else ("task", "input", "prompt", "endpoint"):
             if required not in data:
                 raise self.error(required, "is required")
 
         name = self.string(data, "name", default=default_name)
         if "/" in name or "\\" in name or name in (".", ".."):
             raise self.error("name", f"expected a plain name without path separators, got {name!r}")
-        kind = self.task(data["task"])
+        kind = self.task(data.get("task", OPENAI_BATCH_TASK if batch_file else None))
+        self.batch_task(kind, batch_file)
         task = kind.name
-        prompt = self.prompt(data["prompt"], kind)
+        prompt = self.prompt(data["prompt"], kind) if kind.takes_prompt else self.no_prompt(data)
         parameters = self.parameters(data.get("parameters"), kind)
         output_schema = self.output_schema(data.get("output_schema"), kind, prompt, parameters)
         output = self.output(data.get("output"), name)
@@ -511,6 +532,24 @@ class _Parser:
         if value not in TASK_KINDS:
             raise self.error("task", f"expected one of {', '.join(names)}, got {value!r}{_suggest(value, names)}")
         return TASK_KINDS[value]
+
+    def batch_task(self, kind: TaskKind, batch_file: bool) -> None:
+        """``input.openai_batch`` and task ``openai-batch`` go together (the task may be left out)."""
+        if batch_file and kind.name != OPENAI_BATCH_TASK:
+            raise self.error(
+                "task",
+                f"is {kind.name}, but input.openai_batch requests name their own route (their `url`); "
+                f"leave task out (it is {OPENAI_BATCH_TASK}) or read another input",
+            )
+        if not batch_file and kind.name == OPENAI_BATCH_TASK:
+            raise self.error("task", f"{OPENAI_BATCH_TASK} reads an OpenAI batch file: set input.openai_batch")
+
+    def no_prompt(self, data: Mapping[str, Any]) -> PromptSpec:
+        if "prompt" in data:
+            raise self.error(
+                "prompt", "does not apply to an input.openai_batch job: each request line's body is sent as it is"
+            )
+        return PromptSpec()
 
     def parameters(self, data: Any, kind: TaskKind) -> dict[str, Any]:
         """The route's parameters, passed through, once the ones batchrun owns or the route ignores are refused."""
@@ -567,7 +606,7 @@ class _Parser:
 
     def input(self, data: Any) -> InputSpec:
         data = self.section(data, "input", _INPUT_KEYS)
-        kind = self.exactly_one(data, "input", ("parquet", "dataset", "jsonl"))
+        kind = self.exactly_one(data, "input", _INPUT_KINDS)
         path = None
         dataset = None
         if kind == "dataset":
@@ -584,11 +623,16 @@ class _Parser:
         allow_empty = data.get("allow_empty", InputSpec.allow_empty)
         if not isinstance(allow_empty, bool):
             raise self.error("input.allow_empty", f"expected true or false, got {_describe(allow_empty)}")
+        id_column = self.string(data, "id_column", prefix="input.", default=None)
+        if kind == "openai_batch":
+            if id_column is not None:
+                raise self.error("input.id_column", "does not apply to input.openai_batch: the ids are its custom_id")
+            id_column = OPENAI_BATCH_ID
         return InputSpec(
             kind=kind,
             path=path,
             dataset=dataset,
-            id_column=self.string(data, "id_column", prefix="input.", default=None),
+            id_column=id_column,
             limit=limit,
             keep_columns=keep_columns,
             allow_empty=allow_empty,
@@ -629,7 +673,8 @@ class _Parser:
 
     def prompt(self, data: Any, kind: TaskKind) -> PromptSpec:
         data = self.section(data, "prompt", _PROMPT_KEYS)
-        source = self.exactly_one(data, "prompt", ("template", "column"))
+        messages_column = self.messages_column(data, kind)
+        source = self.exactly_one(data, "prompt", ("template", "column")) if messages_column is None else None
         template = column = None
         if source == "template":
             template = self.string(data, "template", prefix="prompt.")
@@ -643,7 +688,7 @@ class _Parser:
                     "prompt.template",
                     "expected at least one {column} placeholder; use prompt.column for a column as it is",
                 )
-        else:
+        elif source == "column":
             column = self.string(data, "column", prefix="prompt.")
         system = self.string(data, "system", prefix="prompt.", default=None, allow_empty=True)
         if system is not None and not kind.takes_system:
@@ -651,7 +696,13 @@ class _Parser:
             raise self.error("prompt.system", f"only applies to tasks {owners}, not {kind.name}")
         image_column = self.string(data, "image_column", prefix="prompt.", default=None)
         schema_column = self.string(data, "schema_column", prefix="prompt.", default=None)
-        if kind.image_column == "required" and image_column is None:
+        if messages_column is not None and image_column is not None:
+            raise self.error(
+                "prompt.image_column",
+                "does not apply with prompt.messages_column: a conversation carries its images as image parts "
+                "of its messages' content",
+            )
+        if kind.image_column == "required" and image_column is None and messages_column is None:
             raise self.error(
                 "prompt.image_column", f"is required for task {kind.name} (the input column holding the image)"
             )
@@ -659,8 +710,27 @@ class _Parser:
             owners = " and ".join(k.name for k in TASK_KINDS.values() if k.image_column == "required")
             raise self.error("prompt.image_column", f"only applies to task {owners}, not {kind.name}")
         return PromptSpec(
-            template=template, column=column, system=system, image_column=image_column, schema_column=schema_column
+            template=template, column=column, system=system, image_column=image_column,
+            messages_column=messages_column,
+            schema_column=schema_column,
         )
+
+    def messages_column(self, data: Mapping[str, Any], kind: TaskKind) -> str | None:
+        """``prompt.messages_column``: the conversation is the whole prompt, so nothing else may build one."""
+        if "messages_column" not in data:
+            return None
+        if not kind.takes_messages:
+            owners = " and ".join(k.name for k in TASK_KINDS.values() if k.takes_messages)
+            raise self.error("prompt.messages_column", f"only applies to tasks {owners}, not {kind.name}")
+        both = [key for key in ("template", "column") if key in data]
+        if both:
+            raise self.error(
+                "prompt.messages_column",
+                f"is the whole prompt (each row's conversation); remove prompt.{' and prompt.'.join(both)}, "
+                "or drop messages_column to build a one-turn prompt from the row",
+            )
+        name: str = self.string(data, "messages_column", prefix="prompt.")
+        return name
 
     def image(self, data: Any, kind: TaskKind) -> ImageSpec | None:
         task = kind.name

@@ -26,6 +26,10 @@ class TaskKind:
     """What the built-in emulator serves for a job of this task (``endpoint: {local: ...}``)."""
     takes_system: bool
     """Whether ``prompt.system`` applies."""
+    takes_messages: bool = False
+    """Whether ``prompt.messages_column`` (a column of chat conversations) applies."""
+    takes_prompt: bool = True
+    """Whether the job has a ``prompt`` section at all (an OpenAI batch file's requests carry their own)."""
     image_column: str
     """``"required"`` or ``"forbidden"``: whether ``prompt.image_column`` must be given."""
     image_keys: tuple[str, ...]
@@ -64,6 +68,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 endpoint_tasks=("text-generation", "text2text-generation", "image-text-to-text", "conversational"),
                 emulator_task="text-generation",
                 takes_system=True,
+                takes_messages=True,
                 image_column="forbidden",
                 image_keys=(),
                 token_limit_parameter="max_tokens",
@@ -89,12 +94,28 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 endpoint_tasks=("image-text-to-text", "text-generation"),
                 emulator_task="image-text-to-text",
                 takes_system=True,
+                takes_messages=True,
                 image_column="required",
                 image_keys=("max_side", "base_dir"),
                 token_limit_parameter="max_tokens",
                 reserved_parameters=("messages",),
                 implementation="batchrun.tasks.vision:VisionChatTask",
                 schema_parameter="response_format",
+            ),
+            TaskKind(
+                # Each row is one request line of an OpenAI batch file (input.openai_batch), sent to the
+                # OpenAI-compatible route its `url` names; `route` is the usual one, for the endpoint checks.
+                name="openai-batch",
+                route="/v1/chat/completions",
+                endpoint_tasks=("text-generation", "text2text-generation", "image-text-to-text", "conversational"),
+                emulator_task="text-generation",
+                takes_system=False,
+                takes_prompt=False,
+                image_column="forbidden",
+                image_keys=(),
+                token_limit_parameter="max_tokens",
+                reserved_parameters=("messages", "prompt"),
+                implementation="batchrun.tasks.openai_batch:OpenAIBatchTask",
             ),
         )
     }

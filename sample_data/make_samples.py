@@ -7,7 +7,10 @@ Writes, next to this script and deterministically (no randomness, no clock):
 - ``prompts.parquet``: 200 rows of ``id`` (int64) and ``topic`` (string);
 - ``questions.jsonl``: 50 rows of ``qid`` (string) and ``question``;
 - ``haiku_dataset/``: a ``datasets`` dataset written by ``save_to_disk``, 100 rows of ``title`` and
-  ``theme``.
+  ``theme``;
+- ``conversations.parquet``: 40 chat conversations (``id``, ``messages``: ``[{role, content}]``, the
+  conversational format of ``datasets``), each ending on a user turn;
+- ``openai_batch.jsonl``: 30 OpenAI Batch request lines, chat completions and text completions.
 
 The files are committed as sample data; every one stays well under 100 KB.
 """
@@ -84,12 +87,51 @@ def write_haiku_dataset(folder: Path) -> None:
     dataset.save_to_disk(str(folder))
 
 
+def conversations_table() -> pa.Table:
+    """40 conversations of one to three exchanges, the last turn always the user's (the job answers it)."""
+    rows = []
+    for i in range(40):
+        stem = QUESTION_STEMS[i % len(QUESTION_STEMS)]
+        messages = []
+        if i % 4 == 0:
+            messages.append({"role": "system", "content": "You are a patient science teacher."})
+        messages.append({"role": "user", "content": stem + "?"})
+        for turn in range(i % 3):
+            messages.append({"role": "assistant", "content": f"Here is a short answer, part {turn + 1}."})
+            messages.append({"role": "user", "content": QUESTION_TAILS[(i + turn) % len(QUESTION_TAILS)].strip(" ,?")
+                             or "Tell me more."})
+        rows.append({"id": f"c{i + 1:03d}", "messages": messages})
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.table({"id": pa.array([r["id"] for r in rows], pa.string()),
+                     "messages": pa.array([r["messages"] for r in rows], pa.list_(message))})
+
+
+def openai_batch_lines() -> list[dict]:
+    """30 OpenAI Batch request lines: two chat completions for every text completion."""
+    lines = []
+    for i in range(30):
+        question = QUESTION_STEMS[i % len(QUESTION_STEMS)] + QUESTION_TAILS[i % len(QUESTION_TAILS)]
+        if i % 3 == 2:
+            body = {"model": "gpt2", "prompt": f"Question: {question}\nAnswer:", "max_tokens": 24}
+            url = "/v1/completions"
+        else:
+            body = {"model": "tgi", "messages": [{"role": "system", "content": "Answer in one sentence."},
+                                                 {"role": "user", "content": question}], "max_tokens": 32}
+            url = "/v1/chat/completions"
+        lines.append({"custom_id": f"request-{i + 1}", "method": "POST", "url": url, "body": body})
+    return lines
+
+
 def main() -> None:
     pq.write_table(prompts_table(), HERE / "prompts.parquet")
     with open(HERE / "questions.jsonl", "w", encoding="utf-8") as f:
         for row in questions():
             f.write(json.dumps(row) + "\n")
     write_haiku_dataset(HERE / "haiku_dataset")
+    pq.write_table(conversations_table(), HERE / "conversations.parquet")
+    with open(HERE / "openai_batch.jsonl", "w", encoding="utf-8") as f:
+        for line in openai_batch_lines():
+            f.write(json.dumps(line) + "\n")
     for path in sorted(HERE.rglob("*")):
         if path.is_file() and path.suffix != ".py":
             print(f"{path.relative_to(HERE.parent)}  {path.stat().st_size} bytes")

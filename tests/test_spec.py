@@ -22,6 +22,7 @@ from batchrun.spec import (
     parse_size,
     parse_spec,
 )
+from batchrun.task_kinds import TASK_KINDS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -128,12 +129,12 @@ output:
 def test_every_shipped_job_spec_loads(job, monkeypatch):
     monkeypatch.chdir(REPO)
     spec = load_spec(job)
-    assert spec.name and spec.task in ("text-generation", "chat-completion", "text-to-image", "image-text-to-text")
+    assert spec.name and spec.task in TASK_KINDS
 
 
-def test_the_shipped_jobs_cover_quickstart_poems_textgen_dataset_images_and_vision():
+def test_the_shipped_jobs_cover_quickstart_poems_textgen_dataset_images_vision_conversations_and_batches():
     names = {p.stem for p in (REPO / "jobs").glob("*.yaml")}
-    assert {"quickstart", "poems", "textgen", "dataset", "images", "vision"} <= names
+    assert {"quickstart", "poems", "textgen", "dataset", "images", "vision", "conversations", "openai_batch"} <= names
 
 
 def test_the_name_defaults_to_the_file_stem(tmp_path):

@@ -332,6 +332,8 @@ def spec_for(task: str, **extra: object):
             "endpoint": {"url": "http://127.0.0.1:8080"}}
     if task == "image-text-to-text":
         data["prompt"] = {"column": "q", "image_column": "img"}
+    if task == "openai-batch":  # the input names this task; the request lines carry their prompts
+        data = {"input": {"openai_batch": "requests.jsonl"}, "endpoint": data["endpoint"]}
     data.update(extra)
     return parse_spec(data)
 
@@ -340,17 +342,20 @@ def spec_for(task: str, **extra: object):
 def test_make_task_builds_the_registered_task_for_a_spec_and_sends_to_its_route(name: str) -> None:
     task = make_task(spec_for(name))
     assert task.name == name
-    request = task.prepare(row(q="hello", img=picture("PNG")))
+    body = '{"messages": [{"role": "user", "content": "hello"}]}'
+    request = task.prepare(row(q="hello", img=picture("PNG"), method="POST", url="/v1/chat/completions", body=body))
     assert request.path == task_kind(name).route
 
 
 def test_the_registry_lists_every_task_once_in_the_documented_order() -> None:
-    assert list(TASK_KINDS) == ["text-generation", "chat-completion", "text-to-image", "image-text-to-text"]
+    assert list(TASK_KINDS) == ["text-generation", "chat-completion", "text-to-image", "image-text-to-text",
+                                "openai-batch"]
     assert task_kind("chat-completion").endpoint_tasks == (
         "text-generation", "text2text-generation", "image-text-to-text", "conversational")
     assert {k.name: k.emulator_task for k in TASK_KINDS.values()} == {
         "text-generation": "text-generation", "chat-completion": "text-generation",
-        "text-to-image": "text-to-image", "image-text-to-text": "image-text-to-text"}
+        "text-to-image": "text-to-image", "image-text-to-text": "image-text-to-text",
+        "openai-batch": "text-generation"}
     with pytest.raises(ValueError, match="chat-completion"):
         task_kind("chat")
 

@@ -71,6 +71,7 @@ class EndpointServer:
             app.router.add_post("/generate", self._generate)
             app.router.add_post("/generate_stream", self._generate_stream)
             app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_post("/v1/completions", self._completions)
             app.router.add_get("/info", self._info)
             app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health)
@@ -242,6 +243,12 @@ class EndpointServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._front_door(request, "POST /v1/chat/completions", self._answer_chat)
 
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._front_door(request, "POST /v1/completions", self._answer_completions)
+
+    async def _answer_completions(self, request: web.Request, body: bytes):
+        return await self._tgi(request, body, "prompt", "completions")
+
     async def _answer_generate_list(self, request: web.Request, body: bytes):
         return await self._tgi(request, body, "inputs", "list")
 
@@ -259,6 +266,8 @@ class EndpointServer:
             payload = self.tgi.parse_body(body, required)
             if shape == "chat":
                 prepared = await self.tgi.prepare_chat(payload)
+            elif shape == "completions":
+                prepared = await self.tgi.prepare_completions(payload)
             else:
                 prepared = await self.tgi.prepare_generate(payload)
         except Invalid as invalid:
@@ -274,6 +283,8 @@ class EndpointServer:
                 if payload.get("stream"):
                     return await self.tgi.stream_chat(request, payload, prepared)
                 return await self.tgi.chat(payload, prepared)
+            if shape == "completions":
+                return await self.tgi.completions(payload, prepared)
             if shape == "stream" or payload.get("stream"):
                 return await self.tgi.stream_generate(request, payload, prepared)
             return await self.tgi.generate(payload, prepared, as_list=shape == "list")

@@ -1,4 +1,5 @@
-"""The TGI model server of an emulated endpoint: /generate, /, /generate_stream, /v1/chat/completions.
+"""The TGI model server of an emulated endpoint: /generate, /, /generate_stream, /v1/chat/completions,
+/v1/completions.
 
 Validation follows TGI's router: a 422 ``validation`` error for empty inputs, too many tokens,
 bad parameters and bad images; axum's plain-text 400/422 for a body that is not JSON or lacks a
@@ -159,6 +160,21 @@ class TgiModel:
         prepared.schema = _grammar_schema(payload.get("response_format"), "response_format")
         return prepared
 
+    async def prepare_completions(self, payload: dict) -> Prepared:
+        """Validate a /v1/completions body (OpenAI's legacy completions: one prompt, text out)."""
+        prompt = payload["prompt"]
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise _validation("`prompt` must be a string (or a list of one string) on this emulator")
+        if not prompt:
+            raise _validation("`prompt` cannot be empty")
+        if payload.get("stream"):
+            raise _validation("streaming is not emulated on /v1/completions")
+        input_tokens = textgen.count_tokens(prompt)
+        parameters = {key: payload.get(key) for key in ("temperature", "top_p", "seed", "stop", "frequency_penalty")}
+        return self._limits(prompt, [], input_tokens, payload.get("max_tokens"), parameters)
+
     async def _image(self, url: str) -> Image.Image:
         try:
             return await self._load_image(url)
@@ -288,6 +304,25 @@ class TgiModel:
         }
         return json_reply(answer, headers=self.headers(prepared, generation, time.perf_counter() - started))
 
+    async def completions(self, payload: dict, prepared: Prepared) -> Reply:
+        """The answer of /v1/completions, in OpenAI's ``text_completion`` shape as TGI gives it."""
+        started = time.perf_counter()
+        generation = self.run(prepared)
+        first, per_token = self.latency(prepared, len(generation.tokens))
+        await _pause(first + per_token * len(generation.tokens))
+        answer = {
+            "object": "text_completion",
+            "id": "",
+            "created": int(time.time()),
+            "model": payload.get("model", "tgi"),
+            "system_fingerprint": f"{TGI_VERSION}-native",
+            "choices": [{"index": 0, "text": generation.text, "logprobs": None,
+                         "finish_reason": _CHAT_FINISH[generation.finish_reason]}],
+            "usage": {"prompt_tokens": prepared.input_tokens, "completion_tokens": len(generation.tokens),
+                      "total_tokens": prepared.input_tokens + len(generation.tokens)},
+        }
+        return json_reply(answer, headers=self.headers(prepared, generation, time.perf_counter() - started))
+
     async def stream_generate(self, request: web.Request, payload: dict, prepared: Prepared) -> web.StreamResponse:
         """Server-sent events of /generate_stream (no [DONE] line)."""
         generation = self.run(prepared)
@@ -403,6 +438,8 @@ def prompt_of(body: bytes) -> str | None:
         return payload["inputs"]
     if isinstance(payload.get("messages"), list):
         return chat_prompt(payload["messages"])
+    if isinstance(payload.get("prompt"), str):
+        return payload["prompt"]
     return None
 
 

@@ -9,6 +9,10 @@ an input image that does not decode) fail in :meth:`Task.prepare` with a non-ret
     chat-completion      ChatCompletionTask   POST /v1/chat/completions  text out
     text-to-image        TextToImageTask      POST / (Accept: image/*)   image bytes out, stored unchanged
     image-text-to-text   VisionChatTask       POST /v1/chat/completions  image + text in, text out
+    openai-batch         OpenAIBatchTask      POST the line's url        an OpenAI batch request, answer kept whole
+
+chat-completion and image-text-to-text also take a whole conversation per row
+(``prompt.messages_column``, :mod:`batchrun.tasks.conversation`).
 
 Every fact about a task that more than one module needs (its route, the endpoint tasks that can
 serve it, which spec keys apply) is declared once, in :data:`TASK_KINDS`. This module is light (no
@@ -19,6 +23,8 @@ must stay fast. The task classes and output schemas load on first use.
     text.py            TextGenerationTask, ChatCompletionTask, OUTPUT_SCHEMA
     vision.py          VisionChatTask, VISION_OUTPUT_SCHEMA
     text_to_image.py   TextToImageTask
+    conversation.py    a row's conversation checked and turned into chat messages
+    openai_batch.py    OpenAIBatchTask, BATCH_OUTPUT_SCHEMA
     structured.py      StructuredTask: a text task whose answers follow a JSON Schema
 """
 
@@ -38,18 +44,22 @@ from batchrun.tasks.base import (
     prompt_column_problem,
     render_prompt,
 )
+from batchrun.tasks.conversation import messages_column_problem
 
 if TYPE_CHECKING:
     from batchrun.spec import ImageSpec, JobSpec
+    from batchrun.tasks.openai_batch import BATCH_OUTPUT_SCHEMA, OpenAIBatchTask
     from batchrun.tasks.text import OUTPUT_SCHEMA, ChatCompletionTask, TextGenerationTask
     from batchrun.tasks.text_to_image import TextToImageTask
     from batchrun.tasks.vision import VISION_OUTPUT_SCHEMA, VisionChatTask
 
 __all__ = [
+    "BATCH_OUTPUT_SCHEMA",
     "OUTPUT_SCHEMA",
     "TASK_KINDS",
     "VISION_OUTPUT_SCHEMA",
     "ChatCompletionTask",
+    "OpenAIBatchTask",
     "PreparedRequest",
     "Task",
     "TaskKind",
@@ -59,6 +69,7 @@ __all__ = [
     "build_task",
     "join_url",
     "make_task",
+    "messages_column_problem",
     "placeholder_column_problem",
     "prompt_column_problem",
     "render_prompt",
@@ -133,6 +144,8 @@ _LAZY = {
     "VISION_OUTPUT_SCHEMA": "batchrun.tasks.vision",
     "VisionChatTask": "batchrun.tasks.vision",
     "TextToImageTask": "batchrun.tasks.text_to_image",
+    "BATCH_OUTPUT_SCHEMA": "batchrun.tasks.openai_batch",
+    "OpenAIBatchTask": "batchrun.tasks.openai_batch",
 }
 
 

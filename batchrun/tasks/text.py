@@ -21,6 +21,7 @@ from batchrun.tasks.base import (
     optional_int,
     require_prompt,
 )
+from batchrun.tasks.conversation import conversation_messages
 
 if TYPE_CHECKING:
     from batchrun.records import Row
@@ -142,18 +143,30 @@ class TextGenerationTask:
 
 
 class ChatCompletionTask:
-    """TGI's ``POST /v1/chat/completions`` (OpenAI style): messages in, ``choices[0].message`` out."""
+    """TGI's ``POST /v1/chat/completions`` (OpenAI style): messages in, ``choices[0].message`` out.
+
+    The messages are a system message and the rendered prompt, or, with ``messages_column``, the
+    row's whole conversation (see :mod:`batchrun.tasks.conversation`); the answer is the next
+    assistant turn either way.
+    """
 
     kind = task_kind("chat-completion")
     name = kind.name
     output_schema = OUTPUT_SCHEMA
 
     def __init__(
-        self, *, template: str | None, column: str | None, system: str | None, parameters: Mapping[str, Any]
+        self,
+        *,
+        template: str | None,
+        column: str | None,
+        system: str | None,
+        parameters: Mapping[str, Any],
+        messages_column: str | None = None,
     ) -> None:
         self.template = template
         self.column = column
         self.system = system
+        self.messages_column = messages_column
         # TGI ignores the model name; "tgi" is what its docs send. A user's own "model" wins.
         self.parameters = {"model": "tgi", **parameters}
 
@@ -161,10 +174,20 @@ class ChatCompletionTask:
     def from_spec(cls, spec: JobSpec) -> ChatCompletionTask:
         """The task a validated spec describes."""
         prompt = spec.prompt
-        return cls(template=prompt.template, column=prompt.column, system=prompt.system, parameters=spec.parameters)
+        return cls(
+            template=prompt.template,
+            column=prompt.column,
+            system=prompt.system,
+            parameters=spec.parameters,
+            messages_column=prompt.messages_column,
+        )
 
     def prepare(self, row: Row) -> PreparedRequest:
         """The request for ``row``."""
+        messages: list[dict[str, Any]]
+        if self.messages_column is not None:
+            messages = conversation_messages(row.columns, self.messages_column, system=self.system, image_part=None)
+            return PreparedRequest(self.kind.route, {**self.parameters, "messages": messages})
         prompt = require_prompt(self.template, self.column, row)
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": prompt})
