@@ -151,7 +151,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if lock is not None and lock.running:
         who = lock.holder.describe() if lock.holder is not None else "a process whose record cannot be read"
         print(f"  running now: {who}")
-    print(f"  ok: {status.ok} rows in {status.data_shards} shard(s)")
+    unit = "rows"
+    if spec.samples > 1:  # counted in (id, sample) units
+        unit = "samples"
+        print(f"  {spec.samples} samples per row: the counts below are samples, each an (id, sample) pair")
+    print(f"  ok: {status.ok} {unit} in {status.data_shards} shard(s)")
     print(f"  failed: {status.failed} final, {status.failed_retryable} retryable (tried again on the next run)")
     _print_remaining(spec, status)
     spent = Spent.from_record(OutputStore(root).load_spend())
@@ -175,6 +179,7 @@ def _print_remaining(spec: Any, status: Any) -> None:
         return
     if total is None:
         return
+    total *= spec.samples  # units of (id, sample), like the counts
     recorded = status.ok + status.failed
     if recorded > total:
         print(f"  remaining: 0 of {total}; the output holds {recorded - total} more rows than the input now gives "

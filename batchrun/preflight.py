@@ -150,9 +150,14 @@ async def preflight(
 
 async def _open_input(spec: JobSpec) -> Source:
     try:
-        return await asyncio.to_thread(open_source, spec.input)
+        source = await asyncio.to_thread(open_source, spec.input)
     except InputError as exc:
         raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
+    if spec.samples > 1:
+        from batchrun.samples import SampledSource
+
+        return SampledSource(source, spec.samples)
+    return source
 
 
 def _finished(summary: dict[str, Any] | None, count: int | None) -> bool:
@@ -289,8 +294,9 @@ def _render_first_rows(spec: JobSpec, source: Source, task: Task) -> list[tuple[
     """The prompts of the first rows; a template that fails on every one of them is a spec error."""
     samples: list[tuple[Any, str]] = []
     template_failures: list[str] = []
-    for batch in source.batches(batch_size=SAMPLE_ROWS):
-        for row in batch[:SAMPLE_ROWS]:
+    # Distinct rows: with several samples per row, the first units are one row's samples.
+    for batch in source.batches(batch_size=SAMPLE_ROWS * spec.samples):
+        for row in [row for row in batch if row.sample == 0][:SAMPLE_ROWS]:
             try:
                 samples.append((row.id, task.describe(task.prepare(row))))
             except RequestFailed as exc:

@@ -10,16 +10,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Row", "RowFailure", "RowResult"]
+__all__ = ["SAMPLE_COLUMN", "Row", "RowFailure", "RowResult"]
+
+#: The output column of a unit's sample index, when a job draws several samples per row.
+SAMPLE_COLUMN = "sample"
 
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One input row. ``id`` is the id column's value, or ``position`` when the job names none."""
+    """One input row. ``id`` is the id column's value, or ``position`` when the job names none.
+
+    With several samples per prompt (``samples: N``), a row is one (input row, ``sample``) unit and
+    ``position`` numbers units: ``input position * N + sample`` (see :mod:`batchrun.samples`).
+    """
 
     position: int
     id: Any
     columns: dict[str, Any]
+    sample: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from batchrun.errors import (
 from batchrun.preflight import Preflight, empty_input_message, preflight
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.reader import PendingRows
-from batchrun.records import Row
+from batchrun.records import SAMPLE_COLUMN, Row
 from batchrun.retry import RetryPolicy
 from batchrun.spec import JobSpec
 from batchrun.stop import Stop, StopReason, catch_signals
@@ -135,9 +135,13 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         invalid_output_retries=spec.retries.invalid_output,
     )
     kept = pre.kept_columns
+    sampled = spec.samples > 1
 
     def kept_columns(row: Row) -> dict[str, Any]:
-        return {name: row.columns.get(name) for name in kept}
+        values = {name: row.columns.get(name) for name in kept}
+        if sampled:  # a failure row says which sample failed
+            values[SAMPLE_COLUMN] = row.sample
+        return values
 
     def on_record(record: Any) -> None:
         tally.count(record)
@@ -275,9 +279,11 @@ async def _open_output(
             lock = await _lock_output(store, echo)
             stored_job = None
         await asyncio.to_thread(store.save_job, _job_record(pre, stored_job))
+        # A failure row says which sample failed: the sample column goes with the kept input columns.
+        failed_kept = (*pre.kept_columns, SAMPLE_COLUMN) if spec.samples > 1 else pre.kept_columns
         sink = ParquetSink(store, data_schema=pre.data_schema(), id_column=spec.input.id_column or "id",
                            shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
-                           kept_columns=pre.kept_columns)
+                           kept_columns=failed_kept)
         done = await asyncio.to_thread(sink.open)
         output = _Output(store=store, sink=sink, done=done, stop=stop)
         try:
@@ -375,7 +381,8 @@ async def _summarize(
     if check is not None and check.model:
         endpoint_info.update(model=check.model, revision=check.revision)
     return build_summary(job=pre.spec.name, started_wall=started.wall, wall_s=started.elapsed(), rows=rows,
-                         dispatch=dispatch, endpoint=endpoint_info, cost=cost, output=str(store.root), cause=stop.cause)
+                         dispatch=dispatch, endpoint=endpoint_info, cost=cost, output=str(store.root), cause=stop.cause,
+                         samples=pre.spec.samples)
 
 
 async def _write_summary(store: Any, summary: dict[str, Any], echo: Callable[[str], None]) -> None:

@@ -264,6 +264,8 @@ class JobSpec:
     image: ImageSpec | None = None  # set for the image tasks only
     # Structured output: the JSON Schema every answer must follow (loaded and checked; see structured.py).
     output_schema: Mapping[str, Any] | None = None
+    # Answers drawn per input row, each with its own seed; outputs are keyed by (id, sample) (samples.py).
+    samples: int = 1
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -311,6 +313,8 @@ class JobSpec:
             identity["output_schema"] = dict(self.output_schema)
         if self.prompt.schema_column is not None:
             identity["prompt"]["schema_column"] = self.prompt.schema_column
+        if self.samples != 1:
+            identity["samples"] = self.samples
         return identity
 
 
@@ -429,6 +433,7 @@ def _default(spec_class: type, name: str) -> Any:
 
 
 # `file` and `raw` record where the spec came from; they are not keys a spec may set.
+_MAX_SAMPLES = 10_000
 _JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw"))
 # The input section names its kind by its key (parquet, jsonl or dataset), so it is not one to one.
 _INPUT_KINDS = ("parquet", "dataset", "jsonl", "openai_batch")
@@ -521,6 +526,7 @@ class _Parser:
             output=output,
             image=self.image(data.get("image"), kind),
             output_schema=output_schema,
+            samples=self.samples(data, kind),
             file=self.file,
             raw=data,
         )
@@ -577,6 +583,21 @@ class _Parser:
                     f"{'remove it' if own in data else 'rename it'}",
                 )
         return dict(data)
+
+    def samples(self, data: Mapping[str, Any], kind: TaskKind) -> int:
+        """``samples``: answers per input row, each drawn with its own seed."""
+        samples = self.integer(data, "samples", default=_default(JobSpec, "samples"), minimum=1)
+        if samples > _MAX_SAMPLES:
+            raise self.error("samples", f"expected at most {_MAX_SAMPLES}, got {samples}")
+        if samples > 1 and kind.seed_path is None:
+            owners = ", ".join(k.name for k in TASK_KINDS.values() if k.seed_path)
+            raise self.error("samples", f"several samples apply to tasks {owners}, not {kind.name}")
+        image = data.get("image")
+        if samples > 1 and isinstance(image, Mapping) and image.get("seed_column") is not None:
+            raise self.error(
+                "samples", "each sample is drawn with its own seed; image.seed_column would draw them all alike"
+            )
+        return samples
 
     def output_schema(
         self, data: Any, kind: TaskKind, prompt: PromptSpec, parameters: Mapping[str, Any]

@@ -44,8 +44,9 @@ def build_summary(
     cost: dict[str, Any],
     output: str,
     cause: StopCause | None,
+    samples: int = 1,
 ) -> dict[str, Any]:
-    """The summary as summary.json holds it."""
+    """The summary as summary.json holds it. With ``samples`` > 1, row counts are (id, sample) units."""
     done = rows["ok"] + rows["failed"]
     pending = rows.get("pending")
     failed_total = rows["total_failed"]
@@ -57,6 +58,7 @@ def build_summary(
         "started_at": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(),
         "wall_s": round(wall_s, 3),
         "rows": rows,
+        "samples_per_row": samples,
         "throughput_rows_per_s": round(done / wall_s, 2) if wall_s > 0 else 0.0,
         **dispatch,
         "endpoint": endpoint,
@@ -75,6 +77,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  this run: {rows['ok']} ok, {rows['failed']} failed, {rows['skipped']} skipped (finished by earlier runs)"
         + (f", {rows['pending']} not yet run" if rows.get("pending") else ""),
     ]
+    if summary.get("samples_per_row", 1) > 1:
+        n = summary["samples_per_row"]
+        lines.append(f"  {n} samples per row: the counts are samples, each an (id, sample) pair")
     if "total_ok" in rows:
         retryable = rows.get("total_failed_retryable") or 0
         lines.append(

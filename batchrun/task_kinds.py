@@ -43,6 +43,9 @@ class TaskKind:
     schema_parameter: str | None = None
     """Where the route takes a JSON Schema for structured output (TGI's ``grammar`` on ``/generate``,
     ``response_format`` on the chat route); None when the task has no structured output."""
+    seed_path: tuple[str, ...] | None = None
+    """Where the request body carries the sampling seed (``("parameters", "seed")`` or ``("seed",)``);
+    None when batchrun does not set seeds for the task."""
 
 
 TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
@@ -60,6 +63,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter="max_new_tokens",
                 reserved_parameters=("details",),  # details=true carries finish_reason and token counts
                 implementation="batchrun.tasks.text:TextGenerationTask",
+                seed_path=("parameters", "seed"),
                 schema_parameter="grammar",
             ),
             TaskKind(
@@ -74,6 +78,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter="max_tokens",
                 reserved_parameters=("messages",),
                 implementation="batchrun.tasks.text:ChatCompletionTask",
+                seed_path=("seed",),
                 schema_parameter="response_format",
             ),
             TaskKind(
@@ -87,6 +92,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter=None,
                 reserved_parameters=("seed",),  # per row, from image.seed_column or image.seed
                 implementation="batchrun.tasks.text_to_image:TextToImageTask",
+                seed_path=("parameters", "seed"),
             ),
             TaskKind(
                 name="image-text-to-text",
@@ -100,6 +106,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter="max_tokens",
                 reserved_parameters=("messages",),
                 implementation="batchrun.tasks.vision:VisionChatTask",
+                seed_path=("seed",),
                 schema_parameter="response_format",
             ),
             TaskKind(

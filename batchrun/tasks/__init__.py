@@ -26,6 +26,7 @@ must stay fast. The task classes and output schemas load on first use.
     conversation.py    a row's conversation checked and turned into chat messages
     openai_batch.py    OpenAIBatchTask, BATCH_OUTPUT_SCHEMA
     structured.py      StructuredTask: a text task whose answers follow a JSON Schema
+    samples.py         SampledTask: several samples per row, each with its own seed
 """
 
 from __future__ import annotations
@@ -90,11 +91,16 @@ def make_task(spec: JobSpec | str, **legacy: Any) -> Task:
     module_name, class_name = task_kind(spec.task).implementation.split(":")
     task_class = getattr(importlib.import_module(module_name), class_name)
     task: Task = task_class.from_spec(spec)
+    seed = spec.parameters.get("seed")
+    if spec.samples > 1:
+        from batchrun.tasks.samples import SampledTask
+
+        job_seed = seed if isinstance(seed, int) else spec.image.seed if spec.image is not None else 0
+        task = SampledTask(task, job_seed=job_seed)
     if spec.output_schema is not None or spec.prompt.schema_column is not None:
         from batchrun.structured import OutputSchema
         from batchrun.tasks.structured import StructuredTask
 
-        seed = spec.parameters.get("seed")
         schema = OutputSchema(
             schema=dict(spec.output_schema) if spec.output_schema is not None else None,
             per_row=spec.prompt.schema_column,

@@ -194,6 +194,17 @@ def _is_string_view(kind: pa.DataType) -> bool:
     return bool(check(kind)) if check is not None else False
 
 
+def with_seed(request: PreparedRequest, seed_path: tuple[str, ...], seed: int) -> PreparedRequest:
+    """``request`` with ``seed`` at ``seed_path`` of its payload (copied along the path, never mutated)."""
+    payload = dict(request.payload)
+    node = payload
+    for key in seed_path[:-1]:
+        node[key] = dict(node.get(key) or {})
+        node = node[key]
+    node[seed_path[-1]] = seed
+    return PreparedRequest(request.path, payload, request.headers, request.outputs, request.answer_schema)
+
+
 # --------------------------------------------------------------------------------------------------
 # URLs and answers
 

@@ -23,7 +23,7 @@ from batchrun.errors import RequestFailed
 from batchrun.images import derive_seed
 from batchrun.structured import InvalidAnswer, OutputSchema
 from batchrun.task_kinds import task_kind
-from batchrun.tasks.base import PreparedRequest, Task
+from batchrun.tasks.base import PreparedRequest, Task, with_seed
 
 if TYPE_CHECKING:
     from batchrun.records import Row
@@ -60,13 +60,9 @@ class StructuredTask:
 
     def redraw(self, request: PreparedRequest, row: Row, attempt: int) -> PreparedRequest:
         """``request`` again with a fresh seed for the ``attempt``-th try after an invalid answer."""
-        seed = derive_seed(row.id, self.job_seed or 0, "invalid", attempt)
-        payload = dict(request.payload)
-        if self.kind.schema_parameter == "grammar":
-            payload["parameters"] = {**payload["parameters"], "seed": seed}
-        else:
-            payload["seed"] = seed
-        return PreparedRequest(request.path, payload, request.headers, request.outputs, request.answer_schema)
+        assert self.kind.seed_path is not None, "every task with structured output takes a seed"
+        seed = derive_seed(row.id, self.job_seed or 0, "invalid", row.sample, attempt)
+        return with_seed(request, self.kind.seed_path, seed)
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """The inner task's columns; :meth:`read` adds ``parsed``."""
