@@ -317,7 +317,8 @@ class Dispatcher:
                     state="paused",
                 )
             if is_overload(failure):
-                self.limit.on_overload(sent_at)
+                # TGI's own 429 (no Retry-After) is a refusal for want of capacity: the limit measures it.
+                self.limit.on_overload(sent_at, rejected=failure.status == 429 and failure.retry_after is None)
             outage = failure.retryable and _is_unavailable(failure) and self.breaker.suspects_outage
             if outage:
                 # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs

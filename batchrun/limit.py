@@ -1,30 +1,47 @@
-"""An adaptive concurrency limit: find an endpoint's capacity without being told it.
+"""An adaptive concurrency limit: find an endpoint's capacity without being told it, and follow it.
 
-TGI admits ``max_concurrent_requests`` (128 per replica by default) and answers 429 at once beyond
-that; replicas come and go. The limit follows AIMD, as TCP and Netflix's concurrency-limits do, with
-a latency check in the style of Netflix's Gradient2:
+TGI admits ``max_concurrent_requests`` (128 per replica by default) and answers an instant 429
+(``"error_type": "overloaded"``, no Retry-After) beyond that; replicas come and go. The limit is a
+TCP-style window with one addition that an instant-rejecting server makes possible: **a 429 measures
+the capacity**.
 
-- **Slow start**: until the first overload, each success adds 1 (the limit doubles every round).
-- **Additive increase**: after that, each success adds ``1/limit`` (the limit grows by 1 per round).
-- **Multiplicative decrease**: an overload (429, 503, timeout) multiplies the limit by
-  ``decrease_factor`` (0.9), **once per round**: an overload reported by a request sent before the
-  last decrease is the same event seen again and is ignored, so a burst of 429s answering one
-  overshoot does not collapse the limit to ``minimum``. This is TCP's "once per window" rule.
-  0.9 rather than TCP's 0.5/0.7: TGI rejects instantly instead of queueing, so overshooting by a
-  request costs one fast 429, while a deep cut costs throughput for many rounds. Measured on the
-  emulator (2 replicas x 32 slots, 100 ms): 0.8 reached 80% of capacity, 0.9 reached 87% with
-  under 1% 429s (benchmarks/RESULTS.md). A sustained overload still halves the limit in 7 rounds.
+- **The measurement.** Every request remembers its *load*: how many requests this limit had in flight
+  when it was sent, itself included. A server that rejects at once rather than queueing rejected it
+  because it already held at least its capacity of others, and it cannot have held more than this
+  client had out (load - 1): requests not yet arrived and answers not yet read count here but not
+  there. So an instant 429 (no Retry-After, answered in well under a round) says capacity <= load - 1,
+  and the limit goes straight to that level. A burst of 429s from one overshoot is the same bound seen
+  several times and cuts no further than its smallest value; no "once per round" rule is needed, and a
+  slow-start overshoot costs a handful of 429s instead of several rounds of a cut far below capacity.
+  (The in-flight count *when the 429 came back* is no measure: in a slow-start burst every request
+  sent is still in flight then. That was tried and failed; see benchmarks/RESULTS.md.)
+- **Slow start**: until the first overload, each success adds 1 (the limit doubles every round; from
+  the default 8 at 100 ms, 64 is reached in 3 rounds). The same fast growth brings the limit back to
+  the *ceiling* (the last measured level) after anything that left it below, such as a latency cut.
+- **Probing** above the ceiling: the step per round starts small (1/8) and doubles every round
+  without an overload. Just after a 429 the limit sits at the measured level and probes one request
+  past it only every few rounds, so 429s stay rare; if the capacity has grown (a replica added), the
+  growing step reaches it in a few rounds, exponentially, like a new slow start, and the next instant
+  429 measures the new level.
+- **Other overloads** (a 503, a timeout, a 429 that queued or carries Retry-After) measure nothing:
+  they multiply the limit by ``decrease_factor`` (0.9), once per round: one sent before the last cut
+  is the same event seen again (TCP's "once per window" rule). 0.9 rather than TCP's 0.5/0.7, because
+  a deep cut costs throughput for many rounds.
 - **Latency**: a short average of latency (last ~10 samples) is compared with a long, slowly moving
   baseline (~200 samples, pulled down faster than up). When the short one exceeds
   ``latency_tolerance`` (2.0) × the baseline, the server is queueing: growth stops and the limit is
   cut gently (× ``latency_decrease_factor``, 0.95) at most once per round. A baseline rather than the
-  minimum, because generation latency varies with output length: the fastest reply ever seen is not
-  what a normal reply should take.
+  minimum, because generation latency varies with output length.
 - Growth only while the limit is in use (``in_flight * 2 >= limit``), so a slow input does not let the
   limit drift up to ``maximum`` and then overload the endpoint in one burst.
 
+Measured (benchmarks/RESULTS.md, "Adaptive limit"): plain AIMD used ~0.79-0.86 of a hidden capacity;
+this controller is compared with it there, and tests/test_limit_simulation.py checks it against a
+simulated server with a fake clock.
+
 :class:`LimitController` is the pure arithmetic (a clock is passed in, nothing waits);
-:class:`AdaptiveLimit` wraps it in an asyncio semaphore whose size follows it.
+:class:`AdaptiveLimit` wraps it in an asyncio semaphore whose size follows it, and remembers each
+request's load for it.
 """
 
 from __future__ import annotations
@@ -32,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -39,9 +57,17 @@ from typing import Any
 
 __all__ = ["AdaptiveLimit", "LimitController"]
 
+# The load of the request the current task last sent: (id of the AdaptiveLimit, requests in flight when
+# its slot was taken, itself included). A context variable because each dispatcher worker is its own
+# asyncio task and reports its outcome from the same task, after the slot is released: the dispatcher
+# need not carry the number around. Module-level, as context variables should be.
+_TASK_LOAD: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("batchrun_limit_load", default=None)
+# Probing above the ceiling: the exponent of the step is capped so that 2**rounds stays a float.
+_MAX_PROBE_ROUNDS = 60.0
+
 
 class LimitController:
-    """The AIMD + latency arithmetic behind :class:`AdaptiveLimit`. Pure: time comes in as ``now``."""
+    """The arithmetic behind :class:`AdaptiveLimit` (see the module docstring). Pure: time comes in as ``now``."""
 
     def __init__(
         self,
@@ -56,11 +82,16 @@ class LimitController:
         long_alpha: float = 0.005,
         warmup_samples: int = 20,
         default_round_s: float = 1.0,
+        slow_start_gain: float = 1.0,
+        probe_step: float = 0.125,
+        instant_fraction: float = 0.5,
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError(f"need 1 <= minimum <= maximum, got minimum={minimum}, maximum={maximum}")
         if not 0 < decrease_factor < 1 or not 0 < latency_decrease_factor <= 1:
             raise ValueError("decrease factors must lie in (0, 1)")
+        if not probe_step > 0 or not 0 < instant_fraction <= 1:
+            raise ValueError("probe_step must be positive and instant_fraction in (0, 1]")
         self.minimum = minimum
         self.maximum = maximum
         self.decrease_factor = decrease_factor
@@ -70,13 +101,22 @@ class LimitController:
         self.long_alpha = long_alpha
         self.warmup_samples = warmup_samples
         self.default_round_s = default_round_s
+        # Slow start adds this per success: 1 doubles the limit every round, 2 triples it.
+        self.slow_start_gain = slow_start_gain
+        # Probing above the ceiling adds this much per round just after a cut, doubling every round.
+        self.probe_step = probe_step
+        # A rejection answered within this fraction of a round was not queued: its load measures capacity.
+        self.instant_fraction = instant_fraction
         self.value = float(min(max(initial, minimum), maximum))
         self.slow_start = True
+        # The level the last overload left the limit at: below it the limit regrows fast, above it it probes.
+        self.ceiling: float | None = None
         self.short_latency: float | None = None
         self.baseline_latency: float | None = None
         self.samples = 0
         self.overloads_seen = 0  # every overload reported, counted or not
         self.decreases = 0  # decreases actually applied
+        self.measured_cuts = 0  # decreases to a level measured by an instant rejection
         self._last_decrease_at = -math.inf
 
     @property
@@ -97,7 +137,7 @@ class LimitController:
         return (self.short_latency or 0.0) / self.baseline_latency
 
     def on_success(self, latency_s: float, *, now: float, in_flight: int) -> None:
-        """A request succeeded after ``latency_s`` seconds, with ``in_flight`` requests running."""
+        """A request succeeded after ``latency_s`` seconds; ``in_flight`` requests are running now."""
         self._observe(latency_s)
         if self.latency_ratio > self.latency_tolerance:
             # The server is queueing: do not add load; back off gently, once per round.
@@ -108,23 +148,72 @@ class LimitController:
             return
         if in_flight * 2 < self.limit:
             return  # the limit is not what holds us back; growing it would mean nothing
-        self._set(self.value + (1.0 if self.slow_start else 1.0 / self.value))
+        if self.slow_start:
+            self._set(self.value + self.slow_start_gain)
+        elif self.ceiling is not None and self.value < self.ceiling:
+            self._set(min(self.value + 1.0, self.ceiling))  # back to the known level at slow-start pace
+        else:
+            self._set(self.value + self._probe_step(now) / self.value)
 
-    def on_overload(self, *, now: float, sent_at: float | None = None) -> bool:
+    def on_overload(
+        self,
+        *,
+        now: float,
+        sent_at: float | None = None,
+        load: int | None = None,
+        rejected: bool = False,
+        in_flight: int | None = None,
+    ) -> bool:
         """The endpoint said it is overloaded to a request sent at ``sent_at``. True if the limit dropped.
 
-        Without ``sent_at`` the request is taken to have been sent one round ago.
+        ``rejected``: the server refused it for want of capacity (TGI's 429 without Retry-After),
+        ``load`` is how many requests were in flight when it was sent, itself included, and
+        ``in_flight`` how many are in flight now (without it). If the refusal came at once, the limit
+        goes to ``min(load - 1, in_flight)`` (module docstring). Otherwise the limit is cut by
+        ``decrease_factor`` once per round; without ``sent_at`` the request is taken to have been sent
+        one round ago.
         """
         self.overloads_seen += 1
+        self.slow_start = False
         if sent_at is None:
             sent_at = now - self.round_s
+        if rejected and load is not None and now - sent_at < self.instant_fraction * self.round_s:
+            # Both are upper bounds on what the server holds; in_flight is the tighter one while the rest
+            # of a burst is still being refused, and holding the limit there sends nothing new until an
+            # answer frees a slot, so a refusal does not hand its slot to a request refused in turn.
+            bound = max(float(self.minimum), load - 1.0 if in_flight is None else min(load - 1.0, in_flight))
+            if bound >= self.value:
+                return False  # the limit is already at or below what this refusal measured
+            self._cut_to(bound, now)
+            self.measured_cuts += 1
+            return True
         if sent_at < self._last_decrease_at:
             return False  # sent before the last cut: the same overload event, already answered
-        self.slow_start = False
-        self._set(self.value * self.decrease_factor)
+        self._cut_to(self.value * self.decrease_factor, now)
+        return True
+
+    def raise_to(self, value: float) -> bool:
+        """Go back up to at least ``value`` (a level known good before an outage). True if it rose."""
+        if value <= self.value:
+            return False
+        self._set(value)
+        return True
+
+    def _cut_to(self, value: float, now: float) -> None:
+        self._set(value)
+        self.ceiling = self.value
         self._last_decrease_at = now
         self.decreases += 1
-        return True
+
+    def _probe_step(self, now: float) -> float:
+        """How much to add per round above the ceiling: small just after a cut, doubling every round since.
+
+        Just after a cut the limit sits where the endpoint said no, so one request more is most likely
+        another 429: the first whole step comes after about 3 rounds. If the capacity has grown, the
+        doubling step finds it in a few rounds more. Never more than doubling per round (slow start).
+        """
+        rounds = min((now - self._last_decrease_at) / self.round_s, _MAX_PROBE_ROUNDS)
+        return min(self.probe_step * 2.0**rounds, self.value)
 
     def _observe(self, latency_s: float) -> None:
         latency_s = max(latency_s, 1e-6)
@@ -146,8 +235,9 @@ class AdaptiveLimit:
     """An asyncio semaphore whose size is an adaptive concurrency limit.
 
     Use ``async with limit.slot(): ...`` (or :meth:`acquire` / :meth:`release`) around each request,
-    and report outcomes with :meth:`on_success` and :meth:`on_overload`. Waiters are served in FIFO
-    order. When the limit drops below ``in_flight``, nothing is interrupted: new requests wait until
+    and report outcomes with :meth:`on_success` and :meth:`on_overload`, from the task that acquired the
+    slot: the limit remembers, per task, the load its last request was sent at. Waiters are served in
+    FIFO order. When the limit drops below ``in_flight``, nothing is interrupted: new requests wait until
     enough running ones finish.
     """
 
@@ -163,7 +253,7 @@ class AdaptiveLimit:
         self.controller = LimitController(initial, minimum=minimum, maximum=maximum, **tuning)
         self._clock = clock
         self._in_flight = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
 
     def __repr__(self) -> str:
         return f"AdaptiveLimit(limit={self.limit}, in_flight={self.in_flight}, waiting={len(self._waiters)})"
@@ -178,15 +268,21 @@ class AdaptiveLimit:
         """How many slots are held."""
         return self._in_flight
 
-    async def acquire(self) -> None:
-        """Wait for a free slot and take it."""
+    async def acquire(self) -> int:
+        """Wait for a free slot and take it. Returns the load: requests in flight now, this one included."""
         if not self._waiters and self._in_flight < self.limit:
             self._in_flight += 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
+            load = self._in_flight
+        else:
+            load = await self._wait_for_slot()
+        _TASK_LOAD.set((id(self), load))
+        return load
+
+    async def _wait_for_slot(self) -> int:
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            await waiter
+            return await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # the slot was handed over just as we were cancelled: give it back
@@ -216,9 +312,22 @@ class AdaptiveLimit:
         self.controller.on_success(latency_s, now=self._clock(), in_flight=self._in_flight)
         self._wake()
 
-    def on_overload(self, sent_at: float | None = None) -> bool:
-        """Report a 429/503/timeout for a request sent at ``sent_at`` (this limit's clock). True if cut."""
-        return self.controller.on_overload(now=self._clock(), sent_at=sent_at)
+    def on_overload(self, sent_at: float | None = None, *, rejected: bool = False, load: int | None = None) -> bool:
+        """Report a 429/503/timeout for a request sent at ``sent_at`` (this limit's clock). True if cut.
+
+        ``rejected``: a refusal for want of capacity (TGI's 429 without Retry-After). ``load`` defaults
+        to the load of the last request this task sent through this limit.
+        """
+        if load is None:
+            load = self.task_load()
+        return self.controller.on_overload(
+            now=self._clock(), sent_at=sent_at, load=load, rejected=rejected, in_flight=self._in_flight
+        )
+
+    def task_load(self) -> int | None:
+        """The load the current task's last request was sent at (None if it took no slot here)."""
+        remembered = _TASK_LOAD.get()
+        return remembered[1] if remembered is not None and remembered[0] == id(self) else None
 
     @property
     def value(self) -> float:
@@ -227,8 +336,7 @@ class AdaptiveLimit:
 
     def raise_to(self, value: float) -> None:
         """Go back to at least ``value`` (the level that was good before an outage), and wake waiters."""
-        if value > self.controller.value:
-            self.controller.value = min(float(self.controller.maximum), value)
+        if self.controller.raise_to(value):
             self._wake()
 
     def _wake(self) -> None:
@@ -238,4 +346,4 @@ class AdaptiveLimit:
             if waiter.done():
                 continue
             self._in_flight += 1
-            waiter.set_result(None)
+            waiter.set_result(self._in_flight)

@@ -27,14 +27,59 @@ def test_slow_start_doubles_the_limit_every_round() -> None:
     assert c.limit == 32
 
 
-def test_after_an_overload_the_limit_grows_by_one_per_round() -> None:
+def test_after_an_overload_the_limit_probes_slowly_at_first_then_ever_faster() -> None:
     c = controller(100)
+    succeed(c, 30, latency=0.1, in_flight=0)  # the round is 0.1 s; the limit not in use
     c.on_overload(now=1.0, sent_at=1.0)
     assert c.limit == 90
-    succeed(c, 92, now=2.0)  # one round: about `limit` successes
-    assert c.limit == 91
-    succeed(c, 92, now=3.0)
-    assert c.limit == 92
+    now = 1.0
+    grown = []
+    for _ in range(8):  # eight rounds of about `limit` successes
+        now += 0.1
+        succeed(c, c.limit, now=now)
+        grown.append(c.limit)
+    assert grown[2] <= 91  # about one request more in the first three rounds: 429s stay rare
+    assert grown[-1] - grown[-2] >= 8  # by then doubling its step every round: a new capacity is found fast
+
+
+def test_an_instant_429_sets_the_limit_to_the_load_it_was_sent_at() -> None:
+    c = controller(128)
+    succeed(c, 30, latency=0.1, in_flight=0)  # learn the round (0.1 s) without growing
+    # Sent with 80 in flight (itself included), refused within 2 ms: the server held at most 79.
+    assert c.on_overload(now=5.002, sent_at=5.0, load=80, rejected=True)
+    assert c.limit == 79 and not c.slow_start
+    # More of the same burst measure no lower: no further cut. One sent at a lower load does cut.
+    assert not c.on_overload(now=5.003, sent_at=5.0, load=85, rejected=True)
+    assert c.on_overload(now=5.004, sent_at=5.001, load=70, rejected=True)
+    assert c.limit == 69
+    assert c.measured_cuts == 2
+
+
+def test_refusals_read_while_the_rest_of_a_burst_is_out_hold_the_limit_at_what_is_in_flight() -> None:
+    c = controller(128)
+    succeed(c, 30, latency=0.1, in_flight=0)  # learn the round (0.1 s) without growing
+    c.on_overload(now=5.001, sent_at=5.0, load=120, rejected=True, in_flight=100)
+    assert c.limit == 100
+
+
+def test_a_queued_or_unmeasured_overload_falls_back_to_the_gentle_cut() -> None:
+    c = controller(100)
+    succeed(c, 30, latency=0.1, in_flight=0)  # learn the round (0.1 s) without growing
+    assert c.on_overload(now=5.2, sent_at=5.0, load=50, rejected=True)  # answered after 2 rounds: queued
+    assert c.limit == 90
+    assert c.on_overload(now=6.0, sent_at=5.9, load=50, rejected=False)  # a 503 or a timeout
+    assert c.limit == 81
+    assert c.measured_cuts == 0
+
+
+def test_after_a_measured_cut_the_limit_regrows_fast_to_the_ceiling_left_by_it() -> None:
+    c = controller(100)
+    succeed(c, 30, latency=0.1, in_flight=0)  # learn the round (0.1 s) without growing
+    c.on_overload(now=1.0, sent_at=0.999, load=65, rejected=True)
+    assert c.ceiling == 64
+    c.value = 40.0  # e.g. a latency cut, or the breaker's outage
+    succeed(c, 24, now=1.1)
+    assert c.limit == 64
 
 
 def test_an_overload_cuts_the_limit_multiplicatively() -> None:
@@ -189,6 +234,49 @@ def test_a_cancelled_waiter_does_not_leak_a_slot() -> None:
         await asyncio.gather(waiter, return_exceptions=True)
         assert limit.in_flight == 0
         await asyncio.wait_for(limit.acquire(), 1)
+
+    asyncio.run(main())
+
+
+def test_the_limit_remembers_the_load_each_task_sent_at() -> None:
+    async def main() -> None:
+        limit = AdaptiveLimit(4, maximum=4)
+        loads: dict[str, int | None] = {}
+
+        async def request(name: str, hold: asyncio.Event) -> None:
+            await limit.acquire()
+            await hold.wait()
+            limit.release()
+            loads[name] = limit.task_load()
+
+        holds = [asyncio.Event() for _ in range(5)]
+        tasks = [asyncio.ensure_future(request(f"r{i}", hold)) for i, hold in enumerate(holds)]
+        await asyncio.sleep(0)
+        assert limit.in_flight == 4  # r4 waits
+        holds[0].set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        for hold in holds[1:]:
+            hold.set()
+        await asyncio.gather(*tasks)
+        assert [loads[f"r{i}"] for i in range(4)] == [1, 2, 3, 4]
+        assert loads["r4"] == 4  # handed r0's slot with 4 in flight again
+        assert limit.task_load() is None  # this task took no slot
+
+    asyncio.run(main())
+
+
+def test_an_instant_429_reported_through_the_semaphore_uses_the_senders_load() -> None:
+    async def main() -> None:
+        clock = [10.0]
+        limit = AdaptiveLimit(50, maximum=100, clock=lambda: clock[0])
+        for _ in range(20):
+            await limit.acquire()
+        sent_at = clock[0]
+        clock[0] += 0.001
+        limit.release()
+        assert limit.on_overload(sent_at, rejected=True)  # sent as the 20th: the server held 19
+        assert limit.limit == 19
 
     asyncio.run(main())
 
