@@ -15,18 +15,13 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Protocol
 
 from batchrun.errors import InputError, redact
 from batchrun.records import Row
-from batchrun.sources import Source
+from batchrun.sources import DoneMask, Source
 from batchrun.stop import Stop, StopReason
 
 __all__ = ["PendingRows"]
-
-
-class DonePositions(Protocol):
-    def __contains__(self, position: int) -> bool: ...
 
 
 class _End:
@@ -40,7 +35,7 @@ class PendingRows:
     """``async with PendingRows(...) as reader``: the thread runs inside the block; ``rows()`` yields."""
 
     def __init__(
-        self, source: Source, done: DonePositions, stop: Stop, *, ahead_batches: int = 4, batch_size: int = 256
+        self, source: Source, done: DoneMask, stop: Stop, *, ahead_batches: int = 4, batch_size: int = 256
     ) -> None:
         self._source = source
         self._done = done
@@ -103,11 +98,10 @@ class PendingRows:
     def _read(self) -> None:
         end = _End()
         try:
-            for batch in self._source.batches(batch_size=self._batch_size):
+            for skipped, pending in self._source.pending_batches(batch_size=self._batch_size, done=self._done):
                 if self._stopped():
                     return
-                pending = [row for row in batch if row.position not in self._done]
-                self.skipped += len(batch) - len(pending)
+                self.skipped += skipped
                 if not pending:
                     continue
                 self._settle_first(True)

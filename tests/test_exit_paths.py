@@ -95,17 +95,17 @@ def test_success_pauses_the_endpoint_and_restores_its_scaling(tmp_path, monkeypa
 
 def test_an_exception_while_reading_pauses_the_endpoint_and_nothing_is_sent_after_the_pause(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    original = ParquetSource.batches
+    original = ParquetSource.pending_batches
 
-    def failing_batches(self, batch_size=1024):
+    def failing_batches(self, batch_size=1024, done=None):
         if batch_size <= 3:  # preflight's look at the first rows succeeds
-            yield from original(self, batch_size)
+            yield from original(self, batch_size, done)
             return
-        first = next(iter(original(self, batch_size)))
-        yield first[:25]
+        skipped, first = next(iter(original(self, batch_size, done)))
+        yield skipped, first[:25]
         raise OSError("the input disk went away")
 
-    monkeypatch.setattr(ParquetSource, "batches", failing_batches)
+    monkeypatch.setattr(ParquetSource, "pending_batches", failing_batches)
     with emulator(paused_endpoint(latency_base_s=0.01)) as emu:
         outcome, _ = run(job(tmp_path, emu, n=100))
         assert outcome.exit_code == 3  # stopped early: the rows read so far are kept, a rerun resumes

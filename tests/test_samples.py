@@ -150,3 +150,27 @@ def test_text_to_image_draws_each_sample_with_its_own_seed() -> None:
     assert first.payload["parameters"]["seed"] != second.payload["parameters"]["seed"]
     assert first.outputs == {"seed": first.payload["parameters"]["seed"], "sample": 0}
     assert task.output_schema.names[-2:] == ["seed", "sample"]
+
+
+def test_only_the_samples_not_done_are_read_again_and_wholly_done_rows_are_left_out(tmp_path: Path) -> None:
+    import random
+
+    from batchrun.output.done import DoneSet
+    from batchrun.samples import SampledSource
+    from batchrun.sources import open_source
+    from batchrun.spec import InputSpec
+
+    path = write_topics(tmp_path / "t.parquet", 50)
+    source = SampledSource(open_source(InputSpec(kind="parquet", path=str(path), id_column="id")), 3)
+    done = DoneSet()
+    rng = random.Random(0)
+    finished = {unit for unit in range(150) if rng.random() < 0.6} | {0, 1, 2}  # row 0 wholly done
+    for unit in finished:
+        done.add(unit)
+    seen, left_out = [], 0
+    for skipped, units in source.pending_batches(batch_size=16, done=done):
+        left_out += skipped
+        seen.extend(units)
+    assert [u.position for u in seen] == sorted(set(range(150)) - finished)
+    assert all(u.position == int(u.id[4:]) * 3 + u.sample for u in seen)
+    assert left_out == len(finished)

@@ -28,6 +28,23 @@ class DoneSet:
         byte = position >> 3
         return byte < len(self._bits) and bool(self._bits[byte] & (1 << (position & 7)))
 
+    def pending_mask(self, start: int, count: int) -> np.ndarray:
+        """A bool per position ``start .. start+count-1``, True where it is *not* done.
+
+        The reader asks this once per stretch of input rather than once per row, so that a resume
+        after 900,000 done rows leaves them out in milliseconds. The bytes are copied (a slice of the
+        bytearray) because the sink may grow the bitmap meanwhile, which a view would forbid.
+        """
+        if start < 0 or count < 0:
+            raise ValueError(f"positions are never negative, got start {start}, count {count}")
+        first = start >> 3
+        raw = bytes(self._bits[first : (start + count + 7) // 8 + 1])
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        done = bits[start - first * 8 : start - first * 8 + count].astype(bool)
+        pending = np.ones(count, dtype=bool)
+        pending[: len(done)] = ~done
+        return pending
+
     @property
     def nbytes(self) -> int:
         """The memory held by the bitmap."""
