@@ -360,7 +360,7 @@ class EmulatedHub:
         if repo.races:
             repo.races -= 1
             self.move_head(repo.repo_id, repo.repo_type)
-        header = next((line["value"] for line in lines if line.get("key") == "header"), {})
+        header: dict[str, Any] = next((line["value"] for line in lines if line.get("key") == "header"), {})
         parent = header.get("parentCommit")
         head = repo.commits[repo.branches[branch]]
         if parent is not None and not head.oid.startswith(parent):
