@@ -49,6 +49,7 @@ class Commit:
     title: str
     date: str
     files: dict[str, bytes]
+    written: list[str] = field(default_factory=list)  # paths the commit added or replaced (for tests)
 
 
 @dataclass
@@ -83,11 +84,14 @@ class HubRepo:
     def commit(self, title: str, files: dict[str, bytes], branch: str = "main") -> Commit:
         """A new commit on ``branch`` holding exactly ``files``."""
         parent = self.branches.get(branch)
+        before = self.commits[parent].files if parent else {}
         now = dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z")
         digest = hashlib.sha1(f"{self.repo_id}\0{parent}\0{title}\0{len(self.commits)}\0".encode())
         for path in sorted(files):
             digest.update(path.encode() + b"\0" + git_blob_oid(files[path]).encode())
-        commit = Commit(oid=digest.hexdigest(), parent=parent, title=title, date=now, files=dict(files))
+        written = sorted(p for p, data in files.items() if before.get(p) != data)
+        commit = Commit(oid=digest.hexdigest(), parent=parent, title=title, date=now, files=dict(files),
+                        written=written)
         self.commits[commit.oid] = commit
         self.branches[branch] = commit.oid
         return commit
