@@ -10,7 +10,7 @@ import yaml
 from hubkit import REPO_ID, assert_exact, card_of, point_at_hub, rows_in, shard_files
 from jobkit import NS, TOKEN, emulator, run, running_endpoint, write_spec, write_topics
 
-from batchrun.errors import AuthError, OutputError
+from batchrun.errors import AuthError
 from batchrun.publish import Pacing, PublishError, Target, push_output
 from batchrun.publish import commit as commit_module
 from batchrun.spec import load_spec
