@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hubkit import card_of, point_at_hub  # noqa: E402
-from jobkit import NS, TOKEN, cli, emulator, running_endpoint  # noqa: E402
+from hubkit import card_of, point_at_hub
+from jobkit import NS, TOKEN, cli, emulator, running_endpoint
 
 REPO = "hub-test/topics"
 
