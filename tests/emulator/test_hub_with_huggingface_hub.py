@@ -133,3 +133,19 @@ def test_a_job_reads_one_emulated_repo_and_pushes_to_another_offline_through_hf_
     assert meta["dataset_info"][0]["splits"][0]["num_examples"] == 30
     assert sum(1 for p in files if p.startswith("default/train-")) == 3
     assert TOKEN not in done.stderr + done.stdout + body
+
+
+def test_hub_datasets_in_the_emulator_config_are_repos_from_the_start(tmp_path):
+    from batchrun.emulator import EmulatorConfig, EmulatorThread
+
+    (tmp_path / "in.parquet").write_bytes(parquet_bytes(2))
+    config = EmulatorConfig.from_dict({"endpoints": [], "hub_datasets": {"demo/prompts": str(tmp_path / "in.parquet")}})
+    with EmulatorThread(config) as emu:
+        assert emu.hub.files("demo/prompts")["data/in.parquet"] == parquet_bytes(2)
+
+
+def test_a_malformed_hub_datasets_key_is_refused_naming_it():
+    from batchrun.emulator import EmulatorConfig, EmulatorConfigError
+
+    with pytest.raises(EmulatorConfigError, match="hub_datasets"):
+        EmulatorConfig.from_dict({"hub_datasets": {"no-slash": "x"}})
