@@ -87,7 +87,7 @@ def read_facts(root: Path, data: Sequence[LocalShard], failed: Sequence[LocalSha
         if shards:
             facts.features[kind] = _features(pq.read_schema(shards[0].path))
     if data:
-        first = pq.read_table(data[0].path).slice(0, max(SAMPLE_ROWS, THUMBNAILS))
+        first = _first_rows(data[0].path, max(SAMPLE_ROWS, THUMBNAILS))
         images = _image_columns(first.schema)
         facts.sample_columns = [n for n in first.column_names if n not in images]
         facts.samples = [_shown(row, facts.sample_columns) for row in first.slice(0, SAMPLE_ROWS).to_pylist()]
@@ -100,6 +100,14 @@ def _features(schema: pa.Schema) -> list[dict[str, Any]]:
     from datasets import Features  # heavy: only a push needs it
 
     return Features.from_arrow_schema(schema)._to_yaml_list()
+
+
+def _first_rows(path: Path, n: int) -> pa.Table:
+    """The first ``n`` rows of a shard, reading one batch rather than the whole file (images are large)."""
+    with pq.ParquetFile(path) as parquet:
+        batch = next(parquet.iter_batches(batch_size=n), None)
+        schema = parquet.schema_arrow
+    return pa.Table.from_batches([batch], schema=schema) if batch is not None else schema.empty_table()
 
 
 def _uncompressed(path: Path) -> int:

@@ -143,11 +143,22 @@ def same_content(data: bytes, remote: RemoteFile | None) -> bool:
 
 
 def _digest(path: Path, hasher: Any, prefix: bytes) -> str:
-    hasher.update(prefix)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+    # A published shard never changes, so a run that pushes every N minutes hashes each one once.
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, hasher.name)
+    if key not in _DIGESTS:
+        hasher.update(prefix)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+        if len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[key] = hasher.hexdigest()
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple[str, int, int, str], str] = {}
+_DIGESTS_KEPT = 100_000
 
 
 @dataclass(slots=True)
