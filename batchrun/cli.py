@@ -5,6 +5,7 @@
     batchrun status JOB.yaml       done / failed / remaining, from the output folder alone
     batchrun preview OUTPUT        a static HTML contact sheet of the results (images with prompts)
     batchrun export OUTPUT --to F  the committed rows as JSON lines, plain or in OpenAI's batch output format
+    batchrun push OUTPUT --repo ORG/NAME   publish the output as a dataset on the Hugging Face Hub
     batchrun endpoint status|pause|resume NAME --namespace NS
     batchrun emulate               a local Inference Endpoint emulator on loopback
 
@@ -39,6 +40,7 @@ examples:
   batchrun status jobs/quickstart.yaml
   batchrun preview out/images --limit 100
   batchrun export out/openai_batch --format openai-batch --to results.jsonl
+  batchrun push out/quickstart --repo my-org/quickstart-answers
   batchrun emulate --port 8080
 """
 
@@ -230,6 +232,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .errors import OutputError
+    from .output import OutputStore
+    from .publish import PublishError, Target, push_output
+
+    root = Path(args.output)
+    job = OutputStore(root).load_job() if root.is_dir() else None
+    if job is None:
+        raise OutputError(f"{root} is not a batchrun output folder (no state/job.json)")
+    # The spec's output.push_to_hub gives what the command line does not.
+    stored = ((job.get("spec") or {}).get("output") or {}).get("push_to_hub") or {}
+    repo = args.repo or stored.get("repo")
+    if not repo:
+        raise PublishError("--repo ORG/NAME is required (the job's spec has no output.push_to_hub.repo)")
+    target = Target(
+        repo=repo,
+        config=args.config or stored.get("config") or "default",
+        split=args.split or stored.get("split") or "train",
+        private=args.private or bool(stored.get("private")),
+        include_failed=args.include_failed or bool(stored.get("include_failed")),
+        endpoint=args.endpoint or stored.get("endpoint"),
+    )
+    result = push_output(root, target, echo=_echo)
+    print(result.describe())
+    return 0
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
     # Every problem (bad flag, file that is not an emulator config, busy port) is an EmulatorError: one line, exit 2.
     from .emulator import EmulatorConfig, describe, load_emulator_config, serve
@@ -359,6 +388,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--errors", metavar="FILE", default=None,
                    help="write failed rows here instead of into --to (default: into --to)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("push", help="publish an output folder as a dataset repo on the Hugging Face Hub",
+                       description="Publish the committed shards of an output folder as a dataset repo, with a "
+                       "generated card: only the shards the repo lacks are uploaded, in one commit with the card, "
+                       "against the revision read (a racing commit makes it read again). Safe to run again at any "
+                       "time, also while the job runs. See docs/hub.md.")
+    p.add_argument("output", metavar="OUTPUT", help="the job's output folder (output.path or --output)")
+    p.add_argument("--repo", metavar="ORG/NAME", default=None,
+                   help="the dataset repo (default: the spec's output.push_to_hub.repo)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo is unchanged)")
+    p.add_argument("--config", metavar="NAME", default=None,
+                   help="the config to push as (default: 'default'); one repo may hold several jobs as configs")
+    p.add_argument("--split", metavar="NAME", default=None, help="the split name (default: train)")
+    p.add_argument("--include-failed", action="store_true",
+                   help="also push the failed rows, as a config of their own ('failed', or CONFIG-failed)")
+    p.add_argument("--endpoint", metavar="URL", default=None,
+                   help="the Hub's base url (default: huggingface_hub's, which honours HF_ENDPOINT)")
+    p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("endpoint", help="look at, pause or resume a Dedicated Inference Endpoint",
                        description="For the morning after a bad night: see an endpoint's state, or pause it.")

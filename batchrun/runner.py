@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     options = options or RunOptions()
     started = _Started()
     stop = Stop(grace_s=options.grace_s, echo=options.echo)
+    pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
                           poll_interval_s=options.poll_interval_s)
     tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
@@ -76,7 +78,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
         async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo) as output:
             async with _pending_rows(pre, output.done, stop) as reader:
                 if await reader.has_pending():
-                    dispatch_stats = await _serve(pre, output, reader, tally, stop, options, started)
+                    dispatch_stats = await _serve(pre, output, reader, tally, stop, options, started, pusher)
                 elif reader.skipped == 0 and not spec.input.allow_empty:  # a streamed input turned out empty
                     raise InputError(empty_input_message(spec))
                 else:  # a finished job sends nothing and never touches the endpoint
@@ -89,12 +91,14 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     options.echo(format_summary(summary))
     if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
         raise AuthError(stop.cause.detail)  # exit 2: nothing more can run until the token is fixed
+    if pusher is not None:
+        await pusher.push(final=True)
     return JobOutcome(exit_code=summary["exit_code"], summary=summary)
 
 
 async def _serve(
     pre: Preflight, output: _Output, reader: PendingRows, tally: Tally, stop: Stop, options: RunOptions,
-    started: _Started,
+    started: _Started, pusher: _Pusher | None = None,
 ) -> dict[str, Any]:
     """Acquire the endpoint, dispatch every pending row, commit, release: on every way out.
 
@@ -107,7 +111,7 @@ async def _serve(
         async with pre.endpoint as plane:
             dispatcher = _dispatcher(pre, plane, committer, tally)
             try:
-                await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started)
+                await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher)
             finally:
                 await committer.commit()  # before the release: what finished is kept even if it fails
     except JobStopped:
@@ -153,7 +157,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
 
 async def _dispatch(
     dispatcher: Dispatcher, reader: PendingRows, committer: Committer, pre: Preflight, tally: Tally, stop: Stop,
-    options: RunOptions, started: _Started,
+    options: RunOptions, started: _Started, pusher: _Pusher | None = None,
 ) -> None:
     """Send every pending row; meanwhile commit, show progress and watch the budget."""
     meter = pre.endpoint.meter
@@ -183,6 +187,8 @@ async def _dispatch(
         asyncio.create_task(guard.watch(meter, stop), name="budget"),
         asyncio.create_task(_keep_spending_ledger(pre, meter), name="spend"),
     ]
+    if pusher is not None and pusher.every_s is not None:
+        background.append(asyncio.create_task(pusher.run_every(), name="push"))
     try:
         await dispatcher.run(reader.rows(), stop)
         stop.request(StopReason.DONE, "every pending row has its record")
@@ -235,6 +241,61 @@ def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:
         "status_counts": dict(stats.status_counts),
         "latency_s": {"p50": stats.latencies.quantile(0.5), "p95": stats.latencies.quantile(0.95)},
     }
+
+
+# --------------------------------------------------------------------------- pushing to the Hub
+
+
+class _Pusher:
+    """``output.push_to_hub``: a push at the end of the run and, with ``every``, during it.
+
+    A push publishes only the shards the manifest lists (closed and committed), so one during the run
+    never shows a half-written file. Pushes run on a thread, one at a time (the lock): the last one
+    waits for one still in flight. A push that fails is said and the job goes on; its output is
+    complete locally and ``batchrun push`` publishes it later.
+    """
+
+    def __init__(self, output: str, target: Any, every_s: float | None, echo: Callable[[str], None]) -> None:
+        self.output = output
+        self.target = target
+        self.every_s = every_s
+        self.echo = echo
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_spec(cls, spec: JobSpec, echo: Callable[[str], None]) -> _Pusher | None:
+        push = spec.output.push_to_hub
+        if push is None:
+            return None
+        from huggingface_hub import get_token
+
+        from batchrun.publish import Target
+
+        if not get_token():
+            raise AuthError("output.push_to_hub needs a Hugging Face token with write access: set HF_TOKEN or run "
+                            "`hf auth login` (nothing was run)")
+        target = Target(repo=push.repo, config=push.config, split=push.split, private=push.private,
+                        include_failed=push.include_failed, endpoint=push.endpoint)
+        return cls(spec.output.path, target, push.every, echo)
+
+    def _push(self) -> str:
+        from batchrun.publish import push_output
+
+        with self._lock:
+            return push_output(self.output, self.target, echo=self.echo).describe()
+
+    async def push(self, *, final: bool = False) -> None:
+        try:
+            self.echo(f"push: {await asyncio.to_thread(self._push)}")
+        except BatchrunError as exc:
+            later = f"; run `batchrun push {self.output} --repo {self.target.repo}` to publish it" if final else ""
+            self.echo(f"error: push to the Hub failed: {exc}{later}")
+
+    async def run_every(self) -> None:
+        assert self.every_s is not None
+        while True:
+            await asyncio.sleep(self.every_s)
+            await self.push()
 
 
 # --------------------------------------------------------------------------- the output
@@ -380,6 +441,8 @@ async def _summarize(
     check = pre.endpoint_check
     if check is not None and check.model:
         endpoint_info.update(model=check.model, revision=check.revision)
+    if check is not None and check.details:
+        endpoint_info["details"] = dict(check.details)  # hardware and container image, where known
     return build_summary(job=pre.spec.name, started_wall=started.wall, wall_s=started.elapsed(), rows=rows,
                          dispatch=dispatch, endpoint=endpoint_info, cost=cost, output=str(store.root), cause=stop.cause,
                          samples=pre.spec.samples)

@@ -53,6 +53,7 @@ __all__ = [
     "JobSpec",
     "OutputSpec",
     "PromptSpec",
+    "PushSpec",
     "RetrySpec",
     "ScaleSpec",
     "load_spec",
@@ -235,12 +236,30 @@ class RetrySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PushSpec:
+    """``output.push_to_hub``: publish the output as a dataset repo at the end of the run (docs/hub.md).
+
+    ``every`` (seconds) also pushes during the run; ``endpoint`` is the Hub's base url (None:
+    huggingface_hub's own, which honours ``HF_ENDPOINT``), e.g. the local emulator's.
+    """
+
+    repo: str
+    private: bool = False
+    config: str = "default"
+    split: str = "train"
+    every: float | None = None
+    include_failed: bool = False
+    endpoint: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     """Where results go, and when a Parquet shard is closed and published."""
 
     path: str
     shard_rows: int = 10_000
     shard_bytes: int = DEFAULT_SHARD_BYTES
+    push_to_hub: PushSpec | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -939,6 +958,32 @@ class _Parser:
                 data, "shard_rows", prefix="output.", default=_default(OutputSpec, "shard_rows"), minimum=1
             ),
             shard_bytes=self.size(data, "shard_bytes", prefix="output.", default=_default(OutputSpec, "shard_bytes")),
+            push_to_hub=self.push_to_hub(data.get("push_to_hub")),
+        )
+
+    def push_to_hub(self, data: Any) -> PushSpec | None:
+        if data is None:
+            return None
+        from batchrun.publish.names import name_problem, repo_problem
+
+        p = "output.push_to_hub."
+        data = self.section(data, "output.push_to_hub", _keys(PushSpec))
+        repo = self.string(data, "repo", prefix=p)
+        for key, problem in (("repo", repo_problem(repo)),
+                             ("config", name_problem(data.get("config", "default"), "config")),
+                             ("split", name_problem(data.get("split", "train"), "split"))):
+            if problem is not None:
+                raise self.error(p + key, problem)
+        flags = {}
+        for key in ("private", "include_failed"):
+            value = data.get(key, False)
+            if not isinstance(value, bool):
+                raise self.error(p + key, f"expected true or false, got {_describe(value)}")
+            flags[key] = value
+        return PushSpec(
+            repo=repo, config=data.get("config", "default"), split=data.get("split", "train"),
+            every=self.duration(data, "every", prefix=p, default=None),
+            endpoint=self.string(data, "endpoint", prefix=p, default=None), **flags,
         )
 
     def output_path(self, data: Mapping[str, Any], job_name: str) -> str:

@@ -25,7 +25,7 @@ TASKS = ("text-generation", "text-to-image", "image-text-to-text")
 INITIAL_STATES = ("paused", "running", "scaledToZero", "failed")
 EPISODE_KINDS = ("outage_503", "lose_replica", "fail_endpoint")
 DEFAULT_TOKEN = "hf_emulator_local_token"
-EMULATOR_CONFIG_KEYS = ("token", "host", "control_port", "endpoints")
+EMULATOR_CONFIG_KEYS = ("token", "host", "control_port", "endpoints", "hub_datasets")
 # Top-level keys of a batchrun job spec: a file holding some of these is a job, not an emulator config.
 _JOB_SPEC_KEYS = frozenset({"input", "prompt", "task", "output", "endpoint", "parameters", "concurrency"})
 
@@ -269,6 +269,8 @@ class EmulatorConfig:
     endpoints: list[EndpointConfig] = field(default_factory=lambda: default_endpoints())
     host: str = "127.0.0.1"
     control_port: int = 0
+    # Dataset repos the emulated Hub holds from the start: repo id -> a local folder (or one file) to commit.
+    hub_datasets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         seen: set[tuple[str, str]] = set()
@@ -320,7 +322,13 @@ class EmulatorConfig:
         port = data.get("control_port", 0)
         if not isinstance(port, int) or isinstance(port, bool):
             raise EmulatorConfigError("control_port: expected int")
-        return cls(token=token, endpoints=endpoints or default_endpoints(), host=host, control_port=port)
+        hub_datasets = data.get("hub_datasets") or {}
+        if not isinstance(hub_datasets, dict) or not all(
+            isinstance(k, str) and k.count("/") == 1 and isinstance(v, str) for k, v in hub_datasets.items()
+        ):
+            raise EmulatorConfigError("hub_datasets: expected a mapping of ORG/NAME to a local folder or file")
+        return cls(token=token, endpoints=endpoints or default_endpoints(), host=host, control_port=port,
+                   hub_datasets=dict(hub_datasets))
 
 
 def default_endpoints() -> list[EndpointConfig]:

@@ -12,6 +12,7 @@ from aiohttp import web
 from batchrun.emulator.config import DEFAULT_TOKEN, EmulatorConfig, EndpointConfig, Episode
 from batchrun.emulator.control_plane import ControlPlane
 from batchrun.emulator.data_plane import EndpointServer
+from batchrun.emulator.hub import EmulatedHub
 from batchrun.emulator.listen import listen
 from batchrun.emulator.state import EndpointState
 
@@ -21,13 +22,15 @@ class Emulator:
 
     ``async with Emulator(config) as emu:`` starts everything; ``emu.api_url`` is what to assign to
     ``huggingface_hub.constants.INFERENCE_ENDPOINTS_ENDPOINT``; ``emu.endpoint_url(ns, name)`` is an
-    endpoint's data-plane base url.
+    endpoint's data-plane base url. The control port also plays the Hub (``emu.hub``, see
+    ``batchrun.emulator.hub``): ``emu.hub_url`` is what to give ``HF_ENDPOINT``.
     """
 
     def __init__(self, config: EmulatorConfig) -> None:
         self.config = config
         self._servers: dict[tuple[str, str], EndpointServer] = {}
         self._control = ControlPlane(self, config.token)
+        self.hub = EmulatedHub(config.token)
         self._runner: web.AppRunner | None = None
         self.api_url = ""
         self.control_url = ""
@@ -41,7 +44,9 @@ class Emulator:
 
     async def start(self) -> None:
         """Open the control port and every endpoint's port; EmulatorError (and nothing left open) if one is busy."""
-        self._runner = web.AppRunner(self._control.app(), access_log=None, shutdown_timeout=0.2)
+        app = self._control.app()
+        self.hub.add_routes(app)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self._runner.setup()
         try:
             port = await listen(self._runner, self.config.host, self.config.control_port, what="",
@@ -49,6 +54,9 @@ class Emulator:
             host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
             self.control_url = f"http://{host}:{port}"
             self.api_url = f"{self.control_url}/v2"
+            self.hub.base_url = self.control_url
+            for repo_id, folder in self.config.hub_datasets.items():
+                self.hub.seed_folder(repo_id, folder)
             for endpoint in self.config.endpoints:
                 await self.add_endpoint(endpoint)
         except BaseException:
@@ -63,6 +71,11 @@ class Emulator:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    @property
+    def hub_url(self) -> str:
+        """The emulated Hub's base url: what ``HF_ENDPOINT`` (or ``output.push_to_hub.endpoint``) takes."""
+        return self.control_url
 
     # ----- endpoints
 
@@ -213,6 +226,15 @@ class EmulatorThread:
     def control_log(self) -> list[dict]:
         return self.call(lambda: list(self.emulator.control_log))
 
+    @property
+    def hub_url(self) -> str:
+        return self.emulator.hub_url
+
+    @property
+    def hub(self) -> _OnLoop:
+        """The emulated Hub, its methods run on the emulator's loop (``emu.hub.race_next_commit(repo)``)."""
+        return _OnLoop(self, self.emulator.hub)
+
     def endpoint_url(self, namespace: str, name: str) -> str:
         return self.emulator.endpoint_url(namespace, name)
 
@@ -232,6 +254,20 @@ class EmulatorThread:
         self.call(self.emulator.lose_replica, namespace, name)
 
 
+class _OnLoop:
+    """Forwards method calls to an object owned by the emulator's loop, from another thread."""
+
+    def __init__(self, thread: EmulatorThread, target: Any) -> None:
+        self._thread = thread
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._target, name)
+        if not callable(attribute):
+            return self._thread.call(lambda: getattr(self._target, name))
+        return lambda *args, **kwargs: self._thread.call(lambda: attribute(*args, **kwargs))
+
+
 async def serve(config: EmulatorConfig, *, ready: Callable[[Emulator], None] | None = None) -> None:
     """Run an emulator until cancelled; ``ready(emu)`` is called once every port listens."""
     async with Emulator(config) as emulator:
@@ -246,6 +282,7 @@ def describe(emulator: Emulator | EmulatorThread) -> str:
         f"Inference Endpoints API: {emulator.api_url}",
         f"  point huggingface_hub at it: huggingface_hub.constants.INFERENCE_ENDPOINTS_ENDPOINT = {emulator.api_url!r}",
         f"Stats: {emulator.control_url}/emulator/stats",
+        f"Hub API: {emulator.control_url}  (datasets: HF_ENDPOINT={emulator.control_url}; see docs/hub.md)",
         "Endpoints:",
     ]
     inner = emulator.emulator if isinstance(emulator, EmulatorThread) else emulator
