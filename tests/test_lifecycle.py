@@ -123,11 +123,15 @@ def test_a_paused_endpoint_scaled_to_4_is_used_only_once_all_4_replicas_are_read
         assert (seen["state"], seen["ready"]) == ("running", 4)  # not a moment before the 4th replica
         assert seen["scaling"] == (4, 4, 2)  # the job's scaling, and the backstop in minutes
         assert seen["cold"] is False
-        # The state changes were shown as they happened, replica by replica.
+        # The state changes were shown as the polls saw them, in the order they happen. A poll on a
+        # loaded machine may miss a short state (pending lasts 50 ms here), so the states between the
+        # first and the last are checked for their order, not each for its presence.
         shown = "\n".join(life.record.events)
-        for fragment in ("is paused", "pending", "initializing", "running, replicas 1/4", "running, replicas 4/4",
-                         "is ready"):
+        for fragment in ("is paused", "running, replicas 4/4", "is ready"):
             assert fragment in shown
+        order = ["is paused", "pending", "initializing", "running, replicas 1/4", "running, replicas 4/4", "is ready"]
+        positions = [shown.index(fragment) for fragment in order if fragment in shown]
+        assert positions == sorted(positions)
         assert changes(emu) == [("PUT", "update"), ("POST", "resume"), ("POST", "pause"), ("PUT", "update")]
         assert emu.state(NS, "gen").state == "paused"
         assert scaling(emu) == (1, 1, 15)  # the user's settings are back
