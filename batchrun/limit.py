@@ -239,3 +239,13 @@ class AdaptiveLimit:
                 continue
             self._in_flight += 1
             waiter.set_result(None)
+
+    def try_acquire(self) -> bool:
+        """Take a free slot now if one is free and nobody waits for it; False (nothing taken) otherwise.
+
+        The dispatcher's fast path: a slot taken without waiting needs no cancel scope around it.
+        """
+        if not self._waiters and self._in_flight < self.limit:
+            self._in_flight += 1
+            return True
+        return False

@@ -196,3 +196,19 @@ def test_a_cancelled_waiter_does_not_leak_a_slot() -> None:
 def test_release_without_acquire_is_an_error() -> None:
     with pytest.raises(RuntimeError):
         AdaptiveLimit(1, maximum=1).release()
+
+
+def test_try_acquire_takes_only_a_free_slot_nobody_waits_for() -> None:
+    async def main() -> None:
+        limit = AdaptiveLimit(2, maximum=2)
+        assert limit.try_acquire() and limit.try_acquire()
+        assert not limit.try_acquire() and limit.in_flight == 2  # full: nothing taken
+        waiter = asyncio.ensure_future(limit.acquire())
+        await asyncio.sleep(0)
+        limit.release()  # the slot goes to the waiter, not to a newcomer
+        assert not limit.try_acquire() and limit.in_flight == 2
+        await waiter
+        limit.release()
+        assert limit.try_acquire() and limit.in_flight == 2
+
+    asyncio.run(main())
