@@ -270,7 +270,8 @@ class Dispatcher:
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive excused failures, for their backoff
         while True:
-            probe = await self._admitted()
+            # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
+            probe = False if self.breaker.closed else await self._admitted()
             sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
             attempts += 1
             self._observe(outcome, probe=probe, row=row.position)
@@ -326,10 +327,14 @@ class Dispatcher:
         first: bool,
     ) -> tuple[float, dict[str, Any] | RequestFailed]:
         """Send one request inside a concurrency slot. Returns when it was sent, and outputs or a failure."""
-        async with self._stop.until_requested() as waiting:
-            await self.limit.acquire()
-        if waiting.cancelled:
-            raise _Abandon()
+        if self._stop.requested:
+            raise _Abandon()  # intake stopped: a row not sent yet is left for next time
+        # The fast path (a free slot, taken at once) needs no cancel scope: only a wait can be stopped.
+        if not self.limit.try_acquire():
+            async with self._stop.until_requested() as waiting:
+                await self.limit.acquire()
+            if waiting.cancelled:
+                raise _Abandon()
         try:
             # Checked right before sending: once a stop is requested, a row that was only waiting for a
             # slot is left for next time.
