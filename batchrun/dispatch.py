@@ -53,6 +53,7 @@ from batchrun.retry import (
 from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
 from batchrun.stop import Stop
 from batchrun.tasks import PreparedRequest, Task, join_url
+from batchrun.tasks.base import dump_json
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
@@ -263,7 +264,7 @@ class Dispatcher:
             request = self.task.prepare(row)
         except RequestFailed as unsendable:
             return self._failure(row, unsendable, attempts=0)
-        body = json.dumps(request.payload).encode()  # once per row, not per attempt
+        body = dump_json(request.payload)  # once per row, not per attempt
         url = self._url(request)
         headers = request.headers or None
         attempts = 0  # requests sent for this row
