@@ -15,13 +15,16 @@ For profiling, ``--serve PORT`` runs the server alone in the foreground, and ``-
 writes the job (spec and input) that the benchmark runs, e.g. for
 ``py-spy record -f raw -o /tmp/prof.txt -- .venv/bin/python -m batchrun run DIR/job.yaml --progress off``.
 The server's own CPU time over the span is reported too: near 1.0 means the server, not the client,
-held the pace, and the ratio then says little.
+held the pace, and the ratio then says little. On a shared machine the span also stretches with the
+other work that takes the cores, so the client's CPU time within the span is sampled from /proc as
+well: rows per client CPU-second is the throughput each client would reach with a core of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -30,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,7 +91,8 @@ def _app() -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         span = (counts.last - counts.first) if counts.first is not None and counts.last is not None else None
         cpu = (counts.cpu_at_last - counts.cpu_at_first) if span else None
-        return web.json_response({"requests": counts.requests, "span_s": span, "server_cpu_s": cpu})
+        return web.json_response({"requests": counts.requests, "span_s": span, "server_cpu_s": cpu,
+                                  "first": counts.first, "last": counts.last})
 
     async def reset(request: web.Request) -> web.Response:
         counts.reset()
@@ -189,16 +194,52 @@ async def bare(url: str, task: str, rows: int, concurrency: int) -> int:
     return ok
 
 
-def _client_run(command: list[str], url: str, env: dict[str, str]) -> tuple[dict, float, float]:
-    """Run one client in a fresh interpreter: the server's figures, the wall time, the client's CPU time."""
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float | None:
+    """The CPU time (user + system, every thread) a running process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def _cpu_at(samples: list[tuple[float, float]], when: float) -> float:
+    """The client's CPU time at ``when``, interpolated between the samples around it."""
+    for (t0, c0), (t1, c1) in itertools.pairwise(samples):
+        if t0 <= when <= t1:
+            return c0 + (c1 - c0) * (when - t0) / (t1 - t0) if t1 > t0 else c0
+    return samples[0][1] if when < samples[0][0] else samples[-1][1]
+
+
+def _client_run(command: list[str], url: str, env: dict[str, str]) -> dict:
+    """Run one client in a fresh interpreter: the server's figures, the wall time, the client's CPU time
+    (all of it, and the part spent within the server's span, from /proc sampled every 20 ms)."""
     asyncio.run(_control(url, "reset"))
     started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    samples: list[tuple[float, float]] = []
+
+    def sample() -> None:  # perf_counter is CLOCK_MONOTONIC: the server's clock too
+        while process.poll() is None:
+            cpu = _cpu_s(process.pid)
+            if cpu is not None:
+                samples.append((time.perf_counter(), cpu))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
+    sampler.join()
     wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
-    if done.returncode != 0:
-        raise SystemExit(f"{command} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    if process.returncode != 0:
+        raise SystemExit(f"{command} failed ({process.returncode}):\n{stderr[-3000:]}")
+    stats = asyncio.run(_control(url, "stats"))
+    first, last = stats["first"], stats["last"]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return asyncio.run(_control(url, "stats")), wall, cpu
+    return {**stats, "wall_s": wall, "cpu_s": cpu, "cpu_in_span_s": _cpu_at(samples, last) - _cpu_at(samples, first)}
 
 
 def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | None = None) -> dict:
@@ -221,10 +262,8 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
                 with tempfile.TemporaryDirectory() as tmp:
                     job = write_job(Path(tmp), url, rows, concurrency, task)
                     command = [sys.executable, "-m", "batchrun", "run", str(job), "--progress", "off"]
-                    stats, wall, cpu = _client_run(command, url, client_env)
-                    runs[name].append({**stats, "wall_s": wall, "cpu_s": cpu})
-            stats, wall, cpu = _client_run(bare_command, url, env)
-            runs["bare_aiohttp"].append({**stats, "wall_s": wall, "cpu_s": cpu})
+                    runs[name].append(_client_run(command, url, client_env))
+            runs["bare_aiohttp"].append(_client_run(bare_command, url, env))
     finally:
         server.terminate()
         server.join(5)
@@ -233,12 +272,24 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
             assert result["requests"] == rows, (name, result)
     rates = {name: [rows / r["span_s"] for r in results] for name, results in runs.items()}
     ratios = {name: [b / a for b, a in zip(rates[name], rates["bare_aiohttp"], strict=True)] for name in clients}
+    # Rows per CPU-second of the client within the span: the throughput each would reach with a core
+    # of its own, which a shared machine's load does not move.
+    per_cpu = {name: [rows / r["cpu_in_span_s"] for r in results] for name, results in runs.items()}
+    cpu_ratios = {
+        name: [b / a for b, a in zip(per_cpu[name], per_cpu["bare_aiohttp"], strict=True)] for name in clients
+    }
     return {
         "benchmark": "client_ceiling", "task": task, "rows": rows, "concurrency": concurrency, "repeats": repeats,
         "server_latency_s": 0.0,
         "rows_per_s_over_server_span": {k: [round(v) for v in values] for k, values in rates.items()},
         "over_bare_each_repeat": {k: [round(r, 3) for r in values] for k, values in ratios.items()},
         "over_bare_median": {k: round(statistics.median(values), 3) for k, values in ratios.items()},
+        "rows_per_client_cpu_s_in_span": {k: [round(v) for v in values] for k, values in per_cpu.items()},
+        "per_cpu_over_bare_each_repeat": {k: [round(r, 3) for r in values] for k, values in cpu_ratios.items()},
+        "per_cpu_over_bare_median": {k: round(statistics.median(values), 3) for k, values in cpu_ratios.items()},
+        "client_cpu_share_of_span": {
+            k: [round(r["cpu_in_span_s"] / r["span_s"], 2) for r in results] for k, results in runs.items()
+        },
         "server_cpu_share_of_span": {
             k: [round(r["server_cpu_s"] / r["span_s"], 2) for r in results] for k, results in runs.items()
         },
