@@ -140,12 +140,23 @@ class _Abandon(Exception):
 
 
 class _RowFeed:
-    """The rows, pulled one worker at a time; remembers that they ended."""
+    """The rows, pulled one worker at a time; remembers that they ended.
+
+    When the rows come with a ``next_nowait()`` (:class:`~batchrun.reader.RowStream`), a row already
+    handed over is taken with it, synchronously: no lock, no cancel scope, no await for most rows.
+    """
 
     def __init__(self, rows: AsyncIterator[Row]) -> None:
         self._rows = rows
         self._lock = asyncio.Lock()
         self.ended = False
+        self._nowait: Callable[[], Row | None] = getattr(rows, "next_nowait", _nothing)
+
+    def next_nowait(self) -> Row | None:
+        """A row that is there already, or None (then await :meth:`next`)."""
+        if self.ended or self._lock.locked():
+            return None  # the end is for every worker; a worker waiting on the lock is served first
+        return self._nowait()
 
     async def next(self) -> Row | None:
         async with self._lock:
@@ -244,9 +255,10 @@ class Dispatcher:
 
     async def _worker(self, session: aiohttp.ClientSession, feed: _RowFeed) -> None:
         while not self._stop.requested:
-            row = None
-            async with self._stop.until_requested():
-                row = await feed.next()
+            row = feed.next_nowait()  # most rows are here already: no wait, so nothing for a stop to cut
+            if row is None:
+                async with self._stop.until_requested():
+                    row = await feed.next()
             if row is None or self._stop.requested:
                 return  # the rows ended, or intake stopped: a row pulled just then runs next time
             try:
@@ -495,6 +507,10 @@ class Dispatcher:
                 f"Set HF_TOKEN, or run `hf auth login`."
             )
         return AuthError(message, status=status)
+
+
+def _nothing() -> None:
+    return None
 
 
 _ENDPOINT_PAUSED = "endpoint_paused"

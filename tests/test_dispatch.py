@@ -566,6 +566,54 @@ def test_a_stop_request_abandons_rows_waiting_to_retry_without_a_record() -> Non
     asyncio.run(main())
 
 
+class ReadyRows:
+    """Rows that are all at hand, offered through ``next_nowait`` as the reader's RowStream does."""
+
+    def __init__(self, prompts: Iterable[str]) -> None:
+        self._rows = iter([Row(position=i, id=f"id-{i}", columns={"prompt": p}) for i, p in enumerate(prompts)])
+        self.taken = 0
+
+    def __aiter__(self) -> ReadyRows:
+        return self
+
+    def next_nowait(self) -> Row | None:
+        row = next(self._rows, None)
+        self.taken += row is not None
+        return row
+
+    async def __anext__(self) -> Row:
+        row = self.next_nowait()
+        if row is None:
+            raise StopAsyncIteration
+        return row
+
+
+def test_rows_at_hand_are_taken_without_waiting_and_a_stop_still_ends_intake() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        await asyncio.sleep(0.02)
+        return ok(prompt)
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, max_concurrency=8, initial_concurrency=8)
+            small = ReadyRows(f"a{i}" for i in range(40))
+            await asyncio.wait_for(d.run(small), 30)  # a limit against a hang
+            assert sorted(by_id(records)) == sorted(f"id-{i}" for i in range(40))
+            records.clear()
+            rows = ReadyRows(f"p{i}" for i in range(10_000))
+            stop = Stop(grace_s=30)
+            run = asyncio.create_task(d.run(rows, stop))
+            await until(lambda: len(records) >= 16, what="16 records")
+            stop.request(StopReason.SIGNAL, "test")
+            await asyncio.wait_for(run, 10)  # a limit against a hang
+            # Rows were pulled only by free workers; each one pulled before the stop was sent and recorded.
+            assert len(by_id(records)) == len(records) == server.count - 40 <= rows.taken < 10_000
+            assert rows.taken <= len(records) + 8
+
+    asyncio.run(main())
+
+
 def test_a_row_whose_stop_comes_before_its_request_is_not_sent_even_with_free_slots() -> None:
     class StopsAtPrepare:
         """The text task, but preparing the row "last" requests the stop: it is pulled, not yet sent."""
