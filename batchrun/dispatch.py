@@ -393,13 +393,13 @@ class Dispatcher:
                 FailureKind.CONNECTION.value, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_CHARS], retryable=True
             ) from None
         self._count(str(status))
-        verdict = classify(status)
-        if verdict is Verdict.SUCCESS:
+        if 200 <= status < 300:  # what classify() calls SUCCESS, asked first: it is nearly every answer
             try:
                 return self.task.parse(status, headers, payload)
             except RequestFailed:
                 self._count(FailureKind.BAD_BODY.value)
                 raise
+        verdict = classify(status)
         message, model_answered = _server_message(status, payload)
         if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
