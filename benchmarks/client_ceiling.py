@@ -107,7 +107,10 @@ def _app() -> web.Application:
     return app
 
 
-def _serve(port: int, conn: multiprocessing.connection.Connection | None) -> None:
+def _serve(port: int, conn: multiprocessing.connection.Connection | None, cpu: int | None = None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
     async def main() -> None:
         runner = web.AppRunner(_app(), access_log=None)
         await runner.setup()
@@ -214,12 +217,15 @@ def _cpu_at(samples: list[tuple[float, float]], when: float) -> float:
     return samples[0][1] if when < samples[0][0] else samples[-1][1]
 
 
-def _client_run(command: list[str], url: str, env: dict[str, str]) -> dict:
+def _client_run(command: list[str], url: str, env: dict[str, str], cpu: int | None = None) -> dict:
     """Run one client in a fresh interpreter: the server's figures, the wall time, the client's CPU time
     (all of it, and the part spent within the server's span, from /proc sampled every 20 ms)."""
     asyncio.run(_control(url, "reset"))
     started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=pin
+    )
     samples: list[tuple[float, float]] = []
 
     def sample() -> None:  # perf_counter is CLOCK_MONOTONIC: the server's clock too
@@ -242,10 +248,14 @@ def _client_run(command: list[str], url: str, env: dict[str, str]) -> dict:
     return {**stats, "wall_s": wall, "cpu_s": cpu, "cpu_in_span_s": _cpu_at(samples, last) - _cpu_at(samples, first)}
 
 
-def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | None = None) -> dict:
-    """Interleaved runs of each client against one server; ``before`` is another batchrun source tree."""
+def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | None = None, pin: bool = False) -> dict:
+    """Interleaved runs of each client against one server; ``before`` is another batchrun source tree.
+
+    ``pin``: the server on CPU 0 and every client on CPU 1, so that they never share a core.
+    """
+    server_cpu, client_cpu = (0, 1) if pin else (None, None)
     parent, child = multiprocessing.Pipe()
-    server = multiprocessing.Process(target=_serve, args=(0, child), daemon=True)
+    server = multiprocessing.Process(target=_serve, args=(0, child, server_cpu), daemon=True)
     server.start()
     url = parent.recv()
     env = {**os.environ, "HF_TOKEN": TOKEN}
@@ -262,8 +272,8 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
                 with tempfile.TemporaryDirectory() as tmp:
                     job = write_job(Path(tmp), url, rows, concurrency, task)
                     command = [sys.executable, "-m", "batchrun", "run", str(job), "--progress", "off"]
-                    runs[name].append(_client_run(command, url, client_env))
-            runs["bare_aiohttp"].append(_client_run(bare_command, url, env))
+                    runs[name].append(_client_run(command, url, client_env, client_cpu))
+            runs["bare_aiohttp"].append(_client_run(bare_command, url, env, client_cpu))
     finally:
         server.terminate()
         server.join(5)
@@ -280,6 +290,7 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
     }
     return {
         "benchmark": "client_ceiling", "task": task, "rows": rows, "concurrency": concurrency, "repeats": repeats,
+        "pinned": pin,
         "server_latency_s": 0.0,
         "rows_per_s_over_server_span": {k: [round(v) for v in values] for k, values in rates.items()},
         "over_bare_each_repeat": {k: [round(r, 3) for r in values] for k, values in ratios.items()},
@@ -310,6 +321,7 @@ def main() -> None:
     parser.add_argument("--url", help="the server, for --write-job")
     parser.add_argument("--before", metavar="SRC", help="also run the batchrun package of this source tree "
                         "(e.g. `git archive COMMIT | tar -x -C SRC`), interleaved with the others")
+    parser.add_argument("--pin", action="store_true", help="server on CPU 0, clients on CPU 1")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)  # one bare-client run (a subprocess)
     args = parser.parse_args()
     if args.serve is not None:
@@ -320,7 +332,7 @@ def main() -> None:
         ok = asyncio.run(bare(args.bare, args.task, args.rows, args.concurrency))
         assert ok == args.rows, ok
     else:
-        print(json.dumps(measure(args.rows, args.concurrency, args.repeats, args.task, args.before), indent=1))
+        print(json.dumps(measure(args.rows, args.concurrency, args.repeats, args.task, args.before, args.pin), indent=1))
 
 
 if __name__ == "__main__":
