@@ -56,6 +56,7 @@ from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Concu
 from batchrun.stop import Stop
 from batchrun.structured import InvalidAnswer
 from batchrun.tasks import PreparedRequest, Task, join_url
+from batchrun.tasks.base import dump_json
 from batchrun.tasks.structured import StructuredTask
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
@@ -145,12 +146,23 @@ class _Abandon(Exception):
 
 
 class _RowFeed:
-    """The rows, pulled one worker at a time; remembers that they ended."""
+    """The rows, pulled one worker at a time; remembers that they ended.
+
+    When the rows come with a ``next_nowait()`` (:class:`~batchrun.reader.RowStream`), a row already
+    handed over is taken with it, synchronously: no lock, no cancel scope, no await for most rows.
+    """
 
     def __init__(self, rows: AsyncIterator[Row]) -> None:
         self._rows = rows
         self._lock = asyncio.Lock()
         self.ended = False
+        self._nowait: Callable[[], Row | None] = getattr(rows, "next_nowait", _nothing)
+
+    def next_nowait(self) -> Row | None:
+        """A row that is there already, or None (then await :meth:`next`)."""
+        if self.ended or self._lock.locked():
+            return None  # the end is for every worker; a worker waiting on the lock is served first
+        return self._nowait()
 
     async def next(self) -> Row | None:
         async with self._lock:
@@ -251,9 +263,10 @@ class Dispatcher:
 
     async def _worker(self, session: aiohttp.ClientSession, feed: _RowFeed) -> None:
         while not self._stop.requested:
-            row = None
-            async with self._stop.until_requested():
-                row = await feed.next()
+            row = feed.next_nowait()  # most rows are here already: no wait, so nothing for a stop to cut
+            if row is None:
+                async with self._stop.until_requested():
+                    row = await feed.next()
             if row is None or self._stop.requested:
                 return  # the rows ended, or intake stopped: a row pulled just then runs next time
             try:
@@ -271,7 +284,7 @@ class Dispatcher:
             request = self.task.prepare(row)
         except RequestFailed as unsendable:
             return self._failure(row, unsendable, attempts=0)
-        body = json.dumps(request.payload).encode()  # once per row, not per attempt
+        body = dump_json(request.payload)  # once per row, not per attempt
         url = self._url(request)
         headers = request.headers or None
         attempts = 0  # requests sent for this row
@@ -279,7 +292,8 @@ class Dispatcher:
         cold_streak = 0  # consecutive excused failures, for their backoff
         redraws = 0  # tries after an answer that was not valid against the output schema
         while True:
-            probe = await self._admitted()
+            # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
+            probe = False if self.breaker.closed else await self._admitted()
             sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
             attempts += 1
             self._observe(outcome, probe=probe, row=row.position)
@@ -303,7 +317,7 @@ class Dispatcher:
                             failure = RequestFailed(_INVALID_OUTPUT, str(invalid), status=200, retryable=False)
                             return self._failure(row, failure, attempts=attempts)
                         request = self._structured.redraw(request, row, redraws)
-                        body = json.dumps(request.payload).encode()
+                        body = dump_json(request.payload)
                         continue
                 return RowResult(row.position, row.id, self._kept(row), outcome, latency, attempts)
             failure = outcome
@@ -351,10 +365,14 @@ class Dispatcher:
         first: bool,
     ) -> tuple[float, dict[str, Any] | RequestFailed]:
         """Send one request inside a concurrency slot. Returns when it was sent, and outputs or a failure."""
-        async with self._stop.until_requested() as waiting:
-            await self.limit.acquire()
-        if waiting.cancelled:
-            raise _Abandon()
+        if self._stop.requested:
+            raise _Abandon()  # intake stopped: a row not sent yet is left for next time
+        # The fast path (a free slot, taken at once) needs no cancel scope: only a wait can be stopped.
+        if not self.limit.try_acquire():
+            async with self._stop.until_requested() as waiting:
+                await self.limit.acquire()
+            if waiting.cancelled:
+                raise _Abandon()
         try:
             # Checked right before sending: once a stop is requested, a row that was only waiting for a
             # slot is left for next time.
@@ -400,13 +418,13 @@ class Dispatcher:
                 FailureKind.CONNECTION.value, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_CHARS], retryable=True
             ) from None
         self._count(str(status))
-        verdict = classify(status)
-        if verdict is Verdict.SUCCESS:
+        if 200 <= status < 300:  # what classify() calls SUCCESS, asked first: it is nearly every answer
             try:
                 return self.task.parse(status, headers, payload)
             except RequestFailed:
                 self._count(FailureKind.BAD_BODY.value)
                 raise
+        verdict = classify(status)
         message, model_answered = _server_message(status, payload)
         if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
@@ -514,6 +532,10 @@ class Dispatcher:
                 f"Set HF_TOKEN, or run `hf auth login`."
             )
         return AuthError(message, status=status)
+
+
+def _nothing() -> None:
+    return None
 
 
 _ENDPOINT_PAUSED = "endpoint_paused"

@@ -347,3 +347,15 @@ class AdaptiveLimit:
                 continue
             self._in_flight += 1
             waiter.set_result(self._in_flight)
+
+    def try_acquire(self) -> bool:
+        """Take a free slot now if one is free and nobody waits for it; False (nothing taken) otherwise.
+
+        The dispatcher's fast path: a slot taken without waiting needs no cancel scope around it. The
+        load is remembered for the task, as :meth:`acquire` does.
+        """
+        if not self._waiters and self._in_flight < self.limit:
+            self._in_flight += 1
+            _TASK_LOAD.set((id(self), self._in_flight))
+            return True
+        return False

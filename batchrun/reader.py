@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from types import TracebackType
 
 from batchrun.errors import InputError, redact
@@ -21,7 +21,7 @@ from batchrun.records import Row
 from batchrun.sources import DoneMask, Source
 from batchrun.stop import Stop, StopReason
 
-__all__ = ["PendingRows"]
+__all__ = ["PendingRows", "RowStream"]
 
 
 class _End:
@@ -77,18 +77,9 @@ class PendingRows:
             raise InputError(f"reading the input failed: {redact(str(self.error))}")
         return found
 
-    async def rows(self) -> AsyncIterator[Row]:
+    def rows(self) -> RowStream:
         """The pending rows in order. Reading that fails part way stops the job (rows read so far finish)."""
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, _End):
-                self._queue.put_nowait(item)  # every consumer sees the end
-                if item.error is not None:
-                    self._stop.request(StopReason.ERROR, f"reading the input failed: {redact(str(item.error))}")
-                return
-            self._room.release()
-            for row in item:
-                yield row
+        return RowStream(self)
 
     # ------------------------------------------------------------------ the thread
 
@@ -135,3 +126,37 @@ class PendingRows:
             self._loop.call_soon_threadsafe(settle)
         except RuntimeError:  # the loop is closed
             pass
+
+
+class RowStream:
+    """The rows a :class:`PendingRows` hands over, one at a time: an async iterator, and ``next_nowait``.
+
+    Rows arrive in batches; ``next_nowait`` gives the next row of the batch at hand without awaiting
+    (None when the batch is used up), so a consumer that takes one row per request (the dispatcher)
+    needs no await, lock or cancel scope for a row that is already here.
+    """
+
+    def __init__(self, reader: PendingRows) -> None:
+        self._reader = reader
+        self._batch: Iterator[Row] = iter(())
+
+    def __aiter__(self) -> RowStream:
+        return self
+
+    def next_nowait(self) -> Row | None:
+        """The next row if one was handed over already, else None (then ``await anext()`` waits for one)."""
+        return next(self._batch, None)
+
+    async def __anext__(self) -> Row:
+        row = next(self._batch, None)
+        while row is None:
+            item = await self._reader._queue.get()
+            if isinstance(item, _End):
+                self._reader._queue.put_nowait(item)  # every consumer sees the end
+                if item.error is not None:
+                    self._reader._stop.request(StopReason.ERROR, f"reading the input failed: {redact(str(item.error))}")
+                raise StopAsyncIteration
+            self._reader._room.release()
+            self._batch = iter(item)
+            row = next(self._batch, None)
+        return row

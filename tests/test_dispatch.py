@@ -568,6 +568,110 @@ def test_a_stop_request_abandons_rows_waiting_to_retry_without_a_record() -> Non
     asyncio.run(main())
 
 
+class ReadyRows:
+    """Rows that are all at hand, offered through ``next_nowait`` as the reader's RowStream does."""
+
+    def __init__(self, prompts: Iterable[str]) -> None:
+        self._rows = iter([Row(position=i, id=f"id-{i}", columns={"prompt": p}) for i, p in enumerate(prompts)])
+        self.taken = 0
+
+    def __aiter__(self) -> ReadyRows:
+        return self
+
+    def next_nowait(self) -> Row | None:
+        row = next(self._rows, None)
+        self.taken += row is not None
+        return row
+
+    async def __anext__(self) -> Row:
+        row = self.next_nowait()
+        if row is None:
+            raise StopAsyncIteration
+        return row
+
+
+def test_rows_at_hand_are_taken_without_waiting_and_a_stop_still_ends_intake() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        await asyncio.sleep(0.02)
+        return ok(prompt)
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, max_concurrency=8, initial_concurrency=8)
+            small = ReadyRows(f"a{i}" for i in range(40))
+            await asyncio.wait_for(d.run(small), 30)  # a limit against a hang
+            assert sorted(by_id(records)) == sorted(f"id-{i}" for i in range(40))
+            records.clear()
+            rows = ReadyRows(f"p{i}" for i in range(10_000))
+            stop = Stop(grace_s=30)
+            run = asyncio.create_task(d.run(rows, stop))
+            await until(lambda: len(records) >= 16, what="16 records")
+            stop.request(StopReason.SIGNAL, "test")
+            await asyncio.wait_for(run, 10)  # a limit against a hang
+            # Rows were pulled only by free workers; each one pulled before the stop was sent and recorded.
+            assert len(by_id(records)) == len(records) == server.count - 40 <= rows.taken < 10_000
+            assert rows.taken <= len(records) + 8
+
+    asyncio.run(main())
+
+
+def test_a_row_whose_stop_comes_before_its_request_is_not_sent_even_with_free_slots() -> None:
+    class StopsAtPrepare:
+        """The text task, but preparing the row "last" requests the stop: it is pulled, not yet sent."""
+
+        def __init__(self, stop: Stop) -> None:
+            self._inner = build_task("text-generation", column="prompt", parameters={"max_new_tokens": 8})
+            self._stop = stop
+
+        def prepare(self, row: Row) -> Any:
+            if row.columns["prompt"] == "last":
+                self._stop.request(StopReason.SIGNAL, "test")
+            return self._inner.prepare(row)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._inner, name)
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return ok(prompt)
+
+    async def main() -> None:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            stop = Stop(grace_s=30)
+            d = dispatcher(server.url, records, task=StopsAtPrepare(stop), max_concurrency=4, initial_concurrency=4)
+            await asyncio.wait_for(d.run(rows_of(["last"]), stop), 10)  # a limit against a hang
+            await settled(server)
+            assert d.limit.in_flight == 0  # every slot was free all along
+            assert server.count == 0 and records == []  # left for next time: no request, no record
+
+    asyncio.run(main())
+
+
+def test_rows_waiting_for_a_concurrency_slot_are_abandoned_when_a_stop_is_requested() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return await server.hang() if prompt == "p0" else ok(prompt)
+
+    async def main() -> None:
+        nonlocal server
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            # One slot, four workers: p0 holds the slot (the server hangs it); p1-p3 wait for the slot.
+            d = dispatcher(server.url, records, max_concurrency=4, initial_concurrency=1)
+            stop = Stop(grace_s=30)
+            run = asyncio.create_task(d.run(rows_of(f"p{i}" for i in range(4)), stop))
+            await until(lambda: server.in_flight == 1 and len(d.limit._waiters) == 3,
+                        what="p0 on the wire and three rows waiting for a slot")  # fmt: skip
+            stop.request(StopReason.SIGNAL, "test")
+            await until(lambda: not d.limit._waiters, what="the waiting rows given up")
+            server.released.set()  # p0 answers within the grace
+            await asyncio.wait_for(run, 10)  # a limit against a hang
+            assert server.count == 1 and [r.id for r in records] == ["id-0"]
+
+    server: Any = None
+    asyncio.run(main())
+
+
 def test_a_stop_request_ends_the_run_even_while_the_input_has_nothing_to_give() -> None:
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         return ok()

@@ -284,3 +284,37 @@ def test_an_instant_429_reported_through_the_semaphore_uses_the_senders_load() -
 def test_release_without_acquire_is_an_error() -> None:
     with pytest.raises(RuntimeError):
         AdaptiveLimit(1, maximum=1).release()
+
+
+def test_try_acquire_takes_only_a_free_slot_nobody_waits_for() -> None:
+    async def main() -> None:
+        limit = AdaptiveLimit(2, maximum=2)
+        assert limit.try_acquire() and limit.try_acquire()
+        assert not limit.try_acquire() and limit.in_flight == 2  # full: nothing taken
+        waiter = asyncio.ensure_future(limit.acquire())
+        await asyncio.sleep(0)
+        limit.release()  # the slot goes to the waiter, not to a newcomer
+        assert not limit.try_acquire() and limit.in_flight == 2
+        await waiter
+        limit.release()
+        assert limit.try_acquire() and limit.in_flight == 2
+
+    asyncio.run(main())
+
+
+def test_a_slot_taken_on_the_fast_path_remembers_its_load_too() -> None:
+    async def main() -> None:
+        limit = AdaptiveLimit(2, maximum=2)
+
+        async def request() -> tuple[bool, int | None]:
+            taken = limit.try_acquire()
+            return taken, limit.task_load()
+
+        first = await asyncio.ensure_future(request())
+        second = await asyncio.ensure_future(request())
+        third = await asyncio.ensure_future(request())
+        assert first == (True, 1) and second == (True, 2)
+        assert third == (False, None)  # no free slot: nothing taken, no load remembered
+        assert limit.in_flight == 2
+
+    asyncio.run(main())

@@ -428,3 +428,24 @@ def test_only_a_string_column_can_be_the_prompt_column(kind: pa.DataType, accept
 )
 def test_a_placeholder_column_takes_scalars_but_not_lists_structs_or_binary(kind: pa.DataType, accepted: bool) -> None:
     assert (placeholder_column_problem(pa.field("topic", kind)) is None) == accepted
+
+
+def test_request_bodies_read_back_as_the_payload_even_where_orjson_cannot_write_them() -> None:
+    from batchrun.tasks.base import dump_json
+
+    for payload in (
+        {"model": "tgi", "messages": [{"role": "user", "content": "héllo \u2028 ✓ \"quoted\""}], "max_tokens": 8},
+        {"logit_bias": {123: 5}},  # a key that is not a string: written as json writes it
+        {"seed": 2**70},  # beyond 64 bits: orjson refuses, json writes it
+    ):
+        assert json.loads(dump_json(payload)) == json.loads(json.dumps(payload))
+
+
+def test_answers_read_the_same_values_as_json_where_orjson_refuses_them() -> None:
+    from batchrun.tasks.base import load_json
+
+    for body in (b'{"a": 1, "b": [true, null, 0.1, "\\u00e9"]}', b'{"a": NaN}', b'[1e400]', b'{"s": "\\ud800"}'):
+        assert repr(load_json(body)) == repr(json.loads(body))
+    with pytest.raises(RequestFailed) as failure:
+        load_json(b'{"generated_text": "cut sh')
+    assert failure.value.error_type == "bad_body" and failure.value.retryable
