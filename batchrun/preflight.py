@@ -64,13 +64,30 @@ class Preflight:
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
 
-    def data_schema(self) -> Any:
-        """The pyarrow schema of the data shards, with its datasets features and provenance metadata."""
+    def data_schema(self, store: Any = None) -> Any:
+        """The pyarrow schema of the data shards, with its datasets features and provenance metadata.
+
+        With ``store`` (an OutputStore), the features part is kept in its state and read back by a
+        resumed run built from the same inputs, which then need not import ``datasets``.
+        """
+        import hashlib
+
         from batchrun.output import build_data_schema
 
-        schema = build_data_schema(self.source.schema, id_column=self.spec.input.id_column,
-                                   keep_columns=self.kept_columns, output_schema=self.task.output_schema)
-        return _with_provenance(schema, self.identity)
+        spec = self.spec
+
+        def build() -> Any:
+            return build_data_schema(self.source.schema, id_column=spec.input.id_column,
+                                     keep_columns=self.kept_columns, output_schema=self.task.output_schema)
+
+        if store is None:
+            return _with_provenance(build(), self.identity)
+        # Everything the schema is built from; metadata included, since features come from it too.
+        digest = hashlib.sha256()
+        for part in (self.source.schema, self.task.output_schema):
+            digest.update(part.serialize().to_pybytes())
+        digest.update(repr((spec.input.id_column, tuple(self.kept_columns))).encode())
+        return _with_provenance(store.schema_for(digest.hexdigest(), build), self.identity)
 
 
 async def preflight(

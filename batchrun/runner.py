@@ -342,7 +342,8 @@ async def _open_output(
         await asyncio.to_thread(store.save_job, _job_record(pre, stored_job))
         # A failure row says which sample failed: the sample column goes with the kept input columns.
         failed_kept = (*pre.kept_columns, SAMPLE_COLUMN) if spec.samples > 1 else pre.kept_columns
-        sink = ParquetSink(store, data_schema=pre.data_schema(), id_column=spec.input.id_column or "id",
+        data_schema = await asyncio.to_thread(pre.data_schema, store)
+        sink = ParquetSink(store, data_schema=data_schema, id_column=spec.input.id_column or "id",
                            shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
                            kept_columns=failed_kept)
         done = await asyncio.to_thread(sink.open)

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchrun.errors import OutputError
 from batchrun.output.files import fsync_dir, json_bytes, read_json, replace_atomically, write_durably, write_error
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# The key a kept schema was built for, in its own metadata.
+_SCHEMA_KEY = b"batchrun_schema_key"
 
 __all__ = ["MANIFEST", "PARQUET_SUFFIX", "POSITIONS_SUFFIX", "OutputStore"]
 
@@ -115,6 +123,32 @@ class OutputStore:
     def save_spend(self, spend: dict) -> None:
         """Save the job's spending atomically."""
         self._save_state_file("spend.json", spend)
+
+    def schema_for(self, key: str, build: Callable[[], pa.Schema]) -> pa.Schema:
+        """The shards' schema that ``build`` makes for inputs summed up by ``key``, kept in state/.
+
+        Building it imports ``datasets`` for the features (a second or more before the first request);
+        a resumed run whose ``key`` matches reads it back instead. A schema file that cannot be read
+        is built again, never trusted.
+        """
+        import pyarrow as pa
+
+        path = self.state_dir / "data_schema.arrow"
+        try:
+            stored = pa.ipc.read_schema(pa.py_buffer(path.read_bytes()))
+            metadata = dict(stored.metadata or {})
+            if metadata.pop(_SCHEMA_KEY, None) == key.encode():
+                return stored.with_metadata(metadata)
+        except (OSError, pa.ArrowException):
+            pass
+        schema = build()
+        keyed = schema.with_metadata({**(schema.metadata or {}), _SCHEMA_KEY: key.encode()})
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, keyed.serialize().to_pybytes(), self.tmp_dir)
+        except OSError as exc:
+            raise write_error(self.root, self.relative(path), exc) from exc
+        return schema
 
     def _save_state_file(self, name: str, value: dict) -> None:
         path = self.state_dir / name
