@@ -269,3 +269,16 @@ def test_bad_seed_and_score_keys_are_spec_errors(tmp_path, parameters, score, me
     spec = _job(tmp_path, {"url": "http://127.0.0.1:9"}, **overrides)
     with pytest.raises(SpecError, match=message):
         load_spec(spec)
+
+
+def test_the_shipped_nightly_eval_job_runs_on_the_emulator_with_no_setup(tmp_path, monkeypatch):
+    from jobkit import REPO
+
+    monkeypatch.chdir(REPO)  # its input path is relative, as a new user runs it; its scorer sits beside it
+    spec = load_spec(REPO / "jobs" / "nightly_eval.yaml", output_override=str(tmp_path / "night"))
+    options = RunOptions(progress="off", handle_signals=False, echo=lambda _: None, poll_interval_s=0.02)
+    outcome = asyncio.run(run_job(spec, options))
+    assert outcome.exit_code == 0 and outcome.summary["rows"]["total_ok"] == 24
+    assert set(outcome.summary["scores"]["columns"]) == {"score_contains", "score_regex", "score_words",
+                                                          "score_ends_sentence"}
+    assert outcome.summary["provenance"]["seed"] == "per-row"
