@@ -30,7 +30,8 @@ __all__ = ["main"]
 
 EPILOG = """\
 exit codes: 0 every row succeeded, 1 the job finished but some rows failed,
-            2 nothing ran (bad spec, input or token), 3 stopped early (resumable)
+            2 nothing ran (bad spec, input or token), 3 stopped early (resumable);
+            batchrun compare: 4 a --fail-if threshold was crossed
 
 The token comes from huggingface_hub: the HF_TOKEN environment variable or `hf auth login`.
 It is never accepted on the command line and never printed.
