@@ -268,8 +268,12 @@ class RevisionWatch:
 @contextlib.asynccontextmanager
 async def watch_revision(run: RunProvenance | None, plane: Any, *, interval_s: float,
                          echo: Callable[[str], None]) -> AsyncIterator[None]:
-    """Follow the served revision while the body runs; ask once more at its end (not when cancelled)."""
-    if run is None:
+    """Follow the served revision while the body runs; ask once more at its end (not when cancelled).
+
+    Only when the endpoint check named a revision: a server that does not say it (no TGI ``/info``,
+    a text-to-image toolkit) is not asked again, so that it sees no request beyond the job's own.
+    """
+    if run is None or not run.endpoint.get("revision"):
         yield
         return
     watch = RevisionWatch(plane, run, interval_s=interval_s, echo=echo)
