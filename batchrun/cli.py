@@ -6,6 +6,8 @@
     batchrun preview OUTPUT        a static HTML contact sheet of the results (images with prompts)
     batchrun export OUTPUT --to F  the committed rows as JSON lines, plain or in OpenAI's batch output format
     batchrun push OUTPUT --repo ORG/NAME   publish the output as a dataset on the Hugging Face Hub
+    batchrun runs DIR              the runs under a folder, one line each
+    batchrun compare A B           two runs side by side (--html, --fail-if for a scheduled job)
     batchrun endpoint status|pause|resume NAME --namespace NS
     batchrun emulate               a local Inference Endpoint emulator on loopback
 
@@ -29,7 +31,8 @@ __all__ = ["main"]
 
 EPILOG = """\
 exit codes: 0 every row succeeded, 1 the job finished but some rows failed,
-            2 nothing ran (bad spec, input or token), 3 stopped early (resumable)
+            2 nothing ran (bad spec, input or token), 3 stopped early (resumable);
+            batchrun compare: 4 a --fail-if threshold was crossed
 
 The token comes from huggingface_hub: the HF_TOKEN environment variable or `hf auth login`.
 It is never accepted on the command line and never printed.
@@ -97,7 +100,28 @@ def _positive_seconds(text: str) -> float:
 def _load(args: argparse.Namespace) -> Any:
     from .spec import load_spec
 
-    return load_spec(args.job, output_override=getattr(args, "output", None))
+    spec = load_spec(args.job, output_override=getattr(args, "output", None))
+    return _this_run_folder(spec, args)
+
+
+def _this_run_folder(spec: Any, args: argparse.Namespace) -> Any:
+    """A templated output.path ({date}, {time}, {run_id}): `--resume RUN` picks a run; `status` shows
+    the latest; `run` leaves it to the runner, which gives the run a new folder."""
+    import dataclasses
+
+    from .provenance import has_template, resolve_output, template_root
+    from .runs import find_runs
+
+    resume = getattr(args, "resume", None)
+    path = None
+    if resume is not None:
+        path, _ = resolve_output(spec.output.path, resume=resume)
+    elif has_template(spec.output.path) and args.func in (cmd_status, cmd_validate):
+        runs = find_runs(template_root(spec.output.path))
+        path = str(runs[-1].folder) if runs and args.func is cmd_status else resolve_output(spec.output.path)[0]
+    if path is None:
+        return spec
+    return dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=path))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -133,9 +157,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary_interval_s=args.summary_every,
         grace_s=args.grace,
         echo=_echo,
+        compare_with=args.compare_with,
     )
-    outcome = asyncio.run(run_job(spec, options))
+    try:
+        outcome = asyncio.run(run_job(spec, options))
+    except BatchrunError as exc:  # nothing ran (exit 2): a scheduled job still says so
+        _notify_error(spec, exc)
+        raise
     return outcome.exit_code
+
+
+def _notify_error(spec: Any, exc: BatchrunError) -> None:
+    if spec.notify is None:
+        return
+    from .notify import build_payload, post_notification
+
+    summary = {"job": spec.name, "outcome": f"did not run: {redact(str(exc))}", "exit_code": exc.exit_code,
+               "rows": {}, "output": spec.output.path}
+    asyncio.run(post_notification(spec.notify, build_payload(summary), echo=_echo))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .errors import OutputError
+    from .runs import find_runs, format_runs
+
+    root = Path(args.folder)
+    if not root.is_dir():
+        raise OutputError(f"{root} is not a folder")
+    lines = find_runs(root)
+    if not lines:
+        print(f"{root}: no runs (no state/job.json within {root})")
+        return 0
+    print(format_runs(lines, root))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .compare import EXIT_THRESHOLD, compare_runs, format_report, parse_fail_if
+    from .compare_html import write_compare_html
+
+    thresholds = parse_fail_if(args.fail_if) if args.fail_if else []
+    report = compare_runs(args.run_a, args.run_b)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "verdict": report.verdict(thresholds)}, indent=2, default=str))
+    else:
+        print(format_report(report, thresholds))
+    if args.html:
+        print(f"report: {write_compare_html(report, args.html, thresholds)}", file=sys.stderr)
+    return EXIT_THRESHOLD if report.verdict(thresholds)["crossed"] else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -357,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="on Ctrl-C, SIGTERM or SIGHUP, how long requests in flight may finish (default: 30); "
                    "a second signal, or SIGQUIT, abandons them at once. The endpoint is released either way.")
+    p.add_argument("--resume", metavar="RUN", default=None,
+                   help="with output.path holding {date}, {time} or {run_id}: resume this run (its folder or run "
+                   "id) instead of starting a new folder")
+    p.add_argument("--compare-with", metavar="RUN", default=None,
+                   help="at the end, compare with RUN (a folder, or `previous`: the latest earlier run beside this "
+                   "one); the verdict goes to the notification. Never changes the exit code")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining rows, from the output folder alone")
@@ -406,6 +483,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", metavar="URL", default=None,
                    help="the Hub's base url (default: huggingface_hub's, which honours HF_ENDPOINT)")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("runs", help="list the runs under a folder, one line each",
+                       description="One line per output folder under FOLDER (up to 4 levels down), oldest first: "
+                       "when it started, the model revision served, rows ok and failed, p50 latency, cost and the "
+                       "run's exit code.")
+    p.add_argument("folder", metavar="FOLDER", help="e.g. out/nightly (the part of output.path before {date})")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("compare", help="compare two runs (answers, latency, failures, cost, revision)",
+                       description="Join two output folders on id (and sample) and report what changed: ids in one "
+                       "run only, identical answers and the similarity of the rest, finish reasons, lengths, "
+                       "latency, failures, cost, scores, model revision and parameters.",
+                       epilog="exit codes: 0 no --fail-if threshold crossed; 4 a threshold was crossed; "
+                       "2 a run cannot be read or --fail-if is malformed.\n"
+                       "metrics: changed, similarity, failed_rate, p50_latency, p95_latency, cost, missing, "
+                       "revision_changed, score_<name>; VALUEx means VALUE times run A's figure.\n"
+                       "example: batchrun compare out/nightly/2026-01-14 out/nightly/2026-01-15 --html r.html "
+                       "--fail-if 'changed>0.2,failed_rate>0.01,p95_latency>1.5x'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_a", metavar="RUN_A", help="the earlier run's output folder")
+    p.add_argument("run_b", metavar="RUN_B", help="the later run's output folder")
+    p.add_argument("--html", metavar="FILE", default=None, help="also write a self-contained HTML report")
+    p.add_argument("--fail-if", metavar="THRESHOLDS", default=None,
+                   help="comma-separated METRIC>VALUE / METRIC<VALUE; exit 4 when one is crossed")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("endpoint", help="look at, pause or resume a Dedicated Inference Endpoint",
                        description="For the morning after a bad night: see an endpoint's state, or pause it.")

@@ -63,6 +63,7 @@ class Preflight:
     endpoint_check: EndpointCheck | None = None
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
+    run: Any = None  # this run's RunProvenance (provenance.py), set by the runner before the output opens
 
     def data_schema(self, store: Any = None) -> Any:
         """The pyarrow schema of the data shards, with its datasets features and provenance metadata.
@@ -81,13 +82,13 @@ class Preflight:
                                      keep_columns=self.kept_columns, output_schema=self.task.output_schema)
 
         if store is None:
-            return _with_provenance(build(), self.identity)
+            return _with_provenance(build(), self.identity, self.run)
         # Everything the schema is built from; metadata included, since features come from it too.
         digest = hashlib.sha256()
         for part in (self.source.schema, self.task.output_schema):
             digest.update(part.serialize().to_pybytes())
         digest.update(repr((spec.input.id_column, tuple(self.kept_columns))).encode())
-        return _with_provenance(store.schema_for(digest.hexdigest(), build), self.identity)
+        return _with_provenance(store.schema_for(digest.hexdigest(), build), self.identity, self.run)
 
 
 async def preflight(
@@ -118,6 +119,7 @@ async def preflight(
     await _check_unique_ids(spec, source, scanned=bool(stored and stored.get("ids_checked") == input_fingerprint))
     task = _make_task(spec)
     kept = _kept_columns(spec, source, task)
+    _check_score_references(spec, kept)
     # The output's columns are checked now; their datasets features (a heavy import) when the run opens it.
     data_columns(source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema)
     samples = await asyncio.to_thread(_render_first_rows, spec, source, task)
@@ -307,6 +309,15 @@ def _kept_columns(spec: JobSpec, source: Source, task: Task) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _check_score_references(spec: JobSpec, kept: tuple[str, ...]) -> None:
+    """A scorer reads its reference from the row as stored: the column must be a kept input column."""
+    from batchrun.scoring import missing_references
+
+    for column in missing_references(spec.score, kept):
+        raise SpecError(spec.file, "score", f"the reference column {column!r} is not among the input columns "
+                        f"kept in the output ({', '.join(kept) or 'none'})")
+
+
 def _render_first_rows(spec: JobSpec, source: Source, task: Task) -> list[tuple[Any, str]]:
     """The prompts of the first rows; a template that fails on every one of them is a spec error."""
     samples: list[tuple[Any, str]] = []
@@ -366,13 +377,17 @@ def _identity(spec: JobSpec, input_fingerprint: str, check: EndpointCheck | None
     return identity
 
 
-def _with_provenance(schema: Any, identity: dict[str, Any]) -> Any:
+def _with_provenance(schema: Any, identity: dict[str, Any], run: Any = None) -> Any:
     """Every Parquet file says what made it: batchrun's version, the job's fingerprint and the served
-    model and revision where the endpoint named them (key-value metadata ``batchrun``)."""
+    model and revision where the endpoint named them (key-value metadata ``batchrun``); with the
+    run's provenance, also the run id, its start, the parameters sent and the endpoint's hardware,
+    image and server version where known."""
     from batchrun import __version__
 
     record = {"version": __version__, "fingerprint": fingerprint(identity)}
     record.update({key: identity[key] for key in _KNOWN_ONLY if key in identity})
+    if run is not None:
+        record.update(run.metadata())
     metadata = dict(schema.metadata or {})
     metadata[b"batchrun"] = json.dumps(record, sort_keys=True).encode()
     return schema.with_metadata(metadata)

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from batchrun import nightly
 from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
@@ -39,6 +40,7 @@ from batchrun.errors import (
 )
 from batchrun.preflight import Preflight, empty_input_message, preflight
 from batchrun.progress import ProgressReporter, Snapshot
+from batchrun.provenance import REVISION_POLL_S, watch_revision
 from batchrun.reader import PendingRows
 from batchrun.records import SAMPLE_COLUMN, Row
 from batchrun.retry import RetryPolicy
@@ -62,6 +64,8 @@ class RunOptions:
     poll_interval_s: float | None = None  # endpoint polling; None: the lifecycle default
     handle_signals: bool = True
     echo: Callable[[str], None] = print
+    revision_poll_s: float = REVISION_POLL_S  # how often the served revision is asked during the run
+    compare_with: str | None = None  # a previous run's folder: the notification carries the verdict
 
 
 async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcome:
@@ -69,10 +73,12 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     options = options or RunOptions()
     started = _Started()
     stop = Stop(grace_s=options.grace_s, echo=options.echo)
+    spec, run_id = nightly.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
                           poll_interval_s=options.poll_interval_s)
     tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
+    pre.run = await nightly.start_run(pre, run_id, tally, fresh=options.fresh)
     dispatch_stats: dict[str, Any] = {}
     with catch_signals(stop, echo=options.echo, enabled=options.handle_signals):
         async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo) as output:
@@ -87,8 +93,10 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
                 tally.skipped = reader.skipped
             await output.close()
             summary = await _summarize(pre, output.store, tally, dispatch_stats, stop, started)
+            await nightly.finish_run(pre, output.store, summary)
             await _write_summary(output.store, summary, options.echo)
     options.echo(format_summary(summary))
+    await nightly.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
     if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
         raise AuthError(stop.cause.detail)  # exit 2: nothing more can run until the token is fixed
     if pusher is not None:
@@ -111,7 +119,8 @@ async def _serve(
         async with pre.endpoint as plane:
             dispatcher = _dispatcher(pre, plane, committer, tally)
             try:
-                await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher)
+                async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
+                    await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher)
             finally:
                 await committer.commit()  # before the release: what finished is kept even if it fails
     except JobStopped:
@@ -147,7 +156,11 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
             values[SAMPLE_COLUMN] = row.sample
         return values
 
+    score = getattr(pre.task, "score", None)  # a ScoredTask: scores join the record before it is committed
+
     def on_record(record: Any) -> None:
+        if score is not None:
+            record = score(record)
         tally.count(record)
         committer.add(record)
 
@@ -379,6 +392,7 @@ def _job_record(pre: Preflight, stored_job: dict[str, Any] | None) -> dict[str, 
         "ids_checked": pre.identity["input"],  # this input's ids were found unique
         "created_at": (stored_job or {}).get("created_at") or dt.datetime.now(dt.UTC).isoformat(),
         "runs": int((stored_job or {}).get("runs", 0)) + 1,
+        **nightly.job_fields(pre, stored_job),
     }
 
 

@@ -971,7 +971,7 @@ class OpenAIBatchSource(_BaseSource):
         """Always ``[]``: the file was refused at open time if a custom_id repeats (with its line)."""
         return []
 
-    def _row_dicts(self, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    def _chunks(self, batch_size: int, done: DoneMask | None = None) -> Iterator[list[dict[str, Any]]]:
         batch: list[dict[str, Any]] = []
         for _where, line in self._lines():
             batch.append(self._columns(line))

@@ -41,6 +41,8 @@ from typing import Any
 import yaml
 
 from batchrun.errors import SpecError
+from batchrun.notify import NotifySpec, parse_notify_spec
+from batchrun.scoring import ScorerSpec, parse_score_spec
 from batchrun.task_kinds import TASK_KINDS, TaskKind
 
 __all__ = [
@@ -285,6 +287,10 @@ class JobSpec:
     output_schema: Mapping[str, Any] | None = None
     # Answers drawn per input row, each with its own seed; outputs are keyed by (id, sample) (samples.py).
     samples: int = 1
+    # Scorers run on each finished row, their columns next to the answer (scoring.py).
+    score: tuple[ScorerSpec, ...] = ()
+    # Where a short summary is posted at the end of every run (notify.py).
+    notify: NotifySpec | None = None
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -334,6 +340,8 @@ class JobSpec:
             identity["prompt"]["schema_column"] = self.prompt.schema_column
         if self.samples != 1:
             identity["samples"] = self.samples
+        if self.score:  # only when set: the score columns are part of every shard's schema
+            identity["score"] = [scorer.describe() for scorer in self.score]
         return identity
 
 
@@ -546,6 +554,8 @@ class _Parser:
             image=self.image(data.get("image"), kind),
             output_schema=output_schema,
             samples=self.samples(data, kind),
+            score=self.delegated(parse_score_spec, data.get("score")),
+            notify=self.delegated(parse_notify_spec, data.get("notify")),
             file=self.file,
             raw=data,
         )
@@ -601,7 +611,28 @@ class _Parser:
                     f"task {kind.name} sends to {_route_name(kind)}, which takes {own}; "
                     f"{'remove it' if own in data else 'rename it'}",
                 )
+        self.per_row_seed(data.get("seed"), kind)
         return dict(data)
+
+    def delegated(self, parse: Any, data: Any) -> Any:
+        """A section parsed by its own module, which raises ``ValueError((key, problem))``."""
+        try:
+            return parse(data)
+        except ValueError as exc:
+            key, problem = exc.args[0]
+            raise self.error(key, problem) from None
+
+    def per_row_seed(self, seed: Any, kind: TaskKind) -> None:
+        """``parameters.seed`` is a number, or ``per-row`` / ``per-row:N``: each row its own stable seed."""
+        from batchrun.tasks.samples import per_row_job_seed
+
+        if not isinstance(seed, str):
+            return
+        if per_row_job_seed(seed) is None:
+            raise self.error("parameters.seed", f"expected an integer, per-row or per-row:N, got {seed!r}")
+        if kind.seed_path is None:
+            owners = ", ".join(k.name for k in TASK_KINDS.values() if k.seed_path)
+            raise self.error("parameters.seed", f"per-row seeds apply to tasks {owners}, not {kind.name}")
 
     def samples(self, data: Mapping[str, Any], kind: TaskKind) -> int:
         """``samples``: answers per input row, each drawn with its own seed."""

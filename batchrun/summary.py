@@ -102,6 +102,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if cost.get("usd") is not None:
         job = f"; {format_usd(cost['job_usd'])} over the job's runs" if cost.get("job_usd") is not None else ""
         lines.append(f"  cost: {format_usd(cost['usd'])} ({cost['replica_hours']:.3f} replica-hours){job}")
+    lines.extend(_provenance_lines(summary))
     output = summary.get("output")
     if output:
         lines.append(f"  output: {output}")
@@ -113,3 +114,19 @@ def format_summary(summary: dict[str, Any]) -> str:
             hint = "fix the token, then run the same command again to resume"
         lines.append(f"  stopped: {summary['stop_reason']} ({hint})")
     return "\n".join(lines)
+
+
+def _provenance_lines(summary: dict[str, Any]) -> list[str]:
+    """What ran (model at revision, a redeploy seen mid-run) and the scores, when the summary has them."""
+    lines = []
+    provenance = summary.get("provenance") or {}
+    if provenance.get("revision"):
+        moved = "; the revision changed during the run" if provenance.get("revision_changes") else ""
+        lines.append(f"  model: {provenance.get('model')} at revision {str(provenance['revision'])[:12]}{moved}")
+    scores = summary.get("scores") or {}
+    if scores.get("columns"):
+        means = ", ".join(f"{name} {figure['mean']:.3f}" for name, figure in scores["columns"].items()
+                          if figure.get("mean") is not None)
+        errors = f"; {scores['errors']} row(s) whose scorer raised" if scores.get("errors") else ""
+        lines.append(f"  scores (mean): {means or 'none yet'}{errors}")
+    return lines

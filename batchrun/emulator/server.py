@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -154,6 +155,15 @@ class Emulator:
         """One ready replica disappears now and restarts."""
         self.inject(namespace, name, "lose_replica")
 
+    def redeploy(self, namespace: str, name: str, *, revision: str, seed: int | None = None) -> None:
+        """The endpoint serves another revision from now on (a redeploy), as GET /info and the control
+        plane's ``model.revision`` say; ``seed`` plays new weights (other answers). Call on the loop."""
+        server = self._server(namespace, name)
+        config = dataclasses.replace(server.config, revision=revision,
+                                     seed=server.config.seed if seed is None else seed)
+        server.config = server.tgi.config = server.state.config = config
+        server.state.model["revision"] = config.model_sha
+
 
 class EmulatorThread:
     """The same Emulator run by a background thread's event loop, for blocking callers (huggingface_hub).
@@ -252,6 +262,9 @@ class EmulatorThread:
 
     def lose_replica(self, namespace: str, name: str) -> None:
         self.call(self.emulator.lose_replica, namespace, name)
+
+    def redeploy(self, namespace: str, name: str, *, revision: str, seed: int | None = None) -> None:
+        self.call(lambda: self.emulator.redeploy(namespace, name, revision=revision, seed=seed))
 
 
 class _OnLoop:

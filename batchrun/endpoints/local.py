@@ -85,8 +85,11 @@ class LocalEndpoint:
         return self._inner.meter if self._inner is not None else self._meter
 
     async def check(self) -> EndpointCheck:
-        return EndpointCheck(note=f"the built-in emulator ({self.ref}, model {self.config.model_id})",
-                             model=self.config.model_id)
+        # What the emulator's control plane will report for it (model.revision, compute, image).
+        cfg = self.config
+        return EndpointCheck(note=f"the built-in emulator ({self.ref}, model {cfg.model_id})",
+                             model=cfg.model_id, revision=cfg.model_sha,
+                             details={"instance": f"{cfg.instance_type} {cfg.instance_size}"})
 
     async def __aenter__(self) -> DataPlane:
         from huggingface_hub import constants

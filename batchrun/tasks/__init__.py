@@ -92,11 +92,19 @@ def make_task(spec: JobSpec | str, **legacy: Any) -> Task:
     task_class = getattr(importlib.import_module(module_name), class_name)
     task: Task = task_class.from_spec(spec)
     seed = spec.parameters.get("seed")
+    from batchrun.tasks.samples import per_row_job_seed
+
+    per_row = per_row_job_seed(seed)
     if spec.samples > 1:
         from batchrun.tasks.samples import SampledTask
 
-        job_seed = seed if isinstance(seed, int) else spec.image.seed if spec.image is not None else 0
+        job_seed = seed if isinstance(seed, int) else per_row if per_row is not None else (
+            spec.image.seed if spec.image is not None else 0)
         task = SampledTask(task, job_seed=job_seed)
+    elif per_row is not None:  # each row its own stable seed (with samples, each sample has one already)
+        from batchrun.tasks.samples import PerRowSeedTask
+
+        task = PerRowSeedTask(task, job_seed=per_row)
     if spec.output_schema is not None or spec.prompt.schema_column is not None:
         from batchrun.structured import OutputSchema
         from batchrun.tasks.structured import StructuredTask
@@ -105,7 +113,15 @@ def make_task(spec: JobSpec | str, **legacy: Any) -> Task:
             schema=dict(spec.output_schema) if spec.output_schema is not None else None,
             per_row=spec.prompt.schema_column,
         )
-        task = StructuredTask(task, schema, job_seed=seed if isinstance(seed, int) else None)
+        task = StructuredTask(task, schema, job_seed=seed if isinstance(seed, int) else per_row)
+    if spec.score:  # outermost: its columns join the data schema before the first row
+        from pathlib import Path
+
+        from batchrun.tasks.scored import ScoredTask
+
+        # A user's scorer module is found installed, beside the spec, or in the working directory.
+        search = (str(Path(spec.file).resolve().parent),) if spec.file and Path(spec.file).exists() else ()
+        task = ScoredTask(task, spec.score, (*search, str(Path.cwd())))
     return task
 
 

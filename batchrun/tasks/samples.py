@@ -22,7 +22,7 @@ from batchrun.tasks.base import PreparedRequest, Task, with_seed
 if TYPE_CHECKING:
     from batchrun.records import Row
 
-__all__ = ["SAMPLE_COLUMN", "SampledTask"]
+__all__ = ["PER_ROW", "SAMPLE_COLUMN", "PerRowSeedTask", "SampledTask", "per_row_job_seed"]
 
 
 class SampledTask:
@@ -58,3 +58,49 @@ class SampledTask:
 
     def describe(self, request: PreparedRequest) -> str:
         return self.inner.describe(request)
+
+
+#: ``parameters.seed`` of a job whose every row is sent with its own stable seed.
+PER_ROW = "per-row"
+
+
+def per_row_job_seed(value: object) -> int | None:
+    """The job seed of ``parameters.seed: per-row`` (0) or ``per-row:N`` (N); None for anything else."""
+    if not isinstance(value, str) or not (value == PER_ROW or value.startswith(PER_ROW + ":")):
+        return None
+    tail = value[len(PER_ROW) + 1:]
+    if not tail:
+        return 0
+    if not tail.isdigit():
+        return None
+    return int(tail)
+
+
+class PerRowSeedTask(SampledTask):
+    """``parameters.seed: per-row`` with one sample per row: each row is sent with its own seed.
+
+    The seed is :func:`~batchrun.images.derive_seed` of (job seed, row id), the same in every run and
+    process, and is stored in the row's ``seed`` column, so any answer can be drawn again. With
+    ``samples: N`` the job uses :class:`SampledTask` instead, whose seeds are already per row and per
+    sample: one mechanism, two shapes of output.
+    """
+
+    def __init__(self, inner: Task, *, job_seed: int) -> None:
+        super().__init__(inner, job_seed=job_seed)
+        schema = inner.output_schema
+        if "seed" not in schema.names:
+            schema = schema.append(pa.field("seed", pa.int64()))
+        self.output_schema = schema
+
+    def seed_for(self, row: Row) -> int:
+        """The seed ``row`` is sent with; the same in every run."""
+        return derive_seed(row.id, self.job_seed)
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The inner task's request for ``row``, with the row's own seed."""
+        request = self.inner.prepare(row)
+        seed = self.seed_for(row)
+        assert self.kind.seed_path is not None
+        request = with_seed(request, self.kind.seed_path, seed)
+        return PreparedRequest(request.path, request.payload, request.headers, {**request.outputs, "seed": seed},
+                               request.answer_schema)

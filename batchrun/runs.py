@@ -1,0 +1,108 @@
+"""The runs under a folder, one line each (``batchrun runs DIR``), and reading a run's committed shards.
+
+A run is an output folder: it holds ``state/job.json`` and, once a run ended, ``state/summary.json``.
+Only what the manifest vouches for is read (never a shard still being written), as ``status`` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunLine", "find_runs", "format_runs", "read_shards"]
+
+#: How deep ``runs`` looks for output folders under DIR (out/nightly/2026-01-15/020000 is 2 deep).
+MAX_DEPTH = 4
+
+
+def read_shards(root: str | Path, kind: str, columns: list[str] | None = None) -> list[Any]:
+    """The committed ``kind`` ("data" or "failed") shards of ``root`` as pyarrow tables, with only the
+    ``columns`` each holds (all when None)."""
+    import pyarrow.parquet as pq
+
+    from batchrun.output.layout import OutputStore
+    from batchrun.output.manifest import read_manifest
+
+    store = OutputStore(root)
+    tables = []
+    for relative, shard in sorted(read_manifest(store.manifest_path).listed.items()):
+        if shard.kind != kind:
+            continue
+        path = store.root / relative
+        try:
+            names = pq.read_schema(path).names
+            wanted = None if columns is None else [c for c in columns if c in names]
+            tables.append(pq.read_table(path, columns=wanted))
+        except OSError:
+            continue  # a listed shard that cannot be read is not counted, as resume would not
+    return tables
+
+
+@dataclass(frozen=True, slots=True)
+class RunLine:
+    """One run, as ``batchrun runs`` shows it."""
+
+    folder: Path
+    started_at: str | None
+    model: str | None
+    revision: str | None
+    ok: int | None
+    failed: int | None
+    p50_s: float | None
+    cost_usd: float | None
+    exit_code: int | None
+    run_id: str | None
+
+
+def find_runs(root: str | Path) -> list[RunLine]:
+    """Every output folder under ``root`` (``root`` itself included), oldest first."""
+    from batchrun.output.files import read_json
+
+    base = Path(root)
+    folders = []
+    for depth in range(MAX_DEPTH + 1):
+        pattern = "/".join(["*"] * depth + ["state", "job.json"])
+        folders += [job.parent.parent for job in base.glob(pattern)]
+    lines = []
+    for folder in sorted(set(folders)):
+        job = read_json(folder / "state" / "job.json") or {}
+        summary = read_json(folder / "state" / "summary.json") or {}
+        provenance = summary.get("provenance") or job.get("provenance") or {}
+        identity = job.get("identity") or {}
+        rows = summary.get("rows") or {}
+        lines.append(RunLine(
+            folder=folder,
+            started_at=summary.get("started_at") or provenance.get("started_at") or job.get("created_at"),
+            model=provenance.get("model") or identity.get("model"),
+            revision=provenance.get("revision") or identity.get("revision"),
+            ok=rows.get("total_ok"),
+            failed=rows.get("total_failed"),
+            p50_s=(summary.get("latency_s") or {}).get("p50"),
+            cost_usd=(summary.get("cost") or {}).get("usd"),
+            exit_code=summary.get("exit_code"),
+            run_id=job.get("run_id"),
+        ))
+    return sorted(lines, key=lambda line: (line.started_at or "", str(line.folder)))
+
+
+def format_runs(lines: list[RunLine], root: str | Path) -> str:
+    """The runs as an aligned table; a run with no summary yet (running, or killed) shows dashes."""
+    def dash(value: Any, fmt: str = "{}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    header = ("started (UTC)", "revision", "ok", "failed", "p50", "cost", "exit", "folder")
+    rows = [header]
+    for line in lines:
+        started = (line.started_at or "-").replace("+00:00", "")[:19].replace("T", " ")
+        revision = (line.revision or "-")[:12]
+        try:
+            folder = str(line.folder.relative_to(root)) if line.folder != Path(root) else "."
+        except ValueError:
+            folder = str(line.folder)
+        rows.append((started, revision, dash(line.ok), dash(line.failed), dash(line.p50_s, "{:.3f}s"),
+                     dash(line.cost_usd, "${:.2f}"), dash(line.exit_code, "{}") if line.exit_code is not None
+                     else "running or killed", folder))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
+                     for r in rows)
