@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
+from batchrun.output.done import DoneSet
 from batchrun.reader import PendingRows
 from batchrun.records import Row
 from batchrun.stop import Stop
@@ -16,15 +17,19 @@ class ListSource:
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def batches(self, batch_size: int = 1024) -> Iterator[list[Row]]:
+    def pending_batches(self, batch_size: int = 1024, done: DoneSet | None = None) -> Iterator[tuple[int, list[Row]]]:
         for start in range(0, self.n, batch_size):
-            yield [Row(i, f"id-{i}", {"prompt": f"p{i}"}) for i in range(start, min(self.n, start + batch_size))]
+            rows = [Row(i, f"id-{i}", {"prompt": f"p{i}"}) for i in range(start, min(self.n, start + batch_size))]
+            pending = [row for row in rows if done is None or row.position not in done]
+            yield len(rows) - len(pending), pending
 
 
 def test_every_pending_row_is_handed_over_once_whether_taken_at_once_or_awaited() -> None:
     async def main() -> list[int]:
         taken: list[int] = []
-        done = {3, 4, 17}  # finished by an earlier run: never handed over
+        done = DoneSet()
+        for position in (3, 4, 17):  # finished by an earlier run: never handed over
+            done.add(position)
         async with PendingRows(ListSource(50), done, Stop(), batch_size=8, ahead_batches=2) as reader:
             assert await reader.has_pending()
             stream = reader.rows()
