@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -567,24 +567,8 @@ class JsonlSource(_BaseSource):
         self.description = f"jsonl: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(self._count, 'row')})"
 
     def _objects(self) -> Iterator[dict[str, Any]]:
-        for path in self.files:
-            try:
-                f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; opening gets its own message
-            except OSError as exc:
-                raise InputError(f"input.jsonl: cannot read {str(path)!r}: {exc}") from None
-            with f:
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        value = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise InputError(f"input.jsonl: {path}, line {number}: not valid JSON: {exc}") from None
-                    if not isinstance(value, dict):
-                        raise InputError(
-                            f"input.jsonl: {path}, line {number}: expected a JSON object, got {type(value).__name__}"
-                        )
-                    yield value
+        for _where, value in _json_objects(self.files, "input.jsonl", "a JSON object", name_files=True):
+            yield value
 
     def _settled(self, value: dict[str, Any]) -> dict[str, Any]:
         columns = {name: value.get(name) for name in self._names}
@@ -929,27 +913,8 @@ class OpenAIBatchSource(_BaseSource):
 
     def _lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
         """Each request line as a JSON object, with where it is (``requests.jsonl, line 3``)."""
-        several = len(self.files) > 1
-        for path in self.files:
-            try:
-                f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; opening gets its own message
-            except OSError as exc:
-                raise InputError(f"input.openai_batch: cannot read {str(path)!r}: {exc}") from None
-            with f:
-                for number, raw in enumerate(f, start=1):
-                    if not raw.strip():
-                        continue
-                    where = f"{path if several else path.name}, line {number}"
-                    try:
-                        value = json.loads(raw)
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise InputError(f"input.openai_batch: {where}: not valid JSON: {exc}") from None
-                    if not isinstance(value, dict):
-                        raise InputError(
-                            f"input.openai_batch: {where}: expected a JSON object (custom_id, method, url, body), "
-                            f"got {type(value).__name__}"
-                        )
-                    yield where, value
+        expected = "a JSON object (custom_id, method, url, body)"
+        yield from _json_objects(self.files, "input.openai_batch", expected, name_files=len(self.files) > 1)
 
     @staticmethod
     def _columns(line: dict[str, Any]) -> dict[str, Any]:
@@ -985,3 +950,31 @@ class OpenAIBatchSource(_BaseSource):
         chunk = [line["custom_id"] for _where, line in self._lines()]
         if chunk:
             yield chunk
+
+
+def _json_objects(
+    files: Sequence[Path], key: str, expected: str, *, name_files: bool
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every non-blank line of ``files`` as a JSON object, with where it is (``FILE, line N``).
+
+    A file that cannot be opened, a line that is not JSON, or one that is not an object raises
+    InputError naming ``key`` (the spec key) and the line. ``name_files``: say each file's path; else
+    only its name (one file).
+    """
+    for path in files:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the `with` below; opening gets its own message
+        except OSError as exc:
+            raise InputError(f"{key}: cannot read {str(path)!r}: {exc}") from None
+        with f:
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                where = f"{path if name_files else path.name}, line {number}"
+                try:
+                    value = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise InputError(f"{key}: {where}: not valid JSON: {exc}") from None
+                if not isinstance(value, dict):
+                    raise InputError(f"{key}: {where}: expected {expected}, got {type(value).__name__}")
+                yield where, value
