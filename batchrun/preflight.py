@@ -153,6 +153,10 @@ async def _open_input(spec: JobSpec) -> Source:
         source = await asyncio.to_thread(open_source, spec.input)
     except InputError as exc:
         raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
+    if spec.shard is not None:  # one shard of the job: its rows only (shards.py)
+        from batchrun.shards import ShardedSource
+
+        source = ShardedSource(source, spec.shard)
     if spec.samples > 1:
         from batchrun.samples import SampledSource
 

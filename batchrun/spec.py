@@ -294,6 +294,8 @@ class JobSpec:
     mixed_models: bool = False
     # Keys that apply to every endpoint of the list form that does not set its own.
     endpoint_defaults: Mapping[str, Any] | None = None
+    # Which shard of the job this run is (``--shard I/N``, shards.py); None: the whole job. Not a spec key.
+    shard: Any = None
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -471,7 +473,7 @@ def _default(spec_class: type, name: str) -> Any:
 
 # `file` and `raw` record where the spec came from; they are not keys a spec may set.
 _MAX_SAMPLES = 10_000
-_JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw", "endpoints"))
+_JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw", "endpoints", "shard"))
 # The input section names its kind by its key (parquet, jsonl or dataset), so it is not one to one.
 _INPUT_KINDS = ("parquet", "dataset", "jsonl", "openai_batch")
 _INPUT_KEYS = (*_INPUT_KINDS, "id_column", "limit", "keep_columns", "allow_empty")
