@@ -85,7 +85,7 @@ def test_the_faster_endpoint_gets_the_larger_share_every_row_once_both_paused_an
     fast = paused("fast", latency_base_s=0.005, max_concurrent_requests=16)
     slow = paused("slow", latency_base_s=0.06, max_concurrent_requests=4)
     with emulator(fast, slow) as emu:
-        outcome, lines = run(multi_job(tmp_path, emu, ["fast", "slow"], n=240))
+        outcome, lines = run(multi_job(tmp_path, emu, ["fast", "slow"], n=240, retries={"max_attempts": 10}))
         requests = {name: data_requests(emu, name) for name in ("fast", "slow")}
         states = {name: emu.state(NS, name).state for name in ("fast", "slow")}
     assert outcome.exit_code == 0
@@ -122,10 +122,11 @@ def test_an_endpoint_failing_mid_run_is_drained_its_rows_finish_on_the_other_and
 
 
 def test_a_slow_cold_start_holds_nobody_back_and_the_slow_endpoint_joins_when_ready(tmp_path):
-    quick = paused("quick", latency_base_s=0.05, max_concurrent_requests=4)
-    late = paused("late", latency_base_s=0.05, max_concurrent_requests=4, initializing_s=0.5)
+    quick = paused("quick", latency_base_s=0.05)
+    late = paused("late", latency_base_s=0.05, initializing_s=0.5)
     with emulator(quick, late) as emu:
-        outcome, lines = run(multi_job(tmp_path, emu, ["quick", "late"], n=300))
+        outcome, lines = run(multi_job(tmp_path, emu, ["quick", "late"], n=300, concurrency={"max": 8, "initial": 4},
+                                       retries={"max_attempts": 8}))
         stats = emu.stats()["endpoints"]
         late_resumed = next(e["t"] for e in emu.control_log if e["path"].endswith(f"{NS}/late/resume"))
     assert outcome.exit_code == 0
