@@ -151,6 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import RunOptions, run_job
 
     spec = _load(args)
+    if args.shard is not None:  # one shard of the job, in its own folder under the output (shards.py)
+        from .shards import Shard, sharded_spec
+
+        spec = sharded_spec(spec, Shard.parse(args.shard, count=args.shard_count))
+        _echo(f"shard {spec.shard}: output {spec.output.path}")
     options = RunOptions(
         fresh=args.fresh,
         progress=args.progress,
@@ -215,6 +220,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     root = Path(spec.output.path)
+    from .shards import shard_folders
+
+    if shard_folders(root):  # a sharded job: the union of its shards
+        from .shards import print_union
+
+        return print_union(root)
     status = read_status(root)
     lock = read_lock(root)
     if status.job is None and not status.data_shards and not status.failed_shards:
@@ -434,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-with", metavar="RUN", default=None,
                    help="at the end, compare with RUN (a folder, or `previous`: the latest earlier run beside this "
                    "one); the verdict goes to the notification. Never changes the exit code")
+    p.add_argument("--shard", metavar="I/N",
+                   help="run shard I (from 0) of N, in OUTPUT/shard-I-of-N; 'auto' reads SLURM_ARRAY_TASK_ID and "
+                   "SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX with --shard-count (docs/shards.md)")
+    p.add_argument("--shard-count", type=int, metavar="N", default=None,
+                   help="the number of shards, for --shard auto under a scheduler that does not say it")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining rows, from the output folder alone")

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import yarl
 
 from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.endpoints.base import DataPlane
-from batchrun.errors import AuthError, EndpointError, RequestFailed, redact, register_secret
+from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact
 from batchrun.limit import AdaptiveLimit
 from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import (
@@ -52,10 +51,11 @@ from batchrun.retry import (
     is_paused_answer,
     parse_retry_after,
 )
+from batchrun.routing import DRAIN_AFTER, Route, pick
 from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
 from batchrun.stop import Stop
 from batchrun.structured import InvalidAnswer
-from batchrun.tasks import PreparedRequest, Task, join_url
+from batchrun.tasks import Task
 from batchrun.tasks.base import dump_json
 from batchrun.tasks.structured import StructuredTask
 
@@ -145,6 +145,10 @@ class _Abandon(Exception):
     """A row is left without a record because intake stopped (it runs again next time)."""
 
 
+class _Drained(Exception):
+    """The endpoint a row waited for was drained: the row goes to another one."""
+
+
 class _RowFeed:
     """The rows, pulled one worker at a time; remembers that they ended.
 
@@ -176,7 +180,10 @@ class _RowFeed:
 
 
 class Dispatcher:
-    """Sends every row's request to one endpoint and hands exactly one record per finished row to ``on_record``.
+    """Sends every row's request to its endpoints and hands exactly one record per finished row to ``on_record``.
+
+    A job has one endpoint or several; each is a :class:`~batchrun.routing.Route` with its own limit and
+    breaker. ``plane`` is the first; :meth:`add_route` adds the others as they become ready.
 
     ``plane`` is where requests go: the endpoint's url (it may carry a path), headers to add, and the
     token, sent as ``Authorization: Bearer`` and never shown in a message. ``kept_columns(row)`` picks
@@ -196,12 +203,8 @@ class Dispatcher:
         excuses: Callable[[RequestFailed], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        name: str = "endpoint",
     ) -> None:
-        url = yarl.URL(plane.url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"the endpoint url must be an http(s) URL, got {redact(plane.url)!r}")
-        if any(key.lower() == "authorization" for key in plane.headers):
-            raise ValueError("the data plane's headers may not set Authorization: the token comes from huggingface_hub")
         self.base_url = plane.url
         self.task = task
         self.config = config
@@ -209,23 +212,18 @@ class Dispatcher:
         self._kept_columns = kept_columns
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
-        self._excuses = excuses
-        self._has_token = bool(plane.token)
-        register_secret(plane.token)
-        self._headers = {"Content-Type": "application/json", **plane.headers}
-        if plane.token:
-            self._headers["Authorization"] = f"Bearer {plane.token}"
-        self.limit = AdaptiveLimit(
-            min(config.initial_concurrency, config.max_concurrency), maximum=config.max_concurrency, clock=clock
-        )
+        # One route per endpoint, each with its own limit and breaker (routing.py); the first is ``plane``.
+        self._routes = [self._new_route(plane, name=name, excuses=excuses)]
+        self._route_added = asyncio.Event()
+        self._more_coming: Callable[[], bool] = _no
+        self._last_drained: BatchrunError | None = None
+        self._connections = 0  # the workers' count once run() began: each route's connection pool
+        #: Called with (route name, why) when an endpoint is drained: its owner releases it.
+        self.on_drained: Callable[[str, BatchrunError], None] | None = None
         self.budget = RetryBudget(ratio=config.retry_budget_ratio, clock=clock)
         self._stats = DispatchStats(limit=self.limit.limit)
         self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
-        self._urls: dict[str, str] = {}
         self._stop = Stop()
-        self.breaker = CircuitBreaker()
-        self._breaker_changed = asyncio.Event()
-        self._good_limit = self.limit.value  # the limit while the endpoint last answered well
         # Answers that must follow a JSON Schema are read (and redrawn) here, the one retry layer.
         self._structured = task if isinstance(task, StructuredTask) else None
 
@@ -239,29 +237,107 @@ class Dispatcher:
         """
         self._stop = stop = stop or Stop()
         feed = _RowFeed(rows)
-        n = self.config.max_concurrency
-        # limit_per_host=0: no separate per-host cap; the total equals the worker count, and every
-        # request goes to one host anyway. Connections are kept alive between requests.
-        connector = aiohttp.TCPConnector(limit=n, limit_per_host=0)
-        async with aiohttp.ClientSession(connector=connector, headers=self._headers) as session, stop.until_aborted():
-            try:
-                async with asyncio.TaskGroup() as workers:
-                    for i in range(n):
-                        workers.create_task(self._worker(session, feed), name=f"dispatch-{i}")
-            except BaseExceptionGroup as group:
-                # One worker's AuthError (or EndpointError) ends them all; raise it as itself.
-                raise group.exceptions[0] from None
+        n = self._connections = self.config.max_concurrency
+        for route in self._routes:
+            route.open_session(n)
+        try:
+            async with stop.until_aborted():
+                try:
+                    async with asyncio.TaskGroup() as workers:
+                        for i in range(n):
+                            workers.create_task(self._worker(feed), name=f"dispatch-{i}")
+                except BaseExceptionGroup as group:
+                    # One worker's AuthError (or EndpointError) ends them all; raise it as itself.
+                    raise group.exceptions[0] from None
+        finally:
+            await asyncio.gather(*(route.close() for route in self._routes))
+
+    # ------------------------------------------------------------------ routes (one per endpoint)
+
+    def _new_route(self, plane: DataPlane, *, name: str,
+                   excuses: Callable[[RequestFailed], bool] | None) -> Route:
+        config = self.config
+        return Route(plane, name=name, initial=config.initial_concurrency, maximum=config.max_concurrency,
+                     clock=self._clock, excuses=excuses)
+
+    def add_route(self, plane: DataPlane, *, name: str, excuses: Callable[[RequestFailed], bool] | None = None) -> None:
+        """Send to one more endpoint from now on (it became ready after the first)."""
+        route = self._new_route(plane, name=name, excuses=excuses)
+        if self._connections:
+            route.open_session(self._connections)
+        self._routes.append(route)
+        self._route_added.set()
+        self._route_added.clear()
+
+    def expect_more(self, pending: Callable[[], bool]) -> None:
+        """``pending()`` says whether more endpoints may still be added: with none live, rows wait for them."""
+        self._more_coming = pending
+
+    def drain(self, name: str, error: BatchrunError) -> None:
+        """Send no more to the endpoint ``name`` (it failed): its rows are retried on the others."""
+        for route in self._routes:
+            if route.name == name:
+                self._drain(route, error)
+
+    def _drain(self, route: Route, error: BatchrunError) -> None:
+        if route.drain(error):
+            self._last_drained = error
+            if self.on_drained is not None:
+                self.on_drained(route.name, error)
+
+    def _pick(self, avoid: Route | None) -> Route | None:
+        routes = self._routes
+        if len(routes) == 1:  # one endpoint: nothing to choose
+            route = routes[0]
+            return route if route.drained is None else None
+        return pick(routes, avoid)
+
+    async def _route(self, avoid: Route | None = None) -> Route:
+        """A live route (preferring another than ``avoid``); waits for one still starting; raises the
+        error that drained the last one when none is left."""
+        route = self._pick(avoid)
+        while route is None:
+            if not self._more_coming():
+                raise self._last_drained or EndpointError("no endpoint is left to send to")
+            async with self._stop.until_requested() as waiting:
+                await self._route_added.wait()
+            if waiting.cancelled:
+                raise _Abandon()
+            route = self._pick(avoid)
+        return route
+
+    @property
+    def limit(self) -> AdaptiveLimit:
+        """The first endpoint's concurrency limit (the only one, for a job with one endpoint)."""
+        return self._routes[0].limit
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The first endpoint's circuit breaker."""
+        return self._routes[0].breaker
+
+    def route_figures(self) -> dict[str, dict[str, Any]]:
+        """Each endpoint's share (rows, 429s, latency), by name."""
+        return {route.name: route.figures() for route in self._routes}
+
+    def route_in_flight(self, name: str) -> int:
+        return sum(route.limit.in_flight for route in self._routes if route.name == name)
 
     @property
     def stats(self) -> DispatchStats:
         """Live counters; ``in_flight`` and ``limit`` are read at the moment of the call."""
-        self._stats.in_flight = self.limit.in_flight
-        self._stats.limit = self.limit.limit
+        routes = self._routes
+        if len(routes) == 1:
+            self._stats.in_flight = routes[0].limit.in_flight
+            self._stats.limit = routes[0].limit.limit
+        else:
+            self._stats.in_flight = sum(route.limit.in_flight for route in routes)
+            self._stats.limit = sum(route.limit.limit for route in routes if route.drained is None)
         return self._stats
 
     # ------------------------------------------------------------------ workers
 
-    async def _worker(self, session: aiohttp.ClientSession, feed: _RowFeed) -> None:
+    async def _worker(self, feed: _RowFeed) -> None:
         while not self._stop.requested:
             row = feed.next_nowait()  # most rows are here already: no wait, so nothing for a stop to cut
             if row is None:
@@ -270,7 +346,7 @@ class Dispatcher:
             if row is None or self._stop.requested:
                 return  # the rows ended, or intake stopped: a row pulled just then runs next time
             try:
-                record = await self._process(session, row)
+                record = await self._process(row)
             except _Abandon:
                 continue
             if isinstance(record, RowResult):
@@ -279,29 +355,36 @@ class Dispatcher:
                 self._stats.failed += 1
             self._on_record(record)
 
-    async def _process(self, session: aiohttp.ClientSession, row: Row) -> RowResult | RowFailure:
+    async def _process(self, row: Row) -> RowResult | RowFailure:
         try:
             request = self.task.prepare(row)
         except RequestFailed as unsendable:
             return self._failure(row, unsendable, attempts=0)
         body = dump_json(request.payload)  # once per row, not per attempt
-        url = self._url(request)
         headers = request.headers or None
+        route = self._pick(None) or await self._route()
         attempts = 0  # requests sent for this row
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive excused failures, for their backoff
         redraws = 0  # tries after an answer that was not valid against the output schema
         while True:
-            # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
-            probe = False if self.breaker.closed else await self._admitted()
-            sent_at, outcome = await self._attempt(session, url, body, headers, first=attempts == 0)
+            try:
+                # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
+                probe = False if route.breaker.closed else await self._admitted(route)
+                sent_at, outcome = await self._attempt(route, route.url(request), body, headers,
+                                                       first=attempts == 0)
+            except _Drained:  # the endpoint was drained while the row waited for it: another one
+                route = await self._route(route)
+                continue
             attempts += 1
-            self._observe(outcome, probe=probe, row=row.position)
+            self._observe(route, outcome, probe=probe, row=row.position)
             if isinstance(outcome, dict):
                 if request.outputs:  # columns the task knew before sending (a text-to-image seed)
                     outcome = {**request.outputs, **outcome}
                 latency = self._clock() - sent_at
-                self.limit.on_success(latency)
+                route.limit.on_success(latency)
+                route.ok += 1
+                route.latency_sum += latency
                 self._stats.latencies.add(latency)
                 self._stats.output_tokens += outcome.get("completion_tokens") or 0
                 if self._structured is not None:
@@ -321,26 +404,29 @@ class Dispatcher:
                         continue
                 return RowResult(row.position, row.id, self._kept(row), outcome, latency, attempts)
             failure = outcome
-            if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
-                raise self._auth_error(failure.status)
-            if failure.error_type == _ENDPOINT_PAUSED:
-                raise EndpointError(
-                    f"the endpoint answered that it is paused ({failure.message}). Resume it (for a Dedicated "
-                    "endpoint: `batchrun endpoint resume NAME --namespace NS`, or let batchrun manage it with "
-                    "endpoint.name), then run the job again: it continues where it stopped.",
-                    state="paused",
-                )
+            if route.drained is None:
+                if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
+                    self._drain(route, self._auth_error(route, failure.status))
+                elif failure.error_type == _ENDPOINT_PAUSED:
+                    self._drain(route, self._paused_error(route, failure))
+            if route.drained is not None:
+                # Its endpoint is drained (it failed, or refused the token): the row goes to another one
+                # at once and keeps its attempts; with none left, the reason is raised and the job stops.
+                route = await self._route(route)
+                continue
+            if failure.status == 429:
+                route.throttled += 1
             if is_overload(failure):
                 # TGI's own 429 (no Retry-After) is a refusal for want of capacity: the limit measures it.
-                self.limit.on_overload(sent_at, rejected=failure.status == 429 and failure.retry_after is None)
-            outage = failure.retryable and _is_unavailable(failure) and self.breaker.suspects_outage
+                route.limit.on_overload(sent_at, rejected=failure.status == 429 and failure.retry_after is None)
+            outage = failure.retryable and _is_unavailable(failure) and route.breaker.suspects_outage
             if outage:
                 # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs
                 # off; once the breaker is open it holds the row until the endpoint is back. Its retry does
                 # not wait for the retry budget: the breaker already spares the endpoint.
                 delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
                 cold_streak += 1
-            elif failure.retryable and self._excuses is not None and self._excuses(failure):
+            elif failure.retryable and route.excuses is not None and route.excuses(failure):
                 delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
                 cold_streak += 1
             else:
@@ -354,10 +440,11 @@ class Dispatcher:
             # at its capacity: its retry waits for a slot, not for the retry budget, which is for failures
             # that cost the endpoint work (and would bottleneck a job whose capacity shrank).
             await self._wait_to_retry(delay, spend_budget=not outage and failure.status != 429)
+            route = self._pick(route) or await self._route(route)  # a retry prefers another endpoint
 
     async def _attempt(
         self,
-        session: aiohttp.ClientSession,
+        route: Route,
         url: str,
         body: bytes,
         headers: Mapping[str, str] | None,
@@ -368,35 +455,39 @@ class Dispatcher:
         if self._stop.requested:
             raise _Abandon()  # intake stopped: a row not sent yet is left for next time
         # The fast path (a free slot, taken at once) needs no cancel scope: only a wait can be stopped.
-        if not self.limit.try_acquire():
+        limit = route.limit
+        if not limit.try_acquire():
             async with self._stop.until_requested() as waiting:
-                await self.limit.acquire()
+                await limit.acquire()
             if waiting.cancelled:
                 raise _Abandon()
         try:
             # Checked right before sending: once a stop is requested, a row that was only waiting for a
-            # slot is left for next time.
+            # slot is left for next time; a row whose endpoint was drained meanwhile goes to another.
             if self._stop.requested:
                 raise _Abandon()
+            if route.drained is not None:
+                raise _Drained()
             self.budget.record_request()  # every request counts, retries included (the budget is a share)
             self._stats.sent += 1
             if not first:
                 self._stats.retries += 1
             sent_at = self._clock()
             try:
-                return sent_at, await self._send(session, url, body, headers)
+                return sent_at, await self._send(route.session, url, body, headers)
             except RequestFailed as failure:
                 return sent_at, failure
         finally:
-            self.limit.release()
+            limit.release()
 
     async def _send(
         self,
-        session: aiohttp.ClientSession,
+        session: aiohttp.ClientSession | None,
         url: str,
         body: bytes,
         request_headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
+        assert session is not None  # opened by run() for every route
         try:
             # The task's own headers (text-to-image's Accept) are added to the session's. The answer is
             # read as raw bytes and only the task decides what it is: JSON, or image bytes kept as sent.
@@ -454,52 +545,87 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ the circuit breaker
 
-    async def _admitted(self) -> bool:
-        """Wait until the breaker lets a request out; True when it goes as the probe."""
+    async def _admitted(self, route: Route) -> bool:
+        """Wait until the route's breaker lets a request out; True when it goes as the probe.
+
+        An outage past ``outage_timeout`` drains the endpoint (raises _Drained): with another endpoint
+        live the row goes there, with none the job stops (resumable).
+        """
+        breaker = route.breaker
         while True:
+            if route.drained is not None:
+                raise _Drained()
             now = self._clock()
-            admission = self.breaker.admit(now)
+            admission = breaker.admit(now)
             if admission is not Admission.WAIT:
                 return admission is Admission.PROBE
-            outage = self.breaker.outage_s(now)
+            outage = breaker.outage_s(now)
             if outage > self.config.outage_timeout_s:
-                raise EndpointError(
-                    f"the endpoint has not answered for {outage:.0f}s (outage_timeout "
+                self._drain(route, EndpointError(
+                    f"{self._named(route)}has not answered for {outage:.0f}s (outage_timeout "
                     f"{self.config.outage_timeout_s:g}s); the rows not done are kept for the next run",
                     state="unavailable",
-                )
+                ))
+                raise _Drained()
             async with self._stop.until_requested() as waiting:
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.breaker.wait_s(now)):
-                        await self._breaker_changed.wait()
+                    async with asyncio.timeout(breaker.wait_s(now)):
+                        await route.breaker_changed.wait()
             if waiting.cancelled:
                 raise _Abandon()
 
-    def _observe(self, outcome: dict[str, Any] | RequestFailed, *, probe: bool, row: int) -> None:
-        """Count an outcome for the breaker; when it closes again, go back to the last good limit."""
+    def _observe(self, route: Route, outcome: dict[str, Any] | RequestFailed, *, probe: bool, row: int) -> None:
+        """Count an outcome for the route's breaker; when it closes again, go back to the last good limit."""
         unavailable = isinstance(outcome, RequestFailed) and _is_unavailable(outcome)
-        if not unavailable and self.breaker.closed:
-            self._good_limit = max(self._good_limit * 0.99, self.limit.value)
-        if self.breaker.record(unavailable=unavailable, now=self._clock(), probe=probe, row=row):
-            if self.breaker.closed:
-                self.limit.raise_to(self._good_limit)
-            self._breaker_changed.set()
-            self._breaker_changed.clear()
+        breaker = route.breaker
+        if unavailable:
+            route.unavailable_streak += 1
+            if route.unavailable_streak >= DRAIN_AFTER and len(self._routes) > 1:
+                self._drain_if_others_answer(route)
+        else:
+            route.unavailable_streak = 0
+            if breaker.closed:
+                route.good_limit = max(route.good_limit * 0.99, route.limit.value)
+        if breaker.record(unavailable=unavailable, now=self._clock(), probe=probe, row=row):
+            if breaker.closed:
+                route.limit.raise_to(route.good_limit)
+            route.breaker_changed.set()
+            route.breaker_changed.clear()
         elif probe:  # a failed probe: the waiters look again at the next probe time
-            self._breaker_changed.set()
-            self._breaker_changed.clear()
+            route.breaker_changed.set()
+            route.breaker_changed.clear()
+
+    def _drain_if_others_answer(self, route: Route) -> None:
+        """An endpoint failing while another one answers is drained (a lone one is left to its breaker)."""
+        others = [r for r in self._routes if r is not route and r.drained is None and r.breaker.closed and r.ok]
+        if others:
+            self._drain(route, EndpointError(
+                f"endpoint {route.name}: {route.unavailable_streak} errors or timeouts in a row while "
+                f"{others[0].name} answers", state="unavailable",
+            ))
 
     def waiting_for(self) -> str | None:
         """Why requests are held back right now, for the progress line (None when they are not)."""
-        return self.breaker.describe(self._clock())
+        now = self._clock()
+        if len(self._routes) == 1:
+            return self._routes[0].breaker.describe(now)
+        held = [f"{route.name}: {why}" for route in self._routes
+                if route.drained is None and (why := route.breaker.describe(now))]
+        return "; ".join(held) or None
 
     # ------------------------------------------------------------------ helpers
 
-    def _url(self, request: PreparedRequest) -> str:
-        url = self._urls.get(request.path)
-        if url is None:
-            url = self._urls[request.path] = join_url(self.base_url, request.path)
-        return url
+    def _named(self, route: Route) -> str:
+        """How a message names the endpoint: "the endpoint " alone, or with its name among several."""
+        return "the endpoint " if len(self._routes) == 1 else f"the endpoint {route.name} "
+
+    def _paused_error(self, route: Route, failure: RequestFailed) -> EndpointError:
+        return EndpointError(
+            f"{self._named(route)}answered that it is paused ({failure.message}). Resume it (for a Dedicated "
+            "endpoint: `batchrun endpoint resume NAME --namespace NS`, or let batchrun manage it with "
+            "endpoint.name), then run the job again: it continues where it stopped.",
+            state="paused",
+        )
 
     def _kept(self, row: Row) -> dict[str, Any]:
         return self._kept_columns(row) if self._kept_columns is not None else {}
@@ -520,15 +646,16 @@ class Dispatcher:
             kept=self._kept(row),
         )
 
-    def _auth_error(self, status: int) -> AuthError:
-        if self._has_token:
+    def _auth_error(self, route: Route, status: int) -> AuthError:
+        which = "" if len(self._routes) == 1 else f" {route.name}"
+        if route.has_token:
             message = (
-                f"The endpoint refused the token (HTTP {status}): it is invalid, expired, or cannot access "
+                f"The endpoint{which} refused the token (HTTP {status}): it is invalid, expired, or cannot access "
                 f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."
             )
         else:
             message = (
-                f"The endpoint requires a token (HTTP {status}) and none was found. "
+                f"The endpoint{which} requires a token (HTTP {status}) and none was found. "
                 f"Set HF_TOKEN, or run `hf auth login`."
             )
         return AuthError(message, status=status)
@@ -536,6 +663,10 @@ class Dispatcher:
 
 def _nothing() -> None:
     return None
+
+
+def _no() -> bool:
+    return False
 
 
 _ENDPOINT_PAUSED = "endpoint_paused"

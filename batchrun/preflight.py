@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchrun.cost import MARGIN_SHARE, Spent
-from batchrun.endpoints import Endpoint, EndpointCheck, open_endpoint
+from batchrun.endpoints import Endpoint, EndpointCheck, EndpointPool, open_endpoints
 from batchrun.errors import (
     AuthError,
     BudgetSpentError,
@@ -54,7 +54,7 @@ class Preflight:
     source: Source
     task: Task
     kept_columns: tuple[str, ...]  # the input columns copied to the output, in input order
-    endpoint: Endpoint
+    endpoint: EndpointPool  # every endpoint of the job (one, or the list form's)
     token: str | None = field(repr=False)
     identity: dict[str, Any]
     fingerprint: str
@@ -131,7 +131,7 @@ async def preflight(
     if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
         raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
     runs_before = int((stored or {}).get("runs", 0)) if not fresh else 0
-    endpoint = open_endpoint(
+    endpoint = open_endpoints(
         spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0,
         run_number=runs_before + 1,
     )
@@ -172,6 +172,10 @@ async def _open_input(spec: JobSpec) -> Source:
         source = await asyncio.to_thread(open_source, spec.input)
     except InputError as exc:
         raise InputError(f"{spec.file}: {exc}" if spec.file else str(exc)) from None
+    if spec.shard is not None:  # one shard of the job: its rows only (shards.py)
+        from batchrun.shards import ShardedSource
+
+        source = ShardedSource(source, spec.shard)
     if spec.samples > 1:
         from batchrun.samples import SampledSource
 
@@ -345,10 +349,11 @@ def _resolve_token(spec: JobSpec) -> str | None:
 
     token = get_token()
     register_secret(token)
-    if spec.endpoint.name and not token:
+    named = [e for e in spec.all_endpoints if e.name]
+    if named and not token:
         raise AuthError(
             "no Hugging Face token found: set HF_TOKEN or run `hf auth login` (a token that may call and manage "
-            f"Inference Endpoints in {spec.endpoint.namespace})"
+            f"Inference Endpoints in {named[0].namespace})"
         )
     return token
 

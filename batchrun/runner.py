@@ -29,6 +29,7 @@ from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
+from batchrun.endpoints.shares import endpoint_shares
 from batchrun.errors import (
     AuthError,
     BatchrunError,
@@ -116,8 +117,9 @@ async def _serve(
     committer = Committer(output.sink, interval_s=options.commit_interval_s)
     dispatcher: Dispatcher | None = None
     try:
-        async with pre.endpoint as plane:
+        async with pre.endpoint as plane:  # every endpoint resumed at once; here once the first is ready
             dispatcher = _dispatcher(pre, plane, committer, tally)
+            pre.endpoint.attach(dispatcher)  # the others join as they become ready
             try:
                 async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
                     await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher)
@@ -165,7 +167,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         committer.add(record)
 
     return Dispatcher(plane=plane, task=pre.task, config=config, on_record=on_record, kept_columns=kept_columns,
-                      excuses=pre.endpoint.excuses)
+                      excuses=pre.endpoint.excuses, name=pre.endpoint.route_name())
 
 
 async def _dispatch(
@@ -253,6 +255,7 @@ def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:
         "retries": stats.retries,
         "status_counts": dict(stats.status_counts),
         "latency_s": {"p50": stats.latencies.quantile(0.5), "p95": stats.latencies.quantile(0.95)},
+        "routes": dispatcher.route_figures(),
     }
 
 
@@ -436,7 +439,7 @@ async def _summarize(
     endpoint = pre.endpoint
     meter = endpoint.meter
     cost: dict[str, Any] = {}
-    if meter.replica_seconds and pre.spec.endpoint.url is None:
+    if meter.replica_seconds and any(e.url is None for e in pre.spec.all_endpoints):
         job = _spent_so_far(pre, meter)
         await asyncio.to_thread(store.save_spend, job.record())
         cost = {"replica_hours": round(meter.replica_seconds / 3600, 6), "usd": meter.usd,
@@ -452,7 +455,10 @@ async def _summarize(
     }
     dispatch = {"output_tokens": tally.output_tokens, "retries": 0, "status_counts": {},
                 "latency_s": {"p50": None, "p95": None}, **dispatch}
+    routes = dispatch.pop("routes", {})
     endpoint_info = {"ref": endpoint.ref, **endpoint.record.summary()} if endpoint.record.acquired_at else {}
+    if endpoint.several:  # each endpoint's share: rows, 429s, latency, cost, and what became of it
+        endpoint_info["endpoints"] = endpoint_shares(endpoint, routes)
     check = pre.endpoint_check
     if check is not None and check.model:
         endpoint_info.update(model=check.model, revision=check.revision)

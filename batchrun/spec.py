@@ -196,6 +196,8 @@ class EndpointSpec:
     on_finish: str | None = None
     idle_backstop: float = DEFAULT_IDLE_BACKSTOP
     price_per_replica_hour: float | None = None
+    #: How progress, the summary and the output's ``endpoint`` column name it among several (list form).
+    label: str | None = None
 
     @property
     def kind(self) -> str:
@@ -291,8 +293,22 @@ class JobSpec:
     score: tuple[ScorerSpec, ...] = ()
     # Where a short summary is posted at the end of every run (notify.py).
     notify: NotifySpec | None = None
+    # Several endpoints (``endpoint:`` given as a list): all of them, ``endpoint`` being the first. Empty
+    # for the mapping form, which means one endpoint exactly as it always did.
+    endpoints: tuple[EndpointSpec, ...] = ()
+    # Several endpoints may serve different models or revisions only when the spec says so.
+    mixed_models: bool = False
+    # Keys that apply to every endpoint of the list form that does not set its own.
+    endpoint_defaults: Mapping[str, Any] | None = None
+    # Which shard of the job this run is (``--shard I/N``, shards.py); None: the whole job. Not a spec key.
+    shard: Any = None
     file: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def all_endpoints(self) -> tuple[EndpointSpec, ...]:
+        """Every endpoint the job sends to: the list form's, or the one endpoint."""
+        return self.endpoints or (self.endpoint,)
 
     def identity(self) -> dict[str, Any]:
         """The configuration that must not change between a run and its resume.
@@ -301,16 +317,9 @@ class JobSpec:
         The input's identity is not here: sources give their own ``fingerprint()``. Limits,
         concurrency, retries and output sharding may change freely between runs.
         """
-        endpoint = self.endpoint
-        if endpoint.url is not None:
-            # A url is a location, like an input path: the same server may move to another port.
-            # What it serves is not known without asking it, so only the kind of endpoint counts.
-            endpoint_identity: dict[str, Any] = {"kind": "url"}
-        elif endpoint.local is not None:
-            model = endpoint.local.get("model_id", endpoint.local.get("model"))
-            endpoint_identity = {"local": True, "model": model}
-        else:
-            endpoint_identity = {"namespace": endpoint.namespace, "name": endpoint.name}
+        endpoint_identity: Any = _endpoint_identity(self.endpoint)
+        if self.endpoints:  # the list form; one endpoint keeps the identity its outputs always had
+            endpoint_identity = [_endpoint_identity(each) for each in self.endpoints]
         identity: dict[str, Any] = {
             "task": self.task,
             "prompt": {
@@ -343,6 +352,17 @@ class JobSpec:
         if self.score:  # only when set: the score columns are part of every shard's schema
             identity["score"] = [scorer.describe() for scorer in self.score]
         return identity
+
+
+def _endpoint_identity(endpoint: EndpointSpec) -> dict[str, Any]:
+    if endpoint.url is not None:
+        # A url is a location, like an input path: the same server may move to another port.
+        # What it serves is not known without asking it, so only the kind of endpoint counts.
+        return {"kind": "url"}
+    if endpoint.local is not None:
+        model = endpoint.local.get("model_id", endpoint.local.get("model"))
+        return {"local": True, "model": model}
+    return {"namespace": endpoint.namespace, "name": endpoint.name}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -461,7 +481,7 @@ def _default(spec_class: type, name: str) -> Any:
 
 # `file` and `raw` record where the spec came from; they are not keys a spec may set.
 _MAX_SAMPLES = 10_000
-_JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw"))
+_JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw", "endpoints", "shard"))
 # The input section names its kind by its key (parquet, jsonl or dataset), so it is not one to one.
 _INPUT_KINDS = ("parquet", "dataset", "jsonl", "openai_batch")
 _INPUT_KEYS = (*_INPUT_KINDS, "id_column", "limit", "keep_columns", "allow_empty")
@@ -488,6 +508,22 @@ _TEXT_TO_IMAGE_PARAMETERS = {
 }
 _SEED_MAX = 2**63 - 1
 _ENDPOINT_KEYS = _keys(EndpointSpec)
+
+
+def _default_label(kind: str, url: str | None, local: Any, name: str | None, index: int) -> str:
+    """How an endpoint of the list form is named when it has no ``label``: its name, host or place."""
+    if kind == "name" and name:
+        return name
+    if kind == "url" and url:
+        import yarl
+
+        host = yarl.URL(url)
+        return f"{host.host}:{host.port}" if host.port else str(host.host)
+    if isinstance(local, Mapping) and local.get("name"):
+        return str(local["name"])
+    return f"endpoint-{index}"
+
+
 _LIFECYCLE_KEYS = ("api_url", "scale", "ready_timeout", "on_finish", "idle_backstop", "price_per_replica_hour")
 _SCALE_KEYS = _keys(ScaleSpec)
 _BUDGET_KEYS = _keys(BudgetSpec)
@@ -543,7 +579,7 @@ class _Parser:
             input=self.input(data["input"]),
             prompt=prompt,
             parameters=parameters,
-            endpoint=self.endpoint(data["endpoint"]),
+            **self.endpoint_list(data),
             budget=self.budget(data.get("budget")),
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
@@ -856,20 +892,55 @@ class _Parser:
             if not ok:
                 raise self.error(f"parameters.{key}", f"expected {expected}, got {_describe(value)}")
 
+    def endpoint_list(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        """``endpoint:`` as one mapping (one endpoint, as always) or a list (several, multi-endpoint).
+
+        With the list form, ``endpoint_defaults`` gives keys every item gets unless it sets its own, and
+        ``mixed_models`` allows endpoints serving different models.
+        """
+        data = job["endpoint"]
+        mixed = job.get("mixed_models", False)
+        if not isinstance(mixed, bool):
+            raise self.error("mixed_models", f"expected true or false, got {_describe(mixed)}")
+        defaults = job.get("endpoint_defaults")
+        if not isinstance(data, list):
+            for key in ("endpoint_defaults", "mixed_models"):
+                if key in job:
+                    raise self.error(key, "only applies when endpoint is a list of endpoints")
+            return {"endpoint": self.endpoint(data)}
+        if not data:
+            raise self.error("endpoint", "expected at least one endpoint in the list")
+        if defaults is not None:
+            self.section(defaults, "endpoint_defaults", _LIFECYCLE_KEYS)
+        endpoints = []
+        for index, item in enumerate(data):
+            where = f"endpoint[{index}]"
+            item = self.section(item, where, _ENDPOINT_KEYS)
+            if defaults and "url" not in item:
+                item = {**defaults, **item}
+            endpoints.append(self.endpoint(item, where=where, index=index))
+        labels = [e.label for e in endpoints]
+        for index, label in enumerate(labels):
+            if label in labels[:index]:
+                raise self.error(f"endpoint[{index}].label", f"{label!r} names two endpoints; give each its own label")
+        return {"endpoint": endpoints[0], "endpoints": tuple(endpoints), "mixed_models": mixed,
+                "endpoint_defaults": dict(defaults) if defaults else None}
+
     # One of the longer checks: the three ways to name an endpoint and the keys each allows are read together.
-    def endpoint(self, data: Any) -> EndpointSpec:
-        data = self.section(data, "endpoint", _ENDPOINT_KEYS)
-        kind = self.exactly_one(data, "endpoint", ("url", "local", "name"))
-        prefix = "endpoint."
+    def endpoint(self, data: Any, *, where: str = "endpoint", index: int | None = None) -> EndpointSpec:
+        data = self.section(data, where, _ENDPOINT_KEYS)
+        kind = self.exactly_one(data, where, ("url", "local", "name"))
+        prefix = where + "."
+        label = self.string(data, "label", prefix=prefix, default=None)
         url = local = name = namespace = None
         if kind == "url":
             url = self.string(data, "url", prefix=prefix)
             if not re.match(r"^https?://[^/\s]+", url):
-                raise self.error("endpoint.url", f"expected an http:// or https:// URL, got {url!r}")
+                raise self.error(f"{prefix}url", f"expected an http:// or https:// URL, got {url!r}")
             for key in _LIFECYCLE_KEYS:
                 if key in data:
                     raise self.error(
-                        f"endpoint.{key}",
+                        f"{prefix}{key}",
                         "only applies to an endpoint given by name or local; "
                         "batchrun does not manage the lifecycle of a url",
                     )
@@ -879,19 +950,19 @@ class _Parser:
                 local = {}
             if not isinstance(local, Mapping):
                 raise self.error(
-                    "endpoint.local", f"expected a mapping of emulator settings (or {{}}), got {_describe(local)}"
+                    f"{prefix}local", f"expected a mapping of emulator settings (or {{}}), got {_describe(local)}"
                 )
             local = dict(local)
         else:
             name = self.string(data, "name", prefix=prefix)
             if "namespace" not in data:
                 raise self.error(
-                    "endpoint.namespace",
+                    f"{prefix}namespace",
                     "is required with endpoint.name (the user or organization that owns the endpoint)",
                 )
         if "namespace" in data:
             if kind != "name":
-                raise self.error("endpoint.namespace", "only applies together with endpoint.name")
+                raise self.error(f"{prefix}namespace", "only applies together with endpoint.name")
             namespace = self.string(data, "namespace", prefix=prefix)
 
         api_url = self.string(data, "api_url", prefix=prefix, default=None)
@@ -899,12 +970,12 @@ class _Parser:
             api_url = api_url.rstrip("/")
             if not re.match(r"^https?://", api_url) or not api_url.endswith("/v2"):
                 raise self.error(
-                    "endpoint.api_url", f"expected the control plane's base URL ending in /v2, got {api_url!r}"
+                    f"{prefix}api_url", f"expected the control plane's base URL ending in /v2, got {api_url!r}"
                 )
         on_finish = data.get("on_finish")
         if on_finish is not None and on_finish not in ON_FINISH:
             hint = _suggest(on_finish, ON_FINISH) if isinstance(on_finish, str) else ""
-            raise self.error("endpoint.on_finish", f"expected one of {', '.join(ON_FINISH)}, got {on_finish!r}{hint}")
+            raise self.error(f"{prefix}on_finish", f"expected one of {', '.join(ON_FINISH)}, got {on_finish!r}{hint}")
         price = self.number(data, "price_per_replica_hour", prefix=prefix, default=None, minimum=0.0)
         return EndpointSpec(
             url=url,
@@ -921,6 +992,7 @@ class _Parser:
                 data, "idle_backstop", prefix=prefix, default=_default(EndpointSpec, "idle_backstop")
             ),
             price_per_replica_hour=price,
+            label=label if label is not None or index is None else _default_label(kind, url, local, name, index),
         )
 
     def scale(self, data: Any) -> ScaleSpec | None:

@@ -98,6 +98,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  endpoint: {endpoint.get('ref', '')} {said}")
     if endpoint.get("note"):
         lines.append(f"  note: {endpoint['note']}")
+    if endpoint.get("endpoints"):  # several endpoints: each one's share
+        from batchrun.endpoints.shares import format_shares
+
+        lines.extend(format_shares(endpoint["endpoints"]))
     cost = summary.get("cost") or {}
     if cost.get("usd") is not None:
         job = f"; {format_usd(cost['job_usd'])} over the job's runs" if cost.get("job_usd") is not None else ""

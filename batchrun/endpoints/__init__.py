@@ -7,8 +7,10 @@
     control_plane.py   the control plane through huggingface_hub (the production path)
     saved_settings.py  the user's settings, kept on disk while a job has changed them
     cold_start.py      when a 503 is the endpoint starting, not a row's fault
+    pool.py            EndpointPool: the job's endpoints (one or several) started, drained and released together
 
-:func:`open_endpoint` is the one place that maps a spec's `endpoint:` to one of them.
+:func:`open_endpoint` is the one place that maps a spec's `endpoint:` to one of them; :func:`open_endpoints`
+makes the pool of all of them that a job runs with.
 """
 
 from __future__ import annotations
@@ -21,23 +23,54 @@ from batchrun.endpoints.base import DataPlane, Endpoint, EndpointCheck, Lifecycl
 from batchrun.endpoints.control_plane import HfControlPlane
 from batchrun.endpoints.dedicated import DedicatedEndpoint, LifecycleSettings
 from batchrun.endpoints.local import LocalEndpoint, local_endpoint_config
+from batchrun.endpoints.pool import EndpointPool, Member
 from batchrun.endpoints.url import UrlEndpoint
 from batchrun.stop import Stop
 
 if TYPE_CHECKING:
-    from batchrun.spec import JobSpec
+    from batchrun.spec import EndpointSpec, JobSpec
 
 __all__ = [
     "DataPlane",
     "DedicatedEndpoint",
     "Endpoint",
     "EndpointCheck",
+    "EndpointPool",
     "LifecycleRecord",
     "LifecycleSettings",
     "LocalEndpoint",
     "UrlEndpoint",
     "open_endpoint",
+    "open_endpoints",
 ]
+
+
+def open_endpoints(
+    spec: JobSpec,
+    *,
+    token: str | None,
+    stop: Stop,
+    echo: Callable[[str], None],
+    poll_interval_s: float = 1.0,
+    run_number: int = 1,
+) -> EndpointPool:
+    """Every endpoint the spec names, as the pool a job runs with (a pool of one for the mapping form).
+
+    Each endpoint gets a stop of its own (see pool.py): its trouble drains it alone while others remain.
+    """
+    members = []
+    for index, each in enumerate(spec.all_endpoints):
+        own = Stop()
+        name = each.label or f"endpoint-{index}"
+        prefix = f"endpoint {name}: " if spec.endpoints else ""
+
+        def said(message: str, prefix: str = prefix) -> None:
+            echo(prefix + message)
+
+        endpoint = open_endpoint(spec, token=token, stop=own, echo=said, poll_interval_s=poll_interval_s,
+                                 run_number=run_number, endpoint=each)
+        members.append(Member(name=name, endpoint=endpoint, stop=own))
+    return EndpointPool(members, stop=stop, mixed_models=spec.mixed_models, echo=echo)
 
 
 def open_endpoint(
@@ -48,6 +81,7 @@ def open_endpoint(
     echo: Callable[[str], None],
     poll_interval_s: float = 1.0,
     run_number: int = 1,
+    endpoint: EndpointSpec | None = None,
 ) -> Endpoint:
     """The endpoint the spec names, ready to be checked and entered. Raises SpecError for a bad `local:`.
 
@@ -56,7 +90,7 @@ def open_endpoint(
     """
     from batchrun.task_kinds import task_kind
 
-    e = spec.endpoint
+    e = endpoint or spec.endpoint
     if e.url is not None:
         return UrlEndpoint(e.url, token=token)
     kind = task_kind(spec.task)

@@ -1,0 +1,139 @@
+"""Routes: one per endpoint a job sends to, each with its own concurrency limit and circuit breaker.
+
+A job with one endpoint has one route; a job with several (``endpoint:`` as a list) has one per endpoint,
+added as each becomes ready. The dispatcher's one retry loop asks :func:`pick` for a route before every
+attempt, so routing is the only thing the number of endpoints changes:
+
+    pick            the live route with the most free room under its limit (limit - in flight); a
+                    retry avoids the route that just failed it while another one is live
+    drain           an endpoint in trouble (failed, a refused token, errors past a threshold while the
+                    others answer) takes no more requests; its rows are retried on the others
+
+Each route keeps its own figures (rows, 429s, latency) for the summary's per-endpoint shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import yarl
+
+from batchrun.breaker import CircuitBreaker
+from batchrun.endpoints.base import DataPlane
+from batchrun.errors import BatchrunError, RequestFailed, redact, register_secret
+from batchrun.limit import AdaptiveLimit
+from batchrun.tasks import PreparedRequest, join_url
+
+__all__ = ["DRAIN_AFTER", "Route", "pick"]
+
+#: Consecutive unavailable answers (5xx, timeouts, refused connections) after which an endpoint is
+#: drained, when another endpoint of the job answers meanwhile. A lone endpoint is never drained for
+#: them: its circuit breaker and the outage timeout decide, as they always did.
+DRAIN_AFTER = 20
+
+
+class Route:
+    """One endpoint as the dispatcher sees it: where to send, how much at once, and whether it is healthy."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        *,
+        name: str,
+        initial: int,
+        maximum: int,
+        clock: Callable[[], float],
+        excuses: Callable[[RequestFailed], bool] | None = None,
+    ) -> None:
+        url = yarl.URL(plane.url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"the endpoint url must be an http(s) URL, got {redact(plane.url)!r}")
+        if any(key.lower() == "authorization" for key in plane.headers):
+            raise ValueError("the data plane's headers may not set Authorization: the token comes from huggingface_hub")
+        self.name = name
+        self.base_url = plane.url
+        self.has_token = bool(plane.token)
+        register_secret(plane.token)
+        self.headers: dict[str, str] = {"Content-Type": "application/json", **plane.headers}
+        if plane.token:
+            self.headers["Authorization"] = f"Bearer {plane.token}"
+        self.excuses = excuses
+        self.limit = AdaptiveLimit(min(initial, maximum), maximum=maximum, clock=clock)
+        self.breaker = CircuitBreaker()
+        self.breaker_changed = asyncio.Event()
+        self.good_limit = self.limit.value  # the limit while the endpoint last answered well
+        self.session: aiohttp.ClientSession | None = None
+        self.drained: BatchrunError | None = None  # why it takes no more requests
+        self._urls: dict[str, str] = {}
+        # Figures for the summary's per-endpoint shares.
+        self.ok = 0
+        self.throttled = 0  # 429 answers
+        self.latency_sum = 0.0
+        self.unavailable_streak = 0
+
+    def __repr__(self) -> str:
+        return f"Route({self.name!r}, limit={self.limit.limit}, in_flight={self.limit.in_flight})"
+
+    def url(self, request: PreparedRequest) -> str:
+        url = self._urls.get(request.path)
+        if url is None:
+            url = self._urls[request.path] = join_url(self.base_url, request.path)
+        return url
+
+    def room(self) -> int:
+        """Free slots under the limit now; a route whose breaker is not closed counts as full."""
+        if not self.breaker.closed:
+            return -2 * self.limit.controller.maximum - 1
+        return self.limit.limit - self.limit.in_flight
+
+    def open_session(self, connections: int) -> aiohttp.ClientSession:
+        """The route's own HTTP session (its headers, its connection pool), made once the loop runs."""
+        if self.session is None or self.session.closed:
+            # limit_per_host=0: no separate per-host cap; the total is the worker count. Connections
+            # are kept alive between requests.
+            connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0)
+            self.session = aiohttp.ClientSession(connector=connector, headers=self.headers)
+        return self.session
+
+    async def close(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            await session.close()
+
+    def drain(self, error: BatchrunError) -> bool:
+        """Take no more requests; True the first time. Waiters for a slot or the breaker are woken so
+        they pick another route."""
+        if self.drained is not None:
+            return False
+        self.drained = error
+        self.limit.raise_to(float(self.limit.controller.maximum))
+        self.breaker_changed.set()
+        self.breaker_changed.clear()
+        return True
+
+    def figures(self) -> dict[str, Any]:
+        """This route's share, for the summary."""
+        mean = self.latency_sum / self.ok if self.ok else None
+        info: dict[str, Any] = {"rows_ok": self.ok, "http_429": self.throttled,
+                                "latency_mean_s": None if mean is None else round(mean, 4)}
+        if self.drained is not None:
+            info["drained"] = str(self.drained)
+        return info
+
+
+def pick(routes: list[Route], avoid: Route | None = None) -> Route | None:
+    """The live route with the most free room; ``avoid`` only when no other route is live. None: none is."""
+    best: Route | None = None
+    best_room = 0
+    for route in routes:
+        if route.drained is not None or route is avoid:
+            continue
+        room = route.room()
+        if best is None or room > best_room:
+            best, best_room = route, room
+    if best is None and avoid is not None and avoid.drained is None:
+        return avoid
+    return best

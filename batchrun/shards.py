@@ -1,0 +1,172 @@
+"""Shards: one job split across machines by the schedulers teams already run (docs/shards.md).
+
+    batchrun run JOB.yaml --shard I/N        shard I (0-based) of N
+    batchrun run JOB.yaml --shard auto       Slurm arrays: SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT;
+                                             Kubernetes Indexed Jobs: JOB_COMPLETION_INDEX with
+                                             --shard-count N (or BATCHRUN_SHARD_COUNT)
+
+A row belongs to shard ``hash(id) mod N`` with a stable hash (BLAKE2b of the id's text): the partition
+depends neither on the input's order nor on the machine that reads it, so every id has exactly one
+shard. Each shard is an ordinary job output of its own, in ``OUTPUT/shard-IIIII-of-NNNNN/`` (its own
+lock, manifest, done-set and state): a shard run again resumes itself, exactly-once holds per shard,
+and the union of the shards holds every id once. ``OUTPUT`` with shards of another N is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchrun.errors import BatchrunError, OutputError
+from batchrun.records import Row
+from batchrun.sources import DoneMask, Source
+
+__all__ = ["Shard", "ShardedSource", "print_union", "shard_folders", "shard_of", "sharded_spec", "union_status"]
+
+_FOLDER = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
+
+
+class ShardError(BatchrunError):
+    """A --shard that cannot be used (exit 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` (0-based) of ``count``."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ShardError(f"--shard {self.index}/{self.count}: expected I/N with 0 <= I < N")
+
+    @property
+    def folder(self) -> str:
+        return f"shard-{self.index:05d}-of-{self.count:05d}"
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    @classmethod
+    def parse(cls, text: str, *, count: int | None = None, env: Mapping[str, str] | None = None) -> Shard:
+        """``I/N``, or ``auto`` to read the scheduler's variables (``count`` for Kubernetes' index)."""
+        env = os.environ if env is None else env
+        if text != "auto":
+            match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+            if not match:
+                raise ShardError(f"--shard {text!r}: expected I/N (shard I of N, from 0) or auto")
+            return cls(int(match.group(1)), int(match.group(2)))
+        if "SLURM_ARRAY_TASK_ID" in env:
+            index = _number(env, "SLURM_ARRAY_TASK_ID")
+            first = _number(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+            total = count or (_number(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env else None)
+            if total is None:
+                raise ShardError("--shard auto: SLURM_ARRAY_TASK_COUNT is not set; give --shard-count N")
+            return cls(index - first, total)
+        if "JOB_COMPLETION_INDEX" in env:
+            total = count or (_number(env, "BATCHRUN_SHARD_COUNT") if "BATCHRUN_SHARD_COUNT" in env else None)
+            if total is None:
+                raise ShardError("--shard auto with JOB_COMPLETION_INDEX needs the count: --shard-count N (the "
+                                 "Indexed Job's completions) or BATCHRUN_SHARD_COUNT")
+            return cls(_number(env, "JOB_COMPLETION_INDEX"), total)
+        raise ShardError("--shard auto: none of SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX is set; "
+                         "give --shard I/N")
+
+
+def _number(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ShardError(f"{name}={env[name]!r} is not a number") from None
+
+
+def shard_of(row_id: Any, count: int) -> int:
+    """The shard an id belongs to: a stable hash of its text, the same on every machine and in every order."""
+    digest = hashlib.blake2b(str(row_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
+
+
+def shard_folders(root: str | Path) -> list[Path]:
+    """The shard outputs under ``root``, in shard order."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _FOLDER.match(p.name))
+
+
+def sharded_spec(spec: Any, shard: Shard) -> Any:
+    """The spec of one shard: its output goes to its own folder under the job's. Refuses another N."""
+    root = Path(spec.output.path)
+    others = {int(m.group(2)) for p in shard_folders(root) if (m := _FOLDER.match(p.name))}
+    if others - {shard.count}:
+        raise OutputError(f"{root} holds shards of a split in {sorted(others)[0]}, not {shard.count}: a different "
+                          "N would give rows to other shards than those that hold them. Run with the same N, or "
+                          "use another output")
+    return replace(spec, output=replace(spec.output, path=str(root / shard.folder)), shard=shard)
+
+
+class ShardedSource:
+    """``source`` limited to the rows of one shard; positions stay the input's (the done-set's keys)."""
+
+    def __init__(self, source: Source, shard: Shard) -> None:
+        self.inner = source
+        self.shard = shard
+        self.description = f"{source.description}, shard {shard}"
+        self.schema: pa.Schema = source.schema
+
+    def count(self) -> int | None:
+        """Not known without reading every id: progress shows no total for a shard."""
+        return None
+
+    def fingerprint(self) -> str:
+        return self.inner.fingerprint()
+
+    def find_duplicate_ids(self) -> list:
+        return self.inner.find_duplicate_ids()
+
+    def _mine(self, rows: list[Row]) -> list[Row]:
+        count, index = self.shard.count, self.shard.index
+        return [row for row in rows if shard_of(row.id, count) == index]
+
+    def pending_batches(self, batch_size: int = 1024, done: DoneMask | None = None) -> Iterator[tuple[int, list[Row]]]:
+        """The shard's rows not done; another shard's rows are neither sent nor counted as done here."""
+        for skipped, rows in self.inner.pending_batches(batch_size=batch_size, done=done):
+            yield skipped, self._mine(rows)
+
+    def batches(self, batch_size: int = 1024) -> Iterator[list[Row]]:
+        for rows in self.inner.batches(batch_size=batch_size):
+            mine = self._mine(rows)
+            if mine:
+                yield mine
+
+
+def union_status(root: str | Path) -> dict[str, Any]:
+    """Rows ok and failed over every shard of ``root``, and each shard's own counts."""
+    from batchrun.output import read_status
+
+    shards = {}
+    for folder in shard_folders(root):
+        status = read_status(folder)
+        shards[folder.name] = {"ok": status.ok, "failed": status.failed, "failed_retryable": status.failed_retryable,
+                               "data_shards": status.data_shards}
+    total = {key: sum(s[key] for s in shards.values()) for key in ("ok", "failed", "failed_retryable", "data_shards")}
+    return {"shards": shards, **total}
+
+
+def print_union(root: str | Path) -> int:
+    """`batchrun status` on a sharded job's output: the union, then each shard."""
+    union = union_status(root)
+    print(f"output: {root} ({len(union['shards'])} shard(s))")
+    print(f"  ok: {union['ok']} rows in {union['data_shards']} file(s)")
+    print(f"  failed: {union['failed']} final, {union['failed_retryable']} retryable (tried again on the next run)")
+    for name, status in union["shards"].items():
+        print(f"  {name}: ok {status['ok']}, failed {status['failed']}, retryable {status['failed_retryable']}")
+    return 0
