@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchrun.errors import BatchrunError, OutputError
+from batchrun.errors import BatchrunError, OutputError, SpecError
 from batchrun.records import Row
 from batchrun.sources import DoneMask, Source
 
@@ -103,7 +103,20 @@ def shard_folders(root: str | Path) -> list[Path]:
 
 
 def sharded_spec(spec: Any, shard: Shard) -> Any:
-    """The spec of one shard: its output goes to its own folder under the job's. Refuses another N."""
+    """The spec of one shard: its output goes to its own folder under the job's. Refuses another N,
+    and a Dedicated endpoint that batchrun would manage (see below)."""
+    managed = [e for e in spec.all_endpoints if e.name is not None]
+    if managed:
+        # Each shard would resume and then pause the endpoint on its own: the first shard to finish
+        # would pause it under the others, which then stop on its paused answers. Until the shards
+        # share the endpoint's lifecycle, the array is bracketed by hand (docs/shards.md).
+        raise SpecError(
+            spec.file, "endpoint",
+            f"--shard does not manage a Dedicated endpoint ({managed[0].namespace}/{managed[0].name}): the first "
+            "shard to finish would pause it while the others still send. Resume it once "
+            "(`batchrun endpoint resume NAME --namespace NS`), give the shards its url (endpoint.url), and pause "
+            "it when the last shard ends (`batchrun endpoint pause NAME --namespace NS`)",
+        )
     root = Path(spec.output.path)
     others = {int(m.group(2)) for p in shard_folders(root) if (m := _FOLDER.match(p.name))}
     if others - {shard.count}:

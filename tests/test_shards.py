@@ -89,3 +89,14 @@ def test_four_shards_killed_and_run_again_hold_every_id_exactly_once(tmp_path):
         assert status.returncode == 0 and f"ok: {N_ROWS} rows" in status.stdout and "4 shard(s)" in status.stdout
         refused = cli("run", str(spec), "--shard", "0/3", "--progress", "off", env={"HF_TOKEN": TOKEN})
         assert refused.returncode == 2 and "same N" in refused.stderr
+
+
+def test_a_sharded_run_on_a_managed_endpoint_is_refused_before_anything_is_sent(tmp_path):
+    # Each shard would pause the endpoint when it ends, under the shards still sending.
+    spec = write_spec(tmp_path, endpoint={"name": "gen", "namespace": "my-org"},
+                      input_path=write_topics(tmp_path / "in" / "t.parquet", 10))
+    result = cli("run", str(spec), "--shard", "0/4", "--progress", "off")
+    assert result.returncode == 2
+    assert "--shard does not manage a Dedicated endpoint (my-org/gen)" in result.stderr
+    assert "batchrun endpoint resume" in result.stderr
+    assert not (tmp_path / "out" / "job").exists()  # nothing written, nothing resumed
