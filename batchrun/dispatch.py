@@ -416,9 +416,10 @@ class Dispatcher:
                 continue
             if failure.status == 429:
                 route.throttled += 1
+            rejected = failure.status == 429 and failure.retry_after is None
             if is_overload(failure):
                 # TGI's own 429 (no Retry-After) is a refusal for want of capacity: the limit measures it.
-                route.limit.on_overload(sent_at, rejected=failure.status == 429 and failure.retry_after is None)
+                route.limit.on_overload(sent_at, rejected=rejected)
             outage = failure.retryable and _is_unavailable(failure) and route.breaker.suspects_outage
             if outage:
                 # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs
@@ -436,6 +437,13 @@ class Dispatcher:
                 if not decision.retry:
                     return self._failure(row, failure, attempts=attempts)
                 delay = decision.delay_s
+                if rejected and burned == 1:
+                    # A first instant refusal: the limit has just been set to the capacity it measured,
+                    # and the retry waits for a free slot under it. Backing off further (up to
+                    # backoff_base) would only leave the row idle, most of all at the end of a job;
+                    # within one round, jittered, it goes as soon as a slot frees. Later refusals of
+                    # the same row back off as usual.
+                    delay = min(delay, self._rng.uniform(0.0, route.limit.controller.round_s))
             # A 429 is the endpoint saying "not now" at once, and the adaptive limit already holds the load
             # at its capacity: its retry waits for a slot, not for the retry budget, which is for failures
             # that cost the endpoint work (and would bottleneck a job whose capacity shrank).

@@ -821,3 +821,25 @@ def test_429_retries_wait_for_a_concurrency_slot_not_for_the_retry_budget() -> N
     assert len(by_id(records)) == 120 and all(isinstance(r, RowResult) for r in records)
     assert d.stats.retries == 120
     assert d.budget.retries_in_window == 0  # none of them spent the retry budget
+
+
+def test_a_rows_first_instant_429_is_retried_within_a_round_not_after_the_full_backoff() -> None:
+    # TGI's own 429 (no Retry-After) once per row. The limit measures the capacity from it and the retry
+    # waits for a free slot; a backoff of up to backoff_base (30 s here) would only leave the row idle.
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if nth == 1:
+            return tgi_error(429, "Model is overloaded", "overloaded")
+        return ok(prompt)
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, retry_budget_ratio=1.0,
+                           policy=RetryPolicy(max_attempts=3, backoff_base=30.0, backoff_cap=30.0))
+            # A limit against the old behaviour's half-minute waits, far above the expected milliseconds.
+            await asyncio.wait_for(d.run(rows_of([f"p{i}" for i in range(16)])), 20)
+            assert all(server.by_prompt[f"p{i}"] == 2 for i in range(16))
+        return records
+
+    got = by_id(asyncio.run(main()))
+    assert all(isinstance(record, RowResult) and record.attempts == 2 for record in got.values())
