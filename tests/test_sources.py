@@ -198,13 +198,21 @@ def test_image_structs_in_parquet_stay_raw_bytes(tmp_path):
 # --- duplicate ids ------------------------------------------------------------------------------
 
 
-def test_duplicate_integer_ids_are_found_across_files(tmp_path):
+@pytest.fixture(params=["exact", "hashed"])
+def id_scan(request, monkeypatch):
+    """Each duplicate-id test runs both ways: counted exactly (small inputs) and by hashes (large ones)."""
+    if request.param == "hashed":
+        monkeypatch.setattr(sources, "EXACT_ID_SCAN_ROWS", 0)
+    return request.param
+
+
+def test_duplicate_integer_ids_are_found_across_files(tmp_path, id_scan):
     write_parquet(tmp_path / "d" / "a.parquet", [1, 2, 3])
     write_parquet(tmp_path / "d" / "b.parquet", [4, 2, 5, 5])
     assert sorted(open_source(parquet_input("d", id_column="id")).find_duplicate_ids()) == [2, 5]
 
 
-def test_unique_ids_report_no_duplicates(tmp_path):
+def test_unique_ids_report_no_duplicates(tmp_path, id_scan):
     write_parquet(tmp_path / "p.parquet", list(range(1000)))
     assert open_source(parquet_input("p.parquet", id_column="id")).find_duplicate_ids() == []
 
@@ -214,13 +222,13 @@ def test_positional_ids_never_have_duplicates(tmp_path):
     assert open_source(parquet_input("p.parquet")).find_duplicate_ids() == []
 
 
-def test_duplicates_beyond_the_limit_do_not_count(tmp_path):
+def test_duplicates_beyond_the_limit_do_not_count(tmp_path, id_scan):
     write_parquet(tmp_path / "p.parquet", [1, 2, 3, 1])
     assert open_source(parquet_input("p.parquet", id_column="id", limit=3)).find_duplicate_ids() == []
     assert open_source(parquet_input("p.parquet", id_column="id", limit=4)).find_duplicate_ids() == [1]
 
 
-def test_duplicate_string_ids_are_found_in_jsonl(tmp_path):
+def test_duplicate_string_ids_are_found_in_jsonl(tmp_path, id_scan):
     write_jsonl(tmp_path / "q.jsonl", [{"qid": f"q{i}", "q": "?"} for i in [1, 2, 3, 2, 4, 1]])
     assert sorted(open_source(jsonl_input("q.jsonl", id_column="qid")).find_duplicate_ids()) == ["q1", "q2"]
 
@@ -229,6 +237,7 @@ def test_a_hash_collision_is_not_reported_as_a_duplicate(tmp_path, monkeypatch):
     import numpy as np
 
     # Every id hashes alike: only the confirming pass can tell real duplicates from collisions.
+    monkeypatch.setattr(sources, "EXACT_ID_SCAN_ROWS", 0)
     monkeypatch.setattr(sources, "_hash_ids", lambda chunk: np.zeros(len(chunk), dtype=np.uint64))
     write_parquet(tmp_path / "p.parquet", [1, 2, 3, 3])
     assert open_source(parquet_input("p.parquet", id_column="id")).find_duplicate_ids() == [3]
@@ -236,7 +245,7 @@ def test_a_hash_collision_is_not_reported_as_a_duplicate(tmp_path, monkeypatch):
     assert open_source(parquet_input("u.parquet", id_column="id")).find_duplicate_ids() == []
 
 
-def test_only_a_few_duplicates_are_reported(tmp_path):
+def test_only_a_few_duplicates_are_reported(tmp_path, id_scan):
     write_parquet(tmp_path / "p.parquet", list(range(50)) * 2)
     found = open_source(parquet_input("p.parquet", id_column="id")).find_duplicate_ids()
     assert len(found) == sources.MAX_DUPLICATES_REPORTED and set(found) <= set(range(50))
