@@ -298,19 +298,25 @@ def test_failed_rows_are_pushed_only_with_include_failed_as_a_config_of_their_ow
     assert meta["batchrun"]["failed"]["holds"] == "failed"
 
 
-def test_pushes_during_the_run_publish_only_committed_shards_and_a_matching_card(tmp_path, hub):
+def test_pushes_during_the_run_publish_only_committed_shards_and_a_matching_card(tmp_path, monkeypatch):
     import io
 
     import pyarrow.parquet as pq
 
-    spec = job(tmp_path, hub, n=200, push={"every": "0.2s"}, concurrency={"max": 2, "initial": 1})
-    outcome, lines = run(spec, commit_interval_s=0.05)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    # 10 ms a request and at most 2 at once: the run lasts a second or more on any machine, several
+    # push periods of 0.2 s (without a latency, a fast machine finished before the first one).
+    with emulator(running_endpoint(latency_base_s=0.01)) as hub:
+        point_at_hub(monkeypatch, hub.hub_url)
+        spec = job(tmp_path, hub, n=200, push={"every": "0.2s"}, concurrency={"max": 2, "initial": 1})
+        outcome, lines = run(spec, commit_interval_s=0.05)
+        commits = [c for c in hub.hub.commits_of(REPO_ID) if "README.md" in c.files]
+        final_files = hub.hub.files(REPO_ID)
     assert outcome.exit_code == 0
-    commits = [c for c in hub.hub.commits_of(REPO_ID) if "README.md" in c.files]
     assert len(commits) >= 2, lines  # at least one push during the run, and the last one
     for commit in commits:  # every state the repo was ever in is whole, and its card says so
         shards = shard_files(commit.files)
         rows = sum(pq.read_metadata(io.BytesIO(commit.files[p])).num_rows for p in shards)
         meta, _ = card_of(commit.files)
         assert meta["dataset_info"][0]["splits"][0]["num_examples"] == rows
-    assert_exact(hub.hub.files(REPO_ID), out_of(spec))
+    assert_exact(final_files, out_of(spec))
