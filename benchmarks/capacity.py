@@ -15,6 +15,9 @@ start-up is part of what the server sees. The server runs in its own process, on
 3. lose: the emulator, 2 replicas x 32 slots; a `lose_replica` episode 3 s into the job (the replica
    takes 60 s to come back). Figure: seconds from the loss to the first 1 s window whose 429 share is
    under 2%; and the fraction of the remaining capacity served afterwards.
+4. two: two stand-ins of 48 and 16 slots (100 ms) as one job's `endpoint:` list, 8,000 rows. Figure:
+   rows / (the first request either saw .. the last answer either sent) / (64 / 0.1 s); the 429 share,
+   and each endpoint's rows and peak in flight (each capacity found on its own).
 
     .venv/bin/python benchmarks/capacity.py                  # all three
     .venv/bin/python benchmarks/capacity.py --only hidden --repeat 3
@@ -96,7 +99,7 @@ def _stand_in(slots: int, latency: float, conn) -> None:
 
 # ---------------------------------------------------------------- the job
 
-def _write_job(folder: Path, url: str, rows: int, max_concurrency: int) -> Path:
+def _write_job(folder: Path, url: str | list[str], rows: int, max_concurrency: int) -> Path:
     source = folder / "prompts.parquet"
     pq.write_table(pa.table({"id": list(range(rows)), "topic": [f"topic {i % 997}" for i in range(rows)]}), source)
     spec = {
@@ -105,7 +108,7 @@ def _write_job(folder: Path, url: str, rows: int, max_concurrency: int) -> Path:
         "input": {"parquet": str(source), "id_column": "id"},
         "prompt": {"template": "Write about {topic}."},
         "parameters": {"max_tokens": 16, "seed": 1},
-        "endpoint": {"url": url},
+        "endpoint": [{"url": u} for u in url] if isinstance(url, list) else {"url": url},
         "concurrency": {"max": max_concurrency},  # nothing else: the default initial
         "retries": {"max_attempts": 8},
         "output": {"path": str(folder / "out")},
@@ -150,6 +153,38 @@ def hidden(rows: int) -> dict:
         "scenario": "hidden", "rows": rows, "rows_ok": summary["rows"]["ok"], "capacity": slots,
         "server_span_s": round(span, 3), "fraction_of_capacity": round(rows / span / (slots / latency), 3),
         "share_429": round(stats["429"] / sent, 4), "requests": sent, "peak_in_flight": stats["peak"],
+    }
+
+
+# ---------------------------------------------------------------- 4. two endpoints, each capacity hidden
+
+def two(rows: int) -> dict:
+    """Two stand-ins of 48 and 16 slots (100 ms): the job, told nothing, should find each one's capacity
+    and use their sum (640 rows/s); each gets a share in proportion to what it can take."""
+    slots, latency = (48, 16), 0.1
+    servers, urls = [], []
+    try:
+        for n in slots:
+            parent, child = multiprocessing.Pipe()
+            server = multiprocessing.Process(target=_stand_in, args=(n, latency, child), daemon=True)
+            server.start()
+            servers.append(server)
+            urls.append(parent.recv())
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = asyncio.run(_run_job(_write_job(Path(tmp), urls, rows, 512)))
+        stats = [asyncio.run(_get(f"{url}/stats")) for url in urls]
+    finally:
+        for server in servers:
+            server.terminate()
+            server.join(5)
+    span = max(s["last"] for s in stats) - min(s["first"] for s in stats)
+    sent = sum(s["ok"] + s["429"] for s in stats)
+    capacity = sum(slots)
+    return {
+        "scenario": "two", "rows": rows, "rows_ok": summary["rows"]["ok"], "capacities": list(slots),
+        "server_span_s": round(span, 3), "fraction_of_summed_capacity": round(rows / span / (capacity / latency), 3),
+        "share_429": round(sum(s["429"] for s in stats) / sent, 4),
+        "rows_per_endpoint": [s["ok"] for s in stats], "peak_in_flight_per_endpoint": [s["peak"] for s in stats],
     }
 
 
@@ -265,11 +300,12 @@ def lose(rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["hidden", "replicas", "lose"], action="append")
-    parser.add_argument("--rows", type=int, help="rows per job (defaults: hidden 4000, replicas 12000, lose 4000)")
+    parser.add_argument("--only", choices=["hidden", "replicas", "lose", "two"], action="append")
+    parser.add_argument("--rows", type=int,
+                        help="rows per job (defaults: hidden 4000, replicas 12000, lose 4000, two 8000)")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    scenarios = {"hidden": (hidden, 4000), "replicas": (replicas, 12000), "lose": (lose, 4000)}
+    scenarios = {"hidden": (hidden, 4000), "replicas": (replicas, 12000), "lose": (lose, 4000), "two": (two, 8000)}
     for name in args.only or list(scenarios):
         run, rows = scenarios[name]
         for _ in range(args.repeat):
