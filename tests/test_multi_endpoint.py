@@ -103,6 +103,22 @@ def test_the_faster_endpoint_gets_the_larger_share_every_row_once_both_paused_an
     assert "  fast: " in "\n".join(lines)  # the summary shows each one's share
 
 
+def test_each_endpoints_hidden_capacity_is_found_on_its_own_and_rows_follow_it(tmp_path):
+    # The same speed, capacities of 12 and 3 (an instant 429 past them), the job told neither. Each
+    # endpoint's own limit finds its capacity, and rows go where there is room: about 4 to 1.
+    big = paused("big", latency_base_s=0.04, max_concurrent_requests=12)
+    small = paused("small", latency_base_s=0.04, max_concurrent_requests=3)
+    with emulator(big, small) as emu:
+        outcome, _ = run(multi_job(tmp_path, emu, ["big", "small"], n=300, retries={"max_attempts": 10},
+                                   concurrency={"max": 64, "initial": 8}))
+    assert outcome.exit_code == 0
+    share = shares(outcome)
+    assert share["big"]["rows_ok"] + share["small"]["rows_ok"] == 300
+    assert share["big"]["rows_ok"] > 2 * share["small"]["rows_ok"] > 0
+    # Held near its own capacity, the small endpoint refused few requests: its limit was not the big one's.
+    assert share["small"]["http_429"] < share["small"]["rows_ok"]
+
+
 def test_an_endpoint_failing_mid_run_is_drained_its_rows_finish_on_the_other_and_it_is_released(tmp_path):
     steady = paused("steady", latency_base_s=0.01)
     failing = paused("failing", latency_base_s=0.01,
