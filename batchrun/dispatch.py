@@ -56,7 +56,7 @@ from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Concu
 from batchrun.stop import Stop
 from batchrun.structured import InvalidAnswer
 from batchrun.tasks import Task
-from batchrun.tasks.base import dump_json
+from batchrun.tasks.base import dump_json, find_layer
 from batchrun.tasks.structured import StructuredTask
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
@@ -225,7 +225,7 @@ class Dispatcher:
         self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
         self._stop = Stop()
         # Answers that must follow a JSON Schema are read (and redrawn) here, the one retry layer.
-        self._structured = task if isinstance(task, StructuredTask) else None
+        self._structured = find_layer(task, StructuredTask)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -595,14 +595,7 @@ class JsonlSource(_BaseSource):
         return _fingerprint({"kind": "jsonl", "id_column": self.id_column, "files": self._identity})
 
     def _chunks(self, batch_size: int, done: DoneMask | None = None) -> Iterator[list[dict[str, Any]]]:
-        batch: list[dict[str, Any]] = []
-        for value in self._objects():
-            batch.append(self._settled(value))
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return _in_batches((self._settled(value) for value in self._objects()), batch_size)
 
     def _id_chunks(self) -> Iterator[list[Any]]:
         assert self.id_column is not None
@@ -948,14 +941,7 @@ class OpenAIBatchSource(_BaseSource):
         return []
 
     def _chunks(self, batch_size: int, done: DoneMask | None = None) -> Iterator[list[dict[str, Any]]]:
-        batch: list[dict[str, Any]] = []
-        for _where, line in self._lines():
-            batch.append(self._columns(line))
-            if len(batch) >= batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return _in_batches((self._columns(line) for _where, line in self._lines()), batch_size)
 
     def _id_chunks(self) -> Iterator[list[Any]]:
         chunk = [line["custom_id"] for _where, line in self._lines()]
@@ -989,3 +975,15 @@ def _json_objects(
                 if not isinstance(value, dict):
                     raise InputError(f"{key}: {where}: expected {expected}, got {type(value).__name__}")
                 yield where, value
+
+
+def _in_batches(values: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    """``values`` in lists of at most ``size`` (``itertools.batched`` arrives in Python 3.12)."""
+    batch: list[dict[str, Any]] = []
+    for value in values:
+        batch.append(value)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

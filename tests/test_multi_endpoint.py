@@ -126,7 +126,11 @@ def test_an_endpoint_failing_mid_run_is_drained_its_rows_finish_on_the_other_and
     with emulator(steady, failing) as emu:
         outcome, lines = run(multi_job(tmp_path, emu, ["steady", "failing"], n=200))
         pauses = {name: changes_to(emu, name) for name in ("steady", "failing")}
+        paused_at = [e["t"] for e in emu.control_log
+                     if e["method"] == "POST" and e["path"].endswith(f"/{NS}/failing/pause")]
+        last_sent = emu.stats()["endpoints"][f"{NS}/failing"]["last_request_at"]
     assert outcome.exit_code == 0, lines
+    assert paused_at and last_sent <= paused_at[0]  # nothing sent to the drained endpoint after its pause
     ids = read_ids(tmp_path / "out" / "job" / "data")
     assert sorted(ids) == sorted(f"row-{i:05d}" for i in range(200))  # every row once, none lost
     share = shares(outcome)

@@ -236,3 +236,12 @@ def test_a_job_killed_amid_invalid_answer_retries_resumes_with_nothing_lost_or_t
     ok, failed = read_ids(out / "data"), read_ids(out / "failed")
     assert sorted(ok + failed) == sorted(f"row-{i:05d}" for i in range(rows))  # each id exactly once
     assert ok and failed
+
+
+def test_answers_are_still_read_against_the_schema_when_scorers_wrap_the_task(tmp_path: Path) -> None:
+    # Scorers wrap the structured task; the dispatcher must still find it and parse every answer.
+    outcome, _ = run(structured_job(tmp_path, score=[{"regex": {"pattern": "name"}}]))
+    assert outcome.exit_code == 0
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    assert len(rows) == 30
+    assert all(r["parsed"] == json.loads(r["generated_text"]) and r["score_regex"] == 1.0 for r in rows)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import orjson
 
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from batchrun.records import Row
+
+T = TypeVar("T")
 
 __all__ = [
     "PreparedRequest",
@@ -195,6 +197,19 @@ def _is_string_view(kind: pa.DataType) -> bool:
 
     check = getattr(pa.types, "is_string_view", None)
     return bool(check(kind)) if check is not None else False
+
+
+def find_layer(task: Any, kind: type[T]) -> T | None:
+    """The layer of type ``kind`` in ``task``'s stack of wrappers (each holds the next as ``inner``).
+
+    The wrappers (samples, structured output, scores) stack in an order set by ``make_task``; whoever
+    needs one of them finds it here rather than assuming it is outermost.
+    """
+    while task is not None:
+        if isinstance(task, kind):
+            return task
+        task = getattr(task, "inner", None)
+    return None
 
 
 def with_seed(request: PreparedRequest, seed_path: tuple[str, ...], seed: int) -> PreparedRequest:
