@@ -367,6 +367,7 @@ class Dispatcher:
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive excused failures, for their backoff
         redraws = 0  # tries after an answer that was not valid against the output schema
+        unreached_since: float | None = None  # when this row's connections began to be refused
         while True:
             try:
                 # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
@@ -420,7 +421,24 @@ class Dispatcher:
             if is_overload(failure):
                 # TGI's own 429 (no Retry-After) is a refusal for want of capacity: the limit measures it.
                 route.limit.on_overload(sent_at, rejected=rejected)
-            outage = failure.retryable and _is_unavailable(failure) and route.breaker.suspects_outage
+            # A connection that could not even be made is never the row's fault (a server going away
+            # refuses new connections while it still finishes the answers in flight, so other rows'
+            # successes would hide the outage from the breaker, and one row could use up its attempts).
+            outage = failure.retryable and _is_unavailable(failure) and (
+                route.breaker.suspects_outage or failure.unreached
+            )
+            # Unreached for longer than the outage timeout (with no breaker open to say so, as when only
+            # this row is left): the endpoint is gone, and the row waits for another one or the next run.
+            unreached_since = (unreached_since or sent_at) if failure.unreached else None
+            if unreached_since is not None and self._clock() - unreached_since > self.config.outage_timeout_s:
+                self._drain(route, EndpointError(
+                    f"{self._named(route)}has not answered for {self._clock() - unreached_since:.0f}s "
+                    f"(connections refused; outage_timeout {self.config.outage_timeout_s:g}s); the rows not done "
+                    "are kept for the next run",
+                    state="unavailable",
+                ))
+                route = await self._route(route)
+                continue
             if outage:
                 # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs
                 # off; once the breaker is open it holds the row until the endpoint is back. Its retry does
@@ -514,7 +532,8 @@ class Dispatcher:
             # Refused, reset, closed mid-answer (ClientPayloadError), bad HTTP from the server...
             self._count(FailureKind.CONNECTION.value)
             raise RequestFailed(
-                FailureKind.CONNECTION.value, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_CHARS], retryable=True
+                FailureKind.CONNECTION.value, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_CHARS], retryable=True,
+                unreached=isinstance(exc, aiohttp.ClientConnectorError),
             ) from None
         self._count(str(status))
         if 200 <= status < 300:  # what classify() calls SUCCESS, asked first: it is nearly every answer

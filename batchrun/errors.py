@@ -194,6 +194,7 @@ class RequestFailed(BatchrunError):
         retryable: bool,
         retry_after: float | None = None,
         model_answered: bool = False,
+        unreached: bool = False,
     ) -> None:
         self.error_type = error_type
         self.message = redact(message)
@@ -201,6 +202,7 @@ class RequestFailed(BatchrunError):
         self.retryable = retryable
         self.retry_after = retry_after
         self.model_answered = model_answered
+        self.unreached = unreached  # no connection could be made: the request never reached the server
         super().__init__(self.message)
 
     def __repr__(self) -> str:

@@ -843,3 +843,21 @@ def test_a_rows_first_instant_429_is_retried_within_a_round_not_after_the_full_b
 
     got = by_id(asyncio.run(main()))
     assert all(isinstance(record, RowResult) and record.attempts == 2 for record in got.values())
+
+
+def test_a_lone_row_whose_connections_are_refused_is_kept_pending_not_failed_nor_retried_forever() -> None:
+    # One row cannot make the breaker open, yet a refused connection is never the row's fault: it keeps
+    # its attempts, and once the outage timeout has passed the run stops with the row pending.
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        d = dispatcher(f"http://127.0.0.1:{port}", records, retry_budget_ratio=1.0, outage_timeout_s=0.5,
+                       policy=RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_cap=0.05))
+        with pytest.raises(EndpointError, match="has not answered"):
+            await asyncio.wait_for(d.run(rows_of(["a"])), 30)  # a limit against a hang
+        return records
+
+    assert asyncio.run(main()) == []
