@@ -559,6 +559,27 @@ def test_check_writable_on_a_fresh_path_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_check_writable_raced_by_another_process_creating_and_removing_the_folders(tmp_path, monkeypatch):
+    # Shards start together on one output: a folder seen missing may exist by the time of our mkdir,
+    # and one another prober created may be gone before our mkdir inside it. Neither is "not writable".
+    store = OutputStore(tmp_path / "out")
+    real_mkdir = Path.mkdir
+    raced: list[str] = []
+
+    def racing_mkdir(self: Path, *args, **kwargs):
+        if self == store.root and "created" not in raced:  # another process creates it first
+            real_mkdir(self)
+            raced.append("created")
+        elif self == store.state_dir and "removed" not in raced:  # ... and removes it after its probe
+            store.root.rmdir()
+            raced.append("removed")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    store.check_writable()
+    assert raced == ["created", "removed"]
+
+
 def test_check_writable_on_an_existing_output_removes_nothing_and_leaves_no_probe(store):
     _publish_rows(store, range(3))
     store.write_summary({"ok": 3})

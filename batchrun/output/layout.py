@@ -23,6 +23,8 @@ __all__ = ["MANIFEST", "PARQUET_SUFFIX", "POSITIONS_SUFFIX", "OutputStore"]
 MANIFEST = "manifest.jsonl"
 PARQUET_SUFFIX = ".parquet"
 POSITIONS_SUFFIX = ".u64"
+#: How often a write probe raced by another process's folders is tried again.
+_PROBE_ATTEMPTS = 5
 
 
 class OutputStore:
@@ -81,24 +83,36 @@ class OutputStore:
         folder it created, whether the probe succeeded or not: ``batchrun validate`` promises to change
         nothing, and the run creates what it needs when the sink opens.
         """
-        created: list[Path] = []
         probe = self.state_dir / f".write-probe-{os.getpid()}"
-        try:
-            for folder in reversed([self.state_dir, *self.state_dir.parents]):
-                if not folder.exists():
-                    folder.mkdir()
-                    created.append(folder)
-            write_durably(probe, b"batchrun write probe\n")
-            probe.unlink()
-        except OSError as exc:
-            with contextlib.suppress(OSError):
+        # Shards of one job check the same folder at the same moment: a folder another process creates
+        # (or removes, having created it for its own probe) between our look and our mkdir is raced, and
+        # the probe is tried again rather than reported as unwritable.
+        for attempt in range(_PROBE_ATTEMPTS):
+            created: list[Path] = []
+            try:
+                for folder in reversed([self.state_dir, *self.state_dir.parents]):
+                    if not folder.exists():
+                        try:
+                            folder.mkdir()
+                        except FileExistsError:
+                            continue
+                        created.append(folder)
+                write_durably(probe, b"batchrun write probe\n")
                 probe.unlink()
-            raise OutputError(f"the output folder {self.root} is not writable: {exc}") from exc
-        finally:
-            # Innermost first; rmdir never removes a folder something else has written into meanwhile.
-            for folder in reversed(created):
+                return
+            except FileNotFoundError:
+                if attempt == _PROBE_ATTEMPTS - 1:
+                    raise OutputError(f"the output folder {self.root} is not writable: its folders kept "
+                                      "disappearing while being created") from None
+            except OSError as exc:
                 with contextlib.suppress(OSError):
-                    folder.rmdir()
+                    probe.unlink()
+                raise OutputError(f"the output folder {self.root} is not writable: {exc}") from exc
+            finally:
+                # Innermost first; rmdir never removes a folder something else has written into meanwhile.
+                for folder in reversed(created):
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
 
     def load_job(self) -> dict | None:
         """The job snapshot saved by a previous run, or None for a new output folder."""
