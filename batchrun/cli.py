@@ -9,6 +9,7 @@
     batchrun runs DIR              the runs under a folder, one line each
     batchrun compare A B           two runs side by side (--html, --fail-if for a scheduled job)
     batchrun endpoint status|pause|resume NAME --namespace NS
+    batchrun endpoint up|down JOB.yaml   bracket a job's shards: the endpoint stays up between the two
     batchrun emulate               a local Inference Endpoint emulator on loopback
 
 Exit codes (reliability.md §6): 0 every row succeeded; 1 finished with failed rows; 2 nothing ran
@@ -151,11 +152,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runner import RunOptions, run_job
 
     spec = _load(args)
-    if args.shard is not None:  # one shard of the job, in its own folder under the output (shards.py)
+    if args.shard is not None:  # one shard of the job, writing its part of the output (shards.py)
         from .shards import Shard, sharded_spec
 
         spec = sharded_spec(spec, Shard.parse(args.shard, count=args.shard_count))
-        _echo(f"shard {spec.shard}: output {spec.output.path}")
+        _echo(f"shard {spec.shard}: output {spec.output.path} (state in state/shards/{spec.shard.folder})")
     options = RunOptions(
         fresh=args.fresh,
         progress=args.progress,
@@ -220,9 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     root = Path(spec.output.path)
-    from .shards import shard_folders
-
-    if shard_folders(root):  # a sharded job: the union of its shards
+    if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
 
         return print_union(root)
@@ -376,8 +375,13 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
     from huggingface_hub import get_token
 
     from .endpoints.control_plane import HfControlPlane
-    from .errors import register_secret
+    from .errors import SpecError, register_secret
 
+    if args.action in ("up", "down"):
+        return _endpoint_bracket(args)
+    if args.namespace is None:
+        raise SpecError(None, "--namespace", f"`batchrun endpoint {args.action} NAME` needs --namespace NS (the user "
+                        "or organization that owns the endpoint)")
     token = get_token()
     register_secret(token)
 
@@ -398,6 +402,48 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
           f"(min {snap.min_replica}, max {snap.max_replica})")
     print(f"  scale-to-zero timeout: {snap.scale_to_zero_timeout} min")
     print(f"  model: {snap.repository} ({snap.task})")
+    return 0
+
+
+def _endpoint_bracket(args: argparse.Namespace) -> int:
+    """`batchrun endpoint up|down JOB.yaml`: bracket the shards of a job by hand (docs/shards.md)."""
+    from .endpoints import open_endpoint
+    from .endpoints.sharing import BRACKET
+    from .errors import SpecError
+    from .preflight import _resolve_token
+    from .spec import load_spec
+    from .stop import Stop
+
+    spec = load_spec(args.name, output_override=args.output)
+    managed = [e for e in spec.all_endpoints if e.name is not None]
+    if not managed:
+        raise SpecError(spec.file, "endpoint", f"`batchrun endpoint {args.action} JOB.yaml` brackets a Dedicated "
+                        "endpoint that the job manages (endpoint: {name, namespace}); this job's endpoint has no "
+                        "lifecycle to bracket")
+    token = _resolve_token(spec)
+
+    async def bracket() -> list[Any]:
+        opened = [open_endpoint(spec, token=token, stop=Stop(), echo=_echo, endpoint=e, user=BRACKET)
+                  for e in managed]
+
+        async def one(endpoint: Any) -> Any:
+            if args.action == "up":
+                await endpoint.check()
+                await endpoint.acquire()
+            else:
+                await endpoint.put_back_for_bracket()
+            return endpoint
+
+        return list(await asyncio.gather(*(one(e) for e in opened)))
+
+    for endpoint in asyncio.run(bracket()):
+        record = endpoint.record
+        if args.action == "up":
+            print(f"{endpoint.ref}: ready; the job's shards share it until `batchrun endpoint down {args.name}`")
+        elif record.final_action == "left to the other users":
+            print(f"{endpoint.ref}: still in use, left to the last shard to put down: {record.note}")
+        else:
+            print(f"{endpoint.ref}: {record.final_action}" + (f" ({record.note})" if record.note else ""))
     return 0
 
 
@@ -446,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at the end, compare with RUN (a folder, or `previous`: the latest earlier run beside this "
                    "one); the verdict goes to the notification. Never changes the exit code")
     p.add_argument("--shard", metavar="I/N",
-                   help="run shard I (from 0) of N, in OUTPUT/shard-I-of-N; 'auto' reads SLURM_ARRAY_TASK_ID and "
-                   "SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX with --shard-count (docs/shards.md)")
+                   help="run shard I (from 0) of N of the job, into the job's output; 'auto' reads "
+                   "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX with "
+                   "--shard-count (docs/shards.md)")
     p.add_argument("--shard-count", type=int, metavar="N", default=None,
                    help="the number of shards, for --shard auto under a scheduler that does not say it")
     p.set_defaults(func=cmd_run)
@@ -526,11 +573,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("endpoint", help="look at, pause or resume a Dedicated Inference Endpoint",
-                       description="For the morning after a bad night: see an endpoint's state, or pause it.")
-    p.add_argument("action", choices=["status", "pause", "resume", "scale-to-zero"])
-    p.add_argument("name", help="endpoint name")
-    p.add_argument("--namespace", required=True, help="user or organization that owns the endpoint")
+    p = sub.add_parser("endpoint", help="look at, pause or resume a Dedicated Inference Endpoint; bracket a job's "
+                       "shards", description="For the morning after a bad night: see an endpoint's state, or pause "
+                       "it (status|pause|resume|scale-to-zero NAME --namespace NS). For a job split into shards: "
+                       "`up JOB.yaml` resumes and scales the job's endpoint before the array and keeps it up until "
+                       "`down JOB.yaml`, which puts it back as the user had it once no shard still uses it "
+                       "(docs/shards.md).")
+    p.add_argument("action", choices=["status", "pause", "resume", "scale-to-zero", "up", "down"])
+    p.add_argument("name", help="endpoint name; for up and down, the job spec (JOB.yaml)")
+    p.add_argument("--namespace", default=None, help="user or organization that owns the endpoint")
+    p.add_argument("--output", metavar="DIR", default=None,
+                   help="up and down: the job's output folder, when the shards run with --output")
     p.add_argument("--api-url", metavar="URL", default=None,
                    help="control-plane base ending in /v2 (default: huggingface_hub's own)")
     p.set_defaults(func=cmd_endpoint)

@@ -64,7 +64,7 @@ def export_output(root: str | Path, *, fmt: str, to: str | Path, errors: str | P
     store = OutputStore(root)
     if not store.root.is_dir():
         raise OutputError(f"{store.root} is not an output folder (no such directory)")
-    job = store.load_job()
+    job = OutputStore.job_of(store.root)
     if job is None:
         raise OutputError(f"{store.root} holds no run of a job (no state/job.json): nothing to export")
     task = (job.get("identity") or {}).get("task")
@@ -73,7 +73,8 @@ def export_output(root: str | Path, *, fmt: str, to: str | Path, errors: str | P
             f"{store.root} was written by a {task} job; --format openai-batch needs the raw answers an "
             "input.openai_batch job keeps (use --format jsonl)"
         )
-    shards = [s for s in read_manifest(store.manifest_path).listed.values() if shard_problem(store.root, s, ()) is None]
+    shards = [s for part in OutputStore.parts(store.root) for s in read_manifest(part.manifest_path).listed.values()
+              if shard_problem(store.root, s, ()) is None]  # every shard of a split job: the union
     data = [store.root / s.file for s in shards if s.kind == "data"]
     failed = [store.root / s.file for s in shards if s.kind == "failed"]
     result_line = _openai_result if fmt == "openai-batch" else _plain_line

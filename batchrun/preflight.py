@@ -112,7 +112,7 @@ async def preflight(
     count = source.count()
     _check_not_empty(spec, count)
     _check_columns(spec, source)
-    store = OutputStore(spec.output.path)
+    store = OutputStore.for_spec(spec)
     await asyncio.to_thread(_check_output_folder, store)
     stored = await asyncio.to_thread(store.load_job) if store.exists() else None
     input_fingerprint = await asyncio.to_thread(source.fingerprint)
@@ -216,6 +216,7 @@ _OUTPUT_ENTRIES = frozenset({"data", "failed", "state", "preview.html"})
 def _check_output_folder(store: Any) -> None:
     """Refuse a non-empty folder that is not a batchrun output: results would be mixed with the user's files."""
     root = store.root
+    store.check_split()
     if not root.is_dir() or store.exists():
         return
     foreign = sorted(entry.name for entry in root.iterdir() if entry.name not in _OUTPUT_ENTRIES)

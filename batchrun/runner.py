@@ -231,7 +231,7 @@ async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:
     """
     from batchrun.output import OutputStore
 
-    store = OutputStore(pre.spec.output.path)
+    store = OutputStore.for_spec(pre.spec)
     while True:
         await asyncio.sleep(LEDGER_EVERY_S)
         if meter.replica_seconds:
@@ -345,7 +345,7 @@ async def _open_output(
     from batchrun.output import OutputStore, ParquetSink
 
     spec = pre.spec
-    store = OutputStore(spec.output.path)
+    store = OutputStore.for_spec(spec)
     lock = await _lock_output(store, echo)
     try:
         stored_job = pre.stored_job
@@ -376,7 +376,7 @@ async def _lock_output(store: Any, echo: Callable[[str], None]) -> Any:
     """One writer per output: a second run is refused at once, naming the holder (OutputLockedError)."""
     from batchrun.output import OutputLock
 
-    lock = OutputLock(store.root)
+    lock = OutputLock(store)
     stale = await asyncio.to_thread(lock.acquire)
     if stale is not None:
         echo(f"taking over the output's lock from {stale.describe()}, which is no longer running")
@@ -432,7 +432,7 @@ async def _summarize(
 ) -> dict[str, Any]:
     from batchrun.output import read_status
 
-    status = await asyncio.to_thread(read_status, store.root)
+    status = await asyncio.to_thread(read_status, store)  # a shard: its own part
     pending = None
     if pre.count is not None:
         pending = max(0, pre.count - status.ok - status.failed - status.failed_retryable)

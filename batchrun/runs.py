@@ -24,12 +24,13 @@ def read_shards(root: str | Path, kind: str, columns: list[str] | None = None) -
     from batchrun.output.layout import OutputStore
     from batchrun.output.manifest import read_manifest
 
-    store = OutputStore(root)
+    root = Path(root)
+    listed = {k: v for part in OutputStore.parts(root) for k, v in read_manifest(part.manifest_path).listed.items()}
     tables = []
-    for relative, shard in sorted(read_manifest(store.manifest_path).listed.items()):
+    for relative, shard in sorted(listed.items()):
         if shard.kind != kind:
             continue
-        path = store.root / relative
+        path = root / relative
         try:
             names = pq.read_schema(path).names
             wanted = None if columns is None else [c for c in columns if c in names]

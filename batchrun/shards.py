@@ -7,9 +7,13 @@
 
 A row belongs to shard ``hash(id) mod N`` with a stable hash (BLAKE2b of the id's text): the partition
 depends neither on the input's order nor on the machine that reads it, so every id has exactly one
-shard. Each shard is an ordinary job output of its own, in ``OUTPUT/shard-IIIII-of-NNNNN/`` (its own
-lock, manifest, done-set and state): a shard run again resumes itself, exactly-once holds per shard,
-and the union of the shards holds every id once. ``OUTPUT`` with shards of another N is refused.
+shard. All shards write into the job's one output folder: their Parquet files share ``data/`` and
+``failed/`` under names that start with the shard's (``data/shard-00001-of-00004-part-00003-r2.parquet``),
+and each keeps its own lock, manifest, done-set and state in ``state/shards/shard-00001-of-00004/``
+(output/layout.py). A shard run again resumes itself, exactly-once holds per shard, and the union,
+``data/*.parquet``, holds every id once. An output split in another N, or written without ``--shard``,
+is refused (``OutputStore.check_split``). A managed endpoint is shared by the shards: the first
+resumes it, the last one out puts it down (endpoints/sharing.py).
 """
 
 from __future__ import annotations
@@ -24,14 +28,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchrun.errors import BatchrunError, OutputError, SpecError
+from batchrun.errors import BatchrunError
 from batchrun.records import Row
 from batchrun.sources import DoneMask, Source
 
-__all__ = ["Shard", "ShardedSource", "print_union", "shard_folders", "shard_of", "sharded_spec", "union_status"]
-
-_FOLDER = re.compile(r"^shard-(\d{5})-of-(\d{5})$")
-
+__all__ = ["Shard", "ShardedSource", "print_union", "shard_of", "sharded_spec", "union_status"]
 
 class ShardError(BatchrunError):
     """A --shard that cannot be used (exit 2)."""
@@ -94,36 +95,10 @@ def shard_of(row_id: Any, count: int) -> int:
     return int.from_bytes(digest, "big") % count
 
 
-def shard_folders(root: str | Path) -> list[Path]:
-    """The shard outputs under ``root``, in shard order."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _FOLDER.match(p.name))
-
-
 def sharded_spec(spec: Any, shard: Shard) -> Any:
-    """The spec of one shard: its output goes to its own folder under the job's. Refuses another N,
-    and a Dedicated endpoint that batchrun would manage (see below)."""
-    managed = [e for e in spec.all_endpoints if e.name is not None]
-    if managed:
-        # Each shard would resume and then pause the endpoint on its own: the first shard to finish
-        # would pause it under the others, which then stop on its paused answers. Until the shards
-        # share the endpoint's lifecycle, the array is bracketed by hand (docs/shards.md).
-        raise SpecError(
-            spec.file, "endpoint",
-            f"--shard does not manage a Dedicated endpoint ({managed[0].namespace}/{managed[0].name}): the first "
-            "shard to finish would pause it while the others still send. Resume it once "
-            "(`batchrun endpoint resume NAME --namespace NS`), give the shards its url (endpoint.url), and pause "
-            "it when the last shard ends (`batchrun endpoint pause NAME --namespace NS`)",
-        )
-    root = Path(spec.output.path)
-    others = {int(m.group(2)) for p in shard_folders(root) if (m := _FOLDER.match(p.name))}
-    if others - {shard.count}:
-        raise OutputError(f"{root} holds shards of a split in {sorted(others)[0]}, not {shard.count}: a different "
-                          "N would give rows to other shards than those that hold them. Run with the same N, or "
-                          "use another output")
-    return replace(spec, output=replace(spec.output, path=str(root / shard.folder)), shard=shard)
+    """The spec of one shard: the job's, writing its part of the job's output folder (OutputStore.for_spec)
+    and sharing its managed endpoints with the other shards (endpoints/sharing.py)."""
+    return replace(spec, shard=shard)
 
 
 class ShardedSource:
@@ -163,19 +138,21 @@ class ShardedSource:
 
 def union_status(root: str | Path) -> dict[str, Any]:
     """Rows ok and failed over every shard of ``root``, and each shard's own counts."""
-    from batchrun.output import read_status
+    from batchrun.output import OutputStore, read_status
 
     shards = {}
-    for folder in shard_folders(root):
-        status = read_status(folder)
-        shards[folder.name] = {"ok": status.ok, "failed": status.failed, "failed_retryable": status.failed_retryable,
+    for store in OutputStore.parts(root):
+        if store.shard is None:
+            continue
+        status = read_status(store)
+        shards[store.shard] = {"ok": status.ok, "failed": status.failed, "failed_retryable": status.failed_retryable,
                                "data_shards": status.data_shards}
     total = {key: sum(s[key] for s in shards.values()) for key in ("ok", "failed", "failed_retryable", "data_shards")}
     return {"shards": shards, **total}
 
 
 def print_union(root: str | Path) -> int:
-    """`batchrun status` on a sharded job's output: the union, then each shard."""
+    """`batchrun status` on a split job's output: the union, then each shard."""
     union = union_status(root)
     print(f"output: {root} ({len(union['shards'])} shard(s))")
     print(f"  ok: {union['ok']} rows in {union['data_shards']} file(s)")

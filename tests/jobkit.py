@@ -188,10 +188,15 @@ async def wait_for_async(check: Callable[[], Awaitable[T]], *, limit_s: float = 
         await asyncio.sleep(interval)
 
 
-def manifest_events(out_dir: Path) -> list[dict[str, Any]]:
-    """The events of ``OUT/state/manifest.jsonl``; a last line torn mid-write is ignored."""
+def state_dir(out_dir: Path, shard: str | None = None) -> Path:
+    """``OUT/state``, or a split job's shard's: ``OUT/state/shards/shard-00001-of-00004``."""
+    return Path(out_dir) / "state" / "shards" / shard if shard else Path(out_dir) / "state"
+
+
+def manifest_events(out_dir: Path, shard: str | None = None) -> list[dict[str, Any]]:
+    """The events of ``OUT/state/manifest.jsonl`` (or a shard's); a last line torn mid-write is ignored."""
     try:
-        raw = (Path(out_dir) / "state" / "manifest.jsonl").read_bytes()
+        raw = (state_dir(out_dir, shard) / "manifest.jsonl").read_bytes()
     except FileNotFoundError:
         return []
     lines = [line for line in raw.split(b"\n") if line.strip()]
@@ -207,10 +212,10 @@ def manifest_events(out_dir: Path) -> list[dict[str, Any]]:
     return events
 
 
-def committed_rows(out_dir: Path) -> int:
+def committed_rows(out_dir: Path, shard: str | None = None) -> int:
     """Rows in the shards the manifest lists now: published, not retired or replaced since."""
     listed: dict[str, int] = {}
-    for event in manifest_events(out_dir):
+    for event in manifest_events(out_dir, shard):
         if event.get("op") == "publish":
             listed[event["file"]] = int(event["rows"])
             if event.get("replaces"):
@@ -221,14 +226,14 @@ def committed_rows(out_dir: Path) -> int:
 
 
 def wait_for_committed(out_dir: Path, n: int, proc: subprocess.Popen | None = None, *, timeout: float = 120.0,
-                       log: Path | None = None) -> int:
-    """Wait until the manifest lists at least ``n`` committed rows; returns how many it lists."""
+                       log: Path | None = None, shard: str | None = None) -> int:
+    """Wait until the manifest (a shard's, with ``shard``) lists at least ``n`` committed rows; returns how many."""
     def enough() -> int:
-        rows = committed_rows(out_dir)
+        rows = committed_rows(out_dir, shard)
         return rows if rows >= n else 0
 
     return wait_until(enough, timeout=timeout, proc=proc, log=log,
-                      what=f"{n} committed rows in {out_dir}/state/manifest.jsonl")
+                      what=f"{n} committed rows in {state_dir(out_dir, shard)}/manifest.jsonl")
 
 
 def wait_for_requests(emu: EmulatorThread, n: int, proc: subprocess.Popen | None = None, *, name: str = "gen",

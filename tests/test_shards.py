@@ -3,28 +3,35 @@ every id exactly once."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
+import datasets
+import pyarrow.parquet as pq
 import pytest
 from jobkit import (
+    FAST_LIFECYCLE,
     NS,
     REPO,
     TOKEN,
     cli,
     emulator,
     read_ids,
-    running_endpoint,
     wait_for_committed,
     write_spec,
     write_topics,
 )
 
+from batchrun.emulator.config import EndpointConfig
+from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import BatchrunError
+from batchrun.holder import utc_now
 from batchrun.shards import Shard, shard_of
 
 N_ROWS = 400
@@ -56,47 +63,138 @@ def _start(spec: Path, shard: str, env: dict[str, str]) -> subprocess.Popen:
                             text=True)
 
 
-def test_four_shards_killed_and_run_again_hold_every_id_exactly_once(tmp_path):
-    with emulator(running_endpoint("gen", latency_base_s=0.03, max_concurrent_requests=64)) as emu:
+def _shard(i: int) -> str:
+    return f"shard-{i:05d}-of-00004"
+
+
+def _puts_down(emu) -> list[dict]:
+    return [e for e in emu.control_log if e["method"] == "POST" and e["path"].endswith(("/pause", "/scale-to-zero"))]
+
+
+@pytest.fixture
+def env(tmp_path):
+    # The endpoint's host-wide saved settings go to this test's folder, never to ~/.cache/batchrun.
+    return {**os.environ, "HF_TOKEN": TOKEN, "BATCHRUN_STATE_DIR": str(tmp_path / "batchrun-state")}
+
+
+def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_exactly_once(tmp_path, env):
+    paused = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE,
+                                       "latency_base_s": 0.05, "max_concurrent_requests": 64,
+                                       "scale_to_zero_timeout": 30})
+    with emulator(paused) as emu:
         input_path = write_topics(tmp_path / "in.parquet", N_ROWS)
-        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path,
-                          concurrency={"max": 4, "initial": 4}, output={"shard_rows": 10})
+        managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 30,
+                   "scale": {"min_replica": 2, "max_replica": 2}}
+        spec = write_spec(tmp_path, endpoint=managed, input_path=input_path,
+                          concurrency={"max": 2, "initial": 2}, output={"shard_rows": 10})
         out = tmp_path / "out" / "job"
-        env = {**os.environ, "HF_TOKEN": TOKEN}
         procs = {i: _start(spec, f"{i}/4", env) for i in range(4)}
         try:
-            for victim in (1, 3):  # killed once they have committed some of their rows
-                wait_for_committed(out / f"shard-{victim:05d}-of-00004", 10, procs[victim])
-                procs[victim].send_signal(signal.SIGKILL)
+            # One killed outright, one stopped by SIGTERM (it releases: it must leave the endpoint to the
+            # others), each once it has committed some of its rows.
+            for victim, sig in ((1, signal.SIGKILL), (3, signal.SIGTERM)):
+                wait_for_committed(out, 10, procs[victim], shard=_shard(victim))
+                procs[victim].send_signal(sig)
                 procs[victim].wait(timeout=60)
+            assert procs[3].returncode == 3, procs[3].stderr.read() if procs[3].stderr else ""
             for i in (0, 2):
                 assert procs[i].wait(timeout=300) == 0, procs[i].stderr.read() if procs[i].stderr else ""
-            for victim in (1, 3):  # run again: each resumes itself
-                again = _start(spec, f"{victim}/4", env)
-                procs[victim] = again
-                assert again.wait(timeout=300) == 0, again.stderr.read() if again.stderr else ""
+            # The last shard of the first round put it down, once: the one killed is dead, SIGTERM's left.
+            first_round = _puts_down(emu)
+            assert len(first_round) == 1 and emu.state(NS, "gen").state == "paused"
+            again = {victim: _start(spec, f"{victim}/4", env) for victim in (1, 3)}  # together: each resumes itself
+            procs.update(again)
+            for proc in again.values():
+                assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
         finally:
             for proc in procs.values():
                 if proc.poll() is None:
                     proc.kill()
-        ids = []
-        for i in range(4):
-            ids.extend(read_ids(out / f"shard-{i:05d}-of-00004" / "data"))
-        assert sorted(ids) == sorted(f"row-{i:05d}" for i in range(N_ROWS))  # every id once in the union
-        for i in range(4):
-            assert all(shard_of(x, 4) == i for x in read_ids(out / f"shard-{i:05d}-of-00004" / "data"))
-        status = cli("status", str(spec), env={"HF_TOKEN": TOKEN})
+        # Never put down while a shard was sending: each pause found nothing in flight, and no request ever
+        # met a paused endpoint (answered 400) or failed.
+        puts_down = _puts_down(emu)
+        assert len(puts_down) == 2 and all(e["data_in_flight"] == 0 for e in puts_down)
+        statuses = {status for route in emu.stats()["endpoints"][f"{NS}/gen"]["by_route"].values() for status in route}
+        assert statuses <= {"200", "cancelled"}, statuses  # cancelled: the requests of the shard killed outright
+        # Paused once the last shard ended, with the user's settings back, and nothing left in the shared state.
+        state = emu.state(NS, "gen")
+        assert (state.state, state.min_replica, state.max_replica) == ("paused", 1, 1)
+        assert state.scale_to_zero_timeout == 30
+        shared = next((out / "state" / "endpoints").iterdir())
+        assert not (shared / "settings.json").exists() and list((shared / "users").iterdir()) == []
+
+        # One output folder: the shards' files side by side in data/, the union every id once.
+        loaded = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
+        assert sorted(loaded["id"]) == sorted(f"row-{i:05d}" for i in range(N_ROWS))
+        for path in (out / "data").glob("*.parquet"):
+            shard = int(path.name.split("-")[1])  # shard-00001-of-00004-part-...: each file holds its shard's ids
+            assert all(shard_of(x, 4) == shard for x in pq.read_table(path).column("id").to_pylist())
+        assert sorted(p.name for p in (out / "state" / "shards").iterdir()) == [_shard(i) for i in range(4)]
+        status = cli("status", str(spec), env=env)
         assert status.returncode == 0 and f"ok: {N_ROWS} rows" in status.stdout and "4 shard(s)" in status.stdout
-        refused = cli("run", str(spec), "--shard", "0/3", "--progress", "off", env={"HF_TOKEN": TOKEN})
+        exported = cli("export", str(out), "--to", str(tmp_path / "all.jsonl"), env=env)
+        assert exported.returncode == 0, exported.stderr
+        assert len((tmp_path / "all.jsonl").read_text().splitlines()) == N_ROWS
+
+        refused = cli("run", str(spec), "--shard", "0/3", "--progress", "off", env=env)
         assert refused.returncode == 2 and "same N" in refused.stderr
+        unsplit = cli("run", str(spec), "--progress", "off", env=env)  # would redo every row
+        assert unsplit.returncode == 2 and "split into shards (4 of them)" in unsplit.stderr
+        fresh = cli("run", str(spec), "--shard", "0/4", "--fresh", "--progress", "off", env=env)
+        assert fresh.returncode == 2 and "cannot start it over alone" in fresh.stderr
+        assert sorted(read_ids(out / "data")) == sorted(loaded["id"])  # the refusals changed nothing
+        assert len(_puts_down(emu)) == 2  # ... and touched no endpoint
 
 
-def test_a_sharded_run_on_a_managed_endpoint_is_refused_before_anything_is_sent(tmp_path):
-    # Each shard would pause the endpoint when it ends, under the shards still sending.
-    spec = write_spec(tmp_path, endpoint={"name": "gen", "namespace": "my-org"},
-                      input_path=write_topics(tmp_path / "in" / "t.parquet", 10))
-    result = cli("run", str(spec), "--shard", "0/4", "--progress", "off")
-    assert result.returncode == 2
-    assert "--shard does not manage a Dedicated endpoint (my-org/gen)" in result.stderr
-    assert "batchrun endpoint resume" in result.stderr
-    assert not (tmp_path / "out" / "job").exists()  # nothing written, nothing resumed
+def test_endpoint_up_and_down_bracket_the_shards_by_hand(tmp_path, env):
+    with emulator(EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused",
+                                            **FAST_LIFECYCLE})) as emu:
+        managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 30,
+                   "scale": {"min_replica": 2, "max_replica": 3}}
+        spec = write_spec(tmp_path, endpoint=managed, input_path=write_topics(tmp_path / "in.parquet", 40),
+                          concurrency={"max": 4, "initial": 4})
+        up = cli("endpoint", "up", str(spec), env=env)
+        assert up.returncode == 0 and "ready" in up.stdout, up.stderr
+        state = emu.state(NS, "gen")
+        assert (state.state, state.min_replica, state.max_replica) == ("running", 2, 3)
+        for i in range(2):  # one after the other: neither puts the endpoint down, the bracket holds it
+            ran = cli("run", str(spec), "--shard", f"{i}/2", "--progress", "off", env=env)
+            assert ran.returncode == 0, ran.stderr
+            assert "left to the other users" in (tmp_path / "out" / "job" / "state" / "shards" /
+                                                 f"shard-{i:05d}-of-00002" / "summary.json").read_text()
+        assert _puts_down(emu) == [] and emu.state(NS, "gen").state == "running"
+        down = cli("endpoint", "down", str(spec), env=env)
+        assert down.returncode == 0 and "pause" in down.stdout, down.stdout + down.stderr
+        state = emu.state(NS, "gen")
+        assert (state.state, state.min_replica, state.max_replica) == ("paused", 1, 1)
+        assert len(_puts_down(emu)) == 1
+        (tmp_path / "u").mkdir()
+        without = cli("endpoint", "down", str(write_spec(tmp_path / "u", endpoint={"url": "http://127.0.0.1:9/"},
+                                                          input_path=tmp_path / "in.parquet")), env=env)
+        assert without.returncode == 2 and "brackets a Dedicated endpoint" in without.stderr
+
+
+def test_a_shard_that_is_not_last_leaves_the_endpoint_to_the_others(tmp_path):
+    folder = tmp_path / "shared"
+    first, second = SharedUse(folder, "shard-00000-of-00002"), SharedUse(folder, "shard-00001-of-00002")
+    first.join(beat=False)
+    second.join(beat=False)
+    assert [o.split(" ")[0] for o in first.others()] == ["shard-00001-of-00002"]
+    assert second.leave() and first.leave() == []  # the second sees the first alive; the first is last
+
+    # A killed shard (same host, its process gone) does not count; one on another host counts until its
+    # heartbeat is stale; the bracket always counts.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    users = folder / "users"
+    (users / "shard-00001-of-00002.json").write_text(json.dumps(
+        {"pid": dead.pid, "host": socket.gethostname(), "started": None, "since": "x", "heartbeat_at": "x"}))
+    (users / "shard-00002-of-00003.json").write_text(json.dumps(
+        {"pid": 1, "host": "elsewhere", "started": None, "since": "x", "heartbeat_at": utc_now()}))
+    (users / "shard-00000-of-00003.json").write_text(json.dumps(
+        {"pid": 1, "host": "elsewhere", "started": None, "since": "x", "heartbeat_at": "2020-01-01T00:00:00Z"}))
+    assert [o.split(" ")[0] for o in first.others()] == ["shard-00002-of-00003"]
+    bracket = SharedUse(folder, BRACKET)
+    bracket.join(beat=False)
+    (users / "shard-00002-of-00003.json").unlink()
+    assert [o.split(" ")[0] for o in first.others()] == [BRACKET]

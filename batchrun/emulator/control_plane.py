@@ -118,13 +118,18 @@ class ControlPlane:
         server = self._find(request)
         if server is None:
             return self._answer(request, 404, NOT_FOUND)
+        # What the data plane was serving at that moment, for tests and post-mortems: a pause with requests
+        # still inside (or arriving after it, answered 400) means a client sent after its pause.
+        in_flight = server.stats.in_flight
         try:
             getattr(server.state, action)()
         except TransitionRefused as refused:
             self._record(request, refused.status)
             return web.Response(status=refused.status, text=json.dumps({"error": refused.message}),
                                 content_type="application/json")
-        return self._answer(request, 200, server.state.to_api())
+        response = self._answer(request, 200, server.state.to_api())
+        self.log[-1]["data_in_flight"] = in_flight
+        return response
 
     async def _pause(self, request: web.Request) -> web.Response:
         return await self._transition(request, "pause")

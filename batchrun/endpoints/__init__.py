@@ -82,11 +82,13 @@ def open_endpoint(
     poll_interval_s: float = 1.0,
     run_number: int = 1,
     endpoint: EndpointSpec | None = None,
+    user: str | None = None,
 ) -> Endpoint:
     """The endpoint the spec names, ready to be checked and entered. Raises SpecError for a bad `local:`.
 
     ``run_number`` (the how-manieth run of this job) seeds the built-in emulator's fault draws, so each
-    run of a job meets other faults while one run stays reproducible.
+    run of a job meets other faults while one run stays reproducible. A managed endpoint is shared
+    with the job's other users (sharing.py) as ``user``: by default the job's shard, when it is one.
     """
     from batchrun.task_kinds import task_kind
 
@@ -114,6 +116,13 @@ def open_endpoint(
         return LocalEndpoint(config, settings, stop=stop, on_event=on_event,
                              price_per_replica_hour=e.price_per_replica_hour)
     assert e.name is not None and e.namespace is not None  # the spec parser guarantees one of the three
+    shard = getattr(spec, "shard", None)
+    user = user or (shard.folder if shard is not None else None)
+    if user is not None:  # the shards of a split job: the last one out puts the endpoint down
+        from batchrun.endpoints.sharing import SharedUse, shared_folder
+
+        folder = shared_folder(spec.output.path, e.api_url, e.namespace, e.name)
+        settings = dataclasses.replace(settings, shared=SharedUse(folder, user))
     control = HfControlPlane(name=e.name, namespace=e.namespace, token=token, api_url=e.api_url)
     return DedicatedEndpoint(control, settings, token=token, stop=stop, on_event=on_event,
                              price_per_replica_hour=e.price_per_replica_hour)

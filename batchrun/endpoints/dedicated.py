@@ -26,6 +26,7 @@ from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.endpoints.cold_start import ColdStartPolicy
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
 from batchrun.endpoints.saved_settings import SavedSettings, endpoint_state_path
+from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import (
     AuthError,
     ControlPlaneUnavailableError,
@@ -72,6 +73,9 @@ class LifecycleSettings:
     # Where the user's settings are kept while the job has changed them. None: the endpoint's own file
     # in batchrun's state folder (endpoint_state_path), shared by every job on that endpoint.
     state_file: str | None = None
+    # The shards of one job share the endpoint through their output folder (sharing.py): the last one
+    # out puts it down. None: this job is the endpoint's only user.
+    shared: SharedUse | None = None
 
 
 class DedicatedEndpoint:
@@ -121,13 +125,16 @@ class DedicatedEndpoint:
     def _saved(self) -> SavedSettings:
         # Made on first use: the control-plane base (part of the file's name) may be set only then.
         if self._saved_settings is None:
-            self._saved_settings = SavedSettings(self.state_path(), self.ref, self.control.api_url)
+            self._saved_settings = SavedSettings(self.state_path(), self.ref, self.control.api_url,
+                                                 shared=self.settings.shared is not None)
         return self._saved_settings
 
     def state_path(self) -> str:
         """The file that keeps the user's settings while the job has changed them."""
         if self._saved_settings is not None:
             return self._saved_settings.path
+        if self.settings.shared is not None:
+            return str(self.settings.shared.settings_path)
         if self.settings.state_file:
             return self.settings.state_file
         return str(endpoint_state_path(self.control.api_url, self.control.namespace, self.control.name))
@@ -218,17 +225,32 @@ class DedicatedEndpoint:
 
     async def acquire(self) -> str:
         """Make the endpoint ready and return its data-plane url."""
-        original = self._original or await self._checked_snapshot()
-        self.record.initial_state = original.state
+        shared = self.settings.shared
+        if shared is None:
+            original = await self._start(self._original or await self._checked_snapshot())
+        else:  # one user at a time joins: the endpoint as it is now, the first user's saved settings
+            async with shared.guard():
+                await asyncio.to_thread(shared.join, beat=shared.user != BRACKET)
+                self._original = None  # another shard may have resumed or scaled it since the check
+                original = await self._start(await self._checked_snapshot())
+        url = await self._wait_ready(original)
+        self.meter.set_replicas(self.record.replicas)
+        return url
+
+    async def _start(self, current: EndpointSnapshot) -> EndpointSnapshot:
+        """Save the user's settings, apply the job's, ask for the resume; returns the user's endpoint."""
+        self.record.initial_state = current.state
         self.record.acquired_at = self._clock()
         self.meter.start(self.settings.scale_min or 1)
-        self._event(f"{self.ref} is {original.state}")
-        original = self._adopt_left_settings(original)
+        self._event(f"{self.ref} is {current.state}")
+        original = self._adopt_left_settings(current)
         changes = self._changes(original)
         if changes or self._saved.owned or original.state in RESUMABLE:
             self._saved.save(original)
+        self._changed.update(changes)
+        # What another user (a shard) has already set is not sent again; it is still put back at the end.
+        changes = {key: value for key, value in changes.items() if getattr(current, key) != value}
         if changes:
-            self._changed.update(changes)
             await self.control.update(**changes)
             self.record.scaled = "min_replica" in changes or "max_replica" in changes
             self._event(f"updated {', '.join(f'{k}={v}' for k, v in changes.items())}")
@@ -240,9 +262,7 @@ class DedicatedEndpoint:
             await self.control.resume()
             self.record.resumed = True
             self._event(f"resume requested for {self.ref}")
-        url = await self._wait_ready(original)
-        self.meter.set_replicas(self.record.replicas)
-        return url
+        return original
 
     async def _checked_snapshot(self) -> EndpointSnapshot:
         await self.check()
@@ -267,11 +287,14 @@ class DedicatedEndpoint:
             scale_to_zero_timeout=left.scale_to_zero_timeout,
         )
         self._original = adopted
-        self._event(
-            f"an earlier run left {self.ref} changed; the settings it found are restored at the end "
-            f"(min_replica={adopted.min_replica}, max_replica={adopted.max_replica}, "
-            f"scale_to_zero_timeout={adopted.scale_to_zero_timeout})"
-        )
+        found = (f"min_replica={adopted.min_replica}, max_replica={adopted.max_replica}, "
+                 f"scale_to_zero_timeout={adopted.scale_to_zero_timeout}")
+        if self.settings.shared is not None:
+            self._event(f"{self.ref} is shared with the job's other shards; the settings its first user found "
+                        f"({found}) are restored by the last one out")
+        else:
+            self._event(f"an earlier run left {self.ref} changed; the settings it found are restored at the end "
+                        f"({found})")
         # Whatever differs from the user's settings now is put back at the release, changed by us or not.
         for key in _SETTINGS:
             if getattr(original, key) != getattr(adopted, key):
@@ -445,6 +468,37 @@ class DedicatedEndpoint:
         if self._refreshing is not None:
             self._refreshing.cancel()
         self._released = True
+        shared = self.settings.shared
+        if shared is None or not shared.joined:
+            await self._release_alone()
+            return
+        async with shared.guard():  # a shard joining now waits: it finds the endpoint up, or resumes it after
+            others = await asyncio.to_thread(shared.leave)
+            if not others:
+                await self._release_alone()
+                return
+            self.meter.stop()
+            self.record.released_at = self._clock()
+            self.record.final_action = "left to the other users"
+            self.record.note = (f"{self.ref} is still used by {len(others)} other user(s), {', '.join(others)}: "
+                                "the last of them to finish puts it down and restores its settings")
+            self._event(self.record.note)
+            self._saved.release(forget=False)
+
+    async def put_back_for_bracket(self) -> None:
+        """`batchrun endpoint down JOB.yaml`: the bracket leaves; when no shard is left, put the endpoint down
+        and restore what the first user saved (on_finish: as the user had it before, paused by default)."""
+        shared = self.settings.shared
+        assert shared is not None and shared.user == BRACKET
+        shared.joined = True  # `endpoint up` joined, in an earlier process
+        self.record.acquired_at = self._clock()
+        async with shared.guard():
+            current = await self.control.get()
+            self.record.initial_state = current.state
+            self._original = self._adopt_left_settings(current)
+        await self.release()
+
+    async def _release_alone(self) -> None:
         original = self._original
         try:
             if original is None or self.record.acquired_at is None:

@@ -61,8 +61,11 @@ class UserSettings:
 class SavedSettings:
     """One endpoint's saved-settings file: load what a dead run left, save before changing, forget after."""
 
-    def __init__(self, path: str | Path, ref: str, api_url: str | None) -> None:
+    def __init__(self, path: str | Path, ref: str, api_url: str | None, *, shared: bool = False) -> None:
         self.path = str(path)
+        # The shards of a job keep one file in their output (sharing.py): every shard adopts it, whoever
+        # wrote it, and only the last one out deletes it; who is alive is told by their user files.
+        self.shared = shared
         self.ref = ref
         self.api_url = api_url
         self.owned = False  # this run wrote (or took over) the file: it deletes it after the release
@@ -82,7 +85,7 @@ class SavedSettings:
         if not isinstance(saved, dict) or saved.get("endpoint") != self.ref:
             return None
         pid, host = saved.get("pid"), saved.get("host")
-        if isinstance(pid, int) and host == socket.gethostname():
+        if not self.shared and isinstance(pid, int) and host == socket.gethostname():
             alive = self.path in _HELD if pid == os.getpid() else process_alive(pid, saved.get("process_started"))
             if alive:
                 self.foreign_owner = f"pid {pid}"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchrun.errors import OutputError
 from batchrun.output.files import fsync_dir, json_bytes, read_json, replace_atomically, write_durably, write_error
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 # The key a kept schema was built for, in its own metadata.
 _SCHEMA_KEY = b"batchrun_schema_key"
 
-__all__ = ["MANIFEST", "PARQUET_SUFFIX", "POSITIONS_SUFFIX", "OutputStore"]
+__all__ = ["MANIFEST", "PARQUET_SUFFIX", "POSITIONS_SUFFIX", "SHARD_PREFIX", "OutputStore"]
 
 MANIFEST = "manifest.jsonl"
 PARQUET_SUFFIX = ".parquet"
@@ -27,17 +28,78 @@ POSITIONS_SUFFIX = ".u64"
 _PROBE_ATTEMPTS = 5
 
 
-class OutputStore:
-    """The output folder of one job: where things live, job.json, summary.json, and setting it aside."""
+#: Where the shards of a split job keep their state: ``state/shards/shard-00001-of-00004/``.
+SHARDS_STATE = "shards"
+#: Every shard's file names start with its name (``data/shard-00001-of-00004-part-00003-r2.parquet``).
+SHARD_PREFIX = "shard-"
+_SHARD_NAME = re.compile(r"^shard-\d{5}-of-\d{5}$")
 
-    def __init__(self, root: str | Path) -> None:
+
+class OutputStore:
+    """The output folder of one job: where things live, job.json, summary.json, and setting it aside.
+
+    A job split into shards (shards.py) has one output folder for all of them: their Parquet files share
+    ``data/`` and ``failed/`` under names that start with the shard's (no two shards can clash, and
+    ``data/*.parquet`` is the union), and each shard keeps its own manifest, lock and state under
+    ``state/shards/<shard>/``. ``OutputStore(root, shard=...)`` is one shard's part of the folder.
+    """
+
+    def __init__(self, root: str | Path, shard: str | None = None) -> None:
+        if shard is not None and not _SHARD_NAME.match(shard):
+            raise ValueError(f"not a shard name: {shard!r}")
         self.root = Path(root)
+        self.shard = shard
         self.data_dir = self.root / "data"
         self.failed_dir = self.root / "failed"
-        self.state_dir = self.root / "state"
+        self.state_dir = self.root / "state" / SHARDS_STATE / shard if shard else self.root / "state"
+        #: How this store's Parquet files (and their sidecars) are named: its shard's name first.
+        self.file_prefix = f"{shard}-" if shard else ""
 
     def __repr__(self) -> str:
-        return f"OutputStore({str(self.root)!r})"
+        return f"OutputStore({str(self.root)!r}{f', shard={self.shard!r}' if self.shard else ''})"
+
+    @classmethod
+    def for_spec(cls, spec: Any) -> OutputStore:
+        """The store a job's spec writes: its output folder, or its shard's part of it."""
+        shard = getattr(spec, "shard", None)
+        return cls(spec.output.path, shard.folder if shard is not None else None)
+
+    @staticmethod
+    def shard_names(root: str | Path) -> list[str]:
+        """The shards that keep state in ``root``, in order; empty for a job that was not split."""
+        folder = Path(root) / "state" / SHARDS_STATE
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and _SHARD_NAME.match(p.name))
+
+    @classmethod
+    def parts(cls, root: str | Path) -> list[OutputStore]:
+        """Every store that writes into ``root``: one per shard of a split job, else the folder itself.
+
+        Readers of the whole output (status, export, push) take the union of their manifests.
+        """
+        return [cls(root, name) for name in cls.shard_names(root)] or [cls(root)]
+
+    @classmethod
+    def job_of(cls, root: str | Path) -> dict | None:
+        """The job that wrote ``root`` (``state/job.json``; for a split job, the first shard's: all hold one spec)."""
+        return next((job for part in cls.parts(root) if (job := part.load_job()) is not None), None)
+
+    @classmethod
+    def spend_of(cls, root: str | Path) -> dict | None:
+        """What the runs into ``root`` spent; None for a job split into several shards.
+
+        Each shard meters the replicas of the endpoint it shares while it runs, so shards that ran at the
+        same time count the same replica-hours: their sum would overstate the bill, and it is not made.
+        """
+        records = [spend for part in cls.parts(root) if (spend := part.load_spend())]
+        return records[0] if len(records) == 1 and len(cls.shard_names(root)) <= 1 else None
+
+    def owns(self, file_name: str) -> bool:
+        """Whether a file in ``data/`` or ``failed/`` is this store's to reconcile (not another shard's)."""
+        if self.shard is not None:
+            return file_name.startswith(self.file_prefix)
+        return not file_name.startswith(SHARD_PREFIX)
 
     @property
     def manifest_path(self) -> Path:
@@ -74,7 +136,36 @@ class OutputStore:
         """Whether the folder holds a previous run: a job.json, a manifest, or any shard."""
         if (self.state_dir / "job.json").exists() or self.manifest_path.exists():
             return True
-        return any(any(d.glob(f"*{PARQUET_SUFFIX}")) for d in (self.data_dir, self.failed_dir) if d.is_dir())
+        return any(self.owns(p.name) for d in (self.data_dir, self.failed_dir) if d.is_dir()
+                   for p in d.glob(f"*{PARQUET_SUFFIX}"))
+
+    def check_split(self) -> None:
+        """Refuse to mix a split job's shards with an unsplit run, or shards of two different splits.
+
+        An unsplit run would redo every row the shards hold; a shard of another N would be given rows
+        that shards of the first split already hold.
+        """
+        names = self.shard_names(self.root)
+        if self.shard is None:
+            if names:
+                raise OutputError(
+                    f"{self.root} holds a job split into shards ({names[0].rsplit('-of-', 1)[1].lstrip('0')} of "
+                    "them): run each shard with --shard I/N, read the union with `batchrun status`, or use "
+                    "another output for an unsplit run"
+                )
+            return
+        if (self.root / "state" / "job.json").exists() or (self.root / "state" / MANIFEST).exists():
+            raise OutputError(
+                f"{self.root} holds a run made without --shard: its rows would be done again by the shards. "
+                "Use another output for the sharded job"
+            )
+        mine = self.shard.rsplit("-of-", 1)[1]
+        others = sorted({name.rsplit("-of-", 1)[1] for name in names} - {mine})
+        if others:
+            raise OutputError(
+                f"{self.root} holds shards of a split in {int(others[0])}, not {int(mine)}: a different N would "
+                "give rows to other shards than those that hold them. Run with the same N, or use another output"
+            )
 
     def check_writable(self) -> None:
         """Prove the folder can be written before anything costs money (reliability.md §3).
@@ -175,8 +266,14 @@ class OutputStore:
     def set_aside(self) -> Path:
         """For ``--fresh``: rename the folder to ``<root>.previous-<YYYYmmdd-HHMMSS>`` and return that path.
 
-        Never deletes: a previous run's results may have cost hours of GPU time.
+        Never deletes: a previous run's results may have cost hours of GPU time. A shard's part of a
+        folder shared with other shards is not set aside alone (they write there too).
         """
+        if self.shard is not None:
+            raise OutputError(
+                f"--fresh with --shard: {self.root} is shared by every shard of the job, so one shard cannot "
+                "start it over alone. Move or remove the whole folder (no shard running) to start the job over"
+            )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         target = self.root.with_name(f"{self.root.name}.previous-{stamp}")
         n = 1

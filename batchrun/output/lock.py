@@ -122,10 +122,11 @@ class OutputLock:
     """The lock of one output folder. ``acquire()`` or ``with OutputLock(root):``; release is idempotent."""
 
     def __init__(
-        self, root: str | Path, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S
+        self, root: str | Path | OutputStore, *, stale_after_s: float = STALE_AFTER_S, heartbeat_s: float = HEARTBEAT_S
     ) -> None:
-        self.root = Path(root)
-        self.path = OutputStore(self.root).lock_path
+        store = root if isinstance(root, OutputStore) else OutputStore(root)  # a shard's store: its own lock
+        self.root = store.root
+        self.path = store.lock_path
         self.stale_after_s = stale_after_s
         self.heartbeat_s = heartbeat_s
         #: This process, once the lock is held.
@@ -260,12 +261,12 @@ class OutputLock:
         self.holder = None
 
 
-def read_lock(root: str | Path, *, stale_after_s: float = STALE_AFTER_S) -> LockState | None:
+def read_lock(root: str | Path | OutputStore, *, stale_after_s: float = STALE_AFTER_S) -> LockState | None:
     """Whether a live run holds ``root``'s lock, and who; None when no run has left a record there.
 
     Read-only: the probe takes a shared flock on a fresh descriptor and releases it at once.
     """
-    path = OutputStore(root).lock_path
+    path = (root if isinstance(root, OutputStore) else OutputStore(root)).lock_path
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:

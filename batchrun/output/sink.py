@@ -163,7 +163,7 @@ class ParquetSink:
         for folder in (store.data_dir, store.failed_dir):
             for path in sorted(folder.glob(f"*{PARQUET_SUFFIX}")):
                 relative = path.relative_to(root).as_posix()
-                if relative in view.listed:
+                if relative in view.listed or not store.owns(path.name):  # another shard's file is its own
                     continue
                 # A retired shard whose move was cut short goes where its retirement said;
                 # anything else was renamed but never recorded (a crash before the manifest append).
@@ -391,7 +391,7 @@ class ParquetSink:
         store = self.store
         seq = self._next_seq
         self._next_seq += 1
-        stem = f"part-{seq:05d}-{self.run_id}"
+        stem = f"{store.file_prefix}part-{seq:05d}-{self.run_id}"
         folder = store.data_dir if kind == "data" else store.failed_dir
         final = folder / f"{stem}{PARQUET_SUFFIX}"
         sidecar = store.positions_dir / f"{stem}{POSITIONS_SUFFIX}"

@@ -28,15 +28,29 @@ class OutputStatus:
     job: dict | None
 
 
-def read_status(root: str | Path) -> OutputStatus:
+def read_status(root: str | Path | OutputStore) -> OutputStatus:
     """Count what ``root`` holds without changing anything (no reconcile, no moves).
 
     Counts come from Parquet footers and the failed shards' ``retryable`` column; a listed shard that
-    cannot be read is not counted, as resume would not count it either.
+    cannot be read is not counted, as resume would not count it either. A folder path counts the
+    union of every store that writes into it (each shard of a split job); a store counts its own part.
     """
-    store = OutputStore(root)
-    if store.root.exists() and not store.root.is_dir():
-        raise OutputError(f"{store.root} is not an output folder (it is a file)")
+    if isinstance(root, OutputStore):
+        return _read_part(root)
+    path = Path(root)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{path} is not an output folder (it is a file)")
+    parts = [_read_part(store) for store in OutputStore.parts(path)]
+    union = parts[0]
+    for part in parts[1:]:
+        for key in ("ok", "failed", "failed_retryable", "data_shards", "failed_shards"):
+            setattr(union, key, getattr(union, key) + getattr(part, key))
+        union.job = union.job or part.job
+        union.last_summary = union.last_summary or part.last_summary
+    return union
+
+
+def _read_part(store: OutputStore) -> OutputStatus:
     # A folder that does not exist yet holds no run: all counts are zero and job is None.
     view = read_manifest(store.manifest_path)
     status = OutputStatus(

@@ -63,8 +63,8 @@ class JobFacts:
 
 def read_facts(root: Path, data: Sequence[LocalShard], failed: Sequence[LocalShard]) -> JobFacts:
     """The facts of the output at ``root``; ``data`` and ``failed`` are the shards this push publishes."""
-    store = OutputStore(root)
-    job = store.load_job()
+    store = OutputStore.parts(root)[0]  # a split job: its shards share one spec; the spending is summed
+    job = OutputStore.job_of(root)
     if not job:
         raise OutputError(f"{root} holds no job (no state/job.json): push the output folder of a `batchrun run`")
     facts = JobFacts(
@@ -74,7 +74,7 @@ def read_facts(root: Path, data: Sequence[LocalShard], failed: Sequence[LocalSha
         spec_file=job.get("spec_file"),
         identity=dict(job.get("identity") or {}),
         summary=store.load_summary(),
-        spend=store.load_spend(),
+        spend=OutputStore.spend_of(root),
         ok_rows=sum(s.shard.rows for s in data),
         failed_rows=sum(s.shard.rows for s in failed),
         failed_retryable=sum(s.shard.retryable for s in failed),

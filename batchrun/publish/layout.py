@@ -38,7 +38,8 @@ __all__ = [
     "repo_problem",
 ]
 
-_PART = re.compile(r"^part-(?P<rest>.+)\.parquet$")
+# ``part-00003-r2.parquet``, or a split job's ``shard-00001-of-00004-part-00003-r2.parquet``.
+_PART = re.compile(r"^(?P<shard>shard-\d+-of-\d+-)?part-(?P<rest>.+)\.parquet$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,7 @@ class Target:
         config = self.config if shard.kind == "data" else failed_config_name(self.config)
         name = Path(shard.file).name
         match = _PART.match(name)
-        rest = match.group("rest") if match else name.removesuffix(".parquet")
+        rest = (match.group("shard") or "") + match.group("rest") if match else name.removesuffix(".parquet")
         return f"{config}/{self.split}-{rest}.parquet"
 
     def owned_file(self, path: str) -> bool:
@@ -101,13 +102,13 @@ def local_shards(root: Path, target: Target) -> list[LocalShard]:
     a shard being written is not listed yet, and a listed one that cannot be read is left out (the
     next run redoes its rows, and the push after it publishes them).
     """
-    store = OutputStore(root)
-    view = read_manifest(store.manifest_path)
+    root = Path(root)
+    listed = [shard for part in OutputStore.parts(root) for shard in read_manifest(part.manifest_path).listed.values()]
     kinds = set(target.configs.values())
     return [
-        LocalShard(shard=shard, path=store.root / shard.file, hub_path=target.hub_path(shard))
-        for shard in sorted(view.listed.values(), key=lambda s: (s.kind, s.seq))
-        if shard.kind in kinds and shard_problem(store.root, shard, ()) is None
+        LocalShard(shard=shard, path=root / shard.file, hub_path=target.hub_path(shard))
+        for shard in sorted(listed, key=lambda s: (s.kind, s.file))
+        if shard.kind in kinds and shard_problem(root, shard, ()) is None
     ]
 
 
