@@ -30,7 +30,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -315,6 +315,11 @@ class Dispatcher:
     def breaker(self) -> CircuitBreaker:
         """The first endpoint's circuit breaker."""
         return self._routes[0].breaker
+
+    @property
+    def routes(self) -> Sequence[Route]:
+        """Every endpoint's route so far, in the order they joined (read, never changed, by the progress)."""
+        return self._routes
 
     def route_figures(self) -> dict[str, dict[str, Any]]:
         """Each endpoint's share (rows, 429s, latency), by name."""

@@ -3,6 +3,10 @@
 On a terminal: a tqdm bar with rows/s, output tokens/s, in flight, the concurrency limit, retries,
 failures, cost and ETA. Elsewhere: one summary line every ``interval_s`` seconds, because a bar
 redrawn with carriage returns makes an unreadable log file.
+
+A job with several endpoints adds each one's share (:class:`EndpointProgress`): its rows, in flight
+under its own limit, its 429s, and whether it is drained or not ready yet. A job with one endpoint
+shows what it always did.
 """
 
 from __future__ import annotations
@@ -12,11 +16,55 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from tqdm import tqdm
 
-__all__ = ["ProgressReporter", "Snapshot", "format_duration", "format_usd"]
+__all__ = ["EndpointProgress", "ProgressReporter", "Snapshot", "format_duration", "format_usd"]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointProgress:
+    """One endpoint's share of a running job with several."""
+
+    name: str
+    rows: int = 0  # rows it answered
+    in_flight: int = 0
+    limit: int = 0  # its own adaptive concurrency limit
+    throttled: int = 0  # 429 answers
+    state: Literal["live", "drained", "starting", "unused"] = "live"  # starting: not ready yet; unused: could not start
+    reason: str | None = None  # why it is drained or unused, in a word or a status: "401", "failed"
+
+    def describe(self, share: float) -> str:
+        """``a: 812 rows 76% inflight 40/48 429s 3``; ``c: drained (401)``; ``b: not ready``."""
+        parts = [f"{self.name}:"]
+        if self.rows or self.state == "live":
+            parts.append(f"{self.rows} rows {share:.0%}")
+        if self.state == "live":
+            parts.append(f"inflight {self.in_flight}/{self.limit}")
+        elif self.in_flight:  # drained, with its last requests still out
+            parts.append(f"inflight {self.in_flight}")
+        if self.throttled:
+            parts.append(f"429s {self.throttled}")
+        if self.state != "live":
+            parts.append(_SHOWN[self.state] + (f" ({self.reason})" if self.reason else ""))
+        return " ".join(parts)
+
+    def brief(self, share: float) -> str:
+        """The bar's shorter form: ``a 76% 40/48 429s:3``, ``c drained``."""
+        if self.state != "live":
+            return f"{self.name} {_SHOWN[self.state]}"
+        text = f"{self.name} {share:.0%} {self.in_flight}/{self.limit}"
+        return text + (f" 429s:{self.throttled}" if self.throttled else "")
+
+
+_SHOWN = {"drained": "drained", "starting": "not ready", "unused": "not used"}
+
+
+def _endpoint_parts(endpoints: tuple[EndpointProgress, ...], *, brief: bool = False) -> list[str]:
+    """Each endpoint's part of a progress line (or, ``brief``, of the bar), its share of the rows answered."""
+    total = sum(e.rows for e in endpoints) or 1
+    return [e.brief(e.rows / total) if brief else e.describe(e.rows / total) for e in endpoints]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +81,7 @@ class Snapshot:
     spent_usd: float | None = None
     projected_usd: float | None = None
     waiting_for: str | None = None  # why requests are held back ("endpoint unavailable since 8s, probing")
+    endpoints: tuple[EndpointProgress, ...] = ()  # each endpoint's share; empty for a job with one
 
 
 class ProgressReporter:
@@ -103,7 +152,10 @@ class ProgressReporter:
         elapsed = max(1e-9, self._clock() - self._started)
         if self._bar is not None:
             self._bar.n = snap.done
-            self._bar.set_postfix(self._postfix(snap, elapsed), refresh=False)
+            postfix = self._postfix(snap, elapsed)
+            if snap.endpoints:  # last: a bar too wide for the terminal is cut at its end
+                postfix["endpoints"] = " | ".join(_endpoint_parts(snap.endpoints, brief=True))
+            self._bar.set_postfix(postfix, refresh=False)
             self._bar.refresh()
         elif self.mode == "lines":
             rate = snap.done / elapsed
@@ -112,7 +164,10 @@ class ProgressReporter:
             if self._total is not None and rate > 0:
                 parts.append(f"eta {format_duration((self._total - snap.done) / rate)}")
             parts += [f"{k} {v}" for k, v in self._postfix(snap, elapsed).items()]
-            self._print("progress: " + ", ".join(parts))
+            line = "progress: " + ", ".join(parts)
+            if snap.endpoints:
+                line += "".join(f" | {part}" for part in _endpoint_parts(snap.endpoints))
+            self._print(line)
 
     def close(self) -> None:
         if self._bar is not None:

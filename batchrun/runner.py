@@ -29,7 +29,7 @@ from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
-from batchrun.endpoints.shares import endpoint_shares
+from batchrun.endpoints.shares import endpoint_shares, live_shares
 from batchrun.errors import (
     AuthError,
     BatchrunError,
@@ -175,7 +175,8 @@ async def _dispatch(
     options: RunOptions, started: _Started, pusher: _Pusher | None = None,
 ) -> None:
     """Send every pending row; meanwhile commit, show progress and watch the budget."""
-    meter = pre.endpoint.meter
+    pool = pre.endpoint
+    meter = pool.meter
     total = None if pre.count is None else max(0, pre.count - reader.skipped)
 
     def snapshot() -> Snapshot:
@@ -186,6 +187,7 @@ async def _dispatch(
             limit=stats.limit, output_tokens=tally.output_tokens, spent_usd=meter.usd,
             projected_usd=meter.projected_usd(done=tally.done, remaining=remaining, elapsed_s=started.elapsed()),
             waiting_for=dispatcher.waiting_for(),
+            endpoints=live_shares(pool, dispatcher.routes) if pool.several else (),
         )
 
     reporter = ProgressReporter(snapshot, total=total, mode=options.progress, interval_s=options.summary_interval_s)

@@ -7,6 +7,7 @@ job wrote (ids, the summary's per-endpoint shares).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from jobkit import (
     read_ids,
     run,
     wait_for_requests,
+    wait_until,
     write_spec,
     write_topics,
 )
@@ -228,3 +230,40 @@ def test_sigterm_pauses_every_endpoint(tmp_path):
     for name in ("a", "b"):  # nothing was sent to an endpoint after its pause
         assert stats[f"{NS}/{name}"]["last_request_at"] <= pause_at[name]
     assert 0 < len(read_ids(tmp_path / "out" / "job" / "data")) < 2000
+
+
+def test_progress_lines_show_each_endpoints_rows_beside_the_summed_figures(tmp_path):
+    # A long job: the test reads its progress lines until both endpoints have answered rows in one of
+    # them, then stops it.
+    with emulator(paused("a", latency_base_s=0.05), paused("b", latency_base_s=0.05)) as emu:
+        spec = multi_job(tmp_path, emu, ["a", "b"], n=4000)
+        env = {**os.environ, "HF_TOKEN": TOKEN, "BATCHRUN_STATE_DIR": str(tmp_path / "batchrun-state")}
+        log = tmp_path / "stderr.log"
+        with log.open("w") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "lines",
+                                     "--summary-every", "0.1"],
+                                    cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            def both_answered() -> tuple[str, dict[str, int]] | None:
+                for line in log.read_text(errors="replace").splitlines():
+                    summed, *parts = line.split(" | ")
+                    rows = {}
+                    for part in parts:
+                        found = re.fullmatch(r"(\w+): (\d+) rows \d+% inflight \d+/\d+( 429s \d+)?", part)
+                        if found:
+                            rows[found[1]] = int(found[2])
+                    if summed.startswith("progress: ") and rows.keys() == {"a", "b"} and all(rows.values()):
+                        return summed, rows
+                return None
+
+            summed, rows = wait_until(both_answered, proc=proc, log=log, timeout=120,
+                                      what="a progress line where both endpoints have answered rows")
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    done = re.match(r"progress: (\d+)/4000 rows, ", summed)
+    failed = re.search(r", failed (\d+)(,|$)", summed)
+    assert done and failed, summed
+    assert rows["a"] + rows["b"] == int(done[1]) - int(failed[1])  # the endpoints' rows add up to the rows answered

@@ -1,12 +1,48 @@
-"""Each endpoint's share of a job with several, for the summary: rows, 429s, latency, cost, lifecycle."""
+"""Each endpoint's share of a job with several: for the summary (rows, 429s, latency, cost, lifecycle) and,
+while the job runs, for the progress display (rows, in flight under its own limit, 429s, drained or not ready)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from batchrun.endpoints.pool import EndpointPool
+from batchrun.errors import AuthError, EndpointError
+from batchrun.progress import EndpointProgress
+from batchrun.routing import Route
 
-__all__ = ["endpoint_shares", "format_shares"]
+__all__ = ["endpoint_shares", "format_shares", "live_shares"]
+
+
+def live_shares(pool: EndpointPool, routes: Sequence[Route]) -> tuple[EndpointProgress, ...]:
+    """Each endpoint's figures now, in the spec's order; ``routes`` are the dispatcher's. Read twice a
+    second by the progress display: it only reads counters."""
+    by_name = {route.name: route for route in routes}
+    shares = []
+    for member in pool.members:
+        route = by_name.get(member.name)
+        if route is None:  # not sending yet: still starting, or it could not start
+            if member.error is None and not member.released:
+                shares.append(EndpointProgress(member.name, state="starting"))
+            else:
+                shares.append(EndpointProgress(member.name, state="unused", reason=_reason(member.error)))
+            continue
+        limit = route.limit
+        drained = route.drained or (member.error if member.drained else None)
+        shares.append(EndpointProgress(
+            member.name, rows=route.ok, in_flight=limit.in_flight, limit=limit.limit, throttled=route.throttled,
+            state="live" if drained is None else "drained", reason=None if drained is None else _reason(drained),
+        ))
+    return tuple(shares)
+
+
+def _reason(error: BaseException | None) -> str | None:
+    """Why an endpoint takes no requests, in a status or a word: ``401``, ``failed``, ``paused``."""
+    if isinstance(error, AuthError) and error.status is not None:
+        return str(error.status)
+    if isinstance(error, EndpointError) and error.state:
+        return error.state
+    return None
 
 
 def endpoint_shares(pool: EndpointPool, routes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
