@@ -66,12 +66,7 @@ class Shard:
                 raise ShardError(f"--shard {text!r}: expected I/N (shard I of N, from 0) or auto")
             return cls(int(match.group(1)), int(match.group(2)))
         if "SLURM_ARRAY_TASK_ID" in env:
-            index = _number(env, "SLURM_ARRAY_TASK_ID")
-            first = _number(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
-            total = count or (_number(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env else None)
-            if total is None:
-                raise ShardError("--shard auto: SLURM_ARRAY_TASK_COUNT is not set; give --shard-count N")
-            return cls(index - first, total)
+            return cls._from_slurm(env, count)
         if "JOB_COMPLETION_INDEX" in env:
             total = count or (_number(env, "BATCHRUN_SHARD_COUNT") if "BATCHRUN_SHARD_COUNT" in env else None)
             if total is None:
@@ -80,6 +75,30 @@ class Shard:
             return cls(_number(env, "JOB_COMPLETION_INDEX"), total)
         raise ShardError("--shard auto: none of SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX is set; "
                          "give --shard I/N")
+
+
+    @classmethod
+    def _from_slurm(cls, env: Mapping[str, str], count: int | None) -> Shard:
+        """A whole array (``--array=0-7``, or ``1-8``) numbers its shards; a subset run again
+        (``--array=3,5``) counts only itself, so it needs the job's count: ``--shard-count N``, and then
+        the task id is the shard (an array numbered from 0)."""
+        index = _number(env, "SLURM_ARRAY_TASK_ID")
+        if count is not None:
+            if index >= count:
+                raise ShardError(f"--shard auto: SLURM_ARRAY_TASK_ID={index} is not below --shard-count {count}: "
+                                 "with --shard-count the task id is the shard, so number the array from 0 "
+                                 f"(--array=0-{count - 1})")
+            return cls(index, count)
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise ShardError("--shard auto: SLURM_ARRAY_TASK_COUNT is not set; give --shard-count N")
+        total = _number(env, "SLURM_ARRAY_TASK_COUNT")
+        first = _number(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        last = _number(env, "SLURM_ARRAY_TASK_MAX") if "SLURM_ARRAY_TASK_MAX" in env else first + total - 1
+        if last - first + 1 != total:
+            raise ShardError(f"--shard auto: this array ({total} tasks from {first} to {last}) is not a whole "
+                             "array of the job, so it does not say how many shards there are. Run the tasks "
+                             "of a subset with --shard-count N (the job's shard count; the task id is the shard)")
+        return cls(index - first, total)
 
 
 def _number(env: Mapping[str, str], name: str) -> int:

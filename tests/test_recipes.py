@@ -2,7 +2,8 @@
 the Slurm script under bash, the Kubernetes manifest's command, the Hugging Face Jobs script's per-shard
 commands. Each time, the union of the shards' output holds every input id exactly once.
 
-`batchrun` on the processes' PATH is this checkout's; the endpoint is one emulated endpoint given by url.
+`batchrun` on the processes' PATH is this checkout's; the endpoint is one emulated Dedicated endpoint, paused
+at the start, that the shards share: it must be paused again once the last shard has ended.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from types import ModuleType, SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from jobkit import NS, REPO, TOKEN, cli, emulator, running_endpoint, write_spec, write_topics
+from jobkit import FAST_LIFECYCLE, NS, REPO, TOKEN, cli, emulator, write_spec, write_topics
+
+from batchrun.emulator.config import EndpointConfig
 
 RECIPES = REPO / "docs" / "recipes"
 N_ROWS = 80
@@ -51,16 +54,26 @@ def shard_env(tmp_path) -> dict[str, str]:
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env["HF_TOKEN"] = TOKEN
+    env["BATCHRUN_STATE_DIR"] = str(tmp_path / "batchrun-state")  # never ~/.cache/batchrun
     return env
 
 
 @pytest.fixture
 def job(tmp_path):
-    """A job of N_ROWS rows on one emulated endpoint: (spec path, output folder)."""
-    with emulator(running_endpoint("gen", latency_base_s=0.002, max_concurrent_requests=64)) as emu:
-        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")},
-                          input_path=write_topics(tmp_path / "in.parquet", N_ROWS), output={"shard_rows": 10})
+    """A job of N_ROWS rows on one emulated Dedicated endpoint, paused: (spec path, output folder).
+
+    Once the test is done with it, the shards must have left it paused, with its settings as they were."""
+    paused = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE,
+                                       "latency_base_s": 0.002, "max_concurrent_requests": 64})
+    with emulator(paused) as emu:
+        managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 30,
+                   "scale": {"min_replica": 2, "max_replica": 2}}
+        spec = write_spec(tmp_path, endpoint=managed, input_path=write_topics(tmp_path / "in.parquet", N_ROWS),
+                          output={"shard_rows": 10})
         yield spec, tmp_path / "out" / "job"
+        state = emu.state(NS, "gen")
+        assert (state.state, state.min_replica, state.max_replica) == ("paused", 1, 1)
+        assert all(e["data_in_flight"] == 0 for e in emu.control_log if e["path"].endswith("/pause"))
 
 
 def run_together(commands: list[tuple[list[str], dict[str, str]]], cwd: Path) -> None:

@@ -43,6 +43,15 @@ def test_shard_auto_reads_slurm_and_kubernetes_variables():
     slurm_from_one = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert Shard.parse("auto", env=slurm_from_one) == Shard(3, 4)
     assert Shard.parse("auto", count=5, env={"JOB_COMPLETION_INDEX": "4"}) == Shard(4, 5)
+    # A subset of the array run again (--array=3,5): Slurm counts the subset. Without the job's count it
+    # is refused; with it, the task id is the shard (never shifted by the subset's first id).
+    subset = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_MAX": "5",
+              "SLURM_ARRAY_TASK_COUNT": "2"}
+    with pytest.raises(BatchrunError, match="not a whole array"):
+        Shard.parse("auto", env=subset)
+    assert Shard.parse("auto", count=8, env=subset) == Shard(5, 8)
+    with pytest.raises(BatchrunError, match="number the array from 0"):
+        Shard.parse("auto", count=4, env={**slurm_from_one, "SLURM_ARRAY_TASK_ID": "4"})
     with pytest.raises(BatchrunError, match="--shard-count"):
         Shard.parse("auto", env={"JOB_COMPLETION_INDEX": "4"})
     with pytest.raises(BatchrunError):
