@@ -56,6 +56,7 @@ from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, Concu
 from batchrun.stop import Stop
 from batchrun.structured import InvalidAnswer
 from batchrun.tasks import Task
+from batchrun.tasks.answered_by import ENDPOINT_COLUMN, AnsweredByTask
 from batchrun.tasks.base import dump_json, find_layer
 from batchrun.tasks.structured import StructuredTask
 
@@ -226,6 +227,8 @@ class Dispatcher:
         self._stop = Stop()
         # Answers that must follow a JSON Schema are read (and redrawn) here, the one retry layer.
         self._structured = find_layer(task, StructuredTask)
+        # A job with several endpoints records which one answered each row.
+        self._answered_by = find_layer(task, AnsweredByTask) is not None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -408,6 +411,8 @@ class Dispatcher:
                         request = self._structured.redraw(request, row, redraws)
                         body = dump_json(request.payload)
                         continue
+                if self._answered_by:
+                    outcome[ENDPOINT_COLUMN] = route.name
                 return RowResult(row.position, row.id, self._kept(row), outcome, latency, attempts)
             failure = outcome
             if route.drained is None:

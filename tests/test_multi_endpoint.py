@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import datasets
 import pytest
 from jobkit import (
     FAST_LIFECYCLE,
@@ -96,6 +97,12 @@ def test_the_faster_endpoint_gets_the_larger_share_every_row_once_both_paused_an
     share = shares(outcome)
     assert share["fast"]["rows_ok"] + share["slow"]["rows_ok"] == 240
     assert share["fast"]["rows_ok"] > share["slow"]["rows_ok"] > 0  # both used, the faster more
+    # Each row records the endpoint that answered it, and the column is a datasets feature of the output.
+    answered = Counter(read_ids(tmp_path / "out" / "job" / "data", column="endpoint"))
+    assert answered == {"fast": share["fast"]["rows_ok"], "slow": share["slow"]["rows_ok"]}
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "job" / "data" / "*.parquet"),
+                                   split="train")
+    assert loaded.features["endpoint"] == datasets.Value("string")
     assert requests["fast"] > requests["slow"]
     assert states == {"fast": "paused", "slow": "paused"}
     # Each endpoint's own limit found its own capacity: the slow one never held the fast one's concurrency.

@@ -114,6 +114,10 @@ def make_task(spec: JobSpec | str, **legacy: Any) -> Task:
             per_row=spec.prompt.schema_column,
         )
         task = StructuredTask(task, schema, job_seed=seed if isinstance(seed, int) else per_row)
+    if len(spec.all_endpoints) > 1:  # which endpoint answered each row (the dispatcher fills it in)
+        from batchrun.tasks.answered_by import AnsweredByTask
+
+        task = AnsweredByTask(task)
     if spec.score:  # outermost: its columns join the data schema before the first row
         from pathlib import Path
 
