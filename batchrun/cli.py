@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.shard is not None:  # one shard of the job, writing its part of the output (shards.py)
         from .shards import Shard, sharded_spec
 
-        spec = sharded_spec(spec, Shard.parse(args.shard, count=args.shard_count))
+        spec = sharded_spec(spec, Shard.parse(args.shard, count=args.shard_count or spec.shards))
         _echo(f"shard {spec.shard}: output {spec.output.path} (state in state/shards/{spec.shard.folder})")
     options = RunOptions(
         fresh=args.fresh,
@@ -496,7 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX with "
                    "--shard-count (docs/shards.md)")
     p.add_argument("--shard-count", type=int, metavar="N", default=None,
-                   help="the number of shards, for --shard auto under a scheduler that does not say it")
+                   help="the number of shards, for --shard auto under a scheduler that does not say it "
+                   "(default: the spec's `shards`)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining rows, from the output folder alone")

@@ -71,7 +71,7 @@ class Shard:
             total = count or (_number(env, "BATCHRUN_SHARD_COUNT") if "BATCHRUN_SHARD_COUNT" in env else None)
             if total is None:
                 raise ShardError("--shard auto with JOB_COMPLETION_INDEX needs the count: --shard-count N (the "
-                                 "Indexed Job's completions) or BATCHRUN_SHARD_COUNT")
+                                 "Indexed Job's completions), `shards: N` in the spec, or BATCHRUN_SHARD_COUNT")
             return cls(_number(env, "JOB_COMPLETION_INDEX"), total)
         raise ShardError("--shard auto: none of SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX is set; "
                          "give --shard I/N")

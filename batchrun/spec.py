@@ -300,6 +300,9 @@ class JobSpec:
     mixed_models: bool = False
     # Keys that apply to every endpoint of the list form that does not set its own.
     endpoint_defaults: Mapping[str, Any] | None = None
+    # How many shards the job is split into, for ``--shard auto`` under a scheduler that does not say it
+    # (a Kubernetes Indexed Job); ``--shard-count`` overrides it. None: the scheduler says, or --shard I/N.
+    shards: int | None = None
     # Which shard of the job this run is (``--shard I/N``, shards.py); None: the whole job. Not a spec key.
     shard: Any = None
     file: str | None = None
@@ -590,6 +593,7 @@ class _Parser:
             image=self.image(data.get("image"), kind),
             output_schema=output_schema,
             samples=self.samples(data, kind),
+            shards=self.integer(data, "shards", default=None, minimum=1),
             score=self.delegated(parse_score_spec, data.get("score")),
             notify=self.delegated(parse_notify_spec, data.get("notify")),
             file=self.file,

@@ -23,6 +23,7 @@ from jobkit import (
     cli,
     emulator,
     read_ids,
+    running_endpoint,
     wait_for_committed,
     write_spec,
     write_topics,
@@ -64,6 +65,22 @@ def test_every_id_has_exactly_one_shard_whatever_the_order():
     backward = Counter(shard_of(i, 4) for i in reversed(ids))
     assert forward == backward and sum(forward.values()) == 1000
     assert min(forward.values()) > 150  # a spread, not one shard with everything
+
+
+def test_shard_auto_takes_the_count_from_the_spec_under_kubernetes(tmp_path, env):
+    with emulator(running_endpoint("gen", latency_base_s=0.002)) as emu:
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, shards=2,
+                          input_path=write_topics(tmp_path / "in.parquet", 20))
+        ran = cli("run", str(spec), "--shard", "auto", "--progress", "off", env={**env, "JOB_COMPLETION_INDEX": "1"})
+    assert ran.returncode == 0, ran.stderr
+    out = tmp_path / "out" / "job"
+    assert [p.name for p in (out / "state" / "shards").iterdir()] == ["shard-00001-of-00002"]
+    assert read_ids(out / "data") and all(shard_of(i, 2) == 1 for i in read_ids(out / "data"))
+    (tmp_path / "bad").mkdir()
+    bad = write_spec(tmp_path / "bad", endpoint={"url": "http://127.0.0.1:9/"}, shards=0,
+                     input_path=tmp_path / "in.parquet")
+    refused = cli("validate", str(bad), env=env)
+    assert refused.returncode == 2 and "shards" in refused.stderr
 
 
 def _start(spec: Path, shard: str, env: dict[str, str]) -> subprocess.Popen:
