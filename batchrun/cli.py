@@ -319,7 +319,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .publish import PublishError, Target, push_output
 
     root = Path(args.output)
-    job = OutputStore(root).load_job() if root.is_dir() else None
+    job = OutputStore.job_of(root) if root.is_dir() else None  # a split job: its shards' one spec
     if job is None:
         raise OutputError(f"{root} is not a batchrun output folder (no state/job.json)")
     # The spec's output.push_to_hub gives what the command line does not.

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +151,10 @@ def _layout(schema: pa.Schema) -> _Layout:
 
 
 def _job_name(root: Path) -> str | None:
+    from batchrun.output import OutputStore
+
     try:
-        job = json.loads((root / "state" / "job.json").read_text(encoding="utf-8"))
+        job = OutputStore.job_of(root)  # a split job: its shards' one spec
     except (OSError, ValueError):
         return None
     name = job.get("name") if isinstance(job, dict) else None

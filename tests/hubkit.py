@@ -49,8 +49,14 @@ def local_shard_names(out: Path, kind: str = "data") -> list[str]:
 
 
 def expected_hub_names(out: Path, kind: str = "data", config: str = "default", split: str = "train") -> list[str]:
-    """The files the output's shards become on the Hub."""
-    return sorted(f"{config}/{split}-{name.removeprefix('part-')}" for name in local_shard_names(out, kind))
+    """The files the output's shards become on the Hub (a split job's keep their shard's name)."""
+    return sorted(f"{config}/{split}-{_hub_stem(name)}" for name in local_shard_names(out, kind))
+
+
+def _hub_stem(name: str) -> str:
+    """``part-00003-r2.parquet`` -> ``00003-r2.parquet``; ``shard-00001-of-00004-part-00003-r2.parquet`` ->
+    ``shard-00001-of-00004-00003-r2.parquet``."""
+    return name.replace("part-", "", 1)
 
 
 def assert_exact(files: dict[str, bytes], out: Path, kind: str = "data", config: str = "default",
@@ -59,7 +65,7 @@ def assert_exact(files: dict[str, bytes], out: Path, kind: str = "data", config:
     names = expected_hub_names(out, kind, config, split)
     assert shard_files(files, config, split) == names
     for name in local_shard_names(out, kind):
-        assert files[f"{config}/{split}-{name.removeprefix('part-')}"] == (out / kind / name).read_bytes()
+        assert files[f"{config}/{split}-{_hub_stem(name)}"] == (out / kind / name).read_bytes()
     meta, _ = card_of(files)
     info = next(i for i in meta["dataset_info"] if i["config_name"] == config)
     split_info = next(s for s in info["splits"] if s["name"] == split)

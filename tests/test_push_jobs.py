@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hubkit import REPO_ID, assert_exact, card_of, point_at_hub, rows_in, shard_files
-from jobkit import NS, TOKEN, emulator, run, running_endpoint, write_spec, write_topics
+from hubkit import REPO_ID, assert_exact, card_of, local_shard_names, point_at_hub, rows_in, shard_files
+from jobkit import NS, TOKEN, cli, emulator, run, running_endpoint, write_spec, write_topics
 
 from batchrun.errors import AuthError
 from batchrun.publish import Pacing, PublishError, Target, push_output
@@ -179,6 +179,24 @@ def test_every_pushed_file_loads_with_datasets_to_exactly_the_local_output(tmp_p
     loaded = datasets.load_dataset(REPO_ID, "default", split="train", cache_dir=str(tmp_path / "cache"))
     local = pq.read_table(sorted((out / "data").glob("*.parquet"))).to_pylist()
     assert sorted(loaded.to_list(), key=lambda r: r["id"]) == sorted(local, key=lambda r: r["id"])
+
+
+def test_a_job_split_into_shards_pushes_the_union_of_its_shards(tmp_path, hub):
+    import datasets
+
+    spec = job(tmp_path, hub)
+    for shard in ("0/2", "1/2"):
+        ran = cli("run", str(spec), "--shard", shard, "--progress", "off", env={"HF_TOKEN": TOKEN})
+        assert ran.returncode == 0, ran.stderr
+    out = out_of(spec)
+    result = push(out, hub)
+    files = hub.hub.files(REPO_ID)
+    assert_exact(files, out)  # every shard's files, named after them: no two clash
+    assert {name.split("-of-")[0] for name in shard_files(files)} == {"default/train-shard-00000",
+                                                                      "default/train-shard-00001"}
+    assert len(result.added) == len(local_shard_names(out))
+    loaded = datasets.load_dataset(REPO_ID, "default", split="train", cache_dir=str(tmp_path / "cache"))
+    assert sorted(loaded["id"]) == sorted(f"row-{i:05d}" for i in range(100))
 
 
 def test_the_card_carries_the_model_revision_and_reproduction_command_and_never_the_token(tmp_path, hub):

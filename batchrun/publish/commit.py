@@ -98,7 +98,7 @@ def push_output(output: str | Path, target: Target, *, token: str | None = None,
     if problem is not None:
         raise PublishError(f"cannot push to the Hub: {problem}")
     root = Path(output)
-    if not (root / "state" / "job.json").is_file():
+    if OutputStore.job_of(root) is None:  # a split job keeps it per shard
         raise OutputError(f"{root} is not a batchrun output folder (no state/job.json)")
     token = token or get_token()
     if not token:
