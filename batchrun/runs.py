@@ -59,16 +59,21 @@ class RunLine:
 def find_runs(root: str | Path) -> list[RunLine]:
     """Every output folder under ``root`` (``root`` itself included), oldest first."""
     from batchrun.output.files import read_json
+    from batchrun.output.layout import OutputStore
 
     base = Path(root)
     folders = []
     for depth in range(MAX_DEPTH + 1):
         pattern = "/".join(["*"] * depth + ["state", "job.json"])
         folders += [job.parent.parent for job in base.glob(pattern)]
+        # A job split into shards keeps its record per shard: state/shards/<shard>/job.json.
+        folders += [job.parents[3] for job in base.glob("/".join(["*"] * depth + ["state", "shards", "*",
+                                                                                  "job.json"]))]
     lines = []
     for folder in sorted(set(folders)):
-        job = read_json(folder / "state" / "job.json") or {}
-        summary = read_json(folder / "state" / "summary.json") or {}
+        parts = OutputStore.parts(folder)
+        job = read_json(parts[0].state_dir / "job.json") or {}
+        summary = _union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
         provenance = summary.get("provenance") or job.get("provenance") or {}
         identity = job.get("identity") or {}
         rows = summary.get("rows") or {}
@@ -85,6 +90,26 @@ def find_runs(root: str | Path) -> list[RunLine]:
             run_id=job.get("run_id"),
         ))
     return sorted(lines, key=lambda line: (line.started_at or "", str(line.folder)))
+
+
+def _union_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for the shards of a split job: rows summed, the first start, the worst exit code.
+
+    Latency percentiles do not add up and the shards' costs overlap (they share the endpoint's
+    replicas), so neither is given; a shard with no summary yet (running, or killed) leaves the exit
+    code unknown.
+    """
+    if len(summaries) == 1:
+        return summaries[0]
+    rows = [s.get("rows") or {} for s in summaries]
+    codes = [s.get("exit_code") for s in summaries]
+    started = [s["started_at"] for s in summaries if s.get("started_at")]
+    return {
+        "provenance": next((s["provenance"] for s in summaries if s.get("provenance")), {}),
+        "started_at": min(started) if started else None,
+        "rows": {key: sum(r.get(key) or 0 for r in rows) for key in ("total_ok", "total_failed")},
+        "exit_code": None if None in codes else max(codes),
+    }
 
 
 def format_runs(lines: list[RunLine], root: str | Path) -> str:

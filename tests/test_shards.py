@@ -158,6 +158,9 @@ def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_e
         assert sorted(p.name for p in (out / "state" / "shards").iterdir()) == [_shard(i) for i in range(4)]
         status = cli("status", str(spec), env=env)
         assert status.returncode == 0 and f"ok: {N_ROWS} rows" in status.stdout and "4 shard(s)" in status.stdout
+        runs = cli("runs", str(tmp_path / "out"), env=env)  # one run: the union of its four shards
+        assert runs.returncode == 0 and len(runs.stdout.splitlines()) == 2, runs.stdout
+        assert runs.stdout.splitlines()[1].split()[3:5] == [str(N_ROWS), "0"], runs.stdout
         exported = cli("export", str(out), "--to", str(tmp_path / "all.jsonl"), env=env)
         assert exported.returncode == 0, exported.stderr
         assert len((tmp_path / "all.jsonl").read_text().splitlines()) == N_ROWS
