@@ -102,13 +102,13 @@ def _union_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     if len(summaries) == 1:
         return summaries[0]
     rows = [s.get("rows") or {} for s in summaries]
-    codes = [s.get("exit_code") for s in summaries]
+    codes = [code for s in summaries if isinstance(code := s.get("exit_code"), int)]
     started = [s["started_at"] for s in summaries if s.get("started_at")]
     return {
         "provenance": next((s["provenance"] for s in summaries if s.get("provenance")), {}),
         "started_at": min(started) if started else None,
         "rows": {key: sum(r.get(key) or 0 for r in rows) for key in ("total_ok", "total_failed")},
-        "exit_code": None if None in codes else max(codes),
+        "exit_code": max(codes) if len(codes) == len(summaries) else None,
     }
 
 

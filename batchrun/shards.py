@@ -116,7 +116,16 @@ def shard_of(row_id: Any, count: int) -> int:
 
 def sharded_spec(spec: Any, shard: Shard) -> Any:
     """The spec of one shard: the job's, writing its part of the job's output folder (OutputStore.for_spec)
-    and sharing its managed endpoints with the other shards (endpoints/sharing.py)."""
+    and sharing its managed endpoints with the other shards (endpoints/sharing.py). Refuses an output.path
+    that names a folder per run: each shard would make its own."""
+    from batchrun.provenance import has_template
+
+    if has_template(spec.output.path):
+        raise ShardError(
+            f"--shard {shard}: output.path {spec.output.path!r} names a new folder per run ({{date}}, {{time}} or "
+            "{run_id}), so each shard would write a folder of its own. Give every shard the same folder: "
+            "--output DIR (for example with the date the array was submitted)"
+        )
     return replace(spec, shard=shard)
 
 
@@ -157,16 +166,19 @@ class ShardedSource:
 
 def union_status(root: str | Path) -> dict[str, Any]:
     """Rows ok and failed over every shard of ``root``, and each shard's own counts."""
-    from batchrun.output import OutputStore, read_status
+    from batchrun.output import OutputStore, read_lock, read_status
 
     shards = {}
     for store in OutputStore.parts(root):
         if store.shard is None:
             continue
         status = read_status(store)
+        lock = read_lock(store)
+        running = lock.holder.describe() if lock is not None and lock.running and lock.holder is not None else None
         shards[store.shard] = {"ok": status.ok, "failed": status.failed, "failed_retryable": status.failed_retryable,
-                               "data_shards": status.data_shards}
-    total = {key: sum(s[key] for s in shards.values()) for key in ("ok", "failed", "failed_retryable", "data_shards")}
+                               "data_shards": status.data_shards, "running": running}
+    counted = ("ok", "failed", "failed_retryable", "data_shards")
+    total = {key: sum(int(s[key] or 0) for s in shards.values()) for key in counted}
     return {"shards": shards, **total}
 
 
@@ -177,5 +189,7 @@ def print_union(root: str | Path) -> int:
     print(f"  ok: {union['ok']} rows in {union['data_shards']} file(s)")
     print(f"  failed: {union['failed']} final, {union['failed_retryable']} retryable (tried again on the next run)")
     for name, status in union["shards"].items():
-        print(f"  {name}: ok {status['ok']}, failed {status['failed']}, retryable {status['failed_retryable']}")
+        running = f"; running now: {status['running']}" if status["running"] else ""
+        print(f"  {name}: ok {status['ok']}, failed {status['failed']}, retryable {status['failed_retryable']}"
+              f"{running}")
     return 0

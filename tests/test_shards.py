@@ -59,6 +59,27 @@ def test_shard_auto_reads_slurm_and_kubernetes_variables():
         Shard.parse("8/8")
 
 
+def test_a_shard_refuses_an_output_path_that_makes_a_folder_per_run(tmp_path, env):
+    spec = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9/"}, output={"path": str(tmp_path / "{run_id}")},
+                      input_path=write_topics(tmp_path / "in.parquet", 4))
+    refused = cli("run", str(spec), "--shard", "0/2", "--progress", "off", env=env)
+    assert refused.returncode == 2 and "each shard would write a folder of its own" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "job.yaml"]
+
+
+def test_status_of_a_split_job_says_which_shards_are_running(tmp_path):
+    from batchrun.output import OutputLock, OutputStore
+    from batchrun.shards import union_status
+
+    stores = [OutputStore(tmp_path / "out", f"shard-{i:05d}-of-00002") for i in range(2)]
+    for store in stores:
+        store.save_job({"name": "job"})
+    with OutputLock(stores[1]):
+        union = union_status(tmp_path / "out")
+    assert union["shards"]["shard-00000-of-00002"]["running"] is None
+    assert f"pid {os.getpid()}" in union["shards"]["shard-00001-of-00002"]["running"]
+
+
 def test_every_id_has_exactly_one_shard_whatever_the_order():
     ids = [f"row-{i:05d}" for i in range(1000)]
     forward = Counter(shard_of(i, 4) for i in ids)
