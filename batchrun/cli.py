@@ -418,8 +418,8 @@ def _endpoint_bracket(args: argparse.Namespace) -> int:
     managed = [e for e in spec.all_endpoints if e.name is not None]
     if not managed:
         raise SpecError(spec.file, "endpoint", f"`batchrun endpoint {args.action} JOB.yaml` brackets a Dedicated "
-                        "endpoint that the job manages (endpoint: {name, namespace}); this job's endpoint has no "
-                        "lifecycle to bracket")
+                        "endpoint that the job manages (endpoint: {name, namespace}); this job sends to a url or to "
+                        "the built-in emulator (local:), which each run starts and stops itself: nothing to bracket")
     token = _resolve_token(spec)
 
     async def bracket() -> list[Any]:
