@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -157,6 +158,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         spec = sharded_spec(spec, Shard.parse(args.shard, count=args.shard_count or spec.shards))
         _echo(f"shard {spec.shard}: output {spec.output.path} (state in state/shards/{spec.shard.folder})")
+        if spec.budget.max_usd is not None:
+            _echo(f"note: budget.max_usd (${spec.budget.max_usd:g}) holds for each shard on its own: the shards of "
+                  "a job do not add up their spending (docs/shards.md)")
     options = RunOptions(
         fresh=args.fresh,
         progress=args.progress,
@@ -427,16 +431,28 @@ def _endpoint_bracket(args: argparse.Namespace) -> int:
                   for e in managed]
 
         async def one(endpoint: Any) -> Any:
-            if args.action == "up":
+            if args.action == "down":
+                await endpoint.put_back_for_bracket()
+                return endpoint
+            try:
                 await endpoint.check()
                 await endpoint.acquire()
-            else:
-                await endpoint.put_back_for_bracket()
+            except BaseException:
+                # Not up (a timeout, Ctrl-C): nothing would ever put down what was resumed, since a bracket
+                # never goes stale. It leaves at once, and the endpoint is put back unless a shard uses it.
+                with contextlib.suppress(Exception):
+                    await endpoint.release()
+                raise
             return endpoint
 
-        return list(await asyncio.gather(*(one(e) for e in opened)))
+        # Each endpoint to its end, whatever another one does: one failing must not cut the others short.
+        return list(await asyncio.gather(*(one(e) for e in opened), return_exceptions=True))
 
+    failures = []
     for endpoint in asyncio.run(bracket()):
+        if isinstance(endpoint, BaseException):
+            failures.append(endpoint)
+            continue
         record = endpoint.record
         if args.action == "up":
             print(f"{endpoint.ref}: ready; the job's shards share it until `batchrun endpoint down {args.name}`")
@@ -444,6 +460,10 @@ def _endpoint_bracket(args: argparse.Namespace) -> int:
             print(f"{endpoint.ref}: still in use, left to the last shard to put down: {record.note}")
         else:
             print(f"{endpoint.ref}: {record.final_action}" + (f" ({record.note})" if record.note else ""))
+    if failures:
+        for failure in failures[1:]:
+            _echo(f"error: {redact(str(failure))}")
+        raise failures[0]
     return 0
 
 

@@ -81,13 +81,19 @@ class InputError(BatchrunError):
 class ConfigMismatchError(BatchrunError):
     """The output folder holds a job run with a different configuration."""
 
-    def __init__(self, output: str, changed: list[str]) -> None:
+    def __init__(self, output: str, changed: list[str], *, shard: str | None = None) -> None:
         self.output = output
         self.changed = changed
+        if shard is None:
+            what, way_out = ("the results of this job", "use another output folder (--output DIR), or pass --fresh "
+                             "to set the old output aside and start over")
+        else:  # the shards of one job write one folder: the first shard's settings hold for all
+            what, way_out = (f"shards of this job (this run is {shard})", "or use another output folder "
+                             "(--output DIR) for every shard")
         super().__init__(
-            f"{output} holds the results of this job under other settings: {'; '.join(changed)}. "
+            f"{output} holds {what} under other settings: {'; '.join(changed)}. "
             "Mixing two configurations in one output is refused. Restore the previous values to resume, "
-            "use another output folder (--output DIR), or pass --fresh to set the old output aside and start over."
+            f"{way_out}."
         )
 
 

@@ -144,10 +144,13 @@ async def preflight(
     if finished and stored is not None:
         known = stored.get("identity") or {}
         identity.update({key: known[key] for key in _KNOWN_ONLY if key in known})
-    if stored is not None and not fresh:
-        changed = compare_identity(stored.get("identity", {}), identity)
+    # A shard's first run is held to the settings its sibling shards already wrote into the folder.
+    reference = stored if stored is not None or store.shard is None else await asyncio.to_thread(
+        OutputStore.job_of, store.root)
+    if reference is not None and not fresh:
+        changed = compare_identity(reference.get("identity", {}), identity)
         if changed:
-            raise ConfigMismatchError(str(store.root), changed)
+            raise ConfigMismatchError(str(store.root), changed, shard=store.shard)
     # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
     await asyncio.to_thread(store.check_writable)
     return Preflight(

@@ -72,7 +72,7 @@ def find_runs(root: str | Path) -> list[RunLine]:
     lines = []
     for folder in sorted(set(folders)):
         parts = OutputStore.parts(folder)
-        job = read_json(parts[0].state_dir / "job.json") or {}
+        job = OutputStore.job_of(folder) or {}
         summary = _union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
         provenance = summary.get("provenance") or job.get("provenance") or {}
         identity = job.get("identity") or {}

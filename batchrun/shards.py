@@ -84,10 +84,13 @@ class Shard:
         the task id is the shard (an array numbered from 0)."""
         index = _number(env, "SLURM_ARRAY_TASK_ID")
         if count is not None:
-            if index >= count:
-                raise ShardError(f"--shard auto: SLURM_ARRAY_TASK_ID={index} is not below --shard-count {count}: "
-                                 "with --shard-count the task id is the shard, so number the array from 0 "
-                                 f"(--array=0-{count - 1})")
+            # Every task of an array that reaches past the count refuses, not only the tasks past it:
+            # --array=1-8 for 8 shards would otherwise run shards 1-7 and never shard 0.
+            top = _number(env, "SLURM_ARRAY_TASK_MAX") if "SLURM_ARRAY_TASK_MAX" in env else index
+            if max(index, top) >= count:
+                raise ShardError(f"--shard auto: this array's task ids reach {max(index, top)}, not below the shard "
+                                 f"count {count} (--shard-count, or the spec's shards): with a count given, the task "
+                                 f"id is the shard, so number the array from 0 (--array=0-{count - 1})")
             return cls(index, count)
         if "SLURM_ARRAY_TASK_COUNT" not in env:
             raise ShardError("--shard auto: SLURM_ARRAY_TASK_COUNT is not set; give --shard-count N")
@@ -179,13 +182,19 @@ def union_status(root: str | Path) -> dict[str, Any]:
                                "data_shards": status.data_shards, "running": running}
     counted = ("ok", "failed", "failed_retryable", "data_shards")
     total = {key: sum(int(s[key] or 0) for s in shards.values()) for key in counted}
-    return {"shards": shards, **total}
+    count = int(next(iter(shards)).rsplit("-of-", 1)[1]) if shards else 0
+    missing = [i for i in range(count) if f"shard-{i:05d}-of-{count:05d}" not in shards]
+    return {"shards": shards, "count": count, "missing": missing, **total}
 
 
 def print_union(root: str | Path) -> int:
     """`batchrun status` on a split job's output: the union, then each shard."""
     union = union_status(root)
-    print(f"output: {root} ({len(union['shards'])} shard(s))")
+    print(f"output: {root} ({len(union['shards'])} of {union['count']} shard(s) have run)")
+    if union["missing"]:
+        shown = ", ".join(map(str, union["missing"][:20])) + (", ..." if len(union["missing"]) > 20 else "")
+        print(f"  not run yet: shard(s) {shown} of {union['count']}: their rows are not in the output "
+              f"(run each with --shard I/{union['count']})")
     print(f"  ok: {union['ok']} rows in {union['data_shards']} file(s)")
     print(f"  failed: {union['failed']} final, {union['failed_retryable']} retryable (tried again on the next run)")
     for name, status in union["shards"].items():

@@ -199,6 +199,30 @@ def test_a_job_split_into_shards_pushes_the_union_of_its_shards(tmp_path, hub):
     assert sorted(loaded["id"]) == sorted(f"row-{i:05d}" for i in range(100))
 
 
+def test_a_shard_pushing_while_another_shard_pushes_never_deletes_its_files(tmp_path, hub, monkeypatch):
+    spec = job(tmp_path, hub)
+    assert cli("run", str(spec), "--shard", "0/2", "--progress", "off", env={"HF_TOKEN": TOKEN}).returncode == 0
+    out = out_of(spec)
+    real = commit_module.local_shards
+    raced: list[str] = []
+
+    def another_shard_commits_and_pushes_meanwhile(root, target):
+        listed = real(root, target)
+        if not raced:  # right after this push looked at the local files: shard 1 finishes and pushes
+            raced.append("shard 1")
+            ran = cli("run", str(spec), "--shard", "1/2", "--progress", "off", env={"HF_TOKEN": TOKEN})
+            assert ran.returncode == 0, ran.stderr
+            push(out, hub)
+        return listed
+
+    monkeypatch.setattr(commit_module, "local_shards", another_shard_commits_and_pushes_meanwhile)
+    push(out, hub)
+    assert raced == ["shard 1"]
+    files = hub.hub.files(REPO_ID)
+    assert_exact(files, out)  # shard 1's files are still there, next to shard 0's
+    assert len(rows_in(files, shard_files(files))) == 100
+
+
 def test_the_card_carries_the_model_revision_and_reproduction_command_and_never_the_token(tmp_path, hub):
     spec = job(tmp_path, hub, push={})
     run(spec)

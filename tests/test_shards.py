@@ -33,6 +33,7 @@ from batchrun.emulator.config import EndpointConfig
 from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import BatchrunError
 from batchrun.holder import utc_now
+from batchrun.output import OutputStore
 from batchrun.shards import Shard, shard_of
 
 N_ROWS = 400
@@ -53,6 +54,11 @@ def test_shard_auto_reads_slurm_and_kubernetes_variables():
     assert Shard.parse("auto", count=8, env=subset) == Shard(5, 8)
     with pytest.raises(BatchrunError, match="number the array from 0"):
         Shard.parse("auto", count=4, env={**slurm_from_one, "SLURM_ARRAY_TASK_ID": "4"})
+    # --array=1-8 for 8 shards: every task refuses (shard 0 would never run), not only task 8.
+    one_to_eight = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8",
+                    "SLURM_ARRAY_TASK_COUNT": "8"}
+    with pytest.raises(BatchrunError, match="reach 8"):
+        Shard.parse("auto", count=8, env=one_to_eight)
     with pytest.raises(BatchrunError, match="--shard-count"):
         Shard.parse("auto", env={"JOB_COMPLETION_INDEX": "4"})
     with pytest.raises(BatchrunError):
@@ -65,6 +71,23 @@ def test_a_shard_refuses_an_output_path_that_makes_a_folder_per_run(tmp_path, en
     refused = cli("run", str(spec), "--shard", "0/2", "--progress", "off", env=env)
     assert refused.returncode == 2 and "each shard would write a folder of its own" in refused.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "job.yaml"]
+
+
+def test_a_shard_with_other_settings_than_its_siblings_is_refused_and_status_names_missing_shards(tmp_path, env):
+    with emulator(running_endpoint("gen", latency_base_s=0.002)) as emu:
+        input_path = write_topics(tmp_path / "in.parquet", 20)
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path)
+        assert cli("run", str(spec), "--shard", "0/3", "--progress", "off", env=env).returncode == 0
+        (tmp_path / "other").mkdir()
+        other = write_spec(tmp_path / "other", endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path,
+                           output={"path": str(tmp_path / "out" / "job")}, parameters={"max_tokens": 5})
+        refused = cli("run", str(other), "--shard", "1/3", "--progress", "off", env=env)
+        assert refused.returncode == 2 and "holds shards of this job (this run is shard-00001-of-00003) under " \
+            "other settings" in refused.stderr, refused.stderr
+        assert "--fresh" not in refused.stderr
+    assert OutputStore.shard_names(tmp_path / "out" / "job") == ["shard-00000-of-00003"]
+    status = cli("status", str(spec), env=env)
+    assert "(1 of 3 shard(s) have run)" in status.stdout and "not run yet: shard(s) 1, 2 of 3" in status.stdout
 
 
 def test_status_of_a_split_job_says_which_shards_are_running(tmp_path):
@@ -224,6 +247,22 @@ def test_endpoint_up_and_down_bracket_the_shards_by_hand(tmp_path, env):
         assert without.returncode == 2 and "brackets a Dedicated endpoint" in without.stderr
 
 
+def test_endpoint_up_that_fails_puts_back_what_it_resumed(tmp_path, env):
+    slow = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE,
+                                     "initializing_s": 30})
+    with emulator(slow) as emu:
+        managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 1,
+                   "scale": {"min_replica": 2, "max_replica": 2}}
+        spec = write_spec(tmp_path, endpoint=managed, input_path=write_topics(tmp_path / "in.parquet", 4))
+        up = cli("endpoint", "up", str(spec), env=env)
+        assert up.returncode != 0 and "was not ready after 1s" in up.stderr, up.stdout + up.stderr
+        state = emu.state(NS, "gen")  # a bracket never goes stale: had it stayed, nothing would pause this
+        assert (state.state, state.min_replica, state.max_replica) == ("paused", 1, 1)
+        assert [e["path"].rsplit("/", 1)[-1] for e in emu.control_log if e["method"] == "POST"] == ["resume", "pause"]
+    shared = next((tmp_path / "out" / "job" / "state" / "endpoints").iterdir())
+    assert list((shared / "users").iterdir()) == [] and not (shared / "settings.json").exists()
+
+
 def test_a_shard_that_is_not_last_leaves_the_endpoint_to_the_others(tmp_path):
     folder = tmp_path / "shared"
     first, second = SharedUse(folder, "shard-00000-of-00002"), SharedUse(folder, "shard-00001-of-00002")
@@ -248,3 +287,11 @@ def test_a_shard_that_is_not_last_leaves_the_endpoint_to_the_others(tmp_path):
     bracket.join(beat=False)
     (users / "shard-00002-of-00003.json").unlink()
     assert [o.split(" ")[0] for o in first.others()] == [BRACKET]
+    bracket.leave()
+
+    # A record caught mid-replace (torn, or ESTALE on NFS) is alive while the file is fresh, never taken as gone.
+    torn = users / "shard-00001-of-00003.json"
+    torn.write_text('{"pid": 1, "ho')
+    assert [o.split(" ")[0] for o in first.others()] == ["shard-00001-of-00003"]
+    os.utime(torn, (0, 0))  # a torn file nobody rewrote for long: its writer is gone
+    assert first.others() == []

@@ -475,6 +475,10 @@ class DedicatedEndpoint:
         async with shared.guard():  # a shard joining now waits: it finds the endpoint up, or resumes it after
             others = await asyncio.to_thread(shared.leave)
             if not others:
+                if self._original is None or self.record.acquired_at is None:
+                    # Joined, but stopped before reading the endpoint (a control-plane error, a stop): the
+                    # others left it to this one, so it is put down from what the first user saved.
+                    await self._read_for_put_back()
                 await self._release_alone()
                 return
             self.meter.stop()
@@ -491,12 +495,14 @@ class DedicatedEndpoint:
         shared = self.settings.shared
         assert shared is not None and shared.user == BRACKET
         shared.joined = True  # `endpoint up` joined, in an earlier process
-        self.record.acquired_at = self._clock()
-        async with shared.guard():
-            current = await self.control.get()
-            self.record.initial_state = current.state
-            self._original = self._adopt_left_settings(current)
         await self.release()
+
+    async def _read_for_put_back(self) -> None:
+        """The endpoint as it is now, and the user's settings the first user saved: what a release puts back."""
+        current = await self.control.get()
+        self.record.initial_state = self.record.initial_state or current.state
+        self.record.acquired_at = self._clock()
+        self._original = self._adopt_left_settings(current)
 
     async def _release_alone(self) -> None:
         original = self._original

@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,7 +134,7 @@ class SharedUse:
         """Remove this user (call under the guard); returns the users still alive, described for people."""
         self._stop_beating.set()
         if self._beating is not None:
-            self._beating.join(timeout=5)
+            self._beating.join()  # a beat caught in a slow write must not put the file back after the unlink
             self._beating = None
         with contextlib.suppress(FileNotFoundError):
             (self.users_dir / f"{self.user}.json").unlink()
@@ -149,10 +150,14 @@ class SharedUse:
                 continue
             try:
                 record = json.loads(path.read_text(encoding="utf-8"))
+                holder = Holder.from_dict(record)
             except (OSError, ValueError):
-                continue  # being replaced this instant, or torn: its writer rewrites it at its next beat
-            holder = Holder.from_dict(record)
+                record, holder = {}, None
             if holder is None:
+                # Being replaced this instant (ESTALE on NFS), or torn: a user it cannot read is taken as
+                # alive while the file itself is fresh, never as gone, so nothing is paused under it.
+                if self._fresh_file(path):
+                    alive.append(f"{name} (its record could not be read)")
                 continue
             if name == BRACKET or self._alive(holder, record.get("heartbeat_at")):
                 alive.append(f"{name} ({holder.describe()})")
@@ -166,6 +171,13 @@ class SharedUse:
         except ValueError:
             return False
         return (datetime.now(UTC) - beat).total_seconds() < self.stale_after_s
+
+    def _fresh_file(self, path: Path) -> bool:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return False  # gone: it left
+        return age < self.stale_after_s
 
     def _write(self) -> None:
         path = self.users_dir / f"{self.user}.json"

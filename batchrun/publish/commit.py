@@ -132,11 +132,13 @@ def _attempt(api: Any, root: Path, target: Target) -> PushResult:
     """One read-plan-commit round; raises huggingface_hub's errors for the caller to judge."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
+    # The repo first, then the local files: a file another writer (a shard of the same job) pushed was
+    # committed here before it was pushed, so it is listed, and never taken for one to delete.
+    remote = _read(api, target)
     shards = local_shards(root, target)
     data = [s for s in shards if s.shard.kind == "data"]
     failed = [s for s in shards if s.shard.kind == "failed"]
     facts = read_facts(root, data, failed)
-    remote = _read(api, target)
     card = Card.parse(remote.card)
     problem = foreign_problem(card, list(remote.files), target, facts)
     if problem is not None:
