@@ -9,38 +9,25 @@ row. A job with one endpoint has no such column: its outputs keep the shape they
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from batchrun.tasks.base import ColumnsLayer
+
 if TYPE_CHECKING:
-    from batchrun.records import Row
-    from batchrun.tasks.base import PreparedRequest, Task
+    from batchrun.tasks.base import Task
 
 __all__ = ["ENDPOINT_COLUMN", "AnsweredByTask"]
 
 ENDPOINT_COLUMN = "endpoint"
 
 
-class AnsweredByTask:
+class AnsweredByTask(ColumnsLayer):
     """``inner``, whose output schema ends with the ``endpoint`` column; everything else is the inner task's."""
 
     def __init__(self, inner: Task) -> None:
         if ENDPOINT_COLUMN in inner.output_schema.names:
             raise ValueError(f"the {ENDPOINT_COLUMN} column clashes with an output column of task {inner.name}")
-        self.inner = inner
-        self.name = inner.name
-        self.output_schema: pa.Schema = inner.output_schema.append(pa.field(ENDPOINT_COLUMN, pa.string()))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def prepare(self, row: Row) -> PreparedRequest:
-        return self.inner.prepare(row)
-
-    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
-        return self.inner.parse(status, headers, body)
-
-    def describe(self, request: PreparedRequest) -> str:
-        return self.inner.describe(request)
+        super().__init__(inner)
+        self.output_schema = inner.output_schema.append(pa.field(ENDPOINT_COLUMN, pa.string()))

@@ -199,6 +199,34 @@ def _is_string_view(kind: pa.DataType) -> bool:
     return bool(check(kind)) if check is not None else False
 
 
+class ColumnsLayer:
+    """A wrapper that only declares output columns: requests and parses are ``inner``'s, and so is any
+    other attribute (a structured or sampled inner task's ``redraw``, ``read``, ``kind``...).
+
+    The subclass sets ``output_schema`` (inner's plus its columns); who fills the columns in says so.
+    """
+
+    output_schema: pa.Schema
+
+    def __init__(self, inner: Task) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (a copy being built): no recursion through it
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        return self.inner.prepare(row)
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        return self.inner.parse(status, headers, body)
+
+    def describe(self, request: PreparedRequest) -> str:
+        return self.inner.describe(request)
+
+
 def find_layer(task: Any, kind: type[T]) -> T | None:
     """The layer of type ``kind`` in ``task``'s stack of wrappers (each holds the next as ``inner``).
 
