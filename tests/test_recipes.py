@@ -254,3 +254,63 @@ def test_hf_jobs_starts_one_job_per_shard_on_the_bucket_and_names_the_failed_one
     assert shlex.split(hint)[-2:] == ["--only", "2"]
     again = hf_jobs.parse_args(shlex.split(hint)[2:])  # the hint's own arguments start shard 2 alone
     assert again.indices == [2] and again.shards == 4 and again.job == "jobs/poems.yaml"
+
+
+class FakeEndpoint:
+    """huggingface_hub's InferenceEndpoint, as far as hf_jobs.py uses it; ``log`` is shared with the Jobs API."""
+
+    def __init__(self, log: list[str], status: str = "paused") -> None:
+        self.namespace, self.name, self.url = "my-org", "gen", "https://gen.example"
+        self.status = status
+        self.log = log
+
+    def fetch(self) -> None:
+        self.log.append("fetch")
+
+    def resume(self) -> None:
+        self.log.append("resume")
+
+    def wait(self, timeout: int) -> None:
+        self.log.append("wait")
+        self.status = "running"
+
+    def pause(self) -> None:
+        self.log.append("pause")
+        self.status = "paused"
+
+
+class LoggedJobsApi(FakeJobsApi):
+    def __init__(self, failing: set[int], log: list[str]) -> None:
+        super().__init__(failing)
+        self.log = log
+
+    def run_job(self, **kwargs) -> SimpleNamespace:
+        self.log.append("start")
+        return super().run_job(**kwargs)
+
+    def inspect_job(self, *, job_id: str, namespace: str) -> SimpleNamespace:
+        info = super().inspect_job(job_id=job_id, namespace=namespace)
+        if info.status.stage != "RUNNING":
+            self.log.append("ended")
+        return info
+
+
+def test_hf_jobs_with_endpoint_resumes_it_before_the_jobs_and_pauses_it_after_all_have_ended(hf_jobs, capsys):
+    argv = ["--bucket", "my-org/b", "--shards", "3", "--endpoint", "my-org/gen", "--job", "job.yaml"]
+    args = hf_jobs.parse_args(argv)
+    log: list[str] = []
+    endpoint = FakeEndpoint(log)
+    code = hf_jobs.run(args, argv, LoggedJobsApi({1}, log), "tok", endpoint, sleep=lambda _: None)
+    assert code == 1  # shard 1 failed: said so, with the command that runs it again
+    assert log == ["fetch", "resume", "wait", "start", "start", "start", "ended", "ended", "ended", "pause"]
+    assert endpoint.status == "paused" and "--only 1" in capsys.readouterr().out
+
+    # Stopped while the Jobs run: the endpoint stays up for them, and the way to pause it is said.
+    log.clear()
+
+    def interrupted(_: float) -> None:
+        raise KeyboardInterrupt
+
+    code = hf_jobs.run(args, argv, LoggedJobsApi(set(), log), "tok", FakeEndpoint(log), sleep=interrupted)
+    assert code == 130 and "pause" not in log
+    assert "batchrun endpoint pause gen --namespace my-org" in capsys.readouterr().err

@@ -4,6 +4,7 @@
     python docs/recipes/hf_jobs.py --bucket my-org/batchrun-work --shards 8 --dry-run   # print the 8 commands
     python docs/recipes/hf_jobs.py --bucket my-org/batchrun-work --shards 8             # start them and wait
     python docs/recipes/hf_jobs.py --bucket my-org/batchrun-work --shards 8 --only 3,5  # run 3 and 5 again
+    python docs/recipes/hf_jobs.py ... --endpoint my-org/gen    # resume the endpoint first, pause it at the end
 
 Each Job runs ``batchrun run JOB --shard I/N --progress lines`` in ``--workdir`` (default /work), where the
 Storage Bucket ``--bucket`` is mounted read-write. A shard that failed resumes when it is run again with
@@ -24,6 +25,15 @@ large run, run two shards on a small input, cancel one (``hf jobs cancel ID``), 
 ``--only``, and check ``batchrun status`` on the synced output. If the mount refuses a file under
 ``state/``, run the shards where a shared filesystem exists (Slurm, Kubernetes), or run one Job without
 shards: one process keeps hundreds of requests in flight, and the endpoint is usually the limit.
+
+The endpoint. Shards on a shared filesystem share a managed endpoint (``endpoint: {name, namespace}``)
+through an flock in the output folder: the last one out pauses it (docs/shards.md). A bucket mount carries
+no file locks across Jobs, so there the job should send to the endpoint's url (``endpoint: {url: ...}``)
+and this script brackets it with ``--endpoint NAMESPACE/NAME``: it resumes the endpoint and waits until it
+is running before starting the Jobs, and pauses it once every Job has ended (completed or not). If this
+script is stopped while Jobs still run, the endpoint stays up for them: pause it yourself when they end
+(``batchrun endpoint pause NAME --namespace NAMESPACE``); the endpoint's own scale-to-zero timeout is the
+only other backstop, and only with min_replica 0.
 
 Needs huggingface_hub 1.x or later (``run_job``, ``inspect_job``, ``Volume``), and a token that may run Jobs
 (``hf auth login`` or HF_TOKEN); the token is passed to each Job as the secret HF_TOKEN, for the endpoint.
@@ -66,12 +76,13 @@ def hf_jobs_run_line(args: argparse.Namespace, index: int) -> str:
     return shlex.join([*line, args.image, *command])
 
 
-def start_shards(api: Any, args: argparse.Namespace, indices: Sequence[int], token: str) -> dict[int, Any]:
-    """Start one Job per shard in ``indices``; returns shard index -> JobInfo."""
+def start_shards(api: Any, args: argparse.Namespace, indices: Sequence[int], token: str,
+                 jobs: dict[int, Any] | None = None) -> dict[int, Any]:
+    """Start one Job per shard in ``indices``; returns shard index -> JobInfo (``jobs``, filled as they start)."""
     from huggingface_hub import Volume
 
     bucket = Volume(type="bucket", source=args.bucket, mount_path=args.workdir, read_only=False)
-    jobs = {}
+    jobs = {} if jobs is None else jobs
     for index in indices:
         jobs[index] = api.run_job(
             image=args.image,
@@ -105,6 +116,22 @@ def wait_for_shards(api: Any, jobs: dict[int, Any], *, count: int, poll_s: float
         if len(final) < len(jobs):
             sleep(poll_s)
     return final
+
+
+def bring_up(endpoint: Any, *, timeout_s: float) -> None:
+    """Resume ``endpoint`` (a huggingface_hub InferenceEndpoint) unless it runs, and wait until it does."""
+    endpoint.fetch()
+    if endpoint.status in ("paused", "scaledToZero"):
+        print(f"endpoint {endpoint.namespace}/{endpoint.name}: {endpoint.status}, resuming", flush=True)
+        endpoint.resume()
+    endpoint.wait(timeout=int(timeout_s))
+    print(f"endpoint {endpoint.namespace}/{endpoint.name}: running at {endpoint.url}", flush=True)
+
+
+def put_down(endpoint: Any) -> None:
+    """Pause ``endpoint`` once every Job has ended: nothing sends to it any more."""
+    endpoint.pause()
+    print(f"endpoint {endpoint.namespace}/{endpoint.name}: paused", flush=True)
 
 
 def failed_shards(final: dict[int, Any]) -> list[int]:
@@ -143,8 +170,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attempts", type=int, default=1, help="tries per Job, the first included (default: 1)")
     p.add_argument("--namespace", default=None, help="where the Jobs run (default: your user)")
     p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="seconds between status checks")
+    p.add_argument("--endpoint", default=None, metavar="NAMESPACE/NAME",
+                   help="resume this Dedicated endpoint before the Jobs start and pause it once all have ended "
+                   "(the job then sends to its url; see above)")
+    p.add_argument("--endpoint-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long to wait for the endpoint to run (default: 1800)")
     p.add_argument("--dry-run", action="store_true", help="print the Jobs as `hf jobs run` commands; contact nobody")
     args = p.parse_args(argv)
+    if args.endpoint is not None and args.endpoint.count("/") != 1:
+        p.error(f"--endpoint {args.endpoint!r}: expected NAMESPACE/NAME")
     if args.shards < 1:
         p.error("--shards must be at least 1")
     try:
@@ -170,13 +204,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if token is None:
         print("no Hugging Face token: run `hf auth login` or set HF_TOKEN", file=sys.stderr)
         return 2
-    api = HfApi(token=token)
-    jobs = start_shards(api, args, args.indices, token)
+    endpoint = None
+    if args.endpoint is not None:
+        from huggingface_hub import get_inference_endpoint
+
+        namespace, name = args.endpoint.split("/")
+        endpoint = get_inference_endpoint(name, namespace=namespace, token=token)
+    return run(args, argv, HfApi(token=token), token, endpoint)
+
+
+def run(args: argparse.Namespace, argv: Sequence[str], api: Any, token: str, endpoint: Any = None,
+        sleep: Callable[[float], None] = time.sleep) -> int:
+    """Bring the endpoint up (with --endpoint), start the Jobs, wait for all, put the endpoint down, report."""
+    if endpoint is not None:
+        bring_up(endpoint, timeout_s=args.endpoint_timeout)
+    jobs: dict[int, Any] = {}
     try:
-        final = wait_for_shards(api, jobs, count=args.shards, poll_s=args.poll)
+        start_shards(api, args, args.indices, token, jobs)
+        final = wait_for_shards(api, jobs, count=args.shards, poll_s=args.poll, sleep=sleep)
     except KeyboardInterrupt:
         print("\nstopped waiting; the Jobs go on (`hf jobs ps` lists them)", file=sys.stderr)
+        if endpoint is not None:
+            print(f"the endpoint stays up for them: once they end, `batchrun endpoint pause {endpoint.name} "
+                  f"--namespace {endpoint.namespace}`", file=sys.stderr)
         return 130
+    except BaseException:
+        if endpoint is not None and not jobs:  # no Job started: nothing sends to it
+            put_down(endpoint)
+        raise
+    if endpoint is not None:
+        put_down(endpoint)
     failed = failed_shards(final)
     if not failed:
         print(f"all {len(final)} shard(s) completed")
