@@ -30,6 +30,7 @@ from jobkit import (
 )
 
 from batchrun.emulator.config import EndpointConfig
+from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import BatchrunError
 from batchrun.holder import utc_now
@@ -261,6 +262,32 @@ def test_endpoint_up_that_fails_puts_back_what_it_resumed(tmp_path, env):
         assert [e["path"].rsplit("/", 1)[-1] for e in emu.control_log if e["method"] == "POST"] == ["resume", "pause"]
     shared = next((tmp_path / "out" / "job" / "state" / "endpoints").iterdir())
     assert list((shared / "users").iterdir()) == [] and not (shared / "settings.json").exists()
+
+
+def test_shards_restore_what_a_single_run_killed_earlier_on_this_machine_saved(tmp_path, env):
+    # A single run scaled the endpoint to 2 and was killed with SIGKILL: the user's settings (paused, 1
+    # replica, 30 min) wait in batchrun's per-machine state folder. The shards put those back, not the 2.
+    left_running = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "running",
+                                             **FAST_LIFECYCLE, "min_replica": 2, "max_replica": 2,
+                                             "scale_to_zero_timeout": 15, "latency_base_s": 0.002})
+    with emulator(left_running) as emu:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        host_file = Path(env["BATCHRUN_STATE_DIR"]) / "endpoints" / endpoint_state_path(emu.api_url, NS, "gen").name
+        host_file.parent.mkdir(parents=True)
+        host_file.write_text(json.dumps({
+            "endpoint": f"{NS}/gen", "api_url": emu.api_url, "initial_state": "paused", "min_replica": 1,
+            "max_replica": 1, "scale_to_zero_timeout": 30, "pid": dead.pid, "host": socket.gethostname()}))
+        managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 30,
+                   "scale": {"min_replica": 2, "max_replica": 2}}
+        spec = write_spec(tmp_path, endpoint=managed, input_path=write_topics(tmp_path / "in.parquet", 20))
+        for i in range(2):
+            ran = cli("run", str(spec), "--shard", f"{i}/2", "--progress", "off", env=env)
+            assert ran.returncode == 0, ran.stderr
+        state = emu.state(NS, "gen")
+        assert (state.state, state.min_replica, state.max_replica) == ("paused", 1, 1)
+        assert state.scale_to_zero_timeout == 30
+    assert not host_file.exists()
 
 
 def test_a_shard_that_is_not_last_leaves_the_endpoint_to_the_others(tmp_path):

@@ -25,7 +25,7 @@ from batchrun.cost import CostMeter
 from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.endpoints.cold_start import ColdStartPolicy
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
-from batchrun.endpoints.saved_settings import SavedSettings, endpoint_state_path
+from batchrun.endpoints.saved_settings import SavedSettings, UserSettings, endpoint_state_path
 from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import (
     AuthError,
@@ -272,6 +272,10 @@ class DedicatedEndpoint:
     def _adopt_left_settings(self, original: EndpointSnapshot) -> EndpointSnapshot:
         """An earlier run that changed the endpoint and died left the user's settings on disk: restore those."""
         left = self._saved.load()
+        from_host = False
+        if left is None and self.settings.shared is not None:
+            left = self._take_host_record(original)
+            from_host = left is not None
         if self._saved.foreign_owner is not None:
             self._event(
                 f"another batchrun run ({self._saved.foreign_owner}) is using {self.ref} and will put it back; "
@@ -289,7 +293,7 @@ class DedicatedEndpoint:
         self._original = adopted
         found = (f"min_replica={adopted.min_replica}, max_replica={adopted.max_replica}, "
                  f"scale_to_zero_timeout={adopted.scale_to_zero_timeout}")
-        if self.settings.shared is not None:
+        if self.settings.shared is not None and not from_host:
             self._event(f"{self.ref} is shared with the job's other shards; the settings its first user found "
                         f"({found}) are restored by the last one out")
         else:
@@ -300,6 +304,22 @@ class DedicatedEndpoint:
             if getattr(original, key) != getattr(adopted, key):
                 self._changed.setdefault(key, 0)
         return adopted
+
+    def _take_host_record(self, current: EndpointSnapshot) -> UserSettings | None:
+        """A single run killed earlier on this machine left the user's settings in batchrun's own state folder:
+        the first shard carries them into the shards' shared file, so that the last one out restores those
+        (not what the killed run set) and the machine's file is done with."""
+        host = SavedSettings(endpoint_state_path(self.control.api_url, self.control.namespace, self.control.name),
+                             self.ref, self.control.api_url)
+        left = host.load()  # None when there is none, or its writer still runs (it will put the endpoint back)
+        if left is None:
+            return None
+        self._saved.save(dataclasses.replace(
+            current, state=left.initial_state, min_replica=left.min_replica, max_replica=left.max_replica,
+            scale_to_zero_timeout=left.scale_to_zero_timeout,
+        ))
+        host.release(forget=True)
+        return left
 
     def _changes(self, original: EndpointSnapshot) -> dict[str, int]:
         s = self.settings
