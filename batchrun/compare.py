@@ -71,14 +71,14 @@ def load_run(folder: str | Path) -> RunData:
     """Read a run's committed shards (what the manifest vouches for), summary and job record."""
     from batchrun.output.files import read_json
     from batchrun.output.layout import OutputStore
-    from batchrun.runs import read_shards
+    from batchrun.runs import read_shards, union_summary
 
     root = Path(folder)
-    parts = OutputStore.parts(root)  # a split job: its shards' one spec; the first shard's summary
+    parts = OutputStore.parts(root)  # a split job: its shards' one spec, and their summaries as one
     job = OutputStore.job_of(root) if (root / "state").is_dir() else None
     if job is None:
         raise CompareError(f"{root} is not a run's output folder (no state/job.json)")
-    summary = read_json(parts[0].state_dir / "summary.json") or {}
+    summary = union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
     spec = job.get("spec") or {}
     id_column = (spec.get("input") or {}).get("id_column") or "id"
     results: dict[Any, dict[str, Any]] = {}

@@ -73,7 +73,7 @@ def find_runs(root: str | Path) -> list[RunLine]:
     for folder in sorted(set(folders)):
         parts = OutputStore.parts(folder)
         job = OutputStore.job_of(folder) or {}
-        summary = _union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
+        summary = union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
         provenance = summary.get("provenance") or job.get("provenance") or {}
         identity = job.get("identity") or {}
         rows = summary.get("rows") or {}
@@ -92,7 +92,7 @@ def find_runs(root: str | Path) -> list[RunLine]:
     return sorted(lines, key=lambda line: (line.started_at or "", str(line.folder)))
 
 
-def _union_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+def union_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     """One summary for the shards of a split job: rows summed, the first start, the worst exit code.
 
     Latency percentiles do not add up and the shards' costs overlap (they share the endpoint's

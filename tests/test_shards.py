@@ -206,6 +206,11 @@ def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_e
         runs = cli("runs", str(tmp_path / "out"), env=env)  # one run: the union of its four shards
         assert runs.returncode == 0 and len(runs.stdout.splitlines()) == 2, runs.stdout
         assert runs.stdout.splitlines()[1].split()[3:5] == [str(N_ROWS), "0"], runs.stdout
+        compared = cli("compare", str(out), str(out), "--json", env=env)  # a split run reads as one run
+        assert compared.returncode == 0, compared.stderr
+        report = json.loads(compared.stdout)
+        assert report["common"] == N_ROWS and report["runs"]["a"]["ok"] == N_ROWS
+        assert report["runs"]["a"]["cost_usd"] is None  # the shards' costs overlap: no sum is made
         exported = cli("export", str(out), "--to", str(tmp_path / "all.jsonl"), env=env)
         assert exported.returncode == 0, exported.stderr
         assert len((tmp_path / "all.jsonl").read_text().splitlines()) == N_ROWS
