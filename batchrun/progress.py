@@ -113,7 +113,7 @@ class ProgressReporter:
         if self.mode == "bar":
             self._bar = tqdm(total=self._total, unit="row", file=self._stream, dynamic_ncols=True, smoothing=0.1)
         elif self.mode == "lines":
-            total = f" of {self._total} rows" if self._total is not None else ""
+            total = f" on {self._total} rows" if self._total is not None else ""
             self._print(f"progress: started{total}; a line every {format_duration(self._interval_s)}")
 
     async def run(self) -> None:

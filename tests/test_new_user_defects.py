@@ -86,7 +86,7 @@ def test_progress_lines_say_when_a_short_job_starts(tmp_path):
                           input_path=write_topics(tmp_path / "in.parquet", 10))
         result = cli("run", str(spec), "--progress", "lines", env={"HF_TOKEN": TOKEN})
     assert result.returncode == 0, result.stderr
-    assert "progress: started of 10 rows" in result.stderr
+    assert "progress: started on 10 rows" in result.stderr
     assert "finished, every row succeeded" in result.stderr
 
 
