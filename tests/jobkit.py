@@ -81,6 +81,16 @@ def running_endpoint(name: str = "gen", **overrides: Any) -> EndpointConfig:
     return EndpointConfig.from_dict(values)
 
 
+def paused_endpoint(name: str = "gen", **overrides: Any) -> EndpointConfig:
+    """An emulated Dedicated endpoint that a job must resume (and pause again), with fast cold starts;
+    ``initial_state`` may say another state to start from (``scaledToZero``)."""
+    return running_endpoint(name, **{"initial_state": "paused", **overrides})
+
+
+#: Control-plane calls that change an endpoint (GET only reads it).
+STATE_CHANGING = ("PUT", "POST", "DELETE")
+
+
 def read_ids(folder: Path, column: str = "id") -> list[Any]:
     ids: list[Any] = []
     for file in sorted(glob.glob(str(folder / "*.parquet"))):
@@ -110,6 +120,14 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
         text=True,
         timeout=timeout,
     )
+
+
+def start_run(spec_path: Path, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``batchrun run SPEC --progress off ARGS`` as a process of its own (to kill), its stderr in ``log``."""
+    with open(log, "w") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec_path), "--progress", "off", *args],
+                                cwd=REPO, env={**os.environ, "HF_TOKEN": TOKEN, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 # ------------------------------------------------------------------------------------- waiting for events

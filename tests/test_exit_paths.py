@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 from jobkit import (
-    FAST_LIFECYCLE,
     NS,
     REPO,
     TOKEN,
     cli,
     data_requests,
     emulator,
+    paused_endpoint,
     read_ids,
     run,
     wait_for_control_call,
@@ -36,7 +36,6 @@ from jobkit import (
 )
 
 from batchrun.dispatch import Dispatcher
-from batchrun.emulator import EndpointConfig
 from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.errors import BudgetSpentError
 from batchrun.output import ParquetSink
@@ -50,11 +49,6 @@ USER_SCALING = (1, 1, 15)
 def _own_state_dir(tmp_path, monkeypatch):
     """The endpoints' saved settings go to this test's folder (subprocesses inherit it), never ~/.cache."""
     monkeypatch.setenv("BATCHRUN_STATE_DIR", str(tmp_path / "batchrun-state"))
-
-
-def paused_endpoint(**overrides: Any) -> EndpointConfig:
-    values = {"name": "gen", "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE, **overrides}
-    return EndpointConfig.from_dict(values)
 
 
 def job(tmp_path: Path, emu, n: int = 60, name: str = "job", spec: dict | None = None, **endpoint: Any) -> Path:

@@ -20,13 +20,16 @@ import pytest
 from jobkit import (
     FAST_LIFECYCLE,
     NS,
+    STATE_CHANGING,
     TOKEN,
     cli,
     data_requests,
     emulator,
+    paused_endpoint,
     read_ids,
     read_rows,
     run,
+    running_endpoint,
     wait_until,
     wait_until_async,
     write_spec,
@@ -41,8 +44,6 @@ from batchrun.errors import EndpointError, EndpointNotReadyError, EndpointUnusab
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
 
-STATE_CHANGING = ("PUT", "POST", "DELETE")
-
 
 @pytest.fixture(autouse=True)
 def _own_state_dir(tmp_path, monkeypatch):
@@ -52,11 +53,6 @@ def _own_state_dir(tmp_path, monkeypatch):
 
 def saved_files(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "batchrun-state" / "endpoints").glob("*.json"))
-
-
-def endpoint_config(name: str = "gen", **overrides: Any) -> EndpointConfig:
-    values = {"name": name, "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE, **overrides}
-    return EndpointConfig.from_dict(values)
 
 
 def lifecycle(emu, name: str = "gen", clock: Any = None, **settings: Any) -> DedicatedEndpoint:
@@ -107,7 +103,7 @@ def job(tmp_path: Path, emu, n: int = 40, name: str = "job", **endpoint: Any) ->
 
 
 def test_a_paused_endpoint_scaled_to_4_is_used_only_once_all_4_replicas_are_ready():
-    with emulator(endpoint_config(replica_start_s=0.1)) as emu:
+    with emulator(paused_endpoint(replica_start_s=0.1)) as emu:
         life = lifecycle(emu, scale_min=4, scale_max=4, idle_backstop_s=120)
         seen: dict[str, Any] = {}
 
@@ -142,7 +138,7 @@ def test_a_paused_endpoint_scaled_to_4_is_used_only_once_all_4_replicas_are_read
 
 def test_a_whole_job_scaled_to_4_replicas_finishes_and_leaves_the_endpoint_as_it_found_it(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    with emulator(endpoint_config(latency_base_s=0.005)) as emu:
+    with emulator(paused_endpoint(latency_base_s=0.005)) as emu:
         outcome, lines = run(job(tmp_path, emu, n=60, scale={"min_replica": 4, "max_replica": 4}))
         stats = emu.stats()["endpoints"][f"{NS}/gen"]
         log = emu.control_log
@@ -159,7 +155,7 @@ def test_a_whole_job_scaled_to_4_replicas_finishes_and_leaves_the_endpoint_as_it
 
 
 def test_an_endpoint_that_fails_while_starting_aborts_with_its_message():
-    with emulator(endpoint_config(fail_on_deploy=True)) as emu:
+    with emulator(paused_endpoint(fail_on_deploy=True)) as emu:
         life = lifecycle(emu)
 
         async def body():
@@ -179,7 +175,7 @@ def test_an_endpoint_that_fails_while_starting_aborts_with_its_message():
 
 
 def test_a_ready_timeout_raises_a_clear_error_within_the_timeout():
-    with emulator(endpoint_config(initializing_s=30)) as emu:
+    with emulator(paused_endpoint(initializing_s=30)) as emu:
         life = lifecycle(emu, ready_timeout_s=0.4)
 
         async def body():
@@ -201,7 +197,7 @@ def test_a_ready_timeout_raises_a_clear_error_within_the_timeout():
 
 def test_an_already_running_endpoint_is_used_as_it_is_and_left_running_with_a_note(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    with emulator(endpoint_config(initial_state="running")) as emu:
+    with emulator(running_endpoint()) as emu:
         outcome, lines = run(job(tmp_path, emu, n=30))
         assert outcome.exit_code == 0
         assert changes(emu) == []  # no resume, no backstop, no pause: it is the user's running endpoint
@@ -214,7 +210,7 @@ def test_an_already_running_endpoint_is_used_as_it_is_and_left_running_with_a_no
 
 
 def test_an_already_running_endpoint_is_paused_when_on_finish_says_so_and_its_scaling_restored():
-    with emulator(endpoint_config(initial_state="running", replica_start_s=0.05)) as emu:
+    with emulator(running_endpoint(replica_start_s=0.05)) as emu:
         life = lifecycle(emu, on_finish="pause", scale_min=2, scale_max=2, idle_backstop_s=120)
 
         async def body():
@@ -231,7 +227,7 @@ def test_an_already_running_endpoint_is_paused_when_on_finish_says_so_and_its_sc
 
 
 def test_a_scaled_to_zero_endpoint_is_woken_and_requests_carry_x_scale_up_timeout(tmp_path, monkeypatch):
-    with emulator(endpoint_config(initial_state="scaledToZero", min_replica=0)) as emu:
+    with emulator(paused_endpoint(initial_state="scaledToZero", min_replica=0)) as emu:
         life = lifecycle(emu, ready_timeout_s=7.0)
 
         async def body():
@@ -242,7 +238,7 @@ def test_a_scaled_to_zero_endpoint_is_woken_and_requests_carry_x_scale_up_timeou
         assert life.record.initial_state == "scaledToZero" and life.record.resumed
         assert emu.state(NS, "gen").state == "paused"  # on_finish unset: it was not running, so pause
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    with emulator(endpoint_config(initial_state="scaledToZero", min_replica=0)) as emu:
+    with emulator(paused_endpoint(initial_state="scaledToZero", min_replica=0)) as emu:
         outcome, _ = run(job(tmp_path, emu, n=20, on_finish="scale-to-zero"))
         assert outcome.exit_code == 0 and data_requests(emu) == 20
         assert emu.state(NS, "gen").state == "scaledToZero"
@@ -262,7 +258,7 @@ def test_a_scaled_to_zero_endpoint_is_woken_and_requests_carry_x_scale_up_timeou
     ids=["failed", "wrong-task", "missing"],
 )
 def test_preflight_refuses_an_unusable_endpoint_without_changing_anything(config, spec_name, expected):
-    with emulator(endpoint_config(**config)) as emu:
+    with emulator(paused_endpoint(**config)) as emu:
         life = lifecycle(emu, spec_name, supported_tasks=("text-generation",))
 
         async def body():
@@ -278,7 +274,7 @@ def test_preflight_refuses_an_unusable_endpoint_without_changing_anything(config
 
 
 def test_a_job_on_a_missing_endpoint_exits_2_and_changes_nothing(tmp_path):
-    with emulator(endpoint_config()) as emu:
+    with emulator(paused_endpoint()) as emu:
         input_path = write_topics(tmp_path / "in" / "missing.parquet", 10)
         endpoint = {"name": "nope", "namespace": NS, "api_url": emu.api_url}
         spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="missing")
@@ -289,7 +285,7 @@ def test_a_job_on_a_missing_endpoint_exits_2_and_changes_nothing(tmp_path):
 
 
 def test_the_backstop_is_set_on_resume_and_the_users_idle_timeout_restored_at_release():
-    with emulator(endpoint_config(scale_to_zero_timeout=30)) as emu:
+    with emulator(paused_endpoint(scale_to_zero_timeout=30)) as emu:
         life = lifecycle(emu, idle_backstop_s=300)
 
         async def body():
@@ -306,7 +302,7 @@ def test_the_backstop_is_set_on_resume_and_the_users_idle_timeout_restored_at_re
 
 
 def test_release_is_idempotent_and_a_second_call_sends_nothing():
-    with emulator(endpoint_config()) as emu:
+    with emulator(paused_endpoint()) as emu:
         life = lifecycle(emu)
 
         async def body():
@@ -322,7 +318,7 @@ def test_release_is_idempotent_and_a_second_call_sends_nothing():
 
 
 def test_release_before_acquire_touches_nothing():
-    with emulator(endpoint_config()) as emu:
+    with emulator(paused_endpoint()) as emu:
         life = lifecycle(emu)
         drive(emu, life.release)
         assert emu.control_log == [] and life.record.final_action == "none"
@@ -333,7 +329,7 @@ def test_cancelling_acquire_at_any_moment_then_releasing_leaves_it_paused_with_n
     # A control-plane call already in a thread is let land first, so the pause is always the last word.
     # The delays spread the moments at random; the named moments are awaited, so that each stage is
     # hit on a slow machine and on a fast one alike.
-    with emulator(endpoint_config(initializing_s=30)) as emu:
+    with emulator(paused_endpoint(initializing_s=30)) as emu:
         for delay in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, "updated", "resumed", "polled"):
             life = lifecycle(emu, ready_timeout_s=60, idle_backstop_s=120)
             seen_before = len(emu.control_log)
@@ -366,7 +362,7 @@ def test_cancelling_acquire_at_any_moment_then_releasing_leaves_it_paused_with_n
 
 
 def test_is_cold_until_ready_and_again_when_a_replica_restarts():
-    with emulator(endpoint_config(min_replica=2, max_replica=2, replica_start_s=0.5)) as emu:
+    with emulator(paused_endpoint(min_replica=2, max_replica=2, replica_start_s=0.5)) as emu:
         life = lifecycle(emu)
         cold = RequestFailed("http_503", "Service Unavailable", status=503, retryable=True)
         overloaded = RequestFailed("http_429", "Model is overloaded", status=429, retryable=True)
@@ -389,7 +385,7 @@ def test_is_cold_until_ready_and_again_when_a_replica_restarts():
 
 
 def test_the_endpoint_command_shows_pauses_and_resumes_an_endpoint():
-    with emulator(endpoint_config(initial_state="running")) as emu:
+    with emulator(running_endpoint()) as emu:
         env = {"HF_TOKEN": TOKEN}
         status = cli("endpoint", "status", "gen", "--namespace", NS, "--api-url", emu.api_url, env=env)
         assert status.returncode == 0, status.stderr
@@ -446,7 +442,7 @@ def test_the_state_folder_is_batchrun_state_dir_else_the_xdg_cache_else_home_cac
 
 
 def test_the_users_settings_are_kept_outside_the_output_while_the_job_has_changed_them(tmp_path):
-    with emulator(endpoint_config()) as emu:
+    with emulator(paused_endpoint()) as emu:
         life = lifecycle(emu, scale_min=2, scale_max=3, idle_backstop_s=120)
 
         async def body():
@@ -482,7 +478,7 @@ def _left_behind(emu, pid: int) -> Path:
 def test_a_record_left_by_a_dead_run_is_taken_over_restored_and_deleted(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    with emulator(endpoint_config(initial_state="running", min_replica=2, max_replica=3,
+    with emulator(running_endpoint(min_replica=2, max_replica=3,
                                   scale_to_zero_timeout=2)) as emu:
         path = _left_behind(emu, dead.pid)
         life = lifecycle(emu, scale_min=2, scale_max=3, idle_backstop_s=120)
@@ -500,7 +496,7 @@ def test_a_record_left_by_a_dead_run_is_taken_over_restored_and_deleted(tmp_path
 
 def test_a_record_held_by_a_live_run_is_left_to_it(tmp_path):
     # Another job on the same endpoint is still running (here: the test runner's parent process).
-    with emulator(endpoint_config(initial_state="running", min_replica=2, max_replica=3,
+    with emulator(running_endpoint(min_replica=2, max_replica=3,
                                   scale_to_zero_timeout=2)) as emu:
         path = _left_behind(emu, os.getppid())
         before = path.read_text()
@@ -521,7 +517,7 @@ def test_an_unwritable_state_folder_stops_the_job_before_any_change(tmp_path, mo
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("BATCHRUN_STATE_DIR", str(blocker))
-    with emulator(endpoint_config()) as emu:
+    with emulator(paused_endpoint()) as emu:
         life = lifecycle(emu, scale_min=2, scale_max=2)
 
         async def body():
@@ -545,7 +541,7 @@ def test_503s_are_excused_only_for_ready_timeout_and_a_warm_refresh_starts_a_new
     # The lifecycle's clock runs with real time plus a skew the test moves forward, so "past the
     # ready timeout" is a step of the test, not a race with the machine's speed.
     skew = [0.0]
-    with emulator(endpoint_config(initial_state="running", replica_start_s=0.8)) as emu:
+    with emulator(running_endpoint(replica_start_s=0.8)) as emu:
         life = lifecycle(emu, ready_timeout_s=5.0, on_finish="pause", clock=lambda: time.monotonic() + skew[0])
         cold = RequestFailed("http_503", "Service Unavailable", status=503, retryable=True)
 

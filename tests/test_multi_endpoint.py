@@ -18,12 +18,13 @@ from typing import Any
 import datasets
 import pytest
 from jobkit import (
-    FAST_LIFECYCLE,
     NS,
     REPO,
+    STATE_CHANGING,
     TOKEN,
     data_requests,
     emulator,
+    paused_endpoint,
     read_ids,
     run,
     wait_for_requests,
@@ -32,11 +33,8 @@ from jobkit import (
     write_topics,
 )
 
-from batchrun.emulator import EndpointConfig
 from batchrun.errors import EndpointUnusableError
 from batchrun.spec import load_spec
-
-STATE_CHANGING = ("PUT", "POST", "DELETE")
 
 
 @pytest.fixture(autouse=True)
@@ -44,11 +42,6 @@ def _own_state_dir(tmp_path, monkeypatch):
     """The endpoints' saved settings go to this test's folder, never to ~/.cache/batchrun."""
     monkeypatch.setenv("BATCHRUN_STATE_DIR", str(tmp_path / "batchrun-state"))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-
-
-def paused(name: str, **overrides: Any) -> EndpointConfig:
-    return EndpointConfig.from_dict({"name": name, "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE,
-                                     **overrides})
 
 
 def multi_job(tmp_path: Path, emu, names: list[str], *, n: int = 120, name: str = "job", **overrides: Any) -> Path:
@@ -85,8 +78,8 @@ def test_a_list_of_endpoints_is_parsed_with_job_level_defaults_and_a_single_mapp
 
 
 def test_the_faster_endpoint_gets_the_larger_share_every_row_once_both_paused_and_cost_summed(tmp_path):
-    fast = paused("fast", latency_base_s=0.005, max_concurrent_requests=16)
-    slow = paused("slow", latency_base_s=0.06, max_concurrent_requests=4)
+    fast = paused_endpoint("fast", latency_base_s=0.005, max_concurrent_requests=16)
+    slow = paused_endpoint("slow", latency_base_s=0.06, max_concurrent_requests=4)
     with emulator(fast, slow) as emu:
         outcome, lines = run(multi_job(tmp_path, emu, ["fast", "slow"], n=240, retries={"max_attempts": 10}))
         requests = {name: data_requests(emu, name) for name in ("fast", "slow")}
@@ -115,8 +108,8 @@ def test_the_faster_endpoint_gets_the_larger_share_every_row_once_both_paused_an
 def test_each_endpoints_hidden_capacity_is_found_on_its_own_and_rows_follow_it(tmp_path):
     # The same speed, capacities of 12 and 3 (an instant 429 past them), the job told neither. Each
     # endpoint's own limit finds its capacity, and rows go where there is room: about 4 to 1.
-    big = paused("big", latency_base_s=0.04, max_concurrent_requests=12)
-    small = paused("small", latency_base_s=0.04, max_concurrent_requests=3)
+    big = paused_endpoint("big", latency_base_s=0.04, max_concurrent_requests=12)
+    small = paused_endpoint("small", latency_base_s=0.04, max_concurrent_requests=3)
     with emulator(big, small) as emu:
         outcome, _ = run(multi_job(tmp_path, emu, ["big", "small"], n=300, retries={"max_attempts": 10},
                                    concurrency={"max": 64, "initial": 8}))
@@ -129,8 +122,8 @@ def test_each_endpoints_hidden_capacity_is_found_on_its_own_and_rows_follow_it(t
 
 
 def test_an_endpoint_failing_mid_run_is_drained_its_rows_finish_on_the_other_and_it_is_released(tmp_path):
-    steady = paused("steady", latency_base_s=0.01)
-    failing = paused("failing", latency_base_s=0.01,
+    steady = paused_endpoint("steady", latency_base_s=0.01)
+    failing = paused_endpoint("failing", latency_base_s=0.01,
                      episodes=[{"kind": "fail_endpoint", "after_requests": 15}])
     with emulator(steady, failing) as emu:
         outcome, lines = run(multi_job(tmp_path, emu, ["steady", "failing"], n=200))
@@ -151,8 +144,8 @@ def test_an_endpoint_failing_mid_run_is_drained_its_rows_finish_on_the_other_and
 
 
 def test_a_slow_cold_start_holds_nobody_back_and_the_slow_endpoint_joins_when_ready(tmp_path):
-    quick = paused("quick", latency_base_s=0.05)
-    late = paused("late", latency_base_s=0.05, initializing_s=0.5)
+    quick = paused_endpoint("quick", latency_base_s=0.05)
+    late = paused_endpoint("late", latency_base_s=0.05, initializing_s=0.5)
     with emulator(quick, late) as emu:
         outcome, lines = run(multi_job(tmp_path, emu, ["quick", "late"], n=300, concurrency={"max": 8, "initial": 4},
                                        retries={"max_attempts": 8}))
@@ -169,7 +162,7 @@ def test_a_slow_cold_start_holds_nobody_back_and_the_slow_endpoint_joins_when_re
 
 
 def test_endpoints_serving_different_models_are_refused_before_anything_is_resumed(tmp_path):
-    with emulator(paused("a"), paused("b", model_id="meta-llama/Llama-3.1-8B-Instruct")) as emu:
+    with emulator(paused_endpoint("a"), paused_endpoint("b", model_id="meta-llama/Llama-3.1-8B-Instruct")) as emu:
         with pytest.raises(EndpointUnusableError) as refused:
             run(multi_job(tmp_path, emu, ["a", "b"], n=10))
         untouched = [e for e in emu.control_log if e["method"] in STATE_CHANGING]
@@ -179,7 +172,7 @@ def test_endpoints_serving_different_models_are_refused_before_anything_is_resum
 
 
 def test_mixed_models_true_lets_endpoints_serving_different_models_share_a_job(tmp_path):
-    with emulator(paused("a"), paused("b", model_id="meta-llama/Llama-3.1-8B-Instruct")) as emu:
+    with emulator(paused_endpoint("a"), paused_endpoint("b", model_id="meta-llama/Llama-3.1-8B-Instruct")) as emu:
         outcome, _ = run(multi_job(tmp_path, emu, ["a", "b"], n=30, mixed_models=True))
         states = {name: emu.state(NS, name).state for name in ("a", "b")}
     assert outcome.exit_code == 0
@@ -187,7 +180,7 @@ def test_mixed_models_true_lets_endpoints_serving_different_models_share_a_job(t
 
 
 def test_a_typo_costs_nothing_on_any_endpoint(tmp_path):
-    with emulator(paused("a"), paused("b")) as emu:
+    with emulator(paused_endpoint("a"), paused_endpoint("b")) as emu:
         spec = multi_job(tmp_path, emu, ["a", "b"], n=10, prompt={"template": "Write about {topik}."})
         with pytest.raises(Exception, match="topik"):
             run(spec)
@@ -195,7 +188,7 @@ def test_a_typo_costs_nothing_on_any_endpoint(tmp_path):
 
 
 def test_an_endpoint_that_cannot_start_is_left_out_and_the_job_runs_on_the_others(tmp_path):
-    with emulator(paused("good", latency_base_s=0.005), paused("broken", fail_on_deploy=True)) as emu:
+    with emulator(paused_endpoint("good", latency_base_s=0.005), paused_endpoint("broken", fail_on_deploy=True)) as emu:
         outcome, lines = run(multi_job(tmp_path, emu, ["good", "broken"], n=60))
         states = {name: emu.state(NS, name).state for name in ("good", "broken")}
     assert outcome.exit_code == 0
@@ -206,8 +199,8 @@ def test_an_endpoint_that_cannot_start_is_left_out_and_the_job_runs_on_the_other
 
 def test_when_every_endpoint_fails_the_job_stops_with_exit_3_and_both_are_released(tmp_path):
     episodes = [{"kind": "fail_endpoint", "after_requests": 10}]
-    with emulator(paused("a", latency_base_s=0.01, episodes=episodes),
-                  paused("b", latency_base_s=0.01, episodes=episodes)) as emu:
+    with emulator(paused_endpoint("a", latency_base_s=0.01, episodes=episodes),
+                  paused_endpoint("b", latency_base_s=0.01, episodes=episodes)) as emu:
         outcome, _ = run(multi_job(tmp_path, emu, ["a", "b"], n=400))
         calls = {name: changes_to(emu, name) for name in ("a", "b")}
     assert outcome.exit_code == 3
@@ -215,7 +208,7 @@ def test_when_every_endpoint_fails_the_job_stops_with_exit_3_and_both_are_releas
 
 
 def test_sigterm_pauses_every_endpoint(tmp_path):
-    with emulator(paused("a", latency_base_s=0.05), paused("b", latency_base_s=0.05)) as emu:
+    with emulator(paused_endpoint("a", latency_base_s=0.05), paused_endpoint("b", latency_base_s=0.05)) as emu:
         spec = multi_job(tmp_path, emu, ["a", "b"], n=2000)
         env = {**os.environ, "HF_TOKEN": TOKEN, "BATCHRUN_STATE_DIR": str(tmp_path / "batchrun-state")}
         proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
@@ -242,7 +235,7 @@ def test_sigterm_pauses_every_endpoint(tmp_path):
 def test_progress_lines_show_each_endpoints_rows_beside_the_summed_figures(tmp_path):
     # A long job: the test reads its progress lines until both endpoints have answered rows in one of
     # them, then stops it.
-    with emulator(paused("a", latency_base_s=0.05), paused("b", latency_base_s=0.05)) as emu:
+    with emulator(paused_endpoint("a", latency_base_s=0.05), paused_endpoint("b", latency_base_s=0.05)) as emu:
         spec = multi_job(tmp_path, emu, ["a", "b"], n=4000)
         env = {**os.environ, "HF_TOKEN": TOKEN, "BATCHRUN_STATE_DIR": str(tmp_path / "batchrun-state")}
         log = tmp_path / "stderr.log"

@@ -20,9 +20,7 @@ from types import ModuleType, SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from jobkit import FAST_LIFECYCLE, NS, REPO, TOKEN, cli, emulator, write_spec, write_topics
-
-from batchrun.emulator.config import EndpointConfig
+from jobkit import NS, REPO, TOKEN, cli, emulator, paused_endpoint, write_spec, write_topics
 
 RECIPES = REPO / "docs" / "recipes"
 N_ROWS = 80
@@ -63,8 +61,7 @@ def job(tmp_path):
     """A job of N_ROWS rows on one emulated Dedicated endpoint, paused: (spec path, output folder).
 
     Once the test is done with it, the shards must have left it paused, with its settings as they were."""
-    paused = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE,
-                                       "latency_base_s": 0.002, "max_concurrent_requests": 64})
+    paused = paused_endpoint(latency_base_s=0.002, max_concurrent_requests=64)
     with emulator(paused) as emu:
         managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 30,
                    "scale": {"min_replica": 2, "max_replica": 2}}

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,13 +10,13 @@ from typing import Any
 import pytest
 from jobkit import (
     NS,
-    REPO,
     TOKEN,
     cli,
     emulator,
     read_rows,
     run,
     running_endpoint,
+    start_run,
     wait_for_committed,
     write_spec,
     write_topics,
@@ -107,10 +104,7 @@ def test_a_job_killed_in_the_middle_of_rows_samples_resumes_only_the_missing_one
                           samples=n, concurrency={"max": 6, "initial": 6}, output={"shard_rows": 10})
         out = tmp_path / "out" / "job"
         log = tmp_path / "killed.stderr"
-        with open(log, "w") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
-                                    cwd=REPO, env={**os.environ, "HF_TOKEN": TOKEN},
-                                    stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = start_run(spec, log=log)
         try:
             wait_for_committed(out, 30, proc, log=log)  # 30 is not a multiple of 4: some row is cut mid-samples
             assert proc.poll() is None, "the job finished before its kill"

@@ -16,12 +16,12 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 from jobkit import (
-    FAST_LIFECYCLE,
     NS,
     REPO,
     TOKEN,
     cli,
     emulator,
+    paused_endpoint,
     read_ids,
     running_endpoint,
     wait_for_committed,
@@ -29,7 +29,6 @@ from jobkit import (
     write_topics,
 )
 
-from batchrun.emulator.config import EndpointConfig
 from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import BatchrunError
@@ -149,9 +148,7 @@ def env(tmp_path):
 
 
 def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_exactly_once(tmp_path, env):
-    paused = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE,
-                                       "latency_base_s": 0.05, "max_concurrent_requests": 64,
-                                       "scale_to_zero_timeout": 30})
+    paused = paused_endpoint(latency_base_s=0.05, max_concurrent_requests=64, scale_to_zero_timeout=30)
     with emulator(paused) as emu:
         input_path = write_topics(tmp_path / "in.parquet", N_ROWS)
         managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 30,
@@ -197,6 +194,8 @@ def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_e
         assert state.scale_to_zero_timeout == 30
         shared = next((out / "state" / "endpoints").iterdir())
         assert not (shared / "settings.json").exists() and list((shared / "users").iterdir()) == []
+        # The token is nowhere in what the shards wrote: their state, the shared endpoint's files, the data.
+        assert not [p for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
 
         # One output folder: the shards' files side by side in data/, the union every id once.
         loaded = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train")
@@ -230,8 +229,7 @@ def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_e
 
 
 def test_endpoint_up_and_down_bracket_the_shards_by_hand(tmp_path, env):
-    with emulator(EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused",
-                                            **FAST_LIFECYCLE})) as emu:
+    with emulator(paused_endpoint()) as emu:
         managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 30,
                    "scale": {"min_replica": 2, "max_replica": 3}}
         spec = write_spec(tmp_path, endpoint=managed, input_path=write_topics(tmp_path / "in.parquet", 40),
@@ -258,8 +256,7 @@ def test_endpoint_up_and_down_bracket_the_shards_by_hand(tmp_path, env):
 
 
 def test_endpoint_up_that_fails_puts_back_what_it_resumed(tmp_path, env):
-    slow = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "paused", **FAST_LIFECYCLE,
-                                     "initializing_s": 30})
+    slow = paused_endpoint(initializing_s=30)
     with emulator(slow) as emu:
         managed = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": 1,
                    "scale": {"min_replica": 2, "max_replica": 2}}
@@ -276,9 +273,7 @@ def test_endpoint_up_that_fails_puts_back_what_it_resumed(tmp_path, env):
 def test_shards_restore_what_a_single_run_killed_earlier_on_this_machine_saved(tmp_path, env):
     # A single run scaled the endpoint to 2 and was killed with SIGKILL: the user's settings (paused, 1
     # replica, 30 min) wait in batchrun's per-machine state folder. The shards put those back, not the 2.
-    left_running = EndpointConfig.from_dict({"name": "gen", "namespace": NS, "initial_state": "running",
-                                             **FAST_LIFECYCLE, "min_replica": 2, "max_replica": 2,
-                                             "scale_to_zero_timeout": 15, "latency_base_s": 0.002})
+    left_running = running_endpoint(min_replica=2, max_replica=2, scale_to_zero_timeout=15, latency_base_s=0.002)
     with emulator(left_running) as emu:
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()

@@ -200,12 +200,19 @@ def test_a_token_limit_too_small_for_the_document_fails_rows_as_invalid_output(t
 
 
 def test_a_job_killed_amid_invalid_answer_retries_resumes_with_nothing_lost_or_twice(tmp_path: Path) -> None:
-    import os
     import signal
-    import subprocess
-    import sys
 
-    from jobkit import NS, REPO, TOKEN, cli, committed_rows, emulator, read_ids, running_endpoint, wait_for_committed
+    from jobkit import (
+        NS,
+        TOKEN,
+        cli,
+        committed_rows,
+        emulator,
+        read_ids,
+        running_endpoint,
+        start_run,
+        wait_for_committed,
+    )
 
     rows = 300
     # Half the answers spoilt, so at any moment many rows are between tries; the latency and the
@@ -218,10 +225,7 @@ def test_a_job_killed_amid_invalid_answer_retries_resumes_with_nothing_lost_or_t
                           concurrency={"max": 8, "initial": 8}, output={"shard_rows": 20})
         out = tmp_path / "out" / "job"
         log = tmp_path / "killed.stderr"
-        with open(log, "w") as stderr:
-            proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off"],
-                                    cwd=REPO, env={**os.environ, "HF_TOKEN": TOKEN},
-                                    stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = start_run(spec, log=log)
         try:
             wait_for_committed(out, 40, proc, log=log)
             assert proc.poll() is None, "the job finished before its kill"

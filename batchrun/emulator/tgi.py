@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 from PIL import Image
@@ -287,37 +288,31 @@ class TgiModel:
 
     async def chat(self, payload: dict, prepared: Prepared) -> Reply:
         """The answer of /v1/chat/completions."""
-        started = time.perf_counter()
-        generation = self.run(prepared)
-        first, per_token = self.latency(prepared, len(generation.tokens))
-        await _pause(first + per_token * len(generation.tokens))
-        answer = {
-            "object": "chat.completion",
-            "id": "",
-            "created": int(time.time()),
-            "model": payload.get("model", "tgi"),
-            "system_fingerprint": f"{TGI_VERSION}-native",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
-                         "logprobs": None, "finish_reason": _CHAT_FINISH[generation.finish_reason]}],
-            "usage": {"prompt_tokens": prepared.input_tokens, "completion_tokens": len(generation.tokens),
-                      "total_tokens": prepared.input_tokens + len(generation.tokens)},
-        }
-        return json_reply(answer, headers=self.headers(prepared, generation, time.perf_counter() - started))
+        return await self._openai_reply(payload, prepared, "chat.completion", lambda generation: {
+            "message": {"role": "assistant", "content": generation.text}})
 
     async def completions(self, payload: dict, prepared: Prepared) -> Reply:
         """The answer of /v1/completions, in OpenAI's ``text_completion`` shape as TGI gives it."""
+        return await self._openai_reply(payload, prepared, "text_completion", lambda generation: {
+            "text": generation.text})
+
+    async def _openai_reply(self, payload: dict, prepared: Prepared, kind: str,
+                            content: Callable[[Any], dict[str, Any]]) -> Reply:
+        """An OpenAI-shaped answer as TGI gives it (one choice, usage), after the generation's latency;
+        ``content`` gives the choice's own part (a chat ``message``, a completion's ``text``)."""
         started = time.perf_counter()
         generation = self.run(prepared)
         first, per_token = self.latency(prepared, len(generation.tokens))
         await _pause(first + per_token * len(generation.tokens))
+        choice = {"index": 0, **content(generation), "logprobs": None,
+                  "finish_reason": _CHAT_FINISH[generation.finish_reason]}
         answer = {
-            "object": "text_completion",
+            "object": kind,
             "id": "",
             "created": int(time.time()),
             "model": payload.get("model", "tgi"),
             "system_fingerprint": f"{TGI_VERSION}-native",
-            "choices": [{"index": 0, "text": generation.text, "logprobs": None,
-                         "finish_reason": _CHAT_FINISH[generation.finish_reason]}],
+            "choices": [choice],
             "usage": {"prompt_tokens": prepared.input_tokens, "completion_tokens": len(generation.tokens),
                       "total_tokens": prepared.input_tokens + len(generation.tokens)},
         }

@@ -180,11 +180,11 @@ class SharedUse:
         return age < self.stale_after_s
 
     def _write(self) -> None:
-        path = self.users_dir / f"{self.user}.json"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**self._me.to_dict(), "user": self.user, "heartbeat_at": utc_now()}),
-                       encoding="utf-8")
-        os.replace(tmp, path)
+        from batchrun.output.files import json_bytes, replace_atomically  # loaded with the output, not before
+
+        record = {**self._me.to_dict(), "user": self.user, "heartbeat_at": utc_now()}
+        # Its temp file ends in .tmp, which others() does not read.
+        replace_atomically(self.users_dir / f"{self.user}.json", json_bytes(record), self.users_dir)
 
     def _beat(self) -> None:
         while not self._stop_beating.wait(self.heartbeat_s):
