@@ -34,8 +34,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.endpoints.base import DataPlane
 from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact
@@ -59,6 +57,7 @@ from batchrun.tasks import Task
 from batchrun.tasks.answered_by import ENDPOINT_COLUMN, AnsweredByTask
 from batchrun.tasks.base import dump_json, find_layer
 from batchrun.tasks.structured import StructuredTask
+from batchrun.transport import Request, TransportError, TransportTimeout, Unreached
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
@@ -223,7 +222,6 @@ class Dispatcher:
         self.on_drained: Callable[[str, BatchrunError], None] | None = None
         self.budget = RetryBudget(ratio=config.retry_budget_ratio, clock=clock)
         self._stats = DispatchStats(limit=self.limit.limit)
-        self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
         self._stop = Stop()
         # Answers that must follow a JSON Schema are read (and redrawn) here, the one retry layer.
         self._structured = find_layer(task, StructuredTask)
@@ -510,7 +508,7 @@ class Dispatcher:
                 self._stats.retries += 1
             sent_at = self._clock()
             try:
-                return sent_at, await self._send(route.session, url, body, headers)
+                return sent_at, await self._send(route, url, body, headers)
             except RequestFailed as failure:
                 return sent_at, failure
         finally:
@@ -518,33 +516,33 @@ class Dispatcher:
 
     async def _send(
         self,
-        session: aiohttp.ClientSession | None,
+        route: Route,
         url: str,
         body: bytes,
         request_headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        assert session is not None  # opened by run() for every route
+        assert route.pool is not None  # opened by run() for every route
+        config = self.config
         try:
-            # The task's own headers (text-to-image's Accept) are added to the session's. The answer is
+            # The task's own headers (text-to-image's Accept) are added to the pool's. The answer is
             # read as raw bytes and only the task decides what it is: JSON, or image bytes kept as sent.
-            async with session.post(
-                url, data=body, headers=request_headers, timeout=self._timeout, allow_redirects=False
-            ) as response:
-                payload = await response.read()
-                status, headers = response.status, response.headers
-        except TimeoutError:
+            response = await route.transport.send(Request(
+                "POST", url, request_headers, body, config.request_timeout_s, route.pool,
+            ))
+        except TransportTimeout:
             self._count(FailureKind.TIMEOUT.value)
             raise RequestFailed(
-                FailureKind.TIMEOUT.value, f"no complete answer within {self.config.request_timeout_s:g} s",
+                FailureKind.TIMEOUT.value, f"no complete answer within {config.request_timeout_s:g} s",
                 retryable=True,
             ) from None
-        except aiohttp.ClientError as exc:
-            # Refused, reset, closed mid-answer (ClientPayloadError), bad HTTP from the server...
+        except TransportError as exc:
+            # Refused, reset, closed mid-answer, bad HTTP from the server...
             self._count(FailureKind.CONNECTION.value)
             raise RequestFailed(
-                FailureKind.CONNECTION.value, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_CHARS], retryable=True,
-                unreached=isinstance(exc, aiohttp.ClientConnectorError),
+                FailureKind.CONNECTION.value, str(exc)[:_MAX_MESSAGE_CHARS], retryable=True,
+                unreached=isinstance(exc, Unreached),
             ) from None
+        status, headers, payload = response.status, response.headers, response.body
         self._count(str(status))
         if 200 <= status < 300:  # what classify() calls SUCCESS, asked first: it is nearly every answer
             try:
@@ -689,6 +687,12 @@ class Dispatcher:
             message = (
                 f"The endpoint{which} refused the token (HTTP {status}): it is invalid, expired, or cannot access "
                 f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."
+            )
+        elif route.token_withheld:
+            message = (
+                f"The endpoint{which} requires a token (HTTP {status}), and the Hugging Face token was not sent "
+                "to it: it is not a Hugging Face host. If it should receive your token, set endpoint.send_token: "
+                "true (https only)."
             )
         else:
             message = (

@@ -1,0 +1,246 @@
+"""The transport seam (transport.py) and the secrets promises it keeps as a class (reliability.md §4).
+
+- Only transport.py opens HTTP sessions and builds an Authorization header.
+- The HF token goes to Hugging Face hosts and loopback only; elsewhere when the spec opts in; never over
+  plain http beyond loopback. The spec refuses what would break that.
+- A whole job runs through a MockTransport with no socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import socket
+import urllib.parse
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jobkit import read_rows, run, write_spec, write_topics
+
+from batchrun.errors import SpecError, register_secret
+from batchrun.spec import parse_spec
+from batchrun.transport import (
+    MockTransport,
+    Request,
+    Response,
+    auth_headers,
+    token_problem,
+    token_sent_to,
+    use_transport,
+)
+
+PACKAGE = Path(__file__).resolve().parent.parent / "batchrun"
+CANARY = "hf_CANARY_transport_0123456789abcdef"
+
+
+def forms(secret: str) -> list[str]:
+    return [secret, base64.b64encode(secret.encode()).decode(), urllib.parse.quote(secret, safe="")]
+
+
+# ---------------------------------------------------------------------------------------- one seam
+
+
+def test_only_the_transport_opens_sessions_or_builds_an_authorization_header() -> None:
+    pattern = re.compile(r"ClientSession\(|TCPConnector\(|[\"']Authorization[\"']\s*[:\]]|Bearer \{")
+    offenders = []
+    files = [p for p in PACKAGE.rglob("*.py") if "emulator" not in p.relative_to(PACKAGE).parts]
+    assert len(files) > 50  # the package, not an empty folder
+    for path in files:
+        if path.name == "transport.py" and path.parent == PACKAGE:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert offenders == []
+    assert pattern.search((PACKAGE / "transport.py").read_text())  # the check does see what it looks for
+
+
+# ---------------------------------------------------------------------------------------- host policy
+
+
+@pytest.mark.parametrize(("url", "send_token", "sent"), [
+    ("https://xyz.us-east-1.aws.endpoints.huggingface.cloud", False, True),
+    ("https://api.endpoints.huggingface.cloud/v2", False, True),
+    ("https://huggingface.co", False, True),
+    ("https://router.huggingface.co/v1", False, True),
+    ("https://hf.co", False, True),
+    ("https://me-my-space.hf.space", False, True),
+    ("http://127.0.0.1:8080", False, True),
+    ("http://127.3.2.1:8080/generate", False, True),
+    ("http://localhost:80", False, True),
+    ("http://[::1]:8080", False, True),
+    ("https://api.example.com", False, False),
+    ("https://api.example.com", True, True),
+    ("https://huggingface.co.evil.example", False, False),
+    ("https://evilhuggingface.co", False, False),
+    ("https://hf.space", False, False),
+    ("https://endpoints.huggingface.cloud.example.org", False, False),
+    ("http://xyz.endpoints.huggingface.cloud", False, False),  # plain http beyond loopback: never
+    ("http://api.example.com", True, False),
+    ("http://10.0.0.5:8080", True, False),
+    ("http://localhost.example.com", True, False),
+])
+def test_the_token_goes_only_to_hugging_face_hosts_and_loopback(url: str, send_token: bool, sent: bool) -> None:
+    assert token_sent_to(url, send_token=send_token) is sent
+    assert (token_problem(url, send_token=send_token) is None) is sent
+    headers = auth_headers(url, CANARY, send_token=send_token)
+    assert headers == ({"Authorization": f"Bearer {CANARY}"} if sent else {})
+    assert auth_headers(url, None, send_token=send_token) == {}
+
+
+# ---------------------------------------------------------------------------------------- a whole job, no socket
+
+
+def _chat_answer(text: str) -> Response:
+    doc = {"object": "chat.completion", "id": "", "created": 1, "model": "tgi",
+           "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+           "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    return Response(200, {"Content-Type": "application/json"}, json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize(("url", "gets_token"), [
+    ("https://api.example.com", False),
+    ("https://xyz.endpoints.huggingface.cloud", True),
+])
+def test_a_whole_job_runs_through_a_mock_transport_and_the_token_goes_only_where_it_may(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str, gets_token: bool,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+
+    def no_socket(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a socket was connected")
+
+    monkeypatch.setattr(socket.socket, "connect", no_socket)
+    monkeypatch.setattr(socket.socket, "connect_ex", no_socket)
+    seen: list[Request] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append(request)
+        if request.method == "GET" and request.url.endswith("/info"):
+            return Response(200, {"Content-Type": "application/json"}, b'{"model_id": "org/model", "model_sha": "abc"}')
+        assert request.method == "POST" and request.url == url + "/v1/chat/completions"
+        prompt = json.loads(request.body or b"{}")["messages"][-1]["content"]
+        return _chat_answer(f"{prompt}: fine")
+
+    spec = write_spec(tmp_path, endpoint={"url": url}, input_path=write_topics(tmp_path / "in.parquet", 7),
+                      retries={"max_attempts": 1})
+    outcome, lines = run(spec, transport=MockTransport(handler))
+    assert outcome.exit_code == 0, lines
+    posts = [r for r in seen if r.method == "POST"]
+    assert len(posts) == 7 and any(r.url.endswith("/info") for r in seen)
+    for request in seen:
+        assert ("Authorization" in (request.headers or {})) is gets_token
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    assert sorted(row["id"] for row in rows) == [f"row-{i:05d}" for i in range(7)]
+    texts = [p.read_bytes().decode("latin-1") for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    texts += lines
+    for text in texts:
+        for form in forms(CANARY):
+            assert form not in text
+
+
+def test_a_mock_transport_is_used_by_everything_inside_use_transport() -> None:
+    from batchrun.endpoints.url import UrlEndpoint
+
+    calls: list[str] = []
+
+    def handler(request: Request) -> Response:
+        calls.append(request.url)
+        return Response(200, {}, b'{"model_id": "org/m"}')
+
+    async def main() -> str | None:
+        with use_transport(MockTransport(handler)):
+            return (await UrlEndpoint("https://api.example.com/v1/chat/completions", token=CANARY).check()).model
+
+    assert asyncio.run(main()) == "org/m"
+    assert calls == ["https://api.example.com/info"]
+
+
+# ---------------------------------------------------------------------------------------- answers
+
+
+# ---------------------------------------------------------------------------------------- the spec
+
+
+def _spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": "j", "task": "chat-completion", "input": {"parquet": "in.parquet"},
+                            "prompt": {"column": "q"}, "endpoint": {"url": "https://api.example.com"}}
+    spec.update(overrides)
+    return spec
+
+
+@pytest.mark.parametrize(("spec", "where", "says"), [
+    (_spec(endpoint={"url": "http://api.example.com", "send_token": True}), "endpoint.url", "plain http"),
+    (_spec(endpoint={"name": "e", "namespace": "n", "api_url": "https://cp.example.com/v2"}),
+     "endpoint.api_url", "send_token: true"),
+    (_spec(endpoint={"name": "e", "namespace": "n", "api_url": "http://cp.example.com/v2", "send_token": True}),
+     "endpoint.api_url", "plain http"),
+    (_spec(endpoint={"name": "e", "namespace": "n", "api_url": "http://cp.example.com/v2"}),
+     "endpoint.api_url", "plain http"),
+    (_spec(output={"push_to_hub": {"repo": "org/ds", "endpoint": "https://hub.example.com"}}),
+     "output.push_to_hub.endpoint", "send_token: true"),
+    (_spec(output={"push_to_hub": {"repo": "org/ds", "endpoint": "http://hub.example.com", "send_token": True}}),
+     "output.push_to_hub.endpoint", "plain http"),
+    (_spec(endpoint={"url": "https://api.example.com", "send_token": "yes"}), "endpoint.send_token", "true or false"),
+])
+def test_a_spec_cannot_send_the_token_where_it_does_not_belong(spec: dict[str, Any], where: str, says: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec(spec)
+    assert error.value.key == where and says in str(error.value)
+
+
+def test_what_the_spec_may_say_about_the_token() -> None:
+    assert parse_spec(_spec()).endpoint.send_token is False
+    assert parse_spec(_spec(endpoint={"url": "http://plain.example.com"})).endpoint.url  # sent no token: allowed
+    assert parse_spec(_spec(endpoint={"url": "https://api.example.com", "send_token": True})).endpoint.send_token
+    opted = parse_spec(_spec(endpoint={"name": "e", "namespace": "n", "api_url": "https://cp.example.com/v2",
+                                       "send_token": True}))
+    assert opted.endpoint.api_url == "https://cp.example.com/v2"
+    assert parse_spec(_spec(endpoint={"name": "e", "namespace": "n",
+                                      "api_url": "http://127.0.0.1:9/v2"})).endpoint.api_url
+    push = parse_spec(_spec(output={"push_to_hub": {"repo": "org/ds", "endpoint": "http://localhost:1"}}))
+    assert push.output.push_to_hub is not None and not push.output.push_to_hub.send_token
+
+
+def test_validate_names_the_hosts_the_token_goes_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchrun.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    register_secret(CANARY)
+    data = write_topics(tmp_path / "in.parquet", 3)
+    printed = {}
+    for url in ("https://api.example.com", "https://xyz.endpoints.huggingface.cloud"):
+        spec = write_spec(tmp_path, endpoint={"url": url}, input_path=data, name="j" + str(len(printed)))
+        out = io.StringIO()
+        with redirect_stdout(out):
+            assert main(["validate", str(spec)]) == 0
+        printed[url] = out.getvalue()
+    assert "token: found; not sent to api.example.com" in printed["https://api.example.com"]
+    assert "token: found; sent to endpoint: xyz.endpoints.huggingface.cloud" in printed[
+        "https://xyz.endpoints.huggingface.cloud"]
+    assert CANARY not in "".join(printed.values())
+
+
+def test_push_will_not_send_the_token_over_plain_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from batchrun.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+
+    def handler(request: Request) -> Response:
+        if request.url.endswith("/info"):
+            return Response(404, {}, b"")
+        return _chat_answer("fine")
+
+    spec = write_spec(tmp_path, endpoint={"url": "https://api.example.com"},
+                      input_path=write_topics(tmp_path / "in.parquet", 2))
+    assert run(spec, transport=MockTransport(handler))[0].exit_code == 0
+    out = str(tmp_path / "out" / "job")
+    assert main(["push", out, "--repo", "org/ds", "--endpoint", "http://hub.example.com"]) == 2
+    said = capsys.readouterr()
+    assert "plain http" in said.err and "nothing was pushed" in said.err and CANARY not in said.err + said.out
