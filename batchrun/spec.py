@@ -33,6 +33,7 @@ import difflib
 import math
 import re
 import string
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -944,7 +945,7 @@ class _Parser:
         if kind == "url":
             url = self.string(data, "url", prefix=prefix)
             if not re.match(r"^https?://[^/\s]+", url):
-                raise self.error(f"{prefix}url", f"expected an http:// or https:// URL, got {url!r}")
+                raise self.error(f"{prefix}url", f"expected an http:// or https:// URL, got {_no_userinfo(url)!r}")
             for key in _LIFECYCLE_KEYS:
                 if key in data:
                     raise self.error(
@@ -979,7 +980,7 @@ class _Parser:
             if not re.match(r"^https?://", api_url) or not api_url.endswith("/v2"):
                 raise self.error(
                     f"{prefix}api_url",
-                    f"expected the control plane's base URL ending in /v2, got {api_url!r}",
+                    f"expected the control plane's base URL ending in /v2, got {_no_userinfo(api_url)!r}",
                 )
         send_token = self.boolean(data, "send_token", prefix=prefix)
         if url is not None:
@@ -1098,7 +1099,7 @@ class _Parser:
         endpoint = self.string(data, "endpoint", prefix=p, default=None)
         if endpoint is not None:  # huggingface_hub sends the token to every Hub call
             if not re.match(r"^https?://[^/\s]+", endpoint):
-                raise self.error(p + "endpoint", f"expected an http:// or https:// URL, got {endpoint!r}")
+                raise self.error(p + "endpoint", f"expected an http:// or https:// URL, got {_no_userinfo(endpoint)!r}")
             self.token_url(endpoint, p + "endpoint", flags["send_token"], p + "send_token", always=True)
         return PushSpec(
             repo=repo, config=data.get("config", "default"), split=data.get("split", "train"),
@@ -1123,11 +1124,17 @@ class _Parser:
         return value
 
     def token_url(self, url: str, key: str, send_token: bool, opt_in_key: str, *, always: bool = False) -> None:
-        """Refuse a url the HF token must not reach: plain http beyond
+        """Refuse a url with credentials in it, and one the HF token must not reach: plain http beyond
         loopback when it would be sent (``send_token``, or ``always`` for huggingface_hub's calls), a
         host other than Hugging Face's unless ``send_token`` (``always``; a plain url then goes without it)."""
         from batchrun.transport import token_problem
 
+        if urllib.parse.urlsplit(url).username is not None or "@" in urllib.parse.urlsplit(url).netloc:
+            raise self.error(key, (
+                f"{_no_userinfo(url)!r} has credentials in it (user:password@), which would be stored in job.json, "
+                "summary.json and a published dataset card; remove them. batchrun sends the Hugging Face token "
+                "(HF_TOKEN, or `hf auth login`) as a Bearer token: to give it to a host other than Hugging Face's, "
+                f"set {opt_in_key}: true (https only)"))
         problem = token_problem(url, send_token=send_token)
         if problem is None:
             return
@@ -1253,6 +1260,11 @@ class _Parser:
                 prefix + key, f"expected a positive size in bytes or like '64MB', '1GiB', got {_describe(value)}"
             )
         return size
+
+
+def _no_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``, for messages."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", url)
 
 
 def parse_duration(value: Any) -> float | None:

@@ -2,7 +2,7 @@
 
 - Only transport.py opens HTTP sessions and builds an Authorization header.
 - The HF token goes to Hugging Face hosts and loopback only; elsewhere when the spec opts in; never over
-  plain http beyond loopback. The spec refuses what would break that.
+  plain http beyond loopback. The spec refuses what would break that, and credentials inside a url.
 - A whole job runs through a MockTransport with no socket.
 """
 
@@ -172,6 +172,22 @@ def _spec(**overrides: Any) -> dict[str, Any]:
                             "prompt": {"column": "q"}, "endpoint": {"url": "https://api.example.com"}}
     spec.update(overrides)
     return spec
+
+
+@pytest.mark.parametrize(("where", "spec"), [
+    ("endpoint.url", _spec(endpoint={"url": "https://user:s3cretpw@api.example.com/v1"})),
+    ("endpoint.url", _spec(endpoint={"url": "http://s3cretpw@127.0.0.1:8080"})),
+    ("endpoint.api_url", _spec(endpoint={"name": "e", "namespace": "n",
+                                         "api_url": "https://u:s3cretpw@api.endpoints.huggingface.cloud/v2"})),
+    ("output.push_to_hub.endpoint", _spec(output={"push_to_hub": {"repo": "org/ds",
+                                                                 "endpoint": "https://u:s3cretpw@huggingface.co"}})),
+])
+def test_credentials_in_a_url_are_refused_and_not_repeated(where: str, spec: dict[str, Any]) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_spec(spec)
+    assert error.value.key == where
+    assert "s3cretpw" not in str(error.value)
+    assert "credentials" in str(error.value) and "HF_TOKEN" in str(error.value)
 
 
 @pytest.mark.parametrize(("spec", "where", "says"), [
