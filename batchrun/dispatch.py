@@ -57,7 +57,7 @@ from batchrun.tasks import Task
 from batchrun.tasks.answered_by import ENDPOINT_COLUMN, AnsweredByTask
 from batchrun.tasks.base import dump_json, find_layer
 from batchrun.tasks.structured import StructuredTask
-from batchrun.transport import Request, TransportError, TransportTimeout, Unreached
+from batchrun.transport import Request, TransportError, TransportTimeout, Unreached, redact_answer
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
@@ -542,7 +542,10 @@ class Dispatcher:
                 FailureKind.CONNECTION.value, str(exc)[:_MAX_MESSAGE_CHARS], retryable=True,
                 unreached=isinstance(exc, Unreached),
             ) from None
-        status, headers, payload = response.status, response.headers, response.body
+        status, headers = response.status, response.headers
+        # A server that echoes the token (or another secret) back: it is scrubbed before the answer is
+        # read, so it reaches no output. One search per secret form; none without a secret.
+        payload = redact_answer(response.body)
         self._count(str(status))
         if 200 <= status < 300:  # what classify() calls SUCCESS, asked first: it is nearly every answer
             try:

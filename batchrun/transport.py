@@ -17,7 +17,8 @@ Failures are batchrun's own exceptions (:class:`TransportTimeout`, :class:`Unrea
 :class:`ConnectionFailed`), so no caller imports aiohttp. Only this module
 builds an ``Authorization`` header (:func:`auth_headers`), and only for a url the token may go to
 (:func:`token_problem`): Hugging Face hosts and loopback, another host when the spec opts in
-(``send_token: true``), never plain http beyond loopback.
+(``send_token: true``), never plain http beyond loopback. Answers that echo a registered secret have
+it replaced by ``***`` (:func:`redact_answer`) before anything reads them.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from batchrun.errors import BatchrunError, redact
+from batchrun.errors import BatchrunError, redact, secret_forms
 
 if TYPE_CHECKING:
     import aiohttp
@@ -53,6 +54,7 @@ __all__ = [
     "current_transport",
     "is_hf_host",
     "is_loopback",
+    "redact_answer",
     "token_destinations",
     "token_problem",
     "token_sent_to",
@@ -336,3 +338,14 @@ def token_destinations(spec: Any) -> tuple[list[str], list[str]]:
         sent.append(f"hub: {_host(push.endpoint or constants.ENDPOINT)[1]}")
     return sent, withheld
 
+
+# --------------------------------------------------------------------------- secrets in answers
+
+
+def redact_answer(body: bytes) -> bytes:
+    """``body`` with every registered secret (raw, base64, url-encoded) replaced by ``***``; the same
+    object when none is in it, which is the cheap path every answer takes."""
+    for secret in secret_forms():
+        if secret in body:
+            body = body.replace(secret, b"***")
+    return body

@@ -3,6 +3,7 @@
 - Only transport.py opens HTTP sessions and builds an Authorization header.
 - The HF token goes to Hugging Face hosts and loopback only; elsewhere when the spec opts in; never over
   plain http beyond loopback. The spec refuses what would break that, and credentials inside a url.
+- A token the server echoes is not stored.
 - A whole job runs through a MockTransport with no socket.
 """
 
@@ -20,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from jobkit import read_rows, run, write_spec, write_topics
+from test_dispatch import ScriptedServer, by_id, dispatcher, ok, rows_of
 
 from batchrun.errors import SpecError, register_secret
+from batchrun.records import RowFailure, RowResult
 from batchrun.spec import parse_spec
 from batchrun.transport import (
     MockTransport,
@@ -125,7 +129,10 @@ def test_a_whole_job_runs_through_a_mock_transport_and_the_token_goes_only_where
             return Response(200, {"Content-Type": "application/json"}, b'{"model_id": "org/model", "model_sha": "abc"}')
         assert request.method == "POST" and request.url == url + "/v1/chat/completions"
         prompt = json.loads(request.body or b"{}")["messages"][-1]["content"]
-        return _chat_answer(f"{prompt}: fine")
+        auth = (request.headers or {}).get("Authorization", "none")
+        # A server that echoes what it was sent: the token, raw, base64 and url-encoded, must be stored nowhere.
+        sent = auth.removeprefix("Bearer ")
+        return _chat_answer(f"{prompt} | {auth} | {' '.join(forms(sent))}")
 
     spec = write_spec(tmp_path, endpoint={"url": url}, input_path=write_topics(tmp_path / "in.parquet", 7),
                       retries={"max_attempts": 1})
@@ -137,6 +144,8 @@ def test_a_whole_job_runs_through_a_mock_transport_and_the_token_goes_only_where
         assert ("Authorization" in (request.headers or {})) is gets_token
     rows = read_rows(tmp_path / "out" / "job" / "data")
     assert sorted(row["id"] for row in rows) == [f"row-{i:05d}" for i in range(7)]
+    if gets_token:
+        assert all("***" in row["generated_text"] for row in rows), rows[0]
     texts = [p.read_bytes().decode("latin-1") for p in (tmp_path / "out").rglob("*") if p.is_file()]
     texts += lines
     for text in texts:
@@ -162,6 +171,29 @@ def test_a_mock_transport_is_used_by_everything_inside_use_transport() -> None:
 
 
 # ---------------------------------------------------------------------------------------- answers
+
+
+def test_a_token_the_server_echoes_is_not_stored_in_the_answer() -> None:
+    token = "hf_canaryECHO0123456789xyz"
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        sent = request.headers["Authorization"].removeprefix("Bearer ")
+        return ok(f"{prompt}: {' / '.join(forms(sent))}")
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            await dispatcher(server.url, records, token=token).run(rows_of(["a", "b"]))
+            assert server.headers[0]["Authorization"] == f"Bearer {token}"  # loopback gets it
+        return records
+
+    records = by_id(asyncio.run(main()))
+    for record in records.values():
+        assert isinstance(record, RowResult)
+        text = record.output["generated_text"]
+        assert text.endswith("*** / *** / ***")
+        for form in forms(token):
+            assert form not in repr(record)
 
 
 # ---------------------------------------------------------------------------------------- the spec
