@@ -50,14 +50,28 @@ from batchrun.retry import (
     parse_retry_after,
 )
 from batchrun.routing import DRAIN_AFTER, Route, pick
-from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
+from batchrun.spec import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    DEFAULT_OUTAGE_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    ConcurrencySpec,
+    RetrySpec,
+)
 from batchrun.stop import Stop
 from batchrun.structured import InvalidAnswer
 from batchrun.tasks import Task
 from batchrun.tasks.answered_by import ENDPOINT_COLUMN, AnsweredByTask
 from batchrun.tasks.base import dump_json, find_layer
 from batchrun.tasks.structured import StructuredTask
-from batchrun.transport import Request, TransportError, TransportTimeout, Unreached, redact_answer
+from batchrun.transport import (
+    AnswerTooLarge,
+    Request,
+    Response,
+    TransportError,
+    TransportTimeout,
+    Unreached,
+    redact_answer,
+)
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
@@ -87,6 +101,8 @@ class DispatchConfig:
     outage_timeout_s: float = DEFAULT_OUTAGE_TIMEOUT
     # Structured output: more tries, each with a fresh seed, for an answer not valid against the schema.
     invalid_output_retries: int = RetrySpec.invalid_output
+    # The largest answer body read; a larger one is a failure row (answer_too_large). None: no cap.
+    max_answer_bytes: int | None = DEFAULT_MAX_ANSWER_BYTES
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -525,9 +541,10 @@ class Dispatcher:
         config = self.config
         try:
             # The task's own headers (text-to-image's Accept) are added to the pool's. The answer is
-            # read as raw bytes and only the task decides what it is: JSON, or image bytes kept as sent.
+            # read as raw bytes, no further than max_answer_bytes, and only the task decides what it
+            # is: JSON, or image bytes kept as sent.
             response = await route.transport.send(Request(
-                "POST", url, request_headers, body, config.request_timeout_s, route.pool,
+                "POST", url, request_headers, body, config.request_timeout_s, route.pool, config.max_answer_bytes,
             ))
         except TransportTimeout:
             self._count(FailureKind.TIMEOUT.value)
@@ -535,6 +552,14 @@ class Dispatcher:
                 FailureKind.TIMEOUT.value, f"no complete answer within {config.request_timeout_s:g} s",
                 retryable=True,
             ) from None
+        except AnswerTooLarge as large:
+            if not 200 <= large.status < 300:  # a huge error page: its status and headers decide
+                response = Response(large.status, large.headers, b"")
+            else:
+                # Paid for, but more than the job may hold: the same prompt would likely answer as much
+                # again, so the row fails at once (not retried) and nothing more of the answer is read.
+                self._count(_ANSWER_TOO_LARGE)
+                raise RequestFailed(_ANSWER_TOO_LARGE, str(large), status=large.status, retryable=False) from None
         except TransportError as exc:
             # Refused, reset, closed mid-answer, bad HTTP from the server...
             self._count(FailureKind.CONNECTION.value)
@@ -714,6 +739,7 @@ def _no() -> bool:
 
 
 _ENDPOINT_PAUSED = "endpoint_paused"
+_ANSWER_TOO_LARGE = "answer_too_large"  # an answer past max_answer_bytes (a failure row, not retried)
 _INVALID_OUTPUT = "invalid_output"  # a 200 whose answer is not valid against the output schema
 #: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
 _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})

@@ -119,7 +119,7 @@ async def post_notification(
         try:
             answer = await current_transport().send(Request(
                 "POST", url, {"Content-Type": "application/json"}, json.dumps(dict(payload)).encode(),
-                timeout=spec.timeout_s,
+                timeout=spec.timeout_s, max_bytes=2**20,
             ))
         except (TransportError, OSError) as exc:
             problem = type(exc).__name__

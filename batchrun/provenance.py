@@ -233,7 +233,7 @@ class RevisionWatch:
         headers = {**self.plane.headers,
                    **auth_headers(url, self.plane.token, send_token=getattr(self.plane, "send_token", False))}
         try:
-            answer = await current_transport().send(Request("GET", url, headers, timeout=10.0))
+            answer = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
             if answer.status == 404:
                 self.works = False
                 return None

@@ -45,7 +45,7 @@ from batchrun.provenance import REVISION_POLL_S, watch_revision
 from batchrun.reader import PendingRows
 from batchrun.records import SAMPLE_COLUMN, Row
 from batchrun.retry import RetryPolicy
-from batchrun.spec import JobSpec
+from batchrun.spec import JobSpec, answer_cap
 from batchrun.stop import Stop, StopReason, catch_signals
 from batchrun.summary import JobOutcome, build_summary, format_summary
 from batchrun.tally import FailureWatch, Tally
@@ -156,6 +156,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         retry_budget_ratio=spec.retries.budget_ratio,
         outage_timeout_s=spec.outage_timeout,
         invalid_output_retries=spec.retries.invalid_output,
+        max_answer_bytes=answer_cap(spec),
     )
     kept = pre.kept_columns
     sampled = spec.samples > 1

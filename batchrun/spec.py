@@ -73,6 +73,9 @@ DEFAULT_IDLE_BACKSTOP = 15 * 60.0
 DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_REQUEST_TIMEOUT = 120.0
 DEFAULT_OUTAGE_TIMEOUT = 600.0
+#: The largest answer read from the endpoint (``max_answer_bytes``); a larger one fails its row.
+DEFAULT_MAX_ANSWER_BYTES = 8 * 2**20
+DEFAULT_MAX_IMAGE_ANSWER_BYTES = 64 * 2**20  # text-to-image: one image, raw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -286,6 +289,8 @@ class JobSpec:
     concurrency: ConcurrencySpec
     retries: RetrySpec
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    # The largest answer read; None: the task's default (answer_cap). A larger answer fails its row.
+    max_answer_bytes: int | None = None
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT  # an endpoint unavailable this long stops the job (exit 3)
     failure_threshold: float | None = None
     output: OutputSpec
@@ -592,6 +597,7 @@ class _Parser:
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
             request_timeout=self.duration(data, "request_timeout", default=_default(JobSpec, "request_timeout")),
+            max_answer_bytes=self.size(data, "max_answer_bytes", default=None),
             outage_timeout=self.duration(data, "outage_timeout", default=_default(JobSpec, "outage_timeout")),
             failure_threshold=self.fraction(data, "failure_threshold", default=_default(JobSpec, "failure_threshold")),
             output=output,
@@ -1265,6 +1271,13 @@ class _Parser:
 def _no_userinfo(url: str) -> str:
     """``url`` with any ``user:password@`` replaced by ``***@``, for messages."""
     return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+
+
+def answer_cap(spec: JobSpec) -> int:
+    """The largest answer a job reads: ``max_answer_bytes``, or the task's default (an image is larger)."""
+    if spec.max_answer_bytes is not None:
+        return spec.max_answer_bytes
+    return DEFAULT_MAX_IMAGE_ANSWER_BYTES if spec.task == "text-to-image" else DEFAULT_MAX_ANSWER_BYTES
 
 
 def parse_duration(value: Any) -> float | None:

@@ -14,7 +14,7 @@ A job uses the transport :func:`current_transport` returns: :func:`use_transport
 ``RunOptions(transport=...)``) sets it for everything the job does.
 
 Failures are batchrun's own exceptions (:class:`TransportTimeout`, :class:`Unreached`,
-:class:`ConnectionFailed`), so no caller imports aiohttp. Only this module
+:class:`ConnectionFailed`, :class:`AnswerTooLarge`), so no caller imports aiohttp. Only this module
 builds an ``Authorization`` header (:func:`auth_headers`), and only for a url the token may go to
 (:func:`token_problem`): Hugging Face hosts and loopback, another host when the spec opts in
 (``send_token: true``), never plain http beyond loopback. Answers that echo a registered secret have
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AiohttpTransport",
+    "AnswerTooLarge",
     "ConnectionFailed",
     "MockTransport",
     "Request",
@@ -67,7 +68,7 @@ __all__ = [
 @dataclass(slots=True)
 class Request:
     """One request. ``pool`` names the connection pool it goes through (:meth:`Transport.open_pool`;
-    None: a one-shot connection)."""
+    None: a one-shot connection); ``max_bytes`` caps the answer's body (None: no cap)."""
 
     method: str
     url: str
@@ -75,6 +76,7 @@ class Request:
     body: bytes | None = None
     timeout: float | None = None
     pool: str | None = None
+    max_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +104,16 @@ class Unreached(ConnectionFailed):
     """No connection could be made (refused, no route, unknown host): the request never left."""
 
 
+class AnswerTooLarge(TransportError):
+    """The answer's body is larger than the request's ``max_bytes``; it was read no further."""
+
+    def __init__(self, limit: int, status: int, headers: Mapping[str, str] | None = None) -> None:
+        self.limit = limit
+        self.status = status
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
+        super().__init__(f"the answer is larger than max_answer_bytes ({limit} bytes); it was not read further")
+
+
 class Transport(Protocol):
     """What sends requests. ``open_pool`` keeps a connection pool (with headers sent on each of its
     requests) until ``close_pool``."""
@@ -122,6 +134,8 @@ def new_pool_key(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- aiohttp
+
+_CHUNK = 1 << 16
 
 
 class AiohttpTransport:
@@ -182,7 +196,25 @@ class AiohttpTransport:
             request.method, request.url, data=request.body, headers=request.headers,
             timeout=self._timeout(request.timeout), allow_redirects=False,
         ) as response:
-            return Response(response.status, response.headers, await response.read())
+            limit = request.max_bytes
+            if limit is None:
+                body = await response.read()
+            else:
+                length = response.content_length
+                if length is not None and length <= limit:
+                    body = await response.read()  # the length is known and within the cap: read whole
+                elif length is not None:
+                    raise AnswerTooLarge(limit, response.status, response.headers)
+                else:  # no length (chunked): read by chunks, no further than the cap
+                    chunks = []
+                    size = 0
+                    async for chunk in response.content.iter_chunked(_CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            raise AnswerTooLarge(limit, response.status, response.headers)
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
+            return Response(response.status, response.headers, body)
 
 
 # --------------------------------------------------------------------------- a scripted transport
@@ -212,13 +244,15 @@ class MockTransport:
             if request.pool not in self._pools:
                 raise ConnectionFailed(f"the connection pool {request.pool} is closed")
             request = Request(request.method, request.url, {**self._pools[request.pool], **(request.headers or {})},
-                              request.body, request.timeout, request.pool)
+                              request.body, request.timeout, request.pool, request.max_bytes)
         answer = self.handler(request)
         if inspect.isawaitable(answer):
             answer = await answer
         assert isinstance(answer, Response), f"the handler answered {answer!r}, not a Response"
         if not isinstance(answer.headers, CIMultiDictProxy):  # as aiohttp's: names in any case
             answer = Response(answer.status, CIMultiDictProxy(CIMultiDict(answer.headers)), answer.body)
+        if request.max_bytes is not None and len(answer.body) > request.max_bytes:
+            raise AnswerTooLarge(request.max_bytes, answer.status, answer.headers)
         return answer
 
 

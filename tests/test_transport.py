@@ -3,7 +3,7 @@
 - Only transport.py opens HTTP sessions and builds an Authorization header.
 - The HF token goes to Hugging Face hosts and loopback only; elsewhere when the spec opts in; never over
   plain http beyond loopback. The spec refuses what would break that, and credentials inside a url.
-- A token the server echoes is not stored.
+- A token the server echoes is not stored; an answer past max_answer_bytes is a failure row, read no further.
 - A whole job runs through a MockTransport with no socket.
 """
 
@@ -27,8 +27,9 @@ from test_dispatch import ScriptedServer, by_id, dispatcher, ok, rows_of
 
 from batchrun.errors import SpecError, register_secret
 from batchrun.records import RowFailure, RowResult
-from batchrun.spec import parse_spec
+from batchrun.spec import DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_IMAGE_ANSWER_BYTES, answer_cap, parse_spec
 from batchrun.transport import (
+    AnswerTooLarge,
     MockTransport,
     Request,
     Response,
@@ -196,6 +197,78 @@ def test_a_token_the_server_echoes_is_not_stored_in_the_answer() -> None:
             assert form not in repr(record)
 
 
+def test_the_mock_transport_caps_answers_too() -> None:
+    async def main() -> None:
+        transport = MockTransport(lambda request: Response(200, {}, b"x" * 11))
+        assert (await transport.send(Request("GET", "http://h/", max_bytes=11))).body == b"x" * 11
+        with pytest.raises(AnswerTooLarge):
+            await transport.send(Request("GET", "http://h/", max_bytes=10))
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_an_answer_past_max_answer_bytes_fails_its_row_and_is_read_no_further(chunked: bool) -> None:
+    cap = 64 * 1024
+    written: list[int] = []
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.StreamResponse:
+        if prompt == "small":
+            return ok("fine")
+        if not chunked:  # a Content-Length past the cap: refused before reading
+            return web.Response(body=b"x" * (cap * 4), content_type="application/json")
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await prepare(response, request)
+        sent = 0
+        try:
+            while sent < 200 * cap:  # endless, as far as the client can tell: it must stop reading first
+                await response.write(b"x" * 8192)
+                sent += 8192
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:  # also when the server cancels this handler as the client hangs up
+            written.append(sent)
+        return response
+
+    async def prepare(response: web.StreamResponse, request: web.Request) -> None:
+        await response.prepare(request)
+
+    async def main() -> tuple[list[RowResult | RowFailure], int]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            await dispatcher(server.url, records, max_answer_bytes=cap, request_timeout_s=30.0).run(
+                rows_of(["big", "small"]))
+            count = server.count
+        return records, count
+
+    records, count = asyncio.run(main())
+    outcome = by_id(records)
+    big, small = outcome["id-0"], outcome["id-1"]
+    assert isinstance(small, RowResult)
+    assert isinstance(big, RowFailure) and big.error_type == "answer_too_large"
+    assert not big.retryable and big.attempts == 1 and "max_answer_bytes" in big.error
+    assert count == 2  # not retried
+    if chunked:
+        assert written and written[0] < 200 * cap  # the client hung up long before the endless body ended
+
+
+def test_a_huge_error_page_is_judged_by_its_status() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if nth == 1:
+            return web.Response(status=503, body=b"<html>" + b"x" * 100_000, headers={"Retry-After": "0"})
+        return ok("fine")
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            await dispatcher(server.url, records, max_answer_bytes=1024).run(rows_of(["a"]))
+        return records
+
+    [record] = asyncio.run(main())
+    assert isinstance(record, RowResult) and record.attempts == 2  # a 503, retried; not answer_too_large
+
+
 # ---------------------------------------------------------------------------------------- the spec
 
 
@@ -253,6 +326,17 @@ def test_what_the_spec_may_say_about_the_token() -> None:
                                       "api_url": "http://127.0.0.1:9/v2"})).endpoint.api_url
     push = parse_spec(_spec(output={"push_to_hub": {"repo": "org/ds", "endpoint": "http://localhost:1"}}))
     assert push.output.push_to_hub is not None and not push.output.push_to_hub.send_token
+
+
+def test_max_answer_bytes_is_read_from_the_spec_with_a_default_per_task() -> None:
+    assert answer_cap(parse_spec(_spec())) == DEFAULT_MAX_ANSWER_BYTES == 8 * 2**20
+    assert answer_cap(parse_spec(_spec(max_answer_bytes="1MiB"))) == 2**20
+    image = parse_spec({"name": "j", "task": "text-to-image", "input": {"parquet": "in.parquet"},
+                        "prompt": {"column": "q"}, "endpoint": {"url": "https://api.example.com"}})
+    assert answer_cap(image) == DEFAULT_MAX_IMAGE_ANSWER_BYTES == 64 * 2**20
+    with pytest.raises(SpecError) as error:
+        parse_spec(_spec(max_answer_bytes=0))
+    assert error.value.key == "max_answer_bytes"
 
 
 def test_validate_names_the_hosts_the_token_goes_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

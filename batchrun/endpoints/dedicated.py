@@ -410,7 +410,7 @@ class DedicatedEndpoint:
         url = f"{snapshot.url.rstrip('/')}/{snapshot.health_route.lstrip('/')}"
         headers = auth_headers(url, self._token, send_token=self._send_token)
         try:
-            response = await current_transport().send(Request("GET", url, headers, timeout=10.0))
+            response = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
         except TransportError:
             return False
         return response.status == 200

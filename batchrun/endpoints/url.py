@@ -21,6 +21,7 @@ __all__ = ["UrlEndpoint"]
 #: Routes a user may have pasted as part of the url; the server's own routes hang off what precedes them.
 _ROUTE_SUFFIXES = ("/v1/chat/completions", "/v1/completions", "/generate_stream", "/generate")
 CHECK_TIMEOUT_S = 10.0
+CHECK_MAX_BYTES = 2**20  # /info is a few hundred bytes
 
 
 def server_root(url: str) -> str:
@@ -56,7 +57,7 @@ class UrlEndpoint:
         headers = auth_headers(info_url, self._token, send_token=self._send_token)
         try:
             answer = await current_transport().send(
-                Request("GET", info_url, headers, timeout=CHECK_TIMEOUT_S))
+                Request("GET", info_url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES))
             status, body = answer.status, answer.body
         except TransportError as exc:
             detail = redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
