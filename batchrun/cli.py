@@ -144,9 +144,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     where = e.url or (f"{e.namespace}/{e.name}" if e.name else "the built-in emulator (local)")
     note = pre.endpoint_check.note if pre.endpoint_check is not None else None
     print(f"endpoint: {where}" + (f" [{note}]" if note else " (not contacted; --check-endpoint asks it)"), file=out)
-    print(f"token: {'found' if pre.token else 'none'}", file=out)
+    print(f"token: {_token_line(spec) if pre.token else 'none'}", file=out)
     print("nothing was sent.", file=out)
     return 0
+
+
+def _token_line(spec: Any) -> str:
+    """Where the token goes (transport.token_problem), for ``validate``."""
+    from .transport import token_destinations
+
+    sent, withheld = token_destinations(spec)
+    line = "found" + (f"; sent to {', '.join(sent)}" if sent else "")
+    if withheld:
+        line += (f"; not sent to {', '.join(withheld)} (not a Hugging Face host: endpoint.send_token: true "
+                 "sends it, over https only)")
+    return line
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -339,6 +351,12 @@ def cmd_push(args: argparse.Namespace) -> int:
         include_failed=args.include_failed or bool(stored.get("include_failed")),
         endpoint=args.endpoint or stored.get("endpoint"),
     )
+    if target.endpoint:  # the token goes with every Hub call: a url typed here counts as the opt-in
+        from .transport import token_problem
+
+        problem = token_problem(target.endpoint, send_token=bool(args.endpoint or stored.get("send_token")))
+        if problem is not None:
+            raise PublishError(f"the token would not go to {redact(target.endpoint)}: {problem}; nothing was pushed")
     result = push_output(root, target, echo=_echo)
     print(result.describe())
     return 0

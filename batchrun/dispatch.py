@@ -34,8 +34,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.endpoints.base import DataPlane
 from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact
@@ -52,13 +50,28 @@ from batchrun.retry import (
     parse_retry_after,
 )
 from batchrun.routing import DRAIN_AFTER, Route, pick
-from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, ConcurrencySpec, RetrySpec
+from batchrun.spec import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    DEFAULT_OUTAGE_TIMEOUT,
+    DEFAULT_REQUEST_TIMEOUT,
+    ConcurrencySpec,
+    RetrySpec,
+)
 from batchrun.stop import Stop
 from batchrun.structured import InvalidAnswer
 from batchrun.tasks import Task
 from batchrun.tasks.answered_by import ENDPOINT_COLUMN, AnsweredByTask
 from batchrun.tasks.base import dump_json, find_layer
 from batchrun.tasks.structured import StructuredTask
+from batchrun.transport import (
+    AnswerTooLarge,
+    Request,
+    Response,
+    TransportError,
+    TransportTimeout,
+    Unreached,
+    redact_answer,
+)
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
@@ -88,6 +101,8 @@ class DispatchConfig:
     outage_timeout_s: float = DEFAULT_OUTAGE_TIMEOUT
     # Structured output: more tries, each with a fresh seed, for an answer not valid against the schema.
     invalid_output_retries: int = RetrySpec.invalid_output
+    # The largest answer body read; a larger one is a failure row (answer_too_large). None: no cap.
+    max_answer_bytes: int | None = DEFAULT_MAX_ANSWER_BYTES
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1:
@@ -223,7 +238,6 @@ class Dispatcher:
         self.on_drained: Callable[[str, BatchrunError], None] | None = None
         self.budget = RetryBudget(ratio=config.retry_budget_ratio, clock=clock)
         self._stats = DispatchStats(limit=self.limit.limit)
-        self._timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
         self._stop = Stop()
         # Answers that must follow a JSON Schema are read (and redrawn) here, the one retry layer.
         self._structured = find_layer(task, StructuredTask)
@@ -510,7 +524,7 @@ class Dispatcher:
                 self._stats.retries += 1
             sent_at = self._clock()
             try:
-                return sent_at, await self._send(route.session, url, body, headers)
+                return sent_at, await self._send(route, url, body, headers)
             except RequestFailed as failure:
                 return sent_at, failure
         finally:
@@ -518,33 +532,45 @@ class Dispatcher:
 
     async def _send(
         self,
-        session: aiohttp.ClientSession | None,
+        route: Route,
         url: str,
         body: bytes,
         request_headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        assert session is not None  # opened by run() for every route
+        assert route.pool is not None  # opened by run() for every route
+        config = self.config
         try:
-            # The task's own headers (text-to-image's Accept) are added to the session's. The answer is
-            # read as raw bytes and only the task decides what it is: JSON, or image bytes kept as sent.
-            async with session.post(
-                url, data=body, headers=request_headers, timeout=self._timeout, allow_redirects=False
-            ) as response:
-                payload = await response.read()
-                status, headers = response.status, response.headers
-        except TimeoutError:
+            # The task's own headers (text-to-image's Accept) are added to the pool's. The answer is
+            # read as raw bytes, no further than max_answer_bytes, and only the task decides what it
+            # is: JSON, or image bytes kept as sent.
+            response = await route.transport.send(Request(
+                "POST", url, request_headers, body, config.request_timeout_s, route.pool, config.max_answer_bytes,
+            ))
+        except TransportTimeout:
             self._count(FailureKind.TIMEOUT.value)
             raise RequestFailed(
-                FailureKind.TIMEOUT.value, f"no complete answer within {self.config.request_timeout_s:g} s",
+                FailureKind.TIMEOUT.value, f"no complete answer within {config.request_timeout_s:g} s",
                 retryable=True,
             ) from None
-        except aiohttp.ClientError as exc:
-            # Refused, reset, closed mid-answer (ClientPayloadError), bad HTTP from the server...
+        except AnswerTooLarge as large:
+            if not 200 <= large.status < 300:  # a huge error page: its status and headers decide
+                response = Response(large.status, large.headers, b"")
+            else:
+                # Paid for, but more than the job may hold: the same prompt would likely answer as much
+                # again, so the row fails at once (not retried) and nothing more of the answer is read.
+                self._count(_ANSWER_TOO_LARGE)
+                raise RequestFailed(_ANSWER_TOO_LARGE, str(large), status=large.status, retryable=False) from None
+        except TransportError as exc:
+            # Refused, reset, closed mid-answer, bad HTTP from the server...
             self._count(FailureKind.CONNECTION.value)
             raise RequestFailed(
-                FailureKind.CONNECTION.value, f"{type(exc).__name__}: {exc}"[:_MAX_MESSAGE_CHARS], retryable=True,
-                unreached=isinstance(exc, aiohttp.ClientConnectorError),
+                FailureKind.CONNECTION.value, str(exc)[:_MAX_MESSAGE_CHARS], retryable=True,
+                unreached=isinstance(exc, Unreached),
             ) from None
+        status, headers = response.status, response.headers
+        # A server that echoes the token (or another secret) back: it is scrubbed before the answer is
+        # read, so it reaches no output. One search per secret form; none without a secret.
+        payload = redact_answer(response.body)
         self._count(str(status))
         if 200 <= status < 300:  # what classify() calls SUCCESS, asked first: it is nearly every answer
             try:
@@ -690,6 +716,12 @@ class Dispatcher:
                 f"The endpoint{which} refused the token (HTTP {status}): it is invalid, expired, or cannot access "
                 f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."
             )
+        elif route.token_withheld:
+            message = (
+                f"The endpoint{which} requires a token (HTTP {status}), and the Hugging Face token was not sent "
+                "to it: it is not a Hugging Face host. If it should receive your token, set endpoint.send_token: "
+                "true (https only)."
+            )
         else:
             message = (
                 f"The endpoint{which} requires a token (HTTP {status}) and none was found. "
@@ -707,6 +739,7 @@ def _no() -> bool:
 
 
 _ENDPOINT_PAUSED = "endpoint_paused"
+_ANSWER_TOO_LARGE = "answer_too_large"  # an answer past max_answer_bytes (a failure row, not retried)
 _INVALID_OUTPUT = "invalid_output"  # a 200 whose answer is not valid against the output schema
 #: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
 _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})

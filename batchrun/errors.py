@@ -54,6 +54,7 @@ __all__ = [
     "SpecError",
     "redact",
     "register_secret",
+    "secret_forms",
 ]
 
 
@@ -221,6 +222,7 @@ class RequestFailed(BatchrunError):
 # Secrets known to this process. Naughty global state, but a token must be scrubbed from any string
 # that might reach a log, a message or a file, wherever that string was built.
 _SECRETS: set[str] = set()
+_SECRET_BYTES: tuple[bytes, ...] = ()
 
 
 def register_secret(secret: str | None) -> None:
@@ -230,6 +232,13 @@ def register_secret(secret: str | None) -> None:
     _SECRETS.add(secret)
     _SECRETS.add(base64.b64encode(secret.encode()).decode())
     _SECRETS.add(urllib.parse.quote(secret, safe=""))
+    global _SECRET_BYTES
+    _SECRET_BYTES = tuple(sorted({form.encode() for form in _SECRETS}, key=len, reverse=True))
+
+
+def secret_forms() -> tuple[bytes, ...]:
+    """Every registered secret in each of its forms, as bytes (longest first), to search answers for."""
+    return _SECRET_BYTES
 
 
 def redact(text: str) -> str:

@@ -102,9 +102,10 @@ async def post_notification(
     backoff_s: float = 0.5,
 ) -> bool:
     """POST ``payload``; retried on a network error or a 5xx/429 answer. Never raises; True when delivered."""
-    import aiohttp
+    import json
 
     from batchrun.errors import redact, register_secret
+    from batchrun.transport import Request, TransportError, current_transport
 
     url = spec.url()
     if not url:
@@ -116,14 +117,17 @@ async def post_notification(
         if attempt:
             await asyncio.sleep(backoff_s * 2 ** (attempt - 1))
         try:
-            timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
-            async with aiohttp.ClientSession(timeout=timeout) as http, http.post(url, json=dict(payload)) as answer:
-                if answer.status < 300:
-                    return True
-                problem = f"HTTP {answer.status}"
-                if answer.status < 500 and answer.status != 429:
-                    break  # the webhook refuses this body: trying again would not help
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            answer = await current_transport().send(Request(
+                "POST", url, {"Content-Type": "application/json"}, json.dumps(dict(payload)).encode(),
+                timeout=spec.timeout_s, max_bytes=2**20,
+            ))
+        except (TransportError, OSError) as exc:
             problem = type(exc).__name__
+            continue
+        if answer.status < 300:
+            return True
+        problem = f"HTTP {answer.status}"
+        if answer.status < 500 and answer.status != 429:
+            break  # the webhook refuses this body: trying again would not help
     echo(redact(f"warning: the notification was not delivered ({problem}); the job's outcome is unchanged"))
     return False

@@ -222,26 +222,25 @@ class RevisionWatch:
 
     async def ask(self) -> str | None:
         """The revision served now, or None when it cannot be told."""
-        import aiohttp
+        import json
 
         from batchrun.endpoints.url import server_root
+        from batchrun.transport import Request, TransportError, auth_headers, current_transport
 
         if not self.works:
             return None
-        headers = dict(self.plane.headers)
-        if self.plane.token:
-            headers["Authorization"] = f"Bearer {self.plane.token}"
+        url = server_root(self.plane.url) + "/info"
+        headers = {**self.plane.headers,
+                   **auth_headers(url, self.plane.token, send_token=getattr(self.plane, "send_token", False))}
         try:
-            timeout = aiohttp.ClientTimeout(total=10)
-            async with aiohttp.ClientSession(timeout=timeout) as http, \
-                    http.get(server_root(self.plane.url) + "/info", headers=headers) as answer:
-                if answer.status == 404:
-                    self.works = False
-                    return None
-                if answer.status != 200:
-                    return None
-                info = await answer.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            answer = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
+            if answer.status == 404:
+                self.works = False
+                return None
+            if answer.status != 200:
+                return None
+            info = json.loads(answer.body)
+        except (TransportError, ValueError) as exc:
             log.info("revision_check_failed %s", type(exc).__name__)
             return None
         if isinstance(info, dict) and isinstance(info.get("version"), str) and not self.run.endpoint.get(

@@ -18,7 +18,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import yarl
 
 from batchrun.breaker import CircuitBreaker
@@ -26,6 +25,7 @@ from batchrun.endpoints.base import DataPlane
 from batchrun.errors import BatchrunError, RequestFailed, redact, register_secret
 from batchrun.limit import AdaptiveLimit
 from batchrun.tasks import PreparedRequest, join_url
+from batchrun.transport import Transport, auth_headers, current_transport, new_pool_key
 
 __all__ = ["DRAIN_AFTER", "Route", "pick"]
 
@@ -55,17 +55,19 @@ class Route:
             raise ValueError("the data plane's headers may not set Authorization: the token comes from huggingface_hub")
         self.name = name
         self.base_url = plane.url
-        self.has_token = bool(plane.token)
         register_secret(plane.token)
-        self.headers: dict[str, str] = {"Content-Type": "application/json", **plane.headers}
-        if plane.token:
-            self.headers["Authorization"] = f"Bearer {plane.token}"
+        # The token goes only where it may (transport.token_problem): not to a host the spec did not opt in.
+        auth = auth_headers(plane.url, plane.token, send_token=plane.send_token)
+        self.has_token = bool(auth)
+        self.token_withheld = bool(plane.token) and not auth  # a token the url may not receive
+        self.headers: dict[str, str] = {"Content-Type": "application/json", **plane.headers, **auth}
         self.excuses = excuses
         self.limit = AdaptiveLimit(min(initial, maximum), maximum=maximum, clock=clock)
         self.breaker = CircuitBreaker()
         self.breaker_changed = asyncio.Event()
         self.good_limit = self.limit.value  # the limit while the endpoint last answered well
-        self.session: aiohttp.ClientSession | None = None
+        self.transport: Transport = current_transport()
+        self.pool: str | None = None  # the route's connection pool in the transport, once opened
         self.drained: BatchrunError | None = None  # why it takes no more requests
         self._urls: dict[str, str] = {}
         # Figures for the summary's per-endpoint shares.
@@ -89,19 +91,18 @@ class Route:
             return -2 * self.limit.controller.maximum - 1
         return self.limit.limit - self.limit.in_flight
 
-    def open_session(self, connections: int) -> aiohttp.ClientSession:
-        """The route's own HTTP session (its headers, its connection pool), made once the loop runs."""
-        if self.session is None or self.session.closed:
-            # limit_per_host=0: no separate per-host cap; the total is the worker count. Connections
-            # are kept alive between requests.
-            connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0)
-            self.session = aiohttp.ClientSession(connector=connector, headers=self.headers)
-        return self.session
+    def open_session(self, connections: int) -> str:
+        """The route's own connection pool in the transport (its headers, ``connections`` connections
+        at most, kept alive), made once the loop runs. Returns the pool's key."""
+        if self.pool is None:
+            self.pool = new_pool_key(self.name)
+        self.transport.open_pool(self.pool, headers=self.headers, connections=connections)
+        return self.pool
 
     async def close(self) -> None:
-        session, self.session = self.session, None
-        if session is not None:
-            await session.close()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await self.transport.close_pool(pool)
 
     def drain(self, error: BatchrunError) -> bool:
         """Take no more requests; True the first time. Waiters for a slot or the breaker are woken so

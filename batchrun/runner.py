@@ -45,10 +45,11 @@ from batchrun.provenance import REVISION_POLL_S, watch_revision
 from batchrun.reader import PendingRows
 from batchrun.records import SAMPLE_COLUMN, Row
 from batchrun.retry import RetryPolicy
-from batchrun.spec import JobSpec
+from batchrun.spec import JobSpec, answer_cap
 from batchrun.stop import Stop, StopReason, catch_signals
 from batchrun.summary import JobOutcome, build_summary, format_summary
 from batchrun.tally import FailureWatch, Tally
+from batchrun.transport import Transport, use_transport
 
 __all__ = ["JobOutcome", "RunOptions", "run_job"]
 
@@ -67,11 +68,18 @@ class RunOptions:
     echo: Callable[[str], None] = print
     revision_poll_s: float = REVISION_POLL_S  # how often the served revision is asked during the run
     compare_with: str | None = None  # a previous run's folder: the notification carries the verdict
+    #: What every request of the job goes through (transport.py); None: the real one. Tests pass a MockTransport.
+    transport: Transport | None = None
 
 
 async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcome:
     """Run (or resume) a job. Returns its outcome; raises exit-2 errors before anything is touched."""
     options = options or RunOptions()
+    with use_transport(options.transport):
+        return await _run_job(spec, options)
+
+
+async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     started = _Started()
     stop = Stop(grace_s=options.grace_s, echo=options.echo)
     spec, run_id = nightly.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
@@ -148,6 +156,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         retry_budget_ratio=spec.retries.budget_ratio,
         outage_timeout_s=spec.outage_timeout,
         invalid_output_retries=spec.retries.invalid_output,
+        max_answer_bytes=answer_cap(spec),
     )
     kept = pre.kept_columns
     sampled = spec.samples > 1

@@ -33,6 +33,7 @@ import difflib
 import math
 import re
 import string
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -72,6 +73,9 @@ DEFAULT_IDLE_BACKSTOP = 15 * 60.0
 DEFAULT_SHARD_BYTES = 64 * 2**20
 DEFAULT_REQUEST_TIMEOUT = 120.0
 DEFAULT_OUTAGE_TIMEOUT = 600.0
+#: The largest answer read from the endpoint (``max_answer_bytes``); a larger one fails its row.
+DEFAULT_MAX_ANSWER_BYTES = 8 * 2**20
+DEFAULT_MAX_IMAGE_ANSWER_BYTES = 64 * 2**20  # text-to-image: one image, raw
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +202,9 @@ class EndpointSpec:
     price_per_replica_hour: float | None = None
     #: How progress, the summary and the output's ``endpoint`` column name it among several (list form).
     label: str | None = None
+    #: Send the HF token to this endpoint's url (and ``api_url``) although it is not a Hugging Face host
+    #: (transport.token_problem); never over plain http beyond loopback.
+    send_token: bool = False
 
     @property
     def kind(self) -> str:
@@ -254,6 +261,7 @@ class PushSpec:
     every: float | None = None
     include_failed: bool = False
     endpoint: str | None = None
+    send_token: bool = False  # ``endpoint`` may be a host other than Hugging Face's (it receives the token)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +289,8 @@ class JobSpec:
     concurrency: ConcurrencySpec
     retries: RetrySpec
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    # The largest answer read; None: the task's default (answer_cap). A larger answer fails its row.
+    max_answer_bytes: int | None = None
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT  # an endpoint unavailable this long stops the job (exit 3)
     failure_threshold: float | None = None
     output: OutputSpec
@@ -587,6 +597,7 @@ class _Parser:
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
             request_timeout=self.duration(data, "request_timeout", default=_default(JobSpec, "request_timeout")),
+            max_answer_bytes=self.size(data, "max_answer_bytes", default=None),
             outage_timeout=self.duration(data, "outage_timeout", default=_default(JobSpec, "outage_timeout")),
             failure_threshold=self.fraction(data, "failure_threshold", default=_default(JobSpec, "failure_threshold")),
             output=output,
@@ -940,7 +951,7 @@ class _Parser:
         if kind == "url":
             url = self.string(data, "url", prefix=prefix)
             if not re.match(r"^https?://[^/\s]+", url):
-                raise self.error(f"{prefix}url", f"expected an http:// or https:// URL, got {url!r}")
+                raise self.error(f"{prefix}url", f"expected an http:// or https:// URL, got {_no_userinfo(url)!r}")
             for key in _LIFECYCLE_KEYS:
                 if key in data:
                     raise self.error(
@@ -974,8 +985,14 @@ class _Parser:
             api_url = api_url.rstrip("/")
             if not re.match(r"^https?://", api_url) or not api_url.endswith("/v2"):
                 raise self.error(
-                    f"{prefix}api_url", f"expected the control plane's base URL ending in /v2, got {api_url!r}"
+                    f"{prefix}api_url",
+                    f"expected the control plane's base URL ending in /v2, got {_no_userinfo(api_url)!r}",
                 )
+        send_token = self.boolean(data, "send_token", prefix=prefix)
+        if url is not None:
+            self.token_url(url, f"{prefix}url", send_token, f"{prefix}send_token")
+        if api_url is not None:  # huggingface_hub sends the token to every control-plane call
+            self.token_url(api_url, f"{prefix}api_url", send_token, f"{prefix}send_token", always=True)
         on_finish = data.get("on_finish")
         if on_finish is not None and on_finish not in ON_FINISH:
             hint = _suggest(on_finish, ON_FINISH) if isinstance(on_finish, str) else ""
@@ -996,6 +1013,7 @@ class _Parser:
                 data, "idle_backstop", prefix=prefix, default=_default(EndpointSpec, "idle_backstop")
             ),
             price_per_replica_hour=price,
+            send_token=send_token,
             label=label if label is not None or index is None else _default_label(kind, url, local, name, index),
         )
 
@@ -1082,15 +1100,17 @@ class _Parser:
             if problem is not None:
                 raise self.error(p + key, problem)
         flags = {}
-        for key in ("private", "include_failed"):
-            value = data.get(key, False)
-            if not isinstance(value, bool):
-                raise self.error(p + key, f"expected true or false, got {_describe(value)}")
-            flags[key] = value
+        for key in ("private", "include_failed", "send_token"):
+            flags[key] = self.boolean(data, key, prefix=p)
+        endpoint = self.string(data, "endpoint", prefix=p, default=None)
+        if endpoint is not None:  # huggingface_hub sends the token to every Hub call
+            if not re.match(r"^https?://[^/\s]+", endpoint):
+                raise self.error(p + "endpoint", f"expected an http:// or https:// URL, got {_no_userinfo(endpoint)!r}")
+            self.token_url(endpoint, p + "endpoint", flags["send_token"], p + "send_token", always=True)
         return PushSpec(
             repo=repo, config=data.get("config", "default"), split=data.get("split", "train"),
             every=self.duration(data, "every", prefix=p, default=None),
-            endpoint=self.string(data, "endpoint", prefix=p, default=None), **flags,
+            endpoint=endpoint, **flags,
         )
 
     def output_path(self, data: Mapping[str, Any], job_name: str) -> str:
@@ -1102,6 +1122,32 @@ class _Parser:
         return path
 
     # -- shapes --------------------------------------------------------------------------------
+
+    def boolean(self, data: Mapping[str, Any], key: str, *, prefix: str = "") -> bool:
+        value = data.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(prefix + key, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def token_url(self, url: str, key: str, send_token: bool, opt_in_key: str, *, always: bool = False) -> None:
+        """Refuse a url with credentials in it, and one the HF token must not reach: plain http beyond
+        loopback when it would be sent (``send_token``, or ``always`` for huggingface_hub's calls), a
+        host other than Hugging Face's unless ``send_token`` (``always``; a plain url then goes without it)."""
+        from batchrun.transport import token_problem
+
+        if urllib.parse.urlsplit(url).username is not None or "@" in urllib.parse.urlsplit(url).netloc:
+            raise self.error(key, (
+                f"{_no_userinfo(url)!r} has credentials in it (user:password@), which would be stored in job.json, "
+                "summary.json and a published dataset card; remove them. batchrun sends the Hugging Face token "
+                "(HF_TOKEN, or `hf auth login`) as a Bearer token: to give it to a host other than Hugging Face's, "
+                f"set {opt_in_key}: true (https only)"))
+        problem = token_problem(url, send_token=send_token)
+        if problem is None:
+            return
+        if url.lower().startswith("http://") and (send_token or always):
+            raise self.error(key, f"{problem}; use https (the token never goes over plain http beyond loopback)")
+        if always:
+            raise self.error(key, f"{problem} ({opt_in_key}: true), and huggingface_hub sends it on every call")
 
     def section(self, data: Any, key: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
         if not isinstance(data, Mapping):
@@ -1220,6 +1266,18 @@ class _Parser:
                 prefix + key, f"expected a positive size in bytes or like '64MB', '1GiB', got {_describe(value)}"
             )
         return size
+
+
+def _no_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@``, for messages."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1***@", url)
+
+
+def answer_cap(spec: JobSpec) -> int:
+    """The largest answer a job reads: ``max_answer_bytes``, or the task's default (an image is larger)."""
+    if spec.max_answer_bytes is not None:
+        return spec.max_answer_bytes
+    return DEFAULT_MAX_IMAGE_ANSWER_BYTES if spec.task == "text-to-image" else DEFAULT_MAX_ANSWER_BYTES
 
 
 def parse_duration(value: Any) -> float | None:

@@ -94,7 +94,7 @@ def open_endpoint(
 
     e = endpoint or spec.endpoint
     if e.url is not None:
-        return UrlEndpoint(e.url, token=token)
+        return UrlEndpoint(e.url, token=token, send_token=e.send_token)
     kind = task_kind(spec.task)
     settings = LifecycleSettings(
         scale_min=e.scale.min_replica if e.scale else None,
@@ -125,4 +125,4 @@ def open_endpoint(
         settings = dataclasses.replace(settings, shared=SharedUse(folder, user))
     control = HfControlPlane(name=e.name, namespace=e.namespace, token=token, api_url=e.api_url)
     return DedicatedEndpoint(control, settings, token=token, stop=stop, on_event=on_event,
-                             price_per_replica_hour=e.price_per_replica_hour)
+                             price_per_replica_hour=e.price_per_replica_hour, send_token=e.send_token)

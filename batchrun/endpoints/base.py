@@ -25,11 +25,15 @@ __all__ = ["DataPlane", "Endpoint", "EndpointCheck", "LifecycleRecord"]
 
 @dataclass(frozen=True, slots=True)
 class DataPlane:
-    """Where requests go once the endpoint is ready: its base url, headers to add, and the token."""
+    """Where requests go once the endpoint is ready: its base url, headers to add, and the token.
+
+    The token is sent only where :func:`batchrun.transport.token_problem` allows: Hugging Face hosts
+    and loopback, another https host when ``send_token`` (the spec's ``endpoint.send_token``)."""
 
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     token: str | None = field(default=None, repr=False)
+    send_token: bool = False
 
 
 @dataclass(frozen=True, slots=True)

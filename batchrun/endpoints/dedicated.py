@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchrun.cost import CostMeter
 from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
@@ -37,9 +37,6 @@ from batchrun.errors import (
     RequestFailed,
 )
 from batchrun.stop import Stop, StopReason
-
-if TYPE_CHECKING:
-    import aiohttp
 
 __all__ = ["DedicatedEndpoint", "LifecycleSettings"]
 
@@ -91,12 +88,14 @@ class DedicatedEndpoint:
         on_event: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         price_per_replica_hour: float | None = None,
+        send_token: bool = False,
     ) -> None:
         self.control = control
         self.settings = settings
         self.record = LifecycleRecord()
         self.meter = CostMeter(price_per_replica_hour, clock=clock)
         self._token = token
+        self._send_token = send_token
         self._stop = stop or Stop()
         self._on_event = on_event or (lambda message: None)
         self._clock = clock
@@ -213,7 +212,8 @@ class DedicatedEndpoint:
                 raise JobStopped(cause.detail if cause else "stopped while the endpoint was starting")
             watcher = asyncio.create_task(self._watch(), name="endpoint-watch")
             try:
-                yield DataPlane(url=url, headers=dict(self._extra_headers), token=self._token)
+                yield DataPlane(url=url, headers=dict(self._extra_headers), token=self._token,
+                                send_token=self._send_token)
             finally:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -353,32 +353,29 @@ class DedicatedEndpoint:
         target = self._min_target(original)
         deadline = self._clock() + self.settings.ready_timeout_s
         last_line = ""
-        import aiohttp  # loaded when an endpoint is acquired: `batchrun validate` does without it
-
-        async with aiohttp.ClientSession() as http:
-            while True:
-                snapshot = await self._poll()
-                if snapshot is not None:
-                    line = f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}"
-                    if line != last_line:
-                        self._event(line)
-                        last_line = line
-                    if snapshot.state in FAILED:
-                        raise EndpointError(
-                            f"endpoint {self.ref} became {snapshot.state} while starting: "
-                            f"{snapshot.message or 'no message'}",
-                            state=snapshot.state,
-                        )
-                    up = snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target
-                    if up and await self._healthy(http, snapshot):
-                        return self._ready(snapshot)
-                now = self._clock()
-                if now >= deadline:
-                    raise self._not_ready(snapshot, target)
-                interval = self.settings.poll_interval_s
-                if snapshot is not None and snapshot.state in ("running", "updating"):
-                    interval = min(interval, FAST_POLL_S)
-                await asyncio.sleep(max(0.0, min(interval, deadline - now)))
+        while True:
+            snapshot = await self._poll()
+            if snapshot is not None:
+                line = f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}"
+                if line != last_line:
+                    self._event(line)
+                    last_line = line
+                if snapshot.state in FAILED:
+                    raise EndpointError(
+                        f"endpoint {self.ref} became {snapshot.state} while starting: "
+                        f"{snapshot.message or 'no message'}",
+                        state=snapshot.state,
+                    )
+                up = snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target
+                if up and await self._healthy(snapshot):
+                    return self._ready(snapshot)
+            now = self._clock()
+            if now >= deadline:
+                raise self._not_ready(snapshot, target)
+            interval = self.settings.poll_interval_s
+            if snapshot is not None and snapshot.state in ("running", "updating"):
+                interval = min(interval, FAST_POLL_S)
+            await asyncio.sleep(max(0.0, min(interval, deadline - now)))
 
     async def _poll(self) -> EndpointSnapshot | None:
         try:
@@ -406,17 +403,17 @@ class DedicatedEndpoint:
             state=state,
         )
 
-    async def _healthy(self, http: aiohttp.ClientSession, snapshot: EndpointSnapshot) -> bool:
-        import aiohttp
+    async def _healthy(self, snapshot: EndpointSnapshot) -> bool:
+        from batchrun.transport import Request, TransportError, auth_headers, current_transport
 
         assert snapshot.url is not None
         url = f"{snapshot.url.rstrip('/')}/{snapshot.health_route.lstrip('/')}"
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        headers = auth_headers(url, self._token, send_token=self._send_token)
         try:
-            async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+            response = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
+        except TransportError:
             return False
+        return response.status == 200
 
     # ------------------------------------------------------------------ during the run
 

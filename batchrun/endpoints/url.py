@@ -21,6 +21,7 @@ __all__ = ["UrlEndpoint"]
 #: Routes a user may have pasted as part of the url; the server's own routes hang off what precedes them.
 _ROUTE_SUFFIXES = ("/v1/chat/completions", "/v1/completions", "/generate_stream", "/generate")
 CHECK_TIMEOUT_S = 10.0
+CHECK_MAX_BYTES = 2**20  # /info is a few hundred bytes
 
 
 def server_root(url: str) -> str:
@@ -35,28 +36,30 @@ def server_root(url: str) -> str:
 class UrlEndpoint:
     """`endpoint: {url: ...}`: used as it is, left as it is."""
 
-    def __init__(self, url: str, *, token: str | None) -> None:
+    def __init__(self, url: str, *, token: str | None, send_token: bool = False) -> None:
         self.url = url
         self.ref = redact(url)
         self.record = LifecycleRecord(initial_state="static")
         self.meter = CostMeter(None)
         self._token = token
+        self._send_token = send_token
 
     def __repr__(self) -> str:
         return f"UrlEndpoint({self.ref!r})"
 
     async def check(self) -> EndpointCheck:
         """Ask ``GET /info``; any HTTP answer proves the server is there, only a TGI one names the model."""
-        import aiohttp  # loaded when the endpoint is checked: `batchrun validate` does without it
         import yarl
 
+        from batchrun.transport import Request, TransportError, auth_headers, current_transport
+
         info_url = str(yarl.URL(server_root(self.url) + "/info"))
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        timeout = aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)
+        headers = auth_headers(info_url, self._token, send_token=self._send_token)
         try:
-            async with aiohttp.ClientSession(timeout=timeout) as http, http.get(info_url, headers=headers) as answer:
-                status, body = answer.status, await answer.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            answer = await current_transport().send(
+                Request("GET", info_url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES))
+            status, body = answer.status, answer.body
+        except TransportError as exc:
             detail = redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
             raise EndpointUnusableError(
                 f"cannot reach the endpoint at {self.ref} ({detail}): check endpoint.url and that the server is "
@@ -85,7 +88,7 @@ class UrlEndpoint:
 
     async def __aenter__(self) -> DataPlane:
         self.record.acquired_at = self.record.ready_at = time.monotonic()
-        return DataPlane(url=self.url, token=self._token)
+        return DataPlane(url=self.url, token=self._token, send_token=self._send_token)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
