@@ -171,6 +171,9 @@ class ControlPlane:
         return self._answer(request, 200, {})
 
     async def _stats(self, request: web.Request) -> web.Response:
+        # The stats list every prompt sent: they ask for the token like every other route.
+        if refusal := self._refused(request):
+            return refusal
         return web.json_response(self.emulator.stats())
 
     def _config_from_create(self, namespace: str, body: object) -> EndpointConfig:
