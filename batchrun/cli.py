@@ -210,6 +210,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     thresholds = parse_fail_if(args.fail_if) if args.fail_if else []
     report = compare_runs(args.run_a, args.run_b)
+    report.check_thresholds(thresholds)
     if args.json:
         print(json.dumps({**report.to_dict(), "verdict": report.verdict(thresholds)}, indent=2, default=str))
     else:
