@@ -75,10 +75,19 @@ def load_run(folder: str | Path) -> RunData:
 
     root = Path(folder)
     parts = OutputStore.parts(root)  # a split job: its shards' one spec, and their summaries as one
-    job = OutputStore.job_of(root) if (root / "state").is_dir() else None
+    try:
+        job = OutputStore.job_of(root) if (root / "state").is_dir() else None
+        summaries = [read_json(part.state_dir / "summary.json") or {} for part in parts]
+    except BatchrunError as exc:  # a damaged state file: said in one line, exit 2
+        raise CompareError(f"cannot read the run {root}: {exc}") from None
     if job is None:
         raise CompareError(f"{root} is not a run's output folder (no state/job.json)")
-    summary = union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
+    malformed = [name for name, value in (("job.json", job), *(("summary.json", s) for s in summaries))
+                 if not _well_formed(value)]
+    if malformed:
+        raise CompareError(f"cannot read the run {root}: its state/{malformed[0]} is malformed "
+                           "(expected a JSON object of objects); restore it from a copy")
+    summary = union_summary(summaries)
     id_column = _id_column(job.get("spec") or {})
     results: dict[Any, dict[str, Any]] = {}
     for table in read_shards(root, "data"):
@@ -94,6 +103,12 @@ def load_run(folder: str | Path) -> RunData:
     provenance.setdefault("revision", identity.get("revision"))
     provenance.setdefault("parameters", identity.get("parameters"))
     return RunData(root, results, failures, summary, provenance)
+
+
+def _well_formed(record: Any) -> bool:
+    """A state record compare reads: a JSON object whose sections (spec, identity, rows...) are objects."""
+    sections = ("spec", "identity", "provenance", "rows", "cost", "latency_s")
+    return isinstance(record, dict) and all(isinstance(record.get(k) or {}, dict) for k in sections)
 
 
 def _id_column(spec: Any) -> str:

@@ -99,7 +99,9 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     options.echo(format_summary(summary))
     await nightly.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
     if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
-        raise AuthError(stop.cause.detail)  # exit 2: nothing more can run until the token is fixed
+        if tally.done == 0:
+            raise AuthError(stop.cause.detail)  # exit 2: nothing ran, nor can until the token is fixed
+        return JobOutcome(exit_code=3, summary=summary)  # rows were saved: stopped early, resumable (no push)
     if pusher is not None:
         await pusher.push(final=True)
     return JobOutcome(exit_code=summary["exit_code"], summary=summary)
