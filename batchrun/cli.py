@@ -294,11 +294,14 @@ def _print_mismatch(spec: Any, job: dict[str, Any] | None) -> None:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from .errors import OutputError
+    from .output import OutputStore
     from .preview import write_preview
 
     root = Path(args.output)
     if not root.is_dir():
         raise OutputError(f"{root} is not an output folder (no such directory)")
+    if OutputStore.job_of(root) is None:  # the page would be written into any folder named by mistake
+        raise OutputError(f"{root} is not a batchrun output folder (no state/job.json): nothing to preview")
     if args.limit < 0:
         raise OutputError(f"--limit must be 0 or more, got {args.limit}")
     html = Path(args.html) if args.html else root / "preview.html"
