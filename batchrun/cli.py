@@ -217,11 +217,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import json
 
-    from .compare import EXIT_THRESHOLD, compare_runs, format_report, parse_fail_if
+    from .compare import EXIT_THRESHOLD, CompareError, compare_runs, format_report, parse_fail_if
     from .compare_html import write_compare_html
 
     thresholds = parse_fail_if(args.fail_if) if args.fail_if else []
+    if args.html and not Path(args.html).parent.is_dir():  # refused before the runs are read
+        raise CompareError(f"--html {args.html}: no such folder {Path(args.html).parent}")
     report = compare_runs(args.run_a, args.run_b)
+    report.check_thresholds(thresholds)
     if args.json:
         print(json.dumps({**report.to_dict(), "verdict": report.verdict(thresholds)}, indent=2, default=str))
     else:
@@ -303,11 +306,14 @@ def _print_mismatch(spec: Any, job: dict[str, Any] | None) -> None:
 
 def cmd_preview(args: argparse.Namespace) -> int:
     from .errors import OutputError
+    from .output import OutputStore
     from .preview import write_preview
 
     root = Path(args.output)
     if not root.is_dir():
         raise OutputError(f"{root} is not an output folder (no such directory)")
+    if OutputStore.job_of(root) is None:  # the page would be written into any folder named by mistake
+        raise OutputError(f"{root} is not a batchrun output folder (no state/job.json): nothing to preview")
     if args.limit < 0:
         raise OutputError(f"--limit must be 0 or more, got {args.limit}")
     html = Path(args.html) if args.html else root / "preview.html"
@@ -637,10 +643,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietPipe:
+    """``sys.stdout`` for the length of a command. Once its reader has gone (``batchrun status | head``),
+    the rest of the output is dropped without a word, as Unix tools do, and the command ends with its
+    own exit code (a BrokenPipeError is not a failure of the job, and compare's verdict still counts)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return int(self._stream.write(text))
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        # What is still buffered, and whatever the interpreter flushes on the way out, goes to /dev/null.
+        import os
+
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # a stream with no descriptor (a test's capture)
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    stdout, sys.stdout = sys.stdout, _QuietPipe(sys.stdout)
+    try:
+        return _main(args)
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except BatchrunError as exc:

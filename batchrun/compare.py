@@ -75,12 +75,20 @@ def load_run(folder: str | Path) -> RunData:
 
     root = Path(folder)
     parts = OutputStore.parts(root)  # a split job: its shards' one spec, and their summaries as one
-    job = OutputStore.job_of(root) if (root / "state").is_dir() else None
+    try:
+        job = OutputStore.job_of(root) if (root / "state").is_dir() else None
+        summaries = [read_json(part.state_dir / "summary.json") or {} for part in parts]
+    except BatchrunError as exc:  # a damaged state file: said in one line, exit 2
+        raise CompareError(f"cannot read the run {root}: {exc}") from None
     if job is None:
         raise CompareError(f"{root} is not a run's output folder (no state/job.json)")
-    summary = union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
-    spec = job.get("spec") or {}
-    id_column = (spec.get("input") or {}).get("id_column") or "id"
+    malformed = [name for name, value in (("job.json", job), *(("summary.json", s) for s in summaries))
+                 if not _well_formed(value)]
+    if malformed:
+        raise CompareError(f"cannot read the run {root}: its state/{malformed[0]} is malformed "
+                           "(expected a JSON object of objects); restore it from a copy")
+    summary = union_summary(summaries)
+    id_column = _id_column(job.get("spec") or {})
     results: dict[Any, dict[str, Any]] = {}
     for table in read_shards(root, "data"):
         for row in table.to_pylist():
@@ -95,6 +103,25 @@ def load_run(folder: str | Path) -> RunData:
     provenance.setdefault("revision", identity.get("revision"))
     provenance.setdefault("parameters", identity.get("parameters"))
     return RunData(root, results, failures, summary, provenance)
+
+
+def _well_formed(record: Any) -> bool:
+    """A state record compare reads: a JSON object whose sections (spec, identity, rows...) are objects."""
+    sections = ("spec", "identity", "provenance", "rows", "cost", "latency_s")
+    return isinstance(record, dict) and all(isinstance(record.get(k) or {}, dict) for k in sections)
+
+
+def _id_column(spec: Any) -> str:
+    """The rows' id column, as the spec parser sets it: an OpenAI batch file's ids are its ``custom_id``
+    (its rows' ``id`` is the response's, empty from TGI: keying on it folds every row into one)."""
+    from batchrun.spec import OPENAI_BATCH_ID
+
+    source = spec.get("input") if isinstance(spec, dict) else None
+    if not isinstance(source, dict):
+        return "id"
+    if "openai_batch" in source:
+        return OPENAI_BATCH_ID
+    return str(source.get("id_column") or "id")
 
 
 def _key(row: dict[str, Any], id_column: str) -> Any:
@@ -140,6 +167,16 @@ class CompareReport:
             return round(sum(values) / len(values), 6) if values else None
 
         return {c: (mean(self.a, c), mean(self.b, c)) for c in self.score_columns}
+
+    def check_thresholds(self, thresholds: list[Threshold]) -> None:
+        """Refuse a threshold on a score neither run has (a misspelt ``score_regx`` would never be crossed,
+        silently turning the gate off): :class:`CompareError`, exit 2."""
+        for threshold in thresholds:
+            if threshold.metric in FAIL_IF_METRICS or threshold.metric in self.score_columns:
+                continue
+            known = ", ".join(self.score_columns) or "none"
+            raise CompareError(f"--fail-if: neither run has the score column {threshold.metric} "
+                               f"(score columns: {known})")
 
     def metrics(self) -> dict[str, tuple[float | None, float | None]]:
         """(run A, run B) for each figure a --fail-if threshold may name."""
@@ -217,8 +254,8 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> CompareReport:
                 report.changed_rows.append((key, text_a, text_b, ratio))
     report.similarity = round(sum(ratios) / len(ratios), 4) if ratios else None
     report.similarity_measured = len(ratios)
-    columns = {c for r in (a, b) for row in list(r.results.values())[:1] for c in row if c.startswith("score_")}
-    report.score_columns = sorted(columns - {"score_error"})
+    columns = {c for r in (a, b) for row in r.results.values() for c in row if c.startswith("score_")}
+    report.score_columns = sorted(columns - {SCORE_ERROR})
     return report
 
 
@@ -257,6 +294,7 @@ class Threshold:
         return f"{self.metric} {shown} {self.op} {spelled}" + (f" ({limit:.4g})" if self.relative and limit else "")
 
 
+SCORE_ERROR = "score_error"  # a text column, not a score
 FAIL_IF_METRICS = ("changed", "similarity", "failed_rate", "p50_latency", "p95_latency", "cost", "missing",
                    "revision_changed")
 
@@ -269,9 +307,9 @@ def parse_fail_if(text: str) -> list[Threshold]:
         if not match:
             raise CompareError(f"--fail-if {part!r}: expected METRIC>VALUE or METRIC<VALUE (VALUEx: times run A)")
         metric, op, value, x = match.groups()
-        if metric not in FAIL_IF_METRICS and not metric.startswith("score_"):
+        if metric not in FAIL_IF_METRICS and (not metric.startswith("score_") or metric == SCORE_ERROR):
             raise CompareError(f"--fail-if {part!r}: unknown metric {metric}; expected one of "
-                               f"{', '.join(FAIL_IF_METRICS)} or a score_ column")
+                               f"{', '.join(FAIL_IF_METRICS)} or a score_<name> column of the runs")
         thresholds.append(Threshold(metric, op, float(value), bool(x)))
     return thresholds
 

@@ -106,6 +106,11 @@ table.side td, table.side th {{ border: 1px solid #ddd; padding: 6px; vertical-a
 
 def write_compare_html(report: CompareReport, path: str | Path, thresholds: list[Threshold] | None = None) -> Path:
     """Write the page to ``path``; returns it."""
+    from batchrun.compare import CompareError
+
     target = Path(path)
-    target.write_text(render_compare_html(report, thresholds), encoding="utf-8")
+    try:
+        target.write_text(render_compare_html(report, thresholds), encoding="utf-8")
+    except OSError as exc:
+        raise CompareError(f"cannot write the report {target}: {exc.strerror or exc}") from None
     return target

@@ -61,6 +61,10 @@ def export_output(root: str | Path, *, fmt: str, to: str | Path, errors: str | P
 
     if fmt not in EXPORT_FORMATS:
         raise OutputError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    if errors is not None and _same_file(Path(to), Path(errors)):
+        # Both would be written to temporary files and renamed in turn: the second would replace the first.
+        raise OutputError(f"--errors {errors} is the file of --to: leave --errors out to write the failures into "
+                          "the same file, or name another file")
     store = OutputStore(root)
     if not store.root.is_dir():
         raise OutputError(f"{store.root} is not an output folder (no such directory)")
@@ -85,6 +89,16 @@ def export_output(root: str | Path, *, fmt: str, to: str | Path, errors: str | P
         results = _write(out, data, result_line)
         failures = _write(err, failed, failure_line)
     return ExportCounts(results=results, failures=failures)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (through a relative path, a symlink or a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 def _write(out: IO[str], files: list[Path], line: Any) -> int:

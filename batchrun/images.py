@@ -28,12 +28,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-from PIL import Image
 
 from batchrun.errors import RequestFailed
+
+if TYPE_CHECKING:  # Pillow is imported where an image is decoded: a text job never loads it
+    from PIL import Image
 
 __all__ = [
     "ACCEPT",
@@ -265,6 +267,8 @@ def to_data_url(image: InputImage, *, max_side: int | None) -> tuple[str, dict[s
     if not too_big and target is not None:
         return _data_url(image.mime, image.data), {"original_size": original, "sent_size": original, "downsized": False}
 
+    from PIL import Image
+
     with Image.open(io.BytesIO(image.data)) as opened:
         opened.load()
         info: dict[str, Any] = {str(k): v for k, v in opened.info.items()}
@@ -293,6 +297,8 @@ def _decode(data: bytes) -> tuple[str, int, int]:
     ``verify()`` checks structure (PNG CRCs) but not pixel data, and ``load()`` decodes pixels but
     tolerates some damage verify catches, so both are run: a truncated JPEG fails only at ``load()``.
     """
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             # A decompression bomb is refused, not just warned about: one cell must not exhaust memory.
@@ -332,6 +338,8 @@ def _from_bytes(raw: bytes | bytearray | memoryview, path: str | None) -> InputI
         pil_format, width, height = _decode(data)
     except _Undecodable as exc:
         raise _bad_image(f"the image{name} cannot be decoded: {exc}") from None
+    from PIL import Image
+
     mime = _MIME_OVERRIDES.get(pil_format) or Image.MIME.get(pil_format, "application/octet-stream")
     return InputImage(data=data, mime=mime, width=width, height=height, path=path)
 

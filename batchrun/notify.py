@@ -24,6 +24,8 @@ from typing import Any
 __all__ = ["NotifySpec", "build_payload", "parse_notify_spec", "post_notification"]
 
 _ENV = re.compile(r"^\$\{(\w+)\}$")
+#: A ``${VAR}`` anywhere in the url (``https://hooks.slack.com/services/${SLACK_PATH}``).
+_REFERENCE = re.compile(r"\$\{(\w+)\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,9 +37,14 @@ class NotifySpec:
     timeout_s: float = 10.0
 
     def url(self) -> str | None:
-        """The webhook url, with ``${VAR}`` read from the environment now (None when unset)."""
-        match = _ENV.match(self.webhook)
-        return os.environ.get(match.group(1)) if match else self.webhook
+        """The webhook url, with each ``${VAR}`` in it read from the environment now (None when one is unset)."""
+        if self.unset_variables():
+            return None
+        return _REFERENCE.sub(lambda m: os.environ[m.group(1)], self.webhook)
+
+    def unset_variables(self) -> list[str]:
+        """The variables the url names (``${VAR}``, the whole url or part of it) that the environment lacks."""
+        return [name for name in _REFERENCE.findall(self.webhook) if not os.environ.get(name)]
 
 
 def parse_notify_spec(data: Any) -> NotifySpec | None:
@@ -52,6 +59,8 @@ def parse_notify_spec(data: Any) -> NotifySpec | None:
     webhook = data.get("webhook")
     if not isinstance(webhook, str) or not (webhook.startswith(("http://", "https://")) or _ENV.match(webhook)):
         raise ValueError(("notify.webhook", "expected an http(s) url, or ${ENV_VAR} naming one"))
+    if "${" in _REFERENCE.sub("", webhook):
+        raise ValueError(("notify.webhook", "a ${...} must name an environment variable (letters, digits, _)"))
     attempts = data.get("attempts", 3)
     if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 10:
         raise ValueError(("notify.attempts", f"expected an integer from 1 to 10, got {attempts!r}"))

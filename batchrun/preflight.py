@@ -108,6 +108,7 @@ async def preflight(
     """
     from batchrun.output import OutputStore, data_columns
 
+    _check_notify(spec)
     source = await _open_input(spec)
     count = source.count()
     _check_not_empty(spec, count)
@@ -168,6 +169,14 @@ async def preflight(
         stored_job=stored,
         spent=spent,
     )
+
+
+def _check_notify(spec: JobSpec) -> None:
+    """A webhook url naming an unset ``${VAR}`` would be posted to nowhere (or literally): refused now."""
+    unset = spec.notify.unset_variables() if spec.notify is not None else []
+    if unset:
+        raise SpecError(spec.file, "notify.webhook", f"${{{unset[0]}}} is not set in the environment: set it, "
+                                                      "or remove notify")
 
 
 async def _open_input(spec: JobSpec) -> Source:

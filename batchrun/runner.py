@@ -38,6 +38,7 @@ from batchrun.errors import (
     InputError,
     JobStopped,
     OutputError,
+    SpecError,
 )
 from batchrun.preflight import Preflight, empty_input_message, preflight
 from batchrun.progress import ProgressReporter, Snapshot
@@ -45,6 +46,7 @@ from batchrun.provenance import REVISION_POLL_S, watch_revision
 from batchrun.reader import PendingRows
 from batchrun.records import SAMPLE_COLUMN, Row
 from batchrun.retry import RetryPolicy
+from batchrun.scoring import ScoringStage
 from batchrun.spec import JobSpec, answer_cap
 from batchrun.stop import Stop, StopReason, catch_signals
 from batchrun.summary import JobOutcome, build_summary, format_summary
@@ -107,7 +109,9 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     options.echo(format_summary(summary))
     await nightly.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
     if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
-        raise AuthError(stop.cause.detail)  # exit 2: nothing more can run until the token is fixed
+        if tally.done == 0:
+            raise AuthError(stop.cause.detail)  # exit 2: nothing ran, nor can until the token is fixed
+        return JobOutcome(exit_code=3, summary=summary)  # rows were saved: stopped early, resumable (no push)
     if pusher is not None:
         await pusher.push(final=True)
     return JobOutcome(exit_code=summary["exit_code"], summary=summary)
@@ -124,14 +128,20 @@ async def _serve(
     """
     committer = Committer(output.sink, interval_s=options.commit_interval_s)
     dispatcher: Dispatcher | None = None
+    scores = _scoring_stage(pre, committer, tally)
     try:
+        if scores is not None:  # the scorers load before the endpoint is touched
+            await _start_scoring(scores, pre)
         async with pre.endpoint as plane:  # every endpoint resumed at once; here once the first is ready
-            dispatcher = _dispatcher(pre, plane, committer, tally)
+            dispatcher = _dispatcher(pre, plane, committer, tally, scores)
             pre.endpoint.attach(dispatcher)  # the others join as they become ready
             try:
                 async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
-                    await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher)
+                    await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher,
+                                    scores)
             finally:
+                if scores is not None:
+                    await _finish_scoring(scores, stop)
                 await committer.commit()  # before the release: what finished is kept even if it fails
     except JobStopped:
         pass  # the stop came while the endpoint was starting; its reason is already the stop's
@@ -143,10 +153,14 @@ async def _serve(
         stop.request(StopReason.ENDPOINT, str(exc))
     except BatchrunError as exc:
         stop.request(StopReason.ERROR, str(exc))
+    finally:
+        if scores is not None:  # the endpoint never came: the scoring process ends all the same
+            await scores.close()
     return _dispatch_figures(dispatcher)
 
 
-def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: Tally) -> Dispatcher:
+def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: Tally,
+                scores: ScoringStage | None = None) -> Dispatcher:
     spec = pre.spec
     config = DispatchConfig(
         max_concurrency=spec.concurrency.max,
@@ -167,11 +181,10 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
             values[SAMPLE_COLUMN] = row.sample
         return values
 
-    score = getattr(pre.task, "score", None)  # a ScoredTask: scores join the record before it is committed
-
     def on_record(record: Any) -> None:
-        if score is not None:
-            record = score(record)
+        if scores is not None:  # a ScoredTask: scored off the event loop, then counted and committed
+            scores.put(record)
+            return
         tally.count(record)
         committer.add(record)
 
@@ -179,9 +192,39 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
                       excuses=pre.endpoint.excuses, name=pre.endpoint.route_name())
 
 
+def _scoring_stage(pre: Preflight, committer: Committer, tally: Tally) -> ScoringStage | None:
+    """Where a job with scorers has each result scored (a child process, time-bounded) before it is
+    counted and committed, so that the answer and its scores land in one shard."""
+    scoring = getattr(pre.task, "scoring", None)
+    if scoring is None:
+        return None
+
+    def sink(record: Any) -> None:
+        tally.count(record)
+        committer.add(record)
+
+    return ScoringStage(scoring, sink)
+
+
+async def _start_scoring(scores: ScoringStage, pre: Preflight) -> None:
+    try:
+        await scores.start()
+    except ValueError as exc:  # a scorer's module that fails when imported
+        raise SpecError(pre.spec.file, "score", str(exc)) from None
+
+
+async def _finish_scoring(scores: ScoringStage, stop: Stop) -> None:
+    """Score what is queued, within the stop's grace; what is left then is committed unscored."""
+    try:
+        async with stop.until_aborted():
+            await scores.drain()
+    finally:
+        await scores.close()
+
+
 async def _dispatch(
     dispatcher: Dispatcher, reader: PendingRows, committer: Committer, pre: Preflight, tally: Tally, stop: Stop,
-    options: RunOptions, started: _Started, pusher: _Pusher | None = None,
+    options: RunOptions, started: _Started, pusher: _Pusher | None = None, scores: ScoringStage | None = None,
 ) -> None:
     """Send every pending row; meanwhile commit, show progress and watch the budget."""
     pool = pre.endpoint
@@ -216,7 +259,7 @@ async def _dispatch(
     if pusher is not None and pusher.every_s is not None:
         background.append(asyncio.create_task(pusher.run_every(), name="push"))
     try:
-        await dispatcher.run(reader.rows(), stop)
+        await dispatcher.run(reader.rows() if scores is None else scores.rows(reader.rows()), stop)
         stop.request(StopReason.DONE, "every pending row has its record")
     finally:
         for task in background:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from batchrun.errors import BatchrunError
+
 __all__ = ["RunLine", "find_runs", "format_runs", "read_shards"]
 
 #: How deep ``runs`` looks for output folders under DIR (out/nightly/2026-01-15/020000 is 2 deep).
@@ -54,13 +56,12 @@ class RunLine:
     cost_usd: float | None
     exit_code: int | None
     run_id: str | None
+    problem: str | None = None  # why its state could not be read: listed as unreadable, the others go on
 
 
 def find_runs(root: str | Path) -> list[RunLine]:
-    """Every output folder under ``root`` (``root`` itself included), oldest first."""
-    from batchrun.output.files import read_json
-    from batchrun.output.layout import OutputStore
-
+    """Every output folder under ``root`` (``root`` itself included), oldest first. A folder whose state
+    cannot be read is listed with its ``problem``."""
     base = Path(root)
     folders = []
     for depth in range(MAX_DEPTH + 1):
@@ -71,25 +72,40 @@ def find_runs(root: str | Path) -> list[RunLine]:
                                                                                   "job.json"]))]
     lines = []
     for folder in sorted(set(folders)):
-        parts = OutputStore.parts(folder)
-        job = OutputStore.job_of(folder) or {}
-        summary = union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
-        provenance = summary.get("provenance") or job.get("provenance") or {}
-        identity = job.get("identity") or {}
-        rows = summary.get("rows") or {}
-        lines.append(RunLine(
-            folder=folder,
-            started_at=summary.get("started_at") or provenance.get("started_at") or job.get("created_at"),
-            model=provenance.get("model") or identity.get("model"),
-            revision=provenance.get("revision") or identity.get("revision"),
-            ok=rows.get("total_ok"),
-            failed=rows.get("total_failed"),
-            p50_s=(summary.get("latency_s") or {}).get("p50"),
-            cost_usd=(summary.get("cost") or {}).get("usd"),
-            exit_code=summary.get("exit_code"),
-            run_id=job.get("run_id"),
-        ))
+        try:
+            lines.append(_run_line(folder))
+        except (BatchrunError, AttributeError, TypeError, ValueError) as exc:  # one damaged run: the others go on
+            detail = str(exc) if isinstance(exc, BatchrunError) else "its state files are malformed"
+            lines.append(RunLine(folder=folder, started_at=None, model=None, revision=None, ok=None, failed=None,
+                                 p50_s=None, cost_usd=None, exit_code=None, run_id=None, problem=detail))
     return sorted(lines, key=lambda line: (line.started_at or "", str(line.folder)))
+
+
+def _run_line(folder: Path) -> RunLine:
+    from batchrun.output.files import read_json
+    from batchrun.output.layout import OutputStore
+
+    parts = OutputStore.parts(folder)
+    job = OutputStore.job_of(folder) or {}
+    summary = union_summary([read_json(part.state_dir / "summary.json") or {} for part in parts])
+    provenance = summary.get("provenance") or job.get("provenance") or {}
+    identity = job.get("identity") or {}
+    rows = summary.get("rows") or {}
+    started_at = summary.get("started_at") or provenance.get("started_at") or job.get("created_at")
+    if started_at is not None and not isinstance(started_at, str):
+        raise ValueError(started_at)
+    return RunLine(
+        folder=folder,
+        started_at=started_at,
+        model=provenance.get("model") or identity.get("model"),
+        revision=provenance.get("revision") or identity.get("revision"),
+        ok=rows.get("total_ok"),
+        failed=rows.get("total_failed"),
+        p50_s=(summary.get("latency_s") or {}).get("p50"),
+        cost_usd=(summary.get("cost") or {}).get("usd"),
+        exit_code=summary.get("exit_code"),
+        run_id=job.get("run_id"),
+    )
 
 
 def union_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,15 +136,23 @@ def format_runs(lines: list[RunLine], root: str | Path) -> str:
     header = ("started (UTC)", "revision", "ok", "failed", "p50", "cost", "exit", "folder")
     rows = [header]
     for line in lines:
+        if line.problem is not None:
+            folder = f"{_relative(line.folder, root)} ({line.problem})"
+            rows.append(("-", "-", "-", "-", "-", "-", "unreadable", folder))
+            continue
         started = (line.started_at or "-").replace("+00:00", "")[:19].replace("T", " ")
         revision = (line.revision or "-")[:12]
-        try:
-            folder = str(line.folder.relative_to(root)) if line.folder != Path(root) else "."
-        except ValueError:
-            folder = str(line.folder)
+        folder = _relative(line.folder, root)
         rows.append((started, revision, dash(line.ok), dash(line.failed), dash(line.p50_s, "{:.3f}s"),
                      dash(line.cost_usd, "${:.2f}"), dash(line.exit_code, "{}") if line.exit_code is not None
                      else "running or killed", folder))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     return "\n".join("  ".join([*(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)), r[-1]]).rstrip()
                      for r in rows)
+
+
+def _relative(folder: Path, root: str | Path) -> str:
+    try:
+        return str(folder.relative_to(root)) if folder != Path(root) else "."
+    except ValueError:
+        return str(folder)

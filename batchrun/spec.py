@@ -397,7 +397,7 @@ def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpe
         raise SpecError(file, "(file)", f"cannot read it: {exc}") from None
     try:
         data = yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass: no arbitrary objects
-    except _DuplicateKey as exc:
+    except (_DuplicateKey, _AliasBomb) as exc:
         raise SpecError(file, exc.path, exc.problem) from None
     except yaml.YAMLError as exc:
         raise _yaml_error(file, exc) from None
@@ -419,17 +419,66 @@ class _DuplicateKey(Exception):
         self.problem = problem
 
 
+class _AliasBomb(Exception):
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.problem = problem
+
+
+#: How many nodes YAML aliases may add to a spec once expanded (a "billion laughs" file adds billions).
+MAX_ALIAS_EXPANSION = 10_000
+
+
 class _SpecLoader(yaml.SafeLoader):
-    """PyYAML's SafeLoader, refusing a key given twice in one mapping.
+    """PyYAML's SafeLoader, refusing a key given twice in one mapping and aliases that expand too far.
 
     PyYAML keeps the last of two equal keys without a word, so a job would silently run with half of
     what its file says. The check walks the composed node tree first, where key paths and line
     numbers are still known. Keys brought in by a ``<<`` merge may be overridden, as YAML intends.
+
+    An alias shares its node in the composed tree, but everything that walks the loaded spec sees it
+    expanded: a few lines of nested aliases make billions of values. Before anything is constructed,
+    the tree's expanded size is counted (each node once per path reaching it, memoised per node, so the
+    count itself is cheap), and a file whose aliases add more than :data:`MAX_ALIAS_EXPANSION` nodes,
+    or an alias inside its own anchor, is refused.
     """
 
     def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_alias_bombs(node)
         _refuse_duplicate_keys(node, "", set())
         return super().construct_document(node)
+
+
+def _refuse_alias_bombs(root: yaml.Node) -> None:
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            line = node.start_mark.line + 1
+            raise _AliasBomb(f"line {line}", "an alias refers to the node that contains it (a recursive structure); "
+                                             "a job spec cannot use one")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        open_nodes.discard(key)
+        sizes[key] = total
+        if total - len(sizes) > MAX_ALIAS_EXPANSION:  # more nodes expanded than the file holds, by far
+            raise _AliasBomb(
+                "(yaml)",
+                f"its aliases (*name) expand to more than {MAX_ALIAS_EXPANSION:,} extra values; a spec "
+                "needs few: refused, as a file that grows without limit when read (a 'billion laughs')",
+            )
+        return total
+
+    size(root)
 
 
 def _refuse_duplicate_keys(node: yaml.Node, path: str, seen: set[int]) -> None:

@@ -191,7 +191,7 @@ def two(rows: int) -> dict:
 # ---------------------------------------------------------------- 2 and 3: the emulator, watched
 
 async def _watch(control: str, name: str, samples: list[tuple[float, dict]], done: asyncio.Event) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         while not done.is_set():
             async with http.get(f"{control}/emulator/stats") as response:
                 samples.append((time.monotonic(), (await response.json())["endpoints"][f"{NS}/{name}"]))

@@ -84,7 +84,9 @@ class Emulator:
     def stats(self) -> dict:
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.control}/emulator/stats") as response:
+        request = urllib.request.Request(f"{self.control}/emulator/stats",
+                                         headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request) as response:
             return json.load(response)["endpoints"][f"{NS}/{NAME}"]
 
     def __exit__(self, *exc: Any) -> None:

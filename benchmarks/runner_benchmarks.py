@@ -62,7 +62,8 @@ class EmulatorProcess:
 
 
 async def _stats(control: str, name: str) -> dict:
-    async with aiohttp.ClientSession() as http, http.get(f"{control}/emulator/stats") as response:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http, \
+            http.get(f"{control}/emulator/stats") as response:
         return (await response.json())["endpoints"][f"{NS}/{name}"]
 
 

@@ -668,3 +668,51 @@ def test_an_output_path_that_names_no_folder_of_its_own_is_refused(path):
 
 def test_a_dot_output_path_asks_for_a_folder():
     assert "name a folder" in spec_error(spec_with(output={"path": "."})).problem
+
+
+# --- YAML aliases that expand without limit ---------------------------------------------------------
+
+
+def _alias_bomb(levels: int) -> str:
+    """A 'billion laughs' spec: each level lists the previous one nine times (9**levels values)."""
+    lines = ['l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return (
+        "task: chat-completion\ninput: {parquet: a.parquet}\nprompt: {column: q}\nendpoint: {url: http://h:1}\n"
+        "parameters:\n  extra_body:\n    " + "\n    ".join(lines) + "\n"
+    )
+
+
+def test_aliases_that_expand_past_the_bound_are_refused_naming_the_file(tmp_path):
+    # 9**6 = 531441 values from a dozen lines; without the bound it loads (and 9**9 takes the machine's memory).
+    path = write(tmp_path, _alias_bomb(6))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.file == str(path)
+    assert "aliases" in info.value.problem and "10,000" in info.value.problem
+
+
+def test_a_billion_laughs_is_refused_at_once(tmp_path):
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, _alias_bomb(9)))
+    assert "aliases" in info.value.problem
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path):
+    text = (
+        "task: chat-completion\ninput: {parquet: a.parquet}\nprompt: {column: q}\nendpoint: {url: http://h:1}\n"
+        "parameters:\n  extra_body: &loop {self: *loop}\n"
+    )
+    with pytest.raises(SpecError) as info:
+        load_spec(write(tmp_path, text))
+    assert "recursive" in info.value.problem
+
+
+def test_a_few_aliases_for_shared_settings_still_load(tmp_path):
+    text = (
+        "task: chat-completion\ninput: {parquet: a.parquet}\nprompt: {column: q}\nendpoint: {url: http://h:1}\n"
+        "parameters: {max_tokens: 10, stop: &s [a, b], extra_body: {also: *s}}\n"
+        "retries: {max_attempts: 3}\n"
+    )
+    spec = load_spec(write(tmp_path, text))
+    assert spec.parameters["stop"] == ["a", "b"] and spec.parameters["extra_body"] == {"also": ["a", "b"]}

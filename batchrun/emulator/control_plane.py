@@ -18,6 +18,9 @@ from batchrun.emulator.data_plane import EndpointServer
 from batchrun.emulator.state import TransitionRefused
 
 NOT_FOUND = {"error": "Endpoint not found"}
+#: The largest request body the control port reads: the emulated Hub's commits carry whole Parquet shards
+#: (base64 in NDJSON), far past aiohttp's default of 1 MiB.
+MAX_BODY_BYTES = 1024 * 1024 * 1024
 UNAUTHORIZED = {"error": "Invalid credentials in Authorization header"}
 
 
@@ -51,7 +54,7 @@ class ControlPlane:
 
     def app(self) -> web.Application:
         """The routes."""
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_get("/v2/endpoint/{namespace}", self._list)
         app.router.add_post("/v2/endpoint/{namespace}", self._create)
         app.router.add_get("/v2/endpoint/{namespace}/{name}", self._get)
@@ -168,6 +171,9 @@ class ControlPlane:
         return self._answer(request, 200, {})
 
     async def _stats(self, request: web.Request) -> web.Response:
+        # The stats list every prompt sent: they ask for the token like every other route.
+        if refusal := self._refused(request):
+            return refusal
         return web.json_response(self.emulator.stats())
 
     def _config_from_create(self, namespace: str, body: object) -> EndpointConfig:

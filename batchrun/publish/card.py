@@ -6,10 +6,16 @@ data a config holds), and the text between ``<!-- batchrun:begin CONFIG -->`` an
 ``<!-- batchrun:end CONFIG -->``. Everything else in the card is the user's and is kept as it is:
 other YAML keys (their values; the header is written back as YAML, so comments in it are not kept),
 other configs, and every line of prose outside the markers.
+
+A marker counts only as a line of its own outside a code fence, so a prompt template or spec shown
+in the section (always fenced) cannot end it early; text that came from the model (the sample rows)
+is HTML-escaped, so an answer holding ``</table>`` or an unclosed ``<!--`` shows as text and hides
+nothing after it.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shlex
@@ -139,11 +145,37 @@ def _own_config(meta: dict[str, Any], config: str, split: str, facts: JobFacts, 
 def _replace_section(body: str, config: str, section: str) -> str:
     begin, end = f"<!-- batchrun:begin {config} -->", f"<!-- batchrun:end {config} -->"
     block = f"{begin}\n{section.strip()}\n{end}"
-    start = body.find(begin)
-    stop = body.find(end, start + len(begin)) if start != -1 else -1
-    if start != -1 and stop != -1:
-        return body[:start] + block + body[stop + len(end):]
+    lines = body.splitlines(keepends=True)
+    markers = _marker_lines(lines, (begin, end))
+    start = next((i for i, marker in markers if marker == begin), None)
+    stop = next((i for i, marker in markers if marker == end and start is not None and i > start), None)
+    if start is not None and stop is not None:
+        after = lines[stop][lines[stop].index(end) + len(end):]
+        return "".join(lines[:start]) + block + after + "".join(lines[stop + 1:])
     return body.rstrip("\n") + "\n\n" + block + "\n"
+
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def _marker_lines(lines: list[str], markers: tuple[str, ...]) -> list[tuple[int, str]]:
+    """The lines that are one of ``markers`` on their own, outside a fenced code block (where a marker
+    is only shown, e.g. in a prompt template)."""
+    found: list[tuple[int, str]] = []
+    fence: str | None = None  # the open fence's run of ` or ~
+    for index, line in enumerate(lines):
+        opened = _FENCE.match(line)
+        if fence is not None:
+            if opened and opened.group(1)[0] == fence[0] and len(opened.group(1)) >= len(fence) \
+                    and not line.strip().strip(fence[0]):
+                fence = None
+            continue
+        if opened and not (opened.group(1)[0] == "`" and "`" in line.strip()[len(opened.group(1)):]):
+            fence = opened.group(1)
+            continue
+        if line.strip() in markers:
+            found.append((index, line.strip()))
+    return found
 
 
 def _fenced(text: str, lang: str = "") -> str:
@@ -195,12 +227,18 @@ def _section(facts: JobFacts, target: Target, *, with_samples: bool) -> str:
               _fenced(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), "yaml")]
     if facts.samples:
         columns = facts.sample_columns
-        lines += ["", "### Sample rows", "", "| " + " | ".join(columns) + " |",
+        # Model text as text: an answer holding `</table>` or `<!--` must not swallow the rest of the card.
+        lines += ["", "### Sample rows", "", "| " + " | ".join(_cell(c) for c in columns) + " |",
                   "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in facts.samples]
+        lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in facts.samples]
     if with_samples:
         lines += ["", f"![The first images of config {target.config}]({target.samples_path()})"]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A table cell's text with HTML escaped (markdown passes raw HTML through to the page)."""
+    return html.escape(text, quote=False)
 
 
 def _endpoint_ref(spec: dict[str, Any]) -> str:

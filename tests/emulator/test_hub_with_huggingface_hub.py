@@ -149,3 +149,13 @@ def test_a_malformed_hub_datasets_key_is_refused_naming_it():
 
     with pytest.raises(EmulatorConfigError, match="hub_datasets"):
         EmulatorConfig.from_dict({"hub_datasets": {"no-slash": "x"}})
+
+
+def test_a_commit_larger_than_one_mib_is_accepted(hub):
+    # A realistic shard is megabytes; the control port once kept aiohttp's 1 MiB body limit and refused it (413).
+    from huggingface_hub import CommitOperationAdd
+
+    big = bytes(range(256)) * (3 * 4096)  # 3 MiB, base64-encoded in the commit's body
+    api(hub).create_repo(REPO, repo_type="dataset")
+    api(hub).create_commit(REPO, [CommitOperationAdd("data/big.bin", big)], commit_message="add", repo_type="dataset")
+    assert hub.hub.files(REPO)["data/big.bin"] == big

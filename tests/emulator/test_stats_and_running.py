@@ -47,6 +47,24 @@ def test_stats_count_routes_statuses_prompts_and_first_and_last_request_times():
     assert route_stats["endpoints"][f"{NS}/gen"]["by_route"] == section["by_route"]
 
 
+def test_the_stats_route_asks_for_the_token_since_it_lists_every_prompt():
+    async def body():
+        async with Emulator(config(endpoint("gen"))) as emu, aiohttp.ClientSession() as http:
+            async with http.post(emu.endpoint_url(NS, "gen") + "/generate", json={"inputs": "a secret prompt"},
+                                 headers=AUTH) as r:
+                await r.read()
+            answers = []
+            for headers in ({}, {"Authorization": "Bearer wrong"}, AUTH):
+                async with http.get(emu.control_url + "/emulator/stats", headers=headers) as r:
+                    answers.append((r.status, await r.text()))
+            return answers
+
+    (none, wrong, right) = run(body())
+    assert none[0] == 401 and "a secret prompt" not in none[1]
+    assert wrong[0] == 401 and "a secret prompt" not in wrong[1]
+    assert right[0] == 200 and "a secret prompt" in right[1]
+
+
 def test_emulator_thread_serves_blocking_callers_and_stops_cleanly():
     with EmulatorThread(config(endpoint("gen"))) as emu:
         request = urllib.request.Request(emu.endpoint_url(NS, "gen") + "/generate", method="POST",
