@@ -64,6 +64,7 @@ class Preflight:
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
     run: Any = None  # this run's RunProvenance (provenance.py), set by the runner before the output opens
+    unencodable: list[str] = field(default_factory=list)  # input rows read with U+FFFD for lone surrogates
 
     def data_schema(self, store: Any = None) -> Any:
         """The pyarrow schema of the data shards, with its datasets features and provenance metadata.
@@ -167,7 +168,24 @@ async def preflight(
         endpoint_check=check,
         stored_job=stored,
         spent=spent,
+        unencodable=_unencodable_rows(source),
     )
+
+
+def _unencodable_rows(source: Any) -> list[str]:
+    """Where the input held strings UTF-8 cannot store (lone surrogates), read with U+FFFD in their place."""
+    while not hasattr(source, "unencodable") and hasattr(source, "inner"):  # a shard's or samples' wrapper
+        source = source.inner
+    return list(getattr(source, "unencodable", ()))
+
+
+def unencodable_note(rows: list[str], shown: int = 5) -> str | None:
+    """The line `validate` and `run` print about such rows, or None when there are none."""
+    if not rows:
+        return None
+    where = "; ".join(rows[:shown]) + (f"; and {len(rows) - shown} more" if len(rows) > shown else "")
+    return (f"{len(rows)} input row(s) hold strings UTF-8 cannot store (a lone surrogate, such as half an emoji): "
+            f"they are read, sent and kept with U+FFFD in its place ({where})")
 
 
 async def _open_input(spec: JobSpec) -> Source:

@@ -39,7 +39,7 @@ from batchrun.errors import (
     JobStopped,
     OutputError,
 )
-from batchrun.preflight import Preflight, empty_input_message, preflight
+from batchrun.preflight import Preflight, empty_input_message, preflight, unencodable_note
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.provenance import REVISION_POLL_S, watch_revision
 from batchrun.reader import PendingRows
@@ -78,6 +78,9 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
                           poll_interval_s=options.poll_interval_s)
+    replaced = unencodable_note(pre.unencodable)
+    if replaced:
+        options.echo(f"note: {replaced}")
     tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
     pre.run = await nightly.start_run(pre, run_id, tally, fresh=options.fresh)
     dispatch_stats: dict[str, Any] = {}
@@ -247,6 +250,8 @@ async def _stop_on_error(work: Any, stop: Stop) -> None:
         await work
     except BatchrunError as exc:
         stop.request(StopReason.ERROR, str(exc))
+    except Exception as exc:  # a bug must not end the step silently while requests go on being paid for
+        stop.request(StopReason.ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:
@@ -336,6 +341,8 @@ class _Output:
             await finish_in_thread(self.sink.close)
         except BatchrunError as exc:
             self.stop.request(StopReason.ERROR, str(exc))
+        except Exception as exc:  # the summary is written all the same, and says why
+            self.stop.request(StopReason.ERROR, f"committing the output failed: {type(exc).__name__}: {exc}")
 
 
 @contextlib.asynccontextmanager

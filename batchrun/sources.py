@@ -36,6 +36,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
-from batchrun.records import Row
+from batchrun.records import Row, storable
 from batchrun.spec import DatasetSpec, InputSpec
 
 __all__ = ["Source", "open_source"]
@@ -67,6 +68,8 @@ ID_SCAN_BATCH = 65_536
 # Parquet is read through a buffered stream rather than whole column chunks at once, so that a
 # file written as one huge row group (pandas' default) still reads in bounded memory.
 PARQUET_BUFFER_SIZE = 4 * 2**20
+# A JSON escape of a UTF-16 surrogate: a line holding one may decode to a string UTF-8 cannot store.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class DoneMask(Protocol):
@@ -159,6 +162,8 @@ class _BaseSource:
         self.spec = spec
         self.id_column = spec.id_column
         self.limit = spec.limit
+        # Rows (``FILE, line N``) whose strings held lone surrogates, read with U+FFFD in their place.
+        self.unencodable: list[str] = []
 
     def count(self) -> int | None:
         total = self._total_rows()
@@ -570,15 +575,17 @@ class JsonlSource(_BaseSource):
             {"name": _relative_name(p, root), "size": p.stat().st_size, "digest": _file_digest(p)} for p in self.files
         ]
         types = _JsonlTypes()
-        for value in self._objects():
+        for value in self._objects(self.unencodable):
             types.add(value)
         self.schema, self._converters = types.settle()
         self._names = self.schema.names
         self._count = types.rows
         self.description = f"jsonl: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(self._count, 'row')})"
 
-    def _objects(self) -> Iterator[dict[str, Any]]:
-        for _where, value in _json_objects(self.files, "input.jsonl", "a JSON object", name_files=True):
+    def _objects(self, unencodable: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        for _where, value in _json_objects(
+            self.files, "input.jsonl", "a JSON object", name_files=True, unencodable=unencodable
+        ):
             yield value
 
     def _settled(self, value: dict[str, Any]) -> dict[str, Any]:
@@ -896,7 +903,7 @@ class OpenAIBatchSource(_BaseSource):
         ]
         self.schema = OPENAI_BATCH_SCHEMA
         seen: dict[str, str] = {}  # custom_id -> where it was first found
-        for where, line in self._lines():
+        for where, line in self._lines(self.unencodable):
             custom_id = line.get("custom_id")
             if custom_id is None or custom_id == "":
                 raise InputError(f"input.openai_batch: {where}: the request has no custom_id")
@@ -915,10 +922,12 @@ class OpenAIBatchSource(_BaseSource):
             f"openai batch: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(self._count, 'request')})"
         )
 
-    def _lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _lines(self, unencodable: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Each request line as a JSON object, with where it is (``requests.jsonl, line 3``)."""
         expected = "a JSON object (custom_id, method, url, body)"
-        yield from _json_objects(self.files, "input.openai_batch", expected, name_files=len(self.files) > 1)
+        yield from _json_objects(
+            self.files, "input.openai_batch", expected, name_files=len(self.files) > 1, unencodable=unencodable
+        )
 
     @staticmethod
     def _columns(line: dict[str, Any]) -> dict[str, Any]:
@@ -950,13 +959,17 @@ class OpenAIBatchSource(_BaseSource):
 
 
 def _json_objects(
-    files: Sequence[Path], key: str, expected: str, *, name_files: bool
+    files: Sequence[Path], key: str, expected: str, *, name_files: bool, unencodable: list[str] | None = None
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every non-blank line of ``files`` as a JSON object, with where it is (``FILE, line N``).
 
     A file that cannot be opened, a line that is not JSON, or one that is not an object raises
     InputError naming ``key`` (the spec key) and the line. ``name_files``: say each file's path; else
     only its name (one file).
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud83d"``, half an emoji), which UTF-8, and so the
+    output, cannot hold: such a string is read with U+FFFD in its place, and the line's place is
+    appended to ``unencodable`` when given.
     """
     for path in files:
         try:
@@ -974,6 +987,11 @@ def _json_objects(
                     raise InputError(f"{key}: {where}: not valid JSON: {exc}") from None
                 if not isinstance(value, dict):
                     raise InputError(f"{key}: {where}: expected {expected}, got {type(value).__name__}")
+                if _SURROGATE_ESCAPE.search(raw):
+                    stored = storable(value)
+                    if stored is not value and unencodable is not None:
+                        unencodable.append(where)
+                    value = stored
                 yield where, value
 
 

@@ -341,6 +341,11 @@ class ParquetSink:
                 raise self._broken_error() from exc
             # Nothing was visible yet: the buffer is kept, and a later commit publishes it under a new name.
             raise write_error(self.store.root, f"a {buffer.kind} shard", exc) from exc
+        if buffer.replaced:
+            logger.warning(
+                "sink.unencodable_replaced file_kind=%s values=%d (lone surrogates stored as U+FFFD)",
+                buffer.kind, buffer.replaced,
+            )  # fmt: skip
         if buffer.kind == "data":
             self.counters.ok += len(buffer)
             self.counters.data_shards += 1
