@@ -486,3 +486,4 @@ async def _write_summary(store: Any, summary: dict[str, Any], echo: Callable[[st
         echo(f"error: {exc}")
         if summary["exit_code"] != 3:
             summary["exit_code"], summary["outcome"] = 3, "stopped early"
+        summary["stop_reason"] = summary.get("stop_reason") or str(exc)
