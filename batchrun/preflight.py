@@ -9,6 +9,7 @@ Anything wrong here raises an exit-2 error before a single billable call: a typo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -150,6 +151,7 @@ async def preflight(
         OutputStore.job_of, store.root)
     if reference is not None and not fresh:
         changed = compare_identity(reference.get("identity", {}), identity)
+        changed += _kept_columns_change(reference, spec, source, task, kept)
         if changed:
             raise ConfigMismatchError(str(store.root), changed, shard=store.shard)
     # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
@@ -333,6 +335,30 @@ def _kept_columns(spec: JobSpec, source: Source, task: Task) -> tuple[str, ...]:
         # the derived one where it was null): keeping the input column too would only clash.
         return tuple(c for c in names if c != seed_column)
     return tuple(names)
+
+
+def _kept_columns_change(
+    stored: dict[str, Any], spec: JobSpec, source: Source, task: Task, kept: tuple[str, ...]
+) -> list[str]:
+    """The change of kept input columns since the output's first run, said like any other change.
+
+    The output's shards hold the kept columns: shards of two column sets cannot be read as one
+    dataset. job.json records them; an output written before it did has its spec's keep_columns
+    read against this input (an input that changed is refused on its own).
+    """
+    old = stored.get("kept_columns")
+    if not isinstance(old, list):
+        raw = ((stored.get("spec") or {}).get("input") or {}).get("keep_columns")
+        if raw is not None and not (isinstance(raw, list) and all(isinstance(c, str) for c in raw)):
+            return []
+        then = dataclasses.replace(spec.input, keep_columns=None if raw is None else tuple(raw))
+        try:
+            old = list(_kept_columns(dataclasses.replace(spec, input=then), source, task))
+        except SpecError:
+            return []
+    if old == list(kept):
+        return []
+    return [f"kept input columns ({old!r} -> {list(kept)!r}; input.keep_columns)"]
 
 
 def _check_score_references(spec: JobSpec, kept: tuple[str, ...]) -> None:

@@ -402,6 +402,7 @@ def _job_record(pre: Preflight, stored_job: dict[str, Any] | None) -> dict[str, 
         "spec": spec.raw,
         "spec_file": str(spec.file) if spec.file else None,
         "ids_checked": pre.identity["input"],  # this input's ids were found unique
+        "kept_columns": list(pre.kept_columns),  # a resume keeping others is refused (preflight)
         "created_at": (stored_job or {}).get("created_at") or dt.datetime.now(dt.UTC).isoformat(),
         "runs": int((stored_job or {}).get("runs", 0)) + 1,
         **nightly.job_fields(pre, stored_job),

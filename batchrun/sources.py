@@ -423,7 +423,9 @@ class ParquetSource(_BaseSource):
     """Rows from Parquet files, read with ``ParquetFile.iter_batches`` one file at a time.
 
     Every file must have the same columns and types as the first one, checked from the footers at
-    open time so that a mismatch fails before the job starts.
+    open time so that a mismatch fails before the job starts. Types that differ only in their offsets'
+    width (``string`` and ``large_string``, ``binary`` and ``large_binary``, nested too) are one type:
+    the large one, to which the other files' batches are cast as they are read.
     """
 
     def __init__(self, spec: InputSpec) -> None:
@@ -433,6 +435,7 @@ class ParquetSource(_BaseSource):
         self._rows: list[int] = []
         self._identity: list[dict[str, Any]] = []
         schema = None
+        schemas: list[pa.Schema] = []
         for path in self.files:
             try:
                 meta = pq.read_metadata(path)
@@ -440,9 +443,12 @@ class ParquetSource(_BaseSource):
                 footer = _parquet_footer_digest(path)
             except (OSError, pa.ArrowException, ValueError) as exc:
                 raise InputError(f"input.parquet: cannot read {str(path)!r} as Parquet: {exc}") from None
+            schemas.append(file_schema)
             if schema is None:
                 schema, first = file_schema, path
-            elif not schema.equals(file_schema, check_metadata=False):
+            elif (unified := _unified_schema(schema, file_schema)) is not None:
+                schema = unified
+            else:
                 raise InputError(
                     f"input.parquet: {str(path)!r} has different columns or types than {str(first)!r}: "
                     f"{_schema_line(file_schema)} vs {_schema_line(schema)}"
@@ -452,6 +458,8 @@ class ParquetSource(_BaseSource):
                 {"name": _relative_name(path, root), "size": path.stat().st_size, "footer": footer}
             )
         self.schema = schema
+        # Files whose batches are cast to the unified schema (a string column where another has large_string).
+        self._cast = {path for path, s in zip(self.files, schemas, strict=True) if not s.equals(schema)}
         total = sum(self._rows)
         self.description = f"parquet: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(total, 'row')})"
 
@@ -476,7 +484,7 @@ class ParquetSource(_BaseSource):
             try:
                 for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
                     read += batch.num_rows
-                    yield batch
+                    yield self._unified(path, batch)
                     if self.limit is not None and read >= self.limit:
                         return
             except (OSError, pa.ArrowException) as exc:
@@ -507,7 +515,8 @@ class ParquetSource(_BaseSource):
                     if group_rows and not done.pending_mask(start, group_rows).any():
                         yield group_rows
                     else:
-                        yield from _non_empty(parquet.iter_batches(batch_size=batch_size, row_groups=[group]))
+                        batches = parquet.iter_batches(batch_size=batch_size, row_groups=[group])
+                        yield from _non_empty(self._unified(path, batch) for batch in batches)
                     start += group_rows
                     if self.limit is not None and start >= self.limit:
                         return
@@ -515,6 +524,12 @@ class ParquetSource(_BaseSource):
                 raise InputError(f"input.parquet: cannot read {str(path)!r}: {exc}") from None
             finally:
                 parquet.close()
+
+    def _unified(self, path: Path, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` of ``path`` in the unified schema's types (the same batch when its file has them)."""
+        if path not in self._cast:
+            return batch
+        return batch.cast(pa.schema([self.schema.field(name) for name in batch.schema.names]))
 
     def _id_chunks(self) -> Iterator[pa.Array]:
         assert self.id_column is not None
@@ -538,6 +553,37 @@ def _parquet_footer_digest(path: Path) -> str:
             raise ValueError("the Parquet footer length is larger than the file")
         f.seek(size - 8 - length)
         return hashlib.sha256(f.read(length)).hexdigest()
+
+
+def _large(type_: pa.DataType) -> pa.DataType:
+    """``type_`` with every string and binary (nested ones too) in its large form."""
+    if pa.types.is_string(type_):
+        return pa.large_string()
+    if pa.types.is_binary(type_):
+        return pa.large_binary()
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        field = type_.value_field.with_type(_large(type_.value_type))
+        return pa.list_(field) if pa.types.is_list(type_) else pa.large_list(field)
+    if pa.types.is_struct(type_):
+        return pa.struct([type_.field(i).with_type(_large(type_.field(i).type)) for i in range(type_.num_fields)])
+    return type_
+
+
+def _unified_schema(a: pa.Schema, b: pa.Schema) -> pa.Schema | None:
+    """One schema for two files that differ at most in string/large_string, binary/large_binary; else None."""
+    if a.names != b.names:
+        return None
+    fields = []
+    for fa, fb in zip(a, b, strict=True):
+        if fa.nullable != fb.nullable:
+            return None
+        if fa.type.equals(fb.type):
+            fields.append(fa)
+        elif _large(fa.type).equals(_large(fb.type)):
+            fields.append(fa.with_type(_large(fa.type)))
+        else:
+            return None
+    return pa.schema(fields, metadata=a.metadata)
 
 
 def _schema_line(schema: pa.Schema) -> str:

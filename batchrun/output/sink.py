@@ -25,6 +25,7 @@ from batchrun.output.manifest import (
     ManifestLog,
     ManifestView,
     Shard,
+    file_crc32,
     read_manifest,
     read_positions,
     shard_problem,
@@ -413,6 +414,7 @@ class ParquetSink:
             write_file_durably(
                 tmp, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=row_group_rows)
             )
+            crc32 = file_crc32(tmp)  # read back from the page cache: what readers check a changed file against
             os.replace(tmp, final)
         except OSError as exc:
             for leftover in (tmp, sidecar):
@@ -423,6 +425,7 @@ class ParquetSink:
         # even if an error follows: its rows must never be published again by this process.
         try:
             fsync_dir(folder)
+            stat = final.stat()
             event = {
                 "op": "publish",
                 "kind": kind,
@@ -432,7 +435,9 @@ class ParquetSink:
                 "retryable": retryable,
                 "seq": seq,
                 "run": self.run_id,
-                "bytes": final.stat().st_size,
+                "bytes": stat.st_size,
+                "crc32": crc32,
+                "mtime_ns": stat.st_mtime_ns,
                 "time": _now(),
             }
             if replaces is not None:
