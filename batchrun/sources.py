@@ -162,7 +162,7 @@ class _BaseSource:
         self.spec = spec
         self.id_column = spec.id_column
         self.limit = spec.limit
-        # Rows (``FILE, line N``) whose strings held lone surrogates, read with U+FFFD in their place.
+        # Rows (``id 'x' (FILE, line N)``) whose strings held lone surrogates, read with U+FFFD in their place.
         self.unencodable: list[str] = []
 
     def count(self) -> int | None:
@@ -630,7 +630,7 @@ class JsonlSource(_BaseSource):
 
     def _objects(self, unencodable: list[str] | None = None) -> Iterator[dict[str, Any]]:
         for _where, value in _json_objects(
-            self.files, "input.jsonl", "a JSON object", name_files=True, unencodable=unencodable
+            self.files, "input.jsonl", "a JSON object", name_files=True, unencodable=unencodable, id_key=self.id_column
         ):
             yield value
 
@@ -972,7 +972,8 @@ class OpenAIBatchSource(_BaseSource):
         """Each request line as a JSON object, with where it is (``requests.jsonl, line 3``)."""
         expected = "a JSON object (custom_id, method, url, body)"
         yield from _json_objects(
-            self.files, "input.openai_batch", expected, name_files=len(self.files) > 1, unencodable=unencodable
+            self.files, "input.openai_batch", expected, name_files=len(self.files) > 1, unencodable=unencodable,
+            id_key="custom_id",
         )
 
     @staticmethod
@@ -1005,7 +1006,8 @@ class OpenAIBatchSource(_BaseSource):
 
 
 def _json_objects(
-    files: Sequence[Path], key: str, expected: str, *, name_files: bool, unencodable: list[str] | None = None
+    files: Sequence[Path], key: str, expected: str, *, name_files: bool, unencodable: list[str] | None = None,
+    id_key: str | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every non-blank line of ``files`` as a JSON object, with where it is (``FILE, line N``).
 
@@ -1014,8 +1016,8 @@ def _json_objects(
     only its name (one file).
 
     JSON may escape a lone UTF-16 surrogate (``"\\ud83d"``, half an emoji), which UTF-8, and so the
-    output, cannot hold: such a string is read with U+FFFD in its place, and the line's place is
-    appended to ``unencodable`` when given.
+    output, cannot hold: such a string is read with U+FFFD in its place, and the line's place (with
+    its ``id_key`` value, when it has one) is appended to ``unencodable`` when given.
     """
     for path in files:
         try:
@@ -1036,7 +1038,8 @@ def _json_objects(
                 if _SURROGATE_ESCAPE.search(raw):
                     stored = storable(value)
                     if stored is not value and unencodable is not None:
-                        unencodable.append(where)
+                        row_id = stored.get(id_key) if id_key is not None else None
+                        unencodable.append(where if row_id is None else f"id {row_id!r} ({where})")
                     value = stored
                 yield where, value
 

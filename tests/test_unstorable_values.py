@@ -44,7 +44,7 @@ def test_an_input_row_with_a_lone_surrogate_is_reported_by_validate_and_kept_wit
         assert main(["validate", str(spec)]) == 0
         said = capsys.readouterr().out
         assert "2 input row(s) hold strings UTF-8 cannot store" in said
-        assert "in.jsonl, line 4" in said and "in.jsonl, line 9" in said
+        assert f"id 'row-003' ({source}, line 4)" in said and f"id 'row-008' ({source}, line 9)" in said
         outcome, lines = run(spec)
     assert outcome.exit_code == 0, lines
     assert any("2 input row(s)" in line for line in lines)
