@@ -127,7 +127,7 @@ def _this_run_folder(spec: Any, args: argparse.Namespace) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .preflight import preflight
+    from .preflight import preflight, unencodable_note
 
     spec = _load(args)
     pre = asyncio.run(preflight(spec, check_endpoint=args.check_endpoint))
@@ -136,6 +136,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"input: {pre.source.description}", file=out)
     print(f"  columns: {', '.join(f'{f.name} ({f.type})' for f in pre.source.schema)}", file=out)
     print(f"  rows: {pre.count if pre.count is not None else 'unknown until read (streamed)'}", file=out)
+    replaced = unencodable_note(pre.unencodable)
+    if replaced:
+        print(f"  note: {replaced}", file=out)
     for row_id, prompt in pre.samples:
         shown = prompt if len(prompt) <= 200 else prompt[:197] + "..."
         print(f"  prompt for id {row_id!r}: {shown}", file=out)

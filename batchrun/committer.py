@@ -3,6 +3,9 @@
 The sink's work (building columns, writing and fsyncing a shard) is blocking, so it runs in a
 thread, in batches, never on the event loop. A thread call that has started is always let finish,
 even when the task awaiting it is cancelled: otherwise it would race the final commit.
+
+Whatever a sink call raises reaches the caller as an :class:`OutputError` (a bug's exception too,
+with its type named): the runner stops dispatch on it, since nothing paid for could be saved.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from batchrun.errors import BatchrunError, OutputError
 from batchrun.records import RowFailure, RowResult
 
 __all__ = ["Committer", "finish_in_thread"]
@@ -71,10 +75,20 @@ class Committer:
                 for record in batch:
                     self._sink.add(record)
 
-            await finish_in_thread(add_all)
+            await _as_output_error(finish_in_thread(add_all))
 
     async def commit(self) -> None:
         """Flush, then publish whatever the sink holds."""
         await self.flush()
         async with self._lock:
-            await finish_in_thread(self._sink.commit)
+            await _as_output_error(finish_in_thread(self._sink.commit))
+
+
+async def _as_output_error(call: Any) -> None:
+    """Await a sink call; anything but batchrun's own errors (and cancellation) becomes an OutputError."""
+    try:
+        await call
+    except BatchrunError:
+        raise
+    except Exception as exc:
+        raise OutputError(f"committing the output failed: {type(exc).__name__}: {exc}") from exc

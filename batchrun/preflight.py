@@ -9,6 +9,7 @@ Anything wrong here raises an exit-2 error before a single billable call: a typo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -64,6 +65,7 @@ class Preflight:
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
     run: Any = None  # this run's RunProvenance (provenance.py), set by the runner before the output opens
+    unencodable: list[str] = field(default_factory=list)  # input rows read with U+FFFD for lone surrogates
 
     def data_schema(self, store: Any = None) -> Any:
         """The pyarrow schema of the data shards, with its datasets features and provenance metadata.
@@ -150,6 +152,7 @@ async def preflight(
         OutputStore.job_of, store.root)
     if reference is not None and not fresh:
         changed = compare_identity(reference.get("identity", {}), identity)
+        changed += _kept_columns_change(reference, spec, source, task, kept)
         if changed:
             raise ConfigMismatchError(str(store.root), changed, shard=store.shard)
     # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
@@ -168,6 +171,7 @@ async def preflight(
         endpoint_check=check,
         stored_job=stored,
         spent=spent,
+        unencodable=_unencodable_rows(source),
     )
 
 
@@ -177,6 +181,22 @@ def _check_notify(spec: JobSpec) -> None:
     if unset:
         raise SpecError(spec.file, "notify.webhook", f"${{{unset[0]}}} is not set in the environment: set it, "
                                                       "or remove notify")
+
+
+def _unencodable_rows(source: Any) -> list[str]:
+    """Where the input held strings UTF-8 cannot store (lone surrogates), read with U+FFFD in their place."""
+    while not hasattr(source, "unencodable") and hasattr(source, "inner"):  # a shard's or samples' wrapper
+        source = source.inner
+    return list(getattr(source, "unencodable", ()))
+
+
+def unencodable_note(rows: list[str], shown: int = 5) -> str | None:
+    """The line `validate` and `run` print about such rows, or None when there are none."""
+    if not rows:
+        return None
+    where = "; ".join(rows[:shown]) + (f"; and {len(rows) - shown} more" if len(rows) > shown else "")
+    return (f"{len(rows)} input row(s) hold strings UTF-8 cannot store (a lone surrogate, such as half an emoji): "
+            f"they are read, sent and kept with U+FFFD in its place ({where})")
 
 
 async def _open_input(spec: JobSpec) -> Source:
@@ -324,6 +344,30 @@ def _kept_columns(spec: JobSpec, source: Source, task: Task) -> tuple[str, ...]:
         # the derived one where it was null): keeping the input column too would only clash.
         return tuple(c for c in names if c != seed_column)
     return tuple(names)
+
+
+def _kept_columns_change(
+    stored: dict[str, Any], spec: JobSpec, source: Source, task: Task, kept: tuple[str, ...]
+) -> list[str]:
+    """The change of kept input columns since the output's first run, said like any other change.
+
+    The output's shards hold the kept columns: shards of two column sets cannot be read as one
+    dataset. job.json records them; an output written before it did has its spec's keep_columns
+    read against this input (an input that changed is refused on its own).
+    """
+    old = stored.get("kept_columns")
+    if not isinstance(old, list):
+        raw = ((stored.get("spec") or {}).get("input") or {}).get("keep_columns")
+        if raw is not None and not (isinstance(raw, list) and all(isinstance(c, str) for c in raw)):
+            return []
+        then = dataclasses.replace(spec.input, keep_columns=None if raw is None else tuple(raw))
+        try:
+            old = list(_kept_columns(dataclasses.replace(spec, input=then), source, task))
+        except SpecError:
+            return []
+    if old == list(kept):
+        return []
+    return [f"kept input columns ({old!r} -> {list(kept)!r}; input.keep_columns)"]
 
 
 def _check_score_references(spec: JobSpec, kept: tuple[str, ...]) -> None:

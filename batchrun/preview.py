@@ -71,7 +71,7 @@ def write_preview(output_dir: str | Path, html_path: str | Path, *, limit: int =
     """Write an HTML contact sheet of at most ``limit`` result rows of ``output_dir``; return its path."""
     if limit < 0:
         raise ValueError(f"limit must be 0 or more, got {limit}")
-    root = Path(output_dir)
+    root = Path(output_dir).absolute()  # as the sink wrote it (see OutputStore): pyarrow never reads it as a URI
     shards = sorted((root / "data").glob("*.parquet"))
     failed = sorted((root / "failed").glob("*.parquet"))
     total_ok = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)

@@ -7,10 +7,11 @@ resume uses it to know what is done without keeping every id in memory.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SAMPLE_COLUMN", "Row", "RowFailure", "RowResult"]
+__all__ = ["SAMPLE_COLUMN", "Row", "RowFailure", "RowResult", "storable"]
 
 #: The output column of a unit's sample index, when a job draws several samples per row.
 SAMPLE_COLUMN = "sample"
@@ -58,3 +59,37 @@ class RowFailure:
     attempts: int
     retryable: bool
     kept: dict[str, Any] = field(default_factory=dict)
+
+
+#: UTF-16 surrogates: a Python string can hold one alone (JSON's ``"\ud83d"``), UTF-8 cannot.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: What a lone surrogate becomes in the output: the Unicode replacement character.
+REPLACEMENT = "\ufffd"
+
+
+def storable(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (nested in dicts and lists too) replaced by U+FFFD.
+
+    Parquet stores text as UTF-8, which has no encoding for a lone surrogate: one such character
+    would make a whole shard fail to build. The same object comes back when nothing needed replacing.
+    """
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _SURROGATE.sub(REPLACEMENT, value)
+        return value
+    if isinstance(value, dict):
+        items = [(storable(k), storable(v)) for k, v in value.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(items, value.items(), strict=True)):
+            return value
+        return dict(items)
+    if isinstance(value, (list, tuple)):
+        values = [storable(v) for v in value]
+        if all(v is v0 for v, v0 in zip(values, value, strict=True)):
+            return value
+        return type(value)(values) if isinstance(value, list) else tuple(values)
+    return value
+

@@ -40,7 +40,7 @@ from batchrun.errors import (
     OutputError,
     SpecError,
 )
-from batchrun.preflight import Preflight, empty_input_message, preflight
+from batchrun.preflight import Preflight, empty_input_message, preflight, unencodable_note
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.provenance import REVISION_POLL_S, watch_revision
 from batchrun.reader import PendingRows
@@ -88,6 +88,9 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
                           poll_interval_s=options.poll_interval_s)
+    replaced = unencodable_note(pre.unencodable)
+    if replaced:
+        options.echo(f"note: {replaced}")
     tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
     pre.run = await nightly.start_run(pre, run_id, tally, fresh=options.fresh)
     dispatch_stats: dict[str, Any] = {}
@@ -299,6 +302,8 @@ async def _stop_on_error(work: Any, stop: Stop) -> None:
         await work
     except BatchrunError as exc:
         stop.request(StopReason.ERROR, str(exc))
+    except Exception as exc:  # a bug must not end the step silently while requests go on being paid for
+        stop.request(StopReason.ERROR, f"{type(exc).__name__}: {exc}")
 
 
 def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:
@@ -388,6 +393,8 @@ class _Output:
             await finish_in_thread(self.sink.close)
         except BatchrunError as exc:
             self.stop.request(StopReason.ERROR, str(exc))
+        except Exception as exc:  # the summary is written all the same, and says why
+            self.stop.request(StopReason.ERROR, f"committing the output failed: {type(exc).__name__}: {exc}")
 
 
 @contextlib.asynccontextmanager
@@ -447,6 +454,7 @@ def _job_record(pre: Preflight, stored_job: dict[str, Any] | None) -> dict[str, 
         "spec": spec.raw,
         "spec_file": str(spec.file) if spec.file else None,
         "ids_checked": pre.identity["input"],  # this input's ids were found unique
+        "kept_columns": list(pre.kept_columns),  # a resume keeping others is refused (preflight)
         "created_at": (stored_job or {}).get("created_at") or dt.datetime.now(dt.UTC).isoformat(),
         "runs": int((stored_job or {}).get("runs", 0)) + 1,
         **nightly.job_fields(pre, stored_job),
@@ -531,3 +539,4 @@ async def _write_summary(store: Any, summary: dict[str, Any], echo: Callable[[st
         echo(f"error: {exc}")
         if summary["exit_code"] != 3:
             summary["exit_code"], summary["outcome"] = 3, "stopped early"
+        summary["stop_reason"] = summary.get("stop_reason") or str(exc)

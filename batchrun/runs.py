@@ -26,7 +26,7 @@ def read_shards(root: str | Path, kind: str, columns: list[str] | None = None) -
     from batchrun.output.layout import OutputStore
     from batchrun.output.manifest import read_manifest
 
-    root = Path(root)
+    root = Path(root).absolute()  # as the sink wrote it (see OutputStore): pyarrow never reads it as a URI
     listed = {k: v for part in OutputStore.parts(root) for k, v in read_manifest(part.manifest_path).listed.items()}
     tables = []
     for relative, shard in sorted(listed.items()):

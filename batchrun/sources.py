@@ -36,6 +36,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -46,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
-from batchrun.records import Row
+from batchrun.records import Row, storable
 from batchrun.spec import DatasetSpec, InputSpec
 
 __all__ = ["Source", "open_source"]
@@ -67,6 +68,8 @@ ID_SCAN_BATCH = 65_536
 # Parquet is read through a buffered stream rather than whole column chunks at once, so that a
 # file written as one huge row group (pandas' default) still reads in bounded memory.
 PARQUET_BUFFER_SIZE = 4 * 2**20
+# A JSON escape of a UTF-16 surrogate: a line holding one may decode to a string UTF-8 cannot store.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class DoneMask(Protocol):
@@ -159,6 +162,8 @@ class _BaseSource:
         self.spec = spec
         self.id_column = spec.id_column
         self.limit = spec.limit
+        # Rows (``id 'x' (FILE, line N)``) whose strings held lone surrogates, read with U+FFFD in their place.
+        self.unencodable: list[str] = []
 
     def count(self) -> int | None:
         total = self._total_rows()
@@ -418,7 +423,9 @@ class ParquetSource(_BaseSource):
     """Rows from Parquet files, read with ``ParquetFile.iter_batches`` one file at a time.
 
     Every file must have the same columns and types as the first one, checked from the footers at
-    open time so that a mismatch fails before the job starts.
+    open time so that a mismatch fails before the job starts. Types that differ only in their offsets'
+    width (``string`` and ``large_string``, ``binary`` and ``large_binary``, nested too) are one type:
+    the large one, to which the other files' batches are cast as they are read.
     """
 
     def __init__(self, spec: InputSpec) -> None:
@@ -428,6 +435,7 @@ class ParquetSource(_BaseSource):
         self._rows: list[int] = []
         self._identity: list[dict[str, Any]] = []
         schema = None
+        schemas: list[pa.Schema] = []
         for path in self.files:
             try:
                 meta = pq.read_metadata(path)
@@ -435,9 +443,12 @@ class ParquetSource(_BaseSource):
                 footer = _parquet_footer_digest(path)
             except (OSError, pa.ArrowException, ValueError) as exc:
                 raise InputError(f"input.parquet: cannot read {str(path)!r} as Parquet: {exc}") from None
+            schemas.append(file_schema)
             if schema is None:
                 schema, first = file_schema, path
-            elif not schema.equals(file_schema, check_metadata=False):
+            elif (unified := _unified_schema(schema, file_schema)) is not None:
+                schema = unified
+            else:
                 raise InputError(
                     f"input.parquet: {str(path)!r} has different columns or types than {str(first)!r}: "
                     f"{_schema_line(file_schema)} vs {_schema_line(schema)}"
@@ -447,6 +458,8 @@ class ParquetSource(_BaseSource):
                 {"name": _relative_name(path, root), "size": path.stat().st_size, "footer": footer}
             )
         self.schema = schema
+        # Files whose batches are cast to the unified schema (a string column where another has large_string).
+        self._cast = {path for path, s in zip(self.files, schemas, strict=True) if not s.equals(schema)}
         total = sum(self._rows)
         self.description = f"parquet: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(total, 'row')})"
 
@@ -471,7 +484,7 @@ class ParquetSource(_BaseSource):
             try:
                 for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
                     read += batch.num_rows
-                    yield batch
+                    yield self._unified(path, batch)
                     if self.limit is not None and read >= self.limit:
                         return
             except (OSError, pa.ArrowException) as exc:
@@ -502,7 +515,8 @@ class ParquetSource(_BaseSource):
                     if group_rows and not done.pending_mask(start, group_rows).any():
                         yield group_rows
                     else:
-                        yield from _non_empty(parquet.iter_batches(batch_size=batch_size, row_groups=[group]))
+                        batches = parquet.iter_batches(batch_size=batch_size, row_groups=[group])
+                        yield from _non_empty(self._unified(path, batch) for batch in batches)
                     start += group_rows
                     if self.limit is not None and start >= self.limit:
                         return
@@ -510,6 +524,12 @@ class ParquetSource(_BaseSource):
                 raise InputError(f"input.parquet: cannot read {str(path)!r}: {exc}") from None
             finally:
                 parquet.close()
+
+    def _unified(self, path: Path, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` of ``path`` in the unified schema's types (the same batch when its file has them)."""
+        if path not in self._cast:
+            return batch
+        return batch.cast(pa.schema([self.schema.field(name) for name in batch.schema.names]))
 
     def _id_chunks(self) -> Iterator[pa.Array]:
         assert self.id_column is not None
@@ -533,6 +553,37 @@ def _parquet_footer_digest(path: Path) -> str:
             raise ValueError("the Parquet footer length is larger than the file")
         f.seek(size - 8 - length)
         return hashlib.sha256(f.read(length)).hexdigest()
+
+
+def _large(type_: pa.DataType) -> pa.DataType:
+    """``type_`` with every string and binary (nested ones too) in its large form."""
+    if pa.types.is_string(type_):
+        return pa.large_string()
+    if pa.types.is_binary(type_):
+        return pa.large_binary()
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        field = type_.value_field.with_type(_large(type_.value_type))
+        return pa.list_(field) if pa.types.is_list(type_) else pa.large_list(field)
+    if pa.types.is_struct(type_):
+        return pa.struct([type_.field(i).with_type(_large(type_.field(i).type)) for i in range(type_.num_fields)])
+    return type_
+
+
+def _unified_schema(a: pa.Schema, b: pa.Schema) -> pa.Schema | None:
+    """One schema for two files that differ at most in string/large_string, binary/large_binary; else None."""
+    if a.names != b.names:
+        return None
+    fields = []
+    for fa, fb in zip(a, b, strict=True):
+        if fa.nullable != fb.nullable:
+            return None
+        if fa.type.equals(fb.type):
+            fields.append(fa)
+        elif _large(fa.type).equals(_large(fb.type)):
+            fields.append(fa.with_type(_large(fa.type)))
+        else:
+            return None
+    return pa.schema(fields, metadata=a.metadata)
 
 
 def _schema_line(schema: pa.Schema) -> str:
@@ -570,15 +621,17 @@ class JsonlSource(_BaseSource):
             {"name": _relative_name(p, root), "size": p.stat().st_size, "digest": _file_digest(p)} for p in self.files
         ]
         types = _JsonlTypes()
-        for value in self._objects():
+        for value in self._objects(self.unencodable):
             types.add(value)
         self.schema, self._converters = types.settle()
         self._names = self.schema.names
         self._count = types.rows
         self.description = f"jsonl: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(self._count, 'row')})"
 
-    def _objects(self) -> Iterator[dict[str, Any]]:
-        for _where, value in _json_objects(self.files, "input.jsonl", "a JSON object", name_files=True):
+    def _objects(self, unencodable: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        for _where, value in _json_objects(
+            self.files, "input.jsonl", "a JSON object", name_files=True, unencodable=unencodable, id_key=self.id_column
+        ):
             yield value
 
     def _settled(self, value: dict[str, Any]) -> dict[str, Any]:
@@ -896,7 +949,7 @@ class OpenAIBatchSource(_BaseSource):
         ]
         self.schema = OPENAI_BATCH_SCHEMA
         seen: dict[str, str] = {}  # custom_id -> where it was first found
-        for where, line in self._lines():
+        for where, line in self._lines(self.unencodable):
             custom_id = line.get("custom_id")
             if custom_id is None or custom_id == "":
                 raise InputError(f"input.openai_batch: {where}: the request has no custom_id")
@@ -915,10 +968,13 @@ class OpenAIBatchSource(_BaseSource):
             f"openai batch: {spec.path} ({_plural(len(self.files), 'file')}, {_plural(self._count, 'request')})"
         )
 
-    def _lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _lines(self, unencodable: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Each request line as a JSON object, with where it is (``requests.jsonl, line 3``)."""
         expected = "a JSON object (custom_id, method, url, body)"
-        yield from _json_objects(self.files, "input.openai_batch", expected, name_files=len(self.files) > 1)
+        yield from _json_objects(
+            self.files, "input.openai_batch", expected, name_files=len(self.files) > 1, unencodable=unencodable,
+            id_key="custom_id",
+        )
 
     @staticmethod
     def _columns(line: dict[str, Any]) -> dict[str, Any]:
@@ -950,13 +1006,18 @@ class OpenAIBatchSource(_BaseSource):
 
 
 def _json_objects(
-    files: Sequence[Path], key: str, expected: str, *, name_files: bool
+    files: Sequence[Path], key: str, expected: str, *, name_files: bool, unencodable: list[str] | None = None,
+    id_key: str | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Every non-blank line of ``files`` as a JSON object, with where it is (``FILE, line N``).
 
     A file that cannot be opened, a line that is not JSON, or one that is not an object raises
     InputError naming ``key`` (the spec key) and the line. ``name_files``: say each file's path; else
     only its name (one file).
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud83d"``, half an emoji), which UTF-8, and so the
+    output, cannot hold: such a string is read with U+FFFD in its place, and the line's place (with
+    its ``id_key`` value, when it has one) is appended to ``unencodable`` when given.
     """
     for path in files:
         try:
@@ -974,6 +1035,12 @@ def _json_objects(
                     raise InputError(f"{key}: {where}: not valid JSON: {exc}") from None
                 if not isinstance(value, dict):
                     raise InputError(f"{key}: {where}: expected {expected}, got {type(value).__name__}")
+                if _SURROGATE_ESCAPE.search(raw):
+                    stored = storable(value)
+                    if stored is not value and unencodable is not None:
+                        row_id = stored.get(id_key) if id_key is not None else None
+                        unencodable.append(where if row_id is None else f"id {row_id!r} ({where})")
+                    value = stored
                 yield where, value
 
 

@@ -1392,11 +1392,19 @@ def _route_name(kind: TaskKind) -> str:
     return f"{label} (POST {kind.route})"
 
 
+#: A URL's scheme and "://" (s3://, gs://, hf://, file://...).
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def _output_path_problem(path: str) -> str | None:
     """Why ``path`` cannot be the output folder: it must name a folder of its own."""
     last = path.strip().replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     if not path.strip():
         return "expected a folder for the results, got an empty path"
+    if _URL.match(path.strip()):
+        # Path() would make "s3://bucket/x" a local folder "s3:/bucket/x": refused, until object storage is supported.
+        return (f"expected a local folder, got the URL {path!r}: object storage is not supported yet; write to a "
+                "local (or mounted) folder and copy it, or push it with `batchrun push`")
     if last in ("", ".", ".."):
         # The output folder gets a manifest, shards and a lock of its own; `.` would scatter them
         # among the user's files (and a fresh run would clear them).

@@ -51,6 +51,10 @@ def build_summary(
     pending = rows.get("pending")
     failed_total = rows["total_failed"]
     exit_code, outcome = exit_code_for(cause, pending=pending, failed=failed_total)
+    stop_reason = cause.detail if cause is not None and cause.early else None
+    if exit_code == 3 and stop_reason is None:  # an early stop always says why
+        stop_reason = (f"{pending} row(s) of the input have no record in the output after this run, though "
+                       "nothing stopped it: run the same command again to resume them")
     return {
         "job": job,
         "outcome": outcome,
@@ -64,7 +68,7 @@ def build_summary(
         "endpoint": endpoint,
         "cost": cost,
         "output": output,
-        "stop_reason": cause.detail if cause is not None and cause.early else None,
+        "stop_reason": stop_reason,
         "stop_kind": cause.reason.value if cause is not None else None,
     }
 

@@ -9,11 +9,15 @@ import pyarrow as pa
 
 from batchrun.errors import redact
 from batchrun.output.schema import BOOKKEEPING_COLUMNS, FAILED_COLUMNS
+from batchrun.records import storable
 
-__all__ = ["CONVERSION_ERRORS", "ShardBuffer", "fits"]
+__all__ = ["CONVERSION_ERRORS", "ShardBuffer", "fits", "storable"]
 
-#: What building an Arrow array from Python values raises for a value that does not fit its type.
-CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError)
+#: What building an Arrow array from Python values raises for a value that does not fit its type
+#: (UnicodeEncodeError: a string UTF-8 cannot hold, should one get past :func:`storable`).
+CONVERSION_ERRORS = (
+    pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError, UnicodeEncodeError,
+)
 
 
 def estimate_bytes(value: Any) -> int:
@@ -54,6 +58,7 @@ class ShardBuffer:
         self.positions: list[int] = []
         self.retryable = 0
         self.estimated_bytes = 0
+        self.replaced = 0  # values whose lone surrogates became U+FFFD (see storable)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -63,9 +68,10 @@ class ShardBuffer:
     ) -> None:
         """Add a successful row; ``values`` holds its kept input and output columns (missing ones are null)."""
         cols = self.columns
+        id_ = self._storable(id_)
         size = 16 + estimate_bytes(id_)
         for name in self.value_columns:
-            value = values.get(name)
+            value = self._storable(values.get(name))
             cols[name].append(value)
             size += estimate_bytes(value)
         cols["latency_s"].append(latency_s)
@@ -86,9 +92,10 @@ class ShardBuffer:
     ) -> None:
         """Add a failed row; ``kept`` holds its kept input columns (missing ones are null)."""
         cols = self.columns
+        id_, error, error_type = self._storable(id_), self._storable(error), self._storable(error_type)
         size = 32 + len(error) + len(error_type) + estimate_bytes(id_)
         for name in self.value_columns:
-            value = kept.get(name)
+            value = self._storable(kept.get(name))
             cols[name].append(value)
             size += estimate_bytes(value)
         cols["error_type"].append(error_type)
@@ -98,6 +105,12 @@ class ShardBuffer:
         cols["retryable"].append(retryable)
         self.retryable += bool(retryable)
         self._append_row(position, id_, size)
+
+    def _storable(self, value: Any) -> Any:
+        stored = storable(value)
+        if stored is not value:
+            self.replaced += 1
+        return stored
 
     def _append_row(self, position: int, id_: Any, size: int) -> None:
         self.columns[self.id_column].append(id_)
@@ -157,3 +170,4 @@ class ShardBuffer:
         self.positions.clear()
         self.retryable = 0
         self.estimated_bytes = 0
+        self.replaced = 0

@@ -47,7 +47,9 @@ class OutputStore:
     def __init__(self, root: str | Path, shard: str | None = None) -> None:
         if shard is not None and not _SHARD_NAME.match(shard):
             raise ValueError(f"not a shard name: {shard!r}")
-        self.root = Path(root)
+        # Absolute, so that every reader finds what the writer wrote: pyarrow takes a relative path
+        # whose first part ends in ':' ("s3:/bucket/x", all that is left of "s3://bucket/x") for a URI.
+        self.root = Path(root).absolute()
         self.shard = shard
         self.data_dir = self.root / "data"
         self.failed_dir = self.root / "failed"

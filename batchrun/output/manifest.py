@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "ManifestLog",
     "ManifestView",
     "Shard",
+    "file_crc32",
     "read_manifest",
     "read_positions",
     "shard_problem",
@@ -45,6 +47,10 @@ class Shard:
     rows: int
     retryable: int  # failed shards: how many of its rows are retryable
     seq: int
+    # The file as it was published (older manifests lack crc32 and mtime_ns; see shard_problem).
+    bytes: int | None = None
+    crc32: int | None = None
+    mtime_ns: int | None = None
 
     @classmethod
     def from_event(cls, event: dict[str, Any]) -> Shard:
@@ -56,7 +62,23 @@ class Shard:
             rows=int(event["rows"]),
             retryable=int(event.get("retryable", 0)),
             seq=int(event["seq"]),
+            bytes=_optional_int(event.get("bytes")),
+            crc32=_optional_int(event.get("crc32")),
+            mtime_ns=_optional_int(event.get("mtime_ns")),
         )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def file_crc32(path: Path) -> int:
+    """The CRC-32 of a whole file, read 1 MiB at a time."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 @dataclass
@@ -196,6 +218,9 @@ def shard_problem(root: Path, shard: Shard, schemas: Sequence[pa.Schema]) -> str
         return f"unreadable ({type(exc).__name__}: {exc})"
     if rows != shard.rows:
         return f"holds {rows} rows, the manifest says {shard.rows}"
+    changed = _changed_since_published(path, shard)
+    if changed is not None:
+        return changed
     try:
         sidecar_bytes = (root / shard.positions).stat().st_size
     except OSError:
@@ -204,9 +229,49 @@ def shard_problem(root: Path, shard: Shard, schemas: Sequence[pa.Schema]) -> str
         return "its positions file has the wrong size"
     if schemas and not any(file_schema.equals(schema, check_metadata=False) for schema in schemas):
         raise OutputError(
-            f"{path} has a different schema from this job's ({file_schema} vs {schemas[0]}); shards of two "
-            "schemas cannot be loaded as one dataset: use another output folder or pass --fresh"
+            f"{path} has other columns than this job writes ({schema_difference(file_schema, schemas[0])}); "
+            "shards of two schemas cannot be loaded as one dataset: restore the previous settings, use another "
+            "output folder or pass --fresh"
         )
+    return None
+
+
+def schema_difference(found: pa.Schema, expected: pa.Schema) -> str:
+    """How ``found`` differs from ``expected``, in words: columns only in one, and changed types."""
+    have = {f.name: f.type for f in found}
+    want = {f.name: f.type for f in expected}
+    parts = []
+    if gone := [name for name in have if name not in want]:
+        parts.append(f"the shard has {', '.join(gone)}, which this job does not write")
+    if new := [name for name in want if name not in have]:
+        parts.append(f"this job writes {', '.join(new)}, which the shard lacks")
+    retyped = [f"{name} ({have[name]} -> {want[name]})" for name in want if name in have and have[name] != want[name]]
+    if retyped:
+        parts.append(f"types changed: {', '.join(retyped)}")
+    return "; ".join(parts) or "the columns are in another order or differ in nullability"
+
+
+def _changed_since_published(path: Path, shard: Shard) -> str | None:
+    """Why the file is no longer the one published, or None.
+
+    A footer that reads says nothing of the pages before it. Reading every page of every shard on
+    each status or resume would cost as much as reading the whole output, so the check is in two
+    steps: a file whose size and modification time are those the manifest recorded at publication
+    is taken as published (a stat, as cheap as the footer); any other is read whole and must match
+    its recorded CRC-32. Shards published before checksums were recorded keep the footer check.
+    """
+    if shard.crc32 is None:
+        return None
+    try:
+        stat = path.stat()
+        if shard.bytes is not None and stat.st_size != shard.bytes:
+            return f"holds {stat.st_size} bytes, the manifest says {shard.bytes}"
+        if stat.st_mtime_ns == shard.mtime_ns:
+            return None
+        if file_crc32(path) != shard.crc32:
+            return "its content changed since it was published (CRC-32 mismatch)"
+    except OSError as exc:
+        return f"unreadable ({type(exc).__name__}: {exc})"
     return None
 
 

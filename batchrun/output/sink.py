@@ -25,6 +25,7 @@ from batchrun.output.manifest import (
     ManifestLog,
     ManifestView,
     Shard,
+    file_crc32,
     read_manifest,
     read_positions,
     shard_problem,
@@ -341,6 +342,11 @@ class ParquetSink:
                 raise self._broken_error() from exc
             # Nothing was visible yet: the buffer is kept, and a later commit publishes it under a new name.
             raise write_error(self.store.root, f"a {buffer.kind} shard", exc) from exc
+        if buffer.replaced:
+            logger.warning(
+                "sink.unencodable_replaced file_kind=%s values=%d (lone surrogates stored as U+FFFD)",
+                buffer.kind, buffer.replaced,
+            )  # fmt: skip
         if buffer.kind == "data":
             self.counters.ok += len(buffer)
             self.counters.data_shards += 1
@@ -408,6 +414,7 @@ class ParquetSink:
             write_file_durably(
                 tmp, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=row_group_rows)
             )
+            crc32 = file_crc32(tmp)  # read back from the page cache: what readers check a changed file against
             os.replace(tmp, final)
         except OSError as exc:
             for leftover in (tmp, sidecar):
@@ -418,6 +425,7 @@ class ParquetSink:
         # even if an error follows: its rows must never be published again by this process.
         try:
             fsync_dir(folder)
+            stat = final.stat()
             event = {
                 "op": "publish",
                 "kind": kind,
@@ -427,7 +435,9 @@ class ParquetSink:
                 "retryable": retryable,
                 "seq": seq,
                 "run": self.run_id,
-                "bytes": final.stat().st_size,
+                "bytes": stat.st_size,
+                "crc32": crc32,
+                "mtime_ns": stat.st_mtime_ns,
                 "time": _now(),
             }
             if replaces is not None:

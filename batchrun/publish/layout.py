@@ -102,7 +102,7 @@ def local_shards(root: Path, target: Target) -> list[LocalShard]:
     a shard being written is not listed yet, and a listed one that cannot be read is left out (the
     next run redoes its rows, and the push after it publishes them).
     """
-    root = Path(root)
+    root = Path(root).absolute()  # as the sink wrote it (see OutputStore): pyarrow never reads it as a URI
     listed = [shard for part in OutputStore.parts(root) for shard in read_manifest(part.manifest_path).listed.values()]
     kinds = set(target.configs.values())
     return [

@@ -325,18 +325,28 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
+#: A count a server reports (tokens) is stored as int64: anything outside 0..this is not a count.
+_MAX_COUNT = 2**63 - 1
+
+
 def header_int(headers: Mapping[str, str], name: str) -> int | None:
-    """Header ``name`` as an int, or ``None`` when absent or not a number."""
+    """Header ``name`` as a count, or ``None`` (unknown) when absent, not an integer, or negative."""
     value = header(headers, name)
     try:
-        return int(value) if value is not None else None
+        return optional_int(int(value)) if value is not None else None
     except ValueError:
         return None
 
 
 def optional_int(value: Any) -> int | None:
-    """``value`` when it is a JSON integer (not a boolean), else ``None``."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """``value`` when it is a count: a JSON integer (not a boolean) from 0 to int64's maximum; else ``None``.
+
+    A server that reports a negative or fractional token count said nothing usable: the count is
+    unknown (null), never summed, and never a reason to lose the answer.
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT:
+        return value
+    return None
 
 
 def require_prompt(template: str | None, column: str | None, row: Row) -> str:
