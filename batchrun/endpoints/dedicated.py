@@ -19,27 +19,24 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchrun.cost import CostMeter
 from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.endpoints.cold_start import ColdStartPolicy
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
+from batchrun.endpoints.ready import FAILED, ReadyWait
 from batchrun.endpoints.saved_settings import SavedSettings, UserSettings, endpoint_state_path
 from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import (
     AuthError,
     ControlPlaneUnavailableError,
     EndpointError,
-    EndpointNotReadyError,
     EndpointUnusableError,
     JobStopped,
     RequestFailed,
 )
 from batchrun.stop import Stop, StopReason
-
-if TYPE_CHECKING:
-    import aiohttp
 
 __all__ = ["DedicatedEndpoint", "LifecycleSettings"]
 
@@ -47,12 +44,8 @@ log = logging.getLogger("batchrun.endpoint")
 
 #: The states from which a resume brings the endpoint up.
 RESUMABLE = {"paused", "scaledToZero"}
-FAILED = {"failed", "updateFailed"}
 #: States in which an endpoint bills nothing (protocols.md §3).
 AT_REST = {"paused", "scaledToZero", "failed"}
-#: Once the endpoint is running and only replicas are still coming up, poll at least this often, so
-#: that the moment it becomes ready is seen quickly (the wait before that is minutes; this is seconds).
-FAST_POLL_S = 0.5
 #: How often the release tries the final pause (or scale-to-zero) before giving up and saying so.
 RELEASE_ATTEMPTS = 4
 #: The settings a job may change, and the snapshot fields they are read from.
@@ -350,35 +343,10 @@ class DedicatedEndpoint:
         return max(1, min(wanted, top) if top else wanted)
 
     async def _wait_ready(self, original: EndpointSnapshot) -> str:
-        target = self._min_target(original)
-        deadline = self._clock() + self.settings.ready_timeout_s
-        last_line = ""
-        import aiohttp  # loaded when an endpoint is acquired: `batchrun validate` does without it
-
-        async with aiohttp.ClientSession() as http:
-            while True:
-                snapshot = await self._poll()
-                if snapshot is not None:
-                    line = f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}"
-                    if line != last_line:
-                        self._event(line)
-                        last_line = line
-                    if snapshot.state in FAILED:
-                        raise EndpointError(
-                            f"endpoint {self.ref} became {snapshot.state} while starting: "
-                            f"{snapshot.message or 'no message'}",
-                            state=snapshot.state,
-                        )
-                    up = snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target
-                    if up and await self._healthy(http, snapshot):
-                        return self._ready(snapshot)
-                now = self._clock()
-                if now >= deadline:
-                    raise self._not_ready(snapshot, target)
-                interval = self.settings.poll_interval_s
-                if snapshot is not None and snapshot.state in ("running", "updating"):
-                    interval = min(interval, FAST_POLL_S)
-                await asyncio.sleep(max(0.0, min(interval, deadline - now)))
+        wait = ReadyWait(self.ref, target=self._min_target(original), timeout_s=self.settings.ready_timeout_s,
+                         poll_interval_s=self.settings.poll_interval_s, token=self._token, poll=self._poll,
+                         on_event=self._event, clock=self._clock)
+        return self._ready(await wait())
 
     async def _poll(self) -> EndpointSnapshot | None:
         try:
@@ -395,28 +363,6 @@ class DedicatedEndpoint:
         plural = "s" if snapshot.ready_replicas != 1 else ""
         self._event(f"{self.ref} is ready at {snapshot.url} ({snapshot.ready_replicas} replica{plural})")
         return snapshot.url
-
-    def _not_ready(self, snapshot: EndpointSnapshot | None, target: int) -> EndpointNotReadyError:
-        state = snapshot.state if snapshot else "unknown"
-        ready = snapshot.ready_replicas if snapshot else 0
-        return EndpointNotReadyError(
-            f"endpoint {self.ref} was not ready after {self.settings.ready_timeout_s:.0f}s "
-            f"(last state {state}, replicas {ready}/{target}); "
-            "raise endpoint.ready_timeout or check the endpoint's logs",
-            state=state,
-        )
-
-    async def _healthy(self, http: aiohttp.ClientSession, snapshot: EndpointSnapshot) -> bool:
-        import aiohttp
-
-        assert snapshot.url is not None
-        url = f"{snapshot.url.rstrip('/')}/{snapshot.health_route.lstrip('/')}"
-        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
-        try:
-            async with http.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as response:
-                return response.status == 200
-        except (aiohttp.ClientError, TimeoutError):
-            return False
 
     # ------------------------------------------------------------------ during the run
 
