@@ -1,6 +1,6 @@
 """Endpoints: the alternatives a job can send to, behind one interface.
 
-    base.py            Endpoint (the interface), DataPlane, EndpointCheck, LifecycleRecord
+    base.py            Endpoint (the interface, with the bracket up/down), DataPlane, EndpointCheck, LifecycleRecord
     url.py             UrlEndpoint: a plain url, no lifecycle
     dedicated.py       DedicatedEndpoint: a Dedicated Inference Endpoint through huggingface_hub
     ready.py           its ready wait: running, every target replica ready, the health route answers

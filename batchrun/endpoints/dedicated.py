@@ -9,6 +9,8 @@ count and, without a timeout, waits forever). While the job runs, a watcher foll
 task awaiting it is cancelled. The sequence and its guarantees are in docs/lifecycle.md.
 
 The ready wait is ready.py's; what the user's settings were and what goes back, settings_ledger.py's.
+The shards of a job share the endpoint through sharing.py, and `batchrun endpoint up|down` holds it up
+between them (:meth:`DedicatedEndpoint.up`, :meth:`DedicatedEndpoint.down`).
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from batchrun.cost import CostMeter
-from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
+from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.endpoints.cold_start import ColdStartPolicy
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
 from batchrun.endpoints.ready import FAILED, ReadyWait
 from batchrun.endpoints.settings_ledger import RESUMABLE, LifecycleSettings, SettingsLedger
-from batchrun.endpoints.sharing import BRACKET
+from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import (
     AuthError,
     ControlPlaneUnavailableError,
@@ -46,6 +48,10 @@ log = logging.getLogger("batchrun.endpoint")
 AT_REST = {"paused", "scaledToZero", "failed"}
 #: How often the release tries the final pause (or scale-to-zero) before giving up and saying so.
 RELEASE_ATTEMPTS = 4
+#: The final action of a user (a shard, the bracket) that leaves the endpoint up to the others still using it.
+LEFT_TO_OTHERS = "left to the other users"
+
+_T = TypeVar("_T")
 
 
 class DedicatedEndpoint:
@@ -75,7 +81,7 @@ class DedicatedEndpoint:
         self._extra_headers: dict[str, str] = {}
         self._last: EndpointSnapshot | None = None
         self._released = False
-        self._release_task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[bool] | None = None  # its result: left to other users
         self._refreshing: asyncio.Task[Any] | None = None
         self._last_refresh = float("-inf")
         self._unconfirmed_503_at: float | None = None  # a 503 no later look at the endpoint has explained
@@ -310,14 +316,15 @@ class DedicatedEndpoint:
                     await asyncio.shield(task)
             raise
 
-    async def _release(self) -> None:
+    async def _release(self) -> bool:
+        """Put the endpoint back; True when it was left up to the other users of a shared endpoint."""
         if self._refreshing is not None:
             self._refreshing.cancel()
         self._released = True
         shared = self.settings.shared
         if shared is None or not shared.joined:
             await self._release_alone()
-            return
+            return False
         async with shared.guard():  # a shard joining now waits: it finds the endpoint up, or resumes it after
             others = await asyncio.to_thread(shared.leave)
             if not others:
@@ -326,22 +333,48 @@ class DedicatedEndpoint:
                     # others left it to this one, so it is put down from what the first user saved.
                     await self._read_for_put_back()
                 await self._release_alone()
-                return
+                return False
             self.meter.stop()
             self.record.released_at = self._clock()
-            self.record.final_action = "left to the other users"
+            self.record.final_action = LEFT_TO_OTHERS
             self.record.note = (f"{self.ref} is still used by {len(others)} other user(s), {', '.join(others)}: "
                                 "the last of them to finish puts it down and restores its settings")
             self._event(self.record.note)
             self._ledger.saved.release(forget=False)
+            return True
 
-    async def put_back_for_bracket(self) -> None:
+    # ------------------------------------------------------------------ the bracket (`batchrun endpoint up|down`)
+
+    async def up(self) -> BracketResult:
+        """`batchrun endpoint up JOB.yaml`: join the job's shards as the bracket, resume, scale, wait until ready.
+
+        Not up (a timeout, Ctrl-C): nothing would ever put down what was resumed, since a bracket never
+        goes stale. It leaves at once, and the endpoint is put back unless a shard uses it.
+        """
+        self._bracket()
+        try:
+            await self.check()
+            await self.acquire()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.release()
+            raise
+        return BracketResult(self.ref, Bracketed.UP)
+
+    async def down(self) -> BracketResult:
         """`batchrun endpoint down JOB.yaml`: the bracket leaves; when no shard is left, put the endpoint down
         and restore what the first user saved (on_finish: as the user had it before, paused by default)."""
-        shared = self.settings.shared
-        assert shared is not None and shared.user == BRACKET
-        shared.joined = True  # `endpoint up` joined, in an earlier process
+        self._bracket().joined = True  # `endpoint up` joined, in an earlier process
         await self.release()
+        assert self._release_task is not None
+        outcome = Bracketed.IN_USE if self._release_task.result() else Bracketed.PUT_BACK
+        return BracketResult(self.ref, outcome, final_action=self.record.final_action, note=self.record.note)
+
+    def _bracket(self) -> SharedUse:
+        shared = self.settings.shared
+        if shared is None or shared.user != BRACKET:
+            raise ValueError(f"{self!r} is not opened as the bracket of a job's shards (open_endpoint(user=BRACKET))")
+        return shared
 
     async def _read_for_put_back(self) -> None:
         """The endpoint as it is now, and the user's settings the first user saved: what a release puts back."""
@@ -415,7 +448,7 @@ class DedicatedEndpoint:
         return True
 
 
-async def _with_retries(call: Callable[[], Any], attempts: int = RELEASE_ATTEMPTS) -> Any:
+async def _with_retries(call: Callable[[], Awaitable[_T]], attempts: int = RELEASE_ATTEMPTS) -> _T:
     """Call a control-plane coroutine factory, retrying only what is worth retrying (5xx, 429, no answer)."""
     delay = 0.25
     for attempt in range(attempts):
