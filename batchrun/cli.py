@@ -20,14 +20,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import BatchrunError, redact
+
+if TYPE_CHECKING:  # the commands load what they use when they run: `batchrun --help` stays quick
+    from .emulator import Emulator
+    from .endpoints.base import BracketResult
+    from .endpoints.control_plane import EndpointSnapshot
+    from .output import OutputStatus
+    from .spec import JobSpec
 
 __all__ = ["main"]
 
@@ -99,14 +105,14 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace) -> JobSpec:
     from .spec import load_spec
 
     spec = load_spec(args.job, output_override=getattr(args, "output", None))
     return _this_run_folder(spec, args)
 
 
-def _this_run_folder(spec: Any, args: argparse.Namespace) -> Any:
+def _this_run_folder(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
     """A templated output.path ({date}, {time}, {run_id}): `--resume RUN` picks a run; `status` shows
     the latest; `run` leaves it to the runner, which gives the run a new folder."""
     import dataclasses
@@ -192,7 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def _notify_error(spec: Any, exc: BatchrunError) -> None:
+def _notify_error(spec: JobSpec, exc: BatchrunError) -> None:
     if spec.notify is None:
         return
     from .notify import build_payload, post_notification
@@ -274,7 +280,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_remaining(spec: Any, status: Any) -> None:
+def _print_remaining(spec: JobSpec, status: OutputStatus) -> None:
     """How much of the input the output covers, said plainly even when the input shrank (a lower limit)."""
     from .sources import open_source
 
@@ -293,7 +299,7 @@ def _print_remaining(spec: Any, status: Any) -> None:
     print(f"  remaining: {total - recorded} of {total} (including retryable failures)")
 
 
-def _print_mismatch(spec: Any, job: dict[str, Any] | None) -> None:
+def _print_mismatch(spec: JobSpec, job: dict[str, Any] | None) -> None:
     """Warn when the spec no longer matches the output, which `batchrun run` would refuse."""
     from .preflight import compare_identity
 
@@ -392,7 +398,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
         config = dataclasses.replace(config, **overrides)
 
-    def ready(emu: Any) -> None:
+    def ready(emu: Emulator) -> None:
         print(describe(emu), flush=True)
 
     try:
@@ -416,7 +422,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
     token = get_token()
     register_secret(token)
 
-    async def act() -> Any:
+    async def act() -> EndpointSnapshot:
         control = HfControlPlane(name=args.name, namespace=args.namespace, token=token, api_url=args.api_url)
         if args.action == "pause":
             return await control.pause()
@@ -453,45 +459,37 @@ def _endpoint_bracket(args: argparse.Namespace) -> int:
                         "the built-in emulator (local:), which each run starts and stops itself: nothing to bracket")
     token = _resolve_token(spec)
 
-    async def bracket() -> list[Any]:
+    async def bracket() -> list[BracketResult | BaseException]:
         opened = [open_endpoint(spec, token=token, stop=Stop(), echo=_echo, endpoint=e, user=BRACKET)
                   for e in managed]
-
-        async def one(endpoint: Any) -> Any:
-            if args.action == "down":
-                await endpoint.put_back_for_bracket()
-                return endpoint
-            try:
-                await endpoint.check()
-                await endpoint.acquire()
-            except BaseException:
-                # Not up (a timeout, Ctrl-C): nothing would ever put down what was resumed, since a bracket
-                # never goes stale. It leaves at once, and the endpoint is put back unless a shard uses it.
-                with contextlib.suppress(Exception):
-                    await endpoint.release()
-                raise
-            return endpoint
-
         # Each endpoint to its end, whatever another one does: one failing must not cut the others short.
-        return list(await asyncio.gather(*(one(e) for e in opened), return_exceptions=True))
+        return list(await asyncio.gather(*(e.up() if args.action == "up" else e.down() for e in opened),
+                                         return_exceptions=True))
 
     failures = []
-    for endpoint in asyncio.run(bracket()):
-        if isinstance(endpoint, BaseException):
-            failures.append(endpoint)
-            continue
-        record = endpoint.record
-        if args.action == "up":
-            print(f"{endpoint.ref}: ready; the job's shards share it until `batchrun endpoint down {args.name}`")
-        elif record.final_action == "left to the other users":
-            print(f"{endpoint.ref}: still in use, left to the last shard to put down: {record.note}")
+    for result in asyncio.run(bracket()):
+        if isinstance(result, BaseException):
+            failures.append(result)
         else:
-            print(f"{endpoint.ref}: {record.final_action}" + (f" ({record.note})" if record.note else ""))
+            print(_bracket_line(result, args.name))
     if failures:
         for failure in failures[1:]:
             _echo(f"error: {redact(str(failure))}")
         raise failures[0]
     return 0
+
+
+def _bracket_line(result: BracketResult, job: str) -> str:
+    """What `batchrun endpoint up|down JOB.yaml` says of one endpoint."""
+    from .endpoints.base import Bracketed
+
+    if result.outcome is Bracketed.UP:
+        return f"{result.ref}: ready; the job's shards share it until `batchrun endpoint down {job}`"
+    if result.outcome is Bracketed.IN_USE:
+        return f"{result.ref}: still in use, left to the last shard to put down: {result.note}"
+    if result.outcome is Bracketed.NOT_BRACKETED:
+        return f"{result.ref}: nothing to bracket ({result.note})"
+    return f"{result.ref}: {result.final_action}" + (f" ({result.note})" if result.note else "")
 
 
 def build_parser() -> argparse.ArgumentParser:

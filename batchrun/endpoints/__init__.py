@@ -1,8 +1,10 @@
 """Endpoints: the alternatives a job can send to, behind one interface.
 
-    base.py            Endpoint (the interface), DataPlane, EndpointCheck, LifecycleRecord
+    base.py            Endpoint (the interface, with the bracket up/down), DataPlane, EndpointCheck, LifecycleRecord
     url.py             UrlEndpoint: a plain url, no lifecycle
     dedicated.py       DedicatedEndpoint: a Dedicated Inference Endpoint through huggingface_hub
+    ready.py           its ready wait: running, every target replica ready, the health route answers
+    settings_ledger.py its settings: what the user had, what the job changed, what the release puts back
     local.py           LocalEndpoint: the built-in emulator, driven as a Dedicated endpoint
     control_plane.py   the control plane through huggingface_hub (the production path)
     saved_settings.py  the user's settings, kept on disk while a job has changed them

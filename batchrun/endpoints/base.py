@@ -7,11 +7,15 @@ An endpoint is used in exactly one way::
         ...send to plane.url...             # dispatch
     # released here, on every way out: pause / scale to zero / keep, the user's settings restored
 
+The shards of a job may also share a managed endpoint held up between ``await endpoint.up()`` and
+``await endpoint.down()`` (`batchrun endpoint up|down JOB.yaml`); a :class:`BracketResult` says what each did.
+
 The runner never asks which kind it holds; each kind lives in its own module of this package.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -20,7 +24,7 @@ from typing import Any, Protocol
 from batchrun.cost import CostMeter
 from batchrun.errors import RequestFailed
 
-__all__ = ["DataPlane", "Endpoint", "EndpointCheck", "LifecycleRecord"]
+__all__ = ["BracketResult", "Bracketed", "DataPlane", "Endpoint", "EndpointCheck", "LifecycleRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,25 @@ class LifecycleRecord:
         return info
 
 
+class Bracketed(enum.Enum):
+    """What `batchrun endpoint up|down JOB.yaml` did to one endpoint."""
+
+    UP = "up"  # ready, and held up for the job's shards until `endpoint down`
+    PUT_BACK = "put back"  # no shard uses it any more: on_finish applied, the user's settings restored
+    IN_USE = "in use"  # a shard still sends to it: the last one out puts it down
+    NOT_BRACKETED = "not bracketed"  # an endpoint no bracket applies to (``note`` says why)
+
+
+@dataclass(frozen=True, slots=True)
+class BracketResult:
+    """One endpoint's answer to ``up()`` or ``down()``: the outcome, and what its release did."""
+
+    ref: str
+    outcome: Bracketed
+    final_action: str | None = None  # PUT_BACK: pause | scale-to-zero | keep | none, as in LifecycleRecord
+    note: str | None = None  # for people: who still uses it, why it was kept, why there is nothing to bracket
+
+
 class Endpoint(Protocol):
     """An endpoint a job sends to. Entering it acquires a ready :class:`DataPlane`; leaving releases it.
 
@@ -123,4 +146,15 @@ class Endpoint(Protocol):
     def excuses(self, failure: RequestFailed) -> bool:
         """True when ``failure`` is the endpoint starting (a cold 503), not the row's fault: it then
         backs off without using up the row's attempts."""
+        ...
+
+    async def up(self) -> BracketResult:
+        """Hold the endpoint up for the job's shards until :meth:`down`, from another process maybe
+        (``UP``), or say why there is nothing to hold (``NOT_BRACKETED``). Not up: raises, having put
+        back what it changed."""
+        ...
+
+    async def down(self) -> BracketResult:
+        """End what :meth:`up` began: put the endpoint back (``PUT_BACK``) unless a shard still uses it
+        (``IN_USE``), or ``NOT_BRACKETED``. Raises when it could not be put back."""
         ...

@@ -7,31 +7,33 @@ count and, without a timeout, waits forever). While the job runs, a watcher foll
 (for the cost meter and the cold-start policy) and stops the job if the endpoint fails. Leaving applies
 ``on_finish`` (pause by default) and restores the user's settings, on every way out, even when the
 task awaiting it is cancelled. The sequence and its guarantees are in docs/lifecycle.md.
+
+The ready wait is ready.py's; what the user's settings were and what goes back, settings_ledger.py's.
+The shards of a job share the endpoint through sharing.py, and `batchrun endpoint up|down` holds it up
+between them (:meth:`DedicatedEndpoint.up`, :meth:`DedicatedEndpoint.down`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from batchrun.cost import CostMeter
-from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
+from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.endpoints.cold_start import ColdStartPolicy
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
-from batchrun.endpoints.saved_settings import SavedSettings, UserSettings, endpoint_state_path
+from batchrun.endpoints.ready import FAILED, ReadyWait
+from batchrun.endpoints.settings_ledger import RESUMABLE, LifecycleSettings, SettingsLedger
 from batchrun.endpoints.sharing import BRACKET, SharedUse
 from batchrun.errors import (
     AuthError,
     ControlPlaneUnavailableError,
     EndpointError,
-    EndpointNotReadyError,
     EndpointUnusableError,
     JobStopped,
     RequestFailed,
@@ -42,37 +44,14 @@ __all__ = ["DedicatedEndpoint", "LifecycleSettings"]
 
 log = logging.getLogger("batchrun.endpoint")
 
-#: The states from which a resume brings the endpoint up.
-RESUMABLE = {"paused", "scaledToZero"}
-FAILED = {"failed", "updateFailed"}
 #: States in which an endpoint bills nothing (protocols.md §3).
 AT_REST = {"paused", "scaledToZero", "failed"}
-#: Once the endpoint is running and only replicas are still coming up, poll at least this often, so
-#: that the moment it becomes ready is seen quickly (the wait before that is minutes; this is seconds).
-FAST_POLL_S = 0.5
 #: How often the release tries the final pause (or scale-to-zero) before giving up and saying so.
 RELEASE_ATTEMPTS = 4
-#: The settings a job may change, and the snapshot fields they are read from.
-_SETTINGS = ("min_replica", "max_replica", "scale_to_zero_timeout")
+#: The final action of a user (a shard, the bracket) that leaves the endpoint up to the others still using it.
+LEFT_TO_OTHERS = "left to the other users"
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LifecycleSettings:
-    """How a job drives its endpoint; built from the spec's `endpoint:` section."""
-
-    scale_min: int | None = None
-    scale_max: int | None = None
-    ready_timeout_s: float = 1200.0
-    on_finish: str | None = None  # "pause" | "scale-to-zero" | "keep"; None: pause unless it was already running
-    idle_backstop_s: float | None = 900.0
-    poll_interval_s: float = 2.0
-    supported_tasks: tuple[str, ...] = ()
-    # Where the user's settings are kept while the job has changed them. None: the endpoint's own file
-    # in batchrun's state folder (endpoint_state_path), shared by every job on that endpoint.
-    state_file: str | None = None
-    # The shards of one job share the endpoint through their output folder (sharing.py): the last one
-    # out puts it down. None: this job is the endpoint's only user.
-    shared: SharedUse | None = None
+_T = TypeVar("_T")
 
 
 class DedicatedEndpoint:
@@ -100,18 +79,15 @@ class DedicatedEndpoint:
         self._on_event = on_event or (lambda message: None)
         self._clock = clock
         self._cold = ColdStartPolicy(settings.ready_timeout_s, clock=clock, on_event=self._event)
-        self._saved_settings: SavedSettings | None = None
+        self._ledger = SettingsLedger(control, settings, on_event=self._event)  # the user's settings and ours
         self._extra_headers: dict[str, str] = {}
-        self._original: EndpointSnapshot | None = None  # the user's endpoint, as the check saw it
         self._last: EndpointSnapshot | None = None
-        self._changed: dict[str, int] = {}  # what the acquire changed, to be put back by the release
         self._released = False
-        self._release_task: asyncio.Task[None] | None = None
+        self._release_task: asyncio.Task[bool] | None = None  # its result: left to other users
         self._refreshing: asyncio.Task[Any] | None = None
         self._last_refresh = float("-inf")
         self._unconfirmed_503_at: float | None = None  # a 503 no later look at the endpoint has explained
         self._serving: contextlib.AbstractAsyncContextManager[DataPlane] | None = None
-        self._initial_state: str | None = None  # as an earlier, killed run found it
 
     def __repr__(self) -> str:
         return f"DedicatedEndpoint({self.ref!r})"
@@ -120,23 +96,9 @@ class DedicatedEndpoint:
     def ref(self) -> str:
         return f"{self.control.namespace}/{self.control.name}"
 
-    @property
-    def _saved(self) -> SavedSettings:
-        # Made on first use: the control-plane base (part of the file's name) may be set only then.
-        if self._saved_settings is None:
-            self._saved_settings = SavedSettings(self.state_path(), self.ref, self.control.api_url,
-                                                 shared=self.settings.shared is not None)
-        return self._saved_settings
-
     def state_path(self) -> str:
         """The file that keeps the user's settings while the job has changed them."""
-        if self._saved_settings is not None:
-            return self._saved_settings.path
-        if self.settings.shared is not None:
-            return str(self.settings.shared.settings_path)
-        if self.settings.state_file:
-            return self.settings.state_file
-        return str(endpoint_state_path(self.control.api_url, self.control.namespace, self.control.name))
+        return self._ledger.state_path()
 
     def _event(self, message: str) -> None:
         self.record.timeline.append((time.time(), message))
@@ -159,7 +121,7 @@ class DedicatedEndpoint:
                 f"endpoint {self.ref} serves task {snapshot.task!r}, which this job cannot use "
                 f"(expected one of {', '.join(self.settings.supported_tasks)})"
             )
-        self._original = snapshot
+        self._ledger.original = snapshot
         details = {"instance": snapshot.instance, "image": snapshot.image, "task": snapshot.task}
         return EndpointCheck(
             note=f"{self.ref}: {snapshot.state}, task {snapshot.task}",
@@ -227,11 +189,11 @@ class DedicatedEndpoint:
         """Make the endpoint ready and return its data-plane url."""
         shared = self.settings.shared
         if shared is None:
-            original = await self._start(self._original or await self._checked_snapshot())
+            original = await self._start(self._ledger.original or await self._checked_snapshot())
         else:  # one user at a time joins: the endpoint as it is now, the first user's saved settings
             async with shared.guard():
                 await asyncio.to_thread(shared.join, beat=shared.user != BRACKET)
-                self._original = None  # another shard may have resumed or scaled it since the check
+                self._ledger.original = None  # another shard may have resumed or scaled it since the check
                 original = await self._start(await self._checked_snapshot())
         url = await self._wait_ready(original)
         self.meter.set_replicas(self.record.replicas)
@@ -243,13 +205,12 @@ class DedicatedEndpoint:
         self.record.acquired_at = self._clock()
         self.meter.start(self.settings.scale_min or 1)
         self._event(f"{self.ref} is {current.state}")
-        original = self._adopt_left_settings(current)
-        changes = self._changes(original)
-        if changes or self._saved.owned or original.state in RESUMABLE:
-            self._saved.save(original)
-        self._changed.update(changes)
+        start = self._ledger.start(current)
+        original = start.original
+        if start.backstop_min is not None:
+            self.record.backstop_set = True
         # What another user (a shard) has already set is not sent again; it is still put back at the end.
-        changes = {key: value for key, value in changes.items() if getattr(current, key) != value}
+        changes = {key: value for key, value in start.values.items() if getattr(current, key) != value}
         if changes:
             await self.control.update(**changes)
             self.record.scaled = "min_replica" in changes or "max_replica" in changes
@@ -266,116 +227,14 @@ class DedicatedEndpoint:
 
     async def _checked_snapshot(self) -> EndpointSnapshot:
         await self.check()
-        assert self._original is not None
-        return self._original
-
-    def _adopt_left_settings(self, original: EndpointSnapshot) -> EndpointSnapshot:
-        """An earlier run that changed the endpoint and died left the user's settings on disk: restore those."""
-        left = self._saved.load()
-        from_host = False
-        if left is None and self.settings.shared is not None:
-            left = self._take_host_record(original)
-            from_host = left is not None
-        if self._saved.foreign_owner is not None:
-            self._event(
-                f"another batchrun run ({self._saved.foreign_owner}) is using {self.ref} and will put it back; "
-                "this job leaves its saved settings alone"
-            )
-        if left is None:
-            return original
-        self._initial_state = left.initial_state
-        adopted = dataclasses.replace(
-            original,
-            min_replica=left.min_replica,
-            max_replica=left.max_replica,
-            scale_to_zero_timeout=left.scale_to_zero_timeout,
-        )
-        self._original = adopted
-        found = (f"min_replica={adopted.min_replica}, max_replica={adopted.max_replica}, "
-                 f"scale_to_zero_timeout={adopted.scale_to_zero_timeout}")
-        if self.settings.shared is not None and not from_host:
-            self._event(f"{self.ref} is shared with the job's other shards; the settings its first user found "
-                        f"({found}) are restored by the last one out")
-        else:
-            self._event(f"an earlier run left {self.ref} changed; the settings it found are restored at the end "
-                        f"({found})")
-        # Whatever differs from the user's settings now is put back at the release, changed by us or not.
-        for key in _SETTINGS:
-            if getattr(original, key) != getattr(adopted, key):
-                self._changed.setdefault(key, 0)
-        return adopted
-
-    def _take_host_record(self, current: EndpointSnapshot) -> UserSettings | None:
-        """A single run killed earlier on this machine left the user's settings in batchrun's own state folder:
-        the first shard carries them into the shards' shared file, so that the last one out restores those
-        (not what the killed run set) and the machine's file is done with."""
-        host = SavedSettings(endpoint_state_path(self.control.api_url, self.control.namespace, self.control.name),
-                             self.ref, self.control.api_url)
-        left = host.load()  # None when there is none, or its writer still runs (it will put the endpoint back)
-        if left is None:
-            return None
-        self._saved.save(dataclasses.replace(
-            current, state=left.initial_state, min_replica=left.min_replica, max_replica=left.max_replica,
-            scale_to_zero_timeout=left.scale_to_zero_timeout,
-        ))
-        host.release(forget=True)
-        return left
-
-    def _changes(self, original: EndpointSnapshot) -> dict[str, int]:
-        s = self.settings
-        changes: dict[str, int] = {}
-        if s.scale_min is not None and s.scale_min != original.min_replica:
-            changes["min_replica"] = s.scale_min
-        if s.scale_max is not None and s.scale_max != original.max_replica:
-            changes["max_replica"] = s.scale_max
-        if s.idle_backstop_s is not None and self._final_action(original) != "keep":
-            # The server-side safety net should this process die with SIGKILL or the machine lose power:
-            # the endpoint's own idle timeout. Set whenever the job will put the endpoint down at the end.
-            minutes = max(1, round(s.idle_backstop_s / 60))
-            if minutes != original.scale_to_zero_timeout:
-                changes["scale_to_zero_timeout"] = minutes
-            self.record.backstop_set = True
-            min_after = changes.get("min_replica", original.min_replica)
-            if min_after > 0:
-                self._event(
-                    f"note: the idle backstop ({minutes} min) only scales an endpoint to zero when min_replica "
-                    f"is 0; with min_replica={min_after}, a job killed with SIGKILL leaves it running until "
-                    f"`batchrun endpoint pause {self.control.name} --namespace {self.control.namespace}`"
-                )
-        return changes
-
-    def _min_target(self, original: EndpointSnapshot) -> int:
-        wanted = self.settings.scale_min if self.settings.scale_min is not None else original.min_replica
-        top = self.settings.scale_max if self.settings.scale_max is not None else original.max_replica
-        return max(1, min(wanted, top) if top else wanted)
+        assert self._ledger.original is not None
+        return self._ledger.original
 
     async def _wait_ready(self, original: EndpointSnapshot) -> str:
-        target = self._min_target(original)
-        deadline = self._clock() + self.settings.ready_timeout_s
-        last_line = ""
-        while True:
-            snapshot = await self._poll()
-            if snapshot is not None:
-                line = f"{self.ref}: {snapshot.state}, replicas {snapshot.ready_replicas}/{target}"
-                if line != last_line:
-                    self._event(line)
-                    last_line = line
-                if snapshot.state in FAILED:
-                    raise EndpointError(
-                        f"endpoint {self.ref} became {snapshot.state} while starting: "
-                        f"{snapshot.message or 'no message'}",
-                        state=snapshot.state,
-                    )
-                up = snapshot.state == "running" and snapshot.url and snapshot.ready_replicas >= target
-                if up and await self._healthy(snapshot):
-                    return self._ready(snapshot)
-            now = self._clock()
-            if now >= deadline:
-                raise self._not_ready(snapshot, target)
-            interval = self.settings.poll_interval_s
-            if snapshot is not None and snapshot.state in ("running", "updating"):
-                interval = min(interval, FAST_POLL_S)
-            await asyncio.sleep(max(0.0, min(interval, deadline - now)))
+        wait = ReadyWait(self.ref, target=self._ledger.min_target(original), timeout_s=self.settings.ready_timeout_s,
+                         poll_interval_s=self.settings.poll_interval_s, token=self._token,
+                         send_token=self._send_token, poll=self._poll, on_event=self._event, clock=self._clock)
+        return self._ready(await wait())
 
     async def _poll(self) -> EndpointSnapshot | None:
         try:
@@ -392,28 +251,6 @@ class DedicatedEndpoint:
         plural = "s" if snapshot.ready_replicas != 1 else ""
         self._event(f"{self.ref} is ready at {snapshot.url} ({snapshot.ready_replicas} replica{plural})")
         return snapshot.url
-
-    def _not_ready(self, snapshot: EndpointSnapshot | None, target: int) -> EndpointNotReadyError:
-        state = snapshot.state if snapshot else "unknown"
-        ready = snapshot.ready_replicas if snapshot else 0
-        return EndpointNotReadyError(
-            f"endpoint {self.ref} was not ready after {self.settings.ready_timeout_s:.0f}s "
-            f"(last state {state}, replicas {ready}/{target}); "
-            "raise endpoint.ready_timeout or check the endpoint's logs",
-            state=state,
-        )
-
-    async def _healthy(self, snapshot: EndpointSnapshot) -> bool:
-        from batchrun.transport import Request, TransportError, auth_headers, current_transport
-
-        assert snapshot.url is not None
-        url = f"{snapshot.url.rstrip('/')}/{snapshot.health_route.lstrip('/')}"
-        headers = auth_headers(url, self._token, send_token=self._send_token)
-        try:
-            response = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
-        except TransportError:
-            return False
-        return response.status == 200
 
     # ------------------------------------------------------------------ during the run
 
@@ -449,7 +286,8 @@ class DedicatedEndpoint:
         started = self._last_refresh = self._clock()
         snapshot = await self.control.get()
         previous, self._last = self._last, snapshot
-        target = self._min_target(self._original) if self._original is not None else 1
+        original = self._ledger.original
+        target = self._ledger.min_target(original) if original is not None else 1
         if snapshot.state == "running":
             self.record.replicas = max(1, snapshot.ready_replicas)
         if self.record.ready_at is not None:
@@ -481,48 +319,75 @@ class DedicatedEndpoint:
                     await asyncio.shield(task)
             raise
 
-    async def _release(self) -> None:
+    async def _release(self) -> bool:
+        """Put the endpoint back; True when it was left up to the other users of a shared endpoint."""
         if self._refreshing is not None:
             self._refreshing.cancel()
         self._released = True
         shared = self.settings.shared
         if shared is None or not shared.joined:
             await self._release_alone()
-            return
+            return False
         async with shared.guard():  # a shard joining now waits: it finds the endpoint up, or resumes it after
             others = await asyncio.to_thread(shared.leave)
             if not others:
-                if self._original is None or self.record.acquired_at is None:
+                if self._ledger.original is None or self.record.acquired_at is None:
                     # Joined, but stopped before reading the endpoint (a control-plane error, a stop): the
                     # others left it to this one, so it is put down from what the first user saved.
                     await self._read_for_put_back()
                 await self._release_alone()
-                return
+                return False
             self.meter.stop()
             self.record.released_at = self._clock()
-            self.record.final_action = "left to the other users"
+            self.record.final_action = LEFT_TO_OTHERS
             self.record.note = (f"{self.ref} is still used by {len(others)} other user(s), {', '.join(others)}: "
                                 "the last of them to finish puts it down and restores its settings")
             self._event(self.record.note)
-            self._saved.release(forget=False)
+            self._ledger.saved.release(forget=False)
+            return True
 
-    async def put_back_for_bracket(self) -> None:
+    # ------------------------------------------------------------------ the bracket (`batchrun endpoint up|down`)
+
+    async def up(self) -> BracketResult:
+        """`batchrun endpoint up JOB.yaml`: join the job's shards as the bracket, resume, scale, wait until ready.
+
+        Not up (a timeout, Ctrl-C): nothing would ever put down what was resumed, since a bracket never
+        goes stale. It leaves at once, and the endpoint is put back unless a shard uses it.
+        """
+        self._bracket()
+        try:
+            await self.check()
+            await self.acquire()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.release()
+            raise
+        return BracketResult(self.ref, Bracketed.UP)
+
+    async def down(self) -> BracketResult:
         """`batchrun endpoint down JOB.yaml`: the bracket leaves; when no shard is left, put the endpoint down
         and restore what the first user saved (on_finish: as the user had it before, paused by default)."""
-        shared = self.settings.shared
-        assert shared is not None and shared.user == BRACKET
-        shared.joined = True  # `endpoint up` joined, in an earlier process
+        self._bracket().joined = True  # `endpoint up` joined, in an earlier process
         await self.release()
+        assert self._release_task is not None
+        outcome = Bracketed.IN_USE if self._release_task.result() else Bracketed.PUT_BACK
+        return BracketResult(self.ref, outcome, final_action=self.record.final_action, note=self.record.note)
+
+    def _bracket(self) -> SharedUse:
+        shared = self.settings.shared
+        if shared is None or shared.user != BRACKET:
+            raise ValueError(f"{self!r} is not opened as the bracket of a job's shards (open_endpoint(user=BRACKET))")
+        return shared
 
     async def _read_for_put_back(self) -> None:
         """The endpoint as it is now, and the user's settings the first user saved: what a release puts back."""
         current = await self.control.get()
         self.record.initial_state = self.record.initial_state or current.state
         self.record.acquired_at = self._clock()
-        self._original = self._adopt_left_settings(current)
+        self._ledger.original = self._ledger.adopt_left(current)
 
     async def _release_alone(self) -> None:
-        original = self._original
+        original = self._ledger.original
         try:
             if original is None or self.record.acquired_at is None:
                 # acquire() never began: nothing was changed, so nothing is put back.
@@ -535,12 +400,12 @@ class DedicatedEndpoint:
         if problems:
             for problem in problems:
                 self._event(problem)
-            self._saved.release(forget=False)
+            self._ledger.saved.release(forget=False)
             raise EndpointError("; ".join(problems))
-        self._saved.release(forget=True)
+        self._ledger.saved.release(forget=True)
 
     async def _put_back(self, original: EndpointSnapshot) -> list[str]:
-        action = self._final_action(original)
+        action = self._ledger.final_action(original)
         if action == "keep" and self.settings.on_finish is None:
             self.record.note = (
                 f"{self.ref} was already running when the job started, so it was left running "
@@ -555,8 +420,7 @@ class DedicatedEndpoint:
                 f"`batchrun endpoint pause {self.control.name} --namespace {self.control.namespace}`"
             )
         self.record.released_at = self._clock()
-        restore = {key: getattr(original, key) for key in self._changed}
-        restore = {key: value for key, value in restore.items() if value is not None}
+        restore = self._ledger.restore(original)
         if restore:
             try:
                 await _with_retries(lambda: self.control.update(**restore))
@@ -564,12 +428,6 @@ class DedicatedEndpoint:
             except EndpointError as exc:
                 problems.append(f"could not restore {self.ref}'s settings ({', '.join(restore)}): {exc}")
         return problems
-
-    def _final_action(self, original: EndpointSnapshot) -> str:
-        if self.settings.on_finish is not None:
-            return self.settings.on_finish
-        started = self._initial_state or original.state
-        return "keep" if started == "running" else "pause"
 
     async def _put_down(self, action: str) -> bool:
         call = self.control.pause if action == "pause" else self.control.scale_to_zero
@@ -593,7 +451,7 @@ class DedicatedEndpoint:
         return True
 
 
-async def _with_retries(call: Callable[[], Any], attempts: int = RELEASE_ATTEMPTS) -> Any:
+async def _with_retries(call: Callable[[], Awaitable[_T]], attempts: int = RELEASE_ATTEMPTS) -> _T:
     """Call a control-plane coroutine factory, retrying only what is worth retrying (5xx, 429, no answer)."""
     delay = 0.25
     for attempt in range(attempts):

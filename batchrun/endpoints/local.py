@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from batchrun.cost import CostMeter
-from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
+from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.endpoints.control_plane import HfControlPlane
 from batchrun.endpoints.dedicated import DedicatedEndpoint, LifecycleSettings
 from batchrun.errors import RequestFailed, SpecError, register_secret
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = ["LOCAL_NAMESPACE", "LocalEndpoint", "local_endpoint_config"]
 
 LOCAL_NAMESPACE = "batchrun-local"
+_NOTHING_TO_BRACKET = ("the built-in emulator is started and stopped by each run of the job itself, so there is "
+                       "nothing to bracket")
 
 
 def local_endpoint_config(
@@ -140,3 +142,11 @@ class LocalEndpoint:
 
     def excuses(self, failure: RequestFailed) -> bool:
         return self._inner is not None and self._inner.excuses(failure)
+
+    async def up(self) -> BracketResult:
+        """Nothing to hold up: each run starts the emulator for itself, and it ends with that run."""
+        return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_NOTHING_TO_BRACKET)
+
+    async def down(self) -> BracketResult:
+        """Nothing to put down: the emulator of each run ended with that run."""
+        return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_NOTHING_TO_BRACKET)

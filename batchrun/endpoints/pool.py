@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from batchrun.cost import CostMeter
-from batchrun.endpoints.base import DataPlane, Endpoint, EndpointCheck, LifecycleRecord
+from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, Endpoint, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, BatchrunError, EndpointError, EndpointUnusableError, JobStopped, RequestFailed
 from batchrun.stop import Stop, StopCause, StopReason
 
@@ -42,6 +42,7 @@ log = logging.getLogger("batchrun.endpoint")
 
 #: How often a drained endpoint is looked at until its last request is back (then it is released).
 IDLE_POLL_S = 0.05
+_BRACKETED_ONE_BY_ONE = "a job's endpoints are bracketed one by one, each opened as the bracket (sharing.py)"
 
 
 @dataclass(eq=False)
@@ -153,6 +154,14 @@ class EndpointPool:
     def excuses(self, failure: RequestFailed) -> bool:
         """The first ready endpoint's excuses (each other endpoint's go with its own route)."""
         return (self._first or self.members[0]).endpoint.excuses(failure)
+
+    async def up(self) -> BracketResult:
+        """A pool is not bracketed as one: `batchrun endpoint up` brackets each managed endpoint by itself."""
+        return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_BRACKETED_ONE_BY_ONE)
+
+    async def down(self) -> BracketResult:
+        """A pool is not bracketed as one: `batchrun endpoint down` puts back each managed endpoint by itself."""
+        return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_BRACKETED_ONE_BY_ONE)
 
     async def check(self) -> EndpointCheck:
         """Every endpoint's read-only check at once, then the checks that span them (before any resume)."""

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from batchrun.cost import CostMeter
-from batchrun.endpoints.base import DataPlane, EndpointCheck, LifecycleRecord
+from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
 from batchrun.retry import is_paused_answer
 
@@ -22,6 +22,8 @@ __all__ = ["UrlEndpoint"]
 _ROUTE_SUFFIXES = ("/v1/chat/completions", "/v1/completions", "/generate_stream", "/generate")
 CHECK_TIMEOUT_S = 10.0
 CHECK_MAX_BYTES = 2**20  # /info is a few hundred bytes
+_NOTHING_TO_BRACKET = ("a url is sent to as it is: batchrun neither resumes nor puts it down, so there is nothing "
+                       "to bracket")
 
 
 def server_root(url: str) -> str:
@@ -98,6 +100,14 @@ class UrlEndpoint:
 
     def excuses(self, failure: RequestFailed) -> bool:
         return False
+
+    async def up(self) -> BracketResult:
+        """Nothing to hold up: a url is used as it is and left as it is."""
+        return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_NOTHING_TO_BRACKET)
+
+    async def down(self) -> BracketResult:
+        """Nothing to put down: a url is used as it is and left as it is."""
+        return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_NOTHING_TO_BRACKET)
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
