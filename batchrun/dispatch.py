@@ -12,6 +12,8 @@ one retry loop, the only one in batchrun (reliability.md §2):
                                again with a fresh seed, retries.invalid_output times, then a
                                RowFailure(invalid_output))
             401 / 403        → AuthError out of run(): the job stops
+            429              → back off without using up an attempt (limit down to 1, Retry-After
+                               honoured); only 429s for outage_timeout: the endpoint is drained
             permanent        → RowFailure(retryable=False)
             transient        → excused (a cold start)? back off without using up an attempt
                              → policy.decide → give up: RowFailure(retryable=True)
@@ -374,6 +376,7 @@ class Dispatcher:
         attempts = 0  # requests sent for this row
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive excused failures, for their backoff
+        throttle_streak = 0  # this row's 429s so far, for their backoff (they cost no attempt)
         redraws = 0  # tries after an answer that was not valid against the output schema
         unreached_since: float | None = None  # when this row's connections began to be refused
         while True:
@@ -425,7 +428,8 @@ class Dispatcher:
                 # at once and keeps its attempts; with none left, the reason is raised and the job stops.
                 route = await self._route(route)
                 continue
-            if failure.status == 429:
+            throttled = failure.status == 429
+            if throttled:
                 route.throttled += 1
             rejected = failure.status == 429 and failure.retry_after is None
             if is_overload(failure):
@@ -449,7 +453,29 @@ class Dispatcher:
                 ))
                 route = await self._route(route)
                 continue
-            if outage:
+            throttled_for = route.throttled_for(self._clock()) if throttled else 0.0
+            if throttled_for > self.config.outage_timeout_s:
+                # Nothing but 429s for longer than the outage timeout: bounded like an outage, the rows
+                # not done are kept pending for the next run (or go to another endpoint).
+                self._drain(route, EndpointError(
+                    f"{self._named(route)}has answered only 429 (too many requests) for {throttled_for:.0f}s "
+                    f"(outage_timeout {self.config.outage_timeout_s:g}s); the rows not done are kept for the "
+                    "next run",
+                    state="unavailable",
+                ))
+                route = await self._route(route)
+                continue
+            if throttled:
+                # A 429 is the endpoint saying "not now": it costs the row no attempt. The limit already
+                # holds the load at what the endpoint takes (down to 1); the row backs off, longer with
+                # each 429 in a row (full jitter, Retry-After honoured). A row's first instant refusal
+                # goes again within a round: the limit was just set to the capacity it measured, and the
+                # retry waits for a free slot under it.
+                delay = self.config.policy.delay(failure, min(throttle_streak, _EXCUSED_MAX_EXPONENT), self._rng)
+                if rejected and throttle_streak == 0:
+                    delay = min(delay, self._rng.uniform(0.0, route.limit.controller.round_s))
+                throttle_streak += 1
+            elif outage:
                 # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs
                 # off; once the breaker is open it holds the row until the endpoint is back. Its retry does
                 # not wait for the retry budget: the breaker already spares the endpoint.
@@ -465,13 +491,6 @@ class Dispatcher:
                 if not decision.retry:
                     return self._failure(row, failure, attempts=attempts)
                 delay = decision.delay_s
-                if rejected and burned == 1:
-                    # A first instant refusal: the limit has just been set to the capacity it measured,
-                    # and the retry waits for a free slot under it. Backing off further (up to
-                    # backoff_base) would only leave the row idle, most of all at the end of a job;
-                    # within one round, jittered, it goes as soon as a slot frees. Later refusals of
-                    # the same row back off as usual.
-                    delay = min(delay, self._rng.uniform(0.0, route.limit.controller.round_s))
             # A 429 is the endpoint saying "not now" at once, and the adaptive limit already holds the load
             # at its capacity: its retry waits for a slot, not for the retry budget, which is for failures
             # that cost the endpoint work (and would bottleneck a job whose capacity shrank).
@@ -615,6 +634,7 @@ class Dispatcher:
         """Count an outcome for the route's breaker; when it closes again, go back to the last good limit."""
         unavailable = isinstance(outcome, RequestFailed) and _is_unavailable(outcome)
         breaker = route.breaker
+        route.note_answer(throttled=isinstance(outcome, RequestFailed) and outcome.status == 429, now=self._clock())
         if unavailable:
             route.unavailable_streak += 1
             if route.unavailable_streak >= DRAIN_AFTER and len(self._routes) > 1:

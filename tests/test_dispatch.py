@@ -861,3 +861,53 @@ def test_a_lone_row_whose_connections_are_refused_is_kept_pending_not_failed_nor
         return records
 
     assert asyncio.run(main()) == []
+
+
+# ---------------------------------------------------------------------------------------- a stream of 429s
+
+
+def test_a_stream_of_429s_costs_no_attempt_the_rows_wait_and_all_succeed() -> None:
+    # A shared endpoint busy with another client: it answers only 429 (with and without Retry-After) for its
+    # first 300 requests, then serves. Three attempts per row would have failed every row long before.
+    served = {"n": 0}
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        served["n"] += 1
+        if served["n"] <= 300:
+            if served["n"] % 2:
+                return tgi_error(429, "Model is overloaded", "overloaded")
+            return tgi_error(429, "Too many requests", "overloaded", **{"Retry-After": "0"})
+        return ok(prompt)
+
+    async def main() -> tuple[list[RowResult | RowFailure], Dispatcher]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, retry_budget_ratio=0.0, outage_timeout_s=60.0)
+            await asyncio.wait_for(d.run(rows_of(f"p{i}" for i in range(20))), 60)  # against a hang only
+            assert server.count > 300
+        return records, d
+
+    records, d = asyncio.run(main())
+    got = by_id(records)
+    assert len(got) == 20 and all(isinstance(r, RowResult) for r in got.values()), [
+        r for r in records if isinstance(r, RowFailure)]
+    assert d.stats.status_counts["429"] == 300
+    assert max(r.attempts for r in got.values()) > FAST.max_attempts  # the 429s were not counted against them
+
+
+def test_nothing_but_429s_past_the_outage_timeout_stops_the_job_with_the_rows_pending() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return tgi_error(429, "Model is overloaded", "overloaded")
+
+    async def main() -> tuple[list[RowResult | RowFailure], ScriptedServer]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, outage_timeout_s=0.3)
+            with pytest.raises(EndpointError, match="only 429") as stopped:
+                await asyncio.wait_for(d.run(rows_of(f"p{i}" for i in range(10))), 30)  # against a hang only
+            assert stopped.value.state == "unavailable"
+        return records, server
+
+    records, server = asyncio.run(main())
+    assert records == []  # no row failed: every one is left pending for the next run
+    assert server.count > 10
