@@ -33,7 +33,7 @@ from jobkit import (
     write_topics,
 )
 
-from batchrun.errors import EndpointUnusableError
+from batchrun.errors import EndpointUnusableError, SpecError
 from batchrun.spec import load_spec
 
 
@@ -267,3 +267,24 @@ def test_progress_lines_show_each_endpoints_rows_beside_the_summed_figures(tmp_p
     failed = re.search(r", failed (\d+)(,|$)", summed)
     assert done and failed, summed
     assert rows["a"] + rows["b"] == int(done[1]) - int(failed[1])  # the endpoints' rows add up to the rows answered
+
+
+def test_two_urls_on_one_host_and_port_get_distinct_labels_the_shortest_that_tells_them_apart(tmp_path):
+    # Two url endpoints behind one host and port, told apart only by their paths, and no label given.
+    input_path = write_topics(tmp_path / "in.parquet", 3)
+    spec = load_spec(write_spec(tmp_path, input_path=input_path, endpoint=[
+        {"url": "http://10.0.0.1:8080/models/a/"}, {"url": "http://10.0.0.1:8080/models/b"},
+        {"url": "https://10.0.0.2/v1"}, {"url": "http://10.0.0.1:8080/models/a?x=1"}]))
+    assert [e.label for e in spec.endpoints] == [
+        "10.0.0.1:8080/models/a", "10.0.0.1:8080/models/b", "10.0.0.2:443", "10.0.0.1:8080/models/a?x=1"]
+
+
+def test_labels_given_by_the_spec_are_kept_and_the_same_url_twice_is_still_refused(tmp_path):
+    input_path = write_topics(tmp_path / "in.parquet", 3)
+    spec = load_spec(write_spec(tmp_path, name="given", input_path=input_path, endpoint=[
+        {"url": "http://10.0.0.1:8080/a"}, {"url": "http://10.0.0.1:8080/b", "label": "bee"},
+        {"url": "http://10.0.0.2:8080/a"}]))
+    assert [e.label for e in spec.endpoints] == ["10.0.0.1:8080", "bee", "10.0.0.2:8080"]
+    with pytest.raises(SpecError, match="names two endpoints"):
+        load_spec(write_spec(tmp_path, name="twice", input_path=input_path,
+                             endpoint=[{"url": "http://10.0.0.1:8080/a"}, {"url": "http://10.0.0.1:8080/a/"}]))
