@@ -12,6 +12,8 @@ one retry loop, the only one in batchrun (reliability.md §2):
                                again with a fresh seed, retries.invalid_output times, then a
                                RowFailure(invalid_output))
             401 / 403        → AuthError out of run(): the job stops
+            no such route    → a redirect, or a 404/405 from a proxy or before any success: the endpoint
+                               is drained like a refused token, its rows kept pending
             429              → back off without using up an attempt (limit down to 1, Retry-After
                                honoured); only 429s for outage_timeout: the endpoint is drained
             permanent        → RowFailure(retryable=False)
@@ -423,6 +425,8 @@ class Dispatcher:
                     self._drain(route, self._auth_error(route, failure.status))
                 elif failure.error_type == _ENDPOINT_PAUSED:
                     self._drain(route, self._paused_error(route, failure))
+                elif _is_missing_route(failure, succeeded=route.ok > 0):
+                    self._drain(route, self._missing_route_error(route, failure))
             if route.drained is not None:
                 # Its endpoint is drained (it failed, or refused the token): the row goes to another one
                 # at once and keeps its attempts; with none left, the reason is raised and the job stops.
@@ -573,6 +577,8 @@ class Dispatcher:
                 raise
         verdict = classify(status)
         message, model_answered = _server_message(status, payload)
+        if 300 <= status < 400 and headers.get("Location"):  # where it was sent is what the user must see
+            message = redact(f"HTTP {status}: redirected to {headers['Location']}")[:_MAX_MESSAGE_CHARS]
         if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
             # failure would lose it for good, so the whole job stops (resumable) instead.
@@ -703,6 +709,14 @@ class Dispatcher:
             kept=self._kept(row),
         )
 
+    def _missing_route_error(self, route: Route, failure: RequestFailed) -> EndpointError:
+        return EndpointError(
+            f"{self._named(route)}at {redact(route.base_url)} has no such route ({failure.message}): that is the "
+            "url's fault, not the rows'. Check endpoint.url (its path, http or https), then run the job again: "
+            "the rows not done are kept for the next run.",
+            state="not_found",
+        )
+
     def _auth_error(self, route: Route, status: int) -> AuthError:
         which = "" if len(self._routes) == 1 else f" {route.name}"
         if route.has_token:
@@ -730,6 +744,17 @@ _ENDPOINT_PAUSED = "endpoint_paused"
 _INVALID_OUTPUT = "invalid_output"  # a 200 whose answer is not valid against the output schema
 #: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
 _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def _is_missing_route(failure: RequestFailed, *, succeeded: bool) -> bool:
+    """A route that does not exist (reliability.md §2): a redirect, or a 404/405 that is a proxy's page or
+    comes before anything succeeded. A model server's own JSON 404 after successes is the row's."""
+    status = failure.status
+    if status is None:
+        return False
+    if 300 <= status < 400:
+        return True
+    return status in (404, 405) and not (succeeded and failure.model_answered)
 
 
 def _is_unavailable(failure: RequestFailed) -> bool:
