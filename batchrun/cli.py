@@ -184,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   "a job do not add up their spending (docs/shards.md)")
     options = RunOptions(
         fresh=args.fresh,
+        retry_failed=args.retry_failed,
         progress=args.progress,
         summary_interval_s=args.summary_every,
         grace_s=args.grace,
@@ -525,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: move the previous output aside (to DIR.previous-TIMESTAMP; nothing is deleted)")
     p.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default="auto",
                    help="progress display: a bar on a terminal, periodic lines otherwise (default: auto)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="retry the final failures of earlier runs too (a 404 or 422 whose cause is fixed): their "
+                   "rows are sent again and each one's new record replaces its old failure; good rows are kept")
     p.add_argument("--summary-every", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds between progress lines when not on a terminal (default: 30)")
     p.add_argument("--grace", type=_positive_seconds, default=30.0, metavar="SECONDS",

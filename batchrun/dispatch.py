@@ -12,6 +12,10 @@ one retry loop, the only one in batchrun (reliability.md §2):
                                again with a fresh seed, retries.invalid_output times, then a
                                RowFailure(invalid_output))
             401 / 403        → AuthError out of run(): the job stops
+            no such route    → a redirect, or a 404/405 from a proxy or before any success: the endpoint
+                               is drained like a refused token, its rows kept pending
+            429              → back off without using up an attempt (limit down to 1, Retry-After
+                               honoured); only 429s for outage_timeout: the endpoint is drained
             permanent        → RowFailure(retryable=False)
             transient        → excused (a cold start)? back off without using up an attempt
                              → policy.decide → give up: RowFailure(retryable=True)
@@ -388,6 +392,7 @@ class Dispatcher:
         attempts = 0  # requests sent for this row
         burned = 0  # attempts that count against policy.max_attempts
         cold_streak = 0  # consecutive excused failures, for their backoff
+        throttle_streak = 0  # this row's 429s so far, for their backoff (they cost no attempt)
         redraws = 0  # tries after an answer that was not valid against the output schema
         unreached_since: float | None = None  # when this row's connections began to be refused
         while True:
@@ -434,12 +439,15 @@ class Dispatcher:
                     self._drain(route, self._auth_error(route, failure.status))
                 elif failure.error_type == _ENDPOINT_PAUSED:
                     self._drain(route, self._paused_error(route, failure))
+                elif _is_missing_route(failure, succeeded=route.ok > 0):
+                    self._drain(route, self._missing_route_error(route, failure))
             if route.drained is not None:
                 # Its endpoint is drained (it failed, or refused the token): the row goes to another one
                 # at once and keeps its attempts; with none left, the reason is raised and the job stops.
                 route = await self._route(route)
                 continue
-            if failure.status == 429:
+            throttled = failure.status == 429
+            if throttled:
                 route.throttled += 1
             rejected = failure.status == 429 and failure.retry_after is None
             if is_overload(failure):
@@ -463,7 +471,29 @@ class Dispatcher:
                 ))
                 route = await self._route(route)
                 continue
-            if outage:
+            throttled_for = route.throttled_for(self._clock()) if throttled else 0.0
+            if throttled_for > self.config.outage_timeout_s:
+                # Nothing but 429s for longer than the outage timeout: bounded like an outage, the rows
+                # not done are kept pending for the next run (or go to another endpoint).
+                self._drain(route, EndpointError(
+                    f"{self._named(route)}has answered only 429 (too many requests) for {throttled_for:.0f}s "
+                    f"(outage_timeout {self.config.outage_timeout_s:g}s); the rows not done are kept for the "
+                    "next run",
+                    state="unavailable",
+                ))
+                route = await self._route(route)
+                continue
+            if throttled:
+                # A 429 is the endpoint saying "not now": it costs the row no attempt. The limit already
+                # holds the load at what the endpoint takes (down to 1); the row backs off, longer with
+                # each 429 in a row (full jitter, Retry-After honoured). A row's first instant refusal
+                # goes again within a round: the limit was just set to the capacity it measured, and the
+                # retry waits for a free slot under it.
+                delay = self.config.policy.delay(failure, min(throttle_streak, _EXCUSED_MAX_EXPONENT), self._rng)
+                if rejected and throttle_streak == 0:
+                    delay = min(delay, self._rng.uniform(0.0, route.limit.controller.round_s))
+                throttle_streak += 1
+            elif outage:
                 # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs
                 # off; once the breaker is open it holds the row until the endpoint is back. Its retry does
                 # not wait for the retry budget: the breaker already spares the endpoint.
@@ -479,13 +509,6 @@ class Dispatcher:
                 if not decision.retry:
                     return self._failure(row, failure, attempts=attempts)
                 delay = decision.delay_s
-                if rejected and burned == 1:
-                    # A first instant refusal: the limit has just been set to the capacity it measured,
-                    # and the retry waits for a free slot under it. Backing off further (up to
-                    # backoff_base) would only leave the row idle, most of all at the end of a job;
-                    # within one round, jittered, it goes as soon as a slot frees. Later refusals of
-                    # the same row back off as usual.
-                    delay = min(delay, self._rng.uniform(0.0, route.limit.controller.round_s))
             # A 429 is the endpoint saying "not now" at once, and the adaptive limit already holds the load
             # at its capacity: its retry waits for a slot, not for the retry budget, which is for failures
             # that cost the endpoint work (and would bottleneck a job whose capacity shrank).
@@ -580,6 +603,8 @@ class Dispatcher:
                 raise
         verdict = classify(status)
         message, model_answered = _server_message(status, payload)
+        if 300 <= status < 400 and headers.get("Location"):  # where it was sent is what the user must see
+            message = redact(f"HTTP {status}: redirected to {headers['Location']}")[:_MAX_MESSAGE_CHARS]
         if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
             # failure would lose it for good, so the whole job stops (resumable) instead.
@@ -641,6 +666,7 @@ class Dispatcher:
         """Count an outcome for the route's breaker; when it closes again, go back to the last good limit."""
         unavailable = isinstance(outcome, RequestFailed) and _is_unavailable(outcome)
         breaker = route.breaker
+        route.note_answer(throttled=isinstance(outcome, RequestFailed) and outcome.status == 429, now=self._clock())
         if unavailable:
             route.unavailable_streak += 1
             if route.unavailable_streak >= DRAIN_AFTER and len(self._routes) > 1:
@@ -709,6 +735,14 @@ class Dispatcher:
             kept=self._kept(row),
         )
 
+    def _missing_route_error(self, route: Route, failure: RequestFailed) -> EndpointError:
+        return EndpointError(
+            f"{self._named(route)}at {redact(route.base_url)} has no such route ({failure.message}): that is the "
+            "url's fault, not the rows'. Check endpoint.url (its path, http or https), then run the job again: "
+            "the rows not done are kept for the next run.",
+            state="not_found",
+        )
+
     def _auth_error(self, route: Route, status: int) -> AuthError:
         which = "" if len(self._routes) == 1 else f" {route.name}"
         if route.has_token:
@@ -743,6 +777,17 @@ _ANSWER_TOO_LARGE = "answer_too_large"  # an answer past max_answer_bytes (a fai
 _INVALID_OUTPUT = "invalid_output"  # a 200 whose answer is not valid against the output schema
 #: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
 _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def _is_missing_route(failure: RequestFailed, *, succeeded: bool) -> bool:
+    """A route that does not exist (reliability.md §2): a redirect, or a 404/405 that is a proxy's page or
+    comes before anything succeeded. A model server's own JSON 404 after successes is the row's."""
+    status = failure.status
+    if status is None:
+        return False
+    if 300 <= status < 400:
+        return True
+    return status in (404, 405) and not (succeeded and failure.model_answered)
 
 
 def _is_unavailable(failure: RequestFailed) -> bool:

@@ -101,6 +101,7 @@ async def preflight(
     stop: Stop | None = None,
     echo: Callable[[str], None] = print,
     poll_interval_s: float | None = None,
+    retry_failed: bool = False,
 ) -> Preflight:
     """Validate everything that can be validated without spending money. Raises exit-2 errors.
 
@@ -141,7 +142,8 @@ async def preflight(
     # A job whose last run finished every row sends nothing and touches no endpoint, not even to ask
     # what it serves (a url's GET /info would wake a scaled-to-zero endpoint); the model it recorded
     # stays in its identity.
-    finished = stored is not None and not fresh and _finished(await asyncio.to_thread(store.load_summary), count)
+    finished = stored is not None and not fresh and _finished(
+        await asyncio.to_thread(store.load_summary), count, retry_failed=retry_failed)
     check = await _check_endpoint(endpoint) if check_endpoint and not finished else None
     identity = _identity(spec, input_fingerprint, check)
     if finished and stored is not None:
@@ -215,11 +217,14 @@ async def _open_input(spec: JobSpec) -> Source:
     return source
 
 
-def _finished(summary: dict[str, Any] | None, count: int | None) -> bool:
-    """Whether the last run's summary says every row of ``count`` has its final record."""
+def _finished(summary: dict[str, Any] | None, count: int | None, *, retry_failed: bool = False) -> bool:
+    """Whether the last run's summary says every row of ``count`` has its final record (with
+    ``retry_failed``, a final failure is not final: then only a job with every row ok is finished)."""
     rows = (summary or {}).get("rows") or {}
     try:
         done = int(rows["total_ok"]) + int(rows["total_failed"])
+        if retry_failed and int(rows["total_failed"]):
+            return False
         return count is not None and not rows["total_failed_retryable"] and done >= count
     except (KeyError, TypeError, ValueError):
         return False

@@ -75,6 +75,18 @@ class Route:
         self.throttled = 0  # 429 answers
         self.latency_sum = 0.0
         self.unavailable_streak = 0
+        self.throttled_since: float | None = None  # when its answers became nothing but 429s
+
+    def note_answer(self, *, throttled: bool, now: float) -> None:
+        """Remember whether the endpoint answers only 429s, and since when (any other outcome ends that)."""
+        if not throttled:
+            self.throttled_since = None
+        elif self.throttled_since is None:
+            self.throttled_since = now
+
+    def throttled_for(self, now: float) -> float:
+        """How long the endpoint has answered nothing but 429s (0 when its last answer was another)."""
+        return 0.0 if self.throttled_since is None else now - self.throttled_since
 
     def __repr__(self) -> str:
         return f"Route({self.name!r}, limit={self.limit.limit}, in_flight={self.limit.in_flight})"

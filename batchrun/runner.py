@@ -61,6 +61,7 @@ class RunOptions:
     """How to run a job, beyond its spec: CLI flags and test seams."""
 
     fresh: bool = False
+    retry_failed: bool = False  # final failures of earlier runs are pending again (their records superseded)
     progress: str = "auto"  # auto | bar | lines | off
     summary_interval_s: float = 30.0
     grace_s: float = 30.0
@@ -87,7 +88,7 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     spec, run_id = nightly.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
-                          poll_interval_s=options.poll_interval_s)
+                          poll_interval_s=options.poll_interval_s, retry_failed=options.retry_failed)
     replaced = unencodable_note(pre.unencodable)
     if replaced:
         options.echo(f"note: {replaced}")
@@ -95,7 +96,8 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     pre.run = await nightly.start_run(pre, run_id, tally, fresh=options.fresh)
     dispatch_stats: dict[str, Any] = {}
     with catch_signals(stop, echo=options.echo, enabled=options.handle_signals):
-        async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo) as output:
+        async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo,
+                                retry_failed=options.retry_failed) as output:
             async with _pending_rows(pre, output.done, stop) as reader:
                 if await reader.has_pending():
                     dispatch_stats = await _serve(pre, output, reader, tally, stop, options, started, pusher)
@@ -399,7 +401,7 @@ class _Output:
 
 @contextlib.asynccontextmanager
 async def _open_output(
-    pre: Preflight, stop: Stop, *, fresh: bool, echo: Callable[[str], None]
+    pre: Preflight, stop: Stop, *, fresh: bool, echo: Callable[[str], None], retry_failed: bool = False
 ) -> AsyncIterator[_Output]:
     """The output, opened for this run: locked (one writer), set aside with --fresh, job.json saved,
     the sink open; closed and unlocked on the way out."""
@@ -423,7 +425,7 @@ async def _open_output(
         sink = ParquetSink(store, data_schema=data_schema, id_column=spec.input.id_column or "id",
                            shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
                            kept_columns=failed_kept)
-        done = await asyncio.to_thread(sink.open)
+        done = await asyncio.to_thread(sink.open, retry_failed=retry_failed)
         output = _Output(store=store, sink=sink, done=done, stop=stop)
         try:
             yield output

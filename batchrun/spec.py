@@ -586,6 +586,40 @@ def _default_label(kind: str, url: str | None, local: Any, name: str | None, ind
     return f"endpoint-{index}"
 
 
+def _url_label_forms(url: str) -> list[str]:
+    """A url's labels, shortest first: host:port, then with its path, its query, its scheme."""
+    import yarl
+
+    u = yarl.URL(url)
+    host = f"{u.host}:{u.port}" if u.port else str(u.host)
+    path = u.raw_path.rstrip("/")
+    query = f"?{u.raw_query_string}" if u.raw_query_string else ""
+    return [host, host + path, host + path + query, f"{u.scheme}://{host}{path}{query}"]
+
+
+def _distinct_url_labels(endpoints: list[EndpointSpec], *, given: list[bool]) -> list[EndpointSpec]:
+    """Urls on one host and port get default labels that tell them apart: each the shortest form of its
+    url (host:port, then with the path...) that no other endpoint's label shares. Labels the spec gave
+    are kept as they are."""
+    forms = [_url_label_forms(e.url) if e.url is not None and not given[i] else None
+             for i, e in enumerate(endpoints)]
+    level = [0] * len(endpoints)
+
+    def label(i: int) -> str | None:
+        options = forms[i]
+        return endpoints[i].label if options is None else options[level[i]]
+
+    changed = True
+    while changed:
+        changed = False
+        labels = [label(i) for i in range(len(endpoints))]
+        for i, options in enumerate(forms):
+            if options is not None and level[i] + 1 < len(options) and labels.count(labels[i]) > 1:
+                level[i] += 1
+                changed = True
+    return [e if forms[i] is None else dataclasses.replace(e, label=label(i)) for i, e in enumerate(endpoints)]
+
+
 _LIFECYCLE_KEYS = ("api_url", "scale", "ready_timeout", "on_finish", "idle_backstop", "price_per_replica_hour")
 _SCALE_KEYS = _keys(ScaleSpec)
 _BUDGET_KEYS = _keys(BudgetSpec)
@@ -983,6 +1017,7 @@ class _Parser:
             if defaults and "url" not in item:
                 item = {**defaults, **item}
             endpoints.append(self.endpoint(item, where=where, index=index))
+        endpoints = _distinct_url_labels(endpoints, given=["label" in item for item in data])
         labels = [e.label for e in endpoints]
         for index, label in enumerate(labels):
             if label in labels[:index]:

@@ -170,7 +170,10 @@ def test_every_row_gets_exactly_one_record_whatever_the_faults() -> None:
         if kind == "422":
             return tgi_error(422, "Input validation error: `inputs` too long", "validation")
         if kind == "404":
-            return web.Response(status=404, text="Not Found")
+            # The model server's own JSON 404 for this row, once the endpoint has served others (a 404 before
+            # any success, or a proxy's page, says that the route does not exist: the job stops instead).
+            await until(lambda: d.routes[0].ok > 0, what="a first success")
+            return tgi_error(404, "Model adapter not found", "not_found")
         if kind == "reset-once" and nth == 1:
             assert request.transport is not None
             request.transport.close()
@@ -196,7 +199,7 @@ def test_every_row_gets_exactly_one_record_whatever_the_faults() -> None:
     prompts = [("" if kind == "empty" else f"{kind}:{i}") for i in range(6) for kind in kinds]
 
     async def main() -> tuple[list[RowResult | RowFailure], ScriptedServer]:
-        nonlocal server
+        nonlocal server, d
         records: list[RowResult | RowFailure] = []
         async with ScriptedServer(handler) as server:
             d = dispatcher(server.url, records, request_timeout_s=0.3, retry_budget_ratio=1.0)
@@ -204,6 +207,7 @@ def test_every_row_gets_exactly_one_record_whatever_the_faults() -> None:
         return records, server
 
     server: ScriptedServer
+    d: Dispatcher
     records, server = asyncio.run(main())
     got = by_id(records)
     assert set(got) == {f"id-{i}" for i in range(len(prompts))}
@@ -861,3 +865,102 @@ def test_a_lone_row_whose_connections_are_refused_is_kept_pending_not_failed_nor
         return records
 
     assert asyncio.run(main()) == []
+
+
+# ---------------------------------------------------------------------------------------- a stream of 429s
+
+
+def test_a_stream_of_429s_costs_no_attempt_the_rows_wait_and_all_succeed() -> None:
+    # A shared endpoint busy with another client: it answers only 429 (with and without Retry-After) for its
+    # first 300 requests, then serves. Three attempts per row would have failed every row long before.
+    served = {"n": 0}
+
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        served["n"] += 1
+        if served["n"] <= 300:
+            if served["n"] % 2:
+                return tgi_error(429, "Model is overloaded", "overloaded")
+            return tgi_error(429, "Too many requests", "overloaded", **{"Retry-After": "0"})
+        return ok(prompt)
+
+    async def main() -> tuple[list[RowResult | RowFailure], Dispatcher]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, retry_budget_ratio=0.0, outage_timeout_s=60.0)
+            await asyncio.wait_for(d.run(rows_of(f"p{i}" for i in range(20))), 60)  # against a hang only
+            assert server.count > 300
+        return records, d
+
+    records, d = asyncio.run(main())
+    got = by_id(records)
+    assert len(got) == 20 and all(isinstance(r, RowResult) for r in got.values()), [
+        r for r in records if isinstance(r, RowFailure)]
+    assert d.stats.status_counts["429"] == 300
+    assert max(r.attempts for r in got.values()) > FAST.max_attempts  # the 429s were not counted against them
+
+
+def test_nothing_but_429s_past_the_outage_timeout_stops_the_job_with_the_rows_pending() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        return tgi_error(429, "Model is overloaded", "overloaded")
+
+    async def main() -> tuple[list[RowResult | RowFailure], ScriptedServer]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, outage_timeout_s=0.3)
+            with pytest.raises(EndpointError, match="only 429") as stopped:
+                await asyncio.wait_for(d.run(rows_of(f"p{i}" for i in range(10))), 30)  # against a hang only
+            assert stopped.value.state == "unavailable"
+        return records, server
+
+    records, server = asyncio.run(main())
+    assert records == []  # no row failed: every one is left pending for the next run
+    assert server.count > 10
+
+
+# ---------------------------------------------------------------------------------------- a route that does not exist
+
+
+@pytest.mark.parametrize("answer", ["proxy-404", "json-404-first", "405", "redirect"])
+def test_a_route_that_does_not_exist_stops_the_job_with_every_row_pending(answer: str) -> None:
+    # The url's fault, not the rows': like a refused token, nothing is written off as a final failure.
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if answer == "proxy-404":
+            return web.Response(status=404, text="<html><body>404 Not Found</body></html>", content_type="text/html")
+        if answer == "json-404-first":
+            return tgi_error(404, "Not found", "not_found")
+        if answer == "405":
+            return web.Response(status=405, text="Method Not Allowed")
+        return web.Response(status=301, headers={"Location": "https://models.example.org/v2/generate"})
+
+    async def main() -> tuple[list[RowResult | RowFailure], EndpointError]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records)
+            with pytest.raises(EndpointError, match="has no such route") as stopped:
+                await asyncio.wait_for(d.run(rows_of(f"p{i}" for i in range(30))), 20)  # against a hang only
+        return records, stopped.value
+
+    records, error = asyncio.run(main())
+    assert records == []  # every row stays pending for the run after the url is fixed
+    assert error.state == "not_found"
+    if answer == "redirect":
+        assert "redirected to https://models.example.org/v2/generate" in str(error)
+
+
+def test_a_json_404_after_successes_is_the_rows_own_failure() -> None:
+    async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if prompt == "missing":
+            return tgi_error(404, "Model adapter not found", "not_found")
+        return ok(prompt)
+
+    async def main() -> list[RowResult | RowFailure]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(handler) as server:
+            d = dispatcher(server.url, records, max_concurrency=1)
+            await asyncio.wait_for(d.run(rows_of(["a", "b", "missing", "c"])), 20)  # against a hang only
+        return records
+
+    got = by_id(asyncio.run(main()))
+    failure = got["id-2"]
+    assert isinstance(failure, RowFailure) and failure.status == 404 and not failure.retryable
+    assert all(isinstance(got[f"id-{i}"], RowResult) for i in (0, 1, 3))

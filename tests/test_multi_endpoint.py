@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -27,13 +28,14 @@ from jobkit import (
     paused_endpoint,
     read_ids,
     run,
+    running_endpoint,
     wait_for_requests,
     wait_until,
     write_spec,
     write_topics,
 )
 
-from batchrun.errors import EndpointUnusableError
+from batchrun.errors import EndpointUnusableError, SpecError
 from batchrun.spec import load_spec
 
 
@@ -267,3 +269,55 @@ def test_progress_lines_show_each_endpoints_rows_beside_the_summed_figures(tmp_p
     failed = re.search(r", failed (\d+)(,|$)", summed)
     assert done and failed, summed
     assert rows["a"] + rows["b"] == int(done[1]) - int(failed[1])  # the endpoints' rows add up to the rows answered
+
+
+def test_two_urls_on_one_host_and_port_get_distinct_labels_the_shortest_that_tells_them_apart(tmp_path):
+    # Two url endpoints behind one host and port, told apart only by their paths, and no label given.
+    input_path = write_topics(tmp_path / "in.parquet", 3)
+    spec = load_spec(write_spec(tmp_path, input_path=input_path, endpoint=[
+        {"url": "http://10.0.0.1:8080/models/a/"}, {"url": "http://10.0.0.1:8080/models/b"},
+        {"url": "https://10.0.0.2/v1"}, {"url": "http://10.0.0.1:8080/models/a?x=1"}]))
+    assert [e.label for e in spec.endpoints] == [
+        "10.0.0.1:8080/models/a", "10.0.0.1:8080/models/b", "10.0.0.2:443", "10.0.0.1:8080/models/a?x=1"]
+
+
+def test_labels_given_by_the_spec_are_kept_and_the_same_url_twice_is_still_refused(tmp_path):
+    input_path = write_topics(tmp_path / "in.parquet", 3)
+    spec = load_spec(write_spec(tmp_path, name="given", input_path=input_path, endpoint=[
+        {"url": "http://10.0.0.1:8080/a"}, {"url": "http://10.0.0.1:8080/b", "label": "bee"},
+        {"url": "http://10.0.0.2:8080/a"}]))
+    assert [e.label for e in spec.endpoints] == ["10.0.0.1:8080", "bee", "10.0.0.2:8080"]
+    with pytest.raises(SpecError, match="names two endpoints"):
+        load_spec(write_spec(tmp_path, name="twice", input_path=input_path,
+                             endpoint=[{"url": "http://10.0.0.1:8080/a"}, {"url": "http://10.0.0.1:8080/a/"}]))
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_endpoint_down_at_the_start_is_left_out_and_the_job_runs_on_those_that_answer(tmp_path):
+    down = f"http://127.0.0.1:{_unused_port()}"  # nobody listens here
+    input_path = write_topics(tmp_path / "in" / "job.parquet", 40)
+    with emulator(running_endpoint("up", latency_base_s=0.005)) as emu:
+        spec = write_spec(tmp_path, input_path=input_path,
+                          endpoint=[{"url": down, "label": "down"}, {"url": emu.endpoint_url(NS, "up"), "label": "up"}])
+        outcome, lines = run(spec)
+    assert outcome.exit_code == 0
+    assert sorted(read_ids(tmp_path / "out" / "job" / "data")) == [f"row-{i:05d}" for i in range(40)]
+    said = "\n".join(lines)
+    assert "down is left out" in said and "cannot reach" in said
+    assert shares(outcome)["up"]["rows_ok"] == 40 and shares(outcome)["down"]["rows_ok"] == 0
+
+
+def test_when_no_endpoint_answers_at_the_start_nothing_runs_and_the_exit_is_2(tmp_path):
+    input_path = write_topics(tmp_path / "in" / "job.parquet", 5)
+    spec = write_spec(tmp_path, input_path=input_path, endpoint=[
+        {"url": f"http://127.0.0.1:{_unused_port()}", "label": "a"},
+        {"url": f"http://127.0.0.1:{_unused_port()}", "label": "b"}])
+    with pytest.raises(EndpointUnusableError, match="cannot reach") as refused:
+        run(spec)
+    assert refused.value.exit_code == 2
+    assert not (tmp_path / "out" / "job" / "failed").exists()

@@ -59,6 +59,7 @@ class Member:
     release_now: asyncio.Event = field(default_factory=asyncio.Event)
     released: bool = False
     release_error: BatchrunError | None = None  # a setting that could not be put back
+    left_out: bool = False  # its check failed while others answered: never started
 
 
 class PoolMeter(CostMeter):
@@ -165,15 +166,36 @@ class EndpointPool:
 
     async def check(self) -> EndpointCheck:
         """Every endpoint's read-only check at once, then the checks that span them (before any resume)."""
-        checks = await asyncio.gather(*(m.endpoint.check() for m in self.members))
         if not self.several:
-            return checks[0]
-        tasks = {m.name: c.details.get("task") for m, c in zip(self.members, checks, strict=True)}
+            return await self.members[0].endpoint.check()
+        # One endpoint down (unreachable, failed, missing) leaves it out: the job starts on those that
+        # answer, as it would drain one failing a second later. Only when none answers is it the job's.
+        outcomes = await asyncio.gather(*(m.endpoint.check() for m in self.members), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, EndpointError):
+                raise outcome  # a refused token, or a bug: not one endpoint's trouble
+        if all(isinstance(outcome, BaseException) for outcome in outcomes):
+            raise outcomes[0]  # type: ignore[misc]
+        answering: list[Member] = []
+        checks: list[EndpointCheck] = []
+        for member, outcome in zip(self.members, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                member.left_out = member.drained = True
+                member.error = outcome
+                self._echo(f"endpoint: {member.name} is left out ({outcome}); the job starts on the others")
+            else:
+                answering.append(member)
+                checks.append(outcome)
+        return self._consistent(answering, checks)
+
+    def _consistent(self, members: list[Member], checks: list[EndpointCheck]) -> EndpointCheck:
+        """The checks that span the endpoints that answered: one task, and one model unless mixed_models."""
+        tasks = {m.name: c.details.get("task") for m, c in zip(members, checks, strict=True)}
         if len({t for t in tasks.values() if t}) > 1:
             shown = ", ".join(f"{name}: {task}" for name, task in tasks.items())
             raise EndpointUnusableError(f"the endpoints serve different tasks ({shown}); a job's endpoints must "
                                         "all serve its task (nothing was resumed)")
-        models = {m.name: (c.model, c.revision) for m, c in zip(self.members, checks, strict=True)}
+        models = {m.name: (c.model, c.revision) for m, c in zip(members, checks, strict=True)}
         known = {model for model in models.values() if model[0]}
         if len(known) > 1 and not self.mixed_models:
             shown = ", ".join(f"{name}: {model}" + (f"@{rev}" if rev else "")
@@ -195,15 +217,16 @@ class EndpointPool:
         """Start every endpoint at once; return the first ready one's plane. Raises the first one's error
         when none could start (JobStopped when the job stopped meanwhile)."""
         ready = asyncio.Event()
-        for member in self.members:
+        started = [m for m in self.members if not m.left_out]
+        for member in started:
             member.task = asyncio.create_task(self._hold(member, ready), name=f"endpoint-{member.name}")
         while True:
-            first = next((m for m in self.members if m.plane is not None and not m.drained), None)
+            first = next((m for m in started if m.plane is not None and not m.drained), None)
             if first is not None:
                 self._first = first
                 return first.plane  # type: ignore[return-value]
-            if all(m.task is not None and m.task.done() for m in self.members):
-                errors = [m.error for m in self.members if m.error is not None]
+            if all(m.task is not None and m.task.done() for m in started):
+                errors = [m.error for m in started if m.error is not None]
                 await self._release_all()
                 if self._stop.requested or not errors:
                     cause = self._stop.cause

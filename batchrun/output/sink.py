@@ -117,8 +117,12 @@ class ParquetSink:
 
     # -- opening and resume ------------------------------------------------------------------------
 
-    def open(self) -> DoneSet:
-        """Reconcile the folder with its manifest, reopen retryable failures, and return the done-set."""
+    def open(self, *, retry_failed: bool = False) -> DoneSet:
+        """Reconcile the folder with its manifest, reopen retryable failures, and return the done-set.
+
+        ``retry_failed`` reopens final failures too (``batchrun run --retry-failed``): their rows are
+        pending again, and their old records stop counting, as retryable ones do.
+        """
         store = self.store
         try:
             for folder in (store.data_dir, store.failed_dir, store.positions_dir, store.tmp_dir):
@@ -137,7 +141,7 @@ class ParquetSink:
 
             self._reconcile(view)
             done = DoneSet()
-            self._reopen_retryable(view, done)
+            self._reopen_retryable(view, done, everything=retry_failed)
             for shard in view.listed.values():
                 done.add_many(read_positions(store.root, shard))
                 if shard.kind == "data":
@@ -197,8 +201,9 @@ class ParquetSink:
                 table = table.append_column(name, pa.nulls(table.num_rows, self.failed_schema.field(name).type))
         return table.select(self.failed_schema.names).cast(self.failed_schema)
 
-    def _reopen_retryable(self, view: ManifestView, done: DoneSet) -> None:
-        """Retire each failed shard holding retryable rows, republishing only its permanent rows.
+    def _reopen_retryable(self, view: ManifestView, done: DoneSet, *, everything: bool = False) -> None:
+        """Retire each failed shard holding retryable rows, republishing only its permanent rows
+        (``everything``: retire every failed shard, its final failures reopened too).
 
         Order: publish the replacement (sidecar, rename), then one manifest line that both lists the
         replacement and retires the old shard, then move the old shard to ``state/retired/``. A crash
@@ -207,7 +212,7 @@ class ParquetSink:
         """
         root = self.store.root
         for relative, shard in sorted(view.listed.items()):
-            if shard.kind != "failed" or shard.retryable == 0:
+            if shard.kind != "failed" or (shard.retryable == 0 and not everything):
                 continue
             try:
                 table = self._read_failed_shard(relative)
@@ -220,6 +225,8 @@ class ParquetSink:
                 continue
             positions = read_positions(root, shard)
             permanent = ~np.asarray(table.column("retryable").fill_null(False).to_numpy(zero_copy_only=False))
+            if everything:
+                permanent[:] = False
             done.retried_failures += int((~permanent).sum())
             del view.listed[relative]
             view.retired[relative] = "retired"
@@ -228,7 +235,8 @@ class ParquetSink:
                 event = self._publish("failed", kept, positions[permanent], retryable=0, replaces=relative)
                 view.listed[event["file"]] = Shard.from_event(event)
             else:
-                self._append({"op": "retire", "file": relative, "aside": "retired", "reason": "retryable"})
+                reason = "retry_failed" if everything else "retryable"
+                self._append({"op": "retire", "file": relative, "aside": "retired", "reason": reason})
             move_aside(root / relative, self.store.retired_dir)
             self._move_sidecar_aside(relative, self.store.retired_dir)
             logger.info(
