@@ -449,10 +449,7 @@ class Dispatcher:
             throttled = failure.status == 429
             if throttled:
                 route.throttled += 1
-            rejected = failure.status == 429 and failure.retry_after is None
-            if is_overload(failure):
-                # TGI's own 429 (no Retry-After) is a refusal for want of capacity: the limit measures it.
-                route.limit.on_overload(sent_at, rejected=rejected)
+            rejected = _is_rejected(failure)  # the limit measured it already (_attempt)
             # A connection that could not even be made is never the row's fault (a server going away
             # refuses new connections while it still finishes the answers in flight, so other rows'
             # successes would hide the outage from the breaker, and one row could use up its attempts).
@@ -549,6 +546,11 @@ class Dispatcher:
             try:
                 return sent_at, await self._send(route, url, body, headers)
             except RequestFailed as failure:
+                if is_overload(failure):
+                    # Reported while the slot is still held, so that the cut holds back the rows waiting
+                    # for this slot: TGI's own 429 (no Retry-After) is a refusal for want of capacity,
+                    # and the limit measures it.
+                    limit.on_overload(sent_at, rejected=_is_rejected(failure), holding=True)
                 return sent_at, failure
         finally:
             limit.release()
@@ -777,6 +779,11 @@ _ANSWER_TOO_LARGE = "answer_too_large"  # an answer past max_answer_bytes (a fai
 _INVALID_OUTPUT = "invalid_output"  # a 200 whose answer is not valid against the output schema
 #: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
 _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
+
+
+def _is_rejected(failure: RequestFailed) -> bool:
+    """TGI's own 429: no Retry-After, an instant refusal for want of capacity (it measures capacity)."""
+    return failure.status == 429 and failure.retry_after is None
 
 
 def _is_missing_route(failure: RequestFailed, *, succeeded: bool) -> bool:

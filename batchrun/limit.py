@@ -312,16 +312,22 @@ class AdaptiveLimit:
         self.controller.on_success(latency_s, now=self._clock(), in_flight=self._in_flight)
         self._wake()
 
-    def on_overload(self, sent_at: float | None = None, *, rejected: bool = False, load: int | None = None) -> bool:
+    def on_overload(
+        self, sent_at: float | None = None, *, rejected: bool = False, load: int | None = None, holding: bool = False
+    ) -> bool:
         """Report a 429/503/timeout for a request sent at ``sent_at`` (this limit's clock). True if cut.
 
         ``rejected``: a refusal for want of capacity (TGI's 429 without Retry-After). ``load`` defaults
-        to the load of the last request this task sent through this limit.
+        to the load of the last request this task sent through this limit. ``holding``: the refused
+        request still holds its slot (it is not counted in flight). Reporting before the slot is given
+        back is what lets a cut take effect at once: a slot released first goes to a waiter at the old
+        limit, who is refused in turn, and a burst of refusals would lower the limit one by one.
         """
         if load is None:
             load = self.task_load()
+        in_flight = self._in_flight - 1 if holding else self._in_flight
         return self.controller.on_overload(
-            now=self._clock(), sent_at=sent_at, load=load, rejected=rejected, in_flight=self._in_flight
+            now=self._clock(), sent_at=sent_at, load=load, rejected=rejected, in_flight=in_flight
         )
 
     def task_load(self) -> int | None:

@@ -964,3 +964,38 @@ def test_a_json_404_after_successes_is_the_rows_own_failure() -> None:
     failure = got["id-2"]
     assert isinstance(failure, RowFailure) and failure.status == 404 and not failure.retryable
     assert all(isinstance(got[f"id-{i}"], RowResult) for i in (0, 1, 3))
+
+
+def test_two_endpoints_at_their_hidden_capacities_keep_429s_under_two_percent_of_requests() -> None:
+    # Capacities of 48 and 16 (TGI: an instant 429 past them), the dispatcher told neither and free to send 256
+    # at once. A refusal holds its slot until the limit is cut: a slot given back first went to a row waiting at
+    # the old limit, refused in turn, so every probe past a capacity cost a burst of 429s, on each endpoint.
+    def capped(capacity: int) -> Handler:
+        held = {"n": 0}
+
+        async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
+            if held["n"] >= capacity:
+                return tgi_error(429, "Model is overloaded", "overloaded")
+            held["n"] += 1
+            try:
+                await asyncio.sleep(0.03)
+            finally:
+                held["n"] -= 1
+            return ok(prompt)
+
+        return handler
+
+    async def main() -> tuple[list[RowResult | RowFailure], list[ScriptedServer]]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(capped(48)) as big, ScriptedServer(capped(16)) as small:
+            d = dispatcher(big.url, records, max_concurrency=256, policy=RetryPolicy(max_attempts=8))
+            d.add_route(DataPlane(url=small.url, headers={}, token=None), name="small")
+            await asyncio.wait_for(d.run(rows_of(f"p{i}" for i in range(8000))), 120)  # against a hang only
+            return records, [big, small]
+
+    records, servers = asyncio.run(main())
+    assert len(by_id(records)) == 8000 and all(isinstance(r, RowResult) for r in records)
+    sent = sum(server.count for server in servers)
+    refused = sent - 8000
+    assert all(server.count > 8000 // 8 for server in servers)  # both served
+    assert refused / sent < 0.02, (refused, sent)
