@@ -357,17 +357,31 @@ def test_latency_counts_forward_passes_of_max_batch_tokens():
 
 # ----- lifecycle, faults, stats
 
-def test_a_paused_tei_endpoint_refuses_like_the_tgi_one_and_serves_after_resume():
+def test_the_control_plane_pauses_resumes_and_scales_a_tei_endpoint_as_a_tgi_one():
     async def calls(http, emu):
-        url = url_of(emu, "emb")
+        url, control = url_of(emu, "emb"), f"{emu.api_url}/endpoint/{NS}/emb"
         paused = await call(http, url, "/embed", {"inputs": "x"})
-        emu.state(NS, "emb").resume()
+        async with http.post(control + "/resume") as response:
+            resume_status = response.status
         await until(lambda: emu.state(NS, "emb").state == "running", what="running")
-        return paused, await call(http, url, "/embed", {"inputs": "x"})
+        resumed = await call(http, url, "/embed", {"inputs": "x"})
+        async with http.put(control, json={"compute": {"scaling": {"minReplica": 2, "maxReplica": 2}}}) as response:
+            scale_status = response.status
+        await until(lambda: emu.state(NS, "emb").ready_replicas == 2, what="two replicas")
+        two_replicas = await asyncio.gather(*(call(http, url, "/embed", {"inputs": [f"a{i}", f"b{i}"]})
+                                              for i in range(2)))
+        async with http.post(control + "/pause") as response:
+            pause_status = response.status
+        return paused, resume_status, resumed, scale_status, two_replicas, pause_status, await call(
+            http, url, "/embed", {"inputs": "x"})
 
-    paused, resumed = serve(embedder(initial_state="paused"), calls=calls)
-    assert paused == (400, "Bad Request: The endpoint is paused, ask a maintainer to restart it")
+    paused, resume_status, resumed, scale_status, two_replicas, pause_status, paused_again = serve(
+        embedder(initial_state="paused", max_replica=2, max_concurrent_requests=2, latency_base_s=0.1), calls=calls)
+    refusal = (400, "Bad Request: The endpoint is paused, ask a maintainer to restart it")
+    assert paused == refusal == paused_again
+    assert (resume_status, scale_status, pause_status) == (200, 200, 200)
     assert resumed[0] == 200
+    assert [status for status, _ in two_replicas] == [200, 200]  # 4 inputs fit in 2 replicas x 2 permits
 
 
 def test_an_injected_model_failure_is_a_424_backend_and_an_injected_429_is_overloaded():
