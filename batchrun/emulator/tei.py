@@ -244,6 +244,8 @@ class TeiModel:
         payload = _parse(body)
         inputs: list[Any]
         self._options(kind, payload)  # serde refuses a mistyped option before any check of TEI's own
+        if kind == "tokenize" and payload.get("inputs") == []:
+            raise TeiError("Empty", "`inputs` cannot be empty")  # TokenizeInput reads [] as an empty batch
         if kind in ("embed", "tokenize"):
             batch, inputs = _text_inputs(payload, "inputs")
         elif kind == "openai":

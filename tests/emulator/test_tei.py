@@ -314,6 +314,23 @@ def test_past_max_concurrent_requests_counting_inputs_an_embed_batch_gets_429():
     assert not held_done and held[0] == 200
 
 
+def test_a_rerank_past_the_limit_runs_the_admitted_texts_then_answers_429():
+    async def calls(http, emu):
+        url = url_of(emu, "rank")
+        held = asyncio.create_task(call(http, url, "/rerank", {"query": "q", "texts": ["a"]}))
+        await until(lambda: emu.find(NS, "rank").admitted == 1, what="one text admitted")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        refused = await call(http, url, "/rerank", {"query": "q", "texts": ["b", "c", "d"]})
+        return refused, loop.time() - started, await held
+
+    refused, seconds, held = serve(embedder("rank", task="text-ranking", max_concurrent_requests=2,
+                                            latency_base_s=0.3), calls=calls)
+    assert refused == (429, {"error": "Model is overloaded", "error_type": "Overloaded"})
+    assert seconds >= 0.25  # the one text that got a permit ran before the refusal
+    assert held[0] == 200
+
+
 def test_before_1_9_a_batch_past_the_limit_waits_for_permits_instead_of_429():
     async def calls(http, emu):
         url = url_of(emu, "emb")
