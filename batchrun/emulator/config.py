@@ -21,7 +21,9 @@ import yaml
 
 from batchrun.errors import EmulatorError
 
-TASKS = ("text-generation", "text-to-image", "image-text-to-text")
+# Tasks served by Text Embeddings Inference (batchrun.emulator.tei): embedding, reranker and classifier models.
+TEI_TASKS = ("feature-extraction", "sentence-similarity", "text-ranking", "text-classification")
+TASKS = ("text-generation", "text-to-image", "image-text-to-text", *TEI_TASKS)
 INITIAL_STATES = ("paused", "running", "scaledToZero", "failed")
 EPISODE_KINDS = ("outage_503", "lose_replica", "fail_endpoint")
 DEFAULT_TOKEN = "hf_emulator_local_token"
@@ -167,6 +169,20 @@ class EndpointConfig:
     image_default_size: int = 1024
     image_max_size: int = 2048
     image_reject_non_square: bool = True
+    # Text Embeddings Inference (the TEI_TASKS). max_concurrent_requests and latency_* above apply too;
+    # TEI counts its permits per input, not per request.
+    tei_version: str = "1.9.3"  # picks the version-dependent behaviour (413 or 422, 429 or a wait, ...)
+    embedding_dim: int = 384
+    pooling: str = "cls"  # shown in /info
+    id2label: tuple[str, ...] = ()  # labels by id (YAML: a list or an {"0": ...} mapping); () = the task's default
+    # Sentence Transformers prompts (prompt_name -> text prepended); YAML: a mapping.
+    prompts: tuple[tuple[str, str], ...] = (("query", "query: "), ("passage", "passage: "))
+    max_input_length: int = 512  # tokens, the two special tokens included
+    max_batch_tokens: int = 16384
+    max_batch_requests: int | None = None
+    max_client_batch_size: int = 32
+    auto_truncate: bool | None = None  # None: the version's default (false before 1.9.0, true from it)
+    tokenization_workers: int = 4
     # Determinism and faults.
     seed: int = 0
     # Mixed into every fault draw besides faults.seed: the same value replays the same faults, another
@@ -204,6 +220,7 @@ class EndpointConfig:
                      "latency_jitter_s", "image_latency_s", "scale_to_zero_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must not be negative")
+        _check_tei(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EndpointConfig:
@@ -224,6 +241,7 @@ class EndpointConfig:
                     raise ValueError(f"episodes[{i}]: expected a mapping")
                 episodes.append(Episode(**_typed_fields(Episode, item, prefix=f"episodes[{i}].")))
             values["episodes"] = tuple(episodes)
+        values.update(_tei_mappings(data))
         if "name" not in values:
             raise ValueError("name: required")
         return cls(**values)
@@ -237,9 +255,69 @@ def _typed_fields(cls: type, data: dict[str, Any], *, prefix: str) -> dict[str, 
     for key, value in data.items():
         if key not in known:
             raise ValueError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
-        if key in ("faults", "episodes") and cls is EndpointConfig:
+        if key in ("faults", "episodes", *_TEI_MAPPINGS) and cls is EndpointConfig:
             continue
         out[key] = _check_type(f"{prefix}{key}", hints[key], value)
+    return out
+
+
+# ----- Text Embeddings Inference settings
+
+_TEI_MAPPINGS = ("id2label", "prompts")
+_TEI_VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)")
+
+
+def tei_version_tuple(version: str) -> tuple[int, int, int]:
+    """``"1.9.3"`` -> ``(1, 9, 3)``; a ValueError naming ``tei_version`` for anything else."""
+    match = _TEI_VERSION.fullmatch(version)
+    if match is None:
+        raise ValueError(f"tei_version: expected a TEI release such as 1.9.3 or 1.8.3, got {version!r}")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+def tei_auto_truncate(config: EndpointConfig) -> bool:
+    """Whether inputs are truncated when a request does not say: the setting, else the version's default."""
+    if config.auto_truncate is not None:
+        return config.auto_truncate
+    return tei_version_tuple(config.tei_version) >= (1, 9, 0)  # `--auto-truncate` defaults to true from 1.9.0
+
+
+def _check_tei(config: EndpointConfig) -> None:
+    tei_version_tuple(config.tei_version)
+    for name in ("embedding_dim", "max_input_length", "max_batch_tokens", "max_client_batch_size",
+                 "tokenization_workers"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}: must be at least 1")
+    if config.max_batch_requests is not None and config.max_batch_requests < 1:
+        raise ValueError("max_batch_requests: must be at least 1 (or null)")
+    if config.task == "text-ranking" and len(config.id2label) > 1:
+        raise ValueError(f"id2label: a text-ranking (reranker) model has one label, got {len(config.id2label)}")
+    if config.max_input_length > config.max_batch_tokens and not tei_auto_truncate(config):
+        # TEI refuses to start in this case (router/src/lib.rs); with auto-truncate it lowers the limit.
+        raise ValueError(f"max_input_length: {config.max_input_length} exceeds max_batch_tokens "
+                         f"{config.max_batch_tokens}; raise max_batch_tokens or set auto_truncate: true")
+
+
+def _tei_mappings(data: dict[str, Any]) -> dict[str, Any]:
+    """``id2label`` (a list, or a mapping from "0".."n-1") and ``prompts`` (name -> text) as tuples."""
+    out: dict[str, Any] = {}
+    if "id2label" in data:
+        labels = data["id2label"]
+        if isinstance(labels, dict):
+            keys = [str(key) for key in labels]
+            if sorted(keys, key=lambda k: int(k) if k.isdigit() else -1) != [str(i) for i in range(len(keys))]:
+                raise ValueError(f"id2label: the keys must be the ids 0..{len(keys) - 1}, got {keys}")
+            labels = [labels[key] if key in labels else labels[int(key)] for key in sorted(keys, key=int)]
+        if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+            raise ValueError("id2label: expected a list of labels or a mapping of ids to labels")
+        out["id2label"] = tuple(labels)
+    if "prompts" in data:
+        prompts = data["prompts"]
+        if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in prompts.items()):
+            raise ValueError("prompts: expected a mapping of prompt names to the text they prepend")
+        out["prompts"] = tuple(prompts.items())
     return out
 
 

@@ -9,7 +9,8 @@ prompt counted in the stats, whatever the outcome):
 3. a scripted outage -> 503;
 4. the drawn fault, if any (429, 5xx, reset, hang);
 5. capacity: TGI admits max_concurrent_requests per ready replica, then answers an immediate 429
-   ``Model is overloaded``; text-to-image queues for a free replica;
+   ``Model is overloaded``; TEI counts inputs against the same limit (batchrun.emulator.tei);
+   text-to-image queues for a free replica;
 6. the model, whose 200 may still be replaced by an error body or cut in half by a fault.
 """
 
@@ -24,12 +25,14 @@ import aiohttp
 from aiohttp import web
 
 from batchrun.emulator import vision
-from batchrun.emulator.config import EndpointConfig, Episode
+from batchrun.emulator.config import TEI_TASKS, EndpointConfig, Episode
 from batchrun.emulator.faults import EpisodeScript, FaultDice
 from batchrun.emulator.listen import listen
 from batchrun.emulator.replies import Reply, json_reply, text_reply, tgi_error
 from batchrun.emulator.state import ACTIVE_STATES, EndpointState
 from batchrun.emulator.stats import EndpointStats
+from batchrun.emulator.tei import ERROR_BODY as TEI_ERROR_BODY
+from batchrun.emulator.tei import TeiError, TeiModel, Unparsable, fault_reply, overloaded, texts_of
 from batchrun.emulator.text_to_image import ImageModel
 from batchrun.emulator.text_to_image import error as image_error
 from batchrun.emulator.tgi import Invalid, TgiModel, prompt_of
@@ -57,6 +60,7 @@ class EndpointServer:
         self.state: EndpointState  # set in start(), once the port is known
         self.tgi = TgiModel(config, self._fetch_image)
         self.images = ImageModel(config)
+        self.tei = TeiModel(config)
 
     # ----- lifecycle of the server itself
 
@@ -66,6 +70,8 @@ class EndpointServer:
         if self.config.task == "text-to-image":
             app.router.add_post("/", self._image)
             app.router.add_get("/info", self._no_info)  # the toolkit has no /info: a 404 past the proxy
+        elif self.config.task in TEI_TASKS:
+            self._add_tei_routes(app)
         else:
             app.router.add_post("/", self._generate_list)
             app.router.add_post("/generate", self._generate)
@@ -189,6 +195,10 @@ class EndpointServer:
             stats.finished(route, status)
 
     def _count_prompt(self, body: bytes) -> None:
+        if self.config.task in TEI_TASKS:
+            for text in texts_of(body):
+                self.stats.prompt(text)
+            return
         prompt = prompt_of(body)
         if prompt:
             self.stats.prompt(prompt)
@@ -198,6 +208,11 @@ class EndpointServer:
         if fault in _LATE_FAULTS:
             return None
         text_to_image = self.config.task == "text-to-image"
+        tei_reply = fault_reply(self.tei, fault, request.path) if self.config.task in TEI_TASKS else None
+        if tei_reply is not None:
+            if fault == "429":
+                tei_reply.headers["Retry-After"] = f"{self.config.faults.retry_after_s:g}"
+            return tei_reply
         if fault in ("429", "429_no_retry_after"):
             reply = image_error("Model is overloaded") if text_to_image else tgi_error(429, "overloaded",
                                                                                         "Model is overloaded")
@@ -223,6 +238,8 @@ class EndpointServer:
         if fault == "error_body":
             if self.config.task == "text-to-image":
                 return Reply(200, b'{"error":"CUDA out of memory"}', "application/json", reply.headers)
+            if self.config.task in TEI_TASKS:
+                return Reply(200, TEI_ERROR_BODY, "application/json", reply.headers)
             return Reply(200, b'{"error":"Request failed during generation: Server error: CUDA out of memory",'
                               b'"error_type":"generation"}', "application/json", reply.headers)
         if fault == "truncated":
@@ -333,6 +350,85 @@ class EndpointServer:
         finally:
             self.drawing -= 1
             state.poke()
+
+    # ----- TEI routes
+
+    def _add_tei_routes(self, app: web.Application) -> None:
+        routes = {"/embed": "embed", "/v1/embeddings": "openai", "/embeddings": "openai", "/rerank": "rerank",
+                  "/predict": "predict", "/similarity": "similarity", "/tokenize": "tokenize",
+                  "/": self.tei.root_kind(), "/invocations": self.tei.root_kind()}
+        for path, kind in routes.items():
+            app.router.add_post(path, self._tei_handler(path, kind))
+        app.router.add_get("/info", self._tei_info)
+        app.router.add_get("/ping", self._health)
+
+    def _tei_handler(self, path: str, kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def answer(request: web.Request, body: bytes) -> Reply:
+            return await self._tei(body, kind)
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            return await self._front_door(request, f"POST {path}", answer)
+        return handler
+
+    async def _tei(self, body: bytes, kind: str) -> Reply:
+        """One TEI request: TEI's own checks, then a permit per input, then the model."""
+        self._count_prompt(body)
+        try:
+            job = self.tei.prepare(kind, body)
+        except Unparsable as unparsable:
+            return unparsable.reply
+        except TeiError as error:
+            return self.tei.error(error, openai=kind == "openai")
+        outcome = self.tei.run(job)
+        if kind == "tokenize":  # tokenization only: no permit
+            return outcome.reply
+        # TEI takes the permits first, so an overloaded server answers 429 even to an invalid input.
+        waits = job.batch and self.tei.behaviour.batch_inputs_wait
+        free = self._tei_free()
+        if len(job.inputs) > free and not waits:
+            if job.batch and job.refused_in_flight and free > 0 and outcome.reply.status == 200:
+                await self._tei_hold(outcome.lengths[:free], body)  # the admitted inputs run first
+            return overloaded(self.tei, kind)
+        if outcome.reply.status != 200:
+            return outcome.reply  # refused by validation or the model type, before any inference
+        started = asyncio.get_running_loop().time()
+        await self._tei_admit(outcome.lengths, body)
+        seconds = asyncio.get_running_loop().time() - started
+        outcome.reply.headers.update(self.tei.headers(outcome, seconds))
+        return outcome.reply
+
+    def _tei_free(self) -> int:
+        return self.state.ready_replicas * self.config.max_concurrent_requests - self.admitted
+
+    async def _tei_admit(self, lengths: list[int], body: bytes) -> None:
+        """Hold one permit per input for the inference time.
+
+        From 1.9.0 every input takes its permit with try_acquire (the caller has answered 429 when they
+        are not all free): the embed routes take them all before any inference, predict and rerank
+        inside each input's future (the admitted inputs run, then the 429). Before 1.9.0 a batch's
+        inputs wait for their permits, so only a single input can be refused: here the inputs run in
+        waves as permits free up (server.rs at 1.8.3 and 1.9.3).
+        """
+        remaining = lengths
+        while remaining:
+            if self._tei_free() <= 0:
+                await self.state.wait_until(lambda: self._tei_free() > 0, self.config.faults.hang_s + 3600)
+            take = max(1, self._tei_free())
+            await self._tei_hold(remaining[:take], body)
+            remaining = remaining[take:]
+
+    async def _tei_hold(self, lengths: list[int], body: bytes) -> None:
+        self.admitted += len(lengths)
+        try:
+            seconds = self.tei.latency(lengths, body)
+            if seconds > 0:
+                await asyncio.sleep(seconds)
+        finally:
+            self.admitted -= len(lengths)
+            self.state.poke()
+
+    async def _tei_info(self, request: web.Request) -> web.StreamResponse:
+        return await self._plain_route(request, "GET /info", lambda: json_reply(self.tei.info()))
 
     # ----- health
 

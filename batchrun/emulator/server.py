@@ -161,7 +161,7 @@ class Emulator:
         server = self._server(namespace, name)
         config = dataclasses.replace(server.config, revision=revision,
                                      seed=server.config.seed if seed is None else seed)
-        server.config = server.tgi.config = server.state.config = config
+        server.config = server.tgi.config = server.tei.config = server.state.config = config
         server.state.model["revision"] = config.model_sha
 
 

@@ -25,6 +25,16 @@ def count_tokens(text: str) -> int:
     return len(_WORD_OR_MARK.findall(text))
 
 
+def tokens(text: str) -> list[str]:
+    """The tokens ``count_tokens`` counts, in order: each word and each punctuation mark."""
+    return _WORD_OR_MARK.findall(text)
+
+
+def token_spans(text: str) -> list[tuple[str, int, int]]:
+    """Each token with its start and end offsets in ``text`` (characters)."""
+    return [(match.group(), match.start(), match.end()) for match in _WORD_OR_MARK.finditer(text)]
+
+
 def stream_seed(prompt: str, seed: int | None, sampling: dict) -> int:
     """A 64-bit seed for the word stream, from the prompt, the seed and the sampling parameters."""
     material = json.dumps([prompt, seed, sampling], sort_keys=True, default=str).encode()
