@@ -15,6 +15,7 @@ from batchrun.emulator.config import (
     default_endpoints,
     load_emulator_config,
 )
+from batchrun.emulator.router_config import BatchConfig, Outage, ProviderConfig, RouterConfig
 from batchrun.lazy import lazy_attributes
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ _LAZY = {
 __getattr__ = lazy_attributes(globals(), _LAZY)
 
 __all__ = [
+    "BatchConfig",
     "Emulator",
     "EmulatorConfig",
     "EmulatorConfigError",
@@ -41,6 +43,9 @@ __all__ = [
     "EndpointState",
     "Episode",
     "Faults",
+    "Outage",
+    "ProviderConfig",
+    "RouterConfig",
     "default_endpoints",
     "describe",
     "load_emulator_config",
