@@ -4,6 +4,7 @@ providers answer with their own prices, limits, headers, 429s and outages."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -397,3 +398,31 @@ def test_without_a_router_section_there_is_no_router_url():
             with pytest.raises(KeyError, match="router"):
                 _ = emu.router_url
     run(body())
+
+
+def test_batchrun_emulate_serves_the_router_of_its_config_file(tmp_path):
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    path = tmp_path / "router.yaml"
+    path.write_text(f"token: {TOKEN}\nrouter:\n  providers:\n    - name: together\n      models: [{LLAMA}]\n")
+    process = subprocess.Popen([sys.executable, "-m", "batchrun", "emulate", "--config", str(path)],
+                               stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("Inference Providers router and batch API: "):
+                url = line.split()[6]
+                break
+        else:
+            pytest.fail("batchrun emulate printed no router url")
+        request = urllib.request.Request(url + "/chat/completions", data=json.dumps(chat(LLAMA, max_tokens=3)).encode(),
+                                         headers={**AUTH, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["x-inference-provider"] == "together"
+            assert json.loads(response.read())["usage"]["completion_tokens"] == 3
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
