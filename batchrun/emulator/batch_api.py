@@ -213,7 +213,10 @@ class BatchApi:
         batch = Batch(id=self._new_id("batch"), input_file_id=source.id, endpoint=payload["endpoint"],
                       completion_window="24h", metadata=payload.get("metadata"),
                       created=asyncio.get_running_loop().time(), created_at=int(time.time()))
-        await self._validate_and_answer(batch, source.data)
+        if len(self.batches) < self.config.fail_first:
+            batch.errors.append(_error("invalid_file", "The batch input file could not be validated.", None))
+        else:
+            await self._validate_and_answer(batch, source.data)
         self.batches[batch.id] = batch
         return web.json_response(self._object(batch))
 

@@ -99,6 +99,7 @@ class BatchConfig:
     error_rate: float = 0.0  # share of requests answered with an error line (seeded by custom_id)
     max_requests: int = 50_000  # per batch: more fails validation
     max_file_bytes: int = 200 * 1024 * 1024  # per uploaded file: more is refused at upload
+    fail_first: int = 0  # the first N batches created fail validation whatever their file (`invalid_file`)
     price_factor: float = 0.5  # batch price = this x the online price
     seed: int = 0
 
@@ -110,6 +111,8 @@ class BatchConfig:
             raise ValueError("expire_after_s: must be positive (or null: never)")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError(f"error_rate: must be between 0 and 1, got {self.error_rate!r}")
+        if self.fail_first < 0:
+            raise ValueError("fail_first: must not be negative")
         if self.max_requests < 1 or self.max_file_bytes < 1:
             raise ValueError("max_requests/max_file_bytes: must be at least 1")
 

@@ -270,3 +270,33 @@ def test_a_batch_request_refused_at_creation_names_the_parameter():
             status, answer = await api.call("GET", "/batches/batch_nope")
             assert status == 404
     run(body())
+
+
+def test_fail_first_makes_the_first_batches_fail_validation_and_the_next_ones_run():
+    async def body():
+        async with Emulator(batch_config(fail_first=1, completion_s=0.05)) as emu, \
+                aiohttp.ClientSession() as session:
+            api = Api(session, emu)
+            failed, _ = await api.until((await api.submit([request_line("a", "x")]))["id"], "failed")
+            assert [e["code"] for e in failed["errors"]["data"]] == ["invalid_file"]
+            done, _ = await api.until((await api.submit([request_line("a", "x")]))["id"], "completed")
+            assert done["request_counts"]["completed"] == 1
+    run(body())
+
+
+def test_a_completions_batch_answers_like_the_online_completions_route():
+    async def body():
+        async with Emulator(batch_config(completion_s=0.05)) as emu, aiohttp.ClientSession() as session:
+            api = Api(session, emu)
+            line = {"custom_id": "c", "method": "POST", "url": "/v1/completions",
+                    "body": {"model": LLAMA, "prompt": "Once upon a time", "max_tokens": 6}}
+            _, uploaded = await api.upload(jsonl([line]))
+            _, batch = await api.call("POST", "/batches", json={"input_file_id": uploaded["id"],
+                                                                "endpoint": "/v1/completions",
+                                                                "completion_window": "24h"})
+            done, _ = await api.until(batch["id"], "completed")
+            [output] = await api.content(done["output_file_id"])
+            status, online = await api.call("POST", "/completions", json=line["body"])
+            assert status == 200 and output["response"]["body"]["object"] == "text_completion"
+            assert output["response"]["body"]["choices"] == online["choices"]
+    run(body())
