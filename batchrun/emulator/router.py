@@ -40,6 +40,7 @@ from batchrun.emulator.vision import ImageRejected
 PROVIDER_HEADER = "x-inference-provider"
 POLICIES = ("auto", "preferred", "fastest", "cheapest")
 _FINISH = {"eos_token": "stop", "length": "length", "stop_sequence": "stop"}
+_RESET = web.RequestKey("batchrun_router_reset", bool)  # the request's connection was reset
 _STATUS_PHRASE = {"500": "Internal Server Error", "502": "Bad Gateway", "503": "Service Unavailable",
                   "504": "Gateway Timeout"}
 
@@ -101,10 +102,8 @@ class ProviderState:
         for k in range(1, len(messages) + 1):
             key = hashlib.blake2b(json.dumps(messages[:k], sort_keys=True).encode(), digest_size=16).digest()
             if key in self._prefixes:
-                if k < len(messages) or cached == 0:
-                    cached = textgen.count_tokens(chat_prompt(messages[:k]))
-            else:
-                self._prefixes.add(key)
+                cached = textgen.count_tokens(chat_prompt(messages[:k]))
+            self._prefixes.add(key)
         return cached
 
     def rate_headers(self, now: float) -> dict[str, str]:
@@ -237,11 +236,8 @@ class Router:
         status: int | str = 500
         try:
             response = await self._answer(request, route)
-            status = response.status
+            status = "reset" if request.get(_RESET) else response.status
             return response
-        except ConnectionResetError:
-            status = "reset"
-            raise
         finally:
             self.by_route[(name, str(status))] += 1
 
@@ -268,8 +264,9 @@ class Router:
         if outage is not None:
             provider.by_status[outage] += 1
             if outage == "reset":
+                request[_RESET] = True
                 _reset_connection(request)
-                raise ConnectionResetError("the provider reset the connection")
+                return web.Response(status=500)  # never reaches the client: the transport is gone
             return openai_error(int(outage), f"{outage} {_STATUS_PHRASE[outage]}: the provider "
                                 f"{provider.config.name} is unavailable", "server_error", headers=headers).to_response()
         if provider.draw_429(body):
@@ -417,8 +414,10 @@ def _payload(body: bytes) -> dict | Reply:
 async def _prepare(model: TgiModel, payload: dict, route: str) -> Prepared | Reply:
     """TGI's validation of the request; its refusals become OpenAI 400s."""
     required = "messages" if route == "chat" else "prompt"
+    if required not in payload:
+        return openai_error(400, f"Missing required parameter: '{required}'.", "invalid_request_error",
+                            param=required)
     try:
-        model.parse_body(json.dumps(payload).encode(), required)
         if route == "chat":
             return await model.prepare_chat(payload)
         return await model.prepare_completions(payload)

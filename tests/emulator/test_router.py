@@ -144,6 +144,10 @@ def test_a_missing_token_is_401_an_unknown_model_404_and_a_provider_that_lacks_t
                                        "code": "model_not_found"}
             status, _, answer = await post(session, emu, chat(LLAMA + ":novita"))
             assert status == 400 and answer["error"]["message"] == "Model not supported by provider novita"
+            status, _, answer = await post(session, emu, {"model": LLAMA})
+            assert status == 400 and answer["error"]["param"] == "messages"
+            async with session.post(emu.router_url + "/chat/completions", headers=AUTH, data=b"{oops") as r:
+                assert r.status == 400 and (await r.json())["error"]["type"] == "invalid_request_error"
             async with session.get(emu.router_url + "/models") as r:
                 assert r.status == 401
     run(body())
