@@ -1,4 +1,5 @@
-"""A local Inference Endpoint emulator: control plane, TGI and text-to-image data planes, faults.
+"""A local Inference Endpoint emulator: control plane, TGI and text-to-image data planes, faults; and
+the Inference Providers router with an OpenAI-compatible batch API, when configured.
 
 Think of it as moto for Hugging Face Inference Endpoints: huggingface_hub's own clients talk to it
 on loopback, and batchrun's tests and benchmarks inject faults through it. See docs/emulator.md.
