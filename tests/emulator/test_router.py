@@ -430,3 +430,19 @@ def test_batchrun_emulate_serves_the_router_of_its_config_file(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_sync_inference_client_chats_through_an_emulator_thread_whose_hooks_reach_the_router():
+    from huggingface_hub import InferenceClient
+
+    from batchrun.emulator import EmulatorThread
+
+    with EmulatorThread(router_config(provider("together"))) as emu:
+        client = InferenceClient(base_url=emu.router_url, api_key=TOKEN)
+        answer = client.chat_completion(HELLO, model=LLAMA + ":together", max_tokens=4)
+        assert answer.usage.completion_tokens == 4
+        emu.provider_down("together", seconds=60, kind="502")
+        with pytest.raises(HfHubHTTPError) as caught:
+            client.chat_completion(HELLO, model=LLAMA + ":together", max_tokens=4)
+        assert caught.value.response.status_code == 502
+        assert emu.router_stats()["providers"]["together"]["by_status"] == {"200": 1, "502": 1}
