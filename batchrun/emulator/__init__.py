@@ -1,4 +1,5 @@
-"""A local Inference Endpoint emulator: control plane, TGI and text-to-image data planes, faults.
+"""A local Inference Endpoint emulator: control plane, TGI and text-to-image data planes, faults; and
+the Inference Providers router with an OpenAI-compatible batch API, when configured.
 
 Think of it as moto for Hugging Face Inference Endpoints: huggingface_hub's own clients talk to it
 on loopback, and batchrun's tests and benchmarks inject faults through it. See docs/emulator.md.
@@ -15,6 +16,7 @@ from batchrun.emulator.config import (
     default_endpoints,
     load_emulator_config,
 )
+from batchrun.emulator.router_config import BatchConfig, Outage, ProviderConfig, RouterConfig
 from batchrun.lazy import lazy_attributes
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ _LAZY = {
 __getattr__ = lazy_attributes(globals(), _LAZY)
 
 __all__ = [
+    "BatchConfig",
     "Emulator",
     "EmulatorConfig",
     "EmulatorConfigError",
@@ -41,6 +44,9 @@ __all__ = [
     "EndpointState",
     "Episode",
     "Faults",
+    "Outage",
+    "ProviderConfig",
+    "RouterConfig",
     "default_endpoints",
     "describe",
     "load_emulator_config",

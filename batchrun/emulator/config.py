@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from batchrun.emulator.router_config import RouterConfig
 from batchrun.errors import EmulatorError
 
 # Tasks served by Text Embeddings Inference (batchrun.emulator.tei): embedding, reranker and classifier models.
@@ -27,7 +28,7 @@ TASKS = ("text-generation", "text-to-image", "image-text-to-text", *TEI_TASKS)
 INITIAL_STATES = ("paused", "running", "scaledToZero", "failed")
 EPISODE_KINDS = ("outage_503", "lose_replica", "fail_endpoint")
 DEFAULT_TOKEN = "hf_emulator_local_token"
-EMULATOR_CONFIG_KEYS = ("token", "host", "control_port", "endpoints", "hub_datasets")
+EMULATOR_CONFIG_KEYS = ("token", "host", "control_port", "endpoints", "hub_datasets", "router")
 # Top-level keys of a batchrun job spec: a file holding some of these is a job, not an emulator config.
 _JOB_SPEC_KEYS = frozenset({"input", "prompt", "task", "output", "endpoint", "parameters", "concurrency"})
 
@@ -349,6 +350,8 @@ class EmulatorConfig:
     control_port: int = 0
     # Dataset repos the emulated Hub holds from the start: repo id -> a local folder (or one file) to commit.
     hub_datasets: dict[str, str] = field(default_factory=dict)
+    # The Inference Providers router and its batch API on their own loopback port; None: not served.
+    router: RouterConfig | None = None
 
     def __post_init__(self) -> None:
         seen: set[tuple[str, str]] = set()
@@ -405,8 +408,14 @@ class EmulatorConfig:
             isinstance(k, str) and k.count("/") == 1 and isinstance(v, str) for k, v in hub_datasets.items()
         ):
             raise EmulatorConfigError("hub_datasets: expected a mapping of ORG/NAME to a local folder or file")
+        router = None
+        if data.get("router") is not None:
+            try:
+                router = RouterConfig.from_dict(data["router"])
+            except ValueError as error:
+                raise EmulatorConfigError(str(error)) from None
         return cls(token=token, endpoints=endpoints or default_endpoints(), host=host, control_port=port,
-                   hub_datasets=dict(hub_datasets))
+                   hub_datasets=dict(hub_datasets), router=router)
 
 
 def default_endpoints() -> list[EndpointConfig]:

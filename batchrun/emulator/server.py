@@ -15,6 +15,7 @@ from batchrun.emulator.control_plane import ControlPlane
 from batchrun.emulator.data_plane import EndpointServer
 from batchrun.emulator.hub import EmulatedHub
 from batchrun.emulator.listen import listen
+from batchrun.emulator.router import Router
 from batchrun.emulator.state import EndpointState
 
 
@@ -35,6 +36,7 @@ class Emulator:
         self._runner: web.AppRunner | None = None
         self.api_url = ""
         self.control_url = ""
+        self.router: Router | None = None  # the Inference Providers router and batch API, when configured
 
     async def __aenter__(self) -> Emulator:
         await self.start()
@@ -60,6 +62,9 @@ class Emulator:
                 self.hub.seed_folder(repo_id, folder)
             for endpoint in self.config.endpoints:
                 await self.add_endpoint(endpoint)
+            if self.config.router is not None:
+                self.router = Router(self.config.router, token=self.config.token, host=self.config.host)
+                await self.router.start()
         except BaseException:
             await self.stop()
             raise
@@ -69,6 +74,8 @@ class Emulator:
         for server in list(self._servers.values()):
             await server.stop()
         self._servers.clear()
+        if self.router is not None:
+            await self.router.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -77,6 +84,25 @@ class Emulator:
     def hub_url(self) -> str:
         """The emulated Hub's base url: what ``HF_ENDPOINT`` (or ``output.push_to_hub.endpoint``) takes."""
         return self.control_url
+
+    @property
+    def router_url(self) -> str:
+        """The router's base url, ending in ``/v1`` (chat, completions, models, files, batches)."""
+        if self.router is None:
+            raise KeyError("no router is configured (the emulator config's `router:` section)")
+        return self.router.url
+
+    def router_stats(self) -> dict[str, Any]:
+        """The router's counters: per provider requests, 429s, tokens, cost; per batch status and billing."""
+        if self.router is None:
+            raise KeyError("no router is configured (the emulator config's `router:` section)")
+        return self.router.stats()
+
+    def provider_down(self, name: str, seconds: float, kind: str = "503") -> None:
+        """A router provider answers ``kind`` (500/502/503/504 or ``reset``) for ``seconds`` from now (on the loop)."""
+        if self.router is None:
+            raise KeyError("no router is configured (the emulator config's `router:` section)")
+        self.router.provider_down(name, seconds, kind)
 
     # ----- endpoints
 
@@ -248,6 +274,16 @@ class EmulatorThread:
     def endpoint_url(self, namespace: str, name: str) -> str:
         return self.emulator.endpoint_url(namespace, name)
 
+    @property
+    def router_url(self) -> str:
+        return self.emulator.router_url
+
+    def router_stats(self) -> dict[str, Any]:
+        return self.call(self.emulator.router_stats)
+
+    def provider_down(self, name: str, seconds: float, kind: str = "503") -> None:
+        self.call(self.emulator.provider_down, name, seconds, kind)
+
     def state(self, namespace: str, name: str) -> EndpointState:
         return self.emulator.state(namespace, name)
 
@@ -303,6 +339,10 @@ def describe(emulator: Emulator | EmulatorThread) -> str:
         state = server.state
         lines.append(f"  {state.namespace}/{state.name}  {server.config.task}  {server.config.model_id}  "
                      f"{state.base_url}  ({state.state})")
+    if inner.router is not None:
+        lines.append(f"Inference Providers router and batch API: {inner.router.url}  (stats: "
+                     f"{inner.router.base_url}/emulator/router/stats)")
+        lines.extend(f"  {p.name}: {', '.join(p.models)}" for p in inner.router.config.providers)
     token = emulator.config.token
     if token is None:
         lines.append("Auth: none")
