@@ -415,7 +415,8 @@ class Dispatcher:
                          probe=probe, row=row.position)
             unkept: RequestFailed | Redraw
             if isinstance(outcome, dict):
-                kept = self._accept(request, outcome, route.name)
+                # Only a task with answer hooks, or columns known before sending, changes the answer.
+                kept = self._accept(request, outcome, route.name) if self._hooks or request.outputs else outcome
                 if not isinstance(kept, Redraw):  # nearly every row: no decision to make
                     return RowResult(row.position, row.id, self._kept(row), kept, latency, attempts)
                 self._count(INVALID_OUTPUT)
