@@ -3,23 +3,24 @@
 A fixed pool of ``max_concurrency`` workers pulls rows one at a time, only when free, so a bounded
 queue upstream never grows. Each worker takes a slot of an :class:`~batchrun.limit.AdaptiveLimit`
 before sending, so at most ``limit <= max_concurrency`` requests run at once. Each row goes through
-one retry loop, the only one in batchrun (reliability.md §2):
+one retry loop, the only one in batchrun (reliability.md §2); what it does after each attempt is
+decided by :func:`batchrun.retry.next_step`, a pure function, and the loop only carries it out:
 
     prepare ─ fails? → RowFailure(retryable=False), nothing sent
       │
-      └─ attempt: slot → send → classify
-            success          → RowResult (an answer invalid against the output schema is drawn
-                               again with a fresh seed, retries.invalid_output times, then a
-                               RowFailure(invalid_output))
-            401 / 403        → AuthError out of run(): the job stops
-            no such route    → a redirect, or a 404/405 from a proxy or before any success: the endpoint
-                               is drained like a refused token, its rows kept pending
-            429              → back off without using up an attempt (limit down to 1, Retry-After
-                               honoured); only 429s for outage_timeout: the endpoint is drained
-            permanent        → RowFailure(retryable=False)
-            transient        → excused (a cold start)? back off without using up an attempt
-                             → policy.decide → give up: RowFailure(retryable=True)
-                                             → sleep (slot released) → retry budget → attempt again
+      └─ attempt: slot → send → the route records the outcome (limit, breaker, its figures)
+            answer           → the task's answer hooks (tasks.base.AnswerHook): kept → RowResult;
+                               a Redraw (not valid against the output schema) → next_step
+            failure, redraw  → next_step:
+                 fail        → RowFailure (a permanent failure, the attempts used up, or the redraws:
+                               retries.invalid_output, then invalid_output)
+                 retry after → a redraw goes again at once; a failure sleeps (slot released), waits
+                               for the retry budget (not after a 429 or an outage) and goes again.
+                               A 429, an outage or an excused failure (a cold start) costs no attempt
+                 reroute     → the endpoint is drained (401/403, paused, no such route, connections
+                               refused or only 429s past outage_timeout): the row goes to another
+                               endpoint; with none left, the reason stops the job (AuthError for a
+                               token, EndpointError otherwise), its rows kept pending
 
 Stopping is the job's :class:`~batchrun.stop.Stop`: once a stop is requested, no row is pulled and
 rows waiting (for a slot, a backoff or the retry budget) are left without a record, so they run again
@@ -36,7 +37,6 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.endpoints.base import DataPlane
@@ -44,16 +44,24 @@ from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFail
 from batchrun.limit import AdaptiveLimit
 from batchrun.records import Row, RowFailure, RowResult
 from batchrun.retry import (
+    ENDPOINT_PAUSED,
+    INVALID_OUTPUT,
+    Action,
+    Drain,
     FailureKind,
     RetryBudget,
     RetryPolicy,
+    RetryRules,
+    Step,
+    Tries,
     Verdict,
     classify,
     is_overload,
     is_paused_answer,
+    next_step,
     parse_retry_after,
 )
-from batchrun.routing import DRAIN_AFTER, Route, pick
+from batchrun.routing import Route, pick
 from batchrun.spec import (
     DEFAULT_MAX_ANSWER_BYTES,
     DEFAULT_OUTAGE_TIMEOUT,
@@ -62,11 +70,8 @@ from batchrun.spec import (
     RetrySpec,
 )
 from batchrun.stop import Stop
-from batchrun.structured import InvalidAnswer
-from batchrun.tasks import Task
-from batchrun.tasks.answered_by import ENDPOINT_COLUMN, AnsweredByTask
-from batchrun.tasks.base import dump_json, find_layer
-from batchrun.tasks.structured import StructuredTask
+from batchrun.tasks import PreparedRequest, Task
+from batchrun.tasks.base import Redraw, answer_hooks, dump_json
 from batchrun.transport import (
     AnswerTooLarge,
     Request,
@@ -81,9 +86,6 @@ __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
 
 # Server text kept in a failure row: enough to read the reason, not a whole HTML error page.
 _MAX_MESSAGE_CHARS = 500
-# A backoff for excused failures (cold start) grows with consecutive ones, up to this exponent: with
-# the default policy that is min(cap, 0.5 * 2**6) = 30 s at most between probes.
-_EXCUSED_MAX_EXPONENT = 6
 # Longest single wait while the retry budget is spent: new requests elsewhere raise the allowance,
 # so look again this often rather than sleeping until the oldest retry expires.
 _BUDGET_POLL_S = 0.25
@@ -148,17 +150,26 @@ class LatencySample:
 
 @dataclass
 class DispatchStats:
-    """Live counters for progress reporting. ``status_counts`` keys are HTTP statuses or failure kinds."""
+    """The requests' live counters, read by the progress line and the summary alike.
+
+    ``status_counts`` keys are HTTP statuses or failure kinds. Rows are counted once, where their
+    records go (:class:`~batchrun.tally.Tally`), not here; each endpoint's share is its route's.
+    """
 
     sent: int = 0  # requests sent (attempts)
-    ok: int = 0  # rows that succeeded
-    failed: int = 0  # rows recorded as failures
     retries: int = 0  # attempts after a row's first
     in_flight: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)
-    output_tokens: int = 0
     latencies: LatencySample = field(default_factory=LatencySample)
     limit: int = 0  # the adaptive concurrency limit now
+
+    def figures(self) -> dict[str, object]:
+        """The summary's part: retries, statuses and latency quantiles."""
+        return {
+            "retries": self.retries,
+            "status_counts": dict(self.status_counts),
+            "latency_s": {"p50": self.latencies.quantile(0.5), "p95": self.latencies.quantile(0.95)},
+        }
 
 
 class _Abandon(Exception):
@@ -219,7 +230,7 @@ class Dispatcher:
         task: Task,
         config: DispatchConfig,
         on_record: Callable[[RowResult | RowFailure], None],
-        kept_columns: Callable[[Row], dict[str, Any]] | None = None,
+        kept_columns: Callable[[Row], dict[str, object]] | None = None,
         excuses: Callable[[RequestFailed], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -243,10 +254,10 @@ class Dispatcher:
         self.budget = RetryBudget(ratio=config.retry_budget_ratio, clock=clock)
         self._stats = DispatchStats(limit=self.limit.limit)
         self._stop = Stop()
-        # Answers that must follow a JSON Schema are read (and redrawn) here, the one retry layer.
-        self._structured = find_layer(task, StructuredTask)
-        # A job with several endpoints records which one answered each row.
-        self._answered_by = find_layer(task, AnsweredByTask) is not None
+        self._rules = RetryRules(policy=config.policy, outage_timeout_s=config.outage_timeout_s,
+                                 invalid_output_retries=config.invalid_output_retries)
+        # The task's layers that look at each answer (structured output, the answered-by column).
+        self._hooks = answer_hooks(task)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -342,7 +353,7 @@ class Dispatcher:
         """Every endpoint's route so far, in the order they joined (read, never changed, by the progress)."""
         return self._routes
 
-    def route_figures(self) -> dict[str, dict[str, Any]]:
+    def route_figures(self) -> dict[str, dict[str, object]]:
         """Each endpoint's share (rows, 429s, latency), by name."""
         return {route.name: route.figures() for route in self._routes}
 
@@ -375,13 +386,10 @@ class Dispatcher:
                 record = await self._process(row)
             except _Abandon:
                 continue
-            if isinstance(record, RowResult):
-                self._stats.ok += 1
-            else:
-                self._stats.failed += 1
-            self._on_record(record)
+            self._on_record(record)  # counted there, once (the runner's Tally)
 
     async def _process(self, row: Row) -> RowResult | RowFailure:
+        """The row's one retry loop: send, account, ask :func:`~batchrun.retry.next_step`, carry it out."""
         try:
             request = self.task.prepare(row)
         except RequestFailed as unsendable:
@@ -390,11 +398,7 @@ class Dispatcher:
         headers = request.headers or None
         route = self._pick(None) or await self._route()
         attempts = 0  # requests sent for this row
-        burned = 0  # attempts that count against policy.max_attempts
-        cold_streak = 0  # consecutive excused failures, for their backoff
-        throttle_streak = 0  # this row's 429s so far, for their backoff (they cost no attempt)
-        redraws = 0  # tries after an answer that was not valid against the output schema
-        unreached_since: float | None = None  # when this row's connections began to be refused
+        tries = _NO_TRIES
         while True:
             try:
                 # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
@@ -405,112 +409,61 @@ class Dispatcher:
                 route = await self._route(route)
                 continue
             attempts += 1
-            self._observe(route, outcome, probe=probe, row=row.position)
+            now = self._clock()
+            latency = now - sent_at
+            self._record(route, outcome if isinstance(outcome, RequestFailed) else None, latency, now=now,
+                         probe=probe, row=row.position)
+            unkept: RequestFailed | Redraw
             if isinstance(outcome, dict):
-                if request.outputs:  # columns the task knew before sending (a text-to-image seed)
-                    outcome = {**request.outputs, **outcome}
-                latency = self._clock() - sent_at
-                route.limit.on_success(latency)
-                route.ok += 1
-                route.latency_sum += latency
-                self._stats.latencies.add(latency)
-                self._stats.output_tokens += outcome.get("completion_tokens") or 0
-                if self._structured is not None:
-                    try:
-                        outcome = self._structured.read(request, outcome)
-                    except InvalidAnswer as invalid:
-                        # The endpoint answered, but not a document of the schema: draw again with a
-                        # fresh seed. These tries count apart from transport attempts and need no
-                        # backoff: nothing is wrong with the endpoint.
-                        self._count(_INVALID_OUTPUT)
-                        redraws += 1
-                        if redraws > self.config.invalid_output_retries:
-                            failure = RequestFailed(_INVALID_OUTPUT, str(invalid), status=200, retryable=False)
-                            return self._failure(row, failure, attempts=attempts)
-                        request = self._structured.redraw(request, row, redraws)
-                        body = dump_json(request.payload)
-                        continue
-                if self._answered_by:
-                    outcome[ENDPOINT_COLUMN] = route.name
-                return RowResult(row.position, row.id, self._kept(row), outcome, latency, attempts)
-            failure = outcome
-            if route.drained is None:
-                if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
-                    self._drain(route, self._auth_error(route, failure.status))
-                elif failure.error_type == _ENDPOINT_PAUSED:
-                    self._drain(route, self._paused_error(route, failure))
-                elif _is_missing_route(failure, succeeded=route.ok > 0):
-                    self._drain(route, self._missing_route_error(route, failure))
-            if route.drained is not None:
-                # Its endpoint is drained (it failed, or refused the token): the row goes to another one
-                # at once and keeps its attempts; with none left, the reason is raised and the job stops.
-                route = await self._route(route)
-                continue
-            throttled = failure.status == 429
-            if throttled:
-                route.throttled += 1
-            rejected = _is_rejected(failure)  # the limit measured it already (_attempt)
-            # A connection that could not even be made is never the row's fault (a server going away
-            # refuses new connections while it still finishes the answers in flight, so other rows'
-            # successes would hide the outage from the breaker, and one row could use up its attempts).
-            outage = failure.retryable and _is_unavailable(failure) and (
-                route.breaker.suspects_outage or failure.unreached
-            )
-            # Unreached for longer than the outage timeout (with no breaker open to say so, as when only
-            # this row is left): the endpoint is gone, and the row waits for another one or the next run.
-            unreached_since = (unreached_since or sent_at) if failure.unreached else None
-            if unreached_since is not None and self._clock() - unreached_since > self.config.outage_timeout_s:
-                self._drain(route, EndpointError(
-                    f"{self._named(route)}has not answered for {self._clock() - unreached_since:.0f}s "
-                    f"(connections refused; outage_timeout {self.config.outage_timeout_s:g}s); the rows not done "
-                    "are kept for the next run",
-                    state="unavailable",
-                ))
-                route = await self._route(route)
-                continue
-            throttled_for = route.throttled_for(self._clock()) if throttled else 0.0
-            if throttled_for > self.config.outage_timeout_s:
-                # Nothing but 429s for longer than the outage timeout: bounded like an outage, the rows
-                # not done are kept pending for the next run (or go to another endpoint).
-                self._drain(route, EndpointError(
-                    f"{self._named(route)}has answered only 429 (too many requests) for {throttled_for:.0f}s "
-                    f"(outage_timeout {self.config.outage_timeout_s:g}s); the rows not done are kept for the "
-                    "next run",
-                    state="unavailable",
-                ))
-                route = await self._route(route)
-                continue
-            if throttled:
-                # A 429 is the endpoint saying "not now": it costs the row no attempt. The limit already
-                # holds the load at what the endpoint takes (down to 1); the row backs off, longer with
-                # each 429 in a row (full jitter, Retry-After honoured). A row's first instant refusal
-                # goes again within a round: the limit was just set to the capacity it measured, and the
-                # retry waits for a free slot under it.
-                delay = self.config.policy.delay(failure, min(throttle_streak, _EXCUSED_MAX_EXPONENT), self._rng)
-                if rejected and throttle_streak == 0:
-                    delay = min(delay, self._rng.uniform(0.0, route.limit.controller.round_s))
-                throttle_streak += 1
-            elif outage:
-                # The endpoint, not the row, is failing (or may be): the row keeps its attempts and backs
-                # off; once the breaker is open it holds the row until the endpoint is back. Its retry does
-                # not wait for the retry budget: the breaker already spares the endpoint.
-                delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
-                cold_streak += 1
-            elif failure.retryable and route.excuses is not None and route.excuses(failure):
-                delay = self.config.policy.delay(failure, min(cold_streak, _EXCUSED_MAX_EXPONENT), self._rng)
-                cold_streak += 1
+                # Only a task with answer hooks, or columns known before sending, changes the answer.
+                kept = self._accept(request, outcome, route.name) if self._hooks or request.outputs else outcome
+                if not isinstance(kept, Redraw):  # nearly every row: no decision to make
+                    return RowResult(row.position, row.id, self._kept(row), kept, latency, attempts)
+                self._count(INVALID_OUTPUT)
+                unkept = kept
             else:
-                decision = self.config.policy.decide(failure, burned, self._rng)
-                burned += 1
-                cold_streak = 0
-                if not decision.retry:
-                    return self._failure(row, failure, attempts=attempts)
-                delay = decision.delay_s
-            # A 429 is the endpoint saying "not now" at once, and the adaptive limit already holds the load
-            # at its capacity: its retry waits for a slot, not for the retry budget, which is for failures
-            # that cost the endpoint work (and would bottleneck a job whose capacity shrank).
-            await self._wait_to_retry(delay, spend_budget=not outage and failure.status != 429)
-            route = self._pick(route) or await self._route(route)  # a retry prefers another endpoint
+                unkept = outcome
+            step = next_step(unkept, tries, route, rules=self._rules, now=now, sent_at=sent_at, rng=self._rng)
+            tries = step.tries
+            if step.action is Action.FAIL:
+                assert step.failure is not None
+                return self._failure(row, step.failure, attempts=attempts)
+            if step.action is Action.REROUTE:
+                # Its endpoint is drained (it failed, or refused the token): the row goes to another one
+                # at once and keeps its tries; with none left, the reason is raised and the job stops.
+                if step.drain is not None and isinstance(unkept, RequestFailed):
+                    self._drain(route, self._drain_error(route, step, unkept))
+                route = await self._route(route)
+            elif isinstance(unkept, Redraw):
+                # The endpoint answered, but not a document of the schema: the same request with a fresh
+                # seed, at once and to the same endpoint (nothing is wrong with it).
+                request = unkept.again(request, row, tries.redraws)
+                body = dump_json(request.payload)
+            else:
+                await self._wait_to_retry(step.delay_s, spend_budget=step.spend_budget)
+                route = self._pick(route) or await self._route(route)  # a retry prefers another endpoint
+
+    def _accept(
+        self, request: PreparedRequest, outputs: dict[str, object], endpoint: str,
+    ) -> dict[str, object] | Redraw:
+        """The answer as the row keeps it, through the task's answer hooks; or the redraw one asks for."""
+        if request.outputs:  # columns the task knew before sending (a text-to-image seed)
+            outputs = {**request.outputs, **outputs}
+        for hook in self._hooks:
+            kept = hook.accept(request, outputs, endpoint=endpoint)
+            if isinstance(kept, Redraw):
+                return kept
+            outputs = kept
+        return outputs
+
+    def _record(self, route: Route, failure: RequestFailed | None, latency: float, *,
+                now: float, probe: bool, row: int) -> None:
+        """Count one attempt's outcome (None: an answer): the route's accounting (limit, breaker, figures),
+        then the latency."""
+        if route.record(failure, latency, probe=probe, row=row, now=now) and len(self._routes) > 1:
+            self._drain_if_others_answer(route)
+        if failure is None:
+            self._stats.latencies.add(latency)
 
     async def _attempt(
         self,
@@ -520,7 +473,7 @@ class Dispatcher:
         headers: Mapping[str, str] | None,
         *,
         first: bool,
-    ) -> tuple[float, dict[str, Any] | RequestFailed]:
+    ) -> tuple[float, dict[str, object] | RequestFailed]:
         """Send one request inside a concurrency slot. Returns when it was sent, and outputs or a failure."""
         if self._stop.requested:
             raise _Abandon()  # intake stopped: a row not sent yet is left for next time
@@ -561,7 +514,7 @@ class Dispatcher:
         url: str,
         body: bytes,
         request_headers: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[str, object]:
         assert route.pool is not None  # opened by run() for every route
         config = self.config
         try:
@@ -610,7 +563,7 @@ class Dispatcher:
         if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
             # failure would lose it for good, so the whole job stops (resumable) instead.
-            raise RequestFailed(_ENDPOINT_PAUSED, message, status=status, retryable=False)
+            raise RequestFailed(ENDPOINT_PAUSED, message, status=status, retryable=False)
         retry_after = parse_retry_after(
             headers.get("Retry-After"), time.time(), maximum=self.config.policy.max_retry_after
         )
@@ -664,28 +617,6 @@ class Dispatcher:
             if waiting.cancelled:
                 raise _Abandon()
 
-    def _observe(self, route: Route, outcome: dict[str, Any] | RequestFailed, *, probe: bool, row: int) -> None:
-        """Count an outcome for the route's breaker; when it closes again, go back to the last good limit."""
-        unavailable = isinstance(outcome, RequestFailed) and _is_unavailable(outcome)
-        breaker = route.breaker
-        route.note_answer(throttled=isinstance(outcome, RequestFailed) and outcome.status == 429, now=self._clock())
-        if unavailable:
-            route.unavailable_streak += 1
-            if route.unavailable_streak >= DRAIN_AFTER and len(self._routes) > 1:
-                self._drain_if_others_answer(route)
-        else:
-            route.unavailable_streak = 0
-            if breaker.closed:
-                route.good_limit = max(route.good_limit * 0.99, route.limit.value)
-        if breaker.record(unavailable=unavailable, now=self._clock(), probe=probe, row=row):
-            if breaker.closed:
-                route.limit.raise_to(route.good_limit)
-            route.breaker_changed.set()
-            route.breaker_changed.clear()
-        elif probe:  # a failed probe: the waiters look again at the next probe time
-            route.breaker_changed.set()
-            route.breaker_changed.clear()
-
     def _drain_if_others_answer(self, route: Route) -> None:
         """An endpoint failing while another one answers is drained (a lone one is left to its breaker)."""
         others = [r for r in self._routes if r is not route and r.drained is None and r.breaker.closed and r.ok]
@@ -718,7 +649,7 @@ class Dispatcher:
             state="paused",
         )
 
-    def _kept(self, row: Row) -> dict[str, Any]:
+    def _kept(self, row: Row) -> dict[str, object]:
         return self._kept_columns(row) if self._kept_columns is not None else {}
 
     def _count(self, key: str) -> None:
@@ -735,6 +666,28 @@ class Dispatcher:
             attempts=attempts,
             retryable=failure.retryable,
             kept=self._kept(row),
+        )
+
+    def _drain_error(self, route: Route, step: Step, failure: RequestFailed) -> BatchrunError:
+        """Why the endpoint is drained, in words, for a :attr:`Step.drain`."""
+        timeout = self.config.outage_timeout_s
+        if step.drain is Drain.AUTH:
+            assert failure.status is not None
+            return self._auth_error(route, failure.status)
+        if step.drain is Drain.PAUSED:
+            return self._paused_error(route, failure)
+        if step.drain is Drain.MISSING_ROUTE:
+            return self._missing_route_error(route, failure)
+        if step.drain is Drain.UNREACHED:
+            return EndpointError(
+                f"{self._named(route)}has not answered for {step.for_s:.0f}s (connections refused; outage_timeout "
+                f"{timeout:g}s); the rows not done are kept for the next run",
+                state="unavailable",
+            )
+        return EndpointError(
+            f"{self._named(route)}has answered only 429 (too many requests) for {step.for_s:.0f}s "
+            f"(outage_timeout {timeout:g}s); the rows not done are kept for the next run",
+            state="unavailable",
         )
 
     def _missing_route_error(self, route: Route, failure: RequestFailed) -> EndpointError:
@@ -774,38 +727,13 @@ def _no() -> bool:
     return False
 
 
-_ENDPOINT_PAUSED = "endpoint_paused"
 _ANSWER_TOO_LARGE = "answer_too_large"  # an answer past max_answer_bytes (a failure row, not retried)
-_INVALID_OUTPUT = "invalid_output"  # a 200 whose answer is not valid against the output schema
-#: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
-_UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
+_NO_TRIES = Tries()  # a row's tries before its first failure (frozen: shared by every row)
 
 
 def _is_rejected(failure: RequestFailed) -> bool:
     """TGI's own 429: no Retry-After, an instant refusal for want of capacity (it measures capacity)."""
     return failure.status == 429 and failure.retry_after is None
-
-
-def _is_missing_route(failure: RequestFailed, *, succeeded: bool) -> bool:
-    """A route that does not exist (reliability.md §2): a redirect, or a 404/405 that is a proxy's page or
-    comes before anything succeeded. A model server's own JSON 404 after successes is the row's."""
-    status = failure.status
-    if status is None:
-        return False
-    if 300 <= status < 400:
-        return True
-    return status in (404, 405) and not (succeeded and failure.model_answered)
-
-
-def _is_unavailable(failure: RequestFailed) -> bool:
-    if failure.model_answered:
-        # TGI's own JSON error (a 500 ``incomplete_generation``): the model ran and failed on this row.
-        # Taking it for an outage would let a few such rows at the end of a job hold the breaker open,
-        # each probe failing again, until the outage timeout.
-        return False
-    if failure.status is not None:
-        return failure.status in _UNAVAILABLE_STATUSES
-    return failure.error_type in (FailureKind.CONNECTION.value, FailureKind.TIMEOUT.value)
 
 
 def _server_message(status: int, body: bytes) -> tuple[str, bool]:

@@ -7,6 +7,9 @@ This is the only place in batchrun that decides about retries (reliability.md §
 - :func:`parse_retry_after` reads a ``Retry-After`` header (seconds or an HTTP date).
 - :class:`RetryPolicy` turns one failed attempt into a :class:`Decision`: give up, or retry after N seconds.
 - :class:`RetryBudget` keeps retries under a share of all requests over a sliding window.
+- :func:`next_step` is the whole decision after one attempt of a row: an answer, a redraw the task asked
+  for, or a failure in; done, fail, retry after N seconds, or reroute (the endpoint is drained) out.
+  The dispatcher's loop only carries it out.
 """
 
 from __future__ import annotations
@@ -17,21 +20,32 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from batchrun.errors import RequestFailed
-from batchrun.spec import RetrySpec
+from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, RetrySpec
+from batchrun.tasks.base import Redraw
 
 __all__ = [
+    "Action",
     "Decision",
+    "Drain",
+    "EndpointView",
     "FailureKind",
     "RetryBudget",
     "RetryPolicy",
+    "RetryRules",
+    "Step",
+    "Tries",
     "Verdict",
     "classify",
+    "is_missing_route",
     "is_overload",
     "is_paused_answer",
+    "is_unavailable",
+    "next_step",
     "parse_retry_after",
 ]
 
@@ -58,6 +72,13 @@ _RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _AUTH_STATUSES = frozenset({401, 403})
 # Statuses that mean "the server has too much work": they shrink the adaptive concurrency limit.
 _OVERLOAD_STATUSES = frozenset({429, 503})
+#: Outcomes that say the endpoint is not there (as opposed to overloaded, 429, or refusing the row).
+_UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
+
+#: The failure of a row whose endpoint answered that it is paused (the job stops, resumable).
+ENDPOINT_PAUSED = "endpoint_paused"
+#: The failure of a row whose answers were not valid against the output schema, redraws included.
+INVALID_OUTPUT = "invalid_output"
 
 
 def classify(outcome: int | FailureKind) -> Verdict:
@@ -84,6 +105,29 @@ def is_overload(failure: RequestFailed) -> bool:
     These shrink the adaptive concurrency limit; other failures say nothing about load.
     """
     return failure.status in _OVERLOAD_STATUSES or failure.error_type == FailureKind.TIMEOUT.value
+
+
+def is_unavailable(failure: RequestFailed) -> bool:
+    """True when a failure says the endpoint is not there: a 5xx from a proxy, a timeout, a refused connection."""
+    if failure.model_answered:
+        # TGI's own JSON error (a 500 ``incomplete_generation``): the model ran and failed on this row.
+        # Taking it for an outage would let a few such rows at the end of a job hold the breaker open,
+        # each probe failing again, until the outage timeout.
+        return False
+    if failure.status is not None:
+        return failure.status in _UNAVAILABLE_STATUSES
+    return failure.error_type in (FailureKind.CONNECTION.value, FailureKind.TIMEOUT.value)
+
+
+def is_missing_route(failure: RequestFailed, *, succeeded: bool) -> bool:
+    """A route that does not exist (reliability.md §2): a redirect, or a 404/405 that is a proxy's page or
+    comes before anything succeeded. A model server's own JSON 404 after successes is the row's."""
+    status = failure.status
+    if status is None:
+        return False
+    if 300 <= status < 400:
+        return True
+    return status in (404, 405) and not (succeeded and failure.model_answered)
 
 
 def is_paused_answer(body: bytes) -> bool:
@@ -277,3 +321,180 @@ class RetryBudget:
                 return max(0.0, (index + slices) * self._width - self._clock())
         # No retry to expire (ratio or min_retries of 0): only new requests can help; look again soon.
         return self._width
+
+
+# --------------------------------------------------------------------------------------------------
+# The decision after one attempt of a row
+
+
+# A backoff for failures that cost no attempt (429s, an outage, a cold start) grows with consecutive
+# ones, up to this exponent: with the default policy that is min(cap, 0.5 * 2**6) = 30 s at most.
+_STREAK_MAX_EXPONENT = 6
+
+
+class Action(str, enum.Enum):
+    """What the dispatcher does with a row after one attempt."""
+
+    DONE = "done"  # the row has its answer
+    FAIL = "fail"  # record ``Step.failure`` for the row now
+    RETRY = "retry"  # try again after ``Step.delay_s`` (at once, on the same endpoint, for a redraw)
+    REROUTE = "reroute"  # the endpoint is drained: the row goes to another one at once, its tries kept
+
+
+class Drain(str, enum.Enum):
+    """Why a failure drains its endpoint (it takes no more requests; its rows go elsewhere or wait)."""
+
+    AUTH = "auth"  # 401/403: the token is refused
+    PAUSED = "paused"  # the proxy says the endpoint is paused
+    MISSING_ROUTE = "missing_route"  # a redirect, or a 404/405 that is not the model's
+    UNREACHED = "unreached"  # connections refused for longer than outage_timeout
+    THROTTLED = "throttled"  # nothing but 429s for longer than outage_timeout
+
+
+@dataclass(frozen=True, slots=True)
+class Tries:
+    """What one row has been through so far in this run; :func:`next_step` returns the next one."""
+
+    burned: int = 0  # failed attempts that count against policy.max_attempts
+    cold_streak: int = 0  # consecutive failures excused (an outage, a cold start), for their backoff
+    throttle_streak: int = 0  # the row's 429s so far, for their backoff (they cost no attempt)
+    redraws: int = 0  # tries after an answer not valid against the output schema
+    unreached_since: float | None = None  # when the row's connections began to be refused
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The outcome of :func:`next_step`: what to do, and the row's tries from now on."""
+
+    action: Action
+    tries: Tries
+    delay_s: float = 0.0
+    spend_budget: bool = True  # whether the retry waits for the retry budget
+    failure: RequestFailed | None = None  # the failure to record (FAIL)
+    drain: Drain | None = None  # why the endpoint is drained now (REROUTE; None: it was already)
+    for_s: float = 0.0  # how long the endpoint was unreached or throttled (UNREACHED, THROTTLED)
+
+
+class EndpointView(Protocol):
+    """What the decision reads of the endpoint that just answered (a :class:`~batchrun.routing.Route`)."""
+
+    @property
+    def is_drained(self) -> bool: ...
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether any request to it succeeded in this run."""
+        ...
+
+    @property
+    def suspects_outage(self) -> bool: ...
+
+    @property
+    def round_s(self) -> float:
+        """The adaptive limit's round: a first instant 429 goes again within one."""
+        ...
+
+    def throttled_for(self, now: float) -> float: ...
+
+    def excused(self, failure: RequestFailed) -> bool:
+        """Whether the endpoint excuses ``failure`` (a cold start): it costs the row no attempt."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryRules:
+    """The job's rules for :func:`next_step`: the policy, the outage timeout and the redraws allowed."""
+
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    outage_timeout_s: float = DEFAULT_OUTAGE_TIMEOUT
+    invalid_output_retries: int = RetrySpec.invalid_output
+
+
+def next_step(
+    outcome: Mapping[str, Any] | Redraw | RequestFailed,
+    tries: Tries,
+    endpoint: EndpointView,
+    *,
+    rules: RetryRules,
+    now: float,
+    sent_at: float,
+    rng: random.Random,
+) -> Step:
+    """The whole retry decision after one attempt (reliability.md §2), pure but for ``rng``.
+
+    ``outcome`` is the answer the task kept, a :class:`~batchrun.tasks.base.Redraw` it asked for, or
+    the attempt's failure; ``sent_at`` is when the attempt was sent and ``now`` when its outcome came.
+    """
+    if isinstance(outcome, Redraw):
+        redraws = tries.redraws + 1
+        if redraws > rules.invalid_output_retries:
+            failure = RequestFailed(INVALID_OUTPUT, outcome.reason, status=200, retryable=False)
+            return Step(Action.FAIL, tries, failure=failure)
+        # Nothing is wrong with the endpoint: the same request with a fresh seed, at once, no budget.
+        return Step(Action.RETRY, replace(tries, redraws=redraws), spend_budget=False)
+    if not isinstance(outcome, RequestFailed):
+        return Step(Action.DONE, tries)
+    return _after_failure(outcome, tries, endpoint, rules=rules, now=now, sent_at=sent_at, rng=rng)
+
+
+def _drain_for(failure: RequestFailed, endpoint: EndpointView) -> Drain | None:
+    """The reason ``failure`` drains its endpoint at once, whatever the row's tries."""
+    if failure.status is not None and classify(failure.status) is Verdict.STOP_JOB:
+        return Drain.AUTH
+    if failure.error_type == ENDPOINT_PAUSED:
+        return Drain.PAUSED
+    if is_missing_route(failure, succeeded=endpoint.succeeded):
+        return Drain.MISSING_ROUTE
+    return None
+
+
+def _after_failure(
+    failure: RequestFailed, tries: Tries, endpoint: EndpointView, *, rules: RetryRules, now: float,
+    sent_at: float, rng: random.Random,
+) -> Step:
+    if endpoint.is_drained:  # drained meanwhile (it failed elsewhere): the row keeps its tries
+        return Step(Action.REROUTE, tries)
+    drain = _drain_for(failure, endpoint)
+    if drain is not None:
+        return Step(Action.REROUTE, tries, drain=drain)
+    # Unreached for longer than the outage timeout (with no breaker open to say so, as when only this
+    # row is left): the endpoint is gone, and the row waits for another one or the next run.
+    unreached_since = (tries.unreached_since or sent_at) if failure.unreached else None
+    if unreached_since is not None and now - unreached_since > rules.outage_timeout_s:
+        return Step(Action.REROUTE, tries, drain=Drain.UNREACHED, for_s=now - unreached_since)
+    if tries.unreached_since != unreached_since:
+        tries = replace(tries, unreached_since=unreached_since)
+    throttled = failure.status == 429
+    throttled_for = endpoint.throttled_for(now) if throttled else 0.0
+    if throttled_for > rules.outage_timeout_s:
+        # Nothing but 429s for longer than the outage timeout: bounded like an outage, the rows not done
+        # are kept pending for the next run (or go to another endpoint).
+        return Step(Action.REROUTE, tries, drain=Drain.THROTTLED, for_s=throttled_for)
+    policy = rules.policy
+    if throttled:
+        # A 429 is the endpoint saying "not now": it costs the row no attempt, nor retry budget. The
+        # limit already holds the load at what the endpoint takes (down to 1); the row backs off,
+        # longer with each 429 in a row (full jitter, Retry-After honoured). A row's first instant
+        # refusal goes again within a round: the limit was just set to the capacity it measured, and
+        # the retry waits for a free slot under it.
+        streak = tries.throttle_streak
+        delay = policy.delay(failure, min(streak, _STREAK_MAX_EXPONENT), rng)
+        if streak == 0 and failure.retry_after is None:
+            delay = min(delay, rng.uniform(0.0, endpoint.round_s))
+        return Step(Action.RETRY, replace(tries, throttle_streak=streak + 1), delay_s=delay, spend_budget=False)
+    # A connection that could not even be made is never the row's fault (a server going away refuses
+    # new connections while it still finishes the answers in flight, so other rows' successes would
+    # hide the outage from the breaker, and one row could use up its attempts).
+    outage = failure.retryable and is_unavailable(failure) and (endpoint.suspects_outage or failure.unreached)
+    if outage or (failure.retryable and endpoint.excused(failure)):
+        # The endpoint, not the row, is failing (or waking up): the row keeps its attempts and backs off;
+        # once the breaker is open it holds the row until the endpoint is back. An outage's retry does
+        # not wait for the retry budget: the breaker already spares the endpoint.
+        streak = tries.cold_streak
+        delay = policy.delay(failure, min(streak, _STREAK_MAX_EXPONENT), rng)
+        return Step(Action.RETRY, replace(tries, cold_streak=streak + 1), delay_s=delay, spend_budget=not outage)
+    decision = policy.decide(failure, tries.burned, rng)
+    tries = replace(tries, burned=tries.burned + 1, cold_streak=0)
+    if not decision.retry:
+        return Step(Action.FAIL, tries, failure=failure)
+    return Step(Action.RETRY, tries, delay_s=decision.delay_s)

@@ -9,14 +9,14 @@ attempt, so routing is the only thing the number of endpoints changes:
     drain           an endpoint in trouble (failed, a refused token, errors past a threshold while the
                     others answer) takes no more requests; its rows are retried on the others
 
-Each route keeps its own figures (rows, 429s, latency) for the summary's per-endpoint shares.
+Each route does its own accounting (:meth:`Route.record`: its limit, its breaker, its figures for the
+summary's per-endpoint shares), and shows :func:`batchrun.retry.next_step` what the decision reads of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import yarl
 
@@ -24,6 +24,7 @@ from batchrun.breaker import CircuitBreaker
 from batchrun.endpoints.base import DataPlane
 from batchrun.errors import BatchrunError, RequestFailed, redact, register_secret
 from batchrun.limit import AdaptiveLimit
+from batchrun.retry import is_unavailable
 from batchrun.tasks import PreparedRequest, join_url
 from batchrun.transport import Transport, auth_headers, current_transport, new_pool_key
 
@@ -77,6 +78,62 @@ class Route:
         self.unavailable_streak = 0
         self.throttled_since: float | None = None  # when its answers became nothing but 429s
 
+    def record(self, failure: RequestFailed | None, latency: float, *, probe: bool, row: int, now: float) -> bool:
+        """Count one attempt's outcome (``failure``, or None for an answer): the breaker, the limit, the
+        figures. True when it is the DRAIN_AFTER-th unavailable answer in a row (drain it if others answer).
+        When the breaker closes again, the limit goes back to where it was while the endpoint answered well.
+        """
+        unavailable = failure is not None and is_unavailable(failure)
+        throttled = failure is not None and failure.status == 429
+        self.note_answer(throttled=throttled, now=now)
+        breaker = self.breaker
+        if unavailable:
+            self.unavailable_streak += 1
+        else:
+            self.unavailable_streak = 0
+            if breaker.closed:
+                self.good_limit = max(self.good_limit * 0.99, self.limit.value)
+        if breaker.record(unavailable=unavailable, now=now, probe=probe, row=row):
+            if breaker.closed:
+                self.limit.raise_to(self.good_limit)
+            self._wake()
+        elif probe:  # a failed probe: the waiters look again at the next probe time
+            self._wake()
+        if failure is None:
+            self.limit.on_success(latency)
+            self.ok += 1
+            self.latency_sum += latency
+        elif throttled and self.drained is None:
+            self.throttled += 1
+        return unavailable and self.unavailable_streak >= DRAIN_AFTER
+
+    def _wake(self) -> None:
+        self.breaker_changed.set()
+        self.breaker_changed.clear()
+
+    # What the retry decision reads (batchrun.retry.EndpointView).
+
+    @property
+    def is_drained(self) -> bool:
+        return self.drained is not None
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether any request to it succeeded in this run."""
+        return self.ok > 0
+
+    @property
+    def suspects_outage(self) -> bool:
+        return self.breaker.suspects_outage
+
+    @property
+    def round_s(self) -> float:
+        return self.limit.controller.round_s
+
+    def excused(self, failure: RequestFailed) -> bool:
+        """Whether the endpoint excuses ``failure`` (a 503 while a scaled-to-zero endpoint wakes up)."""
+        return self.excuses is not None and self.excuses(failure)
+
     def note_answer(self, *, throttled: bool, now: float) -> None:
         """Remember whether the endpoint answers only 429s, and since when (any other outcome ends that)."""
         if not throttled:
@@ -123,14 +180,13 @@ class Route:
             return False
         self.drained = error
         self.limit.raise_to(float(self.limit.controller.maximum))
-        self.breaker_changed.set()
-        self.breaker_changed.clear()
+        self._wake()
         return True
 
-    def figures(self) -> dict[str, Any]:
+    def figures(self) -> dict[str, object]:
         """This route's share, for the summary."""
         mean = self.latency_sum / self.ok if self.ok else None
-        info: dict[str, Any] = {"rows_ok": self.ok, "http_429": self.throttled,
+        info: dict[str, object] = {"rows_ok": self.ok, "http_429": self.throttled,
                                 "latency_mean_s": None if mean is None else round(mean, 4)}
         if self.drained is not None:
             info["drained"] = str(self.drained)

@@ -311,13 +311,7 @@ async def _stop_on_error(work: Any, stop: Stop) -> None:
 def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:
     if dispatcher is None:
         return {}
-    stats = dispatcher.stats
-    return {
-        "retries": stats.retries,
-        "status_counts": dict(stats.status_counts),
-        "latency_s": {"p50": stats.latencies.quantile(0.5), "p95": stats.latencies.quantile(0.95)},
-        "routes": dispatcher.route_figures(),
-    }
+    return {**dispatcher.stats.figures(), "routes": dispatcher.route_figures()}
 
 
 # --------------------------------------------------------------------------- pushing to the Hub

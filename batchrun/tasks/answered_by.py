@@ -2,21 +2,22 @@
 
 A job that sends to several endpoints (``endpoint:`` as a list) records, in every result row, the label
 of the endpoint whose answer it holds: with ``mixed_models: true`` it says which model wrote the row, and
-otherwise it lets a bad replica or region be traced. The dispatcher fills the column (it alone knows
-which endpoint answered); this layer declares it, so that it is part of the data schema from the first
-row. A job with one endpoint has no such column: its outputs keep the shape they always had.
+otherwise it lets a bad replica or region be traced. The dispatcher alone knows which endpoint answered:
+it passes the label to this layer's answer hook (:meth:`AnsweredByTask.accept`), which fills the column.
+The layer also declares the column, so that it is part of the data schema from the first row.
+A job with one endpoint has no such column: its outputs keep the shape they always had.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from batchrun.tasks.base import ColumnsLayer
 
 if TYPE_CHECKING:
-    from batchrun.tasks.base import Task
+    from batchrun.tasks.base import PreparedRequest, Task
 
 __all__ = ["ENDPOINT_COLUMN", "AnsweredByTask"]
 
@@ -31,3 +32,8 @@ class AnsweredByTask(ColumnsLayer):
             raise ValueError(f"the {ENDPOINT_COLUMN} column clashes with an output column of task {inner.name}")
         super().__init__(inner)
         self.output_schema = inner.output_schema.append(pa.field(ENDPOINT_COLUMN, pa.string()))
+
+    def accept(self, request: PreparedRequest, outputs: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
+        """``outputs`` with the label of the endpoint that answered."""
+        outputs[ENDPOINT_COLUMN] = endpoint
+        return outputs

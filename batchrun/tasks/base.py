@@ -7,7 +7,7 @@ the spec parser imports :mod:`batchrun.tasks`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = [
+    "AnswerHook",
     "PreparedRequest",
+    "Redraw",
     "Task",
+    "answer_hooks",
     "dump_json",
     "join_url",
     "placeholder_column_problem",
@@ -75,6 +78,44 @@ class Task(Protocol):
     def describe(self, request: PreparedRequest) -> str:
         """What ``request`` asks, for people (previews, logs): images summarised, never base64."""
         ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Answers: the hook through which a layer keeps an answer or asks for another
+
+
+@dataclass(frozen=True, slots=True)
+class Redraw:
+    """An answer a task does not keep (not valid against the output schema): the row asks again.
+
+    ``again(request, row, n)`` is the request for the ``n``-th redraw (the same, with a fresh seed).
+    """
+
+    reason: str
+    again: Callable[[PreparedRequest, Row, int], PreparedRequest]
+
+
+class AnswerHook(Protocol):
+    """A task layer that looks at every answer before the row keeps it (structured output, answered-by)."""
+
+    def accept(self, request: PreparedRequest, outputs: dict[str, Any], *, endpoint: str) -> dict[str, Any] | Redraw:
+        """``outputs`` as the row keeps them (``endpoint`` answered), or a :class:`Redraw`."""
+        ...
+
+
+def answer_hooks(task: Task) -> tuple[AnswerHook, ...]:
+    """The layers of ``task``'s stack with an ``accept`` of their own, innermost first.
+
+    The dispatcher hands each answer through them in turn, and so knows no task layer by name. A
+    wrapper that only passes attributes on (``ColumnsLayer``) is not a hook unless its class says so.
+    """
+    hooks: list[AnswerHook] = []
+    layer: object = task
+    while layer is not None:
+        if callable(getattr(type(layer), "accept", None)):
+            hooks.append(layer)  # type: ignore[arg-type]  # its class defines accept
+        layer = getattr(layer, "inner", None)
+    return tuple(reversed(hooks))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ requests carry the row's JSON Schema the way the route takes it (docs/structured
     text-generation      "parameters": {"grammar": {"type": "json", "value": SCHEMA}}
     chat / vision chat   "response_format": {"type": "json_object", "value": SCHEMA}
 
-:meth:`StructuredTask.read` turns an answer's ``generated_text`` into the ``parsed`` column, or
-raises :class:`~batchrun.structured.InvalidAnswer`; the dispatcher then asks :meth:`redraw` for the
-same request with a fresh seed (derived from the job's seed, the row id and the try), up to
-``retries.invalid_output`` times. Retrying lives in the dispatcher alone (reliability.md §2).
+:meth:`StructuredTask.accept` (the answer hook, :class:`~batchrun.tasks.base.AnswerHook`) turns an
+answer's ``generated_text`` into the ``parsed`` column, or asks for a
+:class:`~batchrun.tasks.base.Redraw`: the same request with a fresh seed (derived from the job's seed,
+the row id and the try), up to ``retries.invalid_output`` times. Whether to redraw is decided by
+:func:`batchrun.retry.next_step` alone (reliability.md §2).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from batchrun.errors import RequestFailed
 from batchrun.images import derive_seed
 from batchrun.structured import InvalidAnswer, OutputSchema
 from batchrun.task_kinds import task_kind
-from batchrun.tasks.base import PreparedRequest, Task, with_seed
+from batchrun.tasks.base import PreparedRequest, Redraw, Task, with_seed
 
 if TYPE_CHECKING:
     from batchrun.records import Row
@@ -74,6 +75,13 @@ class StructuredTask:
         text = outcome.get("generated_text") or ""
         outcome[self.schema.column.name] = self.schema.parse(text, dict(request.answer_schema))
         return outcome
+
+    def accept(self, request: PreparedRequest, outputs: dict[str, Any], *, endpoint: str) -> dict[str, Any] | Redraw:
+        """``outputs`` with their ``parsed`` value, or a redraw when the text is not a valid document."""
+        try:
+            return self.read(request, outputs)
+        except InvalidAnswer as invalid:
+            return Redraw(str(invalid), self.redraw)
 
     def describe(self, request: PreparedRequest) -> str:
         """What the inner task describes: the schema is not part of the prompt people read."""
