@@ -30,6 +30,7 @@ from batchrun.errors import (
     SpecError,
     register_secret,
 )
+from batchrun.facts import ID_COLUMN, POLL_INTERVAL_S
 from batchrun.sources import Source, open_source
 from batchrun.spec import JobSpec
 from batchrun.stop import Stop
@@ -136,7 +137,7 @@ async def preflight(
         raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
     runs_before = int((stored or {}).get("runs", 0)) if not fresh else 0
     endpoint = open_endpoints(
-        spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0,
+        spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or POLL_INTERVAL_S,
         run_number=runs_before + 1,
     )
     # A job whose last run finished every row sends nothing and touches no endpoint, not even to ask
@@ -335,7 +336,7 @@ def _make_task(spec: JobSpec) -> Task:
 def _kept_columns(spec: JobSpec, source: Source, task: Task) -> tuple[str, ...]:
     """The input columns copied to the output, in input order (all but the id by default)."""
     names = [c for c in source.schema.names if c != spec.input.id_column]
-    if spec.input.id_column is None and spec.input.keep_columns is None and "id" in names:
+    if spec.input.id_column is None and spec.input.keep_columns is None and ID_COLUMN in names:
         raise SpecError(
             spec.file, "input.id_column", "the input has a column named 'id', which clashes with the id column "
             "batchrun would number rows with; set input.id_column: id to use it, or list input.keep_columns without it"

@@ -40,6 +40,7 @@ from batchrun.errors import (
     OutputError,
     SpecError,
 )
+from batchrun.facts import GRACE_S, ID_COLUMN, ExitCode
 from batchrun.preflight import Preflight, empty_input_message, preflight, unencodable_note
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.provenance import REVISION_POLL_S, watch_revision
@@ -64,7 +65,7 @@ class RunOptions:
     retry_failed: bool = False  # final failures of earlier runs are pending again (their records superseded)
     progress: str = "auto"  # auto | bar | lines | off
     summary_interval_s: float = 30.0
-    grace_s: float = 30.0
+    grace_s: float = GRACE_S
     commit_interval_s: float = 10.0
     poll_interval_s: float | None = None  # endpoint polling; None: the lifecycle default
     handle_signals: bool = True
@@ -116,10 +117,11 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
         if tally.done == 0:
             raise AuthError(stop.cause.detail)  # exit 2: nothing ran, nor can until the token is fixed
-        return JobOutcome(exit_code=3, summary=summary)  # rows were saved: stopped early, resumable (no push)
+        # rows were saved: stopped early, resumable (no push)
+        return JobOutcome(exit_code=ExitCode.STOPPED_EARLY, summary=summary)
     if pusher is not None:
         await pusher.push(final=True)
-    return JobOutcome(exit_code=summary["exit_code"], summary=summary)
+    return JobOutcome(exit_code=ExitCode(summary["exit_code"]), summary=summary)
 
 
 async def _serve(
@@ -422,7 +424,7 @@ async def _open_output(
         # A failure row says which sample failed: the sample column goes with the kept input columns.
         failed_kept = (*pre.kept_columns, SAMPLE_COLUMN) if spec.samples > 1 else pre.kept_columns
         data_schema = await asyncio.to_thread(pre.data_schema, store)
-        sink = ParquetSink(store, data_schema=data_schema, id_column=spec.input.id_column or "id",
+        sink = ParquetSink(store, data_schema=data_schema, id_column=spec.input.id_column or ID_COLUMN,
                            shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
                            kept_columns=failed_kept)
         done = await asyncio.to_thread(sink.open, retry_failed=retry_failed)
@@ -539,6 +541,6 @@ async def _write_summary(store: Any, summary: dict[str, Any], echo: Callable[[st
         await asyncio.to_thread(store.write_summary, summary)
     except OutputError as exc:
         echo(f"error: {exc}")
-        if summary["exit_code"] != 3:
-            summary["exit_code"], summary["outcome"] = 3, "stopped early"
+        if summary["exit_code"] != ExitCode.STOPPED_EARLY:
+            summary["exit_code"], summary["outcome"] = int(ExitCode.STOPPED_EARLY), "stopped early"
         summary["stop_reason"] = summary.get("stop_reason") or str(exc)

@@ -27,6 +27,7 @@ from batchrun.endpoints.dedicated import DedicatedEndpoint, LifecycleSettings
 from batchrun.endpoints.local import LocalEndpoint, local_endpoint_config
 from batchrun.endpoints.pool import EndpointPool, Member
 from batchrun.endpoints.url import UrlEndpoint
+from batchrun.facts import POLL_INTERVAL_S
 from batchrun.stop import Stop
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def open_endpoints(
     token: str | None,
     stop: Stop,
     echo: Callable[[str], None],
-    poll_interval_s: float = 1.0,
+    poll_interval_s: float = POLL_INTERVAL_S,
     run_number: int = 1,
 ) -> EndpointPool:
     """Every endpoint the spec names, as the pool a job runs with (a pool of one for the mapping form).
@@ -81,7 +82,7 @@ def open_endpoint(
     token: str | None,
     stop: Stop,
     echo: Callable[[str], None],
-    poll_interval_s: float = 1.0,
+    poll_interval_s: float = POLL_INTERVAL_S,
     run_number: int = 1,
     endpoint: EndpointSpec | None = None,
     user: str | None = None,

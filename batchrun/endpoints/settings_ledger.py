@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
 from batchrun.endpoints.saved_settings import SavedSettings, UserSettings, endpoint_state_path
 from batchrun.endpoints.sharing import SharedUse
+from batchrun.facts import IDLE_BACKSTOP_S, POLL_INTERVAL_S, READY_TIMEOUT_S
 
 __all__ = ["RESUMABLE", "SETTINGS", "Changes", "LifecycleSettings", "SettingsLedger"]
 
@@ -31,10 +32,10 @@ class LifecycleSettings:
 
     scale_min: int | None = None
     scale_max: int | None = None
-    ready_timeout_s: float = 1200.0
+    ready_timeout_s: float = READY_TIMEOUT_S
     on_finish: str | None = None  # "pause" | "scale-to-zero" | "keep"; None: pause unless it was already running
-    idle_backstop_s: float | None = 900.0
-    poll_interval_s: float = 2.0
+    idle_backstop_s: float | None = IDLE_BACKSTOP_S
+    poll_interval_s: float = POLL_INTERVAL_S
     supported_tasks: tuple[str, ...] = ()
     # Where the user's settings are kept while the job has changed them. None: the endpoint's own file
     # in batchrun's state folder (endpoint_state_path), shared by every job on that endpoint.

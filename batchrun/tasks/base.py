@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import orjson
 
 from batchrun.errors import RequestFailed
+from batchrun.facts import MAX_MESSAGE_CHARS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -31,10 +32,6 @@ __all__ = [
     "prompt_column_problem",
     "render_prompt",
 ]
-
-# Server text stored in a failure row is cut to this many characters: enough to read the reason,
-# not enough to bloat a Parquet file with an HTML error page.
-MAX_MESSAGE_CHARS = 500
 
 # Values a template placeholder cannot stand for: their Python repr is not text anyone meant to send.
 _NOT_TEXT = (list, tuple, dict, set, frozenset, bytes, bytearray, memoryview)
