@@ -186,12 +186,12 @@ class JobStopped(BatchrunError):
 class RequestFailed(BatchrunError):
     """One request did not succeed. Dispatch turns it into a retry or a failure row.
 
-    ``error_type`` is a short stable name (``http_429``, ``timeout``, ``connection``, ``bad_body``,
-    ``validation`` ...); ``status`` is the HTTP status when there was one; ``retry_after`` is the
-    server's Retry-After in seconds, already parsed; ``retryable`` is the fixed classification of
-    reliability.md §2. ``model_answered`` says the model server itself answered with its JSON error
-    (``{"error": ...}``), as opposed to a proxy's page or no answer at all: the endpoint is up, and
-    the failure is this row's, not an outage.
+    ``error_type`` is the failure row's short stable name: a :class:`~batchrun.records.FailureType`
+    (``timeout``, ``connection``, ``bad_body`` ...) or ``http_<status>``; ``status`` is the HTTP
+    status when there was one; ``retry_after`` is the server's Retry-After in seconds, already
+    parsed; ``retryable`` is the fixed classification of reliability.md §2. ``model_answered`` says
+    the model server itself answered with its JSON error (``{"error": ...}``), as opposed to a
+    proxy's page or no answer at all: the endpoint is up, and the failure is this row's, not an outage.
     """
 
     def __init__(

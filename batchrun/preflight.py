@@ -31,6 +31,7 @@ from batchrun.errors import (
     register_secret,
 )
 from batchrun.facts import ID_COLUMN, POLL_INTERVAL_S
+from batchrun.records import FailureType
 from batchrun.sources import Source, open_source
 from batchrun.spec import JobSpec
 from batchrun.stop import Stop
@@ -396,7 +397,7 @@ def _render_first_rows(spec: JobSpec, source: Source, task: Task) -> list[tuple[
                 samples.append((row.id, task.describe(task.prepare(row))))
             except RequestFailed as exc:
                 samples.append((row.id, f"<row will fail without a request: {exc}>"))
-                if exc.error_type == "template":
+                if exc.error_type == FailureType.TEMPLATE:
                     template_failures.append(str(exc))
         break
     if samples and len(template_failures) == len(samples):

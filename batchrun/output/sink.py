@@ -31,7 +31,7 @@ from batchrun.output.manifest import (
     shard_problem,
 )
 from batchrun.output.schema import BOOKKEEPING_COLUMNS, build_failed_schema, kept_columns_of, with_hf_metadata
-from batchrun.records import RowFailure, RowResult
+from batchrun.records import FailureType, RowFailure, RowResult
 
 __all__ = ["ParquetSink", "SinkCounters"]
 
@@ -390,7 +390,7 @@ class ParquetSink:
         buffer.remove(set(bad))
         for position, id_, problem, attempts, kept in diverted:
             failed.append_failure(
-                position, id_, error_type="output_schema", error=problem, status=None, attempts=attempts,
+                position, id_, error_type=FailureType.OUTPUT_SCHEMA, error=problem, status=None, attempts=attempts,
                 retryable=False, kept=kept,
             )  # fmt: skip
 
