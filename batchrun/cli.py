@@ -176,9 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     if args.shard is not None:  # one shard of the job, writing its part of the output (shards.py)
-        from .shards import Shard, sharded_spec
+        from .shards import JobShard, sharded_spec
 
-        spec = sharded_spec(spec, Shard.parse(args.shard, count=args.shard_count or spec.shards))
+        spec = sharded_spec(spec, JobShard.parse(args.shard, count=args.shard_count or spec.shards))
         _echo(f"shard {spec.shard}: output {spec.output.path} (state in state/shards/{spec.shard.folder})")
         if spec.budget.max_usd is not None:
             _echo(f"note: budget.max_usd (${spec.budget.max_usd:g}) holds for each shard on its own: the shards of "

@@ -24,7 +24,7 @@ from batchrun.output.manifest import (
     POSITION_DTYPE,
     ManifestLog,
     ManifestView,
-    Shard,
+    ShardFile,
     file_crc32,
     read_manifest,
     read_positions,
@@ -233,7 +233,7 @@ class ParquetSink:
             if permanent.any():
                 kept = table.filter(pa.array(permanent))
                 event = self._publish("failed", kept, positions[permanent], retryable=0, replaces=relative)
-                view.listed[event["file"]] = Shard.from_event(event)
+                view.listed[event["file"]] = ShardFile.from_event(event)
             else:
                 reason = "retry_failed" if everything else "retryable"
                 self._append({"op": "retire", "file": relative, "aside": "retired", "reason": reason})
