@@ -447,7 +447,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
 def _endpoint_bracket(args: argparse.Namespace) -> int:
     """`batchrun endpoint up|down JOB.yaml`: bracket the shards of a job by hand (docs/shards.md)."""
     from .endpoints import open_endpoint
-    from .endpoints.sharing import BRACKET
+    from .endpoints.shared_endpoint import BRACKET
     from .errors import SpecError
     from .preflight import _resolve_token
     from .spec import load_spec

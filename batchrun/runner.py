@@ -29,7 +29,7 @@ from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
-from batchrun.endpoints.shares import endpoint_shares, live_shares
+from batchrun.endpoints.endpoint_shares import endpoint_shares, live_shares
 from batchrun.errors import (
     AuthError,
     BatchrunError,

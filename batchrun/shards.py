@@ -13,7 +13,7 @@ and each keeps its own lock, manifest, done-set and state in ``state/shards/shar
 (output/layout.py). A shard run again resumes itself, exactly-once holds per shard, and the union,
 ``data/*.parquet``, holds every id once. An output split in another N, or written without ``--shard``,
 is refused (``OutputStore.check_split``). A managed endpoint is shared by the shards: the first
-resumes it, the last one out puts it down (endpoints/sharing.py).
+resumes it, the last one out puts it down (endpoints/shared_endpoint.py).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def shard_of(row_id: Any, count: int) -> int:
 
 def sharded_spec(spec: Any, shard: JobShard) -> Any:
     """The spec of one shard: the job's, writing its part of the job's output folder (OutputStore.for_spec)
-    and sharing its managed endpoints with the other shards (endpoints/sharing.py). Refuses an output.path
+    and sharing its managed endpoints with the other shards (endpoints/shared_endpoint.py). Refuses an output.path
     that names a folder per run: each shard would make its own."""
     from batchrun.provenance import has_template
 

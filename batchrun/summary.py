@@ -104,7 +104,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if endpoint.get("note"):
         lines.append(f"  note: {endpoint['note']}")
     if endpoint.get("endpoints"):  # several endpoints: each one's share
-        from batchrun.endpoints.shares import format_shares
+        from batchrun.endpoints.endpoint_shares import format_shares
 
         lines.extend(format_shares(endpoint["endpoints"]))
     cost = summary.get("cost") or {}

@@ -30,7 +30,7 @@ from jobkit import (
 )
 
 from batchrun.endpoints.saved_settings import endpoint_state_path
-from batchrun.endpoints.sharing import BRACKET, SharedUse
+from batchrun.endpoints.shared_endpoint import BRACKET, SharedUse
 from batchrun.errors import BatchrunError
 from batchrun.holder import utc_now
 from batchrun.output import OutputStore
