@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchrun import nightly
+from batchrun import run_record
 from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
@@ -86,7 +86,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
 async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     started = _Started()
     stop = Stop(grace_s=options.grace_s, echo=options.echo)
-    spec, run_id = nightly.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
+    spec, run_id = run_record.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
                           poll_interval_s=options.poll_interval_s, retry_failed=options.retry_failed)
@@ -94,7 +94,7 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     if replaced:
         options.echo(f"note: {replaced}")
     tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
-    pre.run = await nightly.start_run(pre, run_id, tally, fresh=options.fresh)
+    pre.run = await run_record.start_run(pre, run_id, tally, fresh=options.fresh)
     dispatch_stats: dict[str, Any] = {}
     with catch_signals(stop, echo=options.echo, enabled=options.handle_signals):
         async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo,
@@ -110,10 +110,10 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
                 tally.skipped = reader.skipped
             await output.close()
             summary = await _summarize(pre, output.store, tally, dispatch_stats, stop, started)
-            await nightly.finish_run(pre, output.store, summary)
+            await run_record.finish_run(pre, output.store, summary)
             await _write_summary(output.store, summary, options.echo)
     options.echo(format_summary(summary))
-    await nightly.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
+    await run_record.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
     if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
         if tally.done == 0:
             raise AuthError(stop.cause.detail)  # exit 2: nothing ran, nor can until the token is fixed
@@ -461,7 +461,7 @@ def _job_record(pre: Preflight, stored_job: dict[str, Any] | None) -> dict[str, 
         "kept_columns": list(pre.kept_columns),  # a resume keeping others is refused (preflight)
         "created_at": (stored_job or {}).get("created_at") or dt.datetime.now(dt.UTC).isoformat(),
         "runs": int((stored_job or {}).get("runs", 0)) + 1,
-        **nightly.job_fields(pre, stored_job),
+        **run_record.job_fields(pre, stored_job),
     }
 
 
