@@ -57,7 +57,7 @@ class Preflight:
     source: Source
     task: Task
     kept_columns: tuple[str, ...]  # the input columns copied to the output, in input order
-    endpoint: EndpointPool  # every endpoint of the job (one, or the list form's)
+    pool: EndpointPool  # every endpoint of the job (one, or the list form's)
     token: str | None = field(repr=False)
     identity: dict[str, Any]
     fingerprint: str
@@ -137,7 +137,7 @@ async def preflight(
     if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
         raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
     runs_before = int((stored or {}).get("runs", 0)) if not fresh else 0
-    endpoint = open_endpoints(
+    pool = open_endpoints(
         spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or POLL_INTERVAL_S,
         run_number=runs_before + 1,
     )
@@ -146,7 +146,7 @@ async def preflight(
     # stays in its identity.
     finished = stored is not None and not fresh and _finished(
         await asyncio.to_thread(store.load_summary), count, retry_failed=retry_failed)
-    check = await _check_endpoint(endpoint) if check_endpoint and not finished else None
+    check = await _check_endpoint(pool) if check_endpoint and not finished else None
     identity = _identity(spec, input_fingerprint, check)
     if finished and stored is not None:
         known = stored.get("identity") or {}
@@ -166,7 +166,7 @@ async def preflight(
         source=source,
         task=task,
         kept_columns=kept,
-        endpoint=endpoint,
+        pool=pool,
         token=token,
         identity=identity,
         fingerprint=fingerprint(identity),

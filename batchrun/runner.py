@@ -139,9 +139,9 @@ async def _serve(
     try:
         if scores is not None:  # the scorers load before the endpoint is touched
             await _start_scoring(scores, pre)
-        async with pre.endpoint as plane:  # every endpoint resumed at once; here once the first is ready
+        async with pre.pool as plane:  # every endpoint resumed at once; here once the first is ready
             dispatcher = _dispatcher(pre, plane, committer, tally, scores)
-            pre.endpoint.attach(dispatcher)  # the others join as they become ready
+            pre.pool.attach(dispatcher)  # the others join as they become ready
             try:
                 async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
                     await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher,
@@ -196,7 +196,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         committer.add(record)
 
     return Dispatcher(plane=plane, task=pre.task, config=config, on_record=on_record, kept_columns=kept_columns,
-                      excuses=pre.endpoint.excuses, name=pre.endpoint.route_name())
+                      excuses=pre.pool.excuses, name=pre.pool.route_name())
 
 
 def _scoring_stage(pre: Preflight, committer: Committer, tally: Tally) -> ScoringStage | None:
@@ -234,7 +234,7 @@ async def _dispatch(
     options: RunOptions, started: _Started, pusher: _Pusher | None = None, scores: ScoringStage | None = None,
 ) -> None:
     """Send every pending row; meanwhile commit, show progress and watch the budget."""
-    pool = pre.endpoint
+    pool = pre.pool
     meter = pool.meter
     total = None if pre.count is None else max(0, pre.count - reader.skipped)
 
@@ -502,7 +502,7 @@ async def _summarize(
     pending = None
     if pre.count is not None:
         pending = max(0, pre.count - status.ok - status.failed - status.failed_retryable)
-    endpoint = pre.endpoint
+    endpoint = pre.pool
     meter = endpoint.meter
     cost: dict[str, Any] = {}
     if meter.replica_seconds and any(e.url is None for e in pre.spec.all_endpoints):
