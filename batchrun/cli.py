@@ -146,7 +146,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     replaced = unencodable_note(pre.unencodable)
     if replaced:
         print(f"  note: {replaced}", file=out)
-    for row_id, prompt in pre.samples:
+    for row_id, prompt in pre.prompt_previews:
         shown = prompt if len(prompt) <= 200 else prompt[:197] + "..."
         print(f"  prompt for id {row_id!r}: {shown}", file=out)
     print(f"output: {spec.output.path} (writable)", file=out)

@@ -26,9 +26,9 @@ from batchrun.facts import ID_COLUMN, OPENAI_BATCH_ID, ExitCode
 __all__ = ["CompareReport", "Threshold", "compare_runs", "find_previous", "parse_fail_if"]
 
 #: At most this many changed pairs have their similarity measured (difflib is quadratic in the text).
-SIMILARITY_SAMPLE = 5000
+MAX_SIMILARITY_PAIRS = 5000
 #: Changed rows shown side by side.
-CHANGED_SAMPLE = 20
+CHANGED_ROWS_SHOWN = 20
 
 
 class CompareError(BatchrunError):
@@ -244,10 +244,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> CompareReport:
         if text_a == text_b:
             report.identical += 1
             continue
-        if len(ratios) < SIMILARITY_SAMPLE:
+        if len(ratios) < MAX_SIMILARITY_PAIRS:
             ratio = difflib.SequenceMatcher(None, text_a, text_b, autojunk=False).ratio()
             ratios.append(ratio)
-            if len(report.changed_rows) < CHANGED_SAMPLE:
+            if len(report.changed_rows) < CHANGED_ROWS_SHOWN:
                 report.changed_rows.append((key, text_a, text_b, ratio))
     report.similarity = round(sum(ratios) / len(ratios), 4) if ratios else None
     report.similarity_measured = len(ratios)

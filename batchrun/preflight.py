@@ -46,7 +46,7 @@ from batchrun.tasks import (
 __all__ = ["Preflight", "preflight"]
 
 #: How many of the first rows have their prompt rendered (and shown by `batchrun validate`).
-SAMPLE_ROWS = 3
+PREVIEW_ROWS = 3
 
 
 @dataclass(slots=True)
@@ -62,7 +62,7 @@ class Preflight:
     identity: dict[str, Any]
     fingerprint: str
     count: int | None
-    samples: list[tuple[Any, str]] = field(default_factory=list)  # (row id, rendered prompt or error)
+    prompt_previews: list[tuple[Any, str]] = field(default_factory=list)  # (row id, rendered prompt or error)
     endpoint_check: EndpointCheck | None = None
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
@@ -128,7 +128,7 @@ async def preflight(
     _check_score_references(spec, kept)
     # The output's columns are checked now; their datasets features (a heavy import) when the run opens it.
     data_columns(source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema)
-    samples = await asyncio.to_thread(_render_first_rows, spec, source, task)
+    previews = await asyncio.to_thread(_render_first_rows, spec, source, task)
     token = _resolve_token(spec)
     spent = Spent()
     if stored is not None and not fresh:
@@ -171,7 +171,7 @@ async def preflight(
         identity=identity,
         fingerprint=fingerprint(identity),
         count=count,
-        samples=samples,
+        prompt_previews=previews,
         endpoint_check=check,
         stored_job=stored,
         spent=spent,
@@ -388,23 +388,23 @@ def _check_score_references(spec: JobSpec, kept: tuple[str, ...]) -> None:
 
 def _render_first_rows(spec: JobSpec, source: Source, task: Task) -> list[tuple[Any, str]]:
     """The prompts of the first rows; a template that fails on every one of them is a spec error."""
-    samples: list[tuple[Any, str]] = []
+    previews: list[tuple[Any, str]] = []
     template_failures: list[str] = []
     # Distinct rows: with several samples per row, the first units are one row's samples.
-    for batch in source.batches(batch_size=SAMPLE_ROWS * spec.samples):
-        for row in [row for row in batch if row.sample == 0][:SAMPLE_ROWS]:
+    for batch in source.batches(batch_size=PREVIEW_ROWS * spec.samples):
+        for row in [row for row in batch if row.sample == 0][:PREVIEW_ROWS]:
             try:
-                samples.append((row.id, task.describe(task.prepare(row))))
+                previews.append((row.id, task.describe(task.prepare(row))))
             except RequestFailed as exc:
-                samples.append((row.id, f"<row will fail without a request: {exc}>"))
+                previews.append((row.id, f"<row will fail without a request: {exc}>"))
                 if exc.error_type == FailureType.TEMPLATE:
                     template_failures.append(str(exc))
         break
-    if samples and len(template_failures) == len(samples):
+    if previews and len(template_failures) == len(previews):
         # Every row looked at fails to render: a mistake in the template, not in the data. Found now,
         # it costs nothing; found after the resume, it costs a cold start for no request at all.
         raise SpecError(spec.file, "prompt.template", f"cannot render the first rows: {template_failures[0]}")
-    return samples
+    return previews
 
 
 def _resolve_token(spec: JobSpec) -> str | None:

@@ -78,7 +78,7 @@ class Target:
         """Whether ``path`` is one of this push's shard files (so it may be deleted when the output lost it)."""
         return any(path.startswith(f"{config}/{self.split}-") and path.endswith(".parquet") for config in self.configs)
 
-    def samples_path(self) -> str:
+    def thumbnails_path(self) -> str:
         return f"assets/{self.config}-samples.png"
 
 
