@@ -8,6 +8,8 @@
     POLL_INTERVAL_S         how often the endpoint lifecycle reads the control plane while it waits
     READY_TIMEOUT_S         how long an endpoint may take to become ready (``endpoint.ready_timeout``)
     IDLE_BACKSTOP_S         the endpoint's own idle timeout while a job runs (``endpoint.idle_backstop``)
+    CHECK_TIMEOUT_S         the deadline of one check of a server (its health route, ``GET /info``)
+    CHECK_MAX_BYTES         the largest answer to such a check that is read
 
 This module imports nothing from batchrun: anything may import it. The error types of failure rows
 are :class:`batchrun.records.FailureType`, beside the records that carry them.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import enum
 
 __all__ = [
+    "CHECK_MAX_BYTES",
+    "CHECK_TIMEOUT_S",
     "GRACE_S",
     "IDLE_BACKSTOP_S",
     "ID_COLUMN",
@@ -54,3 +58,7 @@ POLL_INTERVAL_S = 1.0
 READY_TIMEOUT_S = 20 * 60.0
 #: Seconds of idleness before the endpoint scales itself to zero while a job runs (``endpoint.idle_backstop``).
 IDLE_BACKSTOP_S = 15 * 60.0
+#: Seconds one check of a server may take: its health route during the ready wait, ``GET /info``.
+CHECK_TIMEOUT_S = 10.0
+#: The largest answer to a check that is read (``/info`` is a few hundred bytes).
+CHECK_MAX_BYTES = 2**20
