@@ -5,7 +5,7 @@ from __future__ import annotations
 import html.parser
 
 from batchrun.publish.card import render_card
-from batchrun.publish.facts import JobFacts
+from batchrun.publish.card_facts import JobFacts
 from batchrun.publish.layout import Target
 
 END = "<!-- batchrun:end default -->"

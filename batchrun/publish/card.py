@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from batchrun.errors import redact
-from batchrun.publish.facts import JobFacts
+from batchrun.publish.card_facts import JobFacts
 from batchrun.publish.layout import Target
 from batchrun.publish.names import failed_config_name
 

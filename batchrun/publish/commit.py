@@ -25,7 +25,7 @@ from batchrun.errors import AuthError, BatchrunError, OutputError, redact, regis
 from batchrun.output.files import json_bytes, read_json, replace_atomically
 from batchrun.output.layout import OutputStore
 from batchrun.publish.card import Card, foreign_problem, render_card
-from batchrun.publish.facts import read_facts
+from batchrun.publish.card_facts import read_facts
 from batchrun.publish.layout import PushPlan, RemoteFile, Target, local_shards, plan_push, same_content
 
 __all__ = ["Pacing", "PublishError", "PushResult", "push_output"]
