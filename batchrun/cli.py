@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import BatchrunError, redact
+from .facts import GRACE_S, ExitCode
 
 if TYPE_CHECKING:  # the commands load what they use when they run: `batchrun --help` stays quick
     from .emulator import Emulator
@@ -145,7 +146,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     replaced = unencodable_note(pre.unencodable)
     if replaced:
         print(f"  note: {replaced}", file=out)
-    for row_id, prompt in pre.samples:
+    for row_id, prompt in pre.prompt_previews:
         shown = prompt if len(prompt) <= 200 else prompt[:197] + "..."
         print(f"  prompt for id {row_id!r}: {shown}", file=out)
     print(f"output: {spec.output.path} (writable)", file=out)
@@ -175,9 +176,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     if args.shard is not None:  # one shard of the job, writing its part of the output (shards.py)
-        from .shards import Shard, sharded_spec
+        from .shards import JobShard, sharded_spec
 
-        spec = sharded_spec(spec, Shard.parse(args.shard, count=args.shard_count or spec.shards))
+        spec = sharded_spec(spec, JobShard.parse(args.shard, count=args.shard_count or spec.shards))
         _echo(f"shard {spec.shard}: output {spec.output.path} (state in state/shards/{spec.shard.folder})")
         if spec.budget.max_usd is not None:
             _echo(f"note: budget.max_usd (${spec.budget.max_usd:g}) holds for each shard on its own: the shards of "
@@ -227,7 +228,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import json
 
-    from .compare import EXIT_THRESHOLD, CompareError, compare_runs, format_report, parse_fail_if
+    from .compare import CompareError, compare_runs, format_report, parse_fail_if
     from .compare_html import write_compare_html
 
     thresholds = parse_fail_if(args.fail_if) if args.fail_if else []
@@ -241,7 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(format_report(report, thresholds))
     if args.html:
         print(f"report: {write_compare_html(report, args.html, thresholds)}", file=sys.stderr)
-    return EXIT_THRESHOLD if report.verdict(thresholds)["crossed"] else 0
+    return ExitCode.THRESHOLD_CROSSED if report.verdict(thresholds)["crossed"] else ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -446,7 +447,7 @@ def cmd_endpoint(args: argparse.Namespace) -> int:
 def _endpoint_bracket(args: argparse.Namespace) -> int:
     """`batchrun endpoint up|down JOB.yaml`: bracket the shards of a job by hand (docs/shards.md)."""
     from .endpoints import open_endpoint
-    from .endpoints.sharing import BRACKET
+    from .endpoints.shared_endpoint import BRACKET
     from .errors import SpecError
     from .preflight import _resolve_token
     from .spec import load_spec
@@ -531,8 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "rows are sent again and each one's new record replaces its old failure; good rows are kept")
     p.add_argument("--summary-every", type=_positive_seconds, default=30.0, metavar="SECONDS",
                    help="seconds between progress lines when not on a terminal (default: 30)")
-    p.add_argument("--grace", type=_positive_seconds, default=30.0, metavar="SECONDS",
-                   help="on Ctrl-C, SIGTERM or SIGHUP, how long requests in flight may finish (default: 30); "
+    p.add_argument("--grace", type=_positive_seconds, default=GRACE_S, metavar="SECONDS",
+                   help=f"on Ctrl-C, SIGTERM or SIGHUP, how long requests in flight may finish (default: {GRACE_S:g}); "
                    "a second signal, or SIGQUIT, abandons them at once. The endpoint is released either way.")
     p.add_argument("--resume", metavar="RUN", default=None,
                    help="with output.path holding {date}, {time} or {run_id}: resume this run (its folder or run "
@@ -710,7 +711,7 @@ def _main(args: argparse.Namespace) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 3
+        return ExitCode.STOPPED_EARLY
     except Exception:  # a bug: the endpoint was released on the way out; say so, and where it broke
         import traceback
 
@@ -720,7 +721,7 @@ def _main(args: argparse.Namespace) -> int:
             "committed row is kept: run the same command again to resume.",
             file=sys.stderr,
         )
-        return 3
+        return ExitCode.STOPPED_EARLY
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ scores, and any change of model, revision or parameters between the runs' proven
 
 ``--fail-if`` turns the report into an exit code for a scheduled job: ``changed>0.2`` (share of
 common rows whose answer changed), ``failed_rate>0.01`` (run B's), ``p95_latency>1.5x`` (a suffix
-``x`` compares with run A). Exit 0 when no threshold is crossed, :data:`EXIT_THRESHOLD` when one is.
+``x`` compares with run A). Exit 0 when no threshold is crossed, ``ExitCode.THRESHOLD_CROSSED`` (4) when one is.
 """
 
 from __future__ import annotations
@@ -21,21 +21,20 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.errors import BatchrunError
+from batchrun.facts import ID_COLUMN, OPENAI_BATCH_ID, ExitCode
 
-__all__ = ["EXIT_THRESHOLD", "CompareReport", "Threshold", "compare_runs", "find_previous", "parse_fail_if"]
+__all__ = ["CompareReport", "Threshold", "compare_runs", "find_previous", "parse_fail_if"]
 
-#: compare's exit code when a --fail-if threshold is crossed (0: none crossed; 2: bad arguments or runs).
-EXIT_THRESHOLD = 4
 #: At most this many changed pairs have their similarity measured (difflib is quadratic in the text).
-SIMILARITY_SAMPLE = 5000
+MAX_SIMILARITY_PAIRS = 5000
 #: Changed rows shown side by side.
-CHANGED_SAMPLE = 20
+CHANGED_ROWS_SHOWN = 20
 
 
 class CompareError(BatchrunError):
     """A run that cannot be compared (no such folder, no job.json), or a bad --fail-if: exit 2."""
 
-    exit_code = 2
+    exit_code = ExitCode.NOTHING_RAN
 
 
 @dataclass(slots=True)
@@ -114,14 +113,12 @@ def _well_formed(record: Any) -> bool:
 def _id_column(spec: Any) -> str:
     """The rows' id column, as the spec parser sets it: an OpenAI batch file's ids are its ``custom_id``
     (its rows' ``id`` is the response's, empty from TGI: keying on it folds every row into one)."""
-    from batchrun.spec import OPENAI_BATCH_ID
-
     source = spec.get("input") if isinstance(spec, dict) else None
     if not isinstance(source, dict):
-        return "id"
+        return ID_COLUMN
     if "openai_batch" in source:
         return OPENAI_BATCH_ID
-    return str(source.get("id_column") or "id")
+    return str(source.get("id_column") or ID_COLUMN)
 
 
 def _key(row: dict[str, Any], id_column: str) -> Any:
@@ -247,10 +244,10 @@ def compare_runs(run_a: str | Path, run_b: str | Path) -> CompareReport:
         if text_a == text_b:
             report.identical += 1
             continue
-        if len(ratios) < SIMILARITY_SAMPLE:
+        if len(ratios) < MAX_SIMILARITY_PAIRS:
             ratio = difflib.SequenceMatcher(None, text_a, text_b, autojunk=False).ratio()
             ratios.append(ratio)
-            if len(report.changed_rows) < CHANGED_SAMPLE:
+            if len(report.changed_rows) < CHANGED_ROWS_SHOWN:
                 report.changed_rows.append((key, text_a, text_b, ratio))
     report.similarity = round(sum(ratios) / len(ratios), 4) if ratios else None
     report.similarity_measured = len(ratios)

@@ -33,6 +33,8 @@ import base64
 import urllib.parse
 from typing import TYPE_CHECKING
 
+from batchrun.facts import ExitCode
+
 if TYPE_CHECKING:
     from batchrun.holder import Holder
 
@@ -61,7 +63,7 @@ __all__ = [
 class BatchrunError(Exception):
     """Base of every batchrun error. ``exit_code`` is what the CLI exits with."""
 
-    exit_code = 2
+    exit_code: ExitCode = ExitCode.NOTHING_RAN
 
 
 class SpecError(BatchrunError, ValueError):
@@ -138,7 +140,7 @@ class AuthError(BatchrunError, PermissionError):
 class EndpointError(BatchrunError):
     """The endpoint cannot be used: not found, failed, wrong task, unreachable."""
 
-    exit_code = 3
+    exit_code = ExitCode.STOPPED_EARLY
 
     def __init__(self, message: str, *, state: str | None = None) -> None:
         self.state = state
@@ -162,19 +164,19 @@ class EndpointUnusableError(EndpointError):
     cannot be reached. Exit code 2 (nothing ran), unlike an endpoint that breaks once the job has
     started (3)."""
 
-    exit_code = 2
+    exit_code = ExitCode.NOTHING_RAN
 
 
 class EmulatorError(BatchrunError):
     """The local Inference Endpoint emulator cannot start or its config is unusable (one line, no traceback)."""
 
-    exit_code = 2
+    exit_code = ExitCode.NOTHING_RAN
 
 
 class JobStopped(BatchrunError):
     """A stop was requested while the endpoint was being acquired: it was released, nothing was sent."""
 
-    exit_code = 3
+    exit_code = ExitCode.STOPPED_EARLY
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -184,12 +186,12 @@ class JobStopped(BatchrunError):
 class RequestFailed(BatchrunError):
     """One request did not succeed. Dispatch turns it into a retry or a failure row.
 
-    ``error_type`` is a short stable name (``http_429``, ``timeout``, ``connection``, ``bad_body``,
-    ``validation`` ...); ``status`` is the HTTP status when there was one; ``retry_after`` is the
-    server's Retry-After in seconds, already parsed; ``retryable`` is the fixed classification of
-    reliability.md §2. ``model_answered`` says the model server itself answered with its JSON error
-    (``{"error": ...}``), as opposed to a proxy's page or no answer at all: the endpoint is up, and
-    the failure is this row's, not an outage.
+    ``error_type`` is the failure row's short stable name: a :class:`~batchrun.records.FailureType`
+    (``timeout``, ``connection``, ``bad_body`` ...) or ``http_<status>``; ``status`` is the HTTP
+    status when there was one; ``retry_after`` is the server's Retry-After in seconds, already
+    parsed; ``retryable`` is the fixed classification of reliability.md §2. ``model_answered`` says
+    the model server itself answered with its JSON error (``{"error": ...}``), as opposed to a
+    proxy's page or no answer at all: the endpoint is up, and the failure is this row's, not an outage.
     """
 
     def __init__(

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchrun.errors import OutputError
+from batchrun.facts import OPENAI_BATCH_ID
 
 __all__ = ["EXPORT_FORMATS", "ExportCounts", "export_output"]
 
@@ -157,7 +158,7 @@ def _openai_ids(custom_id: str, request_id: str | None) -> tuple[str, str]:
 
 
 def _openai_result(row: dict[str, Any]) -> dict[str, Any]:
-    custom_id = row["custom_id"]
+    custom_id = row[OPENAI_BATCH_ID]
     line_id, request_id = _openai_ids(custom_id, row.get("request_id"))
     try:
         body = json.loads(row["response_body"])
@@ -168,7 +169,7 @@ def _openai_result(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _openai_failure(row: dict[str, Any]) -> dict[str, Any]:
-    custom_id = row["custom_id"]
+    custom_id = row[OPENAI_BATCH_ID]
     line_id, request_id = _openai_ids(custom_id, None)
     code, message, status = row.get("error_type"), row.get("error"), row.get("status")
     response = None

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from batchrun.errors import RequestFailed
+from batchrun.records import FailureType
 
 if TYPE_CHECKING:  # Pillow is imported where an image is decoded: a text job never loads it
     from PIL import Image
@@ -128,20 +129,20 @@ def derive_seed(row_id: Any, job_seed: int = 0, *draw: int | str) -> int:
 def check_generated_image(body: bytes, content_type: str | None, expected_format: str) -> GeneratedImage:
     """Check that a 200's body is a whole image in ``expected_format``; the bytes are not changed.
 
-    Raises ``RequestFailed("not_an_image")`` when Pillow cannot decode it, and
-    ``RequestFailed("wrong_image_format")`` when it is another format. Both are retryable: a
+    Raises ``RequestFailed(FailureType.NOT_AN_IMAGE)`` when Pillow cannot decode it, and
+    ``RequestFailed(FailureType.WRONG_IMAGE_FORMAT)`` when it is another format. Both are retryable: a
     proxy's error page or a half-sent body is a transient fault, not a verdict on the prompt.
     """
     wanted = _normalise_format(expected_format)
     where = f" (Content-Type {content_type})" if content_type else ""
     if not body:
-        raise RequestFailed("not_an_image", f"the endpoint answered 200 with an empty body{where}",
+        raise RequestFailed(FailureType.NOT_AN_IMAGE, f"the endpoint answered 200 with an empty body{where}",
                             status=200, retryable=True)  # fmt: skip
     try:
         pil_format, width, height = _decode(bytes(body))
     except _Undecodable as exc:
         raise RequestFailed(
-            "not_an_image",
+            FailureType.NOT_AN_IMAGE,
             f"the endpoint answered 200 with a body that is not an image{where}: {exc}; it starts {_snippet(body)}",
             status=200,
             retryable=True,
@@ -149,7 +150,7 @@ def check_generated_image(body: bytes, content_type: str | None, expected_format
     got = pil_format.lower()
     if got != wanted:
         raise RequestFailed(
-            "wrong_image_format",
+            FailureType.WRONG_IMAGE_FORMAT,
             f"asked for {wanted} (Accept: {ACCEPT[wanted]}) but the endpoint sent {got}{where}",
             status=200,
             retryable=True,
@@ -167,7 +168,8 @@ def decode_json_image(body: bytes) -> bytes:
     try:
         answer = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise RequestFailed("not_an_image", f"the endpoint's answer is neither an image nor JSON: {_snippet(body)}",
+        raise RequestFailed(FailureType.NOT_AN_IMAGE,
+                            f"the endpoint's answer is neither an image nor JSON: {_snippet(body)}",
                             status=200, retryable=True) from None  # fmt: skip
     if isinstance(answer, list) and len(answer) == 1:
         answer = answer[0]
@@ -175,13 +177,14 @@ def decode_json_image(body: bytes) -> bytes:
         answer = next((answer[k] for k in ("image", "generated_image", "b64_json") if isinstance(answer.get(k), str)),
                       None)  # fmt: skip
     if not isinstance(answer, str):
-        raise RequestFailed("not_an_image", f"the endpoint's JSON answer holds no base64 image: {_snippet(body)}",
+        raise RequestFailed(FailureType.NOT_AN_IMAGE,
+                            f"the endpoint's JSON answer holds no base64 image: {_snippet(body)}",
                             status=200, retryable=True)  # fmt: skip
     payload = answer.split(",", 1)[1] if answer.startswith("data:") else answer
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise RequestFailed("not_an_image", "the endpoint's JSON answer is a string but not valid base64",
+        raise RequestFailed(FailureType.NOT_AN_IMAGE, "the endpoint's JSON answer is a string but not valid base64",
                             status=200, retryable=True) from None  # fmt: skip
 
 
@@ -218,7 +221,7 @@ def load_input_image(value: Any, *, base_dir: str | os.PathLike[str] | None = No
     is set), raw ``bytes``/``bytearray``/``memoryview``, a local path (``str`` or ``PathLike``,
     relative ones resolved against ``base_dir``), a ``data:`` URL, or an http(s) URL, which is passed
     through unfetched. Anything missing, unreadable or undecodable raises
-    ``RequestFailed("bad_image", retryable=False)``: the row fails without a request being sent.
+    ``RequestFailed(FailureType.BAD_IMAGE, retryable=False)``: the row fails without a request being sent.
     """
     if value is None:
         raise _bad_image("the image is missing (the value is null)")
@@ -393,7 +396,7 @@ def _normalise_format(name: str) -> str:
 
 
 def _bad_image(message: str) -> RequestFailed:
-    return RequestFailed("bad_image", message, status=None, retryable=False)
+    return RequestFailed(FailureType.BAD_IMAGE, message, status=None, retryable=False)
 
 
 def _snippet(body: bytes, limit: int = 80) -> str:

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from batchrun.facts import ExitCode
+
 __all__ = ["NotifySpec", "build_payload", "parse_notify_spec", "post_notification"]
 
 _ENV = re.compile(r"^\$\{(\w+)\}$")
@@ -77,7 +79,8 @@ def build_payload(summary: Mapping[str, Any], verdict: Mapping[str, Any] | None 
     rows = summary.get("rows") or {}
     cost = (summary.get("cost") or {}).get("usd")
     provenance = summary.get("provenance") or {}
-    status = {0: "ok", 1: "failed rows", 3: "stopped early"}.get(summary.get("exit_code", -1), "error")
+    status = {ExitCode.OK: "ok", ExitCode.ROWS_FAILED: "failed rows", ExitCode.STOPPED_EARLY: "stopped early"}.get(
+        summary.get("exit_code", -1), "error")
     parts = [f"batchrun {summary.get('job')}: {summary.get('outcome')} (exit {summary.get('exit_code')})",
              f"{rows.get('total_ok', rows.get('ok', 0))} ok, {rows.get('total_failed', rows.get('failed', 0))} failed"]
     if cost is not None:

@@ -30,6 +30,8 @@ from batchrun.errors import (
     SpecError,
     register_secret,
 )
+from batchrun.facts import ID_COLUMN, POLL_INTERVAL_S
+from batchrun.records import FailureType
 from batchrun.sources import Source, open_source
 from batchrun.spec import JobSpec
 from batchrun.stop import Stop
@@ -44,7 +46,7 @@ from batchrun.tasks import (
 __all__ = ["Preflight", "preflight"]
 
 #: How many of the first rows have their prompt rendered (and shown by `batchrun validate`).
-SAMPLE_ROWS = 3
+PREVIEW_ROWS = 3
 
 
 @dataclass(slots=True)
@@ -55,12 +57,12 @@ class Preflight:
     source: Source
     task: Task
     kept_columns: tuple[str, ...]  # the input columns copied to the output, in input order
-    endpoint: EndpointPool  # every endpoint of the job (one, or the list form's)
+    pool: EndpointPool  # every endpoint of the job (one, or the list form's)
     token: str | None = field(repr=False)
     identity: dict[str, Any]
     fingerprint: str
     count: int | None
-    samples: list[tuple[Any, str]] = field(default_factory=list)  # (row id, rendered prompt or error)
+    prompt_previews: list[tuple[Any, str]] = field(default_factory=list)  # (row id, rendered prompt or error)
     endpoint_check: EndpointCheck | None = None
     stored_job: dict[str, Any] | None = None  # the output's job.json from an earlier run, if any
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
@@ -126,7 +128,7 @@ async def preflight(
     _check_score_references(spec, kept)
     # The output's columns are checked now; their datasets features (a heavy import) when the run opens it.
     data_columns(source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema)
-    samples = await asyncio.to_thread(_render_first_rows, spec, source, task)
+    previews = await asyncio.to_thread(_render_first_rows, spec, source, task)
     token = _resolve_token(spec)
     spent = Spent()
     if stored is not None and not fresh:
@@ -135,8 +137,8 @@ async def preflight(
     if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
         raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
     runs_before = int((stored or {}).get("runs", 0)) if not fresh else 0
-    endpoint = open_endpoints(
-        spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or 1.0,
+    pool = open_endpoints(
+        spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or POLL_INTERVAL_S,
         run_number=runs_before + 1,
     )
     # A job whose last run finished every row sends nothing and touches no endpoint, not even to ask
@@ -144,7 +146,7 @@ async def preflight(
     # stays in its identity.
     finished = stored is not None and not fresh and _finished(
         await asyncio.to_thread(store.load_summary), count, retry_failed=retry_failed)
-    check = await _check_endpoint(endpoint) if check_endpoint and not finished else None
+    check = await _check_endpoint(pool) if check_endpoint and not finished else None
     identity = _identity(spec, input_fingerprint, check)
     if finished and stored is not None:
         known = stored.get("identity") or {}
@@ -164,12 +166,12 @@ async def preflight(
         source=source,
         task=task,
         kept_columns=kept,
-        endpoint=endpoint,
+        pool=pool,
         token=token,
         identity=identity,
         fingerprint=fingerprint(identity),
         count=count,
-        samples=samples,
+        prompt_previews=previews,
         endpoint_check=check,
         stored_job=stored,
         spent=spent,
@@ -335,7 +337,7 @@ def _make_task(spec: JobSpec) -> Task:
 def _kept_columns(spec: JobSpec, source: Source, task: Task) -> tuple[str, ...]:
     """The input columns copied to the output, in input order (all but the id by default)."""
     names = [c for c in source.schema.names if c != spec.input.id_column]
-    if spec.input.id_column is None and spec.input.keep_columns is None and "id" in names:
+    if spec.input.id_column is None and spec.input.keep_columns is None and ID_COLUMN in names:
         raise SpecError(
             spec.file, "input.id_column", "the input has a column named 'id', which clashes with the id column "
             "batchrun would number rows with; set input.id_column: id to use it, or list input.keep_columns without it"
@@ -386,23 +388,23 @@ def _check_score_references(spec: JobSpec, kept: tuple[str, ...]) -> None:
 
 def _render_first_rows(spec: JobSpec, source: Source, task: Task) -> list[tuple[Any, str]]:
     """The prompts of the first rows; a template that fails on every one of them is a spec error."""
-    samples: list[tuple[Any, str]] = []
+    previews: list[tuple[Any, str]] = []
     template_failures: list[str] = []
     # Distinct rows: with several samples per row, the first units are one row's samples.
-    for batch in source.batches(batch_size=SAMPLE_ROWS * spec.samples):
-        for row in [row for row in batch if row.sample == 0][:SAMPLE_ROWS]:
+    for batch in source.batches(batch_size=PREVIEW_ROWS * spec.samples):
+        for row in [row for row in batch if row.sample == 0][:PREVIEW_ROWS]:
             try:
-                samples.append((row.id, task.describe(task.prepare(row))))
+                previews.append((row.id, task.describe(task.prepare(row))))
             except RequestFailed as exc:
-                samples.append((row.id, f"<row will fail without a request: {exc}>"))
-                if exc.error_type == "template":
+                previews.append((row.id, f"<row will fail without a request: {exc}>"))
+                if exc.error_type == FailureType.TEMPLATE:
                     template_failures.append(str(exc))
         break
-    if samples and len(template_failures) == len(samples):
+    if previews and len(template_failures) == len(previews):
         # Every row looked at fails to render: a mistake in the template, not in the data. Found now,
         # it costs nothing; found after the resume, it costs a cold start for no request at all.
         raise SpecError(spec.file, "prompt.template", f"cannot render the first rows: {template_failures[0]}")
-    return samples
+    return previews
 
 
 def _resolve_token(spec: JobSpec) -> str | None:

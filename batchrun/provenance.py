@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
+
 log = logging.getLogger(__name__)
 
 __all__ = ["RevisionWatch", "RunProvenance", "has_template", "new_run_id", "resolve_output", "watch_revision"]
@@ -233,7 +235,8 @@ class RevisionWatch:
         headers = {**self.plane.headers,
                    **auth_headers(url, self.plane.token, send_token=getattr(self.plane, "send_token", False))}
         try:
-            answer = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
+            check = Request("GET", url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES)
+            answer = await current_transport().send(check)
             if answer.status == 404:
                 self.works = False
                 return None

@@ -7,14 +7,50 @@ resume uses it to know what is done without keeping every id in memory.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SAMPLE_COLUMN", "Row", "RowFailure", "RowResult", "storable"]
+__all__ = ["SAMPLE_COLUMN", "FailureType", "Row", "RowFailure", "RowResult", "http_failure_type", "storable"]
 
 #: The output column of a unit's sample index, when a job draws several samples per row.
 SAMPLE_COLUMN = "sample"
+
+
+class FailureType(enum.StrEnum):
+    """The ``error_type`` of a failure row: a short stable name that users filter on and export writes.
+
+    Besides these, a row the endpoint refused with an HTTP status has ``http_<status>``
+    (:func:`http_failure_type`). A ``StrEnum``: its members are the very strings stored in Parquet.
+    """
+
+    # Sent, and no usable answer came back (retryable).
+    TIMEOUT = "timeout"  # no complete answer within request_timeout
+    CONNECTION = "connection"  # no connection, or it broke mid-answer
+    BAD_BODY = "bad_body"  # a 200 whose body is an error object, truncated or not JSON
+    NOT_AN_IMAGE = "not_an_image"  # text-to-image: an answer Pillow cannot decode
+    WRONG_IMAGE_FORMAT = "wrong_image_format"  # text-to-image: an image in another format than asked
+    # Sent, and the answer is final for the row (not retried).
+    ENDPOINT_PAUSED = "endpoint_paused"  # the proxy said the endpoint is paused
+    ANSWER_TOO_LARGE = "answer_too_large"  # an answer past max_answer_bytes
+    INVALID_OUTPUT = "invalid_output"  # not valid against the output schema, after retries.invalid_output
+    OUTPUT_SCHEMA = "output_schema"  # an answer whose values the output's Parquet columns cannot hold
+    # Never sent: the row itself cannot become a request.
+    TEMPLATE = "template"  # the prompt template cannot be rendered for this row
+    EMPTY_PROMPT = "empty_prompt"  # the prompt (or its column) is empty or null
+    BAD_PROMPT = "bad_prompt"  # the prompt column holds something that is not text
+    BAD_SEED = "bad_seed"  # text-to-image: the row's seed is not a usable number
+    BAD_IMAGE = "bad_image"  # vision: the input image cannot be read or decoded
+    BAD_CONVERSATION = "bad_conversation"  # a conversation that cannot be sent (role, content, last turn)
+    BAD_SCHEMA = "bad_schema"  # a per-row output schema that is not a usable JSON Schema
+    BAD_REQUEST = "bad_request"  # an OpenAI batch line with no body object
+    UNSUPPORTED_REQUEST = "unsupported_request"  # an OpenAI batch line batchrun cannot serve
+
+
+def http_failure_type(status: int) -> str:
+    """The ``error_type`` of a row the endpoint answered with HTTP ``status`` (``http_422``)."""
+    return f"http_{status}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +89,7 @@ class RowFailure:
 
     position: int
     id: Any
-    error_type: str
+    error_type: str  # a FailureType, or http_failure_type(status)
     error: str
     status: int | None
     attempts: int

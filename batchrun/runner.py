@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchrun import nightly
+from batchrun import run_record
 from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
 from batchrun.endpoints import DataPlane
-from batchrun.endpoints.shares import endpoint_shares, live_shares
+from batchrun.endpoints.endpoint_shares import endpoint_shares, live_shares
 from batchrun.errors import (
     AuthError,
     BatchrunError,
@@ -40,6 +40,7 @@ from batchrun.errors import (
     OutputError,
     SpecError,
 )
+from batchrun.facts import GRACE_S, ID_COLUMN, ExitCode
 from batchrun.preflight import Preflight, empty_input_message, preflight, unencodable_note
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.provenance import REVISION_POLL_S, watch_revision
@@ -64,7 +65,7 @@ class RunOptions:
     retry_failed: bool = False  # final failures of earlier runs are pending again (their records superseded)
     progress: str = "auto"  # auto | bar | lines | off
     summary_interval_s: float = 30.0
-    grace_s: float = 30.0
+    grace_s: float = GRACE_S
     commit_interval_s: float = 10.0
     poll_interval_s: float | None = None  # endpoint polling; None: the lifecycle default
     handle_signals: bool = True
@@ -85,7 +86,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
 async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     started = _Started()
     stop = Stop(grace_s=options.grace_s, echo=options.echo)
-    spec, run_id = nightly.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
+    spec, run_id = run_record.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
                           poll_interval_s=options.poll_interval_s, retry_failed=options.retry_failed)
@@ -93,7 +94,7 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     if replaced:
         options.echo(f"note: {replaced}")
     tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
-    pre.run = await nightly.start_run(pre, run_id, tally, fresh=options.fresh)
+    pre.run = await run_record.start_run(pre, run_id, tally, fresh=options.fresh)
     dispatch_stats: dict[str, Any] = {}
     with catch_signals(stop, echo=options.echo, enabled=options.handle_signals):
         async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo,
@@ -109,17 +110,18 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
                 tally.skipped = reader.skipped
             await output.close()
             summary = await _summarize(pre, output.store, tally, dispatch_stats, stop, started)
-            await nightly.finish_run(pre, output.store, summary)
+            await run_record.finish_run(pre, output.store, summary)
             await _write_summary(output.store, summary, options.echo)
     options.echo(format_summary(summary))
-    await nightly.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
+    await run_record.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
     if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
         if tally.done == 0:
             raise AuthError(stop.cause.detail)  # exit 2: nothing ran, nor can until the token is fixed
-        return JobOutcome(exit_code=3, summary=summary)  # rows were saved: stopped early, resumable (no push)
+        # rows were saved: stopped early, resumable (no push)
+        return JobOutcome(exit_code=ExitCode.STOPPED_EARLY, summary=summary)
     if pusher is not None:
         await pusher.push(final=True)
-    return JobOutcome(exit_code=summary["exit_code"], summary=summary)
+    return JobOutcome(exit_code=ExitCode(summary["exit_code"]), summary=summary)
 
 
 async def _serve(
@@ -137,9 +139,9 @@ async def _serve(
     try:
         if scores is not None:  # the scorers load before the endpoint is touched
             await _start_scoring(scores, pre)
-        async with pre.endpoint as plane:  # every endpoint resumed at once; here once the first is ready
+        async with pre.pool as plane:  # every endpoint resumed at once; here once the first is ready
             dispatcher = _dispatcher(pre, plane, committer, tally, scores)
-            pre.endpoint.attach(dispatcher)  # the others join as they become ready
+            pre.pool.attach(dispatcher)  # the others join as they become ready
             try:
                 async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
                     await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher,
@@ -194,7 +196,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         committer.add(record)
 
     return Dispatcher(plane=plane, task=pre.task, config=config, on_record=on_record, kept_columns=kept_columns,
-                      excuses=pre.endpoint.excuses, name=pre.endpoint.route_name())
+                      excuses=pre.pool.excuses, name=pre.pool.route_name())
 
 
 def _scoring_stage(pre: Preflight, committer: Committer, tally: Tally) -> ScoringStage | None:
@@ -232,7 +234,7 @@ async def _dispatch(
     options: RunOptions, started: _Started, pusher: _Pusher | None = None, scores: ScoringStage | None = None,
 ) -> None:
     """Send every pending row; meanwhile commit, show progress and watch the budget."""
-    pool = pre.endpoint
+    pool = pre.pool
     meter = pool.meter
     total = None if pre.count is None else max(0, pre.count - reader.skipped)
 
@@ -416,7 +418,7 @@ async def _open_output(
         # A failure row says which sample failed: the sample column goes with the kept input columns.
         failed_kept = (*pre.kept_columns, SAMPLE_COLUMN) if spec.samples > 1 else pre.kept_columns
         data_schema = await asyncio.to_thread(pre.data_schema, store)
-        sink = ParquetSink(store, data_schema=data_schema, id_column=spec.input.id_column or "id",
+        sink = ParquetSink(store, data_schema=data_schema, id_column=spec.input.id_column or ID_COLUMN,
                            shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
                            kept_columns=failed_kept)
         done = await asyncio.to_thread(sink.open, retry_failed=retry_failed)
@@ -453,7 +455,7 @@ def _job_record(pre: Preflight, stored_job: dict[str, Any] | None) -> dict[str, 
         "kept_columns": list(pre.kept_columns),  # a resume keeping others is refused (preflight)
         "created_at": (stored_job or {}).get("created_at") or dt.datetime.now(dt.UTC).isoformat(),
         "runs": int((stored_job or {}).get("runs", 0)) + 1,
-        **nightly.job_fields(pre, stored_job),
+        **run_record.job_fields(pre, stored_job),
     }
 
 
@@ -494,7 +496,7 @@ async def _summarize(
     pending = None
     if pre.count is not None:
         pending = max(0, pre.count - status.ok - status.failed - status.failed_retryable)
-    endpoint = pre.endpoint
+    endpoint = pre.pool
     meter = endpoint.meter
     cost: dict[str, Any] = {}
     if meter.replica_seconds and any(e.url is None for e in pre.spec.all_endpoints):
@@ -533,6 +535,6 @@ async def _write_summary(store: Any, summary: dict[str, Any], echo: Callable[[st
         await asyncio.to_thread(store.write_summary, summary)
     except OutputError as exc:
         echo(f"error: {exc}")
-        if summary["exit_code"] != 3:
-            summary["exit_code"], summary["outcome"] = 3, "stopped early"
+        if summary["exit_code"] != ExitCode.STOPPED_EARLY:
+            summary["exit_code"], summary["outcome"] = int(ExitCode.STOPPED_EARLY), "stopped early"
         summary["stop_reason"] = summary.get("stop_reason") or str(exc)

@@ -41,6 +41,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from batchrun.facts import MAX_MESSAGE_CHARS
+
 __all__ = ["SCORE_ERROR_COLUMN", "Scorer", "ScorerSpec", "Scoring", "parse_score_spec"]
 
 #: The column holding why a row's scores are null (the first scorer that raised), else null.
@@ -298,7 +300,7 @@ class Scoring:
             for scorer in self.scorers:
                 values.update(scorer(row))
         except Exception as exc:  # any user code may fail: the row is kept, its scores null
-            return dict.fromkeys(self.columns), f"{type(exc).__name__}: {exc}"[:500]
+            return dict.fromkeys(self.columns), f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS]
         return values, None
 
     def with_values(self, record: Any, values: dict[str, Any], error: str | None) -> Any:
@@ -324,7 +326,7 @@ def _serve_scores(connection: Any, specs: tuple[ScorerSpec, ...], search: tuple[
         for scorer in scoring.scorers:
             scorer.load()
     except BaseException as exc:  # a module that fails to import: said to the parent, then the end
-        connection.send(("failed", f"{type(exc).__name__}: {exc}"[:500]))
+        connection.send(("failed", f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS]))
         return
     connection.send(("ready", None))
     while True:

@@ -13,7 +13,7 @@ and each keeps its own lock, manifest, done-set and state in ``state/shards/shar
 (output/layout.py). A shard run again resumes itself, exactly-once holds per shard, and the union,
 ``data/*.parquet``, holds every id once. An output split in another N, or written without ``--shard``,
 is refused (``OutputStore.check_split``). A managed endpoint is shared by the shards: the first
-resumes it, the last one out puts it down (endpoints/sharing.py).
+resumes it, the last one out puts it down (endpoints/shared_endpoint.py).
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from batchrun.errors import BatchrunError
 from batchrun.records import Row
 from batchrun.sources import DoneMask, Source
 
-__all__ = ["Shard", "ShardedSource", "print_union", "shard_of", "sharded_spec", "union_status"]
+__all__ = ["JobShard", "ShardedSource", "print_union", "shard_of", "sharded_spec", "union_status"]
 
 class ShardError(BatchrunError):
     """A --shard that cannot be used (exit 2)."""
 
 
 @dataclass(frozen=True, slots=True)
-class Shard:
-    """Shard ``index`` (0-based) of ``count``."""
+class JobShard:
+    """One slice of the job: shard ``index`` (0-based) of ``count`` (``--shard I/N``)."""
 
     index: int
     count: int
@@ -57,7 +57,7 @@ class Shard:
         return f"{self.index}/{self.count}"
 
     @classmethod
-    def parse(cls, text: str, *, count: int | None = None, env: Mapping[str, str] | None = None) -> Shard:
+    def parse(cls, text: str, *, count: int | None = None, env: Mapping[str, str] | None = None) -> JobShard:
         """``I/N``, or ``auto`` to read the scheduler's variables (``count`` for Kubernetes' index)."""
         env = os.environ if env is None else env
         if text != "auto":
@@ -78,7 +78,7 @@ class Shard:
 
 
     @classmethod
-    def _from_slurm(cls, env: Mapping[str, str], count: int | None) -> Shard:
+    def _from_slurm(cls, env: Mapping[str, str], count: int | None) -> JobShard:
         """A whole array (``--array=0-7``, or ``1-8``) numbers its shards; a subset run again
         (``--array=3,5``) counts only itself, so it needs the job's count: ``--shard-count N``, and then
         the task id is the shard (an array numbered from 0)."""
@@ -117,9 +117,9 @@ def shard_of(row_id: Any, count: int) -> int:
     return int.from_bytes(digest, "big") % count
 
 
-def sharded_spec(spec: Any, shard: Shard) -> Any:
+def sharded_spec(spec: Any, shard: JobShard) -> Any:
     """The spec of one shard: the job's, writing its part of the job's output folder (OutputStore.for_spec)
-    and sharing its managed endpoints with the other shards (endpoints/sharing.py). Refuses an output.path
+    and sharing its managed endpoints with the other shards (endpoints/shared_endpoint.py). Refuses an output.path
     that names a folder per run: each shard would make its own."""
     from batchrun.provenance import has_template
 
@@ -135,7 +135,7 @@ def sharded_spec(spec: Any, shard: Shard) -> Any:
 class ShardedSource:
     """``source`` limited to the rows of one shard; positions stay the input's (the done-set's keys)."""
 
-    def __init__(self, source: Source, shard: Shard) -> None:
+    def __init__(self, source: Source, shard: JobShard) -> None:
         self.inner = source
         self.shard = shard
         self.description = f"{source.description}, shard {shard}"

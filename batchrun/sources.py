@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import InputError
+from batchrun.facts import OPENAI_BATCH_ID
 from batchrun.records import Row, storable
 from batchrun.spec import DatasetSpec, InputSpec
 
@@ -921,7 +922,7 @@ class StreamedDatasetSource(_BaseSource):
 #: bodies of any route (chat messages, completion prompts, tools ...) share one column type.
 OPENAI_BATCH_SCHEMA = pa.schema(
     [
-        pa.field("custom_id", pa.string()),
+        pa.field(OPENAI_BATCH_ID, pa.string()),
         pa.field("method", pa.string()),
         pa.field("url", pa.string()),
         pa.field("body", pa.string()),
@@ -973,14 +974,14 @@ class OpenAIBatchSource(_BaseSource):
         expected = "a JSON object (custom_id, method, url, body)"
         yield from _json_objects(
             self.files, "input.openai_batch", expected, name_files=len(self.files) > 1, unencodable=unencodable,
-            id_key="custom_id",
+            id_key=OPENAI_BATCH_ID,
         )
 
     @staticmethod
     def _columns(line: dict[str, Any]) -> dict[str, Any]:
         body = line.get("body")
         return {
-            "custom_id": line["custom_id"],
+            OPENAI_BATCH_ID: line["custom_id"],
             "method": None if line.get("method") is None else _json_text(line["method"]),
             "url": None if line.get("url") is None else _json_text(line["url"]),
             "body": None if body is None else json.dumps(body, ensure_ascii=False),

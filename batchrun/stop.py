@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
+from batchrun.facts import GRACE_S
+
 __all__ = ["CancelScope", "Stop", "StopCause", "StopReason", "catch_signals"]
 
 log = logging.getLogger("batchrun.stop")
@@ -116,7 +118,7 @@ class Stop:
     (signal handlers installed by :func:`catch_signals` run there).
     """
 
-    def __init__(self, *, grace_s: float = 30.0, echo: Callable[[str], None] | None = None) -> None:
+    def __init__(self, *, grace_s: float = GRACE_S, echo: Callable[[str], None] | None = None) -> None:
         self.grace_s = grace_s
         self.cause: StopCause | None = None
         self.aborted = False

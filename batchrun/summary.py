@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from batchrun.facts import ExitCode
 from batchrun.progress import format_usd
 from batchrun.stop import StopCause
 
@@ -20,17 +21,17 @@ __all__ = ["JobOutcome", "build_summary", "exit_code_for", "format_summary"]
 class JobOutcome:
     """How a job ended: the exit code (reliability.md §6) and the summary written to summary.json."""
 
-    exit_code: int
+    exit_code: ExitCode
     summary: dict[str, Any]
 
 
-def exit_code_for(cause: StopCause | None, *, pending: int | None, failed: int) -> tuple[int, str]:
+def exit_code_for(cause: StopCause | None, *, pending: int | None, failed: int) -> tuple[ExitCode, str]:
     """The exit code and the outcome's words."""
     if (cause is not None and cause.early) or pending:
-        return 3, "stopped early"
+        return ExitCode.STOPPED_EARLY, "stopped early"
     if failed:
-        return 1, "finished with failed rows"
-    return 0, "finished, every row succeeded"
+        return ExitCode.ROWS_FAILED, "finished with failed rows"
+    return ExitCode.OK, "finished, every row succeeded"
 
 
 def build_summary(
@@ -52,13 +53,13 @@ def build_summary(
     failed_total = rows["total_failed"]
     exit_code, outcome = exit_code_for(cause, pending=pending, failed=failed_total)
     stop_reason = cause.detail if cause is not None and cause.early else None
-    if exit_code == 3 and stop_reason is None:  # an early stop always says why
+    if exit_code == ExitCode.STOPPED_EARLY and stop_reason is None:  # an early stop always says why
         stop_reason = (f"{pending} row(s) of the input have no record in the output after this run, though "
                        "nothing stopped it: run the same command again to resume them")
     return {
         "job": job,
         "outcome": outcome,
-        "exit_code": exit_code,
+        "exit_code": int(exit_code),  # a plain number in summary.json
         "started_at": dt.datetime.fromtimestamp(started_wall, dt.UTC).isoformat(),
         "wall_s": round(wall_s, 3),
         "rows": rows,
@@ -103,7 +104,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if endpoint.get("note"):
         lines.append(f"  note: {endpoint['note']}")
     if endpoint.get("endpoints"):  # several endpoints: each one's share
-        from batchrun.endpoints.shares import format_shares
+        from batchrun.endpoints.endpoint_shares import format_shares
 
         lines.extend(format_shares(endpoint["endpoints"]))
     cost = summary.get("cost") or {}

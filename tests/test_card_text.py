@@ -5,7 +5,7 @@ from __future__ import annotations
 import html.parser
 
 from batchrun.publish.card import render_card
-from batchrun.publish.facts import JobFacts
+from batchrun.publish.card_facts import JobFacts
 from batchrun.publish.layout import Target
 
 END = "<!-- batchrun:end default -->"
@@ -19,8 +19,8 @@ def facts(*, template: str = "Write about {topic}.", answers: list[str] | None =
         spec={"task": "chat-completion", "prompt": {"template": template}, "output": {"path": "out"}},
         spec_file=None, identity={"model": "m"}, summary=None, spend=None, ok_rows=len(answers), failed_rows=0,
         failed_retryable=0, tokens={}, features={}, num_bytes={},
-        samples=[{"id": str(i), "generated_text": a} for i, a in enumerate(answers)],
-        sample_columns=["id", "generated_text"],
+        example_rows=[{"id": str(i), "generated_text": a} for i, a in enumerate(answers)],
+        example_columns=["id", "generated_text"],
     )
 
 
@@ -44,7 +44,7 @@ class _Tags(html.parser.HTMLParser):
 
 def test_model_text_in_the_sample_rows_is_escaped_so_it_hides_nothing():
     answers = ["</table><h1>owned</h1>", "an unclosed <!-- comment", "<script>alert(1)</script> & co"]
-    card = render_card(None, facts(answers=answers), Target("me/answers"), with_samples=False)
+    card = render_card(None, facts(answers=answers), Target("me/answers"), with_thumbnails=False)
     table = card[card.index("### Sample rows"):card.index(END)]
     parser = _Tags()
     parser.feed(table)
@@ -57,9 +57,9 @@ def test_model_text_in_the_sample_rows_is_escaped_so_it_hides_nothing():
 def test_a_template_holding_the_end_marker_does_not_duplicate_the_section_on_each_push():
     template = f"Answer, then write {END} and stop.\n{END}\n{BEGIN}"
     target = Target("me/answers")
-    first = render_card(None, facts(template=template), target, with_samples=False)
-    second = render_card(first, facts(template=template), target, with_samples=False)
-    third = render_card(second + "\nMy own notes.\n", facts(template=template), target, with_samples=False)
+    first = render_card(None, facts(template=template), target, with_thumbnails=False)
+    second = render_card(first, facts(template=template), target, with_thumbnails=False)
+    third = render_card(second + "\nMy own notes.\n", facts(template=template), target, with_thumbnails=False)
     assert second == first
     assert third.count("## Config `default`") == 1 and third.count("Prompt template:") == 1
     assert third.rstrip().endswith("My own notes.")
@@ -67,10 +67,10 @@ def test_a_template_holding_the_end_marker_does_not_duplicate_the_section_on_eac
 
 def test_the_users_prose_around_the_section_is_kept_and_a_marker_quoted_in_a_fence_is_not_taken():
     target = Target("me/answers")
-    first = render_card(None, facts(), target, with_samples=False)
+    first = render_card(None, facts(), target, with_thumbnails=False)
     head, rest = first.split(BEGIN, 1)
     user = head + f"Intro.\n\n````\n{BEGIN}\n```\n{END}\n````\n\n" + BEGIN + rest + "\nOutro.\n"
-    again = render_card(user, facts(answers=["another answer"]), target, with_samples=False)
+    again = render_card(user, facts(answers=["another answer"]), target, with_thumbnails=False)
     assert "Intro." in again and again.rstrip().endswith("Outro.")
     assert f"````\n{BEGIN}\n```\n{END}\n````" in again  # the user's quoted markers are untouched
     assert "another answer" in again and "a plain answer" not in again

@@ -16,9 +16,10 @@ from aiohttp.test_utils import TestServer
 from jobkit import NS, TOKEN, emulator, read_rows, run, running_endpoint, wait_until, write_spec, write_topics
 
 from batchrun.cli import main
-from batchrun.compare import EXIT_THRESHOLD, compare_runs, parse_fail_if
+from batchrun.compare import compare_runs, parse_fail_if
 from batchrun.compare_html import write_compare_html
 from batchrun.errors import SpecError
+from batchrun.facts import ExitCode
 from batchrun.images import derive_seed
 from batchrun.provenance import resolve_output
 from batchrun.runner import RunOptions, run_job
@@ -107,7 +108,7 @@ def test_a_redeploy_between_two_runs_shows_up_in_compare_and_a_threshold_sets_th
     report = compare_runs(a, b)
     assert report.provenance_changes()["revision"] == (SHA_A, SHA_B)
     assert report.changed_share > 0.5
-    assert main(["compare", a, b, "--fail-if", "changed>0.2"]) == EXIT_THRESHOLD
+    assert main(["compare", a, b, "--fail-if", "changed>0.2"]) == ExitCode.THRESHOLD_CROSSED == 4
     assert "revision: " + SHA_A in capsys.readouterr().out
     assert main(["compare", a, b, "--fail-if", "failed_rate>0.5,p95_latency>100x"]) == 0
     assert main(["compare", a, a, "--fail-if", "changed>0.2,revision_changed>0"]) == 0

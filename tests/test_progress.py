@@ -11,7 +11,7 @@ import io
 from types import SimpleNamespace
 
 from batchrun.endpoints import DataPlane
-from batchrun.endpoints.shares import live_shares
+from batchrun.endpoints.endpoint_shares import live_shares
 from batchrun.errors import AuthError, EndpointError
 from batchrun.progress import EndpointProgress, ProgressReporter, Snapshot
 from batchrun.routing import Route

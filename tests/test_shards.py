@@ -30,39 +30,39 @@ from jobkit import (
 )
 
 from batchrun.endpoints.saved_settings import endpoint_state_path
-from batchrun.endpoints.sharing import BRACKET, SharedUse
+from batchrun.endpoints.shared_endpoint import BRACKET, SharedUse
 from batchrun.errors import BatchrunError
 from batchrun.holder import utc_now
 from batchrun.output import OutputStore
-from batchrun.shards import Shard, shard_of
+from batchrun.shards import JobShard, shard_of
 
 N_ROWS = 400
 
 
 def test_shard_auto_reads_slurm_and_kubernetes_variables():
-    assert Shard.parse("2/8") == Shard(2, 8)
-    assert Shard.parse("auto", env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}) == Shard(3, 8)
+    assert JobShard.parse("2/8") == JobShard(2, 8)
+    assert JobShard.parse("auto", env={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8"}) == JobShard(3, 8)
     slurm_from_one = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert Shard.parse("auto", env=slurm_from_one) == Shard(3, 4)
-    assert Shard.parse("auto", count=5, env={"JOB_COMPLETION_INDEX": "4"}) == Shard(4, 5)
+    assert JobShard.parse("auto", env=slurm_from_one) == JobShard(3, 4)
+    assert JobShard.parse("auto", count=5, env={"JOB_COMPLETION_INDEX": "4"}) == JobShard(4, 5)
     # A subset of the array run again (--array=3,5): Slurm counts the subset. Without the job's count it
     # is refused; with it, the task id is the shard (never shifted by the subset's first id).
     subset = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_MAX": "5",
               "SLURM_ARRAY_TASK_COUNT": "2"}
     with pytest.raises(BatchrunError, match="not a whole array"):
-        Shard.parse("auto", env=subset)
-    assert Shard.parse("auto", count=8, env=subset) == Shard(5, 8)
+        JobShard.parse("auto", env=subset)
+    assert JobShard.parse("auto", count=8, env=subset) == JobShard(5, 8)
     with pytest.raises(BatchrunError, match="number the array from 0"):
-        Shard.parse("auto", count=4, env={**slurm_from_one, "SLURM_ARRAY_TASK_ID": "4"})
+        JobShard.parse("auto", count=4, env={**slurm_from_one, "SLURM_ARRAY_TASK_ID": "4"})
     # --array=1-8 for 8 shards: every task refuses (shard 0 would never run), not only task 8.
     one_to_eight = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "8",
                     "SLURM_ARRAY_TASK_COUNT": "8"}
     with pytest.raises(BatchrunError, match="reach 8"):
-        Shard.parse("auto", count=8, env=one_to_eight)
+        JobShard.parse("auto", count=8, env=one_to_eight)
     with pytest.raises(BatchrunError, match="--shard-count"):
-        Shard.parse("auto", env={"JOB_COMPLETION_INDEX": "4"})
+        JobShard.parse("auto", env={"JOB_COMPLETION_INDEX": "4"})
     with pytest.raises(BatchrunError):
-        Shard.parse("8/8")
+        JobShard.parse("8/8")
 
 
 def test_a_shard_refuses_an_output_path_that_makes_a_folder_per_run(tmp_path, env):

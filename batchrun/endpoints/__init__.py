@@ -10,6 +10,8 @@
     saved_settings.py  the user's settings, kept on disk while a job has changed them
     cold_start.py      when a 503 is the endpoint starting, not a row's fault
     pool.py            EndpointPool: the job's endpoints (one or several) started, drained and released together
+    shared_endpoint.py one managed endpoint shared by the shards of a job: the last one out puts it down
+    endpoint_shares.py each endpoint's share of a job with several: rows, 429s, latency, cost, drained
 
 :func:`open_endpoint` is the one place that maps a spec's `endpoint:` to one of them; :func:`open_endpoints`
 makes the pool of all of them that a job runs with.
@@ -27,6 +29,7 @@ from batchrun.endpoints.dedicated import DedicatedEndpoint, LifecycleSettings
 from batchrun.endpoints.local import LocalEndpoint, local_endpoint_config
 from batchrun.endpoints.pool import EndpointPool, Member
 from batchrun.endpoints.url import UrlEndpoint
+from batchrun.facts import POLL_INTERVAL_S
 from batchrun.stop import Stop
 
 if TYPE_CHECKING:
@@ -53,7 +56,7 @@ def open_endpoints(
     token: str | None,
     stop: Stop,
     echo: Callable[[str], None],
-    poll_interval_s: float = 1.0,
+    poll_interval_s: float = POLL_INTERVAL_S,
     run_number: int = 1,
 ) -> EndpointPool:
     """Every endpoint the spec names, as the pool a job runs with (a pool of one for the mapping form).
@@ -81,7 +84,7 @@ def open_endpoint(
     token: str | None,
     stop: Stop,
     echo: Callable[[str], None],
-    poll_interval_s: float = 1.0,
+    poll_interval_s: float = POLL_INTERVAL_S,
     run_number: int = 1,
     endpoint: EndpointSpec | None = None,
     user: str | None = None,
@@ -90,7 +93,7 @@ def open_endpoint(
 
     ``run_number`` (the how-manieth run of this job) seeds the built-in emulator's fault draws, so each
     run of a job meets other faults while one run stays reproducible. A managed endpoint is shared
-    with the job's other users (sharing.py) as ``user``: by default the job's shard, when it is one.
+    with the job's other users (shared_endpoint.py) as ``user``: by default the job's shard, when it is one.
     """
     from batchrun.task_kinds import task_kind
 
@@ -121,7 +124,7 @@ def open_endpoint(
     shard = getattr(spec, "shard", None)
     user = user or (shard.folder if shard is not None else None)
     if user is not None:  # the shards of a split job: the last one out puts the endpoint down
-        from batchrun.endpoints.sharing import SharedUse, shared_folder
+        from batchrun.endpoints.shared_endpoint import SharedUse, shared_folder
 
         folder = shared_folder(spec.output.path, e.api_url, e.namespace, e.name)
         settings = dataclasses.replace(settings, shared=SharedUse(folder, user))

@@ -9,7 +9,7 @@ count and, without a timeout, waits forever). While the job runs, a watcher foll
 task awaiting it is cancelled. The sequence and its guarantees are in docs/lifecycle.md.
 
 The ready wait is ready.py's; what the user's settings were and what goes back, settings_ledger.py's.
-The shards of a job share the endpoint through sharing.py, and `batchrun endpoint up|down` holds it up
+The shards of a job share the endpoint through shared_endpoint.py, and `batchrun endpoint up|down` holds it up
 between them (:meth:`DedicatedEndpoint.up`, :meth:`DedicatedEndpoint.down`).
 """
 
@@ -29,7 +29,7 @@ from batchrun.endpoints.cold_start import ColdStartPolicy
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
 from batchrun.endpoints.ready import FAILED, ReadyWait
 from batchrun.endpoints.settings_ledger import RESUMABLE, LifecycleSettings, SettingsLedger
-from batchrun.endpoints.sharing import BRACKET, SharedUse
+from batchrun.endpoints.shared_endpoint import BRACKET, SharedUse
 from batchrun.errors import (
     AuthError,
     ControlPlaneUnavailableError,

@@ -42,7 +42,7 @@ log = logging.getLogger("batchrun.endpoint")
 
 #: How often a drained endpoint is looked at until its last request is back (then it is released).
 IDLE_POLL_S = 0.05
-_BRACKETED_ONE_BY_ONE = "a job's endpoints are bracketed one by one, each opened as the bracket (sharing.py)"
+_BRACKETED_ONE_BY_ONE = "a job's endpoints are bracketed one by one, each opened as the bracket (shared_endpoint.py)"
 
 
 @dataclass(eq=False)

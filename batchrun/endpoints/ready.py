@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from batchrun.endpoints.control_plane import EndpointSnapshot
 from batchrun.errors import EndpointError, EndpointNotReadyError
+from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 
 __all__ = ["FAILED", "FAST_POLL_S", "ReadyWait"]
 
@@ -105,7 +106,8 @@ class ReadyWait:
         url = f"{snapshot.url.rstrip('/')}/{snapshot.health_route.lstrip('/')}"
         headers = auth_headers(url, self._token, send_token=self._send_token)
         try:
-            response = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
+            check = Request("GET", url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES)
+            response = await current_transport().send(check)
         except TransportError:
             return False
         return response.status == 200

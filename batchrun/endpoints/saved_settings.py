@@ -63,7 +63,7 @@ class SavedSettings:
 
     def __init__(self, path: str | Path, ref: str, api_url: str | None, *, shared: bool = False) -> None:
         self.path = str(path)
-        # The shards of a job keep one file in their output (sharing.py): every shard adopts it, whoever
+        # The shards of a job keep one file in their output (shared_endpoint.py): every shard adopts it, whoever
         # wrote it, and only the last one out deletes it; who is alive is told by their user files.
         self.shared = shared
         self.ref = ref

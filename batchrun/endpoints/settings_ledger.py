@@ -2,7 +2,7 @@
 
 Before the job changes anything the ledger saves the user's settings (saved_settings.py); an earlier run
 that changed the endpoint and died (SIGKILL) left its file behind, and the ledger adopts what that run
-found instead of what it set. The shards of one job share a file in their output (sharing.py); the first
+found instead of what it set. The shards of one job share a file in their output (shared_endpoint.py); the first
 of them also carries a single run's file left on this machine into it (the host record). At the release
 the ledger says what ``on_finish`` comes to and which settings to put back.
 """
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from batchrun.endpoints.control_plane import ControlPlane, EndpointSnapshot
 from batchrun.endpoints.saved_settings import SavedSettings, UserSettings, endpoint_state_path
-from batchrun.endpoints.sharing import SharedUse
+from batchrun.endpoints.shared_endpoint import SharedUse
+from batchrun.facts import IDLE_BACKSTOP_S, POLL_INTERVAL_S, READY_TIMEOUT_S
 
 __all__ = ["RESUMABLE", "SETTINGS", "Changes", "LifecycleSettings", "SettingsLedger"]
 
@@ -31,15 +32,15 @@ class LifecycleSettings:
 
     scale_min: int | None = None
     scale_max: int | None = None
-    ready_timeout_s: float = 1200.0
+    ready_timeout_s: float = READY_TIMEOUT_S
     on_finish: str | None = None  # "pause" | "scale-to-zero" | "keep"; None: pause unless it was already running
-    idle_backstop_s: float | None = 900.0
-    poll_interval_s: float = 2.0
+    idle_backstop_s: float | None = IDLE_BACKSTOP_S
+    poll_interval_s: float = POLL_INTERVAL_S
     supported_tasks: tuple[str, ...] = ()
     # Where the user's settings are kept while the job has changed them. None: the endpoint's own file
     # in batchrun's state folder (endpoint_state_path), shared by every job on that endpoint.
     state_file: str | None = None
-    # The shards of one job share the endpoint through their output folder (sharing.py): the last one
+    # The shards of one job share the endpoint through their output folder (shared_endpoint.py): the last one
     # out puts it down. None: this job is the endpoint's only user.
     shared: SharedUse | None = None
 

@@ -14,14 +14,13 @@ from typing import Any
 from batchrun.cost import CostMeter
 from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
+from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 from batchrun.retry import is_paused_answer
 
 __all__ = ["UrlEndpoint"]
 
 #: Routes a user may have pasted as part of the url; the server's own routes hang off what precedes them.
 _ROUTE_SUFFIXES = ("/v1/chat/completions", "/v1/completions", "/generate_stream", "/generate")
-CHECK_TIMEOUT_S = 10.0
-CHECK_MAX_BYTES = 2**20  # /info is a few hundred bytes
 _NOTHING_TO_BRACKET = ("a url is sent to as it is: batchrun neither resumes nor puts it down, so there is nothing "
                        "to bracket")
 

@@ -26,7 +26,7 @@ __all__ = [
     "POSITION_DTYPE",
     "ManifestLog",
     "ManifestView",
-    "Shard",
+    "ShardFile",
     "file_crc32",
     "read_manifest",
     "read_positions",
@@ -38,8 +38,8 @@ POSITION_DTYPE = np.dtype("<u8")
 
 
 @dataclass(frozen=True, slots=True)
-class Shard:
-    """One published shard as the manifest describes it."""
+class ShardFile:
+    """One published Parquet file (a shard of the output) as the manifest describes it."""
 
     kind: str  # "data" or "failed"
     file: str  # relative to the output root, e.g. "data/part-00003-r2.parquet"
@@ -53,7 +53,7 @@ class Shard:
     mtime_ns: int | None = None
 
     @classmethod
-    def from_event(cls, event: dict[str, Any]) -> Shard:
+    def from_event(cls, event: dict[str, Any]) -> ShardFile:
         """The shard a ``publish`` event lists. Raises KeyError/ValueError/TypeError for a malformed one."""
         return cls(
             kind=event["kind"],
@@ -85,7 +85,7 @@ def file_crc32(path: Path) -> int:
 class ManifestView:
     """What the manifest says: the shards that count, the ones retired, and where the log ends."""
 
-    listed: dict[str, Shard]
+    listed: dict[str, ShardFile]
     retired: dict[str, str]  # file -> the folder under state/ it belongs in
     runs: int
     max_seq: int
@@ -98,7 +98,7 @@ class ManifestView:
         if op == "run":
             self.runs += 1
         elif op == "publish":
-            shard = Shard.from_event(event)
+            shard = ShardFile.from_event(event)
             self.listed[shard.file] = shard
             self.retired.pop(shard.file, None)
             self.max_seq = max(self.max_seq, shard.seq)
@@ -200,7 +200,7 @@ def _repair_tail(path: Path, good_bytes: int) -> None:
         os.fsync(f.fileno())
 
 
-def shard_problem(root: Path, shard: Shard, schemas: Sequence[pa.Schema]) -> str | None:
+def shard_problem(root: Path, shard: ShardFile, schemas: Sequence[pa.Schema]) -> str | None:
     """Why ``shard`` cannot be trusted, or None when its footer, row count and sidecar agree.
 
     ``schemas`` are the schemas a shard of its kind may have (none: not checked); a shard of another
@@ -251,7 +251,7 @@ def schema_difference(found: pa.Schema, expected: pa.Schema) -> str:
     return "; ".join(parts) or "the columns are in another order or differ in nullability"
 
 
-def _changed_since_published(path: Path, shard: Shard) -> str | None:
+def _changed_since_published(path: Path, shard: ShardFile) -> str | None:
     """Why the file is no longer the one published, or None.
 
     A footer that reads says nothing of the pages before it. Reading every page of every shard on
@@ -275,6 +275,6 @@ def _changed_since_published(path: Path, shard: Shard) -> str | None:
     return None
 
 
-def read_positions(root: Path, shard: Shard) -> np.ndarray:
+def read_positions(root: Path, shard: ShardFile) -> np.ndarray:
     """The source positions of a shard's rows, from its sidecar."""
     return np.fromfile(root / shard.positions, dtype=POSITION_DTYPE)

@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchrun.errors import OutputError
+from batchrun.facts import ID_COLUMN
 
 __all__ = [
     "BOOKKEEPING_COLUMNS",
@@ -114,14 +115,14 @@ def data_columns(
     Needs no ``datasets``: ``batchrun validate`` checks the output's columns with this alone.
     """
     if id_column is None:
-        id_field = pa.field("id", pa.int64())
+        id_field = pa.field(ID_COLUMN, pa.int64())
     else:
         if id_column not in input_schema.names:
             raise OutputError(f"the id column {id_column!r} is not in the input (columns: {input_schema.names})")
         id_field = input_schema.field(id_column)
     if keep_columns is None:
         kept_names = [name for name in input_schema.names if name != id_column]
-        if id_column is None and "id" in kept_names:
+        if id_column is None and ID_COLUMN in kept_names:
             raise OutputError(
                 "the input has a column named 'id', which clashes with the generated id column; "
                 "set id_column: id to use it as the id, or list keep_columns without it"

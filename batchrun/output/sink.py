@@ -24,14 +24,14 @@ from batchrun.output.manifest import (
     POSITION_DTYPE,
     ManifestLog,
     ManifestView,
-    Shard,
+    ShardFile,
     file_crc32,
     read_manifest,
     read_positions,
     shard_problem,
 )
 from batchrun.output.schema import BOOKKEEPING_COLUMNS, build_failed_schema, kept_columns_of, with_hf_metadata
-from batchrun.records import RowFailure, RowResult
+from batchrun.records import FailureType, RowFailure, RowResult
 
 __all__ = ["ParquetSink", "SinkCounters"]
 
@@ -233,7 +233,7 @@ class ParquetSink:
             if permanent.any():
                 kept = table.filter(pa.array(permanent))
                 event = self._publish("failed", kept, positions[permanent], retryable=0, replaces=relative)
-                view.listed[event["file"]] = Shard.from_event(event)
+                view.listed[event["file"]] = ShardFile.from_event(event)
             else:
                 reason = "retry_failed" if everything else "retryable"
                 self._append({"op": "retire", "file": relative, "aside": "retired", "reason": reason})
@@ -390,7 +390,7 @@ class ParquetSink:
         buffer.remove(set(bad))
         for position, id_, problem, attempts, kept in diverted:
             failed.append_failure(
-                position, id_, error_type="output_schema", error=problem, status=None, attempts=attempts,
+                position, id_, error_type=FailureType.OUTPUT_SCHEMA, error=problem, status=None, attempts=attempts,
                 retryable=False, kept=kept,
             )  # fmt: skip
 

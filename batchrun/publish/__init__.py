@@ -1,7 +1,7 @@
 """Publishing a job's output to the Hugging Face Hub as a dataset repo (docs/hub.md).
 
 One responsibility per module: ``names`` (the checks made before anything is read), ``layout``
-(where shards go in the repo, and what a push must add or delete), ``facts`` (what the card says,
+(where shards go in the repo, and what a push must add or delete), ``card_facts`` (what the card says,
 from the output folder), ``card`` (rendering the card while keeping the user's words), and
 ``commit`` (the read-plan-commit loop, its retries, and the local record).
 

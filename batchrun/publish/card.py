@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from batchrun.errors import redact
-from batchrun.publish.facts import JobFacts
+from batchrun.publish.card_facts import JobFacts
 from batchrun.publish.layout import Target
 from batchrun.publish.names import failed_config_name
 
@@ -92,14 +92,14 @@ def foreign_problem(card: Card, remote_paths: list[str], target: Target, facts: 
     return None
 
 
-def render_card(existing: str | None, facts: JobFacts, target: Target, *, with_samples: bool) -> str:
+def render_card(existing: str | None, facts: JobFacts, target: Target, *, with_thumbnails: bool) -> str:
     """The README after this push: ``existing`` with batchrun's keys and sections rewritten, never the token."""
     card = Card.parse(existing)
     for config, kind in target.configs.items():
         _own_config(card.meta, config, target.split, facts, kind)
     if not card.body.strip():
         card.body = f"\n# {target.repo.split('/')[1]}\n\n{_USER_NOTE}\n"
-    card.body = _replace_section(card.body, target.config, _section(facts, target, with_samples=with_samples))
+    card.body = _replace_section(card.body, target.config, _section(facts, target, with_thumbnails=with_thumbnails))
     return redact(card.text())
 
 
@@ -190,7 +190,7 @@ def _code(value: Any) -> str:
     return "`" + " ".join(text.split()).replace("`", "'").replace("|", "\\|") + "`"
 
 
-def _section(facts: JobFacts, target: Target, *, with_samples: bool) -> str:
+def _section(facts: JobFacts, target: Target, *, with_thumbnails: bool) -> str:
     # Long on purpose: the card is one document, read top to bottom; split up it would be harder to check.
     spec, summary = facts.spec, facts.summary or {}
     endpoint = summary.get("endpoint") or {}
@@ -225,14 +225,14 @@ def _section(facts: JobFacts, target: Target, *, with_samples: bool) -> str:
     lines += ["", "### Reproduce", "", _reproduce(facts, target), "",
               "The spec (`job.yaml`); its input paths are those of the machine that ran it:", "",
               _fenced(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True), "yaml")]
-    if facts.samples:
-        columns = facts.sample_columns
+    if facts.example_rows:
+        columns = facts.example_columns
         # Model text as text: an answer holding `</table>` or `<!--` must not swallow the rest of the card.
         lines += ["", "### Sample rows", "", "| " + " | ".join(_cell(c) for c in columns) + " |",
                   "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in facts.samples]
-    if with_samples:
-        lines += ["", f"![The first images of config {target.config}]({target.samples_path()})"]
+        lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in facts.example_rows]
+    if with_thumbnails:
+        lines += ["", f"![The first images of config {target.config}]({target.thumbnails_path()})"]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from batchrun.errors import AuthError, BatchrunError, OutputError, redact, regis
 from batchrun.output.files import json_bytes, read_json, replace_atomically
 from batchrun.output.layout import OutputStore
 from batchrun.publish.card import Card, foreign_problem, render_card
-from batchrun.publish.facts import read_facts
+from batchrun.publish.card_facts import read_facts
 from batchrun.publish.layout import PushPlan, RemoteFile, Target, local_shards, plan_push, same_content
 
 __all__ = ["Pacing", "PublishError", "PushResult", "push_output"]
@@ -146,9 +146,9 @@ def _attempt(api: Any, root: Path, target: Target) -> PushResult:
     plan = plan_push(shards, remote.files, target)
     extra: list[Any] = []
     thumbs = facts.thumbnails
-    if thumbs is not None and not same_content(thumbs, remote.files.get(target.samples_path())):
-        extra.append(CommitOperationAdd(path_in_repo=target.samples_path(), path_or_fileobj=thumbs))
-    readme = render_card(remote.card, facts, target, with_samples=thumbs is not None).encode()
+    if thumbs is not None and not same_content(thumbs, remote.files.get(target.thumbnails_path())):
+        extra.append(CommitOperationAdd(path_in_repo=target.thumbnails_path(), path_or_fileobj=thumbs))
+    readme = render_card(remote.card, facts, target, with_thumbnails=thumbs is not None).encode()
     if not plan.changes_data and not extra and remote.card is not None and remote.card.encode() == readme:
         return PushResult(repo=target.repo, commit=remote.head, held=len(plan.held), up_to_date=True)
     operations: list[Any] = [CommitOperationAdd(path_in_repo=s.hub_path, path_or_fileobj=str(s.path)) for s in plan.add]

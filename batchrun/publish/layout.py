@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.output.layout import OutputStore
-from batchrun.output.manifest import Shard, read_manifest, shard_problem
+from batchrun.output.manifest import ShardFile, read_manifest, shard_problem
 from batchrun.publish.names import failed_config_name, name_problem, repo_problem
 
 __all__ = [
@@ -66,7 +66,7 @@ class Target:
             out[failed_config_name(self.config)] = "failed"
         return out
 
-    def hub_path(self, shard: Shard) -> str:
+    def hub_path(self, shard: ShardFile) -> str:
         """The file a local shard becomes: ``data/part-00003-r2.parquet`` -> ``default/train-00003-r2.parquet``."""
         config = self.config if shard.kind == "data" else failed_config_name(self.config)
         name = Path(shard.file).name
@@ -78,7 +78,7 @@ class Target:
         """Whether ``path`` is one of this push's shard files (so it may be deleted when the output lost it)."""
         return any(path.startswith(f"{config}/{self.split}-") and path.endswith(".parquet") for config in self.configs)
 
-    def samples_path(self) -> str:
+    def thumbnails_path(self) -> str:
         return f"assets/{self.config}-samples.png"
 
 
@@ -86,7 +86,7 @@ class Target:
 class LocalShard:
     """A committed shard of the output, and the file it becomes on the Hub."""
 
-    shard: Shard
+    shard: ShardFile
     path: Path  # on disk
     hub_path: str
 

@@ -78,16 +78,12 @@ __all__ = [
 ]
 
 
-def make_task(spec: JobSpec | str, **legacy: Any) -> Task:
+def make_task(spec: JobSpec) -> Task:
     """The task object for a validated job spec.
 
     Every check a task needs (parameters the route refuses, keys that do not apply) is made by the
     spec parser, so this does not fail for a spec that :func:`~batchrun.spec.parse_spec` accepted.
     """
-    if isinstance(spec, str):
-        # Transitional: the keyword form (task name, template=..., ...) the runner calls until it
-        # passes its JobSpec. Remove together with that call.
-        return build_task(spec, **legacy)
     module_name, class_name = task_kind(spec.task).implementation.split(":")
     task_class = getattr(importlib.import_module(module_name), class_name)
     task: Task = task_class.from_spec(spec)

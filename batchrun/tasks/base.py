@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import orjson
 
 from batchrun.errors import RequestFailed
+from batchrun.facts import MAX_MESSAGE_CHARS
+from batchrun.records import FailureType
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -34,10 +36,6 @@ __all__ = [
     "prompt_column_problem",
     "render_prompt",
 ]
-
-# Server text stored in a failure row is cut to this many characters: enough to read the reason,
-# not enough to bloat a Parquet file with an HTML error page.
-MAX_MESSAGE_CHARS = 500
 
 # Values a template placeholder cannot stand for: their Python repr is not text anyone meant to send.
 _NOT_TEXT = (list, tuple, dict, set, frozenset, bytes, bytearray, memoryview)
@@ -136,14 +134,15 @@ class _StrictColumns(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         if key not in self._columns:
             raise RequestFailed(
-                "template", f"the prompt template uses column {key!r}, which the row does not have", retryable=False
+                FailureType.TEMPLATE, f"the prompt template uses column {key!r}, which the row does not have",
+                retryable=False,
             )
         value = self._columns[key]
         if value is None:
-            raise RequestFailed("template", f"column {key!r} is null in this row", retryable=False)
+            raise RequestFailed(FailureType.TEMPLATE, f"column {key!r} is null in this row", retryable=False)
         if isinstance(value, _NOT_TEXT):
             raise RequestFailed(
-                "template",
+                FailureType.TEMPLATE,
                 f"column {key!r} holds a {_type_name(value)} value in this row; a template placeholder takes text "
                 "or a number",
                 retryable=False,
@@ -178,18 +177,19 @@ def render_prompt(*, template: str | None, column: str | None, columns: Mapping[
         except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
             # Positional "{}", "{0}", an unmatched brace, a bad format spec, "{a.missing}" ...
             raise RequestFailed(
-                "template", f"the prompt template cannot be rendered for this row: {type(exc).__name__}: {exc}",
+                FailureType.TEMPLATE,
+                f"the prompt template cannot be rendered for this row: {type(exc).__name__}: {exc}",
                 retryable=False,
             ) from None
     assert column is not None
     if column not in columns:
-        raise RequestFailed("template", f"the row has no column {column!r}", retryable=False)
+        raise RequestFailed(FailureType.TEMPLATE, f"the row has no column {column!r}", retryable=False)
     value = columns[column]
     if value is None:
-        raise RequestFailed("empty_prompt", f"column {column!r} is null in this row", retryable=False)
+        raise RequestFailed(FailureType.EMPTY_PROMPT, f"column {column!r} is null in this row", retryable=False)
     if not isinstance(value, str):
         raise RequestFailed(
-            "bad_prompt",
+            FailureType.BAD_PROMPT,
             f"column {column!r} holds a {_type_name(value)} value in this row, not text; "
             "prompt.column must name a string column",
             retryable=False,
@@ -313,7 +313,7 @@ def join_url(base: str, path: str) -> str:
 
 def bad_body(message: str) -> RequestFailed:
     """The retryable failure for a 2xx answer that cannot be read."""
-    return RequestFailed("bad_body", message[:MAX_MESSAGE_CHARS], retryable=True)
+    return RequestFailed(FailureType.BAD_BODY, message[:MAX_MESSAGE_CHARS], retryable=True)
 
 
 def load_json(body: bytes) -> Any:
@@ -394,5 +394,5 @@ def require_prompt(template: str | None, column: str | None, row: Row) -> str:
     """The row's rendered prompt; an ``empty_prompt`` failure when it is blank."""
     prompt = render_prompt(template=template, column=column, columns=row.columns)
     if not prompt.strip():
-        raise RequestFailed("empty_prompt", "the prompt is empty for this row", retryable=False)
+        raise RequestFailed(FailureType.EMPTY_PROMPT, "the prompt is empty for this row", retryable=False)
     return prompt

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from batchrun.errors import RequestFailed
+from batchrun.records import FailureType
 
 __all__ = ["ROLES", "conversation_messages", "messages_column_problem"]
 
@@ -34,7 +35,7 @@ ImagePart = Callable[[Any, int], dict[str, Any]]
 
 def bad_conversation(message: str) -> RequestFailed:
     """The non-retryable failure of a conversation that cannot be sent."""
-    return RequestFailed("bad_conversation", message, retryable=False)
+    return RequestFailed(FailureType.BAD_CONVERSATION, message, retryable=False)
 
 
 def conversation_messages(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from batchrun.errors import RequestFailed
+from batchrun.records import FailureType
 from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import PreparedRequest, bad_body, error_object, header, header_int, load_json, optional_int
 from batchrun.tasks.text import OUTPUT_SCHEMA, describe_messages
@@ -43,7 +44,7 @@ endpoint's answer as it came (JSON text)."""
 
 def unsupported(message: str) -> RequestFailed:
     """The non-retryable failure of a request line that batchrun does not send."""
-    return RequestFailed("unsupported_request", message, retryable=False)
+    return RequestFailed(FailureType.UNSUPPORTED_REQUEST, message, retryable=False)
 
 
 class OpenAIBatchTask:
@@ -74,7 +75,7 @@ class OpenAIBatchTask:
         text = columns.get("body")
         body = json.loads(text) if isinstance(text, str) else None
         if not isinstance(body, dict):
-            raise RequestFailed("bad_request", "the request has no body object", retryable=False)
+            raise RequestFailed(FailureType.BAD_REQUEST, "the request has no body object", retryable=False)
         if body.get("stream"):
             raise unsupported("stream: true: batchrun reads whole answers; remove stream from the body")
         return PreparedRequest(url, {**self.parameters, **body})

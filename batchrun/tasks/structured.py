@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from batchrun.errors import RequestFailed
 from batchrun.images import derive_seed
+from batchrun.records import FailureType
 from batchrun.structured import InvalidAnswer, OutputSchema
 from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import PreparedRequest, Redraw, Task, with_seed
@@ -51,7 +52,7 @@ class StructuredTask:
         try:
             schema = self.schema.schema_of(row.columns)
         except InvalidAnswer as problem:  # a row's own schema column holds no usable schema
-            raise RequestFailed("bad_schema", str(problem), retryable=False) from None
+            raise RequestFailed(FailureType.BAD_SCHEMA, str(problem), retryable=False) from None
         payload = dict(request.payload)
         if self.kind.schema_parameter == "grammar":
             payload["parameters"] = {**payload.get("parameters", {}), "grammar": {"type": "json", "value": schema}}

@@ -14,6 +14,7 @@ from batchrun.images import (
     image_output_schema,
     image_value,
 )
+from batchrun.records import FailureType
 from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import PreparedRequest, header, require_prompt
 
@@ -78,7 +79,7 @@ class TextToImageTask:
                     value = int(value)
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
                     raise RequestFailed(
-                        "bad_seed",
+                        FailureType.BAD_SEED,
                         f"column {self.seed_column!r} holds {value!r}; expected an integer from 0 to 2**63 - 1",
                         retryable=False,
                     )

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from batchrun.errors import RequestFailed
 from batchrun.images import load_input_image, to_data_url
+from batchrun.records import FailureType
 from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import PreparedRequest, require_prompt
 from batchrun.tasks.conversation import conversation_messages
@@ -90,7 +91,9 @@ class VisionChatTask:
         assert self.image_column is not None
         prompt = require_prompt(self.template, self.column, row)
         if self.image_column not in row.columns:
-            raise RequestFailed("bad_image", f"the row has no image column {self.image_column!r}", retryable=False)
+            raise RequestFailed(
+                FailureType.BAD_IMAGE, f"the row has no image column {self.image_column!r}", retryable=False
+            )
         url, downsized = self._image_url(row.columns[self.image_column])
         messages: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
         content = [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]
@@ -126,7 +129,7 @@ class VisionChatTask:
             url, report = to_data_url(image, max_side=self.max_side)
         except (OSError, ValueError, SyntaxError) as exc:  # Pillow decoded it but cannot re-encode it
             message = f"the image cannot be re-encoded to send: {exc}"
-            raise RequestFailed("bad_image", message, retryable=False) from None
+            raise RequestFailed(FailureType.BAD_IMAGE, message, retryable=False) from None
         return url, None if image.url is not None else bool(report["downsized"])
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from batchrun.endpoints import DedicatedEndpoint, LifecycleSettings, LocalEndpoi
 from batchrun.endpoints.base import Bracketed, BracketResult
 from batchrun.endpoints.control_plane import HfControlPlane
 from batchrun.endpoints.local import local_endpoint_config
-from batchrun.endpoints.sharing import BRACKET, SharedUse
+from batchrun.endpoints.shared_endpoint import BRACKET, SharedUse
 from batchrun.stop import Stop
 
 

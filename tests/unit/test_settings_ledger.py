@@ -15,7 +15,7 @@ from batchrun.endpoints.control_plane import EndpointSnapshot
 from batchrun.endpoints.dedicated import LifecycleSettings
 from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.endpoints.settings_ledger import SettingsLedger
-from batchrun.endpoints.sharing import SharedUse
+from batchrun.endpoints.shared_endpoint import SharedUse
 
 API = "http://127.0.0.1:9/v2"
 

@@ -1,4 +1,5 @@
-"""The runner's steps for unattended, repeated runs, kept out of runner.py so that it only orders them.
+"""Each run's own folder and record, on every run (not only nightly ones); kept out of runner.py so that
+it only orders the steps.
 
     this_run     a templated output.path ({date}, {time}, {run_id}) becomes this run's own folder
     start_run    the run's provenance: its id, the endpoint's model and revision, the parameters sent

@@ -25,7 +25,7 @@ from batchrun.publish.layout import LocalShard
 __all__ = ["JobFacts", "read_facts"]
 
 #: Rows shown in the card, and images in its thumbnail strip.
-SAMPLE_ROWS = 3
+EXAMPLE_ROWS = 3
 THUMBNAILS = 6
 THUMB_PX = 128
 
@@ -47,8 +47,8 @@ class JobFacts:
     tokens: dict[str, int]
     features: dict[str, list[dict[str, Any]]]  # "data"/"failed" -> datasets features, as YAML lists
     num_bytes: dict[str, int]  # "data"/"failed" -> uncompressed size, from the Parquet footers
-    samples: list[dict[str, str]] = field(default_factory=list)
-    sample_columns: list[str] = field(default_factory=list)
+    example_rows: list[dict[str, str]] = field(default_factory=list)
+    example_columns: list[str] = field(default_factory=list)
     thumbnails: bytes | None = None  # a PNG strip of the first images, for image jobs
     version: str = __version__
 
@@ -87,10 +87,10 @@ def read_facts(root: Path, data: Sequence[LocalShard], failed: Sequence[LocalSha
         if shards:
             facts.features[kind] = _features(pq.read_schema(shards[0].path))
     if data:
-        first = _first_rows(data[0].path, max(SAMPLE_ROWS, THUMBNAILS))
+        first = _first_rows(data[0].path, max(EXAMPLE_ROWS, THUMBNAILS))
         images = _image_columns(first.schema)
-        facts.sample_columns = [n for n in first.column_names if n not in images]
-        facts.samples = [_shown(row, facts.sample_columns) for row in first.slice(0, SAMPLE_ROWS).to_pylist()]
+        facts.example_columns = [n for n in first.column_names if n not in images]
+        facts.example_rows = [_shown(row, facts.example_columns) for row in first.slice(0, EXAMPLE_ROWS).to_pylist()]
         facts.thumbnails = _thumbnail_strip(first, images)
     return facts
 
