@@ -41,14 +41,14 @@ from dataclasses import dataclass, field
 from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.endpoints.base import DataPlane
 from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact
+from batchrun.facts import MAX_MESSAGE_CHARS
 from batchrun.limit import AdaptiveLimit
-from batchrun.records import Row, RowFailure, RowResult
+from batchrun.records import FailureType, Row, RowFailure, RowResult, http_failure_type
 from batchrun.retry import (
     ENDPOINT_PAUSED,
     INVALID_OUTPUT,
     Action,
     Drain,
-    FailureKind,
     RetryBudget,
     RetryPolicy,
     RetryRules,
@@ -82,10 +82,9 @@ from batchrun.transport import (
     redact_answer,
 )
 
-__all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencySample"]
+__all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencyReservoir"]
 
 # Server text kept in a failure row: enough to read the reason, not a whole HTML error page.
-_MAX_MESSAGE_CHARS = 500
 # Longest single wait while the retry budget is spent: new requests elsewhere raise the allowance,
 # so look again this often rather than sleeping until the oldest retry expires.
 _BUDGET_POLL_S = 0.25
@@ -121,7 +120,7 @@ class DispatchConfig:
             raise ValueError(f"retry_budget_ratio must not be negative, got {self.retry_budget_ratio}")
 
 
-class LatencySample:
+class LatencyReservoir:
     """A fixed-size uniform sample of latencies (reservoir sampling) for p50/p95 at constant memory."""
 
     def __init__(self, size: int = 4096, *, seed: int = 0) -> None:
@@ -160,7 +159,7 @@ class DispatchStats:
     retries: int = 0  # attempts after a row's first
     in_flight: int = 0
     status_counts: dict[str, int] = field(default_factory=dict)
-    latencies: LatencySample = field(default_factory=LatencySample)
+    latencies: LatencyReservoir = field(default_factory=LatencyReservoir)
     limit: int = 0  # the adaptive concurrency limit now
 
     def figures(self) -> dict[str, object]:
@@ -525,9 +524,9 @@ class Dispatcher:
                 "POST", url, request_headers, body, config.request_timeout_s, route.pool, config.max_answer_bytes,
             ))
         except TransportTimeout:
-            self._count(FailureKind.TIMEOUT.value)
+            self._count(FailureType.TIMEOUT)
             raise RequestFailed(
-                FailureKind.TIMEOUT.value, f"no complete answer within {config.request_timeout_s:g} s",
+                FailureType.TIMEOUT, f"no complete answer within {config.request_timeout_s:g} s",
                 retryable=True,
             ) from None
         except AnswerTooLarge as large:
@@ -536,13 +535,14 @@ class Dispatcher:
             else:
                 # Paid for, but more than the job may hold: the same prompt would likely answer as much
                 # again, so the row fails at once (not retried) and nothing more of the answer is read.
-                self._count(_ANSWER_TOO_LARGE)
-                raise RequestFailed(_ANSWER_TOO_LARGE, str(large), status=large.status, retryable=False) from None
+                self._count(FailureType.ANSWER_TOO_LARGE)
+                raise RequestFailed(FailureType.ANSWER_TOO_LARGE, str(large), status=large.status,
+                                    retryable=False) from None
         except TransportError as exc:
             # Refused, reset, closed mid-answer, bad HTTP from the server...
-            self._count(FailureKind.CONNECTION.value)
+            self._count(FailureType.CONNECTION)
             raise RequestFailed(
-                FailureKind.CONNECTION.value, str(exc)[:_MAX_MESSAGE_CHARS], retryable=True,
+                FailureType.CONNECTION, str(exc)[:MAX_MESSAGE_CHARS], retryable=True,
                 unreached=isinstance(exc, Unreached),
             ) from None
         status, headers = response.status, response.headers
@@ -554,12 +554,12 @@ class Dispatcher:
             try:
                 return self.task.parse(status, headers, payload)
             except RequestFailed:
-                self._count(FailureKind.BAD_BODY.value)
+                self._count(FailureType.BAD_BODY)
                 raise
         verdict = classify(status)
         message, model_answered = _server_message(status, payload)
         if 300 <= status < 400 and headers.get("Location"):  # where it was sent is what the user must see
-            message = redact(f"HTTP {status}: redirected to {headers['Location']}")[:_MAX_MESSAGE_CHARS]
+            message = redact(f"HTTP {status}: redirected to {headers['Location']}")[:MAX_MESSAGE_CHARS]
         if status == 400 and is_paused_answer(payload):
             # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
             # failure would lose it for good, so the whole job stops (resumable) instead.
@@ -568,7 +568,7 @@ class Dispatcher:
             headers.get("Retry-After"), time.time(), maximum=self.config.policy.max_retry_after
         )
         raise RequestFailed(
-            f"http_{status}",
+            http_failure_type(status),
             message,
             status=status,
             retryable=verdict is Verdict.RETRY,
@@ -727,7 +727,6 @@ def _no() -> bool:
     return False
 
 
-_ANSWER_TOO_LARGE = "answer_too_large"  # an answer past max_answer_bytes (a failure row, not retried)
 _NO_TRIES = Tries()  # a row's tries before its first failure (frozen: shared by every row)
 
 
@@ -751,4 +750,4 @@ def _server_message(status: int, body: bytes) -> tuple[str, bool]:
         if doc.get("error_type"):
             text = f"{doc['error_type']}: {text}"
     text = text.strip() or "(empty body)"
-    return redact(f"HTTP {status}: {text}")[:_MAX_MESSAGE_CHARS], model_answered
+    return redact(f"HTTP {status}: {text}")[:MAX_MESSAGE_CHARS], model_answered

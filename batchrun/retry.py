@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from batchrun.errors import RequestFailed
+from batchrun.records import FailureType
 from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, RetrySpec
 from batchrun.tasks.base import Redraw
 
@@ -33,7 +34,6 @@ __all__ = [
     "Decision",
     "Drain",
     "EndpointView",
-    "FailureKind",
     "RetryBudget",
     "RetryPolicy",
     "RetryRules",
@@ -50,12 +50,8 @@ __all__ = [
 ]
 
 
-class FailureKind(str, enum.Enum):
-    """A failure that has no HTTP status (or whose status says success)."""
-
-    TIMEOUT = "timeout"
-    CONNECTION = "connection"
-    BAD_BODY = "bad_body"  # a 200 whose body is an error object, truncated or not JSON
+#: Failures that have no HTTP status (or whose status says success): the request may do better again.
+TRANSPORT_FAILURES = frozenset({FailureType.TIMEOUT, FailureType.CONNECTION, FailureType.BAD_BODY})
 
 
 class Verdict(str, enum.Enum):
@@ -76,20 +72,20 @@ _OVERLOAD_STATUSES = frozenset({429, 503})
 _UNAVAILABLE_STATUSES = frozenset({500, 502, 503, 504})
 
 #: The failure of a row whose endpoint answered that it is paused (the job stops, resumable).
-ENDPOINT_PAUSED = "endpoint_paused"
+ENDPOINT_PAUSED = FailureType.ENDPOINT_PAUSED
 #: The failure of a row whose answers were not valid against the output schema, redraws included.
-INVALID_OUTPUT = "invalid_output"
+INVALID_OUTPUT = FailureType.INVALID_OUTPUT
 
 
-def classify(outcome: int | FailureKind) -> Verdict:
+def classify(outcome: int | FailureType) -> Verdict:
     """Classify an HTTP status, or a failure without a usable status, per reliability.md §2.
 
     Retryable: timeouts, connection errors, a bad 200 body, 429, 500, 502, 503, 504 and any other 5xx.
     Job-stopping: 401, 403. Everything else that is not a 2xx (400, 404, 413, 422, other 4xx, stray
     1xx/3xx) is a permanent failure for the row.
     """
-    if isinstance(outcome, FailureKind):
-        return Verdict.RETRY
+    if isinstance(outcome, FailureType):
+        return Verdict.RETRY if outcome in TRANSPORT_FAILURES else Verdict.FAIL
     if 200 <= outcome < 300:
         return Verdict.SUCCESS
     if outcome in _AUTH_STATUSES:
@@ -104,7 +100,7 @@ def is_overload(failure: RequestFailed) -> bool:
 
     These shrink the adaptive concurrency limit; other failures say nothing about load.
     """
-    return failure.status in _OVERLOAD_STATUSES or failure.error_type == FailureKind.TIMEOUT.value
+    return failure.status in _OVERLOAD_STATUSES or failure.error_type == FailureType.TIMEOUT
 
 
 def is_unavailable(failure: RequestFailed) -> bool:
@@ -116,7 +112,7 @@ def is_unavailable(failure: RequestFailed) -> bool:
         return False
     if failure.status is not None:
         return failure.status in _UNAVAILABLE_STATUSES
-    return failure.error_type in (FailureKind.CONNECTION.value, FailureKind.TIMEOUT.value)
+    return failure.error_type in (FailureType.CONNECTION, FailureType.TIMEOUT)
 
 
 def is_missing_route(failure: RequestFailed, *, succeeded: bool) -> bool:

@@ -8,9 +8,10 @@ import random
 import pytest
 
 from batchrun.errors import RequestFailed
+from batchrun.records import FailureType
 from batchrun.retry import (
+    TRANSPORT_FAILURES,
     Decision,
-    FailureKind,
     RetryBudget,
     RetryPolicy,
     Verdict,
@@ -48,8 +49,8 @@ def test_refused_token_stops_the_job(status: int) -> None:
     assert classify(status) is Verdict.STOP_JOB
 
 
-@pytest.mark.parametrize("kind", list(FailureKind))
-def test_timeouts_connection_errors_and_bad_bodies_are_retried(kind: FailureKind) -> None:
+@pytest.mark.parametrize("kind", sorted(TRANSPORT_FAILURES))
+def test_timeouts_connection_errors_and_bad_bodies_are_retried(kind: FailureType) -> None:
     assert classify(kind) is Verdict.RETRY
 
 
