@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchrun.notify import NotifySpec
-from batchrun.scoring import ScorerSpec
+from batchrun.scoring import BUILT_INS, ScorerSpec
+from batchrun.spec._shape import Shape, key, spec_fields
+from batchrun.task_kinds import TASK_KINDS
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 ON_FINISH = ("pause", "scale-to-zero", "keep")
@@ -27,6 +29,40 @@ OPENAI_BATCH_TASK = "openai-batch"
 #: The id column of an OpenAI batch file: each request line's ``custom_id``.
 OPENAI_BATCH_ID = "custom_id"
 
+# The shapes most keys share.
+_TEXT = Shape("string")
+_DURATION = Shape("duration")
+_SIZE = Shape("size")
+_FLAG = Shape("boolean")
+_COUNT = Shape("integer", minimum=1)
+_SHARE = Shape("fraction")
+_SECONDS = Shape("number", minimum=0.0)
+
+#: The most answers one row may ask for (``samples``).
+MAX_SAMPLES = 10_000
+
+# The sections parsed by their own modules (scoring.py, notify.py), as JSON Schema.
+_COLUMN = {"type": "string", "minLength": 1}
+_SCORE_JSON = {"type": "array", "items": {
+    "type": "object",
+    "properties": {
+        **dict.fromkeys(BUILT_INS, _COLUMN),
+        "regex": {"anyOf": [_COLUMN, {"type": "object", "properties": {"pattern": {"type": "string"}},
+                                      "required": ["pattern"], "additionalProperties": False}]},
+        "function": {"type": "string", "pattern": "^[^:]+:[^:]+$"},
+        "columns": {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^\\w+$"}},
+    },
+    "oneOf": [{"required": [name]} for name in (*BUILT_INS, "function")],
+    "additionalProperties": False,
+}}
+_NOTIFY_JSON = {"type": "object", "properties": {
+    "webhook": {"type": "string", "description": "an http(s) url, or ${ENV_VAR} naming one"},
+    "attempts": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
+    "timeout": {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": "^[0-9.]+s$"}],
+                "default": "10s"},
+}, "required": ["webhook"], "additionalProperties": False}
+
+
 # --------------------------------------------------------------------------------------------------
 # The config objects
 
@@ -39,13 +75,22 @@ class DatasetSpec:
     ...); it is a separate mapping so that a typo among the known keys is still caught.
     """
 
-    path: str
-    name: str | None = None
-    split: str = "train"
-    data_files: Any = None
-    data_dir: str | None = None
-    revision: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict)
+    path: str = key(Shape("string", required=True), "a Hub dataset id, a folder, or a builder like 'parquet'")
+    name: str | None = key(_TEXT, "the dataset's configuration", None)
+    split: str = key(_TEXT, "the split to read", "train")
+    data_files: Any = key(Shape("custom", json={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}},
+        {"type": "object", "additionalProperties": {"anyOf": [
+            {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}}]}),
+        "a path, a list of paths, or a mapping of split to paths", None)
+    data_dir: str | None = key(_TEXT, "a folder inside the dataset", None)
+    revision: str | None = key(_TEXT, "a branch, tag or commit of a Hub dataset", None)
+    options: Mapping[str, Any] = key(Shape("custom", json={"type": "object"}),
+                                     "any further load_dataset keyword", default_factory=dict)
+
+
+#: The input section names where its rows come from by its key (the others are InputSpec's fields).
+INPUT_KINDS = ("parquet", "dataset", "jsonl", "openai_batch")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,11 +107,15 @@ class InputSpec:
 
     kind: str
     path: str | None = None
-    dataset: DatasetSpec | None = None
-    id_column: str | None = None
-    limit: int | None = None
-    keep_columns: tuple[str, ...] | None = None
-    allow_empty: bool = False
+    dataset: DatasetSpec | None = key(
+        Shape("section", section=DatasetSpec, nullable=False, json={"type": "string", "minLength": 1}),
+        "load_dataset arguments (or a dataset id, standing for {path: ID})", None)
+    id_column: str | None = key(_TEXT, "a column of unique ids (default: the row number)", None)
+    limit: int | None = key(_COUNT, "read only the first N rows", None)
+    keep_columns: tuple[str, ...] | None = key(
+        Shape("custom", json={"type": "array", "items": {"type": "string", "minLength": 1}}),
+        "input columns copied to the output (default: all)", None)
+    allow_empty: bool = key(_FLAG, "an input with no rows is normal (exit 0), not a mistake (exit 2)", False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,12 +130,12 @@ class PromptSpec:
     All of them are unset for an ``openai-batch`` job, whose request lines carry their own messages.
     """
 
-    template: str | None = None
-    column: str | None = None
-    system: str | None = None
-    image_column: str | None = None
-    messages_column: str | None = None
-    schema_column: str | None = None  # a column holding each row's JSON Schema (structured output)
+    template: str | None = key(_TEXT, "the prompt, with {column} placeholders", None)
+    column: str | None = key(_TEXT, "a column used as the prompt as it is", None)
+    system: str | None = key(Shape("string", allow_empty=True), "the chat system message (chat and vision)", None)
+    image_column: str | None = key(_TEXT, "the input column holding the image (vision)", None)
+    messages_column: str | None = key(_TEXT, "a column of whole conversations (chat and vision)", None)
+    schema_column: str | None = key(_TEXT, "a column holding each row's JSON Schema (structured output)", None)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -113,19 +162,23 @@ class ImageSpec:
     (``None``: the current directory, like every relative path in a spec).
     """
 
-    format: str = "png"
-    seed_column: str | None = None
-    seed: int = 0
-    max_side: int | None = None
-    base_dir: str | None = None
+    format: str = key(Shape("custom", json={"anyOf": [
+        {"enum": [*IMAGE_FORMATS, "jpg"]},
+        {"type": "string", "pattern": "^([pP][nN][gG]|[jJ][pP][eE]?[gG]|[wW][eE][bB][pP])$"}]}),
+        "text-to-image: the format asked for and stored (png, jpeg or webp)", "png")
+    seed_column: str | None = key(_TEXT, "text-to-image: the column holding each row's seed", None)
+    seed: int = key(Shape("custom", json={"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
+                    "text-to-image: the job's seed, from which each row's is derived", 0)
+    max_side: int | None = key(_COUNT, "vision: shrink a larger input image to this longer side", None)
+    base_dir: str | None = key(_TEXT, "vision: the folder relative image paths are looked up in", None)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScaleSpec:
     """Replica counts to set on a Dedicated Inference Endpoint for the job."""
 
-    min_replica: int
-    max_replica: int
+    min_replica: int = key(Shape("integer", minimum=0, required=True), "replicas at least")
+    max_replica: int = key(Shape("integer", minimum=1, required=True), "replicas at most")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,21 +192,31 @@ class EndpointSpec:
     huggingface_hub's default control plane.
     """
 
-    url: str | None = None
-    local: Mapping[str, Any] | None = None
-    name: str | None = None
-    namespace: str | None = None
-    api_url: str | None = None
-    scale: ScaleSpec | None = None
-    ready_timeout: float = DEFAULT_READY_TIMEOUT
-    on_finish: str | None = None
-    idle_backstop: float = DEFAULT_IDLE_BACKSTOP
-    price_per_replica_hour: float | None = None
+    url: str | None = key(Shape("custom", json={"type": "string", "pattern": "^https?://[^/\\s]+"}),
+                          "any TGI or OpenAI-compatible server, left alone", None)
+    local: Mapping[str, Any] | None = key(Shape("custom", json={"type": "object"}),
+                                          "the built-in emulator, with its settings (docs/emulator.md)", None)
+    name: str | None = key(_TEXT, "a Dedicated Inference Endpoint, with namespace", None)
+    namespace: str | None = key(Shape("string", nullable=False), "the user or organization owning endpoint.name",
+                                None)
+    api_url: str | None = key(Shape("custom", json={"type": "string", "pattern": "^https?://.*/v2/*$"}),
+                              "the control plane's base URL, ending in /v2", None, lifecycle=True)
+    scale: ScaleSpec | None = key(Shape("section", section=ScaleSpec), "replica counts during the job", None,
+                                  lifecycle=True)
+    ready_timeout: float = key(_DURATION, "the longest wait for the endpoint to be ready", DEFAULT_READY_TIMEOUT,
+                               lifecycle=True)
+    on_finish: str | None = key(Shape("choice", choices=ON_FINISH),
+                                "what to do at the end (default: pause, unless it was already running)", None,
+                                lifecycle=True)
+    idle_backstop: float = key(_DURATION, "the endpoint's own idle timeout while the job runs",
+                               DEFAULT_IDLE_BACKSTOP, lifecycle=True)
+    price_per_replica_hour: float | None = key(_SECONDS, "for cost figures and budget.max_usd", None,
+                                               lifecycle=True)
     #: How progress, the summary and the output's ``endpoint`` column name it among several (list form).
-    label: str | None = None
+    label: str | None = key(_TEXT, "its name among several endpoints (list form)", None)
     #: Send the HF token to this endpoint's url (and ``api_url``) although it is not a Hugging Face host
     #: (transport.token_problem); never over plain http beyond loopback.
-    send_token: bool = False
+    send_token: bool = key(_FLAG, "send the Hugging Face token to this non-Hugging Face host (https only)", False)
 
     @property
     def kind(self) -> str:
@@ -165,34 +228,39 @@ class EndpointSpec:
         return "name"
 
 
+#: The keys that manage an endpoint's lifecycle: refused for a url, and the keys ``endpoint_defaults`` takes.
+LIFECYCLE_KEYS = tuple(f.name for f in spec_fields(EndpointSpec) if f.metadata.get("lifecycle"))
+
+
 @dataclass(frozen=True, kw_only=True)
 class BudgetSpec:
     """Limits that stop a job early (resumably). ``None`` means no limit."""
 
-    max_usd: float | None = None
-    deadline: float | None = None
+    max_usd: float | None = key(Shape("number", minimum=0.0, strict=True), "stop before this spending (USD)", None)
+    deadline: float | None = key(_DURATION, "stop before this long a run", None)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ConcurrencySpec:
     """Adaptive concurrency: start at ``initial`` in-flight requests, never exceed ``max``."""
 
-    max: int = 256
-    initial: int = 8
+    max: int = key(_COUNT, "the adaptive limit's ceiling", 256)
+    initial: int = key(_COUNT, "the adaptive limit's start (at most max)", 8)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RetrySpec:
     """Retry policy knobs (reliability.md §2). Seconds for times; ``budget_ratio`` is a share."""
 
-    max_attempts: int = 5
-    backoff_base: float = 0.5
-    backoff_cap: float = 30.0
-    max_retry_after: float = 120.0
-    budget_ratio: float = 0.1
+    max_attempts: int = key(_COUNT, "attempts per row per run", 5)
+    backoff_base: float = key(_SECONDS, "full-jitter backoff base (seconds)", 0.5)
+    backoff_cap: float = key(_SECONDS, "full-jitter backoff cap (seconds)", 30.0)
+    max_retry_after: float = key(_SECONDS, "the longest Retry-After honoured (seconds)", 120.0)
+    budget_ratio: float = key(_SHARE, "retries allowed per request sent", 0.1)
     # More tries for an answer that is not valid against the output schema, each with a fresh seed.
     # They count apart from max_attempts, which is for transport failures.
-    invalid_output: int = 2
+    invalid_output: int = key(Shape("integer", minimum=0),
+                              "more tries for an answer not valid against the output schema", 2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,24 +271,27 @@ class PushSpec:
     huggingface_hub's own, which honours ``HF_ENDPOINT``), e.g. the local emulator's.
     """
 
-    repo: str
-    private: bool = False
-    config: str = "default"
-    split: str = "train"
-    every: float | None = None
-    include_failed: bool = False
-    endpoint: str | None = None
-    send_token: bool = False  # ``endpoint`` may be a host other than Hugging Face's (it receives the token)
+    repo: str = key(Shape("string", required=True), "the dataset repo ORG/NAME")
+    private: bool = key(_FLAG, "create the repo private", False)
+    config: str = key(_TEXT, "the repo's config the output goes to", "default")
+    split: str = key(_TEXT, "the config's split the output goes to", "train")
+    every: float | None = key(_DURATION, "also push during the run, this often", None)
+    include_failed: bool = key(_FLAG, "also push the failed rows, as their own config", False)
+    endpoint: str | None = key(Shape("custom", json={"type": "string", "pattern": "^https?://[^/\\s]+"}),
+                               "the Hub's base url (default: huggingface_hub's)", None)
+    # ``endpoint`` may be a host other than Hugging Face's (it receives the token)
+    send_token: bool = key(_FLAG, "send the token to endpoint although it is not Hugging Face's (https only)", False)
 
 
 @dataclass(frozen=True, kw_only=True)
 class OutputSpec:
     """Where results go, and when a Parquet shard is closed and published."""
 
-    path: str
-    shard_rows: int = 10_000
-    shard_bytes: int = DEFAULT_SHARD_BYTES
-    push_to_hub: PushSpec | None = None
+    path: str = key(_TEXT, "the output folder (default: out/<name>)")
+    shard_rows: int = key(_COUNT, "a shard closes at this many rows", 10_000)
+    shard_bytes: int = key(_SIZE, "a shard closes at this size", DEFAULT_SHARD_BYTES)
+    push_to_hub: PushSpec | None = key(Shape("section", section=PushSpec),
+                                       "publish the output as a dataset repo (docs/hub.md)", None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,40 +299,52 @@ class JobSpec:
     """A whole validated job. ``raw`` is the mapping as loaded (for the spec snapshot); ``file``
     is the spec's path, or ``None`` when it was built from a dict."""
 
-    name: str
-    task: str
-    input: InputSpec
-    prompt: PromptSpec
-    parameters: Mapping[str, Any]
-    endpoint: EndpointSpec
-    budget: BudgetSpec
-    concurrency: ConcurrencySpec
-    retries: RetrySpec
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    name: str = key(_TEXT, "the job's name (default: the file's stem)")
+    task: str = key(Shape("choice", choices=tuple(TASK_KINDS)),
+                    f"what the job asks (default: {OPENAI_BATCH_TASK} with input.openai_batch)")
+    input: InputSpec = key(Shape("section", section=InputSpec, required=True), "where the rows come from")
+    prompt: PromptSpec = key(Shape("section", section=PromptSpec, nullable=False),
+                             "how a row becomes a prompt (not with input.openai_batch)")
+    parameters: Mapping[str, Any] = key(Shape("custom", json={"type": "object"}),
+                                        "passed to the route under its own names")
+    endpoint: EndpointSpec = key(Shape("custom", required=True),
+                                 "the server that answers: url, local, or name + namespace; or a list of them")
+    budget: BudgetSpec = key(Shape("section", section=BudgetSpec), "limits that stop the job early (resumably)")
+    concurrency: ConcurrencySpec = key(Shape("section", section=ConcurrencySpec), "the adaptive concurrency limit")
+    retries: RetrySpec = key(Shape("section", section=RetrySpec), "the retry policy")
+    request_timeout: float = key(_DURATION, "the deadline of one request", DEFAULT_REQUEST_TIMEOUT)
     # The largest answer read; None: the task's default (answer_cap). A larger answer fails its row.
-    max_answer_bytes: int | None = None
-    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT  # an endpoint unavailable this long stops the job (exit 3)
-    failure_threshold: float | None = None
-    output: OutputSpec
-    image: ImageSpec | None = None  # set for the image tasks only
+    max_answer_bytes: int | None = key(_SIZE, "the largest answer read (default: 8MiB, 64MiB for text-to-image)",
+                                       None)
+    # An endpoint unavailable this long stops the job (exit 3).
+    outage_timeout: float = key(_DURATION, "an endpoint answering nothing this long stops the job",
+                                DEFAULT_OUTAGE_TIMEOUT)
+    failure_threshold: float | None = key(_SHARE, "stop when this share of recent rows fails", None)
+    output: OutputSpec = key(Shape("section", section=OutputSpec), "where the results go")
+    image: ImageSpec | None = key(Shape("section", section=ImageSpec), "image options (the image tasks only)", None)
     # Structured output: the JSON Schema every answer must follow (loaded and checked; see structured.py).
-    output_schema: Mapping[str, Any] | None = None
+    output_schema: Mapping[str, Any] | None = key(
+        Shape("custom", json={"type": ["object", "string"]}),
+        "structured output: a JSON Schema every answer must follow, or the path of a .json file", None)
     # Answers drawn per input row, each with its own seed; outputs are keyed by (id, sample) (samples.py).
-    samples: int = 1
+    samples: int = key(Shape("custom", json={"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES}),
+                       "answers per input row, each with its own seed", 1)
     # Scorers run on each finished row, their columns next to the answer (scoring.py).
-    score: tuple[ScorerSpec, ...] = ()
+    score: tuple[ScorerSpec, ...] = key(Shape("custom", json=_SCORE_JSON), "scorers run on each finished row", ())
     # Where a short summary is posted at the end of every run (notify.py).
-    notify: NotifySpec | None = None
+    notify: NotifySpec | None = key(Shape("custom", json=_NOTIFY_JSON),
+                                    "where a short summary is posted after every run", None)
     # Several endpoints (``endpoint:`` given as a list): all of them, ``endpoint`` being the first. Empty
-    # for the mapping form, which means one endpoint exactly as it always did.
+    # for the mapping form, which means one endpoint exactly as it always did. Not a key of its own.
     endpoints: tuple[EndpointSpec, ...] = ()
     # Several endpoints may serve different models or revisions only when the spec says so.
-    mixed_models: bool = False
+    mixed_models: bool = key(_FLAG, "endpoints of the list form may serve different models or revisions", False)
     # Keys that apply to every endpoint of the list form that does not set its own.
-    endpoint_defaults: Mapping[str, Any] | None = None
+    endpoint_defaults: Mapping[str, Any] | None = key(
+        Shape("custom"), "lifecycle keys every endpoint of the list form gets unless it sets its own", None)
     # How many shards the job is split into, for ``--shard auto`` under a scheduler that does not say it
     # (a Kubernetes Indexed Job); ``--shard-count`` overrides it. None: the scheduler says, or --shard I/N.
-    shards: int | None = None
+    shards: int | None = key(_COUNT, "how many shards the job is split into, for --shard auto", None)
     # Which shard of the job this run is (``--shard I/N``, shards.py); None: the whole job. Not a spec key.
     shard: Any = None
     file: str | None = None

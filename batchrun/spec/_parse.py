@@ -20,6 +20,9 @@ from batchrun.notify import parse_notify_spec
 from batchrun.scoring import parse_score_spec
 from batchrun.spec._model import (
     IMAGE_FORMATS,
+    INPUT_KINDS,
+    LIFECYCLE_KEYS,
+    MAX_SAMPLES,
     ON_FINISH,
     OPENAI_BATCH_ID,
     OPENAI_BATCH_TASK,
@@ -37,7 +40,7 @@ from batchrun.spec._model import (
     ScaleSpec,
     _template_fields,
 )
-from batchrun.spec._units import parse_duration, parse_size
+from batchrun.spec._shape import INVALID, Shape, default_of, shape_of, spec_fields, spec_keys
 from batchrun.spec._yaml import _AliasBomb, _DuplicateKey, _SpecLoader, _yaml_error
 from batchrun.task_kinds import TASK_KINDS, TaskKind
 
@@ -85,28 +88,14 @@ def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job")
 
 
 
-def _keys(spec_class: type) -> tuple[str, ...]:
-    """The spec keys of a section whose keys are its config class's fields, one to one."""
-    return tuple(f.name for f in dataclasses.fields(spec_class))
-
-
-def _default(spec_class: type, name: str) -> Any:
-    """The default ``spec_class`` declares for field ``name``: the parser's only source of defaults."""
-    for f in dataclasses.fields(spec_class):
-        if f.name == name and f.default is not dataclasses.MISSING:
-            return f.default
-    raise KeyError(f"{spec_class.__name__}.{name} has no plain default")
-
-
-# `file` and `raw` record where the spec came from; they are not keys a spec may set.
-_MAX_SAMPLES = 10_000
-_JOB_KEYS = tuple(key for key in _keys(JobSpec) if key not in ("file", "raw", "endpoints", "shard"))
-# The input section names its kind by its key (parquet, jsonl or dataset), so it is not one to one.
-_INPUT_KINDS = ("parquet", "dataset", "jsonl", "openai_batch")
-_INPUT_KEYS = (*_INPUT_KINDS, "id_column", "limit", "keep_columns", "allow_empty")
-_DATASET_KEYS = _keys(DatasetSpec)
-_PROMPT_KEYS = _keys(PromptSpec)
-_IMAGE_KEYS = _keys(ImageSpec)
+# Every key's shape and default is declared once, on its config field (spec._shape.key); `file`, `raw`,
+# `endpoints` and `shard` are fields but not keys.
+_JOB_KEYS = spec_keys(JobSpec)
+# The input section names its kind by its key (parquet, jsonl, dataset or openai_batch), so it is not one to one.
+_INPUT_KEYS = (*INPUT_KINDS, *(key for key in spec_keys(InputSpec) if key not in INPUT_KINDS))
+_DATASET_KEYS = spec_keys(DatasetSpec)
+_PROMPT_KEYS = spec_keys(PromptSpec)
+_IMAGE_KEYS = spec_keys(ImageSpec)
 # The tasks that take an image section, and the keys each takes, from the task registry.
 _IMAGE_KEYS_BY_TASK = {kind.name: kind.image_keys for kind in TASK_KINDS.values() if kind.image_keys}
 # Every name a route uses for its output token limit; a job may only use its own route's name.
@@ -122,7 +111,7 @@ _TEXT_TO_IMAGE_PARAMETERS = {
     "height": "a positive integer",
 }
 _SEED_MAX = 2**63 - 1
-_ENDPOINT_KEYS = _keys(EndpointSpec)
+_ENDPOINT_KEYS = spec_keys(EndpointSpec)
 
 
 def _default_label(kind: str, url: str | None, local: Any, name: str | None, index: int) -> str:
@@ -173,12 +162,20 @@ def _distinct_url_labels(endpoints: list[EndpointSpec], *, given: list[bool]) ->
     return [e if forms[i] is None else dataclasses.replace(e, label=label(i)) for i, e in enumerate(endpoints)]
 
 
-_LIFECYCLE_KEYS = ("api_url", "scale", "ready_timeout", "on_finish", "idle_backstop", "price_per_replica_hour")
-_SCALE_KEYS = _keys(ScaleSpec)
-_BUDGET_KEYS = _keys(BudgetSpec)
-_CONCURRENCY_KEYS = _keys(ConcurrencySpec)
-_RETRY_KEYS = _keys(RetrySpec)
-_OUTPUT_KEYS = _keys(OutputSpec)
+_SCALE_KEYS = spec_keys(ScaleSpec)
+_BUDGET_KEYS = spec_keys(BudgetSpec)
+_CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
+_RETRY_KEYS = spec_keys(RetrySpec)
+_OUTPUT_KEYS = spec_keys(OutputSpec)
+
+_REQUIRED: Any = object()  # a key with no default: missing is an error
+_DECLARED: Any = object()  # the default the key's config field declares
+# The shapes of the values a key's config field does not hold as read (the field's own shape is for the
+# JSON Schema): an input's path under its kind's key, a url checked further, a seed checked against 2**63.
+_STRING = Shape("string")
+_COUNT = Shape("integer", minimum=1)
+_NATURAL = Shape("integer", minimum=0)
+
 
 class _Parser:
     """Builds the config objects from a loaded mapping; every check reports against ``file``."""
@@ -202,7 +199,7 @@ class _Parser:
             if required not in data:
                 raise self.error(required, "is required")
 
-        name = self.string(data, "name", default=default_name)
+        name = self.key(JobSpec, data, "name", default=default_name)
         if "/" in name or "\\" in name or name in (".", ".."):
             raise self.error("name", f"expected a plain name without path separators, got {name!r}")
         kind = self.task(data.get("task", OPENAI_BATCH_TASK if batch_file else None))
@@ -222,15 +219,15 @@ class _Parser:
             budget=self.budget(data.get("budget")),
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
-            request_timeout=self.duration(data, "request_timeout", default=_default(JobSpec, "request_timeout")),
-            max_answer_bytes=self.size(data, "max_answer_bytes", default=None),
-            outage_timeout=self.duration(data, "outage_timeout", default=_default(JobSpec, "outage_timeout")),
-            failure_threshold=self.fraction(data, "failure_threshold", default=_default(JobSpec, "failure_threshold")),
+            request_timeout=self.key(JobSpec, data, "request_timeout"),
+            max_answer_bytes=self.key(JobSpec, data, "max_answer_bytes"),
+            outage_timeout=self.key(JobSpec, data, "outage_timeout"),
+            failure_threshold=self.key(JobSpec, data, "failure_threshold"),
             output=output,
             image=self.image(data.get("image"), kind),
             output_schema=output_schema,
             samples=self.samples(data, kind),
-            shards=self.integer(data, "shards", default=None, minimum=1),
+            shards=self.key(JobSpec, data, "shards"),
             score=self.delegated(parse_score_spec, data.get("score")),
             notify=self.delegated(parse_notify_spec, data.get("notify")),
             file=self.file,
@@ -313,9 +310,9 @@ class _Parser:
 
     def samples(self, data: Mapping[str, Any], kind: TaskKind) -> int:
         """``samples``: answers per input row, each drawn with its own seed."""
-        samples = self.integer(data, "samples", default=_default(JobSpec, "samples"), minimum=1)
-        if samples > _MAX_SAMPLES:
-            raise self.error("samples", f"expected at most {_MAX_SAMPLES}, got {samples}")
+        samples = self.read(data, "samples", _COUNT, default=default_of(JobSpec, "samples"))
+        if samples > MAX_SAMPLES:
+            raise self.error("samples", f"expected at most {MAX_SAMPLES}, got {samples}")
         if samples > 1 and kind.seed_path is None:
             owners = ", ".join(k.name for k in TASK_KINDS.values() if k.seed_path)
             raise self.error("samples", f"several samples apply to tasks {owners}, not {kind.name}")
@@ -354,24 +351,22 @@ class _Parser:
 
     def input(self, data: Any) -> InputSpec:
         data = self.section(data, "input", _INPUT_KEYS)
-        kind = self.exactly_one(data, "input", _INPUT_KINDS)
+        kind = self.exactly_one(data, "input", INPUT_KINDS)
         path = None
         dataset = None
         if kind == "dataset":
             dataset = self.dataset(data["dataset"])
         else:
-            path = self.string(data, kind, prefix="input.")
-        limit = self.integer(data, "limit", prefix="input.", default=None, minimum=1)
+            path = self.read(data, kind, _STRING, prefix="input.")
+        limit = self.key(InputSpec, data, "limit", prefix="input.")
         keep = data.get("keep_columns")
         keep_columns = None
         if keep is not None:
             if not isinstance(keep, list) or not all(isinstance(c, str) and c for c in keep):
                 raise self.error("input.keep_columns", f"expected a list of column names, got {_describe(keep)}")
             keep_columns = tuple(keep)
-        allow_empty = data.get("allow_empty", InputSpec.allow_empty)
-        if not isinstance(allow_empty, bool):
-            raise self.error("input.allow_empty", f"expected true or false, got {_describe(allow_empty)}")
-        id_column = self.string(data, "id_column", prefix="input.", default=None)
+        allow_empty = self.key(InputSpec, data, "allow_empty", prefix="input.")
+        id_column = self.key(InputSpec, data, "id_column", prefix="input.")
         if kind == "openai_batch":
             if id_column is not None:
                 raise self.error("input.id_column", "does not apply to input.openai_batch: the ids are its custom_id")
@@ -410,12 +405,12 @@ class _Parser:
             )
         prefix = "input.dataset."
         return DatasetSpec(
-            path=self.string(data, "path", prefix=prefix),
-            name=self.string(data, "name", prefix=prefix, default=None),
-            split=self.string(data, "split", prefix=prefix, default=_default(DatasetSpec, "split")),
+            path=self.key(DatasetSpec, data, "path", prefix=prefix),
+            name=self.key(DatasetSpec, data, "name", prefix=prefix),
+            split=self.key(DatasetSpec, data, "split", prefix=prefix),
             data_files=data_files,
-            data_dir=self.string(data, "data_dir", prefix=prefix, default=None),
-            revision=self.string(data, "revision", prefix=prefix, default=None),
+            data_dir=self.key(DatasetSpec, data, "data_dir", prefix=prefix),
+            revision=self.key(DatasetSpec, data, "revision", prefix=prefix),
             options=dict(options),
         )
 
@@ -425,7 +420,7 @@ class _Parser:
         source = self.exactly_one(data, "prompt", ("template", "column")) if messages_column is None else None
         template = column = None
         if source == "template":
-            template = self.string(data, "template", prefix="prompt.")
+            template = self.key(PromptSpec, data, "template", prefix="prompt.", default=_REQUIRED)
             try:
                 fields = _template_fields(template)
             except ValueError as exc:
@@ -437,13 +432,13 @@ class _Parser:
                     "expected at least one {column} placeholder; use prompt.column for a column as it is",
                 )
         elif source == "column":
-            column = self.string(data, "column", prefix="prompt.")
-        system = self.string(data, "system", prefix="prompt.", default=None, allow_empty=True)
+            column = self.key(PromptSpec, data, "column", prefix="prompt.", default=_REQUIRED)
+        system = self.key(PromptSpec, data, "system", prefix="prompt.")
         if system is not None and not kind.takes_system:
             owners = " and ".join(k.name for k in TASK_KINDS.values() if k.takes_system)
             raise self.error("prompt.system", f"only applies to tasks {owners}, not {kind.name}")
-        image_column = self.string(data, "image_column", prefix="prompt.", default=None)
-        schema_column = self.string(data, "schema_column", prefix="prompt.", default=None)
+        image_column = self.key(PromptSpec, data, "image_column", prefix="prompt.")
+        schema_column = self.key(PromptSpec, data, "schema_column", prefix="prompt.")
         if messages_column is not None and image_column is not None:
             raise self.error(
                 "prompt.image_column",
@@ -477,7 +472,7 @@ class _Parser:
                 f"is the whole prompt (each row's conversation); remove prompt.{' and prompt.'.join(both)}, "
                 "or drop messages_column to build a one-turn prompt from the row",
             )
-        name: str = self.string(data, "messages_column", prefix="prompt.")
+        name: str = self.key(PromptSpec, data, "messages_column", prefix="prompt.", default=_REQUIRED)
         return name
 
     def image(self, data: Any, kind: TaskKind) -> ImageSpec | None:
@@ -496,21 +491,21 @@ class _Parser:
                 raise self.error(
                     f"image.{key}", f"only applies to task {owner}, not {task}; expected one of {', '.join(allowed)}"
                 )
-        fmt = data.get("format", _default(ImageSpec, "format"))
+        fmt = data.get("format", default_of(ImageSpec, "format"))
         if isinstance(fmt, str) and fmt.lower() == "jpg":
             fmt = "jpeg"
         if not isinstance(fmt, str) or fmt.lower() not in IMAGE_FORMATS:
             hint = _suggest(fmt.lower(), IMAGE_FORMATS) if isinstance(fmt, str) else ""
             raise self.error("image.format", f"expected one of {', '.join(IMAGE_FORMATS)}, got {_describe(fmt)}{hint}")
-        seed = self.integer(data, "seed", prefix="image.", default=_default(ImageSpec, "seed"), minimum=0)
+        seed = self.read(data, "seed", _NATURAL, prefix="image.", default=default_of(ImageSpec, "seed"))
         if seed > _SEED_MAX:
             raise self.error("image.seed", f"expected a non-negative integer below 2**63, got {seed}")
         return ImageSpec(
             format=fmt.lower(),
-            seed_column=self.string(data, "seed_column", prefix="image.", default=None),
+            seed_column=self.key(ImageSpec, data, "seed_column", prefix="image."),
             seed=seed,
-            max_side=self.integer(data, "max_side", prefix="image.", default=None, minimum=1),
-            base_dir=self.string(data, "base_dir", prefix="image.", default=None),
+            max_side=self.key(ImageSpec, data, "max_side", prefix="image."),
+            base_dir=self.key(ImageSpec, data, "base_dir", prefix="image."),
         )
 
     def text_to_image_parameters(self, parameters: Mapping[str, Any]) -> None:
@@ -552,7 +547,7 @@ class _Parser:
         if not data:
             raise self.error("endpoint", "expected at least one endpoint in the list")
         if defaults is not None:
-            self.section(defaults, "endpoint_defaults", _LIFECYCLE_KEYS)
+            self.section(defaults, "endpoint_defaults", LIFECYCLE_KEYS)
         endpoints = []
         for index, item in enumerate(data):
             where = f"endpoint[{index}]"
@@ -573,13 +568,13 @@ class _Parser:
         data = self.section(data, where, _ENDPOINT_KEYS)
         kind = self.exactly_one(data, where, ("url", "local", "name"))
         prefix = where + "."
-        label = self.string(data, "label", prefix=prefix, default=None)
+        label = self.key(EndpointSpec, data, "label", prefix=prefix)
         url = local = name = namespace = None
         if kind == "url":
-            url = self.string(data, "url", prefix=prefix)
+            url = self.read(data, "url", _STRING, prefix=prefix)
             if not re.match(r"^https?://[^/\s]+", url):
                 raise self.error(f"{prefix}url", f"expected an http:// or https:// URL, got {_no_userinfo(url)!r}")
-            for key in _LIFECYCLE_KEYS:
+            for key in LIFECYCLE_KEYS:
                 if key in data:
                     raise self.error(
                         f"{prefix}{key}",
@@ -596,7 +591,7 @@ class _Parser:
                 )
             local = dict(local)
         else:
-            name = self.string(data, "name", prefix=prefix)
+            name = self.key(EndpointSpec, data, "name", prefix=prefix, default=_REQUIRED)
             if "namespace" not in data:
                 raise self.error(
                     f"{prefix}namespace",
@@ -605,9 +600,9 @@ class _Parser:
         if "namespace" in data:
             if kind != "name":
                 raise self.error(f"{prefix}namespace", "only applies together with endpoint.name")
-            namespace = self.string(data, "namespace", prefix=prefix)
+            namespace = self.key(EndpointSpec, data, "namespace", prefix=prefix, default=_REQUIRED)
 
-        api_url = self.string(data, "api_url", prefix=prefix, default=None)
+        api_url = self.read(data, "api_url", _STRING, prefix=prefix, default=None)
         if api_url is not None:
             api_url = api_url.rstrip("/")
             if not re.match(r"^https?://", api_url) or not api_url.endswith("/v2"):
@@ -615,7 +610,7 @@ class _Parser:
                     f"{prefix}api_url",
                     f"expected the control plane's base URL ending in /v2, got {_no_userinfo(api_url)!r}",
                 )
-        send_token = self.boolean(data, "send_token", prefix=prefix)
+        send_token = self.key(EndpointSpec, data, "send_token", prefix=prefix)
         if url is not None:
             self.token_url(url, f"{prefix}url", send_token, f"{prefix}send_token")
         if api_url is not None:  # huggingface_hub sends the token to every control-plane call
@@ -624,7 +619,7 @@ class _Parser:
         if on_finish is not None and on_finish not in ON_FINISH:
             hint = _suggest(on_finish, ON_FINISH) if isinstance(on_finish, str) else ""
             raise self.error(f"{prefix}on_finish", f"expected one of {', '.join(ON_FINISH)}, got {on_finish!r}{hint}")
-        price = self.number(data, "price_per_replica_hour", prefix=prefix, default=None, minimum=0.0)
+        price = self.key(EndpointSpec, data, "price_per_replica_hour", prefix=prefix)
         return EndpointSpec(
             url=url,
             local=local,
@@ -632,13 +627,9 @@ class _Parser:
             namespace=namespace,
             api_url=api_url,
             scale=self.scale(data.get("scale")),
-            ready_timeout=self.duration(
-                data, "ready_timeout", prefix=prefix, default=_default(EndpointSpec, "ready_timeout")
-            ),
+            ready_timeout=self.key(EndpointSpec, data, "ready_timeout", prefix=prefix),
             on_finish=on_finish,
-            idle_backstop=self.duration(
-                data, "idle_backstop", prefix=prefix, default=_default(EndpointSpec, "idle_backstop")
-            ),
+            idle_backstop=self.key(EndpointSpec, data, "idle_backstop", prefix=prefix),
             price_per_replica_hour=price,
             send_token=send_token,
             label=label if label is not None or index is None else _default_label(kind, url, local, name, index),
@@ -652,8 +643,8 @@ class _Parser:
         for key in _SCALE_KEYS:
             if key not in data:
                 raise self.error(prefix + key, "is required")
-        low = self.integer(data, "min_replica", prefix=prefix, minimum=0)
-        high = self.integer(data, "max_replica", prefix=prefix, minimum=1)
+        low = self.key(ScaleSpec, data, "min_replica", prefix=prefix)
+        high = self.key(ScaleSpec, data, "max_replica", prefix=prefix)
         if low > high:
             raise self.error("endpoint.scale.min_replica", f"expected at most max_replica ({high}), got {low}")
         return ScaleSpec(min_replica=low, max_replica=high)
@@ -663,17 +654,18 @@ class _Parser:
             return BudgetSpec()
         data = self.section(data, "budget", _BUDGET_KEYS)
         return BudgetSpec(
-            max_usd=self.number(data, "max_usd", prefix="budget.", default=None, minimum=0.0, strict=True),
-            deadline=self.duration(data, "deadline", prefix="budget.", default=None),
+            max_usd=self.key(BudgetSpec, data, "max_usd", prefix="budget."),
+            deadline=self.key(BudgetSpec, data, "deadline", prefix="budget."),
         )
 
     def concurrency(self, data: Any) -> ConcurrencySpec:
         if data is None:
             return ConcurrencySpec()
         data = self.section(data, "concurrency", _CONCURRENCY_KEYS)
-        high = self.integer(data, "max", prefix="concurrency.", default=_default(ConcurrencySpec, "max"), minimum=1)
-        initial = self.integer(
-            data, "initial", prefix="concurrency.", default=min(_default(ConcurrencySpec, "initial"), high), minimum=1
+        high = self.key(ConcurrencySpec, data, "max", prefix="concurrency.")
+        initial = self.key(
+            ConcurrencySpec, data, "initial", prefix="concurrency.",
+            default=min(default_of(ConcurrencySpec, "initial"), high),
         )
         if initial > high:
             raise self.error("concurrency.initial", f"expected at most concurrency.max ({high}), got {initial}")
@@ -684,20 +676,17 @@ class _Parser:
             return RetrySpec()
         data = self.section(data, "retries", _RETRY_KEYS)
         p = "retries."
-        defaults = RetrySpec()
-        base = self.number(data, "backoff_base", prefix=p, default=defaults.backoff_base, minimum=0.0)
-        cap = self.number(data, "backoff_cap", prefix=p, default=defaults.backoff_cap, minimum=0.0)
+        base = self.key(RetrySpec, data, "backoff_base", prefix=p)
+        cap = self.key(RetrySpec, data, "backoff_cap", prefix=p)
         if cap < base:
             raise self.error("retries.backoff_cap", f"expected at least backoff_base ({base:g}), got {cap:g}")
         return RetrySpec(
-            max_attempts=self.integer(data, "max_attempts", prefix=p, default=defaults.max_attempts, minimum=1),
+            max_attempts=self.key(RetrySpec, data, "max_attempts", prefix=p),
             backoff_base=base,
             backoff_cap=cap,
-            max_retry_after=self.number(
-                data, "max_retry_after", prefix=p, default=defaults.max_retry_after, minimum=0.0
-            ),
-            budget_ratio=self.fraction(data, "budget_ratio", prefix=p, default=defaults.budget_ratio),
-            invalid_output=self.integer(data, "invalid_output", prefix=p, default=defaults.invalid_output, minimum=0),
+            max_retry_after=self.key(RetrySpec, data, "max_retry_after", prefix=p),
+            budget_ratio=self.key(RetrySpec, data, "budget_ratio", prefix=p),
+            invalid_output=self.key(RetrySpec, data, "invalid_output", prefix=p),
         )
 
     def output(self, data: Any, job_name: str) -> OutputSpec:
@@ -706,10 +695,8 @@ class _Parser:
         data = self.section(data, "output", _OUTPUT_KEYS)
         return OutputSpec(
             path=self.output_path(data, job_name),
-            shard_rows=self.integer(
-                data, "shard_rows", prefix="output.", default=_default(OutputSpec, "shard_rows"), minimum=1
-            ),
-            shard_bytes=self.size(data, "shard_bytes", prefix="output.", default=_default(OutputSpec, "shard_bytes")),
+            shard_rows=self.key(OutputSpec, data, "shard_rows", prefix="output."),
+            shard_bytes=self.key(OutputSpec, data, "shard_bytes", prefix="output."),
             push_to_hub=self.push_to_hub(data.get("push_to_hub")),
         )
 
@@ -719,42 +706,38 @@ class _Parser:
         from batchrun.publish.names import name_problem, repo_problem
 
         p = "output.push_to_hub."
-        data = self.section(data, "output.push_to_hub", _keys(PushSpec))
-        repo = self.string(data, "repo", prefix=p)
+        data = self.section(data, "output.push_to_hub", spec_keys(PushSpec))
+        repo = self.key(PushSpec, data, "repo", prefix=p)
+        config = data.get("config", default_of(PushSpec, "config"))
+        split = data.get("split", default_of(PushSpec, "split"))
         for key, problem in (("repo", repo_problem(repo)),
-                             ("config", name_problem(data.get("config", "default"), "config")),
-                             ("split", name_problem(data.get("split", "train"), "split"))):
+                             ("config", name_problem(config, "config")),
+                             ("split", name_problem(split, "split"))):
             if problem is not None:
                 raise self.error(p + key, problem)
         flags = {}
         for key in ("private", "include_failed", "send_token"):
-            flags[key] = self.boolean(data, key, prefix=p)
-        endpoint = self.string(data, "endpoint", prefix=p, default=None)
+            flags[key] = self.key(PushSpec, data, key, prefix=p)
+        endpoint = self.read(data, "endpoint", _STRING, prefix=p, default=None)
         if endpoint is not None:  # huggingface_hub sends the token to every Hub call
             if not re.match(r"^https?://[^/\s]+", endpoint):
                 raise self.error(p + "endpoint", f"expected an http:// or https:// URL, got {_no_userinfo(endpoint)!r}")
             self.token_url(endpoint, p + "endpoint", flags["send_token"], p + "send_token", always=True)
         return PushSpec(
-            repo=repo, config=data.get("config", "default"), split=data.get("split", "train"),
-            every=self.duration(data, "every", prefix=p, default=None),
+            repo=repo, config=config, split=split,
+            every=self.key(PushSpec, data, "every", prefix=p),
             endpoint=endpoint, **flags,
         )
 
     def output_path(self, data: Mapping[str, Any], job_name: str) -> str:
         # Without a path, results go to out/<job name>, the layout the sample jobs use.
-        path: str = self.string(data, "path", prefix="output.", default=f"out/{job_name}")
+        path: str = self.key(OutputSpec, data, "path", prefix="output.", default=f"out/{job_name}")
         problem = _output_path_problem(path)
         if problem is not None:
             raise self.error("output.path", problem)
         return path
 
     # -- shapes --------------------------------------------------------------------------------
-
-    def boolean(self, data: Mapping[str, Any], key: str, *, prefix: str = "") -> bool:
-        value = data.get(key, False)
-        if not isinstance(value, bool):
-            raise self.error(prefix + key, f"expected true or false, got {_describe(value)}")
-        return value
 
     def token_url(self, url: str, key: str, send_token: bool, opt_in_key: str, *, always: bool = False) -> None:
         """Refuse a url with credentials in it, and one the HF token must not reach: plain http beyond
@@ -799,100 +782,34 @@ class _Parser:
         return present[0]
 
     # -- scalars -------------------------------------------------------------------------------
-    # Each takes the mapping and the key so the error names the full path; a missing key (or an
-    # explicit null) gets the default, and a missing key with no default is "required".
+    # A missing key (or an explicit null, but for a boolean) gets the default; a missing key with no
+    # default is "required". Every message names the full key path and the value it got.
 
-    _REQUIRED: Any = object()
-
-    def string(
-        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
-        allow_empty: bool = False,
+    def key(
+        self, spec_class: type, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _DECLARED,
     ) -> Any:
+        """Key ``key`` of ``data``, read as ``spec_class`` declares it: its shape, and its default unless given."""
+        if default is _DECLARED:
+            field = next(f for f in spec_fields(spec_class) if f.name == key)
+            default = _REQUIRED if field.default is dataclasses.MISSING else field.default
+        return self.read(data, key, shape_of(spec_class, key), prefix=prefix, default=default)
+
+    def read(
+        self, data: Mapping[str, Any], key: str, shape: Shape, *, prefix: str = "", default: Any = _REQUIRED,
+    ) -> Any:
+        """Key ``key`` of ``data`` in ``shape``, ``default`` if it is missing or null."""
         value = data.get(key)
         if value is None:
-            if default is _Parser._REQUIRED:
-                raise self.error(prefix + key, "is required" if key not in data else "expected a string, got null")
+            if shape.kind == "boolean" and key in data:
+                raise self.error(prefix + key, "expected true or false, got null")
+            if default is _REQUIRED:
+                null = shape.kind == "string" and key in data
+                raise self.error(prefix + key, "expected a string, got null" if null else "is required")
             return default
-        if not isinstance(value, str) or (not value and not allow_empty):
-            raise self.error(prefix + key, f"expected a non-empty string, got {_describe(value)}")
-        return value
-
-    def integer(
-        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
-        minimum: int | None = None,
-    ) -> Any:
-        value = data.get(key)
-        kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else "an integer"
-        if value is None:
-            if default is _Parser._REQUIRED:
-                raise self.error(prefix + key, "is required")
-            return default
-        # bool is an int in Python; `limit: yes` is a mistake, not 1.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(prefix + key, f"expected {kind}, got {_describe(value)}")
-        if minimum is not None and value < minimum:
-            raise self.error(prefix + key, f"expected {kind}, got {value}")
-        return value
-
-    def number(
-        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
-        minimum: float | None = None,
-        strict: bool = False,
-    ) -> Any:
-        value = data.get(key)
-        if value is None:
-            if default is _Parser._REQUIRED:
-                raise self.error(prefix + key, "is required")
-            return default
-        kind = "a positive number" if strict else "a non-negative number" if minimum == 0.0 else "a number"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self.error(prefix + key, f"expected {kind}, got {_describe(value)}")
-        if minimum is not None and (value < minimum or (strict and value <= minimum)):
-            raise self.error(prefix + key, f"expected {kind}, got {value}")
-        return float(value)
-
-    def fraction(
-        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
-    ) -> Any:
-        value = data.get(key)
-        if value is None:
-            if default is _Parser._REQUIRED:
-                raise self.error(prefix + key, "is required")
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise self.error(prefix + key, f"expected a share between 0 and 1 (like 0.5), got {_describe(value)}")
-        return float(value)
-
-    def duration(
-        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
-    ) -> Any:
-        value = data.get(key)
-        if value is None:
-            if default is _Parser._REQUIRED:
-                raise self.error(prefix + key, "is required")
-            return default
-        seconds = parse_duration(value)
-        if seconds is None or seconds <= 0:
-            raise self.error(
-                prefix + key,
-                f"expected a positive duration in seconds or like '90s', '20m', '6h', '1h30m', got {_describe(value)}",
-            )
-        return seconds
-
-    def size(
-        self, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _REQUIRED,
-    ) -> Any:
-        value = data.get(key)
-        if value is None:
-            if default is _Parser._REQUIRED:
-                raise self.error(prefix + key, "is required")
-            return default
-        size = parse_size(value)
-        if size is None or size <= 0:
-            raise self.error(
-                prefix + key, f"expected a positive size in bytes or like '64MB', '1GiB', got {_describe(value)}"
-            )
-        return size
+        converted = shape.convert(value)
+        if converted is INVALID:
+            raise self.error(prefix + key, f"expected {shape.expected}, got {_describe(value)}")
+        return converted
 
 
 def _no_userinfo(url: str) -> str:
