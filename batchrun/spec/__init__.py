@@ -22,6 +22,9 @@ Conventions the rest of batchrun can rely on:
   the emulator own their meaning. For text-to-image, the parameters the toolkit documents
   (``negative_prompt``, ``num_inference_steps``, ``guidance_scale``, ``width``, ``height``) are
   type-checked, and ``seed`` is refused: it is set per row from ``image.seed_column`` / ``image.seed``.
+- Each key is declared once, on its config field (:func:`batchrun.spec._shape.key`): its shape, its
+  default and what it is for. The parser reads keys through it, and :func:`json_schema` (``batchrun
+  schema``) is derived from it.
 - ``image`` holds the image options of the two image tasks (see :class:`ImageSpec`); a key that
   does not apply to the job's task is an error, like an unknown one.
 """
@@ -53,6 +56,7 @@ from batchrun.spec._model import (
     answer_cap,
 )
 from batchrun.spec._parse import load_spec, parse_spec
+from batchrun.spec._schema import json_schema
 from batchrun.spec._units import parse_duration, parse_size
 from batchrun.spec._yaml import MAX_ALIAS_EXPANSION
 
@@ -82,6 +86,7 @@ __all__ = [
     "RetrySpec",
     "ScaleSpec",
     "answer_cap",
+    "json_schema",
     "load_spec",
     "parse_duration",
     "parse_size",
