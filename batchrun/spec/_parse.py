@@ -40,7 +40,7 @@ from batchrun.spec._model import (
     ScaleSpec,
     _template_fields,
 )
-from batchrun.spec._shape import INVALID, Shape, default_of, shape_of, spec_fields, spec_keys
+from batchrun.spec._shape import INVALID, Shape, declared, default_of, spec_keys
 from batchrun.spec._yaml import _AliasBomb, _DuplicateKey, _SpecLoader, _yaml_error
 from batchrun.task_kinds import TASK_KINDS, TaskKind
 
@@ -789,10 +789,10 @@ class _Parser:
         self, spec_class: type, data: Mapping[str, Any], key: str, *, prefix: str = "", default: Any = _DECLARED,
     ) -> Any:
         """Key ``key`` of ``data``, read as ``spec_class`` declares it: its shape, and its default unless given."""
+        shape, declared_default = declared(spec_class)[key]
         if default is _DECLARED:
-            field = next(f for f in spec_fields(spec_class) if f.name == key)
-            default = _REQUIRED if field.default is dataclasses.MISSING else field.default
-        return self.read(data, key, shape_of(spec_class, key), prefix=prefix, default=default)
+            default = _REQUIRED if declared_default is dataclasses.MISSING else declared_default
+        return self.read(data, key, shape, prefix=prefix, default=default)
 
     def read(
         self, data: Mapping[str, Any], key: str, shape: Shape, *, prefix: str = "", default: Any = _REQUIRED,

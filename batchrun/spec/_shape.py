@@ -9,6 +9,7 @@ key table to them. Fields made without :func:`key` (``JobSpec.file``, ``raw``...
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -147,9 +148,16 @@ def key(shape: Shape, doc: str, default: Any = dataclasses.MISSING, *, default_f
     return dataclasses.field(default=default, metadata=metadata)
 
 
+@functools.cache
 def spec_fields(spec_class: type) -> tuple[dataclasses.Field[Any], ...]:
     """The fields of ``spec_class`` that are spec keys, in declaration order."""
     return tuple(f for f in dataclasses.fields(spec_class) if "shape" in f.metadata)
+
+
+@functools.cache
+def declared(spec_class: type) -> dict[str, tuple[Shape, Any]]:
+    """Each spec key of ``spec_class``: its shape, and its default (``dataclasses.MISSING`` if it has none)."""
+    return {f.name: (f.metadata["shape"], f.default) for f in spec_fields(spec_class)}
 
 
 def spec_keys(spec_class: type) -> tuple[str, ...]:
@@ -159,11 +167,10 @@ def spec_keys(spec_class: type) -> tuple[str, ...]:
 
 def shape_of(spec_class: type, name: str) -> Shape:
     """The declared shape of key ``name`` of ``spec_class``."""
-    for f in spec_fields(spec_class):
-        if f.name == name:
-            shape: Shape = f.metadata["shape"]
-            return shape
-    raise KeyError(f"{spec_class.__name__}.{name} is not a spec key")
+    try:
+        return declared(spec_class)[name][0]
+    except KeyError:
+        raise KeyError(f"{spec_class.__name__}.{name} is not a spec key") from None
 
 
 def default_of(spec_class: type, name: str) -> Any:
