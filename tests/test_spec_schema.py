@@ -27,13 +27,15 @@ MINIMAL = {
 
 
 @pytest.fixture(scope="module")
-def validator() -> jsonschema.Draft202012Validator:
+def validator() -> jsonschema.Draft7Validator:
     schema = json_schema()
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema)
+    draft = jsonschema.validators.validator_for(schema)
+    assert draft is jsonschema.Draft7Validator  # the draft editors' YAML tooling supports most widely
+    draft.check_schema(schema)
+    return draft(schema)
 
 
-def problems(validator: jsonschema.Draft202012Validator, data: Any) -> list[str]:
+def problems(validator: jsonschema.Draft7Validator, data: Any) -> list[str]:
     return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(data)]
 
 
@@ -121,7 +123,7 @@ def test_a_job_file_with_the_editor_line_still_loads(tmp_path: Path) -> None:
 def objects(node: dict[str, Any]) -> list[dict[str, Any]]:
     """The objects with declared keys that a value of ``node`` may be (through anyOf, list items, $ref)."""
     if "$ref" in node:
-        return objects(json_schema()["$defs"][node["$ref"].rsplit("/", 1)[-1]])
+        return objects(json_schema()["definitions"][node["$ref"].rsplit("/", 1)[-1]])
     if "properties" in node:
         return [node]
     nested = [*node.get("anyOf", []), *([node["items"]] if "items" in node else [])]

@@ -16,7 +16,8 @@ from batchrun.spec._shape import spec_fields
 
 __all__ = ["json_schema"]
 
-DRAFT = "https://json-schema.org/draft/2020-12/schema"
+# Draft 7: the draft editors' YAML and JSON tooling supports most widely (SchemaStore's schemas use it).
+DRAFT = "http://json-schema.org/draft-07/schema#"
 
 # Where each input kind's rows come from (the dataset kind is InputSpec's ``dataset`` field).
 _INPUT_KIND_DOCS = {
@@ -27,7 +28,7 @@ _INPUT_KIND_DOCS = {
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of a job spec file."""
+    """The JSON Schema (draft 7) of a job spec file."""
     endpoint = _object(EndpointSpec)
     endpoint["oneOf"] = [{"required": [kind]} for kind in ("url", "local", "name")]
     schema: dict[str, Any] = {
@@ -35,10 +36,10 @@ def json_schema() -> dict[str, Any]:
         "title": "batchrun job spec",
         "description": "A batchrun job (README: The job spec). `batchrun validate JOB.yaml` checks the rest.",
         **_object(JobSpec),
-        "$defs": {"endpoint": endpoint},
+        "definitions": {"endpoint": endpoint},
     }
     properties = schema["properties"]
-    one = {"$ref": "#/$defs/endpoint"}
+    one = {"$ref": "#/definitions/endpoint"}
     properties["input"] = _described(_input(), JobSpec, "input")
     properties["endpoint"] = _described(
         {"anyOf": [one, {"type": "array", "minItems": 1, "items": one}]},
