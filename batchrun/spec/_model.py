@@ -38,6 +38,8 @@ _COUNT = Shape("integer", minimum=1)
 _SHARE = Shape("fraction")
 _SECONDS = Shape("number", minimum=0.0)
 
+#: The largest ``image.seed`` (a seed is a signed 64-bit integer).
+SEED_MAX = 2**63 - 1
 #: The most answers one row may ask for (``samples``).
 MAX_SAMPLES = 10_000
 
@@ -167,7 +169,7 @@ class ImageSpec:
         {"type": "string", "pattern": "^([pP][nN][gG]|[jJ][pP][eE]?[gG]|[wW][eE][bB][pP])$"}]}),
         "text-to-image: the format asked for and stored (png, jpeg or webp)", "png")
     seed_column: str | None = key(_TEXT, "text-to-image: the column holding each row's seed", None)
-    seed: int = key(Shape("custom", json={"type": "integer", "minimum": 0, "maximum": 2**63 - 1}),
+    seed: int = key(Shape("custom", json={"type": "integer", "minimum": 0, "maximum": SEED_MAX}),
                     "text-to-image: the job's seed, from which each row's is derived", 0)
     max_side: int | None = key(_COUNT, "vision: shrink a larger input image to this longer side", None)
     base_dir: str | None = key(_TEXT, "vision: the folder relative image paths are looked up in", None)

@@ -26,6 +26,7 @@ from batchrun.spec._model import (
     ON_FINISH,
     OPENAI_BATCH_ID,
     OPENAI_BATCH_TASK,
+    SEED_MAX,
     BudgetSpec,
     ConcurrencySpec,
     DatasetSpec,
@@ -86,8 +87,6 @@ def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job")
 # --------------------------------------------------------------------------------------------------
 # Validation. One small parser object so that every check knows the file it reports against.
 
-
-
 # Every key's shape and default is declared once, on its config field (spec._shape.key); `file`, `raw`,
 # `endpoints` and `shard` are fields but not keys.
 _JOB_KEYS = spec_keys(JobSpec)
@@ -110,8 +109,12 @@ _TEXT_TO_IMAGE_PARAMETERS = {
     "width": "a positive integer",
     "height": "a positive integer",
 }
-_SEED_MAX = 2**63 - 1
 _ENDPOINT_KEYS = spec_keys(EndpointSpec)
+_SCALE_KEYS = spec_keys(ScaleSpec)
+_BUDGET_KEYS = spec_keys(BudgetSpec)
+_CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
+_RETRY_KEYS = spec_keys(RetrySpec)
+_OUTPUT_KEYS = spec_keys(OutputSpec)
 
 
 def _default_label(kind: str, url: str | None, local: Any, name: str | None, index: int) -> str:
@@ -161,12 +164,6 @@ def _distinct_url_labels(endpoints: list[EndpointSpec], *, given: list[bool]) ->
                 changed = True
     return [e if forms[i] is None else dataclasses.replace(e, label=label(i)) for i, e in enumerate(endpoints)]
 
-
-_SCALE_KEYS = spec_keys(ScaleSpec)
-_BUDGET_KEYS = spec_keys(BudgetSpec)
-_CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
-_RETRY_KEYS = spec_keys(RetrySpec)
-_OUTPUT_KEYS = spec_keys(OutputSpec)
 
 _REQUIRED: Any = object()  # a key with no default: missing is an error
 _DECLARED: Any = object()  # the default the key's config field declares
@@ -498,7 +495,7 @@ class _Parser:
             hint = _suggest(fmt.lower(), IMAGE_FORMATS) if isinstance(fmt, str) else ""
             raise self.error("image.format", f"expected one of {', '.join(IMAGE_FORMATS)}, got {_describe(fmt)}{hint}")
         seed = self.read(data, "seed", _NATURAL, prefix="image.", default=default_of(ImageSpec, "seed"))
-        if seed > _SEED_MAX:
+        if seed > SEED_MAX:
             raise self.error("image.seed", f"expected a non-negative integer below 2**63, got {seed}")
         return ImageSpec(
             format=fmt.lower(),
