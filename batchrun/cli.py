@@ -1,6 +1,7 @@
 """The `batchrun` command.
 
     batchrun validate JOB.yaml     check everything, spend nothing
+    batchrun schema                the job spec's JSON Schema, for editors that complete and check job files
     batchrun run JOB.yaml          run or resume the job (Ctrl-C is safe; run again to resume)
     batchrun status JOB.yaml       done / failed / remaining, from the output folder alone
     batchrun preview OUTPUT        a static HTML contact sheet of the results (images with prompts)
@@ -131,6 +132,31 @@ def _this_run_folder(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
     if path is None:
         return spec
     return dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=path))
+
+
+SCHEMA_DESCRIPTION = """\
+Print the JSON Schema of a job spec file: every key, its type, range and default, and unknown keys
+refused at every level. Editors that use the YAML language server (VS Code's YAML extension, Neovim,
+JetBrains IDEs) then complete and check job files as you type:
+
+  batchrun schema > batchrun.schema.json
+
+and make this the first line of a job file (the path is relative to the job file):
+
+  # yaml-language-server: $schema=../batchrun.schema.json
+
+The schema checks the spec's shape; `batchrun validate JOB.yaml` checks the rest (the task's keys,
+the template's columns, the input, the output folder, the token's hosts).
+"""
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from .spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -515,6 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-endpoint", action="store_true",
                    help="also read the endpoint's state from the control plane (read-only, costs nothing)")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("schema", help="print the job spec's JSON Schema (editor completion and checks)",
+                       description=SCHEMA_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("run", help="run or resume a job",
                        description="Run the job. Rows already done are skipped, so running it again resumes. "

@@ -35,7 +35,7 @@ def this_run(spec: JobSpec) -> tuple[JobSpec, str]:
 
 async def start_run(pre: Any, run_id: str, tally: Any, *, fresh: bool) -> RunProvenance:
     """This run's provenance, as far as preflight found it (the endpoint check, the first request)."""
-    from batchrun.tasks.samples import per_row_job_seed
+    from batchrun.spec import per_row_job_seed
 
     stored = pre.stored_job or {}
     if not fresh and isinstance(stored.get("run_id"), str):

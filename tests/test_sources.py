@@ -202,7 +202,7 @@ def test_image_structs_in_parquet_stay_raw_bytes(tmp_path):
 def id_scan(request, monkeypatch):
     """Each duplicate-id test runs both ways: counted exactly (small inputs) and by hashes (large ones)."""
     if request.param == "hashed":
-        monkeypatch.setattr(sources, "EXACT_ID_SCAN_ROWS", 0)
+        monkeypatch.setattr(sources._base, "EXACT_ID_SCAN_ROWS", 0)
     return request.param
 
 
@@ -237,8 +237,8 @@ def test_a_hash_collision_is_not_reported_as_a_duplicate(tmp_path, monkeypatch):
     import numpy as np
 
     # Every id hashes alike: only the confirming pass can tell real duplicates from collisions.
-    monkeypatch.setattr(sources, "EXACT_ID_SCAN_ROWS", 0)
-    monkeypatch.setattr(sources, "_hash_ids", lambda chunk: np.zeros(len(chunk), dtype=np.uint64))
+    monkeypatch.setattr(sources._base, "EXACT_ID_SCAN_ROWS", 0)
+    monkeypatch.setattr(sources._base, "_hash_ids", lambda chunk: np.zeros(len(chunk), dtype=np.uint64))
     write_parquet(tmp_path / "p.parquet", [1, 2, 3, 3])
     assert open_source(parquet_input("p.parquet", id_column="id")).find_duplicate_ids() == [3]
     write_parquet(tmp_path / "u.parquet", [1, 2, 3])
@@ -364,7 +364,7 @@ def test_values_with_no_common_type_become_their_json_text(tmp_path):
 
 
 def test_nested_values_get_the_type_they_all_unify_to(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "JSONL_NESTED_SAMPLE", 2)
+    monkeypatch.setattr(sources._jsonl_types, "JSONL_NESTED_SAMPLE", 2)
     write_jsonl(tmp_path / "q.jsonl", [{"t": {"a": 1}}, {"t": {"a": 2}}, {"t": {"a": 2.5, "b": "x"}}, {"t": None}])
     source = open_source(jsonl_input("q.jsonl"))
     assert source.schema.field("t").type == pa.struct([("a", pa.float64()), ("b", pa.string())])

@@ -88,7 +88,7 @@ def make_task(spec: JobSpec) -> Task:
     task_class = getattr(importlib.import_module(module_name), class_name)
     task: Task = task_class.from_spec(spec)
     seed = spec.parameters.get("seed")
-    from batchrun.tasks.samples import per_row_job_seed
+    from batchrun.spec import per_row_job_seed
 
     per_row = per_row_job_seed(seed)
     if spec.samples > 1:

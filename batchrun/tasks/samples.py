@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from batchrun.images import derive_seed
 from batchrun.records import SAMPLE_COLUMN
+from batchrun.spec import PER_ROW, per_row_job_seed
 from batchrun.task_kinds import task_kind
 from batchrun.tasks.base import PreparedRequest, Task, with_seed
 
@@ -61,21 +62,6 @@ class SampledTask:
 
 
 #: ``parameters.seed`` of a job whose every row is sent with its own stable seed.
-PER_ROW = "per-row"
-
-
-def per_row_job_seed(value: object) -> int | None:
-    """The job seed of ``parameters.seed: per-row`` (0) or ``per-row:N`` (N); None for anything else."""
-    if not isinstance(value, str) or not (value == PER_ROW or value.startswith(PER_ROW + ":")):
-        return None
-    tail = value[len(PER_ROW) + 1:]
-    if not tail:
-        return 0
-    if not tail.isdigit():
-        return None
-    return int(tail)
-
-
 class PerRowSeedTask(SampledTask):
     """``parameters.seed: per-row`` with one sample per row: each row is sent with its own seed.
 
