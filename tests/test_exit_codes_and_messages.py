@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from jobkit import NS, TOKEN, emulator, read_rows, run, running_endpoint, wait_until, write_spec, write_topics
+from jobkit import NS, TOKEN, emulator, read_rows, run, running_endpoint, wait_for_committed, write_spec, write_topics
 
 from batchrun.cli import main
 from batchrun.runner import RunOptions, run_job
@@ -163,7 +163,7 @@ def test_a_token_refused_after_rows_were_saved_stops_with_exit_3_not_2(tmp_path,
 
         thread = threading.Thread(target=job)
         thread.start()
-        wait_until(lambda: emu.stats()["endpoints"][f"{NS}/gen"]["requests"] >= 10)
+        wait_for_committed(tmp_path / "out" / "job", 10)  # rows saved: requests sent are not yet rows written
         server = emu.call(lambda: emu.emulator.find(NS, "gen"))
         emu.call(lambda: setattr(server, "_expected_auth", "Bearer a-rotated-token"))  # the token is revoked
         thread.join(timeout=120)
