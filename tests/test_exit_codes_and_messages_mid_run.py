@@ -11,18 +11,6 @@ from jobkit import NS, TOKEN, emulator, read_rows, running_endpoint, wait_for_co
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
 
-# --------------------------------------------------------------------------- a reader that went away
-
-
-# --------------------------------------------------------------------------- compare
-
-
-# --------------------------------------------------------------------------- runs
-
-
-# --------------------------------------------------------------------------- export
-
-
 # --------------------------------------------------------------------------- a token refused mid-run
 
 

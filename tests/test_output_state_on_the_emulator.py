@@ -54,5 +54,3 @@ def test_a_resumed_run_reads_the_shards_schema_back_instead_of_building_it_again
         new = pq.read_schema(path)
         assert new.equals(old)  # the same columns and types
         assert new.metadata[b"huggingface"] == old.metadata[b"huggingface"]  # the same features
-
-

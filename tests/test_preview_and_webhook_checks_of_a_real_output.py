@@ -16,5 +16,3 @@ def test_preview_of_a_real_output_still_writes_its_page(tmp_path, monkeypatch, c
     out = tmp_path / "out" / "job"
     assert main(["preview", str(out)]) == 0
     assert (out / "preview.html").is_file()
-
-

@@ -21,5 +21,3 @@ def test_batchrun_push_publishes_an_output_and_says_what_it_did(tmp_path, monkey
         assert bad.returncode == 2 and bad.stderr.startswith("error: cannot push to the Hub:")
         assert "Traceback" not in bad.stderr and TOKEN not in done.stdout + done.stderr + bad.stderr
         assert len(emu.hub.commits_of(REPO_ID)) == 2
-
-

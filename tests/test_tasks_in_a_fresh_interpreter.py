@@ -1,4 +1,6 @@
-"""What a fresh interpreter loads: the task registry, the spec and validate of a text job import no more than they need."""
+"""What a fresh interpreter loads: the task registry, the spec and validate of a text job import no more than they
+need.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-# ---------------------------------------------------------------------------------------- images
-
 
 # ---------------------------------------------------------------------------------------- registry
 
@@ -30,8 +29,3 @@ def test_validate_of_a_text_job_loads_neither_pillow_nor_datasets_nor_aiohttp(jo
     repo = Path(__file__).resolve().parent.parent
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
     assert done.stdout.strip() == "0 []", done.stderr
-
-
-# ---------------------------------------------------------------------------------- prompt values
-
-

@@ -1,4 +1,6 @@
-"""The transport against a real server on loopback: what a socket proves (an echoed token scrubbed, answers capped as they stream, a huge error page judged by its status)."""
+"""The transport against a real server on loopback: what a socket proves (an echoed token scrubbed, answers capped as
+they stream, a huge error page judged by its status).
+"""
 
 from __future__ import annotations
 
@@ -15,15 +17,6 @@ from batchrun.records import RowFailure, RowResult
 
 def forms(secret: str) -> list[str]:
     return [secret, base64.b64encode(secret.encode()).decode(), urllib.parse.quote(secret, safe="")]
-
-
-# ---------------------------------------------------------------------------------------- one seam
-
-
-# ---------------------------------------------------------------------------------------- host policy
-
-
-# ---------------------------------------------------------------------------------------- a whole job, no socket
 
 
 # ---------------------------------------------------------------------------------------- answers
@@ -112,8 +105,3 @@ def test_a_huge_error_page_is_judged_by_its_status() -> None:
 
     [record] = asyncio.run(main())
     assert isinstance(record, RowResult) and record.attempts == 2  # a 503, retried; not answer_too_large
-
-
-# ---------------------------------------------------------------------------------------- the spec
-
-

@@ -72,5 +72,3 @@ def test_a_failed_probe_waits_longer_before_the_next_up_to_a_ceiling():
         now += waits[-1]
     assert waits == [0.5, 1.0, 1.0, 1.0, 1.0]
     assert breaker.outage_s(now) == pytest.approx(now)  # one outage, however many probes failed
-
-

@@ -136,8 +136,3 @@ def test_export_refuses_the_same_file_for_results_and_errors(two_runs, tmp_path,
     assert not target.exists()  # nothing written
     assert main(["export", str(a), "--to", str(target)]) == 0
     assert len(target.read_text().splitlines()) == 5
-
-
-# --------------------------------------------------------------------------- a token refused mid-run
-
-
