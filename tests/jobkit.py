@@ -118,9 +118,10 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> 
 
     What a user sees is the same as from `python -m batchrun` (exit code, stdout, stderr), without starting
     a Python: the command's environment is ``env`` over this one's for the length of the call. A command
-    still running after ``timeout`` seconds ends the test run with every thread's traceback (a hang shows
-    where it hangs). Tests that need a process of its own (signals, kills, two processes, the console
-    script) use :func:`cli_process`.
+    still running after ``timeout`` seconds ends this test process (faulthandler dumps every thread's
+    traceback as it goes), so a hang fails the run instead of blocking it, as a subprocess's timeout did.
+    Tests that need a process of its own (signals, kills, two processes, the console script) use
+    :func:`cli_process`.
     """
     from batchrun.cli import main
 
