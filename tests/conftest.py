@@ -20,3 +20,13 @@ def _isolated_from_the_hub(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path_factory.getbasetemp() / "no-saved-token"))
     # Where jobs keep the user's endpoint settings while they change them (never ~/.cache in tests).
     monkeypatch.setenv("BATCHRUN_STATE_DIR", str(tmp_path_factory.mktemp("batchrun-state")))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject's addopts): one worker per core this process may run on, read from its CPU
+    affinity (xdist would ask psutil first, which counts the machine's cores, not the ones it is given).
+    On a single core the suite runs in this process, without a worker (``taskset -c 0``)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist reads it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if cores > 1 else 0

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import glob
+import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -110,7 +114,48 @@ def data_requests(emu: EmulatorThread, name: str = "gen") -> int:
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m batchrun ARGS` as a user would, from the repo root."""
+    """Run `batchrun ARGS` in this process, as `batchrun.cli.main([...])`, from the repo root.
+
+    What a user sees is the same as from `python -m batchrun` (exit code, stdout, stderr), without starting
+    a Python: the command's environment is ``env`` over this one's for the length of the call. A command
+    still running after ``timeout`` seconds ends this test process (faulthandler dumps every thread's
+    traceback as it goes), so a hang fails the run instead of blocking it, as a subprocess's timeout did.
+    Tests that need a process of its own (signals, kills, two processes, the console script) use
+    :func:`cli_process`.
+    """
+    from batchrun.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = {key: os.environ.get(key) for key in (env or {})}
+    saved_cwd = os.getcwd()
+    root = logging.getLogger()
+    saved_logging = (root.handlers[:], root.level)
+    os.environ.update(env or {})
+    os.chdir(REPO)
+    faulthandler.dump_traceback_later(timeout, exit=True)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:  # argparse: a usage error, or --help
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        os.chdir(saved_cwd)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        root.handlers[:], level = saved_logging
+        root.setLevel(level)
+    return subprocess.CompletedProcess(["batchrun", *args], code, out.getvalue(), err.getvalue())
+
+
+def cli_process(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m batchrun ARGS` as a process of its own, as a user would, from the repo root."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "batchrun", *args],

@@ -313,7 +313,7 @@ def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs
     # The user's settings are kept per endpoint in batchrun's state folder, not in the output folder, so
     # they survive `--fresh` (which moves the output aside) and a run into another output folder.
     with emulator(paused_endpoint(latency_base_s=0.05)) as emu:
-        spec = job(tmp_path, emu, n=300, spec={"concurrency": {"max": 4, "initial": 4}})
+        spec = job(tmp_path, emu, n=150, spec={"concurrency": {"max": 4, "initial": 4}})
         proc = _start(spec)
         try:
             wait_for_requests(emu, 20, proc)
@@ -331,7 +331,7 @@ def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs
         if rerun == "fresh":
             args.append("--fresh")
         elif rerun == "other-output":
-            spec, output = job(tmp_path, emu, n=300, name="other"), "other"
+            spec, output = job(tmp_path, emu, n=150, name="other"), "other"
             args = [str(spec)]
         finished = cli("run", *args, "--progress", "off", env={"HF_TOKEN": TOKEN})
         assert finished.returncode == 0, finished.stderr
@@ -339,4 +339,4 @@ def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs
         assert_put_back(emu)
         assert not saved.exists()
         assert list(saved.parent.iterdir()) == []
-    assert len(read_ids(tmp_path / "out" / output / "data")) == 300
+    assert len(read_ids(tmp_path / "out" / output / "data")) == 150

@@ -216,7 +216,7 @@ def test_validate_and_a_spec_typo_cost_nothing(tmp_path):
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_a_signal_stops_commits_pauses_and_exits_3_then_resume_finishes(tmp_path, signame):
     with emulator(running_endpoint(initial_state="paused", latency_base_s=0.05)) as emu:
-        input_path = write_topics(tmp_path / "in" / "t.parquet", 400)
+        input_path = write_topics(tmp_path / "in" / "t.parquet", 200)
         endpoint = {"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": "10s"}
         spec = write_spec(tmp_path, endpoint=endpoint, input_path=input_path, name="sig",
                           concurrency={"max": 4, "initial": 4}, output={"shard_rows": 10})
@@ -234,11 +234,11 @@ def test_a_signal_stops_commits_pauses_and_exits_3_then_resume_finishes(tmp_path
         last_request = emu.stats()["endpoints"][f"{NS}/gen"]["last_request_at"]
         assert last_request <= pauses[0]["t"]  # nothing reached the endpoint after the pause
         partial = read_ids(out / "data")
-        assert 0 < len(partial) < 400
+        assert 0 < len(partial) < 200
         result = cli("run", str(spec), "--progress", "off", env={"HF_TOKEN": TOKEN})
         assert result.returncode == 0, result.stderr
     ids = read_ids(out / "data")
-    assert sorted(ids) == [f"row-{i:05d}" for i in range(400)]  # none lost, none twice
+    assert sorted(ids) == [f"row-{i:05d}" for i in range(200)]  # none lost, none twice
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hubkit import card_of, point_at_hub
-from jobkit import NS, TOKEN, cli, emulator, running_endpoint
+from jobkit import NS, TOKEN, cli_process, emulator, running_endpoint
 
 REPO = "hub-test/topics"
 
@@ -123,10 +123,10 @@ def test_a_job_reads_one_emulated_repo_and_pushes_to_another_offline_through_hf_
         # Online, but the only Hub there is is the emulator on loopback.
         env = {"HF_ENDPOINT": emu.hub_url, "HF_TOKEN": TOKEN, "HF_HOME": str(tmp_path / "hf-home"),
                "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"}
-        done = cli("run", str(path), "--progress", "off", env=env)
+        done = cli_process("run", str(path), "--progress", "off", env=env)
         assert done.returncode == 0, done.stderr
         files = emu.hub.files("hub-test/answers")
-        again = cli("push", str(tmp_path / "out"), env=env)  # the repo comes from the spec
+        again = cli_process("push", str(tmp_path / "out"), env=env)  # the repo comes from the spec
         assert again.returncode == 0, again.stderr
         assert "up to date" in again.stdout
     meta, body = card_of(files)

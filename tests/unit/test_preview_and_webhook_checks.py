@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from jobkit import NS, TOKEN, emulator, run, running_endpoint, write_spec, write_topics
+from jobkit import write_spec, write_topics
 
 from batchrun.cli import main
 from batchrun.errors import SpecError
@@ -20,17 +20,6 @@ def test_preview_refuses_a_folder_that_is_not_a_batchrun_output(tmp_path, capsys
     assert main(["preview", str(folder)]) == 2
     assert "not a batchrun output folder" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # nothing written into it
-
-
-def test_preview_of_a_real_output_still_writes_its_page(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    input_path = write_topics(tmp_path / "topics.parquet", 3)
-    with emulator(running_endpoint()) as emu:
-        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path)
-        assert run(spec)[0].exit_code == 0
-    out = tmp_path / "out" / "job"
-    assert main(["preview", str(out)]) == 0
-    assert (out / "preview.html").is_file()
 
 
 def _spec_with_webhook(tmp_path, webhook: str):

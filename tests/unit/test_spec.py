@@ -24,7 +24,7 @@ from batchrun.spec import (
 )
 from batchrun.task_kinds import TASK_KINDS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 MINIMAL = {
     "task": "chat-completion",

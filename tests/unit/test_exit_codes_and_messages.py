@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import sys
-import threading
 from pathlib import Path
 
 import pytest
-from jobkit import NS, TOKEN, emulator, read_rows, run, running_endpoint, wait_until, write_spec, write_topics
+from jobkit import NS, TOKEN, emulator, run, running_endpoint, write_spec, write_topics
 
 from batchrun.cli import main
-from batchrun.runner import RunOptions, run_job
 from batchrun.runs import find_runs, format_runs
-from batchrun.spec import load_spec
 
 
 @pytest.fixture(scope="module")
@@ -141,35 +136,3 @@ def test_export_refuses_the_same_file_for_results_and_errors(two_runs, tmp_path,
     assert not target.exists()  # nothing written
     assert main(["export", str(a), "--to", str(target)]) == 0
     assert len(target.read_text().splitlines()) == 5
-
-
-# --------------------------------------------------------------------------- a token refused mid-run
-
-
-def test_a_token_refused_after_rows_were_saved_stops_with_exit_3_not_2(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    input_path = write_topics(tmp_path / "topics.parquet", 60)
-    with emulator(running_endpoint(latency_base_s=0.02)) as emu:
-        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")}, input_path=input_path,
-                          concurrency={"max": 2, "initial": 2}, output={"shard_rows": 5})
-        result: dict = {}
-        options = RunOptions(progress="off", handle_signals=False, echo=lambda _: None, poll_interval_s=0.02)
-
-        def job() -> None:
-            try:
-                result["outcome"] = asyncio.run(run_job(load_spec(spec), options))
-            except Exception as exc:  # the test reports what was raised
-                result["error"] = exc
-
-        thread = threading.Thread(target=job)
-        thread.start()
-        wait_until(lambda: emu.stats()["endpoints"][f"{NS}/gen"]["requests"] >= 10)
-        server = emu.call(lambda: emu.emulator.find(NS, "gen"))
-        emu.call(lambda: setattr(server, "_expected_auth", "Bearer a-rotated-token"))  # the token is revoked
-        thread.join(timeout=120)
-    assert "error" not in result, result.get("error")
-    outcome = result["outcome"]
-    assert outcome.exit_code == 3 and outcome.summary["stop_kind"] == "auth"
-    saved = read_rows(tmp_path / "out" / "job" / "data")
-    assert 10 <= len(saved) < 60 and outcome.summary["rows"]["ok"] == len(saved)
-    assert json.loads((tmp_path / "out" / "job" / "state" / "summary.json").read_text())["exit_code"] == 3
