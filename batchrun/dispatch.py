@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from batchrun.breaker import Admission, CircuitBreaker
+from batchrun.dispatch_stats import DispatchStats, LatencyReservoir
 from batchrun.endpoints.base import DataPlane
 from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact
 from batchrun.facts import MAX_MESSAGE_CHARS
@@ -60,6 +60,7 @@ from batchrun.retry import (
     is_paused_answer,
     next_step,
     parse_retry_after,
+    server_message,
 )
 from batchrun.routing import Route, pick
 from batchrun.spec import (
@@ -84,7 +85,6 @@ from batchrun.transport import (
 
 __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencyReservoir"]
 
-# Server text kept in a failure row: enough to read the reason, not a whole HTML error page.
 # Longest single wait while the retry budget is spent: new requests elsewhere raise the allowance,
 # so look again this often rather than sleeping until the oldest retry expires.
 _BUDGET_POLL_S = 0.25
@@ -118,57 +118,6 @@ class DispatchConfig:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         if self.retry_budget_ratio < 0:
             raise ValueError(f"retry_budget_ratio must not be negative, got {self.retry_budget_ratio}")
-
-
-class LatencyReservoir:
-    """A fixed-size uniform sample of latencies (reservoir sampling) for p50/p95 at constant memory."""
-
-    def __init__(self, size: int = 4096, *, seed: int = 0) -> None:
-        self.size = size
-        self.count = 0
-        self._values: list[float] = []
-        self._rng = random.Random(seed)
-
-    def add(self, value: float) -> None:
-        """Offer one latency to the sample."""
-        self.count += 1
-        if len(self._values) < self.size:
-            self._values.append(value)
-            return
-        slot = self._rng.randrange(self.count)
-        if slot < self.size:
-            self._values[slot] = value
-
-    def quantile(self, q: float) -> float | None:
-        """The ``q`` quantile (0..1) of the sample, or None before any latency was seen."""
-        if not self._values:
-            return None
-        ordered = sorted(self._values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-@dataclass
-class DispatchStats:
-    """The requests' live counters, read by the progress line and the summary alike.
-
-    ``status_counts`` keys are HTTP statuses or failure kinds. Rows are counted once, where their
-    records go (:class:`~batchrun.tally.Tally`), not here; each endpoint's share is its route's.
-    """
-
-    sent: int = 0  # requests sent (attempts)
-    retries: int = 0  # attempts after a row's first
-    in_flight: int = 0
-    status_counts: dict[str, int] = field(default_factory=dict)
-    latencies: LatencyReservoir = field(default_factory=LatencyReservoir)
-    limit: int = 0  # the adaptive concurrency limit now
-
-    def figures(self) -> dict[str, object]:
-        """The summary's part: retries, statuses and latency quantiles."""
-        return {
-            "retries": self.retries,
-            "status_counts": dict(self.status_counts),
-            "latency_s": {"p50": self.latencies.quantile(0.5), "p95": self.latencies.quantile(0.95)},
-        }
 
 
 class _Abandon(Exception):
@@ -557,7 +506,7 @@ class Dispatcher:
                 self._count(FailureType.BAD_BODY)
                 raise
         verdict = classify(status)
-        message, model_answered = _server_message(status, payload)
+        message, model_answered = server_message(status, payload)
         if 300 <= status < 400 and headers.get("Location"):  # where it was sent is what the user must see
             message = redact(f"HTTP {status}: redirected to {headers['Location']}")[:MAX_MESSAGE_CHARS]
         if status == 400 and is_paused_answer(payload):
@@ -733,21 +682,3 @@ _NO_TRIES = Tries()  # a row's tries before its first failure (frozen: shared by
 def _is_rejected(failure: RequestFailed) -> bool:
     """TGI's own 429: no Retry-After, an instant refusal for want of capacity (it measures capacity)."""
     return failure.status == 429 and failure.retry_after is None
-
-
-def _server_message(status: int, body: bytes) -> tuple[str, bool]:
-    """A readable, redacted, bounded message from an error answer (TGI's JSON error, or raw text), and
-    whether the answer was the model server's own JSON error rather than a proxy's text."""
-    text = body[:4096].decode("utf-8", "replace")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        doc = None
-    model_answered = False
-    if isinstance(doc, dict) and "error" in doc:
-        model_answered = True
-        text = str(doc["error"])
-        if doc.get("error_type"):
-            text = f"{doc['error_type']}: {text}"
-    text = text.strip() or "(empty body)"
-    return redact(f"HTTP {status}: {text}")[:MAX_MESSAGE_CHARS], model_answered

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.cost import MARGIN_SHARE, Spent
 from batchrun.endpoints import Endpoint, EndpointCheck, EndpointPool, open_endpoints
@@ -42,6 +42,9 @@ from batchrun.tasks import (
     placeholder_column_problem,
     prompt_column_problem,
 )
+
+if TYPE_CHECKING:
+    from batchrun.output import OutputStore
 
 __all__ = ["Preflight", "preflight"]
 
@@ -130,12 +133,7 @@ async def preflight(
     data_columns(source.schema, id_column=spec.input.id_column, keep_columns=kept, output_schema=task.output_schema)
     previews = await asyncio.to_thread(_render_first_rows, spec, source, task)
     token = _resolve_token(spec)
-    spent = Spent()
-    if stored is not None and not fresh:
-        spent = Spent.from_record(await asyncio.to_thread(store.load_spend))
-    # What remains within the guard's margin could not buy a run: it would stop as soon as it started.
-    if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
-        raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
+    spent = await _spent_before(spec, store, stored, fresh=fresh)
     runs_before = int((stored or {}).get("runs", 0)) if not fresh else 0
     pool = open_endpoints(
         spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or POLL_INTERVAL_S,
@@ -151,14 +149,8 @@ async def preflight(
     if finished and stored is not None:
         known = stored.get("identity") or {}
         identity.update({key: known[key] for key in _KNOWN_ONLY if key in known})
-    # A shard's first run is held to the settings its sibling shards already wrote into the folder.
-    reference = stored if stored is not None or store.shard is None else await asyncio.to_thread(
-        OutputStore.job_of, store.root)
-    if reference is not None and not fresh:
-        changed = compare_identity(reference.get("identity", {}), identity)
-        changed += _kept_columns_change(reference, spec, source, task, kept)
-        if changed:
-            raise ConfigMismatchError(str(store.root), changed, shard=store.shard)
+    if not fresh:
+        await _check_same_job(spec, store, stored, identity, source, task, kept)
     # Last, as it is the only check that writes (a probe file): a job refused above leaves no trace.
     await asyncio.to_thread(store.check_writable)
     return Preflight(
@@ -177,6 +169,36 @@ async def preflight(
         spent=spent,
         unencodable=_unencodable_rows(source),
     )
+
+
+async def _spent_before(spec: JobSpec, store: OutputStore, stored: dict[str, Any] | None, *, fresh: bool) -> Spent:
+    """What the job spent in its earlier runs; refused when what remains of the budget could not buy a run."""
+    spent = Spent()
+    if stored is not None and not fresh:
+        spent = Spent.from_record(await asyncio.to_thread(store.load_spend))
+    # What remains within the guard's margin could not buy a run: it would stop as soon as it started.
+    if spec.budget.max_usd is not None and spent.usd >= spec.budget.max_usd * (1 - MARGIN_SHARE):
+        raise BudgetSpentError(spec.budget.max_usd, spent.usd, spent.runs)
+    return spent
+
+
+async def _check_same_job(
+    spec: JobSpec, store: OutputStore, stored: dict[str, Any] | None, identity: dict[str, Any], source: Source,
+    task: Task, kept: tuple[str, ...],
+) -> None:
+    """The output already holds this job under these settings, or nothing: a changed job is refused.
+
+    A shard's first run is held to the settings its sibling shards already wrote into the folder."""
+    from batchrun.output import OutputStore
+
+    reference = stored if stored is not None or store.shard is None else await asyncio.to_thread(
+        OutputStore.job_of, store.root)
+    if reference is None:
+        return
+    changed = compare_identity(reference.get("identity", {}), identity)
+    changed += _kept_columns_change(reference, spec, source, task, kept)
+    if changed:
+        raise ConfigMismatchError(str(store.root), changed, shard=store.shard)
 
 
 def _check_notify(spec: JobSpec) -> None:

@@ -26,9 +26,13 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from batchrun.endpoints import DataPlane, EndpointCheck
+    from batchrun.preflight import Preflight
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +175,7 @@ class RunProvenance:
         return len(self.segments) > 1
 
 
-def endpoint_fields(check: Any) -> dict[str, Any]:
+def endpoint_fields(check: EndpointCheck | None) -> dict[str, Any]:
     """model, revision, hardware, image and server version from an EndpointCheck (None where unknown)."""
     if check is None:
         return {}
@@ -188,7 +192,7 @@ def endpoint_fields(check: Any) -> dict[str, Any]:
 _PROMPT_KEYS = ("inputs", "messages", "prompt", "input")
 
 
-def sent_parameters(pre: Any) -> dict[str, Any]:
+def sent_parameters(pre: Preflight) -> dict[str, Any]:
     """Every parameter the first row's request carries, the prompt left out (it is the row's, not the job's).
 
     Read from a real prepared request, so that defaults a task adds (a token limit, a response format)
@@ -214,7 +218,7 @@ def sent_parameters(pre: Any) -> dict[str, Any]:
 class RevisionWatch:
     """Asks the endpoint's ``GET /info`` which revision it serves, every ``interval_s`` and at the end."""
 
-    def __init__(self, plane: Any, run: RunProvenance, *, interval_s: float = REVISION_POLL_S,
+    def __init__(self, plane: DataPlane, run: RunProvenance, *, interval_s: float = REVISION_POLL_S,
                  echo: Callable[[str], None] = print) -> None:
         self.plane = plane
         self.run = run
@@ -268,7 +272,7 @@ class RevisionWatch:
 
 
 @contextlib.asynccontextmanager
-async def watch_revision(run: RunProvenance | None, plane: Any, *, interval_s: float,
+async def watch_revision(run: RunProvenance | None, plane: DataPlane, *, interval_s: float,
                          echo: Callable[[str], None]) -> AsyncIterator[None]:
     """Follow the served revision while the body runs; ask once more at its end (not when cancelled).
 

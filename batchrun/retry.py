@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email.utils
 import enum
+import json
 import math
 import random
 import time
@@ -24,7 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from batchrun.errors import RequestFailed
+from batchrun.errors import RequestFailed, redact
+from batchrun.facts import MAX_MESSAGE_CHARS
 from batchrun.records import FailureType
 from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, RetrySpec
 from batchrun.tasks.base import Redraw
@@ -47,6 +49,7 @@ __all__ = [
     "is_unavailable",
     "next_step",
     "parse_retry_after",
+    "server_message",
 ]
 
 
@@ -494,3 +497,21 @@ def _after_failure(
     if not decision.retry:
         return Step(Action.FAIL, tries, failure=failure)
     return Step(Action.RETRY, tries, delay_s=decision.delay_s)
+
+
+def server_message(status: int, body: bytes) -> tuple[str, bool]:
+    """A readable, redacted, bounded message from an error answer (TGI's JSON error, or raw text), and
+    whether the answer was the model server's own JSON error rather than a proxy's text."""
+    text = body[:4096].decode("utf-8", "replace")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    model_answered = False
+    if isinstance(doc, dict) and "error" in doc:
+        model_answered = True
+        text = str(doc["error"])
+        if doc.get("error_type"):
+            text = f"{doc['error_type']}: {text}"
+    text = text.strip() or "(empty body)"
+    return redact(f"HTTP {status}: {text}")[:MAX_MESSAGE_CHARS], model_answered

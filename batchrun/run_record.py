@@ -14,11 +14,16 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.errors import BatchrunError, register_secret
 from batchrun.provenance import RunProvenance, endpoint_fields, now_iso, resolve_output, sent_parameters
 from batchrun.spec import JobSpec
+
+if TYPE_CHECKING:
+    from batchrun.output import OutputStore
+    from batchrun.preflight import Preflight
+    from batchrun.tally import Tally
 
 __all__ = ["after_run", "finish_run", "job_fields", "start_run", "this_run"]
 
@@ -33,7 +38,7 @@ def this_run(spec: JobSpec) -> tuple[JobSpec, str]:
     return spec, run_id
 
 
-async def start_run(pre: Any, run_id: str, tally: Any, *, fresh: bool) -> RunProvenance:
+async def start_run(pre: Preflight, run_id: str, tally: Tally, *, fresh: bool) -> RunProvenance:
     """This run's provenance, as far as preflight found it (the endpoint check, the first request)."""
     from batchrun.spec import per_row_job_seed
 
@@ -51,7 +56,7 @@ async def start_run(pre: Any, run_id: str, tally: Any, *, fresh: bool) -> RunPro
     return run
 
 
-def job_fields(pre: Any, stored_job: dict[str, Any] | None) -> dict[str, Any]:
+def job_fields(pre: Preflight, stored_job: dict[str, Any] | None) -> dict[str, Any]:
     """What job.json records besides the spec: the run id and this run's provenance."""
     run = pre.run
     if run is None:
@@ -59,7 +64,7 @@ def job_fields(pre: Any, stored_job: dict[str, Any] | None) -> dict[str, Any]:
     return {"run_id": run.run_id, "provenance": run.record(pre.fingerprint)}
 
 
-async def finish_run(pre: Any, store: Any, summary: dict[str, Any]) -> None:
+async def finish_run(pre: Preflight, store: OutputStore, summary: dict[str, Any]) -> None:
     """The end time, revision changes and scores join the summary; job.json gets the final provenance."""
     run = pre.run
     if run is None:
@@ -85,7 +90,7 @@ def _score_figures(root: Any, scoring: Any) -> dict[str, Any]:
     return figures
 
 
-async def after_run(pre: Any, summary: dict[str, Any], *, compare_with: str | None,
+async def after_run(pre: Preflight, summary: dict[str, Any], *, compare_with: str | None,
                     echo: Callable[[str], None]) -> None:
     """Compare with an earlier run when asked, then post the notification. Neither changes the exit code."""
     verdict = None
