@@ -53,7 +53,7 @@ def test_listing_delete_upload_and_missing_keys(store, tmp_path):
     assert store.list("nothing") == []
     with pytest.raises(ObjectStoreError) as caught:
         store.get("data/part-1.parquet")
-    assert caught.value.key == "data/part-1.parquet"
+    assert caught.value.key == "data/part-1.parquet" and caught.value.missing
 
 
 def test_store_urls_are_told_from_local_paths():

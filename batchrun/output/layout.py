@@ -62,9 +62,28 @@ class OutputStore:
 
     @classmethod
     def for_spec(cls, spec: Any) -> OutputStore:
-        """The store a job's spec writes: its output folder, or its shard's part of it."""
+        """The store a job's spec writes: its output folder, or its shard's part of it (on object storage, an
+        :class:`~batchrun.output.remote.ObjectOutputStore`)."""
         shard = getattr(spec, "shard", None)
+        from batchrun.output.stores.base import is_store_url
+
+        if is_store_url(spec.output.path):
+            from batchrun.output.remote import ObjectOutputStore
+
+            return ObjectOutputStore(spec.output.path, shard.folder if shard is not None else None)
         return cls(spec.output.path, shard.folder if shard is not None else None)
+
+    def writer_lock(self) -> Any:
+        """The lock that makes a run this store's only writer (an :class:`~batchrun.output.lock.OutputLock`)."""
+        from batchrun.output.lock import OutputLock
+
+        return OutputLock(self)
+
+    def new_sink(self, **options: Any) -> Any:
+        """The sink that writes this store (a :class:`~batchrun.output.sink.ParquetSink`)."""
+        from batchrun.output.sink import ParquetSink
+
+        return ParquetSink(self, **options)
 
     @staticmethod
     def shard_names(root: str | Path) -> list[str]:

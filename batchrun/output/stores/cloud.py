@@ -80,8 +80,8 @@ class ObStore:
         try:
             result = obstore.get(self._store, key)
             data = result.bytes().to_bytes()
-        except NotFoundError:
-            raise ObjectStoreError(f"{self.url}/{key} does not exist", key) from None
+        except (NotFoundError, FileNotFoundError):
+            raise ObjectStoreError(f"{self.url}/{key} does not exist", key, missing=True) from None
         except Exception as exc:
             raise self._error(key, exc) from exc
         meta = result.meta
@@ -98,7 +98,7 @@ class ObStore:
     def delete(self, key: str) -> None:
         try:
             obstore.delete(self._store, key)
-        except NotFoundError:
+        except (NotFoundError, FileNotFoundError):
             pass
         except Exception as exc:
             raise self._error(key, exc) from exc

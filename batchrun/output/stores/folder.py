@@ -98,7 +98,7 @@ class FolderStore:
         try:
             data = self._path(key).read_bytes()
         except FileNotFoundError:
-            raise ObjectStoreError(f"{key} does not exist in {self.url}", key) from None
+            raise ObjectStoreError(f"{key} does not exist in {self.url}", key, missing=True) from None
         return data, Version(hashlib.sha256(data).hexdigest())
 
     def list(self, prefix: str) -> list[ObjectInfo]:
