@@ -247,9 +247,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .cost import Spent
     from .output import OutputStore, read_lock, read_status
+    from .output.remote import readable
 
     spec = _load(args)
-    root = Path(spec.output.path)
+    root = readable(spec.output.path)  # an object store: a local copy of its committed union
     if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
 
@@ -702,8 +703,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = stdout
 
 
+def _read_from_stores(args: argparse.Namespace) -> None:
+    """A reader given an output in an object store (s3://, gs://) reads a local copy of its committed union."""
+    if args.func not in (cmd_preview, cmd_export, cmd_push, cmd_compare, cmd_runs):
+        return
+    from .output.remote import readable
+
+    for name in ("output", "folder", "run_a", "run_b"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "://" in value:
+            setattr(args, name, str(readable(value)))
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
+        _read_from_stores(args)
         return int(args.func(args) or 0)
     except BatchrunError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)

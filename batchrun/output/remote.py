@@ -363,6 +363,19 @@ class ObjectOutputStore(OutputStore):
         raise OutputError(f"--fresh on {self.url}: an object store has no rename to set the output aside. "
                           "Write to another prefix, or remove this one with the store's tools first")
 
+    def read_status(self) -> Any:
+        """What this writer's part holds, from its commit records alone (each says its rows and retryable ones)."""
+        from batchrun.output.status import OutputStatus
+
+        listed, _ = self.commits.read()
+        data = [r for r in listed.values() if r["kind"] == "data"]
+        failed = [r for r in listed.values() if r["kind"] != "data"]
+        retryable = sum(int(r.get("retryable", 0)) for r in failed)
+        rows_failed = sum(int(r["rows"]) for r in failed)
+        return OutputStatus(ok=sum(int(r["rows"]) for r in data), failed=rows_failed - retryable,
+                            failed_retryable=retryable, data_shards=len(data), failed_shards=len(failed),
+                            last_summary=self.load_summary(), job=self.load_job())
+
     def writer_lock(self) -> ShardLease:
         self.lease = ShardLease(self.commits)
         return self.lease

@@ -36,7 +36,8 @@ def read_status(root: str | Path | OutputStore) -> OutputStatus:
     union of every store that writes into it (each shard of a split job); a store counts its own part.
     """
     if isinstance(root, OutputStore):
-        return _read_part(root)
+        counted = getattr(root, "read_status", None)  # an output in an object store counts its commit records
+        return counted() if counted is not None else _read_part(root)
     path = Path(root)
     if path.exists() and not path.is_dir():
         raise OutputError(f"{path} is not an output folder (it is a file)")
