@@ -321,7 +321,7 @@ class ObjectOutputStore(OutputStore):
             if names:
                 raise OutputError(f"{self.url} holds a job split into shards: run each shard with --shard I/N")
             return
-        if any(not k.key.startswith(f"state/{SHARDS_STATE}/") for k in self.objects.list("state")):
+        if self.objects.list("state/commits") or Commits(self.objects, None).load("job.json") is not None:
             raise OutputError(f"{self.url} holds a run made without --shard: use another output for the sharded job")
         mine = self.shard.rsplit("-of-", 1)[1]
         if others := sorted({name.rsplit("-of-", 1)[1] for name in names} - {mine}):
