@@ -126,3 +126,21 @@ def test_retryable_failures_are_reopened_and_permanent_ones_kept(output):
     ids = sorted(i for f in (copy / "data").glob("*.parquet") for i in pq.read_table(f).column("key").to_pylist())
     assert ids == ["row-000000", "row-000001"]
     assert len(keys("failed")) == 1  # the retired part was removed, its permanent row republished
+
+
+class _Unconditional(FolderStore):
+    """A store that ignores If-None-Match, as some S3-compatible stores do."""
+
+    def put_if_absent(self, key, data):
+        return self.put(key, data)
+
+
+def test_a_store_that_ignores_conditional_writes_is_found_out_and_said(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("BATCHRUN_CACHE_DIR", str(tmp_path / "cache"))
+    honest = ObjectOutputStore("s3://b/honest", store=FolderStore(tmp_path / "honest"))
+    honest.check_writable()
+    assert honest.conditional_writes is True
+    lax = ObjectOutputStore("s3://b/lax", store=_Unconditional(tmp_path / "lax"))
+    lax.check_writable()
+    assert lax.conditional_writes is False and "no_conditional_writes" in caplog.text
+    assert FolderStore(tmp_path / "lax").list("") == []  # the probe is gone

@@ -301,6 +301,8 @@ class ObjectOutputStore(OutputStore):
         self.objects = store if store is not None else open_store(self.url)
         self.commits = Commits(self.objects, shard)
         self.lease: ShardLease | None = None
+        #: Whether the store refused a second create-if-absent (None: not probed yet; see check_writable).
+        self.conditional_writes: bool | None = None
 
     def __repr__(self) -> str:
         return f"ObjectOutputStore({self.url!r}{f', shard={self.shard!r}' if self.shard else ''})"
@@ -332,10 +334,21 @@ class ObjectOutputStore(OutputStore):
         """Write and remove a probe object (and prove the cache folder writable): nothing costs money first."""
         probe = f"{self.commits.prefix}write-probe-{secrets.token_hex(4)}"
         try:
-            self.objects.put(probe, b"batchrun write probe\n")
+            self.objects.put_if_absent(probe, b"batchrun write probe\n")
+            try:
+                self.objects.put_if_absent(probe, b"batchrun write probe\n")
+                self.conditional_writes = False
+            except PreconditionFailed:
+                self.conditional_writes = True
             self.objects.delete(probe)
         except ObjectStoreError as exc:
             raise OutputError(f"the output {self.url} is not writable: {exc}") from exc
+        if not self.conditional_writes:
+            # Parts and records keep their unique names, so one writer per shard is still exactly-once; what
+            # is lost is the refusal of a second writer and the exclusive guard of a shared endpoint.
+            logger.warning("output.no_conditional_writes url=%s (the store ignores If-None-Match: it cannot refuse "
+                           "a second writer of a shard; run one per shard, and bracket a shared endpoint with "
+                           "`batchrun endpoint up/down`; docs/object-storage.md)", self.url)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
