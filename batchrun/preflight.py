@@ -150,8 +150,7 @@ async def preflight(
         known = stored.get("identity") or {}
         identity.update({key: known[key] for key in _KNOWN_ONLY if key in known})
     # A shard's first run is held to the settings its sibling shards already wrote into the folder.
-    reference = stored if stored is not None or store.shard is None else await asyncio.to_thread(
-        OutputStore.job_of, store.root)
+    reference = stored if stored is not None or store.shard is None else await asyncio.to_thread(store.sibling_job)
     if reference is not None and not fresh:
         changed = compare_identity(reference.get("identity", {}), identity)
         changed += _kept_columns_change(reference, spec, source, task, kept)

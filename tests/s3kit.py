@@ -125,6 +125,7 @@ class HoldingProxy:
         self._go = threading.Event()
         self._forward = False
         self._rule: tuple[str, str] | None = None
+        self._skip = 0
         self._rule_lock = threading.Lock()
         proxy = self
 
@@ -179,15 +180,20 @@ class HoldingProxy:
         with self._rule_lock:
             if self._rule is None or method != self._rule[0] or self._rule[1] not in path:
                 return False
+            if self._skip:
+                self._skip -= 1
+                return False
             self._rule = None  # one request only
             return True
 
-    def hold(self, method: str, key_part: str) -> None:
+    def hold(self, method: str, key_part: str, *, skip: int = 0) -> None:
+        """Hold the next request ``method`` whose path holds ``key_part``, after letting ``skip`` of them pass."""
         self.held.clear()
         self.landed.clear()
         self._go.clear()
         with self._rule_lock:
             self._rule = (method, key_part)
+            self._skip = skip
 
     def release(self, *, forward: bool) -> None:
         self._forward = forward

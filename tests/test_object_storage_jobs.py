@@ -67,13 +67,11 @@ def test_sigkill_during_an_upload_and_during_a_commit_then_a_rerun_loses_and_dup
             for index, (key_part, lands) in enumerate(kills):
                 before = committed_rows(s3, url)
                 log = tmp_path / f"run-{index}.stderr"
+                proxy.hold("PUT", key_part, skip=1)  # the run's first part goes through; its second is held
                 proc = start_run(spec, log=log, env=env)
                 try:
-                    # Observed progress first: this run has committed a part of its own.
-                    wait_until(lambda before=before: committed_rows(s3, url) > before, proc=proc, log=log,
-                               interval=0.1, what="a part committed by this run")
-                    proxy.hold("PUT", key_part)
                     wait_until(proxy.held.is_set, proc=proc, log=log, what=f"a PUT of {key_part} in flight")
+                    assert committed_rows(s3, url) > before  # observed progress: this run committed a part
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(timeout=30)
                 finally:
@@ -87,6 +85,7 @@ def test_sigkill_during_an_upload_and_during_a_commit_then_a_rerun_loses_and_dup
                     wait_until(proxy.landed.is_set, what="the held request reached the store")
                 orphans = [k for k in s3.keys(url, "data/") if k not in committed(s3, url)]
                 seen.append((key_part, lands, committed_rows(s3, url), len(orphans)))
+            print(f"(held PUT, reached the store, rows committed, orphan parts) after each kill: {seen}")
             assert 0 < committed_rows(s3, url) < ROWS, seen
             assert any(orphans for _, _, _, orphans in seen), seen  # a part without a record was left somewhere
 

@@ -73,6 +73,10 @@ class OutputStore:
             return ObjectOutputStore(spec.output.path, shard.folder if shard is not None else None)
         return cls(spec.output.path, shard.folder if shard is not None else None)
 
+    def sibling_job(self) -> dict | None:
+        """The job another shard of this output already saved (what a shard's first run is held to)."""
+        return self.job_of(self.root)
+
     def writer_lock(self) -> Any:
         """The lock that makes a run this store's only writer (an :class:`~batchrun.output.lock.OutputLock`)."""
         from batchrun.output.lock import OutputLock

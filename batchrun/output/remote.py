@@ -376,6 +376,10 @@ class ObjectOutputStore(OutputStore):
         raise OutputError(f"--fresh on {self.url}: an object store has no rename to set the output aside. "
                           "Write to another prefix, or remove this one with the store's tools first")
 
+    def sibling_job(self) -> dict | None:
+        return next((job for shard in self._shards_in_store()
+                     if (job := Commits(self.objects, shard).load("job.json")) is not None), None)
+
     def read_status(self) -> Any:
         """What this writer's part holds, from its commit records alone (each says its rows and retryable ones)."""
         from batchrun.output.status import OutputStatus
@@ -546,7 +550,11 @@ def mirror(url: str, *, store: ObjectStore | None = None) -> Path:
     writers = [Commits(objects, shard) for shard in shards] or [Commits(objects, None)]
     wanted: set[str] = set()
     try:
+        pushed = (root / "state" / "hub.json").read_bytes() if (root / "state" / "hub.json").is_file() else None
         shutil.rmtree(root / "state", ignore_errors=True)
+        if pushed is not None:  # what `batchrun push` published from this copy: kept for the next push
+            (root / "state").mkdir(parents=True)
+            (root / "state" / "hub.json").write_bytes(pushed)
         for commits in writers:
             listed, _ = commits.read()
             state = OutputStore(root, commits.shard)
