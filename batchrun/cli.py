@@ -251,16 +251,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     spec = _load(args)
     root = readable(spec.output.path)  # an object store: a local copy of its committed union
+    shown = spec.output.path if "://" in spec.output.path else root
     if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
 
-        return print_union(root)
+        return print_union(root, shown=shown)
     status = read_status(root)
     lock = read_lock(root)
     if status.job is None and not status.data_shards and not status.failed_shards:
-        print(f"{root}: no run yet (nothing written)")
+        print(f"{shown}: no run yet (nothing written)")
         return 0
-    print(f"output: {root}")
+    print(f"output: {shown}")
     if lock is not None and lock.running:
         who = lock.holder.describe() if lock.holder is not None else "a process whose record cannot be read"
         print(f"  running now: {who}")

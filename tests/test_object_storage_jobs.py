@@ -105,6 +105,7 @@ def test_sigkill_during_an_upload_and_during_a_commit_then_a_rerun_loses_and_dup
     env = {**s3.environ(), "BATCHRUN_CACHE_DIR": str(tmp_path / "cache-reader")}
     status = cli("status", str(spec), env=env)
     assert status.returncode == 0 and f"ok: {ROWS} rows" in status.stdout, status.stdout + status.stderr
+    assert f"output: {url}\n" in status.stdout, status.stdout
     exported = cli("export", url, "--to", str(tmp_path / "all.jsonl"), env=env)
     assert exported.returncode == 0, exported.stderr
     lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
@@ -187,6 +188,7 @@ def test_four_shards_on_s3_killed_and_run_again_share_one_endpoint_and_hold_ever
     reader = {**env, "BATCHRUN_CACHE_DIR": str(tmp_path / "reader-cache")}
     status = cli("status", str(spec), env=reader)
     assert status.returncode == 0 and f"ok: {N_ROWS} rows" in status.stdout and "4 shard(s)" in status.stdout
+    assert f"output: {url} " in status.stdout, status.stdout
     runs = cli("runs", url, env=reader)
     assert runs.returncode == 0 and runs.stdout.splitlines()[1].split()[3:5] == [str(N_ROWS), "0"], runs.stdout
     compared = cli("compare", url, url, "--json", env=reader)
