@@ -6,15 +6,31 @@ the proof is the store's own listing, read with boto3 for S3.
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from s3kit import S3Server
-from test_sink import DATA_SCHEMA, failure, ok
 
 from batchrun.errors import OutputError, OutputLockedError
-from batchrun.output import read_status
+from batchrun.output import build_data_schema, read_status
 from batchrun.output.remote import ObjectOutputStore, ShardLease, mirror
 from batchrun.output.stores import FolderStore, open_store
+from batchrun.records import RowFailure, RowResult
+
+INPUT_SCHEMA = pa.schema([("key", pa.string()), ("prompt", pa.string())])
+OUTPUT_SCHEMA = pa.schema([("generated_text", pa.string()), ("finish_reason", pa.string())])
+DATA_SCHEMA = build_data_schema(INPUT_SCHEMA, id_column="key", keep_columns=None, output_schema=OUTPUT_SCHEMA)
+
+
+def ok(position: int) -> RowResult:
+    return RowResult(position=position, id=f"row-{position:06d}", kept={"prompt": f"prompt {position}"},
+                     output={"generated_text": "hello", "finish_reason": "stop"}, latency_s=0.25, attempts=1)
+
+
+def failure(position: int, *, retryable: bool) -> RowFailure:
+    return RowFailure(position=position, id=f"row-{position:06d}", error_type="http_503" if retryable else "validation",
+                      error="unavailable" if retryable else "invalid", status=503 if retryable else 422,
+                      attempts=3 if retryable else 1, retryable=retryable)
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,10 @@ def test_sigkill_during_an_upload_and_during_a_commit_then_a_rerun_loses_and_dup
                 try:
                     wait_until(proxy.held.is_set, proc=proc, log=log, what=f"a PUT of {key_part} in flight")
                     assert committed_rows(s3, url) > before  # observed progress: this run committed a part
+                    if index == 0:  # a second run on the same output is refused at once, naming the holder
+                        second = cli("run", str(spec), "--progress", "off", env={**env, "HF_TOKEN": TOKEN})
+                        assert second.returncode == 2, second.stderr
+                        assert f"pid {proc.pid}" in second.stderr and "another batchrun run" in second.stderr
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(timeout=30)
                 finally:
@@ -110,6 +114,8 @@ def test_sigkill_during_an_upload_and_during_a_commit_then_a_rerun_loses_and_dup
     assert exported.returncode == 0, exported.stderr
     lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
     assert sorted(line["custom_id"] if "custom_id" in line else line["id"] for line in lines) == sorted(ids)
+    preview = cli("preview", url, "--html", str(tmp_path / "preview.html"), env=env)
+    assert preview.returncode == 0 and "row-00000" in (tmp_path / "preview.html").read_text(), preview.stderr
     again = cli("run", str(spec), "--progress", "off", env={**env, "HF_TOKEN": TOKEN})
     assert again.returncode == 0 and committed(s3, url) == parts  # a finished job sends nothing, commits nothing
 
