@@ -247,11 +247,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .cost import Spent
     from .output import OutputStore, read_lock, read_status
-    from .output.remote import readable
-
     spec = _load(args)
-    root = readable(spec.output.path)  # an object store: a local copy of its committed union
-    shown = spec.output.path if "://" in spec.output.path else root
+    # An object store is counted from its commit records, without reading a part.
+    root: str | Path = spec.output.path if "://" in spec.output.path else Path(spec.output.path)
+    shown = root
     if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
 
@@ -272,7 +271,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  ok: {status.ok} {unit} in {status.data_shards} shard(s)")
     print(f"  failed: {status.failed} final, {status.failed_retryable} retryable (tried again on the next run)")
     _print_remaining(spec, status)
-    spent = Spent.from_record(OutputStore(root).load_spend())
+    spent = Spent.from_record((OutputStore.parts(root)[0] if "://" in str(root) else OutputStore(root)).load_spend())
     if spent.runs:
         print(f"  spent: ${spent.usd:.4f} over {spent.runs} run(s) ({spent.replica_hours:.3f} replica-hours)"
               + (f" of budget.max_usd ${spec.budget.max_usd:g}" if spec.budget.max_usd is not None else ""))

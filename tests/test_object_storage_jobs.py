@@ -76,6 +76,8 @@ def test_sigkill_during_an_upload_and_during_a_commit_then_a_rerun_loses_and_dup
                         second = cli("run", str(spec), "--progress", "off", env={**env, "HF_TOKEN": TOKEN})
                         assert second.returncode == 2, second.stderr
                         assert f"pid {proc.pid}" in second.stderr and "another batchrun run" in second.stderr
+                        status = cli("status", str(spec), env=env)  # read from the commit records and the lease
+                        assert f"running now: pid {proc.pid}" in status.stdout, status.stdout + status.stderr
                     proc.send_signal(signal.SIGKILL)
                     proc.wait(timeout=30)
                 finally:

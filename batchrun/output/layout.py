@@ -92,6 +92,12 @@ class OutputStore:
     @staticmethod
     def shard_names(root: str | Path) -> list[str]:
         """The shards that keep state in ``root``, in order; empty for a job that was not split."""
+        from batchrun.output.stores.base import is_store_url
+
+        if is_store_url(root):
+            from batchrun.output.remote import ObjectOutputStore
+
+            return ObjectOutputStore(str(root)).shards_in_store()
         folder = Path(root) / "state" / SHARDS_STATE
         if not folder.is_dir():
             return []
@@ -103,6 +109,13 @@ class OutputStore:
 
         Readers of the whole output (status, export, push) take the union of their manifests.
         """
+        from batchrun.output.stores.base import is_store_url
+
+        if is_store_url(root):  # an object store: its writers, read through their commit records
+            from batchrun.output.remote import ObjectOutputStore
+
+            names = cls.shard_names(root)
+            return [ObjectOutputStore(str(root), name) for name in names] or [ObjectOutputStore(str(root))]
         return [cls(root, name) for name in cls.shard_names(root)] or [cls(root)]
 
     @classmethod

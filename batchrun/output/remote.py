@@ -313,12 +313,13 @@ class ObjectOutputStore(OutputStore):
     def exists(self) -> bool:
         return bool(self.objects.list(self.commits.prefix.rstrip("/")))
 
-    def _shards_in_store(self) -> list[str]:
+    def shards_in_store(self) -> list[str]:
+        """The shards that keep state in the store, in order; empty for a job that was not split."""
         keys = self.objects.list(f"state/{SHARDS_STATE}")
         return sorted({key.key.split("/")[2] for key in keys if key.key.count("/") >= 3})
 
     def check_split(self) -> None:
-        names = self._shards_in_store()
+        names = self.shards_in_store()
         if self.shard is None:
             if names:
                 raise OutputError(f"{self.url} holds a job split into shards: run each shard with --shard I/N")
@@ -377,7 +378,7 @@ class ObjectOutputStore(OutputStore):
                           "Write to another prefix, or remove this one with the store's tools first")
 
     def sibling_job(self) -> dict | None:
-        return next((job for shard in self._shards_in_store()
+        return next((job for shard in self.shards_in_store()
                      if (job := Commits(self.objects, shard).load("job.json")) is not None), None)
 
     def read_status(self) -> Any:
@@ -392,6 +393,18 @@ class ObjectOutputStore(OutputStore):
         return OutputStatus(ok=sum(int(r["rows"]) for r in data), failed=rows_failed - retryable,
                             failed_retryable=retryable, data_shards=len(data), failed_shards=len(failed),
                             last_summary=self.load_summary(), job=self.load_job())
+
+    def lease_state(self) -> Any:
+        """Whether a live run holds this writer's lease, and who (a :class:`~batchrun.output.lock.LockState`)."""
+        from batchrun.output.lock import LockState
+
+        lease = ShardLease(self.commits)
+        record = self.commits.load("lease.json")
+        holder = Holder.from_dict(record)
+        if record is None or holder is None:
+            return None
+        running = not lease._is_dead(holder, record)
+        return LockState(running=running, holder=holder, heartbeat_at=record.get("heartbeat_at"))
 
     def writer_lock(self) -> ShardLease:
         self.lease = ShardLease(self.commits)
