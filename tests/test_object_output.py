@@ -160,3 +160,22 @@ def test_a_store_that_ignores_conditional_writes_is_found_out_and_said(tmp_path,
     lax.check_writable()
     assert lax.conditional_writes is False and "no_conditional_writes" in caplog.text
     assert FolderStore(tmp_path / "lax").list("") == []  # the probe is gone
+
+
+def test_a_commit_or_a_heartbeat_whose_answer_was_lost_is_recognised_as_its_own(output):
+    url, objects, keys = output
+    store, sink = writer(output, shard_rows=2)
+    sink.open()
+    sink.add(ok(0))
+    sink.add(ok(1))
+    record = sink._last_record
+    store.commits.commit(record)  # written again, as a client's retry after a lost answer does: no error
+    lease = store.lease
+    lease.renew()
+    stale = lease._version
+    lease.renew()
+    lease._version = stale  # as if the answer to the last renewal had been lost
+    lease.renew()
+    lease.ensure_held()  # still ours: the record names this run
+    sink.close()
+    assert len(keys("state/commits")) == 1

@@ -150,8 +150,15 @@ class Commits:
 
     def commit(self, record: dict) -> None:
         """Write a part's commit record (create-if-absent): from now on the part counts."""
-        stem = Path(record["file"]).stem
-        self.store.put_if_absent(f"{self.prefix}{_COMMITS}{stem}.json", json_bytes(record))
+        key = f"{self.prefix}{_COMMITS}{Path(record['file']).stem}.json"
+        try:
+            self.store.put_if_absent(key, json_bytes(record))
+        except PreconditionFailed:
+            # The name is this writer's alone: a record there is this one, written by a first attempt whose
+            # answer was lost (a timeout the client retried). Anything else is not guessed at.
+            existing = json.loads(self.store.get(key)[0])
+            if (existing.get("file"), existing.get("crc32")) != (record["file"], record["crc32"]):
+                raise
 
     def retire(self, file: str, reason: str) -> None:
         """Write a retire record: ``file`` no longer counts. Writing it twice changes nothing."""
@@ -198,6 +205,7 @@ class ShardLease:
         self._version: Version | None = None
         self._renewed_at = 0.0
         self._lost: str | None = None
+        self._token = secrets.token_hex(8)  # tells this lease's records from any other's, even in one process
         self._io = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -211,7 +219,8 @@ class ShardLease:
 
     def _record(self, *, released: bool = False) -> bytes:
         assert self.holder is not None
-        return json_bytes({**self.holder.to_dict(), "heartbeat_at": _now(), "released": released})
+        return json_bytes({**self.holder.to_dict(), "heartbeat_at": _now(), "released": released,
+                           "token": self._token})
 
     def acquire(self) -> Holder | None:
         """Take the lease; returns the dead holder taken over from, if any. Raises OutputLockedError."""
@@ -258,6 +267,13 @@ class ShardLease:
                 self._version = self.commits.store.put_if_match(self.key, self._record(), self._version)
                 self._renewed_at = time.monotonic()
             except PreconditionFailed:
+                # A first attempt that succeeded but whose answer was lost looks the same: the record says whose.
+                data, version = self.commits.store.get(self.key)
+                with contextlib.suppress(ValueError, AttributeError):
+                    if json.loads(data).get("token") == self._token:
+                        self._version = version
+                        self._renewed_at = time.monotonic()
+                        return
                 self._lost = "another run took the lease over (this run's heartbeat was too late)"
                 logger.error("output.lease_lost key=%s", self.key)
 
