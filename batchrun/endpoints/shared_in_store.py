@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,4 +203,3 @@ class StoreSharedUse:
                 self.objects.put(f"{self.prefix}users/{self.user}.json", self._record())
             except ObjectStoreError as exc:  # a hiccup of the store: the next beat tries again
                 log.warning("endpoint_heartbeat_failed %s", exc)
-            time.sleep(0)
