@@ -274,19 +274,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .cost import Spent
     from .output import OutputStore, read_lock, read_status
-
     spec = _load(args)
-    root = Path(spec.output.path)
+    # An object store is counted from its commit records, without reading a part.
+    root: str | Path = spec.output.path if "://" in spec.output.path else Path(spec.output.path)
+    shown = root
     if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
 
-        return print_union(root)
+        return print_union(root, shown=shown)
     status = read_status(root)
     lock = read_lock(root)
     if status.job is None and not status.data_shards and not status.failed_shards:
-        print(f"{root}: no run yet (nothing written)")
+        print(f"{shown}: no run yet (nothing written)")
         return 0
-    print(f"output: {root}")
+    print(f"output: {shown}")
     if lock is not None and lock.running:
         who = lock.holder.describe() if lock.holder is not None else "a process whose record cannot be read"
         print(f"  running now: {who}")
@@ -297,7 +298,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  ok: {status.ok} {unit} in {status.data_shards} shard(s)")
     print(f"  failed: {status.failed} final, {status.failed_retryable} retryable (tried again on the next run)")
     _print_remaining(spec, status)
-    spent = Spent.from_record(OutputStore(root).load_spend())
+    spent = Spent.from_record((OutputStore.parts(root)[0] if "://" in str(root) else OutputStore(root)).load_spend())
     if spent.runs:
         print(f"  spent: ${spent.usd:.4f} over {spent.runs} run(s) ({spent.replica_hours:.3f} replica-hours)"
               + (f" of budget.max_usd ${spec.budget.max_usd:g}" if spec.budget.max_usd is not None else ""))
@@ -733,8 +734,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = stdout
 
 
+def _read_from_stores(args: argparse.Namespace) -> None:
+    """A reader given an output in an object store (s3://, gs://) reads a local copy of its committed union."""
+    if args.func not in (cmd_preview, cmd_export, cmd_push, cmd_compare, cmd_runs):
+        return
+    from .output.remote import readable
+
+    for name in ("output", "folder", "run_a", "run_b"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and "://" in value:
+            setattr(args, name, str(readable(value)))
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
+        _read_from_stores(args)
         return int(args.func(args) or 0)
     except BatchrunError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)

@@ -6,7 +6,9 @@
     ├── ConfigMismatchError            resume with a changed template/model/task/parameters           -> 2
     ├── BudgetSpentError               the job's budget (over all its runs) is already spent         -> 2
     ├── OutputError                    the output folder is not writable or is damaged                -> 2
-    │   └── OutputLockedError          another run is writing the same output folder                  -> 2
+    │   ├── OutputLockedError          another run is writing the same output folder                  -> 2
+    │   └── ObjectStoreError           an object store refused or failed a request (``key``)          -> 2
+    │       └── PreconditionFailed     a conditional write lost: the key exists, or it changed        -> 2
     ├── AuthError (PermissionError)    no token, or the endpoint answered 401/403                     -> 2
     ├── EndpointError                  the endpoint failed or broke once the job had started          -> 3
     │   ├── EndpointNotReadyError (TimeoutError)  it did not become ready within ready_timeout        -> 3
@@ -50,8 +52,10 @@ __all__ = [
     "EndpointUnusableError",
     "InputError",
     "JobStopped",
+    "ObjectStoreError",
     "OutputError",
     "OutputLockedError",
+    "PreconditionFailed",
     "RequestFailed",
     "SpecError",
     "redact",
@@ -127,6 +131,19 @@ class OutputLockedError(OutputError):
             f"{output} is being written by another batchrun run: {who}. "
             "Wait for it to finish, or stop it; a run is never started twice on one output."
         )
+
+
+class ObjectStoreError(OutputError):
+    """An object store (``s3://``, ``gs://``) refused or failed a request about ``key`` (``missing``: no such key)."""
+
+    def __init__(self, message: str, key: str | None = None, *, missing: bool = False) -> None:
+        self.key = key
+        self.missing = missing
+        super().__init__(message)
+
+
+class PreconditionFailed(ObjectStoreError):
+    """A conditional write lost (HTTP 412): create-if-absent found ``key``, or replace-if-unchanged found it changed."""
 
 
 class AuthError(BatchrunError, PermissionError):

@@ -189,10 +189,7 @@ async def _check_same_job(
     """The output already holds this job under these settings, or nothing: a changed job is refused.
 
     A shard's first run is held to the settings its sibling shards already wrote into the folder."""
-    from batchrun.output import OutputStore
-
-    reference = stored if stored is not None or store.shard is None else await asyncio.to_thread(
-        OutputStore.job_of, store.root)
+    reference = stored if stored is not None or store.shard is None else await asyncio.to_thread(store.sibling_job)
     if reference is None:
         return
     changed = compare_identity(reference.get("identity", {}), identity)

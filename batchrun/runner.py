@@ -401,7 +401,7 @@ async def _open_output(
 ) -> AsyncIterator[_Output]:
     """The output, opened for this run: locked (one writer), set aside with --fresh, job.json saved,
     the sink open; closed and unlocked on the way out."""
-    from batchrun.output import OutputStore, ParquetSink
+    from batchrun.output import OutputStore
 
     spec = pre.spec
     store = OutputStore.for_spec(spec)
@@ -418,9 +418,9 @@ async def _open_output(
         # A failure row says which sample failed: the sample column goes with the kept input columns.
         failed_kept = (*pre.kept_columns, SAMPLE_COLUMN) if spec.samples > 1 else pre.kept_columns
         data_schema = await asyncio.to_thread(pre.data_schema, store)
-        sink = ParquetSink(store, data_schema=data_schema, id_column=spec.input.id_column or ID_COLUMN,
-                           shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
-                           kept_columns=failed_kept)
+        sink = store.new_sink(data_schema=data_schema, id_column=spec.input.id_column or ID_COLUMN,
+                              shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
+                              kept_columns=failed_kept)
         done = await asyncio.to_thread(sink.open, retry_failed=retry_failed)
         output = _Output(store=store, sink=sink, done=done, stop=stop)
         try:
@@ -433,9 +433,7 @@ async def _open_output(
 
 async def _lock_output(store: Any, echo: Callable[[str], None]) -> Any:
     """One writer per output: a second run is refused at once, naming the holder (OutputLockedError)."""
-    from batchrun.output import OutputLock
-
-    lock = OutputLock(store)
+    lock = store.writer_lock()
     stale = await asyncio.to_thread(lock.acquire)
     if stale is not None:
         echo(f"taking over the output's lock from {stale.describe()}, which is no longer running")
@@ -525,8 +523,8 @@ async def _summarize(
     if check is not None and check.details:
         endpoint_info["details"] = dict(check.details)  # hardware and container image, where known
     return build_summary(job=pre.spec.name, started_wall=started.wall, wall_s=started.elapsed(), rows=rows,
-                         dispatch=dispatch, endpoint=endpoint_info, cost=cost, output=str(store.root), cause=stop.cause,
-                         samples=pre.spec.samples)
+                         dispatch=dispatch, endpoint=endpoint_info, cost=cost,
+                         output=str(getattr(store, "url", store.root)), cause=stop.cause, samples=pre.spec.samples)
 
 
 async def _write_summary(store: Any, summary: dict[str, Any], echo: Callable[[str], None]) -> None:

@@ -187,10 +187,10 @@ def union_status(root: str | Path) -> dict[str, Any]:
     return {"shards": shards, "count": count, "missing": missing, **total}
 
 
-def print_union(root: str | Path) -> int:
-    """`batchrun status` on a split job's output: the union, then each shard."""
+def print_union(root: str | Path, *, shown: str | Path | None = None) -> int:
+    """`batchrun status` on a split job's output: the union, then each shard (``shown``: the output as named)."""
     union = union_status(root)
-    print(f"output: {root} ({len(union['shards'])} of {union['count']} shard(s) have run)")
+    print(f"output: {shown or root} ({len(union['shards'])} of {union['count']} shard(s) have run)")
     if union["missing"]:
         shown = ", ".join(map(str, union["missing"][:20])) + (", ..." if len(union["missing"]) > 20 else "")
         print(f"  not run yet: shard(s) {shown} of {union['count']}: their rows are not in the output "

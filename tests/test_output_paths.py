@@ -1,4 +1,4 @@
-"""Committed rows are found again by every reader, whatever path the user typed; a URL is refused.
+"""Committed rows are found again by every reader, whatever path the user typed; a URL batchrun cannot commit to is refused.
 
 reliability.md: "the path written and the path read are the same path, whatever the user typed (a
 URL, a relative path, a symlink)". An early stop always says why.
@@ -22,7 +22,7 @@ from batchrun.summary import build_summary, format_summary
 N = 30
 
 
-@pytest.mark.parametrize("url", ["s3://bucket/prefix", "gs://bucket/x", "hf://datasets/org/name", "file:///tmp/x"])
+@pytest.mark.parametrize("url", ["s3://bucket", "gs:///x", "hf://datasets/org/name", "hf://buckets/o/n/x", "file:///tmp/x"])
 def test_an_output_url_is_refused_by_validate_and_run_before_anything_is_sent(tmp_path, monkeypatch, capsys, url):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.chdir(tmp_path)
@@ -31,10 +31,10 @@ def test_an_output_url_is_refused_by_validate_and_run_before_anything_is_sent(tm
                           input_path=write_topics(tmp_path / "in.parquet", N), output={"path": url})
         assert main(["validate", str(spec)]) == 2
         said = capsys.readouterr().err
-        assert "output.path" in said and "object storage is not supported" in said and url in said
-        with pytest.raises(SpecError, match="object storage is not supported"):
+        assert "output.path" in said and "s3://BUCKET/PREFIX" in said and url in said
+        with pytest.raises(SpecError, match="no conditional writes"):
             run(spec)
-        assert main(["run", str(spec), "--output", "s3://other/place", "--progress", "off"]) == 2
+        assert main(["run", str(spec), "--output", "hf://buckets/other/place", "--progress", "off"]) == 2
         assert data_requests(emu) == 0
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
 

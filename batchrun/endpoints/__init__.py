@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batchrun.endpoints.base import DataPlane, Endpoint, EndpointCheck, LifecycleRecord
 from batchrun.endpoints.control_plane import HfControlPlane
@@ -125,9 +125,15 @@ def open_endpoint(
     user = user or (shard.folder if shard is not None else None)
     if user is not None:  # the shards of a split job: the last one out puts the endpoint down
         from batchrun.endpoints.shared_endpoint import SharedUse, shared_folder
+        from batchrun.output.stores.base import is_store_url
 
-        folder = shared_folder(spec.output.path, e.api_url, e.namespace, e.name)
-        settings = dataclasses.replace(settings, shared=SharedUse(folder, user))
+        if is_store_url(spec.output.path):  # no shared file system: the agreement is kept in the store
+            from batchrun.endpoints.shared_in_store import StoreSharedUse
+
+            shared: Any = StoreSharedUse(spec.output.path, e.api_url, e.namespace, e.name, user)
+        else:
+            shared = SharedUse(shared_folder(spec.output.path, e.api_url, e.namespace, e.name), user)
+        settings = dataclasses.replace(settings, shared=shared)
     control = HfControlPlane(name=e.name, namespace=e.namespace, token=token, api_url=e.api_url)
     return DedicatedEndpoint(control, settings, token=token, stop=stop, on_event=on_event,
                              price_per_replica_hour=e.price_per_replica_hour, send_token=e.send_token)

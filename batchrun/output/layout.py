@@ -62,13 +62,42 @@ class OutputStore:
 
     @classmethod
     def for_spec(cls, spec: Any) -> OutputStore:
-        """The store a job's spec writes: its output folder, or its shard's part of it."""
+        """The store a job's spec writes: its output folder, or its shard's part of it (on object storage, an
+        :class:`~batchrun.output.remote.ObjectOutputStore`)."""
         shard = getattr(spec, "shard", None)
+        from batchrun.output.stores.base import is_store_url
+
+        if is_store_url(spec.output.path):
+            from batchrun.output.remote import ObjectOutputStore
+
+            return ObjectOutputStore(spec.output.path, shard.folder if shard is not None else None)
         return cls(spec.output.path, shard.folder if shard is not None else None)
+
+    def sibling_job(self) -> dict | None:
+        """The job another shard of this output already saved (what a shard's first run is held to)."""
+        return self.job_of(self.root)
+
+    def writer_lock(self) -> Any:
+        """The lock that makes a run this store's only writer (an :class:`~batchrun.output.lock.OutputLock`)."""
+        from batchrun.output.lock import OutputLock
+
+        return OutputLock(self)
+
+    def new_sink(self, **options: Any) -> Any:
+        """The sink that writes this store (a :class:`~batchrun.output.sink.ParquetSink`)."""
+        from batchrun.output.sink import ParquetSink
+
+        return ParquetSink(self, **options)
 
     @staticmethod
     def shard_names(root: str | Path) -> list[str]:
         """The shards that keep state in ``root``, in order; empty for a job that was not split."""
+        from batchrun.output.stores.base import is_store_url
+
+        if is_store_url(root):
+            from batchrun.output.remote import ObjectOutputStore
+
+            return ObjectOutputStore(str(root)).shards_in_store()
         folder = Path(root) / "state" / SHARDS_STATE
         if not folder.is_dir():
             return []
@@ -80,6 +109,13 @@ class OutputStore:
 
         Readers of the whole output (status, export, push) take the union of their manifests.
         """
+        from batchrun.output.stores.base import is_store_url
+
+        if is_store_url(root):  # an object store: its writers, read through their commit records
+            from batchrun.output.remote import ObjectOutputStore
+
+            names = cls.shard_names(root)
+            return [ObjectOutputStore(str(root), name) for name in names] or [ObjectOutputStore(str(root))]
         return [cls(root, name) for name in cls.shard_names(root)] or [cls(root)]
 
     @classmethod

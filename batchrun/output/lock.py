@@ -266,6 +266,9 @@ def read_lock(root: str | Path | OutputStore, *, stale_after_s: float = STALE_AF
 
     Read-only: the probe takes a shared flock on a fresh descriptor and releases it at once.
     """
+    store = root if isinstance(root, OutputStore) else OutputStore.parts(root)[0] if "://" in str(root) else None
+    if store is not None and hasattr(store, "lease_state"):  # an object store: the writer's lease
+        return store.lease_state()
     path = (root if isinstance(root, OutputStore) else OutputStore(root)).lock_path
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

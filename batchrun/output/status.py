@@ -36,11 +36,17 @@ def read_status(root: str | Path | OutputStore) -> OutputStatus:
     union of every store that writes into it (each shard of a split job); a store counts its own part.
     """
     if isinstance(root, OutputStore):
-        return _read_part(root)
-    path = Path(root)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{path} is not an output folder (it is a file)")
-    parts = [_read_part(store) for store in OutputStore.parts(path)]
+        counted = getattr(root, "read_status", None)  # an output in an object store counts its commit records
+        return counted() if counted is not None else _read_part(root)
+    from batchrun.output.stores.base import is_store_url
+
+    if is_store_url(root):  # an object store: each writer's commit records, no part read
+        parts = [read_status(store) for store in OutputStore.parts(root)]
+    else:
+        path = Path(root)
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path} is not an output folder (it is a file)")
+        parts = [_read_part(store) for store in OutputStore.parts(path)]
     union = parts[0]
     for part in parts[1:]:
         for key in ("ok", "failed", "failed_retryable", "data_shards", "failed_shards"):

@@ -97,7 +97,9 @@ def push_output(output: str | Path, target: Target, *, token: str | None = None,
     problem = target.problem()
     if problem is not None:
         raise PublishError(f"cannot push to the Hub: {problem}")
-    root = Path(output)
+    from batchrun.output.remote import readable
+
+    root = readable(output)  # an object store: a local copy of its committed union
     if OutputStore.job_of(root) is None:  # a split job keeps it per shard
         raise OutputError(f"{root} is not a batchrun output folder (no state/job.json)")
     token = token or get_token()

@@ -1,0 +1,75 @@
+"""The object store interface, and the URL schemes batchrun writes to."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from batchrun.errors import OutputError
+
+__all__ = ["SCHEMES", "ObjectInfo", "ObjectStore", "Version", "is_store_url", "open_store"]
+
+#: The URL schemes an output may be written to, and what serves each.
+SCHEMES = {"s3": "obstore (pip install 'batchrun[s3]')", "gs": "obstore (pip install 'batchrun[s3]')"}
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """What a replace-if-unchanged compares: the ETag (S3, Azure, a folder) or the generation (GCS)."""
+
+    e_tag: str | None
+    version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object found by :meth:`ObjectStore.list`; ``key`` is relative to the store's prefix."""
+
+    key: str
+    size: int
+
+
+class ObjectStore(Protocol):
+    """What the output's commit protocol needs from a store (see the package docstring)."""
+
+    url: str
+
+    def put(self, key: str, data: bytes) -> Version: ...
+
+    def put_if_absent(self, key: str, data: bytes) -> Version: ...
+
+    def put_if_match(self, key: str, data: bytes, version: Version) -> Version: ...
+
+    def upload(self, key: str, path: Path) -> None: ...
+
+    def get(self, key: str) -> tuple[bytes, Version]: ...
+
+    def list(self, prefix: str) -> list[ObjectInfo]: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def url_scheme(path: str) -> str | None:
+    """The scheme of a URL (``s3``), or None for a local path."""
+    match = _URL.match(path.strip())
+    return match.group(1).lower() if match else None
+
+
+def is_store_url(path: str | Path) -> bool:
+    """Whether an output path names an object store batchrun writes to (``s3://``, ``gs://``)."""
+    return isinstance(path, str) and url_scheme(path) in SCHEMES
+
+
+def open_store(url: str) -> ObjectStore:
+    """The store an output URL names, configured from the environment (never from the spec)."""
+    scheme = url_scheme(url)
+    if scheme not in SCHEMES:
+        raise OutputError(f"{url!r}: batchrun writes to {', '.join(f'{s}://' for s in SCHEMES)} or a local folder")
+    try:
+        from batchrun.output.stores.cloud import ObStore
+    except ImportError:
+        raise OutputError(f"writing to {scheme}:// needs obstore: pip install 'batchrun[s3]'") from None
+    return ObStore.from_url(url)
