@@ -58,7 +58,9 @@ class CostMeter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.unpriced_answers = 0  # answers no price was known for (their cost is not in usd)
+        self.dearest_answer_usd = 0.0  # the most one answer has cost: the budget's margin per request in flight
         self._token_usd = 0.0
+        self._on_charge: list[Callable[[], None]] = []
         self._clock = clock
         self._started: float | None = None
         self._stopped: float | None = None
@@ -106,7 +108,14 @@ class CostMeter:
             return None
         usd = price.usd(prompt, completion)
         self._token_usd += usd
+        self.dearest_answer_usd = max(self.dearest_answer_usd, usd)
+        for listener in self._on_charge:
+            listener()
         return usd
+
+    def on_charge(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every answer charged (the budget looks at once, not at its next turn)."""
+        self._on_charge.append(listener)
 
     @property
     def token_usd(self) -> float:
@@ -216,6 +225,7 @@ class BudgetGuard:
         started_at: float,
         spent_before: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.max_usd = max_usd
         self.deadline_s = deadline_s
@@ -223,6 +233,9 @@ class BudgetGuard:
         self.spent_before = spent_before
         self._started_at = started_at
         self._clock = clock
+        # Requests sent and not yet answered: on a target billed per token, each may still cost up to the
+        # dearest answer so far, so the budget keeps that much back (uncapped: it must not be crossed).
+        self._in_flight = in_flight
 
     def describe(self, meter: CostMeter) -> str | None:
         """The stop margins, said once at the start of a run."""
@@ -230,8 +243,9 @@ class BudgetGuard:
         if self.max_usd is not None:
             rate = meter.usd_per_second()
             margin = self._usd_margin(rate or 0.0)
-            parts.append(f"budget ${self.max_usd:g} (${self.spent_before:.4f} spent by earlier runs; "
-                         f"stops with ${margin:.4f} left for the drain and the pause)")
+            keeps = (f"stops with ${margin:.4f} left for the drain and the pause" if not meter.per_token else
+                     "stops while what the requests in flight may cost still fits")
+            parts.append(f"budget ${self.max_usd:g} (${self.spent_before:.4f} spent by earlier runs; {keeps})")
         if self.deadline_s is not None:
             parts.append(f"deadline {self.deadline_s:g}s for this run (stops {self._time_margin():.0f}s before it)")
         return "; ".join(parts) or None
@@ -259,7 +273,9 @@ class BudgetGuard:
             spent, rate = meter.usd, meter.usd_per_second()
             if spent is not None and rate is not None:
                 total = self.spent_before + spent
-                if total + self._usd_margin(rate) >= self.max_usd:
+                # The requests in flight, and the one a freed slot would send next.
+                pending = meter.dearest_answer_usd * (self._in_flight() + 1 if self._in_flight is not None else 0)
+                if total + max(self._usd_margin(meter.replica_usd_per_second() or 0.0), pending) >= self.max_usd:
                     return StopReason.BUDGET, (
                         f"the budget of ${self.max_usd:g} is nearly spent (${total:.4f} over this job's runs); "
                         "raise budget.max_usd to go on"
@@ -270,6 +286,14 @@ class BudgetGuard:
         """Until cancelled or stopped: request a stop when the budget or the deadline says so."""
         if not self.active:
             return
+        if self.max_usd is not None and meter.per_token:  # each answer's cost is looked at as it comes
+
+            def look() -> None:
+                reason = None if stop.requested else self.check(meter)
+                if reason is not None:
+                    stop.request(*reason)
+
+            meter.on_charge(look)
         while not stop.requested:
             reason = self.check(meter)
             if reason is not None:
