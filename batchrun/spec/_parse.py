@@ -20,6 +20,7 @@ from batchrun.errors import SpecError
 from batchrun.notify import parse_notify_spec
 from batchrun.scoring import parse_score_spec
 from batchrun.spec._model import (
+    ENDPOINT_KINDS,
     IMAGE_FORMATS,
     INPUT_KINDS,
     LIFECYCLE_KEYS,
@@ -570,7 +571,7 @@ class _Parser:
     # One of the longer checks: the three ways to name an endpoint and the keys each allows are read together.
     def endpoint(self, data: Any, *, where: str = "endpoint", index: int | None = None) -> EndpointSpec:
         data = self.section(data, where, _ENDPOINT_KEYS)
-        kind = self.exactly_one(data, where, ("url", "local", "name", "provider"))
+        kind = self.exactly_one(data, where, ENDPOINT_KINDS)
         prefix = where + "."
         label = self.key(EndpointSpec, data, "label", prefix=prefix)
         url = local = name = namespace = None
