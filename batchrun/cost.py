@@ -143,8 +143,13 @@ class CostMeter:
         return self._replica_seconds + live
 
     @property
+    def priced(self) -> bool:
+        """Whether any price is known: per replica-hour, or per token (the spec's, or the router's)."""
+        return self.price_per_replica_hour is not None or self.token_price is not None or bool(self.provider_prices)
+
+    @property
     def usd(self) -> float | None:
-        if self.price_per_replica_hour is None and not self.per_token:
+        if not self.priced:
             return None
         hourly = self.price_per_replica_hour
         replica = 0.0 if hourly is None else self.replica_seconds / 3600 * hourly

@@ -248,3 +248,72 @@ def test_the_shipped_providers_example_runs_on_the_built_in_router_with_no_setup
     assert result.returncode == 0, result.stderr
     rows = read_rows(tmp_path / "out" / "data")
     assert rows and all(r["provider"] and r["cost_usd"] > 0 for r in rows)
+
+
+# ----- several lanes, resumes, and what the spec refuses
+
+
+def test_each_lane_prices_its_own_rows_and_the_summary_adds_them_up(tmp_path, hf_token):
+    with router(provider("together"), provider("nebius")) as emu:
+        endpoint = [{"provider": "together", "model": LLAMA, "router_url": emu.router_url,
+                     "price": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}},
+                    {"provider": "nebius", "model": LLAMA, "router_url": emu.router_url,
+                     "price": {"input_per_mtok": 3.0, "output_per_mtok": 5.0}}]
+        outcome, _ = run(job(tmp_path, endpoint, n=80))
+    assert outcome.exit_code == 0
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    prices = {"together": (1.0, 1.0), "nebius": (3.0, 5.0)}
+    for row in rows:
+        given, taken = prices[row["endpoint"]]
+        assert row["provider"] == row["endpoint"]
+        assert row["cost_usd"] == pytest.approx((row["prompt_tokens"] * given + row["completion_tokens"] * taken) / 1e6)
+    assert summary(tmp_path)["cost"]["usd"] == pytest.approx(sum(r["cost_usd"] for r in rows))
+    shares = {share["name"]: share for share in summary(tmp_path)["endpoint"]["endpoints"]}
+    assert sum(share["usd"] for share in shares.values()) == pytest.approx(sum(r["cost_usd"] for r in rows))
+
+
+def test_runs_lists_the_cost_of_a_run_billed_per_token(tmp_path, hf_token):
+    with router(provider("together")) as emu:
+        endpoint = {"provider": "together", "model": LLAMA, "router_url": emu.router_url,
+                    "price": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}
+        outcome, _ = run(job(tmp_path, endpoint, n=20))
+    assert outcome.exit_code == 0
+    listed = cli("runs", str(tmp_path / "out" / "job"))
+    assert listed.returncode == 0, listed.stderr
+    assert f"${summary(tmp_path)['cost']['usd']:.2f}" in listed.stdout
+
+
+def test_a_resume_with_another_model_is_refused_and_another_provider_is_not(tmp_path, hf_token):
+    from batchrun.errors import ConfigMismatchError
+
+    qwen = "Qwen/Qwen3-8B"
+    both = (LLAMA, qwen)
+    with router(ProviderConfig(name="together", models=both), ProviderConfig(name="nebius", models=both)) as emu:
+        first = {"provider": "together", "model": LLAMA, "router_url": emu.router_url}
+        outcome, _ = run(job(tmp_path, first, n=10))
+        assert outcome.exit_code == 0
+        with pytest.raises(ConfigMismatchError):
+            run(job(tmp_path, {**first, "model": qwen}, n=10), retry_failed=False)
+        outcome, _ = run(job(tmp_path, {**first, "provider": "nebius"}, n=10))
+    assert outcome.exit_code == 0
+    assert outcome.summary["rows"]["skipped"] == 10
+
+
+@pytest.mark.parametrize(("endpoint", "overrides", "key", "problem"), [
+    ({"provider": "together", "model": LLAMA, "on_finish": "keep"}, {}, "endpoint.on_finish", "no lifecycle"),
+    ({"provider": "together", "model": f"{LLAMA}:together"}, {}, "endpoint.model", "ORG/NAME"),
+    ({"provider": "together"}, {}, "endpoint.model", "is required"),
+    ({"provider": "together", "model": LLAMA, "router_url": "https://proxy.example.com/v1"}, {},
+     "endpoint.router_url", "not a Hugging Face host"),
+    ({"url": "http://127.0.0.1:9/v1", "api_key_env": "HOME"}, {}, "endpoint.api_key_env", "endpoint.model"),
+    ({"url": "http://10.1.2.3/v1", "model": "m", "api_key_env": "HOME"}, {}, "endpoint.url", "plain http"),
+    ({"url": "https://api.example.com/v1", "model": "m", "api_key_env": "HOME"}, {"budget": {"max_usd": 1}},
+     "endpoint.price", "is required with budget.max_usd"),
+    ({"provider": "together", "model": LLAMA}, {"task": "text-to-image", "prompt": {"template": "{topic}", "system": None},
+                                                "parameters": {"max_tokens": None, "seed": None}},
+     "endpoint.provider", "not served"),
+])
+def test_the_spec_refuses_what_a_serverless_target_cannot_take(tmp_path, endpoint, overrides, key, problem):
+    with pytest.raises(SpecError) as refused:
+        load_spec(job(tmp_path, endpoint, n=3, **overrides))
+    assert refused.value.key == key and problem in str(refused.value)

@@ -82,6 +82,10 @@ class PoolMeter(CostMeter):
         return sum(m.token_usd for m in self._meters)
 
     @property
+    def priced(self) -> bool:
+        return any(m.priced for m in self._meters)
+
+    @property
     def dearest_answer_usd(self) -> float:  # the members' attribute, read here
         return max((m.dearest_answer_usd for m in self._meters), default=0.0)
 

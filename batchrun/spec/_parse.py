@@ -116,6 +116,8 @@ _TEXT_TO_IMAGE_PARAMETERS = {
 _ENDPOINT_KEYS = spec_keys(EndpointSpec)
 _SCALE_KEYS = spec_keys(ScaleSpec)
 _PRICE_KEYS = spec_keys(PriceSpec)
+# The tasks a serverless target serves through batchrun (OpenAI's chat and completions routes).
+_SERVERLESS_TASKS = ("chat-completion", "text-generation", "image-text-to-text")
 # The keys of a serverless target (the router, a url's API): refused for the other kinds.
 _PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price")
 _BUDGET_KEYS = spec_keys(BudgetSpec)
@@ -216,7 +218,7 @@ class _Parser:
         parameters = self.parameters(data.get("parameters"), kind)
         output_schema = self.output_schema(data.get("output_schema"), kind, prompt, parameters)
         output = self.output(data.get("output"), name)
-        return JobSpec(
+        spec = JobSpec(
             name=name,
             task=task,
             input=self.input(data["input"]),
@@ -240,6 +242,23 @@ class _Parser:
             file=self.file,
             raw=data,
         )
+        self.serverless_job(spec)
+        return spec
+
+    def serverless_job(self, spec: JobSpec) -> None:
+        """A job on serverless targets: a task they serve, and a price wherever a budget must count."""
+        several = len(spec.all_endpoints) > 1
+        for index, e in enumerate(spec.all_endpoints):
+            if not e.per_token:
+                continue
+            where = f"endpoint[{index}]" if several else "endpoint"
+            if spec.task not in _SERVERLESS_TASKS:
+                raise self.error(f"{where}.{'provider' if e.provider else 'model'}", (
+                    f"task {spec.task} is not served through a serverless target by batchrun (it serves "
+                    f"{', '.join(_SERVERLESS_TASKS)} there)"))
+            if spec.budget.max_usd is not None and e.provider is None and e.price is None:
+                raise self.error(f"{where}.price", "is required with budget.max_usd: an OpenAI-compatible API does "
+                                 "not say what it charges, so the budget could not count its tokens")
 
     def task(self, value: Any) -> TaskKind:
         names = tuple(TASK_KINDS)
