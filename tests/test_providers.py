@@ -317,3 +317,28 @@ def test_the_spec_refuses_what_a_serverless_target_cannot_take(tmp_path, endpoin
     with pytest.raises(SpecError) as refused:
         load_spec(job(tmp_path, endpoint, n=3, **overrides))
     assert refused.value.key == key and problem in str(refused.value)
+
+
+def test_a_key_refused_mid_job_stops_it_naming_the_variable_not_the_hf_token(tmp_path, monkeypatch):
+    import asyncio
+    import threading
+
+    from jobkit import wait_until
+
+    from batchrun.runner import RunOptions, run_job
+
+    monkeypatch.setenv("BATCHRUN_TEST_API_KEY", TOKEN)
+    with router(provider("together", latency_s=0.02)) as emu:
+        endpoint = {"url": emu.router_url, "model": LLAMA, "api_key_env": "BATCHRUN_TEST_API_KEY"}
+        spec = job(tmp_path, endpoint, n=200, concurrency={"max": 2, "initial": 2})
+        result: dict = {}
+        options = RunOptions(progress="off", handle_signals=False, echo=lambda _: None, poll_interval_s=0.02)
+        thread = threading.Thread(target=lambda: result.update(outcome=asyncio.run(run_job(load_spec(spec), options))))
+        thread.start()
+        wait_until(lambda: chat_requests(emu) >= 5)
+        emu.call(lambda: setattr(emu.emulator.router, "_expected_auth", "Bearer a-rotated-key"))
+        thread.join(timeout=120)
+    outcome = result["outcome"]
+    assert outcome.exit_code == 3 and outcome.summary["stop_kind"] == "auth"
+    assert "the API key in BATCHRUN_TEST_API_KEY" in outcome.summary["stop_reason"]
+    assert "HF_TOKEN" not in outcome.summary["stop_reason"]

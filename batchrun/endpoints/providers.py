@@ -259,7 +259,8 @@ class ServerlessEndpoint:
             base = self._emulator.router_url
         self.meter.start(1)
         return DataPlane(url=base, token=token, send_token=self._send_token, model=self.body_model,
-                         limits=self.limits)
+                         limits=self.limits,
+                         token_name=f"the API key in {self._key_variable}" if self._key_variable else None)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
