@@ -312,6 +312,12 @@ def test_a_resume_with_another_model_is_refused_and_another_provider_is_not(tmp_
     ({"provider": "together", "model": LLAMA}, {"task": "text-to-image", "prompt": {"template": "{topic}", "system": None},
                                                 "parameters": {"max_tokens": None, "seed": None}},
      "endpoint.provider", "not served"),
+    ({"provider": "together", "model": LLAMA}, {"task": "text-generation", "prompt": {"system": None},
+                                                "parameters": {"max_tokens": None}, "samples": 2},
+     "samples", "chat-completion"),
+    ({"provider": "together", "model": LLAMA}, {"task": "text-generation", "prompt": {"system": None},
+                                                "parameters": {"max_tokens": None}, "output_schema": {"type": "object"}},
+     "output_schema", "chat-completion"),
 ])
 def test_the_spec_refuses_what_a_serverless_target_cannot_take(tmp_path, endpoint, overrides, key, problem):
     with pytest.raises(SpecError) as refused:

@@ -117,7 +117,7 @@ _ENDPOINT_KEYS = spec_keys(EndpointSpec)
 _SCALE_KEYS = spec_keys(ScaleSpec)
 _PRICE_KEYS = spec_keys(PriceSpec)
 # The tasks a serverless target serves through batchrun (OpenAI's chat and completions routes).
-_SERVERLESS_TASKS = ("chat-completion", "text-generation", "image-text-to-text")
+_SERVERLESS_TASKS = ("chat-completion", "text-generation")
 # The keys of a serverless target (the router, a url's API): refused for the other kinds.
 _PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price")
 _BUDGET_KEYS = spec_keys(BudgetSpec)
@@ -256,6 +256,14 @@ class _Parser:
                 raise self.error(f"{where}.{'provider' if e.provider else 'model'}", (
                     f"task {spec.task} is not served through a serverless target by batchrun (it serves "
                     f"{', '.join(_SERVERLESS_TASKS)} there)"))
+            if spec.task == "text-generation":  # OpenAI's /v1/completions: a flat body, no response_format
+                if spec.output_schema is not None or spec.prompt.schema_column is not None:
+                    raise self.error("output_schema", "on a serverless target, structured output goes through "
+                                     "task chat-completion (response_format); /v1/completions does not take it")
+                if spec.samples > 1 or per_row_job_seed(spec.parameters.get("seed")) is not None:
+                    raise self.error("samples" if spec.samples > 1 else "parameters.seed", (
+                        "on a serverless target, several samples and per-row seeds go through task "
+                        "chat-completion; /v1/completions takes one fixed parameters.seed"))
             if spec.budget.max_usd is not None and e.provider is None and e.price is None:
                 raise self.error(f"{where}.price", "is required with budget.max_usd: an OpenAI-compatible API does "
                                  "not say what it charges, so the budget could not count its tokens")
