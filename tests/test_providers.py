@@ -355,3 +355,22 @@ def test_a_key_refused_mid_job_stops_it_naming_the_variable_not_the_hf_token(tmp
     assert outcome.exit_code == 3 and outcome.summary["stop_kind"] == "auth"
     assert "the API key in BATCHRUN_TEST_API_KEY" in outcome.summary["stop_reason"]
     assert "HF_TOKEN" not in outcome.summary["stop_reason"]
+
+
+def test_the_dataset_card_shows_the_cost_billed_per_token(tmp_path, monkeypatch, hf_token):
+    from hubkit import REPO_ID, card_of, point_at_hub
+
+    with router(provider("together")) as emu:
+        point_at_hub(monkeypatch, emu.hub_url)
+        endpoint = {"provider": "together", "model": LLAMA, "router_url": emu.router_url,
+                    "price": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}
+        spec = job(tmp_path, endpoint, n=20,
+                   output={"push_to_hub": {"repo": REPO_ID, "endpoint": emu.hub_url}})
+        outcome, _ = run(spec)
+        files = emu.hub.files(REPO_ID)
+    assert outcome.exit_code == 0
+    _, body = card_of(files)
+    usd = summary(tmp_path)["cost"]["job_usd"]
+    assert f"${usd:.4f}; 1 run(s), billed per token" in body
+    for path, data in files.items():
+        assert TOKEN.encode() not in data, path
