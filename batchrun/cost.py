@@ -3,6 +3,11 @@
 Dedicated endpoints bill per replica for as long as replicas are starting or running. The meter
 integrates the replica count over time from the moment the job asks for the endpoint (resume)
 until it releases it (pause), which slightly over-counts a cold start and never under-counts.
+
+Serverless targets (the Inference Providers router, an OpenAI-compatible API) bill per token: the same
+meter is charged each answer's tokens (:meth:`CostMeter.charge`) at the target's :class:`TokenPrice`
+(the spec's ``price``, or the router's pricing of the provider that answered). One interface covers
+both, so the budget, progress and the summary read ``usd`` whichever way it was spent.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 from batchrun.stop import Stop, StopReason
 
-__all__ = ["BudgetGuard", "CostMeter", "Spent"]
+__all__ = ["BudgetGuard", "CostMeter", "Spent", "TokenPrice"]
 
 #: The share of a budget (or a deadline) kept back at most for the stop itself (drain, commit, pause).
 MARGIN_SHARE = 0.1
@@ -24,11 +29,38 @@ MARGIN_SHARE = 0.1
 CHECK_EVERY_S = 0.25
 
 
-class CostMeter:
-    """Billable replica-seconds from acquire to release, priced per replica-hour when a price is known."""
+@dataclass(frozen=True, slots=True)
+class TokenPrice:
+    """What a serverless target charges, in USD per million prompt and completion tokens."""
 
-    def __init__(self, price_per_replica_hour: float | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The price of one answer's tokens."""
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1_000_000
+
+
+class CostMeter:
+    """Billable replica-seconds from acquire to release, priced per replica-hour when a price is known;
+    and, for a target billed per token, the tokens of every answer, priced per token.
+
+    ``token_price`` is the price the spec gives; ``provider_prices`` (the router's pricing, filled in by
+    the endpoint's check) price an answer by the provider that served it when the spec gives none.
+    """
+
+    def __init__(self, price_per_replica_hour: float | None, *, token_price: TokenPrice | None = None,
+                 per_token: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.price_per_replica_hour = price_per_replica_hour
+        self.token_price = token_price
+        self.provider_prices: dict[str, TokenPrice] = {}
+        self.per_token = per_token or token_price is not None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.unpriced_answers = 0  # answers no price was known for (their cost is not in usd)
+        self.dearest_answer_usd = 0.0  # the most one answer has cost: the budget's margin per request in flight
+        self._token_usd = 0.0
+        self._on_charge: list[Callable[[], None]] = []
         self._clock = clock
         self._started: float | None = None
         self._stopped: float | None = None
@@ -56,6 +88,45 @@ class CostMeter:
             self.set_replicas(self._replicas)
             self._stopped = self._clock()
 
+    def price_for(self, provider: str | None) -> TokenPrice | None:
+        """The price of an answer ``provider`` served: the spec's, else the router's for that provider."""
+        if self.token_price is not None:
+            return self.token_price
+        if provider is not None and provider in self.provider_prices:
+            return self.provider_prices[provider]
+        return self.provider_prices.get("") if provider is None else None
+
+    def charge(self, prompt_tokens: int | None, completion_tokens: int | None, *,
+               provider: str | None = None) -> float | None:
+        """Count one answer's tokens; its cost in USD, or None when no price (or no token count) is known."""
+        prompt, completion = prompt_tokens or 0, completion_tokens or 0
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        price = self.price_for(provider)
+        if price is None or (prompt_tokens is None and completion_tokens is None):
+            self.unpriced_answers += 1
+            return None
+        usd = price.usd(prompt, completion)
+        self._token_usd += usd
+        self.dearest_answer_usd = max(self.dearest_answer_usd, usd)
+        for listener in self._on_charge:
+            listener()
+        return usd
+
+    def on_charge(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every answer charged (the budget looks at once, not at its next turn)."""
+        self._on_charge.append(listener)
+
+    @property
+    def token_usd(self) -> float:
+        """What the answers' tokens cost so far."""
+        return self._token_usd
+
+    @property
+    def billed(self) -> bool:
+        """Whether anything was billed: replica time, or tokens."""
+        return bool(self.replica_seconds) or bool(self.prompt_tokens or self.completion_tokens)
+
     @property
     def running(self) -> bool:
         return self._started is not None and self._stopped is None
@@ -66,28 +137,56 @@ class CostMeter:
 
     @property
     def replica_seconds(self) -> float:
-        if self._started is None:
-            return 0.0
+        if self._started is None or (self.per_token and self.price_per_replica_hour is None):
+            return 0.0  # a target billed per token has no replicas: its meter runs only for the spending rate
         live = (self._clock() - self._since) * self._replicas if self._stopped is None else 0.0
         return self._replica_seconds + live
 
     @property
-    def usd(self) -> float | None:
-        if self.price_per_replica_hour is None:
-            return None
-        return self.replica_seconds / 3600 * self.price_per_replica_hour
+    def priced(self) -> bool:
+        """Whether any price is known: per replica-hour, or per token (the spec's, or the router's)."""
+        return self.price_per_replica_hour is not None or self.token_price is not None or bool(self.provider_prices)
 
-    def usd_per_second(self) -> float | None:
+    @property
+    def usd(self) -> float | None:
+        if not self.priced:
+            return None
+        hourly = self.price_per_replica_hour
+        replica = 0.0 if hourly is None else self.replica_seconds / 3600 * hourly
+        return replica + self.token_usd
+
+    def replica_usd_per_second(self) -> float | None:
+        """What the replicas cost per second now; None without a price per replica-hour."""
         if self.price_per_replica_hour is None:
             return None
         return self._replicas * self.price_per_replica_hour / 3600
 
+    def usd_per_second(self) -> float | None:
+        """The spending rate: the replicas' now, plus the tokens' over the time the target was in use."""
+        rate = self.replica_usd_per_second()
+        if not self.per_token:
+            return rate
+        elapsed = self.elapsed_s
+        token_rate = self.token_usd / elapsed if elapsed > 0 else 0.0
+        return (rate or 0.0) + token_rate
+
+    @property
+    def elapsed_s(self) -> float:
+        """How long the target has been in use by this run."""
+        if self._started is None:
+            return 0.0
+        return (self._stopped if self._stopped is not None else self._clock()) - self._started
+
     def projected_usd(self, *, done: int, remaining: int | None, elapsed_s: float) -> float | None:
-        """Spent so far plus the remaining rows at the current row rate and replica count."""
-        spent, rate = self.usd, self.usd_per_second()
-        if spent is None or rate is None or remaining is None or done <= 0 or elapsed_s <= 0:
+        """Spent so far plus the remaining rows: at the tokens' cost per row so far, and at the current row
+        rate and replica count."""
+        spent, rate = self.usd, self.replica_usd_per_second()
+        if spent is None or remaining is None or done <= 0 or elapsed_s <= 0:
             return None
-        return spent + remaining / (done / elapsed_s) * rate
+        projected = spent + remaining * self.token_usd / done
+        if rate is not None:
+            projected += remaining / (done / elapsed_s) * rate
+        return projected
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +230,7 @@ class BudgetGuard:
         started_at: float,
         spent_before: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.max_usd = max_usd
         self.deadline_s = deadline_s
@@ -138,6 +238,9 @@ class BudgetGuard:
         self.spent_before = spent_before
         self._started_at = started_at
         self._clock = clock
+        # Requests sent and not yet answered: on a target billed per token, each may still cost up to the
+        # dearest answer so far, so the budget keeps that much back (uncapped: it must not be crossed).
+        self._in_flight = in_flight
 
     def describe(self, meter: CostMeter) -> str | None:
         """The stop margins, said once at the start of a run."""
@@ -145,8 +248,9 @@ class BudgetGuard:
         if self.max_usd is not None:
             rate = meter.usd_per_second()
             margin = self._usd_margin(rate or 0.0)
-            parts.append(f"budget ${self.max_usd:g} (${self.spent_before:.4f} spent by earlier runs; "
-                         f"stops with ${margin:.4f} left for the drain and the pause)")
+            keeps = (f"stops with ${margin:.4f} left for the drain and the pause" if not meter.per_token else
+                     "stops while what the requests in flight may cost still fits")
+            parts.append(f"budget ${self.max_usd:g} (${self.spent_before:.4f} spent by earlier runs; {keeps})")
         if self.deadline_s is not None:
             parts.append(f"deadline {self.deadline_s:g}s for this run (stops {self._time_margin():.0f}s before it)")
         return "; ".join(parts) or None
@@ -174,7 +278,9 @@ class BudgetGuard:
             spent, rate = meter.usd, meter.usd_per_second()
             if spent is not None and rate is not None:
                 total = self.spent_before + spent
-                if total + self._usd_margin(rate) >= self.max_usd:
+                # The requests in flight, and the one a freed slot would send next.
+                pending = meter.dearest_answer_usd * (self._in_flight() + 1 if self._in_flight is not None else 0)
+                if total + max(self._usd_margin(meter.replica_usd_per_second() or 0.0), pending) >= self.max_usd:
                     return StopReason.BUDGET, (
                         f"the budget of ${self.max_usd:g} is nearly spent (${total:.4f} over this job's runs); "
                         "raise budget.max_usd to go on"
@@ -185,6 +291,14 @@ class BudgetGuard:
         """Until cancelled or stopped: request a stop when the budget or the deadline says so."""
         if not self.active:
             return
+        if self.max_usd is not None and meter.per_token:  # each answer's cost is looked at as it comes
+
+            def look() -> None:
+                reason = None if stop.requested else self.check(meter)
+                if reason is not None:
+                    stop.request(*reason)
+
+            meter.on_charge(look)
         while not stop.requested:
             reason = self.check(meter)
             if reason is not None:

@@ -351,7 +351,7 @@ class Dispatcher:
             try:
                 # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
                 probe = False if route.breaker.closed else await self._admitted(route)
-                sent_at, outcome = await self._attempt(route, route.url(request), body, headers,
+                sent_at, outcome = await self._attempt(route, route.url(request), route.body(request, body), headers,
                                                        first=attempts == 0)
             except _Drained:  # the endpoint was drained while the row waited for it: another one
                 route = await self._route(route)
@@ -649,7 +649,10 @@ class Dispatcher:
 
     def _auth_error(self, route: Route, status: int) -> AuthError:
         which = "" if len(self._routes) == 1 else f" {route.name}"
-        if route.has_token:
+        if route.has_token and route.token_name:
+            message = (f"The endpoint{which} refused {route.token_name} (HTTP {status}): check it, then run the "
+                       "job again.")
+        elif route.has_token:
             message = (
                 f"The endpoint{which} refused the token (HTTP {status}): it is invalid, expired, or cannot access "
                 f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."
