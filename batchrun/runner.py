@@ -40,6 +40,7 @@ from batchrun.errors import (
     OutputError,
     SpecError,
 )
+from batchrun.packing import Packer, RowsPerRequest, rows_per_request
 from batchrun.preflight import Preflight, empty_input_message, preflight, unencodable_note
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.provenance import REVISION_POLL_S, watch_revision
@@ -138,7 +139,8 @@ async def _serve(
         if scores is not None:  # the scorers load before the endpoint is touched
             await _start_scoring(scores, pre)
         async with pre.endpoint as plane:  # every endpoint resumed at once; here once the first is ready
-            dispatcher = _dispatcher(pre, plane, committer, tally, scores)
+            packing = await rows_per_request(pre.task, pre.spec, plane)  # TEI's batch routes: rows per request
+            dispatcher = _dispatcher(pre, plane, committer, tally, scores, packing)
             pre.endpoint.attach(dispatcher)  # the others join as they become ready
             try:
                 async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
@@ -165,11 +167,15 @@ async def _serve(
 
 
 def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: Tally,
-                scores: ScoringStage | None = None) -> Dispatcher:
+                scores: ScoringStage | None = None, packing: RowsPerRequest | None = None) -> Dispatcher:
     spec = pre.spec
+    initial = min(spec.concurrency.initial, spec.concurrency.max)
+    fits = packing.requests_in_flight() if packing is not None else None
+    if fits is not None:  # TEI counts inputs in flight: start within its budget, the limit finds the rest
+        initial = min(initial, fits)
     config = DispatchConfig(
         max_concurrency=spec.concurrency.max,
-        initial_concurrency=min(spec.concurrency.initial, spec.concurrency.max),
+        initial_concurrency=initial,
         request_timeout_s=spec.request_timeout,
         policy=RetryPolicy.from_spec(spec.retries),
         retry_budget_ratio=spec.retries.budget_ratio,
@@ -194,7 +200,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         committer.add(record)
 
     return Dispatcher(plane=plane, task=pre.task, config=config, on_record=on_record, kept_columns=kept_columns,
-                      excuses=pre.endpoint.excuses, name=pre.endpoint.route_name())
+                      excuses=pre.endpoint.excuses, name=pre.endpoint.route_name(), rows_per_request=packing)
 
 
 def _scoring_stage(pre: Preflight, committer: Committer, tally: Tally) -> ScoringStage | None:
@@ -264,13 +270,28 @@ async def _dispatch(
     if pusher is not None and pusher.every_s is not None:
         background.append(asyncio.create_task(pusher.run_every(), name="push"))
     try:
-        await dispatcher.run(reader.rows() if scores is None else scores.rows(reader.rows()), stop)
+        rows: AsyncIterator[Row] = reader.rows() if scores is None else scores.rows(reader.rows())
+        if dispatcher.rows_per_request is not None:  # several rows per request (packing.py)
+            rows = Packer(rows, dispatcher.rows_per_request, text_of=_text_of(pre.task))
+        await dispatcher.run(rows, stop)
         stop.request(StopReason.DONE, "every pending row has its record")
     finally:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         reporter.close()
+
+
+def _text_of(task: Any) -> Callable[[Row], str | None]:
+    """A packing task's text for a row (for the token bound), None for a row that has none."""
+
+    def text_of(row: Row) -> str | None:
+        try:
+            return str(task.text_of(row))
+        except BatchrunError:
+            return None
+
+    return text_of
 
 
 #: How often a billing run writes its spending to the ledger.

@@ -55,6 +55,7 @@ __all__ = [
     "InputSpec",
     "JobSpec",
     "OutputSpec",
+    "PackingSpec",
     "PromptSpec",
     "PushSpec",
     "RetrySpec",
@@ -138,6 +139,7 @@ class PromptSpec:
     image_column: str | None = None
     messages_column: str | None = None
     schema_column: str | None = None  # a column holding each row's JSON Schema (structured output)
+    texts_column: str | None = None  # rerank: a column holding each row's candidate texts (a list of strings)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -147,6 +149,8 @@ class PromptSpec:
         names = (self.column,) if self.column is not None else _template_fields(self.template or "")
         if self.image_column is not None and self.image_column not in names:
             names = (*names, self.image_column)
+        if self.texts_column is not None and self.texts_column not in names:
+            names = (*names, self.texts_column)
         return names
 
 
@@ -233,6 +237,17 @@ class ConcurrencySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PackingSpec:
+    """Rows per request for the tasks that take a batch of inputs (TEI's embed and predict routes):
+    at most ``max_rows`` rows and about ``max_tokens`` tokens (estimated) per request. Unset: the
+    server's own limits, read from its ``GET /info`` (``max_client_batch_size``), or found from its
+    answers."""
+
+    max_rows: int | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetrySpec:
     """Retry policy knobs (reliability.md §2). Seconds for times; ``budget_ratio`` is a share."""
 
@@ -288,6 +303,7 @@ class JobSpec:
     budget: BudgetSpec
     concurrency: ConcurrencySpec
     retries: RetrySpec
+    packing: PackingSpec = field(default_factory=PackingSpec)  # rows per request (packing.py)
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     # The largest answer read; None: the task's default (answer_cap). A larger answer fails its row.
     max_answer_bytes: int | None = None
@@ -345,6 +361,8 @@ class JobSpec:
         }
         if self.prompt.messages_column is not None:  # only when set: older outputs keep their identity
             identity["prompt"]["messages_column"] = self.prompt.messages_column
+        if self.prompt.texts_column is not None:
+            identity["prompt"]["texts_column"] = self.prompt.texts_column
         # Text jobs keep the identity they always had, so their existing outputs still resume.
         if self.task == "text-to-image" and self.image is not None:
             identity["image"] = {
@@ -679,6 +697,7 @@ class _Parser:
             budget=self.budget(data.get("budget")),
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
+            packing=self.packing(data.get("packing"), kind),
             request_timeout=self.duration(data, "request_timeout", default=_default(JobSpec, "request_timeout")),
             max_answer_bytes=self.size(data, "max_answer_bytes", default=None),
             outage_timeout=self.duration(data, "outage_timeout", default=_default(JobSpec, "outage_timeout")),
@@ -901,6 +920,10 @@ class _Parser:
             raise self.error("prompt.system", f"only applies to tasks {owners}, not {kind.name}")
         image_column = self.string(data, "image_column", prefix="prompt.", default=None)
         schema_column = self.string(data, "schema_column", prefix="prompt.", default=None)
+        texts_column = self.string(data, "texts_column", prefix="prompt.", default=None)
+        if (texts_column is None) == kind.takes_texts:
+            which = "is required for" if kind.takes_texts else "only applies to task rerank, not"
+            raise self.error("prompt.texts_column", f"{which} {kind.name} (the column of candidate texts)")
         if messages_column is not None and image_column is not None:
             raise self.error(
                 "prompt.image_column",
@@ -918,6 +941,7 @@ class _Parser:
             template=template, column=column, system=system, image_column=image_column,
             messages_column=messages_column,
             schema_column=schema_column,
+            texts_column=texts_column,
         )
 
     def messages_column(self, data: Mapping[str, Any], kind: TaskKind) -> str | None:
@@ -1135,6 +1159,17 @@ class _Parser:
         if initial > high:
             raise self.error("concurrency.initial", f"expected at most concurrency.max ({high}), got {initial}")
         return ConcurrencySpec(max=high, initial=initial)
+
+    def packing(self, data: Any, kind: TaskKind) -> PackingSpec:
+        """``packing``: only for the tasks that send several rows per request."""
+        if data is None:
+            return PackingSpec()
+        if not kind.packs:
+            owners = ", ".join(k.name for k in TASK_KINDS.values() if k.packs)
+            raise self.error("packing", f"applies to tasks {owners}, not {kind.name}")
+        data = self.section(data, "packing", _keys(PackingSpec))
+        return PackingSpec(max_rows=self.integer(data, "max_rows", prefix="packing.", default=None, minimum=1),
+                           max_tokens=self.integer(data, "max_tokens", prefix="packing.", default=None, minimum=1))
 
     def retries(self, data: Any) -> RetrySpec:
         if data is None:
