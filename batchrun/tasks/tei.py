@@ -147,8 +147,8 @@ class EmbeddingTask(_PackedTextTask):
         return {PACK_OUTPUTS: [self._vector(vector) for vector in vectors]}
 
     def _vector(self, vector: list[Any]) -> dict[str, Any] | RequestFailed:
-        if not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in vector):
-            return RequestFailed("bad_body", "the embedding holds a value that is not a number", retryable=True)
+        # Its values are not looked at one by one here (that costs more than the request): the sink
+        # converts the column to float32 whole, and a row it cannot convert becomes a failure record.
         if self.dimension is None:
             self.dimension = len(vector)
         elif len(vector) != self.dimension:
