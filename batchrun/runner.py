@@ -140,6 +140,7 @@ async def _serve(
             await _start_scoring(scores, pre)
         async with pre.endpoint as plane:  # every endpoint resumed at once; here once the first is ready
             packing = await rows_per_request(pre.task, pre.spec, plane)  # TEI's batch routes: rows per request
+            await _hold_dimension(pre.task, output.store)
             dispatcher = _dispatcher(pre, plane, committer, tally, scores, packing)
             pre.endpoint.attach(dispatcher)  # the others join as they become ready
             try:
@@ -332,7 +333,22 @@ async def _stop_on_error(work: Any, stop: Stop) -> None:
 def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:
     if dispatcher is None:
         return {}
-    return {**dispatcher.stats.figures(), "routes": dispatcher.route_figures()}
+    figures = {**dispatcher.stats.figures(), "routes": dispatcher.route_figures()}
+    dimension = getattr(dispatcher.task, "dimension", None)
+    if isinstance(dimension, int):  # an embedding job: the length of every vector, for the next run and the push
+        figures["embedding_dimension"] = dimension
+    return figures
+
+
+async def _hold_dimension(task: Any, store: Any) -> None:
+    """An embedding job resumed: its vectors keep the length the earlier runs' had (summary.json says it)."""
+    hold = getattr(task, "hold_dimension", None)
+    if hold is None:
+        return
+    summary = await asyncio.to_thread(store.load_summary)
+    dimension = (summary or {}).get("embedding_dimension")
+    if isinstance(dimension, int):
+        hold(dimension)
 
 
 # --------------------------------------------------------------------------- pushing to the Hub

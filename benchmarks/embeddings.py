@@ -98,6 +98,36 @@ def _batchrun(url: str, folder: Path, rows: int, concurrency: int, max_rows: int
     return rows / elapsed, round(rows / max(1, sent))
 
 
+async def _dispatcher_only(url: str, rows: int, concurrency: int) -> float:
+    """Rows per second for batchrun's Dispatcher and packing alone: rows from memory, records counted
+    and dropped (no reader thread, no Parquet, no start-up): what the whole job adds shows against it."""
+    from batchrun.dispatch import DispatchConfig, Dispatcher
+    from batchrun.endpoints import DataPlane
+    from batchrun.packing import Packer, RowsPerRequest
+    from batchrun.records import Row
+    from batchrun.tasks import build_task
+
+    done = 0
+
+    def on_record(record: object) -> None:
+        nonlocal done
+        done += 1
+
+    dispatcher = Dispatcher(plane=DataPlane(url=url, token=TOKEN), task=build_task("feature-extraction", column="text"),
+                            config=DispatchConfig(max_concurrency=concurrency, initial_concurrency=concurrency),
+                            on_record=on_record, rows_per_request=RowsPerRequest(max_rows=BATCH))
+
+    async def source() -> Any:
+        for i in range(rows):
+            yield Row(i, i, {"text": _text(i)})
+
+    assert dispatcher.rows_per_request is not None
+    started = time.perf_counter()
+    await dispatcher.run(Packer(source(), dispatcher.rows_per_request))
+    assert done == rows, done
+    return rows / (time.perf_counter() - started)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=20_000)
@@ -126,6 +156,7 @@ def main() -> None:
                                                                     parse=True)),
             "ceiling_bare_1_per_request": asyncio.run(_bare(url, single, 1, args.concurrency)),
         }
+        figures["dispatcher_only_packed"] = asyncio.run(_dispatcher_only(url, args.rows, args.concurrency))
         packed, per_request = _batchrun(url, folder, args.rows, args.concurrency, None)
         figures["batchrun_packed"] = packed
         if single != args.rows:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hubkit import REPO_ID, card_of, point_at_hub
 from jobkit import (
     NS,
     TOKEN,
@@ -254,3 +256,40 @@ def test_classification_keeps_every_label_best_first_for_each_packed_row(tmp_pat
         assert sorted(row["labels"]) == ["NEGATIVE", "POSITIVE"]
         assert row["label"] == row["labels"][0] and row["score"] == row["scores"][0] == max(row["scores"])
         assert math.isclose(sum(row["scores"]), 1.0, rel_tol=1e-5)
+
+
+def test_push_declares_the_embedding_as_a_fixed_size_float32_sequence_and_datasets_reads_it_so(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(tei_endpoint()) as emu:
+        point_at_hub(monkeypatch, emu.hub_url)
+        spec = embedding_spec(tmp_path, emu, write_texts(tmp_path / "in.parquet", 60),
+                              output={"push_to_hub": {"repo": REPO_ID, "endpoint": emu.hub_url}})
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        header, _ = card_of(emu.hub.files(REPO_ID))
+        loaded = datasets.load_dataset(REPO_ID, "default", split="train", cache_dir=str(tmp_path / "cache"))
+    features = {f["name"]: f for f in header["dataset_info"][0]["features"]}
+    assert features["embedding"] == {"name": "embedding", "list": "float32", "length": DIM}
+    assert loaded.features["embedding"].length == DIM
+    assert loaded.data.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+    assert len(loaded) == 60
+
+
+def test_a_resumed_embedding_job_holds_the_dimension_of_its_earlier_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    input_path = write_texts(tmp_path / "in.parquet", 100)
+    with socket.socket() as probe:  # one port for both servers: the job's url stays the same
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with emulator(tei_endpoint(port=port)) as emu:
+        outcome, lines = run(embedding_spec(tmp_path, emu, input_path, input={"limit": 50}))
+        assert outcome.exit_code == 0, lines
+    # The same job, resumed on a server whose vectors are longer: its rows fail, none has another shape.
+    with emulator(tei_endpoint(port=port, embedding_dim=DIM + 8)) as emu:
+        outcome, lines = run(embedding_spec(tmp_path, emu, input_path))
+    out = tmp_path / "out" / "emb"
+    assert all(len(row["embedding"]) == DIM for row in read_rows(out / "data"))
+    failed = read_rows(out / "failed")
+    assert len(failed) == 50 and {row["error_type"] for row in failed} == {"embedding_dimension"}, lines

@@ -8,8 +8,10 @@ query and its candidate texts) and goes alone. TEI's own parameters (``truncate`
 ``prompt_name``, ``raw_scores``, ``truncation_direction``, ``dimensions``) are passed through at the
 top level of the body, as TEI reads them.
 
-An embedding's dimension is taken from the first answer and held for the whole job: a vector of
-another length is a failure record (``embedding_dimension``), never a row of another shape.
+An embedding's dimension is taken from the first answer and held for the whole job (a resumed run
+holds the one its summary.json records): a vector of another length is a failure record
+(``embedding_dimension``), never a row of another shape. ``batchrun push`` declares the column as a
+fixed-size ``Sequence(Value("float32"), length=D)``.
 """
 
 from __future__ import annotations
@@ -122,6 +124,10 @@ class EmbeddingTask(_PackedTextTask):
         openai = urllib.parse.urlsplit(url).path.rstrip("/").endswith(OPENAI_EMBEDDINGS)
         return cls(template=spec.prompt.template, column=spec.prompt.column, parameters=spec.parameters,
                    openai=openai)
+
+    def hold_dimension(self, dimension: int) -> None:
+        """Hold vectors to ``dimension`` values (an earlier run's), rather than the first answer's."""
+        self.dimension = dimension
 
     def prepare(self, row: Row) -> PreparedRequest:
         """The request for ``row`` (a pack, or a single row)."""
