@@ -304,6 +304,7 @@ class JobSpec:
     concurrency: ConcurrencySpec
     retries: RetrySpec
     packing: PackingSpec = field(default_factory=PackingSpec)  # rows per request (packing.py)
+    embedding_dtype: str = "float32"  # feature-extraction: how each embedding's values are stored (float16 halves it)
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT
     # The largest answer read; None: the task's default (answer_cap). A larger answer fails its row.
     max_answer_bytes: int | None = None
@@ -380,6 +381,8 @@ class JobSpec:
             identity["prompt"]["schema_column"] = self.prompt.schema_column
         if self.samples != 1:
             identity["samples"] = self.samples
+        if self.embedding_dtype != "float32":  # only when set: the output's column type
+            identity["embedding_dtype"] = self.embedding_dtype
         if self.score:  # only when set: the score columns are part of every shard's schema
             identity["score"] = [scorer.describe() for scorer in self.score]
         return identity
@@ -698,6 +701,7 @@ class _Parser:
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
             packing=self.packing(data.get("packing"), kind),
+            embedding_dtype=self.embedding_dtype(data, kind),
             request_timeout=self.duration(data, "request_timeout", default=_default(JobSpec, "request_timeout")),
             max_answer_bytes=self.size(data, "max_answer_bytes", default=None),
             outage_timeout=self.duration(data, "outage_timeout", default=_default(JobSpec, "outage_timeout")),
@@ -1170,6 +1174,18 @@ class _Parser:
         data = self.section(data, "packing", _keys(PackingSpec))
         return PackingSpec(max_rows=self.integer(data, "max_rows", prefix="packing.", default=None, minimum=1),
                            max_tokens=self.integer(data, "max_tokens", prefix="packing.", default=None, minimum=1))
+
+    def embedding_dtype(self, data: Mapping[str, Any], kind: TaskKind) -> str:
+        """``embedding_dtype``: float32 (the default) or float16, for feature-extraction only."""
+        if "embedding_dtype" not in data:
+            return "float32"
+        if kind.name != "feature-extraction":
+            raise self.error("embedding_dtype", f"applies to task feature-extraction, not {kind.name}")
+        value = data["embedding_dtype"]
+        if value not in ("float32", "float16"):
+            raise self.error("embedding_dtype", f"expected float32 or float16, got {_describe(value)}")
+        dtype: str = value
+        return dtype
 
     def retries(self, data: Any) -> RetrySpec:
         if data is None:

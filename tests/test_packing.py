@@ -145,3 +145,37 @@ def test_classification_sends_each_text_as_a_list_of_one_not_as_a_pair() -> None
     task = build_task("text-classification", column="text", parameters={"raw_scores": True})
     request = task.prepare(make_pack(tuple(rows(2)), (["a"], ["b"])))
     assert request.payload == {"raw_scores": True, "inputs": [["a"], ["b"]]}
+
+
+def spec(**keys: object):
+    from batchrun.spec import parse_spec
+
+    data = {"task": "feature-extraction", "input": {"parquet": "in.parquet"}, "prompt": {"column": "text"},
+            "endpoint": {"url": "http://127.0.0.1:8080"}, **keys}
+    return parse_spec(data)
+
+
+def test_the_spec_keys_of_packing_apply_to_the_tasks_that_pack() -> None:
+    from batchrun.errors import SpecError
+
+    assert spec(packing={"max_rows": 8, "max_tokens": 4096}).packing.max_rows == 8
+    assert spec(embedding_dtype="float16").identity()["embedding_dtype"] == "float16"
+    assert "embedding_dtype" not in spec().identity()  # float32: the identity other outputs already have
+    with pytest.raises(SpecError, match="packing.max_rows"):
+        spec(packing={"max_rows": 0})
+    with pytest.raises(SpecError, match="packing"):
+        spec(task="chat-completion", packing={"max_rows": 8})
+    with pytest.raises(SpecError, match="embedding_dtype"):
+        spec(embedding_dtype="int8")
+    with pytest.raises(SpecError, match="embedding_dtype"):
+        spec(task="text-classification", embedding_dtype="float16")
+
+
+def test_rerank_needs_its_column_of_candidates_and_no_other_task_takes_one() -> None:
+    from batchrun.errors import SpecError
+
+    assert spec(task="rerank", prompt={"column": "q", "texts_column": "docs"}).prompt.columns == ("q", "docs")
+    with pytest.raises(SpecError, match="prompt.texts_column"):
+        spec(task="rerank")
+    with pytest.raises(SpecError, match="prompt.texts_column"):
+        spec(prompt={"column": "text", "texts_column": "docs"})

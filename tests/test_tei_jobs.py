@@ -293,3 +293,19 @@ def test_a_resumed_embedding_job_holds_the_dimension_of_its_earlier_runs(tmp_pat
     assert all(len(row["embedding"]) == DIM for row in read_rows(out / "data"))
     failed = read_rows(out / "failed")
     assert len(failed) == 50 and {row["error_type"] for row in failed} == {"embedding_dimension"}, lines
+
+
+def test_embeddings_are_stored_as_float16_where_the_spec_asks(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with emulator(tei_endpoint()) as emu:
+        spec = embedding_spec(tmp_path, emu, write_texts(tmp_path / "in.parquet", 40), embedding_dtype="float16")
+        outcome, lines = run(spec)
+    assert outcome.exit_code == 0, lines
+    data = tmp_path / "out" / "emb" / "data"
+    schema = pq.read_schema(next(data.glob("*.parquet")))
+    assert schema.field("embedding").type == pa.list_(pa.float16())
+    assert features_dict(schema)["embedding"]["feature"] == {"dtype": "float16", "_type": "Value"}
+    for row in read_rows(data):
+        i = int(row["id"].split("-")[1])
+        expected = np.asarray(expected_embedding(text(i), DIM), dtype=np.float32).astype(np.float16)
+        assert np.array_equal(np.asarray(row["embedding"], dtype=np.float16), expected)

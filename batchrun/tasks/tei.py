@@ -40,7 +40,13 @@ __all__ = [
     "RerankTask",
 ]
 
-EMBEDDING_OUTPUT_SCHEMA = pa.schema([pa.field("embedding", pa.list_(pa.float32()))])
+def embedding_output_schema(dtype: str = "float32") -> pa.Schema:
+    """An embedding per row: a list of ``dtype`` (float32, or float16 when the spec asks), of one length
+    for the whole job."""
+    return pa.schema([pa.field("embedding", pa.list_(pa.float16() if dtype == "float16" else pa.float32()))])
+
+
+EMBEDDING_OUTPUT_SCHEMA = embedding_output_schema()
 """An embedding per row: a list of float32, of one length for the whole job."""
 
 RERANK_OUTPUT_SCHEMA = pa.schema([
@@ -111,9 +117,11 @@ class EmbeddingTask(_PackedTextTask):
     output_schema = EMBEDDING_OUTPUT_SCHEMA
 
     def __init__(self, *, template: str | None, column: str | None, parameters: Mapping[str, Any],
-                 openai: bool = False) -> None:
+                 openai: bool = False, dtype: str = "float32") -> None:
         super().__init__(template=template, column=column, parameters=parameters)
         self.openai = openai
+        if dtype != "float32":
+            self.output_schema = embedding_output_schema(dtype)
         self.route = OPENAI_EMBEDDINGS if openai else self.kind.route
         self.dimension: int | None = None  # from the first answer, then held
 
@@ -123,7 +131,7 @@ class EmbeddingTask(_PackedTextTask):
         url = spec.endpoint.url or ""
         openai = urllib.parse.urlsplit(url).path.rstrip("/").endswith(OPENAI_EMBEDDINGS)
         return cls(template=spec.prompt.template, column=spec.prompt.column, parameters=spec.parameters,
-                   openai=openai)
+                   openai=openai, dtype=spec.embedding_dtype)
 
     def hold_dimension(self, dimension: int) -> None:
         """Hold vectors to ``dimension`` values (an earlier run's), rather than the first answer's."""
