@@ -419,6 +419,8 @@ class Dispatcher:
             return
         record = await self._process(make_pack(tuple(packed), tuple(inputs)))
         if isinstance(record, RowResult):
+            if self.rows_per_request is not None:
+                self.rows_per_request.answered(len(packed))
             self._unpack(packed, record)
             return
         refusal = too_large(record.status, record.error) if len(packed) > 1 else None

@@ -6,10 +6,11 @@ dispatcher's one retry loop sends it, retries it and fails it as one unit; the t
 one outcome per member, and the dispatcher ends each member in exactly one record.
 
 How many rows go in a pack is :class:`RowsPerRequest`'s: the spec's ``packing.max_rows``, else the
-server's ``max_client_batch_size`` from ``GET /info`` (:func:`server_limits`), else TEI's default
-(32). A pack the server refuses as too large (TEI's Validation error: 413 before 1.9.0, 422 from
-it) is split in two and each half sent on its own; the refusal teaches the controller the server's
-limit (``batch size N > maximum allowed batch size M``), so later packs fit. A single row too long
+server's ``max_client_batch_size`` from ``GET /info`` (:func:`server_limits`), else a probe that
+starts at TEI's default (32) and doubles while full packs are answered. A pack the server refuses
+as too large (TEI's Validation error: 413 before 1.9.0, 422 from it) is split in two and each half
+sent on its own; the refusal teaches the controller the server's limit (``batch size N > maximum
+allowed batch size M``), so later packs fit. A single row too long
 for the model ends in a failure record with the server's reason (or is truncated by the server
 when ``parameters.truncate`` is true).
 
@@ -55,6 +56,9 @@ PACK_REQUESTS = "__pack_requests__"
 PACK_OUTPUTS = "__pack_outputs__"
 #: Rows per request when neither the spec nor the server says: TEI's ``--max-client-batch-size`` default.
 DEFAULT_ROWS = 32
+#: Probing a limit nobody told: full packs answered before the rows per request double, and the most tried.
+PROBE_AFTER = 4
+MAX_PROBED_ROWS = 1024
 
 
 def members(row: Row) -> tuple[Row, ...] | None:
@@ -167,6 +171,10 @@ class RowsPerRequest:
     """How many rows go in the next request: the spec's ``max_rows``, or the server's limit, lowered by
     every refusal of a pack as too large (to the limit the server names, else half the refused size).
 
+    When neither the spec nor the server says, it starts at :data:`DEFAULT_ROWS` and doubles after
+    every :data:`PROBE_AFTER` full packs answered, up to :data:`MAX_PROBED_ROWS`, until a refusal says
+    where the server's limit is (TEI names it: ``maximum allowed batch size M``).
+
     ``max_tokens`` bounds a pack's estimated tokens (words and marks, plus two per row) as well.
     """
 
@@ -178,6 +186,18 @@ class RowsPerRequest:
         self.size = min(max_rows or server or DEFAULT_ROWS, server or max_rows or DEFAULT_ROWS)
         self.max_tokens = max_tokens
         self.refusals = 0
+        self.probing = max_rows is None and server is None  # nobody said: find the limit from the answers
+        self._full_answers = 0
+
+    def answered(self, rows: int) -> None:
+        """A pack of ``rows`` rows was answered: while probing, full packs let the next ones grow."""
+        if not self.probing or rows < self.size:
+            return
+        self._full_answers += 1
+        if self._full_answers >= PROBE_AFTER and self.size < MAX_PROBED_ROWS:
+            log.info("rows_per_request from=%d to=%d (probing)", self.size, min(MAX_PROBED_ROWS, self.size * 2))
+            self.size = min(MAX_PROBED_ROWS, self.size * 2)
+            self._full_answers = 0
 
     def requests_in_flight(self) -> int | None:
         """Requests of this many rows that the server's input budget takes at once (None: unknown)."""
@@ -188,6 +208,7 @@ class RowsPerRequest:
         if refusal.input_too_long:
             return  # one member is too long, not the pack: the split finds it
         self.refusals += 1
+        self.probing = False  # the limit is found: the server named it, or it is below the refused size
         limit = refusal.server_max if refusal.server_max is not None else max(1, rows // 2)
         if limit < self.size:
             log.info("rows_per_request from=%d to=%d", self.size, limit)

@@ -179,3 +179,24 @@ def test_rerank_needs_its_column_of_candidates_and_no_other_task_takes_one() -> 
         spec(task="rerank")
     with pytest.raises(SpecError, match="prompt.texts_column"):
         spec(prompt={"column": "text", "texts_column": "docs"})
+
+
+def test_a_limit_nobody_told_is_probed_upward_until_a_refusal_names_it() -> None:
+    controller = RowsPerRequest()
+    assert controller.probing and controller.size == DEFAULT_ROWS
+    for _ in range(4):
+        controller.answered(DEFAULT_ROWS)
+    assert controller.size == 2 * DEFAULT_ROWS
+    controller.answered(5)  # a pack short of rows (the input's end) says nothing
+    for _ in range(4):
+        controller.answered(64)
+    assert controller.size == 128
+    controller.refused(128, TooLarge(server_max=100))
+    assert controller.size == 100 and not controller.probing
+    for _ in range(8):
+        controller.answered(100)
+    assert controller.size == 100
+    told = RowsPerRequest(limits=ServerLimits(max_client_batch_size=12))
+    for _ in range(8):
+        told.answered(12)
+    assert told.size == 12

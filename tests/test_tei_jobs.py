@@ -126,6 +126,22 @@ def test_the_spec_limit_yields_to_the_servers_info(tmp_path, monkeypatch):
     assert by_route["POST /embed"] == {"200": math.ceil(100 / 16)}
 
 
+def test_with_no_info_and_no_packing_keys_the_servers_batch_limit_is_found_from_its_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    n = 3000
+    with emulator(tei_endpoint(max_client_batch_size=100)) as emu:
+        spec = embedding_spec(tmp_path, emu, write_texts(tmp_path / "in.parquet", n),
+                              concurrency={"max": 4, "initial": 1})
+        outcome, lines = run(spec, transport=NoInfo())
+        answered = routes(emu)["POST /embed"]
+    assert outcome.exit_code == 0, lines
+    rows = read_rows(tmp_path / "out" / "emb" / "data")
+    assert sorted(row["id"] for row in rows) == [f"row-{i:05d}" for i in range(n)]
+    # 32, then 64 a request, then 128 refused with the limit named: 100 a request from then on.
+    assert 1 <= int(answered["422"]) <= 4, answered
+    assert int(answered["200"]) < math.ceil(n / 64), answered
+
+
 @pytest.mark.parametrize(("version", "refusal"), [("1.9.3", "422"), ("1.8.3", "413")])
 def test_an_oversized_batch_is_split_and_later_ones_fit(tmp_path, monkeypatch, version, refusal):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
