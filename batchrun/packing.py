@@ -175,7 +175,8 @@ class RowsPerRequest:
     every :data:`PROBE_AFTER` full packs answered, up to :data:`MAX_PROBED_ROWS`, until a refusal says
     where the server's limit is (TEI names it: ``maximum allowed batch size M``).
 
-    ``max_tokens`` bounds a pack's estimated tokens (words and marks, plus two per row) as well.
+    ``max_tokens`` (the spec's, else the server's ``max_batch_tokens``) bounds a pack's estimated
+    tokens (words and marks, plus two per row) as well.
     """
 
     def __init__(self, *, max_rows: int | None = None, max_tokens: int | None = None,
@@ -184,7 +185,8 @@ class RowsPerRequest:
         server = limits.max_client_batch_size
         self.told = max_rows is not None
         self.size = min(max_rows or server or DEFAULT_ROWS, server or max_rows or DEFAULT_ROWS)
-        self.max_tokens = max_tokens
+        # TEI runs a request in forward passes of at most max_batch_tokens: a pack that fits takes one.
+        self.max_tokens = max_tokens or limits.max_batch_tokens
         self.refusals = 0
         self.probing = max_rows is None and server is None  # nobody said: find the limit from the answers
         self._full_answers = 0

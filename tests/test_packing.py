@@ -85,6 +85,8 @@ def test_the_input_budget_is_counted_in_rows() -> None:
                                      "max_batch_tokens": 16384})
     assert limits == ServerLimits(32, 16384, 512)
     assert RowsPerRequest(limits=limits).requests_in_flight() == 16
+    assert RowsPerRequest(limits=limits).max_tokens == 16384  # a pack fits one of TEI's forward passes
+    assert RowsPerRequest(max_tokens=500, limits=limits).max_tokens == 500
     assert ServerLimits.from_info("not info") == ServerLimits()
 
 
