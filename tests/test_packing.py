@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import numpy as np
 import pytest
 
 from batchrun.errors import RequestFailed
@@ -129,11 +130,23 @@ def test_an_embedding_answer_is_one_outcome_per_row_and_its_dimension_is_held() 
     request = task.prepare(pack)
     assert request.path == "/embed" and request.payload == {"inputs": ["a", "b", "c"]}
     outcomes = task.parse(200, {}, json.dumps([[0.5, 1.0], [0.25, 2.0], [1.0, 1.0]]).encode())[PACK_OUTPUTS]
-    assert outcomes == [{"embedding": [0.5, 1.0]}, {"embedding": [0.25, 2.0]}, {"embedding": [1.0, 1.0]}]
-    later = task.parse(200, {}, json.dumps([[0.5, 1.0, 3.0], [1.0, 2.0]]).encode())[PACK_OUTPUTS]
+    assert [list(outcome["embedding"]) for outcome in outcomes] == [[0.5, 1.0], [0.25, 2.0], [1.0, 1.0]]
+    assert outcomes[0]["embedding"].dtype == np.float32
+    later = task.parse(200, {}, json.dumps([[0.5, 1.0, 3.0], [1.0, 2.0]]).encode())[PACK_OUTPUTS]  # ragged
     assert isinstance(later[0], RequestFailed) and later[0].error_type == "embedding_dimension"
     assert not later[0].retryable
     assert later[1] == {"embedding": [1.0, 2.0]}
+
+
+def test_embeddings_that_are_not_numbers_are_left_for_the_sink_to_refuse() -> None:
+    import pyarrow as pa
+
+    from batchrun.tasks.tei import EMBEDDING_OUTPUT_SCHEMA
+
+    outcomes = embedding_task().parse(200, {}, b'[[0.5, "x"], [1.0, 2.0]]')[PACK_OUTPUTS]
+    assert outcomes == [{"embedding": [0.5, "x"]}, {"embedding": [1.0, 2.0]}]
+    with pytest.raises((pa.ArrowInvalid, pa.ArrowTypeError)):
+        pa.array([outcomes[0]["embedding"]], type=EMBEDDING_OUTPUT_SCHEMA.field("embedding").type)
 
 
 def test_a_bad_embedding_answer_is_a_retryable_failure() -> None:

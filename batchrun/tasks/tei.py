@@ -20,6 +20,7 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 from batchrun.errors import RequestFailed
@@ -120,6 +121,7 @@ class EmbeddingTask(_PackedTextTask):
                  openai: bool = False, dtype: str = "float32") -> None:
         super().__init__(template=template, column=column, parameters=parameters)
         self.openai = openai
+        self._dtype = np.float16 if dtype == "float16" else np.float32
         if dtype != "float32":
             self.output_schema = embedding_output_schema(dtype)
         self.route = OPENAI_EMBEDDINGS if openai else self.kind.route
@@ -158,11 +160,21 @@ class EmbeddingTask(_PackedTextTask):
             vectors = doc
         if not isinstance(vectors, list) or not all(isinstance(vector, list) for vector in vectors):
             raise bad_body("the answer is not a list of vectors")
-        return {PACK_OUTPUTS: [self._vector(vector) for vector in vectors]}
+        return {PACK_OUTPUTS: [self._vector(vector) for vector in self._block(vectors)]}
 
-    def _vector(self, vector: list[Any]) -> dict[str, Any] | RequestFailed:
+    def _block(self, vectors: list[list[Any]]) -> list[Any]:
+        """The answer's vectors as rows of one NumPy array of the stored type: a quarter of the memory of
+        Python floats while they wait in a shard, and converted to Arrow without touching each value.
+        An answer that is not one rectangle of numbers stays as it came (each row is then checked alone)."""
+        try:
+            block = np.asarray(vectors, dtype=self._dtype)
+        except (ValueError, TypeError):
+            return vectors
+        return list(block) if block.ndim == 2 else vectors
+
+    def _vector(self, vector: Any) -> dict[str, Any] | RequestFailed:
         # Its values are not looked at one by one here (that costs more than the request): the sink
-        # converts the column to float32 whole, and a row it cannot convert becomes a failure record.
+        # converts the column whole, and a row it cannot convert becomes a failure record.
         if self.dimension is None:
             self.dimension = len(vector)
         elif len(vector) != self.dimension:
