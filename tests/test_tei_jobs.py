@@ -344,3 +344,37 @@ def test_under_teis_input_budget_the_job_starts_within_it_and_loses_nothing_to_i
     # (limit.py) and costs the row no attempt. (Started at 16 instead, 18 were seen in one run, 12 with 3.)
     assert int(answered.get("429", 0)) <= 0.5 * math.ceil(n / 32), answered
     assert peak <= 8, peak
+
+
+def test_two_tei_endpoints_share_the_packs_and_each_row_says_which_answered(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    n = 640
+    with emulator(tei_endpoint("bge", latency_base_s=0.005), tei_endpoint("bge2", latency_base_s=0.005)) as emu:
+        urls = [{"url": emu.endpoint_url(NS, name)} for name in ("bge", "bge2")]
+        spec = write_spec(tmp_path, endpoint=urls, input_path=write_texts(tmp_path / "in.parquet", n), name="emb",
+                          task="feature-extraction", prompt={"column": "text", "template": None, "system": None},
+                          parameters={}, output={"shard_rows": 5000})
+        outcome, lines = run(spec)
+    assert outcome.exit_code == 0, lines
+    rows = read_rows(tmp_path / "out" / "emb" / "data")
+    assert sorted(row["id"] for row in rows) == [f"row-{i:05d}" for i in range(n)]
+    assert_vectors_are_the_emulators(rows)
+    labels = {row["endpoint"] for row in rows}
+    assert len(labels) == 2 and None not in labels, labels
+
+
+def test_a_rerank_row_with_more_candidates_than_the_server_takes_fails_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["ok", "big"], "query": ["sea", "sea"],
+                             "texts": [["the sea", "hills"], ["a", "b", "c", "d", "e"]]}), path)
+    with emulator(running_endpoint("ranker", task="text-ranking", max_client_batch_size=4)) as emu:
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "ranker")}, input_path=path, name="rr",
+                          task="rerank", prompt={"column": "query", "texts_column": "texts", "template": None,
+                                                 "system": None}, parameters={})
+        outcome, lines = run(spec)
+    assert outcome.exit_code == 1, lines
+    assert [row["id"] for row in read_rows(tmp_path / "out" / "rr" / "data")] == ["ok"]
+    failed = read_rows(tmp_path / "out" / "rr" / "failed")
+    assert [row["id"] for row in failed] == ["big"]
+    assert failed[0]["status"] == 422 and "maximum allowed batch size 4" in failed[0]["error"]
