@@ -378,3 +378,19 @@ def test_a_rerank_row_with_more_candidates_than_the_server_takes_fails_with_the_
     failed = read_rows(tmp_path / "out" / "rr" / "failed")
     assert [row["id"] for row in failed] == ["big"]
     assert failed[0]["status"] == 422 and "maximum allowed batch size 4" in failed[0]["error"]
+
+
+def test_a_row_with_no_text_fails_alone_before_sending_and_its_pack_mates_are_embedded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    path = tmp_path / "in.parquet"
+    texts = [None if i == 3 else text(i) for i in range(10)]
+    pq.write_table(pa.table({"id": [f"row-{i:05d}" for i in range(10)], "text": texts}), path)
+    with emulator(tei_endpoint()) as emu:
+        outcome, lines = run(embedding_spec(tmp_path, emu, path))
+        answered = routes(emu)["POST /embed"]
+    assert outcome.exit_code == 1, lines
+    out = tmp_path / "out" / "emb"
+    failed = read_rows(out / "failed")
+    assert [(row["id"], row["error_type"], row["attempts"]) for row in failed] == [("row-00003", "empty_prompt", 0)]
+    assert_vectors_are_the_emulators(read_rows(out / "data"))
+    assert len(read_ids(out / "data")) == 9 and answered == {"200": 1}
