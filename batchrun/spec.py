@@ -149,8 +149,6 @@ class PromptSpec:
         names = (self.column,) if self.column is not None else _template_fields(self.template or "")
         if self.image_column is not None and self.image_column not in names:
             names = (*names, self.image_column)
-        if self.texts_column is not None and self.texts_column not in names:
-            names = (*names, self.texts_column)
         return names
 
 

@@ -189,7 +189,7 @@ def test_the_spec_keys_of_packing_apply_to_the_tasks_that_pack() -> None:
 def test_rerank_needs_its_column_of_candidates_and_no_other_task_takes_one() -> None:
     from batchrun.errors import SpecError
 
-    assert spec(task="rerank", prompt={"column": "q", "texts_column": "docs"}).prompt.columns == ("q", "docs")
+    assert spec(task="rerank", prompt={"column": "q", "texts_column": "docs"}).prompt.texts_column == "docs"
     with pytest.raises(SpecError, match="prompt.texts_column"):
         spec(task="rerank")
     with pytest.raises(SpecError, match="prompt.texts_column"):

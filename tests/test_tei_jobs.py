@@ -394,3 +394,20 @@ def test_a_row_with_no_text_fails_alone_before_sending_and_its_pack_mates_are_em
     assert [(row["id"], row["error_type"], row["attempts"]) for row in failed] == [("row-00003", "empty_prompt", 0)]
     assert_vectors_are_the_emulators(read_rows(out / "data"))
     assert len(read_ids(out / "data")) == 9 and answered == {"200": 1}
+
+
+@pytest.mark.parametrize(("texts", "problem"), [
+    ("nope", "'nope' is not an input column"),
+    ("query", "has type string, not a list of strings"),
+])
+def test_a_rerank_candidates_column_that_is_missing_or_not_a_list_of_texts_is_a_spec_error(tmp_path, texts, problem):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["q0"], "query": ["sea"], "texts": [["the sea", "hills"]]}), path)
+    spec = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9"}, input_path=path, name="rr", task="rerank",
+                      prompt={"template": "about {query}", "texts_column": texts, "system": None})
+    result = cli("validate", str(spec))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "prompt.texts_column" in result.stderr and problem in result.stderr, result.stderr
+    ok = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9"}, input_path=path, name="ok", task="rerank",
+                    prompt={"template": "about {query}", "texts_column": "texts", "system": None})
+    assert cli("validate", str(ok)).returncode == 0
