@@ -10,13 +10,17 @@ server's ``max_client_batch_size`` from ``GET /info`` (:func:`server_limits`), e
 starts at TEI's default (32) and doubles while full packs are answered. A pack the server refuses
 as too large (TEI's Validation error: 413 before 1.9.0, 422 from it) is split in two and each half
 sent on its own; the refusal teaches the controller the server's limit (``batch size N > maximum
-allowed batch size M``), so later packs fit. A single row too long
-for the model ends in a failure record with the server's reason (or is truncated by the server
-when ``parameters.truncate`` is true).
+allowed batch size M``), so later packs fit. A single row too long for the model ends in a failure
+record with the server's reason (or is truncated by the server when ``parameters.truncate`` is true).
+A pack is also bounded by about ``max_tokens`` estimated tokens (the spec's ``packing.max_tokens``,
+else the server's ``max_batch_tokens``: one forward pass).
 
 TEI's ``max_concurrent_requests`` counts inputs, not requests: the dispatcher's first concurrency is
 held to that budget divided by the rows per request (:meth:`ServerLimits.requests_in_flight`); the
 adaptive limit finds the rest from the 429s.
+
+The member column names (``PACK_*``) are private to this module, the dispatcher and the packing tasks
+(:mod:`batchrun.tasks.tei`); no input column can meet them, since a pack's columns hold nothing else.
 """
 
 from __future__ import annotations
