@@ -35,7 +35,7 @@ import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.dispatch_stats import DispatchStats, LatencyReservoir
@@ -43,6 +43,7 @@ from batchrun.endpoints.base import DataPlane
 from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact
 from batchrun.facts import MAX_MESSAGE_CHARS
 from batchrun.limit import AdaptiveLimit
+from batchrun.packing import PACK_OUTPUTS, RowsPerRequest, make_pack, members, too_large
 from batchrun.records import FailureType, Row, RowFailure, RowResult, http_failure_type
 from batchrun.retry import (
     ENDPOINT_PAUSED,
@@ -183,6 +184,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         name: str = "endpoint",
+        rows_per_request: RowsPerRequest | None = None,
     ) -> None:
         self.base_url = plane.url
         self.task = task
@@ -206,6 +208,10 @@ class Dispatcher:
                                  invalid_output_retries=config.invalid_output_retries)
         # The task's layers that look at each answer (structured output, the answered-by column).
         self._hooks = answer_hooks(task)
+        # A task that sends several rows per request (packing.py): each row comes as a pack, and a pack
+        # refused as too large teaches the rows-per-request controller.
+        self._packs = bool(getattr(task, "packs", False))
+        self.rows_per_request = rows_per_request
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -331,10 +337,69 @@ class Dispatcher:
             if row is None or self._stop.requested:
                 return  # the rows ended, or intake stopped: a row pulled just then runs next time
             try:
+                if self._packs:
+                    await self._process_pack(row)
+                    continue
                 record = await self._process(row)
             except _Abandon:
                 continue
             self._on_record(record)  # counted there, once (the runner's Tally)
+
+    async def _process_pack(self, row: Row) -> None:
+        """Several rows in one request, through the one retry loop; each member ends in exactly one record.
+
+        A member that cannot make a request fails alone, before anything is sent. A pack the server
+        refuses as too large (packing.too_large) is split in two, each half sent on its own, and the
+        refusal lowers the rows per request; a lone row refused so fails with the server's reason.
+        A pack left without a record (intake stopped) leaves all its unrecorded members for next time.
+        """
+        packed: list[Row] = []
+        inputs: list[object] = []
+        member_input = self.task.member_input  # type: ignore[attr-defined]  # a packing task (tasks/tei.py)
+        for member in members(row) or (row,):
+            try:
+                inputs.append(member_input(member))
+            except RequestFailed as unsendable:
+                self._on_record(self._failure(member, unsendable, attempts=0))
+                continue
+            packed.append(member)
+        if not packed:
+            return
+        record = await self._process(make_pack(tuple(packed), tuple(inputs)))
+        if isinstance(record, RowResult):
+            if self.rows_per_request is not None:
+                self.rows_per_request.answered(len(packed))
+            self._unpack(packed, record)
+            return
+        refusal = too_large(record.status, record.error) if len(packed) > 1 else None
+        if refusal is not None:
+            if self.rows_per_request is not None:
+                self.rows_per_request.refused(len(packed), refusal)
+            self._count("split")
+            size = (len(packed) + 1) // 2
+            if refusal.server_max is not None:
+                size = min(size, refusal.server_max)
+            for start in range(0, len(packed), size):
+                await self._process_pack(make_pack(tuple(packed[start:start + size])))
+            return
+        for member in packed:  # the pack's failure is each member's
+            self._on_record(replace(record, position=member.position, id=member.id, kept=self._kept(member)))
+
+    def _unpack(self, packed: list[Row], record: RowResult) -> None:
+        """One record per member of an answered pack, from its outcome in the answer."""
+        outcomes = record.output.get(PACK_OUTPUTS)
+        shared = {key: value for key, value in record.output.items() if key != PACK_OUTPUTS}  # answered-by
+        if not isinstance(outcomes, list) or len(outcomes) != len(packed):
+            count = len(outcomes) if isinstance(outcomes, list) else 0
+            wrong = RequestFailed(FailureType.BAD_BODY, f"the answer has {count} outcomes for "
+                                  f"{len(packed)} rows sent", retryable=True)
+            outcomes = [wrong] * len(packed)
+        for member, outcome in zip(packed, outcomes, strict=True):
+            if isinstance(outcome, RequestFailed):
+                self._on_record(self._failure(member, outcome, attempts=record.attempts))
+            else:
+                self._on_record(RowResult(member.position, member.id, self._kept(member), {**outcome, **shared},
+                                          record.latency_s, record.attempts))
 
     async def _process(self, row: Row) -> RowResult | RowFailure:
         """The row's one retry loop: send, account, ask :func:`~batchrun.retry.next_step`, carry it out."""

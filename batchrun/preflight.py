@@ -319,6 +319,17 @@ def _check_columns(spec: JobSpec, source: Source) -> None:
     schema_column = prompt.schema_column
     if schema_column is not None and schema_column not in columns:
         raise SpecError(spec.file, "prompt.schema_column", f"{schema_column!r} is not an input column {available}")
+    texts_column = prompt.texts_column  # rerank: each row's candidates, a list of strings
+    if texts_column is not None:
+        if texts_column not in columns:
+            raise SpecError(spec.file, "prompt.texts_column", f"{texts_column!r} is not an input column {available}")
+        import pyarrow as pa  # the source's schema is loaded already
+
+        kind = source.schema.field(texts_column).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or not (
+                pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)):
+            raise SpecError(spec.file, "prompt.texts_column",
+                            f"column {texts_column!r} has type {kind}, not a list of strings (the candidate texts)")
     seed_column = spec.image.seed_column if spec.image else None
     if seed_column is not None and seed_column not in columns:
         raise SpecError(spec.file, "image.seed_column", f"{seed_column!r} is not an input column {available}")

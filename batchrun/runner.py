@@ -41,6 +41,7 @@ from batchrun.errors import (
     SpecError,
 )
 from batchrun.facts import GRACE_S, ID_COLUMN, ExitCode
+from batchrun.packing import Packer, RowsPerRequest, rows_per_request
 from batchrun.preflight import Preflight, empty_input_message, preflight, unencodable_note
 from batchrun.progress import ProgressReporter, Snapshot
 from batchrun.provenance import REVISION_POLL_S, watch_revision
@@ -140,7 +141,9 @@ async def _serve(
         if scores is not None:  # the scorers load before the endpoint is touched
             await _start_scoring(scores, pre)
         async with pre.pool as plane:  # every endpoint resumed at once; here once the first is ready
-            dispatcher = _dispatcher(pre, plane, committer, tally, scores)
+            packing = await rows_per_request(pre.task, pre.spec, plane)  # TEI's batch routes: rows per request
+            await _hold_dimension(pre.task, output.store)
+            dispatcher = _dispatcher(pre, plane, committer, tally, scores, packing)
             pre.pool.attach(dispatcher)  # the others join as they become ready
             try:
                 async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
@@ -167,11 +170,15 @@ async def _serve(
 
 
 def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: Tally,
-                scores: ScoringStage | None = None) -> Dispatcher:
+                scores: ScoringStage | None = None, packing: RowsPerRequest | None = None) -> Dispatcher:
     spec = pre.spec
+    initial = min(spec.concurrency.initial, spec.concurrency.max)
+    fits = packing.requests_in_flight() if packing is not None else None
+    if fits is not None:  # TEI counts inputs in flight: start within its budget, the limit finds the rest
+        initial = min(initial, fits)
     config = DispatchConfig(
         max_concurrency=spec.concurrency.max,
-        initial_concurrency=min(spec.concurrency.initial, spec.concurrency.max),
+        initial_concurrency=initial,
         request_timeout_s=spec.request_timeout,
         policy=RetryPolicy.from_spec(spec.retries),
         retry_budget_ratio=spec.retries.budget_ratio,
@@ -196,7 +203,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         committer.add(record)
 
     return Dispatcher(plane=plane, task=pre.task, config=config, on_record=on_record, kept_columns=kept_columns,
-                      excuses=pre.pool.excuses, name=pre.pool.route_name())
+                      excuses=pre.pool.excuses, name=pre.pool.route_name(), rows_per_request=packing)
 
 
 def _scoring_stage(pre: Preflight, committer: Committer, tally: Tally) -> ScoringStage | None:
@@ -266,7 +273,10 @@ async def _dispatch(
     if pusher is not None and pusher.every_s is not None:
         background.append(asyncio.create_task(pusher.run_every(), name="push"))
     try:
-        await dispatcher.run(reader.rows() if scores is None else scores.rows(reader.rows()), stop)
+        rows: AsyncIterator[Row] = reader.rows() if scores is None else scores.rows(reader.rows())
+        if dispatcher.rows_per_request is not None:  # several rows per request (packing.py)
+            rows = Packer(rows, dispatcher.rows_per_request, text_of=_text_of(pre.task))
+        await dispatcher.run(rows, stop)
         stop.request(StopReason.DONE, "every pending row has its record")
     finally:
         for task in background:
@@ -278,6 +288,18 @@ async def _dispatch(
 def _token_sum(pre: Preflight, which: str) -> int:
     """The tokens this run's answers counted, over every endpoint billed per token."""
     return sum(getattr(m.endpoint.meter, which) for m in pre.pool.members)
+
+
+def _text_of(task: Any) -> Callable[[Row], str | None]:
+    """A packing task's text for a row (for the token bound), None for a row that has none."""
+
+    def text_of(row: Row) -> str | None:
+        try:
+            return str(task.text_of(row))
+        except BatchrunError:
+            return None
+
+    return text_of
 
 
 #: How often a billing run writes its spending to the ledger.
@@ -318,7 +340,22 @@ async def _stop_on_error(work: Any, stop: Stop) -> None:
 def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:
     if dispatcher is None:
         return {}
-    return {**dispatcher.stats.figures(), "routes": dispatcher.route_figures()}
+    figures = {**dispatcher.stats.figures(), "routes": dispatcher.route_figures()}
+    dimension = getattr(dispatcher.task, "dimension", None)
+    if isinstance(dimension, int):  # an embedding job: the length of every vector, for the next run and the push
+        figures["embedding_dimension"] = dimension
+    return figures
+
+
+async def _hold_dimension(task: Any, store: Any) -> None:
+    """An embedding job resumed: its vectors keep the length the earlier runs' had (summary.json says it)."""
+    hold = getattr(task, "hold_dimension", None)
+    if hold is None:
+        return
+    summary = await asyncio.to_thread(store.load_summary)
+    dimension = (summary or {}).get("embedding_dimension")
+    if isinstance(dimension, int):
+        hold(dimension)
 
 
 # --------------------------------------------------------------------------- pushing to the Hub

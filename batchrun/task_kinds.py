@@ -46,6 +46,10 @@ class TaskKind:
     seed_path: tuple[str, ...] | None = None
     """Where the request body carries the sampling seed (``("parameters", "seed")`` or ``("seed",)``);
     None when batchrun does not set seeds for the task."""
+    packs: bool = False
+    """Whether a request carries several rows (TEI's batch routes; packing.py and the ``packing`` spec keys)."""
+    takes_texts: bool = False
+    """Whether ``prompt.texts_column`` (a column of candidate texts per row: rerank) is required."""
 
 
 TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
@@ -123,6 +127,46 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 token_limit_parameter="max_tokens",
                 reserved_parameters=("messages", "prompt"),
                 implementation="batchrun.tasks.openai_batch:OpenAIBatchTask",
+            ),
+            # Text Embeddings Inference (tasks/tei.py). Its parameters go at the top level of the body.
+            TaskKind(
+                name="feature-extraction",
+                route="/embed",  # or /v1/embeddings, when the endpoint url names it
+                endpoint_tasks=("feature-extraction", "sentence-similarity", "sentence-embeddings"),
+                emulator_task="feature-extraction",
+                takes_system=False,
+                image_column="forbidden",
+                image_keys=(),
+                token_limit_parameter=None,
+                reserved_parameters=("inputs", "input"),
+                implementation="batchrun.tasks.tei:EmbeddingTask",
+                packs=True,
+            ),
+            TaskKind(
+                name="rerank",
+                route="/rerank",
+                endpoint_tasks=("text-ranking", "sentence-ranking", "text-classification"),
+                emulator_task="text-ranking",
+                takes_system=False,
+                image_column="forbidden",
+                image_keys=(),
+                token_limit_parameter=None,
+                reserved_parameters=("query", "texts"),
+                implementation="batchrun.tasks.tei:RerankTask",
+                takes_texts=True,
+            ),
+            TaskKind(
+                name="text-classification",
+                route="/predict",
+                endpoint_tasks=("text-classification",),
+                emulator_task="text-classification",
+                takes_system=False,
+                image_column="forbidden",
+                image_keys=(),
+                token_limit_parameter=None,
+                reserved_parameters=("inputs",),
+                implementation="batchrun.tasks.tei:ClassificationTask",
+                packs=True,
             ),
         )
     }

@@ -83,9 +83,10 @@ def read_facts(root: Path, data: Sequence[LocalShard], failed: Sequence[LocalSha
         num_bytes={kind: sum(_uncompressed(s.path) for s in shards) for kind, shards in (("data", data),
                                                                                          ("failed", failed))},
     )
+    lengths = _list_lengths(facts.summary)
     for kind, shards in (("data", data), ("failed", failed)):
         if shards:
-            facts.features[kind] = _features(pq.read_schema(shards[0].path))
+            facts.features[kind] = _features(pq.read_schema(shards[0].path), lengths if kind == "data" else {})
     if data:
         first = _first_rows(data[0].path, max(EXAMPLE_ROWS, THUMBNAILS))
         images = _image_columns(first.schema)
@@ -95,11 +96,25 @@ def read_facts(root: Path, data: Sequence[LocalShard], failed: Sequence[LocalSha
     return facts
 
 
-def _features(schema: pa.Schema) -> list[dict[str, Any]]:
-    """The ``datasets`` features of a shard schema as the card's YAML declares them (Image stays Image)."""
-    from datasets import Features  # heavy: only a push needs it
+def _list_lengths(summary: dict[str, Any] | None) -> dict[str, int]:
+    """List columns of one length in every row: an embedding job's ``embedding`` (its summary says how long)."""
+    dimension = (summary or {}).get("embedding_dimension")
+    return {"embedding": dimension} if isinstance(dimension, int) and dimension > 0 else {}
 
-    return Features.from_arrow_schema(schema)._to_yaml_list()
+
+def _features(schema: pa.Schema, lengths: dict[str, int] | None = None) -> list[dict[str, Any]]:
+    """The ``datasets`` features of a shard schema as the card's YAML declares them (Image stays Image).
+
+    A list column in ``lengths`` is declared with its fixed length (``Sequence(Value("float32"), length=D)``):
+    ``datasets`` then reads it as a fixed-size list.
+    """
+    from datasets import Features, Sequence  # heavy: only a push needs it
+
+    features = Features.from_arrow_schema(schema)
+    for name, length in (lengths or {}).items():
+        if name in schema.names and pa.types.is_list(schema.field(name).type):
+            features[name] = Sequence(features[name].feature, length=length)
+    return features._to_yaml_list()
 
 
 def _first_rows(path: Path, n: int) -> pa.Table:

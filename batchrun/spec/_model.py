@@ -138,6 +138,8 @@ class PromptSpec:
     image_column: str | None = key(_TEXT, "the input column holding the image (vision)", None)
     messages_column: str | None = key(_TEXT, "a column of whole conversations (chat and vision)", None)
     schema_column: str | None = key(_TEXT, "a column holding each row's JSON Schema (structured output)", None)
+    texts_column: str | None = key(_TEXT, "rerank: a column holding each row's candidate texts (a list of strings)",
+                                   None)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -283,6 +285,19 @@ class ConcurrencySpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PackingSpec:
+    """Rows per request for the tasks that take a batch of inputs (TEI's embed and predict routes):
+    at most ``max_rows`` rows and about ``max_tokens`` tokens (estimated) per request. Unset: the
+    server's own limits, read from its ``GET /info`` (``max_client_batch_size``), or found from its
+    answers."""
+
+    max_rows: int | None = key(_COUNT, "rows per request at most (default: the server's max_client_batch_size)",
+                               None)
+    max_tokens: int | None = key(_COUNT, "estimated tokens per request at most (default: the server's "
+                                 "max_batch_tokens)", None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetrySpec:
     """Retry policy knobs (reliability.md §2). Seconds for times; ``budget_ratio`` is a share."""
 
@@ -346,6 +361,10 @@ class JobSpec:
     budget: BudgetSpec = key(Shape("section", section=BudgetSpec), "limits that stop the job early (resumably)")
     concurrency: ConcurrencySpec = key(Shape("section", section=ConcurrencySpec), "the adaptive concurrency limit")
     retries: RetrySpec = key(Shape("section", section=RetrySpec), "the retry policy")
+    packing: PackingSpec = key(Shape("section", section=PackingSpec),
+                               "rows per request, for the tasks that send several (TEI)", default_factory=PackingSpec)
+    embedding_dtype: str = key(Shape("choice", choices=("float32", "float16")),
+                               "feature-extraction: how each embedding's values are stored", "float32")
     request_timeout: float = key(_DURATION, "the deadline of one request", DEFAULT_REQUEST_TIMEOUT)
     # The largest answer read; None: the task's default (answer_cap). A larger answer fails its row.
     max_answer_bytes: int | None = key(_SIZE, "the largest answer read (default: 8MiB, 64MiB for text-to-image)",
@@ -411,6 +430,8 @@ class JobSpec:
         }
         if self.prompt.messages_column is not None:  # only when set: older outputs keep their identity
             identity["prompt"]["messages_column"] = self.prompt.messages_column
+        if self.prompt.texts_column is not None:
+            identity["prompt"]["texts_column"] = self.prompt.texts_column
         # Text jobs keep the identity they always had, so their existing outputs still resume.
         if self.task == "text-to-image" and self.image is not None:
             identity["image"] = {
@@ -428,6 +449,8 @@ class JobSpec:
             identity["prompt"]["schema_column"] = self.prompt.schema_column
         if self.samples != 1:
             identity["samples"] = self.samples
+        if self.embedding_dtype != "float32":  # only when set: the output's column type
+            identity["embedding_dtype"] = self.embedding_dtype
         if self.score:  # only when set: the score columns are part of every shard's schema
             identity["score"] = [scorer.describe() for scorer in self.score]
         return identity

@@ -37,6 +37,7 @@ from batchrun.spec._model import (
     InputSpec,
     JobSpec,
     OutputSpec,
+    PackingSpec,
     PriceSpec,
     PromptSpec,
     PushSpec,
@@ -228,6 +229,8 @@ class _Parser:
             budget=self.budget(data.get("budget")),
             concurrency=self.concurrency(data.get("concurrency")),
             retries=self.retries(data.get("retries")),
+            packing=self.packing(data.get("packing"), kind),
+            embedding_dtype=self.embedding_dtype(data, kind),
             request_timeout=self.key(JobSpec, data, "request_timeout"),
             max_answer_bytes=self.key(JobSpec, data, "max_answer_bytes"),
             outage_timeout=self.key(JobSpec, data, "outage_timeout"),
@@ -471,6 +474,10 @@ class _Parser:
             raise self.error("prompt.system", f"only applies to tasks {owners}, not {kind.name}")
         image_column = self.key(PromptSpec, data, "image_column", prefix="prompt.")
         schema_column = self.key(PromptSpec, data, "schema_column", prefix="prompt.")
+        texts_column = self.key(PromptSpec, data, "texts_column", prefix="prompt.")
+        if (texts_column is None) == kind.takes_texts:
+            which = "is required for" if kind.takes_texts else "only applies to task rerank, not"
+            raise self.error("prompt.texts_column", f"{which} {kind.name} (the column of candidate texts)")
         if messages_column is not None and image_column is not None:
             raise self.error(
                 "prompt.image_column",
@@ -488,6 +495,7 @@ class _Parser:
             template=template, column=column, system=system, image_column=image_column,
             messages_column=messages_column,
             schema_column=schema_column,
+            texts_column=texts_column,
         )
 
     def messages_column(self, data: Mapping[str, Any], kind: TaskKind) -> str | None:
@@ -767,6 +775,24 @@ class _Parser:
         if initial > high:
             raise self.error("concurrency.initial", f"expected at most concurrency.max ({high}), got {initial}")
         return ConcurrencySpec(max=high, initial=initial)
+
+    def packing(self, data: Any, kind: TaskKind) -> PackingSpec:
+        """``packing``: only for the tasks that send several rows per request."""
+        if data is None:
+            return PackingSpec()
+        if not kind.packs:
+            owners = ", ".join(k.name for k in TASK_KINDS.values() if k.packs)
+            raise self.error("packing", f"applies to tasks {owners}, not {kind.name}")
+        data = self.section(data, "packing", spec_keys(PackingSpec))
+        return PackingSpec(max_rows=self.key(PackingSpec, data, "max_rows", prefix="packing."),
+                           max_tokens=self.key(PackingSpec, data, "max_tokens", prefix="packing."))
+
+    def embedding_dtype(self, data: Mapping[str, Any], kind: TaskKind) -> str:
+        """``embedding_dtype``: float32 (the default) or float16, for feature-extraction only."""
+        if "embedding_dtype" in data and kind.name != "feature-extraction":
+            raise self.error("embedding_dtype", f"applies to task feature-extraction, not {kind.name}")
+        dtype: str = self.key(JobSpec, data, "embedding_dtype")
+        return dtype
 
     def retries(self, data: Any) -> RetrySpec:
         if data is None:

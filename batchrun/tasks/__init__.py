@@ -10,6 +10,9 @@ an input image that does not decode) fail in :meth:`Task.prepare` with a non-ret
     text-to-image        TextToImageTask      POST / (Accept: image/*)   image bytes out, stored unchanged
     image-text-to-text   VisionChatTask       POST /v1/chat/completions  image + text in, text out
     openai-batch         OpenAIBatchTask      POST the line's url        an OpenAI batch request, answer kept whole
+    feature-extraction   EmbeddingTask        POST /embed (or /v1/embeddings)  a pack of texts in, a vector each
+    rerank               RerankTask           POST /rerank               a query and its candidates, scores and ranks
+    text-classification  ClassificationTask   POST /predict              a pack of texts in, labels and scores each
 
 chat-completion and image-text-to-text also take a whole conversation per row
 (``prompt.messages_column``, :mod:`batchrun.tasks.conversation`).
@@ -27,6 +30,7 @@ must stay fast. The task classes and output schemas load on first use.
     openai_batch.py    OpenAIBatchTask, BATCH_OUTPUT_SCHEMA
     structured.py      StructuredTask: a text task whose answers follow a JSON Schema
     samples.py         SampledTask: several samples per row, each with its own seed
+    tei.py             EmbeddingTask, RerankTask, ClassificationTask (Text Embeddings Inference)
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from batchrun.tasks.conversation import messages_column_problem
 if TYPE_CHECKING:
     from batchrun.spec import ImageSpec, JobSpec
     from batchrun.tasks.openai_batch import BATCH_OUTPUT_SCHEMA, OpenAIBatchTask
+    from batchrun.tasks.tei import ClassificationTask, EmbeddingTask, RerankTask
     from batchrun.tasks.text import OUTPUT_SCHEMA, ChatCompletionTask, TextGenerationTask
     from batchrun.tasks.text_to_image import TextToImageTask
     from batchrun.tasks.vision import VISION_OUTPUT_SCHEMA, VisionChatTask
@@ -60,8 +65,11 @@ __all__ = [
     "TASK_KINDS",
     "VISION_OUTPUT_SCHEMA",
     "ChatCompletionTask",
+    "ClassificationTask",
+    "EmbeddingTask",
     "OpenAIBatchTask",
     "PreparedRequest",
+    "RerankTask",
     "Task",
     "TaskKind",
     "TextGenerationTask",
@@ -176,6 +184,9 @@ _LAZY = {
     "TextToImageTask": "batchrun.tasks.text_to_image",
     "BATCH_OUTPUT_SCHEMA": "batchrun.tasks.openai_batch",
     "OpenAIBatchTask": "batchrun.tasks.openai_batch",
+    "EmbeddingTask": "batchrun.tasks.tei",
+    "RerankTask": "batchrun.tasks.tei",
+    "ClassificationTask": "batchrun.tasks.tei",
 }
 
 

@@ -330,6 +330,8 @@ def spec_for(task: str, **extra: object):
             "endpoint": {"url": "http://127.0.0.1:8080"}}
     if task == "image-text-to-text":
         data["prompt"] = {"column": "q", "image_column": "img"}
+    if task == "rerank":
+        data["prompt"] = {"column": "q", "texts_column": "texts"}
     if task == "openai-batch":  # the input names this task; the request lines carry their prompts
         data = {"input": {"openai_batch": "requests.jsonl"}, "endpoint": data["endpoint"]}
     data.update(extra)
@@ -341,19 +343,21 @@ def test_make_task_builds_the_registered_task_for_a_spec_and_sends_to_its_route(
     task = make_task(spec_for(name))
     assert task.name == name
     body = '{"messages": [{"role": "user", "content": "hello"}]}'
-    request = task.prepare(row(q="hello", img=picture("PNG"), method="POST", url="/v1/chat/completions", body=body))
+    request = task.prepare(row(q="hello", img=picture("PNG"), method="POST", url="/v1/chat/completions", body=body,
+                               texts=["a", "b"]))
     assert request.path == task_kind(name).route
 
 
 def test_the_registry_lists_every_task_once_in_the_documented_order() -> None:
     assert list(TASK_KINDS) == ["text-generation", "chat-completion", "text-to-image", "image-text-to-text",
-                                "openai-batch"]
+                                "openai-batch", "feature-extraction", "rerank", "text-classification"]
     assert task_kind("chat-completion").endpoint_tasks == (
         "text-generation", "text2text-generation", "image-text-to-text", "conversational")
     assert {k.name: k.emulator_task for k in TASK_KINDS.values()} == {
         "text-generation": "text-generation", "chat-completion": "text-generation",
         "text-to-image": "text-to-image", "image-text-to-text": "image-text-to-text",
-        "openai-batch": "text-generation"}
+        "openai-batch": "text-generation", "feature-extraction": "feature-extraction", "rerank": "text-ranking",
+        "text-classification": "text-classification"}
     with pytest.raises(ValueError, match="chat-completion"):
         task_kind("chat")
 
