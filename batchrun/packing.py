@@ -117,8 +117,7 @@ async def rows_per_request(task: Any, spec: Any, plane: Any) -> RowsPerRequest |
 
 async def server_limits(plane: Any) -> ServerLimits:
     """The batch limits the endpoint's ``GET /info`` reports; empty limits when it cannot be read."""
-    from batchrun.endpoints.url import server_root
-    from batchrun.transport import Request, TransportError, auth_headers, current_transport
+    from batchrun.transport import Request, TransportError, auth_headers, current_transport, server_root
 
     url = server_root(plane.url) + "/info"
     headers = {**plane.headers, **auth_headers(url, plane.token, send_token=getattr(plane, "send_token", False))}

@@ -32,7 +32,9 @@ from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 
 if TYPE_CHECKING:
     from batchrun.endpoints import DataPlane, EndpointCheck
-    from batchrun.preflight import Preflight
+    from batchrun.sources import Source
+    from batchrun.spec import JobSpec
+    from batchrun.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +194,7 @@ def endpoint_fields(check: EndpointCheck | None) -> dict[str, Any]:
 _PROMPT_KEYS = ("inputs", "messages", "prompt", "input")
 
 
-def sent_parameters(pre: Preflight) -> dict[str, Any]:
+def sent_parameters(spec: JobSpec, source: Source, task: Task) -> dict[str, Any]:
     """Every parameter the first row's request carries, the prompt left out (it is the row's, not the job's).
 
     Read from a real prepared request, so that defaults a task adds (a token limit, a response format)
@@ -200,15 +202,15 @@ def sent_parameters(pre: Preflight) -> dict[str, Any]:
     """
     from batchrun.errors import BatchrunError
 
-    params: dict[str, Any] = dict(pre.spec.parameters)
+    params: dict[str, Any] = dict(spec.parameters)
     with contextlib.suppress(BatchrunError, StopIteration, ValueError, KeyError, TypeError):
-        batch = next(iter(pre.source.batches(batch_size=1)))
-        payload = pre.task.prepare(batch[0]).payload
+        batch = next(iter(source.batches(batch_size=1)))
+        payload = task.prepare(batch[0]).payload
         nested = payload.get("parameters")
         top = {k: v for k, v in payload.items() if k not in (*_PROMPT_KEYS, "parameters")}
         params = {**top, **(nested if isinstance(nested, Mapping) else {})}
-        if "seed" in pre.spec.parameters and isinstance(pre.spec.parameters["seed"], str):
-            params["seed"] = pre.spec.parameters["seed"]
+        if "seed" in spec.parameters and isinstance(spec.parameters["seed"], str):
+            params["seed"] = spec.parameters["seed"]
     return params
 
 
@@ -230,8 +232,7 @@ class RevisionWatch:
         """The revision served now, or None when it cannot be told."""
         import json
 
-        from batchrun.endpoints.url import server_root
-        from batchrun.transport import Request, TransportError, auth_headers, current_transport
+        from batchrun.transport import Request, TransportError, auth_headers, current_transport, server_root
 
         if not self.works:
             return None

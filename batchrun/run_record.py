@@ -49,7 +49,7 @@ async def start_run(pre: Preflight, run_id: str, tally: Tally, *, fresh: bool) -
     run.endpoint = endpoint_fields(pre.endpoint_check)
     if not run.endpoint.get("model") and isinstance(pre.identity.get("model"), str):
         run.endpoint.update(model=pre.identity["model"], revision=pre.identity.get("revision"))
-    run.parameters = await asyncio.to_thread(sent_parameters, pre)
+    run.parameters = await asyncio.to_thread(sent_parameters, pre.spec, pre.source, pre.task)
     if per_row_job_seed(pre.spec.parameters.get("seed")) is not None or pre.spec.samples > 1:
         run.seed = "per-row"
     run.rows_done = lambda: int(tally.done)

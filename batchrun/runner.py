@@ -443,7 +443,7 @@ async def _open_output(
 ) -> AsyncIterator[_Output]:
     """The output, opened for this run: locked (one writer), set aside with --fresh, job.json saved,
     the sink open; closed and unlocked on the way out."""
-    from batchrun.output import OutputStore
+    from batchrun.output import OutputStore, new_sink
 
     spec = pre.spec
     store = OutputStore.for_spec(spec)
@@ -460,9 +460,9 @@ async def _open_output(
         # A failure row says which sample failed: the sample column goes with the kept input columns.
         failed_kept = (*pre.kept_columns, SAMPLE_COLUMN) if spec.samples > 1 else pre.kept_columns
         data_schema = await asyncio.to_thread(pre.data_schema, store)
-        sink = store.new_sink(data_schema=data_schema, id_column=spec.input.id_column or ID_COLUMN,
-                              shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
-                              kept_columns=failed_kept)
+        sink = new_sink(store, data_schema=data_schema, id_column=spec.input.id_column or ID_COLUMN,
+                        shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
+                        kept_columns=failed_kept)
         done = await asyncio.to_thread(sink.open, retry_failed=retry_failed)
         output = _Output(store=store, sink=sink, done=done, stop=stop)
         try:
@@ -475,7 +475,9 @@ async def _open_output(
 
 async def _lock_output(store: Any, echo: Callable[[str], None]) -> Any:
     """One writer per output: a second run is refused at once, naming the holder (OutputLockedError)."""
-    lock = store.writer_lock()
+    from batchrun.output import writer_lock
+
+    lock = writer_lock(store)
     stale = await asyncio.to_thread(lock.acquire)
     if stale is not None:
         echo(f"taking over the output's lock from {stale.describe()}, which is no longer running")

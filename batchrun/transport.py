@@ -56,6 +56,7 @@ __all__ = [
     "is_hf_host",
     "is_loopback",
     "redact_answer",
+    "server_root",
     "token_destinations",
     "token_problem",
     "token_sent_to",
@@ -389,3 +390,16 @@ def redact_answer(body: bytes) -> bytes:
         if secret in body:
             body = body.replace(secret, b"***")
     return body
+
+
+#: Routes a user may have pasted as part of the url; the server's own routes hang off what precedes them.
+_ROUTE_SUFFIXES = ("/v1/chat/completions", "/v1/completions", "/generate_stream", "/generate")
+
+
+def server_root(url: str) -> str:
+    """The url without a pasted route, for the server's own routes (``/info``, ``/health``)."""
+    trimmed = url.rstrip("/")
+    for suffix in _ROUTE_SUFFIXES:
+        if trimmed.endswith(suffix):
+            return trimmed[: -len(suffix)]
+    return trimmed

@@ -58,7 +58,7 @@ class StoreSharedUse:
     def __init__(self, url: str, api_url: str | None, namespace: str, name: str, user: str, *,
                  heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S) -> None:
         from batchrun.output.remote import cache_root
-        from batchrun.output.stores.base import open_store
+        from batchrun.output.stores import open_store
 
         self.url = url.rstrip("/")
         self.objects = open_store(self.url)

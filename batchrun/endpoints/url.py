@@ -16,22 +16,12 @@ from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, Endpoin
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
 from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 from batchrun.retry import is_paused_answer
+from batchrun.transport import server_root
 
 __all__ = ["UrlEndpoint"]
 
-#: Routes a user may have pasted as part of the url; the server's own routes hang off what precedes them.
-_ROUTE_SUFFIXES = ("/v1/chat/completions", "/v1/completions", "/generate_stream", "/generate")
 _NOTHING_TO_BRACKET = ("a url is sent to as it is: batchrun neither resumes nor puts it down, so there is nothing "
                        "to bracket")
-
-
-def server_root(url: str) -> str:
-    """The url without a pasted route, for the server's own routes (``/info``, ``/health``)."""
-    trimmed = url.rstrip("/")
-    for suffix in _ROUTE_SUFFIXES:
-        if trimmed.endswith(suffix):
-            return trimmed[: -len(suffix)]
-    return trimmed
 
 
 class UrlEndpoint:

@@ -41,12 +41,30 @@ The modules, one responsibility each: ``layout`` (where things live, job.json, s
 ``sink``, ``status`` (read-only counts) and ``lock`` (one writer per folder).
 """
 
+from typing import Any
+
 from batchrun.output.done import DoneSet
 from batchrun.output.layout import OutputStore
 from batchrun.output.lock import LockState, OutputLock, read_lock
 from batchrun.output.schema import FAILED_COLUMNS, build_data_schema, build_failed_schema, data_columns
 from batchrun.output.sink import ParquetSink, SinkCounters
 from batchrun.output.status import OutputStatus, read_status
+
+# An object-store URL's store registers itself with the layout as it loads.
+from batchrun.output import remote as _remote  # noqa: F401  (isort: skip)
+
+
+def writer_lock(store: OutputStore) -> Any:
+    """The lock that makes a run ``store``'s only writer: an :class:`OutputLock` on a folder, the
+    shard's lease on an object store (whose store class brings its own ``writer_lock``)."""
+    own = getattr(type(store), "writer_lock", None)
+    return own(store) if own is not None else OutputLock(store)
+
+
+def new_sink(store: OutputStore, **options: Any) -> Any:
+    """The sink that writes ``store``: a :class:`ParquetSink` on a folder, the object store's own sink."""
+    own = getattr(type(store), "new_sink", None)
+    return own(store, **options) if own is not None else ParquetSink(store, **options)
 
 __all__ = [
     "FAILED_COLUMNS",
@@ -60,6 +78,8 @@ __all__ = [
     "build_data_schema",
     "build_failed_schema",
     "data_columns",
+    "new_sink",
     "read_lock",
     "read_status",
+    "writer_lock",
 ]

@@ -35,6 +35,23 @@ SHARD_PREFIX = "shard-"
 _SHARD_NAME = re.compile(r"^shard-\d{5}-of-\d{5}$")
 
 
+#: The store class of an object-store URL (s3://, gs://): :class:`~batchrun.output.remote.ObjectOutputStore`,
+#: which registers itself when it loads (the output package loads it), so that this base names no subclass.
+_URL_STORE: list[Any] = []
+
+
+def register_url_store(store_class: Any) -> None:
+    """Make ``store_class`` the store of object-store URLs (called once, by batchrun.output.remote)."""
+    _URL_STORE[:] = [store_class]
+
+
+def url_store_class() -> Any:
+    """The store class of an object-store URL."""
+    if not _URL_STORE:
+        raise OutputError("object-store outputs need batchrun.output.remote, which the output package loads")
+    return _URL_STORE[0]
+
+
 class OutputStore:
     """The output folder of one job: where things live, job.json, summary.json, and setting it aside.
 
@@ -68,26 +85,12 @@ class OutputStore:
         from batchrun.output.stores.base import is_store_url
 
         if is_store_url(spec.output.path):
-            from batchrun.output.remote import ObjectOutputStore
-
-            return ObjectOutputStore(spec.output.path, shard.folder if shard is not None else None)
+            return url_store_class()(spec.output.path, shard.folder if shard is not None else None)
         return cls(spec.output.path, shard.folder if shard is not None else None)
 
     def sibling_job(self) -> dict | None:
         """The job another shard of this output already saved (what a shard's first run is held to)."""
         return self.job_of(self.root)
-
-    def writer_lock(self) -> Any:
-        """The lock that makes a run this store's only writer (an :class:`~batchrun.output.lock.OutputLock`)."""
-        from batchrun.output.lock import OutputLock
-
-        return OutputLock(self)
-
-    def new_sink(self, **options: Any) -> Any:
-        """The sink that writes this store (a :class:`~batchrun.output.sink.ParquetSink`)."""
-        from batchrun.output.sink import ParquetSink
-
-        return ParquetSink(self, **options)
 
     @staticmethod
     def shard_names(root: str | Path) -> list[str]:
@@ -95,9 +98,7 @@ class OutputStore:
         from batchrun.output.stores.base import is_store_url
 
         if is_store_url(root):
-            from batchrun.output.remote import ObjectOutputStore
-
-            return ObjectOutputStore(str(root)).shards_in_store()
+            return url_store_class()(str(root)).shards_in_store()
         folder = Path(root) / "state" / SHARDS_STATE
         if not folder.is_dir():
             return []
@@ -112,10 +113,9 @@ class OutputStore:
         from batchrun.output.stores.base import is_store_url
 
         if is_store_url(root):  # an object store: its writers, read through their commit records
-            from batchrun.output.remote import ObjectOutputStore
-
             names = cls.shard_names(root)
-            return [ObjectOutputStore(str(root), name) for name in names] or [ObjectOutputStore(str(root))]
+            store = url_store_class()
+            return [store(str(root), name) for name in names] or [store(str(root))]
         return [cls(root, name) for name in cls.shard_names(root)] or [cls(root)]
 
     @classmethod

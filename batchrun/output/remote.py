@@ -55,11 +55,19 @@ from batchrun.errors import ObjectStoreError, OutputError, OutputLockedError, Pr
 from batchrun.holder import Holder
 from batchrun.output.done import DoneSet
 from batchrun.output.files import json_bytes
-from batchrun.output.layout import MANIFEST, PARQUET_SUFFIX, SHARD_PREFIX, SHARDS_STATE, OutputStore
+from batchrun.output.layout import (
+    MANIFEST,
+    PARQUET_SUFFIX,
+    SHARD_PREFIX,
+    SHARDS_STATE,
+    OutputStore,
+    register_url_store,
+)
 from batchrun.output.manifest import POSITION_DTYPE, ManifestLog, ManifestView, file_crc32
 from batchrun.output.schema import kept_columns_of
 from batchrun.output.sink import ParquetSink
-from batchrun.output.stores.base import ObjectStore, Version, open_store
+from batchrun.output.stores import open_store
+from batchrun.output.stores.base import ObjectStore, Version
 
 __all__ = ["LEASE_STALE_S", "ObjectOutputStore", "ObjectSink", "ShardLease", "cache_root", "mirror"]
 
@@ -431,6 +439,9 @@ class ObjectOutputStore(OutputStore):
 
 
 # --------------------------------------------------------------------------- the sink
+
+
+register_url_store(ObjectOutputStore)
 
 
 class ObjectSink(ParquetSink):

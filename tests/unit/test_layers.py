@@ -29,7 +29,7 @@ LAYERS: dict[str, int] = {
     "batchrun.spec": 2,
     # 3..6 the stages of the flow, each above the one it takes from
     "batchrun.sources": 3, "batchrun.samples": 3, "batchrun.reader": 3,
-    "batchrun.tasks": 4,
+    "batchrun.tasks": 4, "batchrun.packing": 4,
     "batchrun.endpoints": 5,
     "batchrun.dispatch": 6, "batchrun.dispatch_stats": 6, "batchrun.retry": 6, "batchrun.routing": 6,
     # 7 the steps of a run, and the commands' work on outputs and runs

@@ -20,7 +20,20 @@ objects are written once, whole. :func:`open_store` turns an output URL into a s
   replace-if-unchanged under ``flock``), used by the tests of the protocol and by the benchmark.
 """
 
-from batchrun.output.stores.base import ObjectInfo, ObjectStore, Version, is_store_url, open_store
+from batchrun.errors import OutputError
+from batchrun.output.stores.base import SCHEMES, ObjectInfo, ObjectStore, Version, is_store_url, url_scheme
 from batchrun.output.stores.folder import FolderStore
 
 __all__ = ["FolderStore", "ObjectInfo", "ObjectStore", "Version", "is_store_url", "open_store"]
+
+
+def open_store(url: str) -> ObjectStore:
+    """The store an output URL names, configured from the environment (never from the spec)."""
+    scheme = url_scheme(url)
+    if scheme not in SCHEMES:
+        raise OutputError(f"{url!r}: batchrun writes to {', '.join(f'{s}://' for s in SCHEMES)} or a local folder")
+    try:
+        from batchrun.output.stores.cloud import ObStore
+    except ImportError:
+        raise OutputError(f"writing to {scheme}:// needs obstore: pip install 'batchrun[s3]'") from None
+    return ObStore.from_url(url)

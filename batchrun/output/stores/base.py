@@ -7,9 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from batchrun.errors import OutputError
-
-__all__ = ["SCHEMES", "ObjectInfo", "ObjectStore", "Version", "is_store_url", "open_store"]
+__all__ = ["SCHEMES", "ObjectInfo", "ObjectStore", "Version", "is_store_url"]
 
 #: The URL schemes an output may be written to, and what serves each.
 SCHEMES = {"s3": "obstore (pip install 'batchrun[s3]')", "gs": "obstore (pip install 'batchrun[s3]')"}
@@ -61,15 +59,3 @@ def url_scheme(path: str) -> str | None:
 def is_store_url(path: str | Path) -> bool:
     """Whether an output path names an object store batchrun writes to (``s3://``, ``gs://``)."""
     return isinstance(path, str) and url_scheme(path) in SCHEMES
-
-
-def open_store(url: str) -> ObjectStore:
-    """The store an output URL names, configured from the environment (never from the spec)."""
-    scheme = url_scheme(url)
-    if scheme not in SCHEMES:
-        raise OutputError(f"{url!r}: batchrun writes to {', '.join(f'{s}://' for s in SCHEMES)} or a local folder")
-    try:
-        from batchrun.output.stores.cloud import ObStore
-    except ImportError:
-        raise OutputError(f"writing to {scheme}:// needs obstore: pip install 'batchrun[s3]'") from None
-    return ObStore.from_url(url)
