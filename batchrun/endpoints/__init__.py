@@ -30,6 +30,7 @@ from batchrun.endpoints.local import LocalEndpoint, local_endpoint_config
 from batchrun.endpoints.pool import EndpointPool, Member
 from batchrun.endpoints.url import UrlEndpoint
 from batchrun.facts import POLL_INTERVAL_S
+from batchrun.rate import RateLimits
 from batchrun.stop import Stop
 
 if TYPE_CHECKING:
@@ -99,7 +100,8 @@ def open_endpoint(
 
     e = endpoint or spec.endpoint
     if e.url is not None:
-        return UrlEndpoint(e.url, token=token, send_token=e.send_token)
+        limits = RateLimits(rpm=e.limits.rpm, tpm=e.limits.tpm) if e.limits is not None else None
+        return UrlEndpoint(e.url, token=token, send_token=e.send_token, limits=limits)
     kind = task_kind(spec.task)
     settings = LifecycleSettings(
         scale_min=e.scale.min_replica if e.scale else None,

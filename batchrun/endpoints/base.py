@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from batchrun.cost import CostMeter
 from batchrun.errors import RequestFailed
+from batchrun.rate import RateLimits
 
 __all__ = ["BracketResult", "Bracketed", "DataPlane", "Endpoint", "EndpointCheck", "LifecycleRecord"]
 
@@ -32,12 +33,15 @@ class DataPlane:
     """Where requests go once the endpoint is ready: its base url, headers to add, and the token.
 
     The token is sent only where :func:`batchrun.transport.token_problem` allows: Hugging Face hosts
-    and loopback, another https host when ``send_token`` (the spec's ``endpoint.send_token``)."""
+    and loopback, another https host when ``send_token`` (the spec's ``endpoint.send_token``).
+    ``limits`` are the lane's requests and tokens per minute when the spec gives them (``endpoint.limits``);
+    limits the answers' ``x-ratelimit-*`` headers announce are learned without them."""
 
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     token: str | None = field(default=None, repr=False)
     send_token: bool = False
+    limits: RateLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)

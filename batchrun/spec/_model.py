@@ -184,6 +184,14 @@ class ScaleSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LimitsSpec:
+    """An endpoint's own rate limits per minute; limits its answers announce (``x-ratelimit-*``) need none."""
+
+    rpm: int | None = key(_COUNT, "requests per minute this endpoint allows", None)
+    tpm: int | None = key(_COUNT, "tokens per minute (prompt + max_tokens) this endpoint allows", None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EndpointSpec:
     """Which server answers the requests, and what batchrun may do to its lifecycle.
 
@@ -219,6 +227,9 @@ class EndpointSpec:
     #: Send the HF token to this endpoint's url (and ``api_url``) although it is not a Hugging Face host
     #: (transport.token_problem); never over plain http beyond loopback.
     send_token: bool = key(_FLAG, "send the Hugging Face token to this non-Hugging Face host (https only)", False)
+    #: The lane's requests and tokens per minute, held by its rate gate (batchrun.rate).
+    limits: LimitsSpec | None = key(Shape("section", section=LimitsSpec),
+                                    "requests and tokens per minute to stay under", None)
 
     @property
     def kind(self) -> str:

@@ -34,6 +34,7 @@ from batchrun.spec._model import (
     ImageSpec,
     InputSpec,
     JobSpec,
+    LimitsSpec,
     OutputSpec,
     PromptSpec,
     PushSpec,
@@ -112,6 +113,7 @@ _TEXT_TO_IMAGE_PARAMETERS = {
 }
 _ENDPOINT_KEYS = spec_keys(EndpointSpec)
 _SCALE_KEYS = spec_keys(ScaleSpec)
+_LIMITS_KEYS = spec_keys(LimitsSpec)
 _BUDGET_KEYS = spec_keys(BudgetSpec)
 _CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
 _RETRY_KEYS = spec_keys(RetrySpec)
@@ -566,6 +568,9 @@ class _Parser:
         prefix = where + "."
         label = self.key(EndpointSpec, data, "label", prefix=prefix)
         url = local = name = namespace = None
+        if kind != "url" and data.get("limits") is not None:
+            raise self.error(f"{prefix}limits", "only applies to an endpoint given by url: a Dedicated endpoint's "
+                             "capacity is found by the adaptive concurrency limit")
         if kind == "url":
             url = self.read(data, "url", _STRING, prefix=prefix)
             if not re.match(r"^https?://[^/\s]+", url):
@@ -629,7 +634,16 @@ class _Parser:
             price_per_replica_hour=price,
             send_token=send_token,
             label=label if label is not None or index is None else _default_label(kind, url, local, name, index),
+            limits=self.limits(data.get("limits"), prefix + "limits"),
         )
+
+    def limits(self, data: Any, where: str) -> LimitsSpec | None:
+        if data is None:
+            return None
+        data = self.section(data, where, _LIMITS_KEYS)
+        prefix = where + "."
+        return LimitsSpec(rpm=self.key(LimitsSpec, data, "rpm", prefix=prefix),
+                          tpm=self.key(LimitsSpec, data, "tpm", prefix=prefix))
 
     def scale(self, data: Any) -> ScaleSpec | None:
         if data is None:
