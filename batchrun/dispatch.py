@@ -535,6 +535,16 @@ class Dispatcher:
             wait = gate.wait_s(gate.tokens(size)[0])
             if wait <= 0:
                 return gate.take(size)
+            if wait > self.config.outage_timeout_s and route.limit.in_flight == 0:
+                # A window that turns only in hours (a daily limit spent): not worth holding the job for;
+                # the rows not done are kept for the next run, or go to another endpoint. Not before the
+                # answers on the wire are in: they are paid for.
+                self._drain(route, EndpointError(
+                    f"{self._named(route)}allows no more requests for {wait:.0f}s (its rate limit; outage_timeout "
+                    f"{self.config.outage_timeout_s:g}s); the rows not done are kept for the next run",
+                    state="rate_limited",
+                ))
+                raise _Drained()
             if len(self._routes) > 1:
                 other = pick(self._routes, avoid=route)
                 if other is not None and other is not route and other.room() > 0:

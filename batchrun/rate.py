@@ -189,9 +189,12 @@ class RateGate:
     before sending, and only shows it the answers' headers.
     """
 
-    def __init__(self, limits: RateLimits | None = None, *, clock: Callable[[], float],
+    def __init__(self, limits: RateLimits | Any = None, *, clock: Callable[[], float],
                  rng: random.Random | None = None) -> None:
-        self.limits = limits or RateLimits()
+        # The spec's own section (``LimitsSpec``) has the same two fields: either may be given.
+        if not isinstance(limits, RateLimits):
+            limits = RateLimits(rpm=getattr(limits, "rpm", None), tpm=getattr(limits, "tpm", None))
+        self.limits = limits
         self._clock = clock
         self._rng = rng or random.Random()
         self._logs = {kind: _MinuteLog(limit) for kind, limit in

@@ -146,3 +146,14 @@ def test_limits_on_a_dedicated_endpoint_are_refused(tmp_path):
     endpoint = {"name": "gen", "namespace": "ns", "limits": {"rpm": 10}}
     with pytest.raises(SpecError, match="endpoint.limits: only applies to an endpoint given by url"):
         load_spec(job(tmp_path, "http://127.0.0.1:1", 1, endpoint=endpoint))
+
+
+def test_a_daily_limit_spent_stops_the_job_resumably_with_its_rows_kept(tmp_path):
+    daily = ProviderConfig(name="daily", models=(LLAMA,), rpm=5, window="day", retry_after="none")
+    with router(daily) as emu:
+        outcome, _ = run(job(tmp_path, root(emu), 20, outage_timeout="30s"))
+        stats = provider_stats(emu, "daily")
+    assert outcome.exit_code == 3  # stopped early: run it again tomorrow
+    rows = outcome.summary["rows"]
+    assert rows["ok"] == stats["by_status"]["200"] <= 5 and rows["failed"] == 0
+    assert "rate limit" in str(outcome.summary.get("stop_reason"))

@@ -568,9 +568,9 @@ class _Parser:
         prefix = where + "."
         label = self.key(EndpointSpec, data, "label", prefix=prefix)
         url = local = name = namespace = None
-        if kind != "url" and data.get("limits") is not None:
-            raise self.error(f"{prefix}limits", "only applies to an endpoint given by url: a Dedicated endpoint's "
-                             "capacity is found by the adaptive concurrency limit")
+        if kind in ("local", "name") and data.get("limits") is not None:
+            raise self.error(f"{prefix}limits", "only applies to an endpoint given by url (or a serverless target): a "
+                             "Dedicated endpoint's capacity is found by the adaptive concurrency limit")
         if kind == "url":
             url = self.read(data, "url", _STRING, prefix=prefix)
             if not re.match(r"^https?://[^/\s]+", url):

@@ -202,3 +202,10 @@ def test_a_rate_429_is_told_from_tgis_capacity_refusal() -> None:
     assert is_rate_refusal({"Retry-After": "1"}, overloaded)
     assert is_rate_refusal({"x-ratelimit-remaining-tokens": "0"}, b"{}")
     assert is_rate_refusal({}, b'{"error": {"message": "slow down", "code": "rate_limit_exceeded"}}')
+
+
+def test_the_specs_own_limits_section_is_taken_as_it_is(clock: Clock) -> None:
+    from batchrun.spec import LimitsSpec
+
+    g = gate(clock, LimitsSpec(rpm=2))
+    assert g.limits == RateLimits(rpm=2) and not g.idle
