@@ -132,6 +132,20 @@ def test_the_spec_gives_a_url_endpoint_its_limits_per_minute(tmp_path):
     assert (spec.endpoint.limits.rpm, spec.endpoint.limits.tpm) == (600, 90000)
 
 
+def test_a_url_endpoints_lane_gets_the_specs_limits(tmp_path):
+    import asyncio
+
+    from batchrun.endpoints import open_endpoint
+    from batchrun.rate import RateLimits
+    from batchrun.stop import Stop
+
+    spec = load_spec(job(tmp_path, "http://127.0.0.1:1", 1, endpoint={"url": "http://127.0.0.1:1",
+                                                                        "limits": {"tpm": 90000}}))
+    endpoint = open_endpoint(spec, token=None, stop=Stop(), echo=lambda line: None)
+    plane = asyncio.run(endpoint.__aenter__())
+    assert plane.limits == RateLimits(tpm=90000)
+
+
 @pytest.mark.parametrize(("limits", "words"), [
     ({"rpm": 0}, "endpoint.limits.rpm"),
     ({"rpm": 10, "tokens": 5}, "endpoint.limits.tokens"),
