@@ -255,8 +255,11 @@ class RateGate:
         if left >= amount or (amount > state.limit and left >= state.limit):
             return 0.0
         if state.reset_at is None:
-            # Spent, and no answer has said when the window turns yet: one will (requests are out).
-            return 0.05
+            if self._out:
+                return 0.05  # spent, and no answer has said when the window turns yet: one will
+            # Nothing out to bring an answer (they all failed without headers): take the window as whole.
+            state.remaining, state.basis_sent = state.limit, self._sent[kind]
+            return 0.0
         return state.reset_at - now
 
     def ready(self, now: float) -> bool:

@@ -209,3 +209,16 @@ def test_the_specs_own_limits_section_is_taken_as_it_is(clock: Clock) -> None:
 
     g = gate(clock, LimitsSpec(rpm=2))
     assert g.limits == RateLimits(rpm=2) and not g.idle
+
+
+def test_a_spent_window_with_no_reset_known_and_nothing_out_is_taken_as_whole(clock: Clock) -> None:
+    g = gate(clock)
+    first = g.take(None)
+    g.observe(headers("requests", 2, 1, "1s"), first, clock.now)
+    g.settle(first)
+    clock.now += 1.01  # the window turned: the lane counts afresh
+    sent = [g.take(None) for _ in range(2) if g.wait_s() == 0]
+    assert len(sent) == 2 and g.wait_s() > 0  # spent, and the two out will say when it turns
+    for ticket in sent:
+        g.settle(ticket)  # both failed without an answer: nothing will say
+    assert g.wait_s() == 0
