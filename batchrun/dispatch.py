@@ -8,7 +8,7 @@ decided by :func:`batchrun.retry.next_step`, a pure function, and the loop only 
 
     prepare ─ fails? → RowFailure(retryable=False), nothing sent
       │
-      └─ attempt: slot → send → the route records the outcome (limit, breaker, its figures)
+      └─ attempt: rate gate → slot → send → the route records the outcome (limit, breaker, gate, figures)
             answer           → the task's answer hooks (tasks.base.AnswerHook): kept → RowResult;
                                a Redraw (not valid against the output schema) → next_step
             failure, redraw  → next_step:
@@ -44,6 +44,7 @@ from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFail
 from batchrun.facts import MAX_MESSAGE_CHARS
 from batchrun.limit import AdaptiveLimit
 from batchrun.packing import PACK_OUTPUTS, RowsPerRequest, make_pack, members, too_large
+from batchrun.rate import Ticket, is_rate_refusal, request_size
 from batchrun.records import FailureType, Row, RowFailure, RowResult, http_failure_type
 from batchrun.retry import (
     ENDPOINT_PAUSED,
@@ -89,6 +90,8 @@ __all__ = ["DispatchConfig", "DispatchStats", "Dispatcher", "LatencyReservoir"]
 # Longest single wait while the retry budget is spent: new requests elsewhere raise the allowance,
 # so look again this often rather than sleeping until the oldest retry expires.
 _BUDGET_POLL_S = 0.25
+# Longest single wait on a lane's rate gate: another lane may have room by then, or the stop come.
+_GATE_POLL_S = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -417,7 +420,7 @@ class Dispatcher:
                 # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
                 probe = False if route.breaker.closed else await self._admitted(route)
                 sent_at, outcome = await self._attempt(route, route.url(request), route.body(request, body), headers,
-                                                       first=attempts == 0)
+                                                       first=attempts == 0, payload=request.payload)
             except _Drained:  # the endpoint was drained while the row waited for it: another one
                 route = await self._route(route)
                 continue
@@ -486,17 +489,26 @@ class Dispatcher:
         headers: Mapping[str, str] | None,
         *,
         first: bool,
+        payload: Mapping[str, object] | None = None,
     ) -> tuple[float, dict[str, object] | RequestFailed]:
-        """Send one request inside a concurrency slot. Returns when it was sent, and outputs or a failure."""
+        """Send one request inside a concurrency slot, once the lane's rate gate lets it out. Returns when it
+        was sent, and outputs or a failure."""
         if self._stop.requested:
             raise _Abandon()  # intake stopped: a row not sent yet is left for next time
-        # The fast path (a free slot, taken at once) needs no cancel scope: only a wait can be stopped.
         limit = route.limit
-        if not limit.try_acquire():
-            async with self._stop.until_requested() as waiting:
-                await limit.acquire()
-            if waiting.cancelled:
-                raise _Abandon()
+        while True:
+            # A lane that knows no rate limit (every Dedicated endpoint, most urls) asks its gate nothing.
+            ticket = None if route.gate.idle else await self._through_gate(route, payload)
+            # The fast path (a free slot, taken at once) needs no cancel scope: only a wait can be stopped.
+            if not limit.try_acquire():
+                async with self._stop.until_requested() as waiting:
+                    await limit.acquire()
+                if waiting.cancelled:
+                    route.gate.settle(ticket)
+                    raise _Abandon()
+            if ticket is not None or route.gate.idle:
+                break
+            limit.release()  # the gate learned of a limit while this request waited for its slot: ask it
         try:
             # Checked right before sending: once a stop is requested, a row that was only waiting for a
             # slot is left for next time; a row whose endpoint was drained meanwhile goes to another.
@@ -509,10 +521,13 @@ class Dispatcher:
             if not first:
                 self._stats.retries += 1
             sent_at = self._clock()
+            if ticket is not None:
+                ticket.sent_at = sent_at
             try:
-                return sent_at, await self._send(route, url, body, headers)
+                return sent_at, await self._send(route, url, body, headers, ticket, payload)
             except RequestFailed as failure:
-                if is_overload(failure):
+                if is_overload(failure) and not failure.rate_limited:
+                    # A rate 429 is the gate's (it paused the lane); the limit is for capacity.
                     # Reported while the slot is still held, so that the cut holds back the rows waiting
                     # for this slot: TGI's own 429 (no Retry-After) is a refusal for want of capacity,
                     # and the limit measures it.
@@ -520,6 +535,38 @@ class Dispatcher:
                 return sent_at, failure
         finally:
             limit.release()
+            if ticket is not None:
+                route.gate.settle(ticket)
+
+    async def _through_gate(self, route: Route, payload: Mapping[str, object] | None) -> Ticket:
+        """Wait until the lane's rate gate lets this request out, and take its share. A row whose lane waits
+        while another has room goes there (raises _Drained, which moves it); a stop abandons it."""
+        gate = route.gate
+        size = request_size(payload) if payload is not None and gate.counts_tokens else None
+        while True:
+            if route.drained is not None:
+                raise _Drained()
+            wait = gate.wait_s(gate.tokens(size)[0])
+            if wait <= 0:
+                return gate.take(size)
+            if wait > self.config.outage_timeout_s and route.limit.in_flight == 0:
+                # A window that turns only in hours (a daily limit spent): not worth holding the job for;
+                # the rows not done are kept for the next run, or go to another endpoint. Not before the
+                # answers on the wire are in: they are paid for.
+                self._drain(route, EndpointError(
+                    f"{self._named(route)}allows no more requests for {wait:.0f}s (its rate limit; outage_timeout "
+                    f"{self.config.outage_timeout_s:g}s); the rows not done are kept for the next run",
+                    state="rate_limited",
+                ))
+                raise _Drained()
+            if len(self._routes) > 1:
+                other = pick(self._routes, avoid=route)
+                if other is not None and other is not route and other.room() > 0:
+                    raise _Drained()
+            async with self._stop.until_requested() as waiting:
+                await asyncio.sleep(min(wait, _GATE_POLL_S))
+            if waiting.cancelled:
+                raise _Abandon()
 
     async def _send(
         self,
@@ -527,6 +574,8 @@ class Dispatcher:
         url: str,
         body: bytes,
         request_headers: Mapping[str, str] | None = None,
+        ticket: Ticket | None = None,
+        request_payload: Mapping[str, object] | None = None,
     ) -> dict[str, object]:
         assert route.pool is not None  # opened by run() for every route
         config = self.config
@@ -560,16 +609,26 @@ class Dispatcher:
                 unreached=isinstance(exc, Unreached),
             ) from None
         status, headers = response.status, response.headers
+        gate = route.gate
+        # Limits the answers announce are read without being told (a lane with none asks two headers).
+        if not gate.idle or "x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers:
+            # The first count read (no ticket) weighs the requests still out like this one.
+            typical = request_size(request_payload) if ticket is None and request_payload is not None else None
+            gate.observe(headers, ticket, self._clock(), in_flight=route.limit.in_flight - 1, typical=typical)
         # A server that echoes the token (or another secret) back: it is scrubbed before the answer is
         # read, so it reaches no output. One search per secret form; none without a secret.
         payload = redact_answer(response.body)
         self._count(str(status))
         if 200 <= status < 300:  # what classify() calls SUCCESS, asked first: it is nearly every answer
             try:
-                return self.task.parse(status, headers, payload)
+                outputs = self.task.parse(status, headers, payload)
             except RequestFailed:
                 self._count(FailureType.BAD_BODY)
                 raise
+            if not gate.idle:
+                prompt_tokens = outputs.get("prompt_tokens")
+                gate.on_answer(ticket, prompt_tokens if isinstance(prompt_tokens, int) else None)
+            return outputs
         verdict = classify(status)
         message, model_answered = server_message(status, payload)
         if 300 <= status < 400 and headers.get("Location"):  # where it was sent is what the user must see
@@ -581,6 +640,13 @@ class Dispatcher:
         retry_after = parse_retry_after(
             headers.get("Retry-After"), time.time(), maximum=self.config.policy.max_retry_after
         )
+        rate_limited = status == 429 and is_rate_refusal(headers, payload)
+        if rate_limited:
+            # Over the lane's requests or tokens per window: the lane pauses (until Retry-After, or a
+            # growing jittered time) and its rows go to other lanes or wait; none is failed for it.
+            if retry_after is None and (ms := _retry_after_ms(headers)) is not None:
+                retry_after = min(ms, self.config.policy.max_retry_after)
+            gate.on_rate_refusal(retry_after, ticket)
         raise RequestFailed(
             http_failure_type(status),
             message,
@@ -588,6 +654,7 @@ class Dispatcher:
             retryable=verdict is Verdict.RETRY,
             retry_after=retry_after,
             model_answered=model_answered,
+            rate_limited=rate_limited,
         )
 
     async def _wait_to_retry(self, delay: float, *, spend_budget: bool = True) -> None:
@@ -750,3 +817,13 @@ _NO_TRIES = Tries()  # a row's tries before its first failure (frozen: shared by
 def _is_rejected(failure: RequestFailed) -> bool:
     """TGI's own 429: no Retry-After, an instant refusal for want of capacity (it measures capacity)."""
     return failure.status == 429 and failure.retry_after is None
+
+
+def _retry_after_ms(headers: Mapping[str, str]) -> float | None:
+    """``retry-after-ms`` in seconds (OpenAI's finer Retry-After), or None."""
+    value = headers.get("retry-after-ms")
+    try:
+        seconds = float(value) / 1000 if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None

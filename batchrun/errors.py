@@ -209,6 +209,8 @@ class RequestFailed(BatchrunError):
     parsed; ``retryable`` is the fixed classification of reliability.md §2. ``model_answered`` says
     the model server itself answered with its JSON error (``{"error": ...}``), as opposed to a
     proxy's page or no answer at all: the endpoint is up, and the failure is this row's, not an outage.
+    ``rate_limited``: a 429 over the lane's requests or tokens per window (Retry-After, rate-limit headers,
+    ``rate_limit_exceeded``), which the lane's rate gate waits out, as opposed to TGI's refusal for capacity.
     """
 
     def __init__(
@@ -221,6 +223,7 @@ class RequestFailed(BatchrunError):
         retry_after: float | None = None,
         model_answered: bool = False,
         unreached: bool = False,
+        rate_limited: bool = False,
     ) -> None:
         self.error_type = error_type
         self.message = redact(message)
@@ -229,6 +232,7 @@ class RequestFailed(BatchrunError):
         self.retry_after = retry_after
         self.model_answered = model_answered
         self.unreached = unreached  # no connection could be made: the request never reached the server
+        self.rate_limited = rate_limited  # a 429 for the lane's rate (batchrun.rate), not for its capacity
         super().__init__(self.message)
 
     def __repr__(self) -> str:

@@ -33,7 +33,10 @@ the capacity**.
   cut gently (× ``latency_decrease_factor``, 0.95) at most once per round. A baseline rather than the
   minimum, because generation latency varies with output length.
 - Growth only while the limit is in use (``in_flight * 2 >= limit``), so a slow input does not let the
-  limit drift up to ``maximum`` and then overload the endpoint in one burst.
+  limit drift up to ``maximum`` and then overload the endpoint in one burst; probing above the ceiling
+  only while it is saturated (every slot in use), so a lane held back by its rate gate
+  (:mod:`batchrun.rate`) stays at the capacity it measured. The rate gate and this limit are the one
+  pair of controls of a lane: rate 429s go to the gate, capacity 429s here.
 
 Measured (benchmarks/RESULTS.md, "Adaptive limit"): plain AIMD used ~0.79-0.86 of a hidden capacity;
 this controller is compared with it there, and tests/test_limit_simulation.py checks it against a
@@ -85,6 +88,7 @@ class LimitController:
         slow_start_gain: float = 1.0,
         probe_step: float = 0.125,
         instant_fraction: float = 0.5,
+        saturation_slack: int = 1,
     ) -> None:
         if not 1 <= minimum <= maximum:
             raise ValueError(f"need 1 <= minimum <= maximum, got minimum={minimum}, maximum={maximum}")
@@ -107,6 +111,10 @@ class LimitController:
         self.probe_step = probe_step
         # A rejection answered within this fraction of a round was not queued: its load measures capacity.
         self.instant_fraction = instant_fraction
+        # Probing above the ceiling only while the limit is what holds requests back: all but this many
+        # slots in use when an answer comes (in_flight excludes that answer's own slot). A lane held
+        # below its limit by something else (its rate gate, a slow input) does not creep up past capacity.
+        self.saturation_slack = saturation_slack
         self.value = float(min(max(initial, minimum), maximum))
         self.slow_start = True
         # The level the last overload left the limit at: below it the limit regrows fast, above it it probes.
@@ -152,7 +160,7 @@ class LimitController:
             self._set(self.value + self.slow_start_gain)
         elif self.ceiling is not None and self.value < self.ceiling:
             self._set(min(self.value + 1.0, self.ceiling))  # back to the known level at slow-start pace
-        else:
+        elif in_flight + self.saturation_slack >= self.limit:
             self._set(self.value + self._probe_step(now) / self.value)
 
     def on_overload(

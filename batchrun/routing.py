@@ -9,8 +9,11 @@ attempt, so routing is the only thing the number of endpoints changes:
     drain           an endpoint in trouble (failed, a refused token, errors past a threshold while the
                     others answer) takes no more requests; its rows are retried on the others
 
-Each route does its own accounting (:meth:`Route.record`: its limit, its breaker, its figures for the
-summary's per-endpoint shares), and shows :func:`batchrun.retry.next_step` what the decision reads of it.
+Each route is a lane: its rate gate (:class:`~batchrun.rate.RateGate`: requests and tokens per window,
+and the pause after a rate 429) is asked before a slot of its limit is taken, and a lane waiting on its
+gate counts as full, so rows go to the others meanwhile. Each route does its own accounting
+(:meth:`Route.record`: its limit, its breaker, its figures for the summary's per-endpoint shares), and
+shows :func:`batchrun.retry.next_step` what the decision reads of it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from batchrun.breaker import CircuitBreaker
 from batchrun.endpoints.base import DataPlane
 from batchrun.errors import BatchrunError, RequestFailed, redact, register_secret
 from batchrun.limit import AdaptiveLimit
+from batchrun.rate import RateGate
 from batchrun.retry import is_unavailable
 from batchrun.tasks import PreparedRequest, join_url
 from batchrun.tasks.base import dump_json
@@ -68,6 +72,8 @@ class Route:
         self.headers: dict[str, str] = {"Content-Type": "application/json", **plane.headers, **auth}
         self.excuses = excuses
         self.limit = AdaptiveLimit(min(initial, maximum), maximum=maximum, clock=clock)
+        self.gate = RateGate(plane.limits, clock=clock)
+        self._clock = clock
         self.breaker = CircuitBreaker()
         self.breaker_changed = asyncio.Event()
         self.good_limit = self.limit.value  # the limit while the endpoint last answered well
@@ -169,9 +175,12 @@ class Route:
         return dump_json({**request.payload, "model": self.model})
 
     def room(self) -> int:
-        """Free slots under the limit now; a route whose breaker is not closed counts as full."""
+        """Free slots under the limit now; a route whose breaker is not closed, or that waits on its rate gate
+        (a pause after a 429, a spent window), counts as full."""
         if not self.breaker.closed:
             return -2 * self.limit.controller.maximum - 1
+        if not self.gate.idle and not self.gate.ready(self._clock()):
+            return -self.limit.controller.maximum - 1
         return self.limit.limit - self.limit.in_flight
 
     def open_session(self, connections: int) -> str:

@@ -32,6 +32,7 @@ from batchrun.endpoints.pool import EndpointPool, Member
 from batchrun.endpoints.providers import ServerlessEndpoint
 from batchrun.endpoints.url import UrlEndpoint
 from batchrun.facts import POLL_INTERVAL_S
+from batchrun.rate import RateLimits
 from batchrun.stop import Stop
 
 if TYPE_CHECKING:
@@ -107,7 +108,8 @@ def open_endpoint(
         return made(e, token=token, max_tokens=max_tokens if isinstance(max_tokens, int) else None,
                     structured=spec.output_schema is not None or spec.prompt.schema_column is not None)
     if e.url is not None:
-        return UrlEndpoint(e.url, token=token, send_token=e.send_token)
+        limits = RateLimits(rpm=e.limits.rpm, tpm=e.limits.tpm) if e.limits is not None else None
+        return UrlEndpoint(e.url, token=token, send_token=e.send_token, limits=limits)
     kind = task_kind(spec.task)
     settings = LifecycleSettings(
         scale_min=e.scale.min_replica if e.scale else None,

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from batchrun.cost import CostMeter
 from batchrun.errors import RequestFailed
+from batchrun.rate import RateLimits
 
 __all__ = ["BracketResult", "Bracketed", "DataPlane", "Endpoint", "EndpointCheck", "LifecycleRecord"]
 
@@ -35,14 +36,15 @@ class DataPlane:
     and loopback, another https host when ``send_token`` (the spec's ``endpoint.send_token``).
 
     A serverless target (endpoints/providers.py) also names the ``model`` every request's body carries
-    (``ORG/NAME:PROVIDER``), and its ``limits`` spec, for the lane's limiter (None: none given)."""
+    (``ORG/NAME:PROVIDER``). ``limits`` are the lane's requests and tokens per minute when the spec gives
+    them (``endpoint.limits``); limits the answers' ``x-ratelimit-*`` headers announce are learned without them."""
 
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     token: str | None = field(default=None, repr=False)
     send_token: bool = False
     model: str | None = None
-    limits: Any = None
+    limits: RateLimits | None = None
     #: What the token is, for messages, where it is not the HF token ("the API key in EXAMPLE_API_KEY").
     token_name: str | None = None
 

@@ -15,6 +15,7 @@ from batchrun.cost import CostMeter
 from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
 from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
+from batchrun.rate import RateLimits
 from batchrun.retry import is_paused_answer
 from batchrun.transport import server_root
 
@@ -27,8 +28,10 @@ _NOTHING_TO_BRACKET = ("a url is sent to as it is: batchrun neither resumes nor 
 class UrlEndpoint:
     """`endpoint: {url: ...}`: used as it is, left as it is."""
 
-    def __init__(self, url: str, *, token: str | None, send_token: bool = False) -> None:
+    def __init__(self, url: str, *, token: str | None, send_token: bool = False,
+                 limits: RateLimits | None = None) -> None:
         self.url = url
+        self.limits = limits
         self.ref = redact(url)
         self.record = LifecycleRecord(initial_state="static")
         self.meter = CostMeter(None)
@@ -79,7 +82,7 @@ class UrlEndpoint:
 
     async def __aenter__(self) -> DataPlane:
         self.record.acquired_at = self.record.ready_at = time.monotonic()
-        return DataPlane(url=self.url, token=self._token, send_token=self._send_token)
+        return DataPlane(url=self.url, token=self._token, send_token=self._send_token, limits=self.limits)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

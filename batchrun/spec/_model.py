@@ -198,6 +198,14 @@ class PriceSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LimitsSpec:
+    """An endpoint's own rate limits per minute; limits its answers announce (``x-ratelimit-*``) need none."""
+
+    rpm: int | None = key(_COUNT, "requests per minute this endpoint allows", None)
+    tpm: int | None = key(_COUNT, "tokens per minute (prompt + max_tokens) this endpoint allows", None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EndpointSpec:
     """Which server answers the requests, and what batchrun may do to its lifecycle.
 
@@ -244,6 +252,9 @@ class EndpointSpec:
     api_key_env: str | None = key(Shape("custom", json={"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}),
                                   "the environment variable holding a url API's key", None)
     price: PriceSpec | None = key(Shape("section", section=PriceSpec), "per-token price, USD per 1M tokens", None)
+    #: The lane's requests and tokens per minute, held by its rate gate (batchrun.rate).
+    limits: LimitsSpec | None = key(Shape("section", section=LimitsSpec),
+                                    "requests and tokens per minute to stay under", None)
 
     @property
     def kind(self) -> str:

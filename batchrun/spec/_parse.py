@@ -36,6 +36,7 @@ from batchrun.spec._model import (
     ImageSpec,
     InputSpec,
     JobSpec,
+    LimitsSpec,
     OutputSpec,
     PackingSpec,
     PriceSpec,
@@ -121,6 +122,7 @@ _PRICE_KEYS = spec_keys(PriceSpec)
 _SERVERLESS_TASKS = ("chat-completion", "text-generation")
 # The keys of a serverless target (the router, a url's API): refused for the other kinds.
 _PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price")
+_LIMITS_KEYS = spec_keys(LimitsSpec)
 _BUDGET_KEYS = spec_keys(BudgetSpec)
 _CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
 _RETRY_KEYS = spec_keys(RetrySpec)
@@ -611,6 +613,9 @@ class _Parser:
         label = self.key(EndpointSpec, data, "label", prefix=prefix)
         url = local = name = namespace = None
         serverless = self.serverless(data, kind, prefix)
+        if kind in ("local", "name") and data.get("limits") is not None:
+            raise self.error(f"{prefix}limits", "only applies to an endpoint given by url (or a serverless target): a "
+                             "Dedicated endpoint's capacity is found by the adaptive concurrency limit")
         if kind == "provider":
             for key in (*LIFECYCLE_KEYS, "send_token"):
                 if key in data:
@@ -682,6 +687,7 @@ class _Parser:
             label=label if label is not None or index is None else _default_label(
                 kind, url, local, name, index, serverless.get("provider")),
             **serverless,
+            limits=self.limits(data.get("limits"), prefix + "limits"),
         )
 
     def serverless(self, data: Mapping[str, Any], kind: str, prefix: str) -> dict[str, Any]:
@@ -739,6 +745,14 @@ class _Parser:
             values["price"] = PriceSpec(**{k: self.key(PriceSpec, price, k, prefix=f"{prefix}price.")
                                            for k in _PRICE_KEYS})
         return values
+
+    def limits(self, data: Any, where: str) -> LimitsSpec | None:
+        if data is None:
+            return None
+        data = self.section(data, where, _LIMITS_KEYS)
+        prefix = where + "."
+        return LimitsSpec(rpm=self.key(LimitsSpec, data, "rpm", prefix=prefix),
+                          tpm=self.key(LimitsSpec, data, "tpm", prefix=prefix))
 
     def scale(self, data: Any) -> ScaleSpec | None:
         if data is None:

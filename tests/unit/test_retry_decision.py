@@ -65,9 +65,9 @@ class Endpoint:
         return self.excuses
 
 
-def http(status: int, *, model: bool = False, retry_after: float | None = None) -> RequestFailed:
+def http(status: int, *, model: bool = False, retry_after: float | None = None, rate: bool = False) -> RequestFailed:
     return RequestFailed(f"http_{status}", f"HTTP {status}", status=status, retryable=classify(status) is Verdict.RETRY,
-                         retry_after=retry_after, model_answered=model)
+                         retry_after=retry_after, model_answered=model, rate_limited=rate)
 
 
 def refused() -> RequestFailed:
@@ -123,6 +123,9 @@ CASES: list[tuple[str, Any, Tries, Endpoint, tuple[Action, Tries, float, bool, D
      (Action.RETRY, Tries(throttle_streak=1), 0.25, False, None)),
     ("a 429 with Retry-After waits for it", http(429, retry_after=3.0), Tries(), Endpoint(),
      (Action.RETRY, Tries(throttle_streak=1), 3.0, False, None)),
+    ("a rate 429 goes again at once: the lane's gate holds it, or another lane takes it",
+     http(429, retry_after=3.0, rate=True), Tries(throttle_streak=2), Endpoint(),
+     (Action.RETRY, Tries(throttle_streak=3), 0.0, False, None)),
     ("a second 429 in a row backs off longer", http(429), Tries(throttle_streak=1), Endpoint(),
      (Action.RETRY, Tries(throttle_streak=2), 2.0, False, None)),
     ("a 429 backoff stops growing at the cap", http(429), Tries(throttle_streak=40), Endpoint(),
