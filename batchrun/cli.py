@@ -114,6 +114,24 @@ def _load(args: argparse.Namespace) -> JobSpec:
     return _this_run_folder(spec, args)
 
 
+def _spec_of_output(folder: Path) -> JobSpec:
+    """The spec an output folder was written with (its state/job.json): a job run from Python has no file."""
+    import dataclasses
+
+    from .errors import OutputError
+    from .output import OutputStore
+    from .spec import INPUT_KINDS, parse_spec
+
+    job = OutputStore(folder).load_job()
+    if not job or not isinstance(job.get("spec"), dict):
+        raise OutputError(f"{folder}: not a batchrun output folder (no state/job.json)")
+    raw = job["spec"]
+    given = raw.get("input")
+    in_memory = not (isinstance(given, dict) and any(kind in given for kind in INPUT_KINDS))
+    spec = parse_spec(raw, file=str(OutputStore(folder).state_dir / "job.json"), in_memory=in_memory)
+    return dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=str(folder)))
+
+
 def _this_run_folder(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
     """A templated output.path ({date}, {time}, {run_id}): `--resume RUN` picks a run; `status` shows
     the latest; `run` leaves it to the runner, which gives the run a new folder."""
@@ -275,7 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .cost import Spent
     from .output import OutputStore, read_lock, read_status
 
-    spec = _load(args)
+    spec = _spec_of_output(Path(args.job)) if Path(args.job).is_dir() else _load(args)
     root = Path(spec.output.path)
     if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
@@ -581,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining rows, from the output folder alone")
-    p.add_argument("job", help="job spec file (YAML)")
+    p.add_argument("job", help="job spec file (YAML), or the output folder itself")
     p.add_argument("--output", metavar="DIR", help="output folder (overrides output.path)")
     p.set_defaults(func=cmd_status)
 

@@ -105,6 +105,9 @@ class InputSpec:
     ``path`` is the Parquet/JSONL file, folder or glob (unset for a dataset, which uses
     ``dataset``). ``keep_columns`` of ``None`` keeps every input column in the output.
     ``allow_empty``: an input with no rows is a normal night for this job (exit 0), not a mistake (exit 2).
+
+    ``kind`` is ``memory`` for rows handed over from Python (``batchrun.run(spec, input=...)``): then
+    ``memory`` holds them as an Arrow table. It is not a spec key: a YAML file cannot name it.
     """
 
     kind: str
@@ -118,6 +121,7 @@ class InputSpec:
         Shape("custom", json={"type": "array", "items": {"type": "string", "minLength": 1}}),
         "input columns copied to the output (default: all)", None)
     allow_empty: bool = key(_FLAG, "an input with no rows is normal (exit 0), not a mistake (exit 2)", False)
+    memory: Any = field(default=None, compare=False, repr=False)  # kind memory: a pyarrow Table
 
 
 @dataclass(frozen=True, kw_only=True)

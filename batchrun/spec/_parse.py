@@ -50,11 +50,11 @@ from batchrun.task_kinds import TASK_KINDS, TaskKind
 # Loading
 
 
-def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpec:
+def load_spec(path: str | Path, *, output_override: str | None = None, in_memory: bool = False) -> JobSpec:
     """Read and validate the YAML job spec at ``path``.
 
     ``output_override`` (the CLI's ``--output DIR``) replaces ``output.path``. The job's name
-    defaults to the file's stem.
+    defaults to the file's stem. ``in_memory``: see :func:`parse_spec`.
     """
     file = str(path)
     try:
@@ -71,7 +71,7 @@ def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpe
         raise _yaml_error(file, exc) from None
     if data is None:
         raise SpecError(file, "(top level)", "the file is empty; expected a mapping of job keys")
-    spec = parse_spec(data, file=file, default_name=Path(path).stem)
+    spec = parse_spec(data, file=file, default_name=Path(path).stem, in_memory=in_memory)
     if output_override is not None:
         problem = _output_path_problem(str(output_override))
         if problem is not None:
@@ -80,9 +80,14 @@ def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpe
     return spec
 
 
-def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job") -> JobSpec:
-    """Validate a loaded spec mapping and build the :class:`JobSpec`. ``file`` only labels errors."""
-    return _Parser(file).job(data, default_name)
+def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job", in_memory: bool = False) -> JobSpec:
+    """Validate a loaded spec mapping and build the :class:`JobSpec`. ``file`` only labels errors.
+
+    ``in_memory``: the rows come from Python (``batchrun.run(spec, input=...)``), so ``input`` is not
+    required, and may hold only ``id_column``, ``limit``, ``keep_columns`` and ``allow_empty``. The
+    spec's input kind is ``memory``; the caller sets :attr:`InputSpec.memory`.
+    """
+    return _Parser(file, in_memory=in_memory).job(data, default_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,8 +183,9 @@ _NATURAL = Shape("integer", minimum=0)
 class _Parser:
     """Builds the config objects from a loaded mapping; every check reports against ``file``."""
 
-    def __init__(self, file: str | None) -> None:
+    def __init__(self, file: str | None, *, in_memory: bool = False) -> None:
         self.file = file
+        self.in_memory = in_memory
 
     def error(self, key: str, problem: str) -> SpecError:
         return SpecError(self.file, key, problem)
@@ -194,7 +200,7 @@ class _Parser:
         # A job on an OpenAI batch file needs neither task nor prompt: its request lines carry both.
         no_prompt = batch_file or data.get("task") == OPENAI_BATCH_TASK  # (the latter is refused just below)
         for required in ("input", "endpoint") if no_prompt else ("task", "input", "prompt", "endpoint"):
-            if required not in data:
+            if required not in data and not (required == "input" and self.in_memory):
                 raise self.error(required, "is required")
 
         name = self.key(JobSpec, data, "name", default=default_name)
@@ -210,7 +216,7 @@ class _Parser:
         return JobSpec(
             name=name,
             task=task,
-            input=self.input(data["input"]),
+            input=self.input(data.get("input")),
             prompt=prompt,
             parameters=parameters,
             **self.endpoint_list(data),
@@ -346,6 +352,8 @@ class _Parser:
             raise self.error("output_schema", str(problem)) from None
 
     def input(self, data: Any) -> InputSpec:
+        if self.in_memory:
+            return self.memory_input(data)
         data = self.section(data, "input", _INPUT_KEYS)
         kind = self.exactly_one(data, "input", INPUT_KINDS)
         path = None
@@ -375,6 +383,24 @@ class _Parser:
             limit=limit,
             keep_columns=keep_columns,
             allow_empty=allow_empty,
+        )
+
+    def memory_input(self, data: Any) -> InputSpec:
+        """The input section of a job whose rows come from Python: the options only, no kind."""
+        data = self.section(data if data is not None else {}, "input", _INPUT_KEYS)
+        named = [kind for kind in INPUT_KINDS if kind in data]
+        if named:
+            raise self.error(f"input.{named[0]}", "the rows are given in Python (input=...): leave the input's "
+                                                  "kind out of the spec, or do not pass input=")
+        keep = data.get("keep_columns")
+        if keep is not None and not (isinstance(keep, list) and all(isinstance(c, str) and c for c in keep)):
+            raise self.error("input.keep_columns", f"expected a list of column names, got {_describe(keep)}")
+        return InputSpec(
+            kind="memory",
+            id_column=self.key(InputSpec, data, "id_column", prefix="input."),
+            limit=self.key(InputSpec, data, "limit", prefix="input."),
+            keep_columns=None if keep is None else tuple(keep),
+            allow_empty=self.key(InputSpec, data, "allow_empty", prefix="input."),
         )
 
     def dataset(self, data: Any) -> DatasetSpec:

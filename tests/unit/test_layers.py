@@ -40,7 +40,7 @@ LAYERS: dict[str, int] = {
     # 8 the runner: only orders the steps
     "batchrun.runner": 8,
     # 9 the entry points
-    "batchrun.cli": 9, "batchrun.__main__": 9, "batchrun": 9,
+    "batchrun.cli": 9, "batchrun.__main__": 9, "batchrun": 9, "batchrun.api": 9,
 }
 EMULATOR = "batchrun.emulator"
 #: Who may start the emulator: the `local:` endpoint and `batchrun emulate`.
