@@ -29,6 +29,7 @@ from batchrun.errors import OutputError
 from batchrun.facts import GRACE_S, ExitCode
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import JobSpec, load_spec, parse_spec
+from batchrun.steps import run_steps
 from batchrun.stop import Stop, StopReason
 
 if TYPE_CHECKING:
@@ -78,17 +79,30 @@ class Result:
         return int(self.summary.get("exit_code", ExitCode.STOPPED_EARLY))
 
     @property
+    def steps(self) -> dict[str, Result]:
+        """A job of several steps: each step's own result, by name, in order (those that ran); else empty."""
+        return {step["name"]: Result.from_output(step["output"]) for step in self.summary.get("steps") or ()}
+
+    @property
+    def _rows_folder(self) -> Path:
+        """Where the rows are: the output folder, or for a job of several steps the last step's that ran."""
+        steps = self.summary.get("steps") or ()
+        return Path(steps[-1]["output"]) if steps else self.output_path
+
+    @property
     def dataset(self) -> datasets.Dataset:
-        """The rows that succeeded, as a ``datasets.Dataset`` (image columns as ``Image`` features)."""
+        """The rows that succeeded, as a ``datasets.Dataset`` (image columns as ``Image`` features).
+
+        For a job of several steps, those of its last step (``.steps`` holds each step's)."""
         if self._dataset is None:
-            self._dataset = _read_rows(self.output_path, "data")
+            self._dataset = _read_rows(self._rows_folder, "data")
         return self._dataset
 
     @property
     def failed(self) -> datasets.Dataset:
         """The rows that failed (finally, or retryably when the run stopped early), with their errors."""
         if self._failed is None:
-            self._failed = _read_rows(self.output_path, "failed")
+            self._failed = _read_rows(self._rows_folder, "failed")
         return self._failed
 
     def to_pandas(self) -> pandas.DataFrame:
@@ -151,14 +165,24 @@ async def arun(
     resumable) before the cancellation goes on.
     """
     job = await asyncio.to_thread(_job_spec, spec, input=input, output=output)
-    stop = Stop(grace_s=GRACE_S, echo=echo)
-    options = dataclasses.replace(_options(progress=progress, fresh=fresh, retry_failed=retry_failed, echo=echo),
-                                  stop=stop)
-    task = asyncio.ensure_future(run_job(job, options))
+    options = _options(progress=progress, fresh=fresh, retry_failed=retry_failed, echo=echo)
+    stops = [Stop(grace_s=GRACE_S, echo=echo)]
+    cancelled = False
+
+    def new_stop() -> Stop:  # each step of a job of several has its own
+        stops.append(Stop(grace_s=GRACE_S, echo=echo))
+        if cancelled:
+            stops[-1].request(StopReason.SIGNAL, "cancelled")
+        return stops[-1]
+
+    work = (run_steps(job, options, new_stop=new_stop) if job.steps
+            else run_job(job, dataclasses.replace(options, stop=stops[0])))
+    task = asyncio.ensure_future(work)
     try:
         outcome = await asyncio.shield(task)
     except asyncio.CancelledError:
-        _interrupt(stop, echo, again=False)
+        cancelled = True
+        _interrupt(stops[-1], echo, again=False)
         await asyncio.wait({task})  # the release and the summary run to their end
         raise
     return Result(outcome.summary.get("output") or job.output.path, outcome.summary)
@@ -219,6 +243,7 @@ class _JobThread(threading.Thread):
         self._result: Any = None
         self._error: BaseException | None = None
         self.finished = threading.Event()
+        self._interrupted = False
 
     def run(self) -> None:
         try:
@@ -231,20 +256,35 @@ class _JobThread(threading.Thread):
 
     async def _run_job(self) -> Any:
         self._loop = asyncio.get_running_loop()
-        self._job_stop = Stop(grace_s=self._options.grace_s, echo=self._options.echo)
+        self._job_stop = self._new_stop()
         self._ready.set()
+        if self._job.steps:
+            return await run_steps(self._job, self._options, new_stop=self._new_stop)
         return await run_job(self._job, dataclasses.replace(self._options, stop=self._job_stop))
+
+    def _new_stop(self) -> Stop:
+        """A stop for the job (each step of a job of several has its own); an interrupt reaches the latest."""
+        stop = Stop(grace_s=self._options.grace_s, echo=self._options.echo)
+        if self._interrupted:  # interrupted between two steps: the next one stops at once
+            stop.request(StopReason.SIGNAL, "interrupted (KeyboardInterrupt)")
+        self._job_stop = stop
+        return stop
 
     def interrupt(self, *, again: bool) -> None:
         """Stop the job from the waiting thread (the stop is changed on its own loop only)."""
         self._ready.wait()
+        self._interrupted = True
         loop, stop = self._loop, self._job_stop
         if loop is None or stop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(functools.partial(_interrupt, stop, self._options.echo, again=again))
+            loop.call_soon_threadsafe(functools.partial(self._interrupt_latest, again=again))
         except RuntimeError:  # the loop closed meanwhile: the job already ended
             pass
+
+    def _interrupt_latest(self, *, again: bool) -> None:
+        if self._job_stop is not None:
+            _interrupt(self._job_stop, self._options.echo, again=again)
 
     def outcome(self) -> Any:
         if self._error is not None:
@@ -258,24 +298,11 @@ class _JobThread(threading.Thread):
 def _read_rows(root: Path, kind: str) -> datasets.Dataset:
     """The committed rows of ``kind`` (``data`` or ``failed``) that the manifests list, in input order."""
     import datasets
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from datasets.table import InMemoryTable
 
-    from batchrun.output import OutputStore
-    from batchrun.output.manifest import read_manifest, read_positions, shard_problem
+    from batchrun.sources import committed_rows
 
-    listed = [shard for part in OutputStore.parts(root) for shard in read_manifest(part.manifest_path).listed.values()]
-    shards = sorted((s for s in listed if s.kind == kind and shard_problem(root, s, ()) is None), key=lambda s: s.file)
-    if not shards:
+    table, _ = committed_rows(root, kind)
+    if table is None:
         return datasets.Dataset.from_dict({})
-    tables = [pq.read_table(root / shard.file) for shard in shards]
-    table = pa.concat_tables(tables, promote_options="default")
-    try:
-        positions = np.concatenate([read_positions(root, shard) for shard in shards])
-    except OSError:  # a sidecar gone: the rows stay in shard order
-        positions = None
-    if positions is not None and len(positions) == table.num_rows:
-        table = table.take(pa.array(np.argsort(positions, kind="stable")))
     return datasets.Dataset(InMemoryTable(table))

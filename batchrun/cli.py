@@ -237,7 +237,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         compare_with=args.compare_with,
     )
     try:
-        outcome = asyncio.run(run_job(spec, options))
+        if spec.steps:  # a job of several steps: each run as a job of its own (steps.py)
+            from .steps import run_steps
+
+            outcome = asyncio.run(run_steps(spec, options))
+        else:
+            outcome = asyncio.run(run_job(spec, options))
     except BatchrunError as exc:  # nothing ran (exit 2): a scheduled job still says so
         _notify_error(spec, exc)
         raise
@@ -295,6 +300,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     spec = _spec_of_output(Path(args.job)) if Path(args.job).is_dir() else _load(args)
     root = Path(spec.output.path)
+    if spec.steps:
+        return _print_steps_status(spec, root)
     if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
 
@@ -323,6 +330,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         s = status.last_summary
         print(f"  last run: {s.get('outcome')} at {s.get('started_at')} (exit {s.get('exit_code')})")
     _print_mismatch(spec, status.job)
+    return 0
+
+
+def _print_steps_status(spec: JobSpec, root: Path) -> int:
+    """A job of several steps: each step's rows, from its own folder, in order."""
+    from .output import OutputStore, read_status
+    from .steps import step_folders
+
+    print(f"output: {root} ({len(spec.steps)} steps)")
+    for step in spec.steps:
+        folder = step_folders(root, spec)[step.name]
+        what = f"filter {step.filter}" if step.job is None else (step.job.task + (f", filter {step.filter}"
+                                                                                 if step.filter else ""))
+        if not OutputStore(folder).exists():
+            print(f"  step {step.name} ({what}): not run yet")
+            continue
+        status = read_status(folder)
+        print(f"  step {step.name} ({what}): {status.ok} ok, {status.failed} failed, "
+              f"{status.failed_retryable} retryable; {folder}")
+    last = OutputStore(root).load_summary() if OutputStore(root).exists() else None
+    if last:
+        print(f"  last run: {last.get('outcome')} at {last.get('started_at')} (exit {last.get('exit_code')})")
     return 0
 
 

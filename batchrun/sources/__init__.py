@@ -50,6 +50,7 @@ from batchrun.sources._jsonl_types import JSONL_NESTED_SAMPLE
 from batchrun.sources._memory import MEMORY_INPUTS, MemorySource, as_arrow_table
 from batchrun.sources._openai_batch import OPENAI_BATCH_SCHEMA, OpenAIBatchSource
 from batchrun.sources._parquet import PARQUET_BUFFER_SIZE, ParquetSource
+from batchrun.sources._step import StepSource, committed_rows
 from batchrun.spec import InputSpec
 
 __all__ = [
@@ -69,8 +70,10 @@ __all__ = [
     "ParquetSource",
     "SavedDatasetSource",
     "Source",
+    "StepSource",
     "StreamedDatasetSource",
     "as_arrow_table",
+    "committed_rows",
     "open_source",
 ]
 
@@ -94,6 +97,8 @@ def open_source(spec: InputSpec) -> Source:
         source = SavedDatasetSource(spec, saved) if saved else StreamedDatasetSource(spec)
     elif spec.kind == "memory":
         source = MemorySource(spec)
+    elif spec.kind == "step":
+        source = StepSource(spec)
     else:  # pragma: no cover - the spec parser only produces the three kinds above
         raise InputError(f"unknown input kind {spec.kind!r}")
     _check_columns(spec, source)

@@ -54,6 +54,7 @@ from batchrun.spec._model import (
     PushSpec,
     RetrySpec,
     ScaleSpec,
+    StepSpec,
     answer_cap,
 )
 from batchrun.spec._parse import load_spec, parse_spec
@@ -88,6 +89,7 @@ __all__ = [
     "PushSpec",
     "RetrySpec",
     "ScaleSpec",
+    "StepSpec",
     "answer_cap",
     "json_schema",
     "load_spec",

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from batchrun.errors import SpecError
+from batchrun.facts import ID_COLUMN
 from batchrun.notify import parse_notify_spec
 from batchrun.scoring import parse_score_spec
 from batchrun.spec._model import (
@@ -39,6 +40,7 @@ from batchrun.spec._model import (
     PushSpec,
     RetrySpec,
     ScaleSpec,
+    StepSpec,
     _template_fields,
 )
 from batchrun.spec._shape import INVALID, Shape, declared, default_of, spec_keys
@@ -196,6 +198,8 @@ class _Parser:
         if not isinstance(data, Mapping):
             raise self.error("(top level)", f"expected a mapping of job keys, got {_describe(data)}")
         self.keys(data, "", _JOB_KEYS)
+        if "steps" in data:
+            return self.steps_job(data, default_name)
         batch_file = isinstance(data.get("input"), Mapping) and "openai_batch" in data["input"]
         # A job on an OpenAI batch file needs neither task nor prompt: its request lines carry both.
         no_prompt = batch_file or data.get("task") == OPENAI_BATCH_TASK  # (the latter is refused just below)
@@ -237,6 +241,78 @@ class _Parser:
             file=self.file,
             raw=data,
         )
+
+    def steps_job(self, data: Mapping[str, Any], default_name: str) -> JobSpec:
+        """A job of several steps: each step parsed as a job of its own, job-level keys as its defaults.
+
+        The job keeps ``name``, ``input`` and ``output``; a step's keys replace the job's own (a step's
+        ``prompt`` replaces the job's whole ``prompt``). The returned spec is the last step's job under
+        the job's name, input and output, with ``steps`` set: a runner reads ``steps``.
+        """
+        from batchrun.spec._filter import compile_filter, is_function_filter
+
+        steps = data["steps"]
+        if not isinstance(steps, list) or not steps:
+            raise self.error("steps", f"expected a list of steps (each a mapping with a name), got {_describe(steps)}")
+        name = self.key(JobSpec, data, "name", default=default_name)
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise self.error("name", f"expected a plain name without path separators, got {name!r}")
+        if "input" not in data and not self.in_memory:
+            raise self.error("input", "is required")
+        output = self.output(data.get("output"), name)
+        shared = {key: value for key, value in data.items() if key not in ("steps", "name", "input", "output")}
+        parsed: list[StepSpec] = []
+        id_column: str | None = None
+        for index, step in enumerate(steps):
+            where = f"steps[{index}]"
+            if not isinstance(step, Mapping):
+                raise self.error(where, f"expected a mapping with a name, got {_describe(step)}")
+            step_name = step.get("name")
+            if not isinstance(step_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", step_name):
+                raise self.error(f"{where}.name", f"expected a plain name (letters, digits, - _ .), got {step_name!r}")
+            where = f"steps.{step_name}"
+            if any(step_name == done.name for done in parsed):
+                raise self.error(where, "two steps have this name")
+            for key in ("input", "output", "steps"):
+                if key in step:
+                    raise self.error(f"{where}.{key}", "is the job's, not a step's: set it once, beside steps")
+            condition = step.get("filter")
+            if condition is not None:
+                if index == 0:
+                    raise self.error(f"{where}.filter", "the first step reads the job's input: filter a later step")
+                if not isinstance(condition, str) or not condition.strip():
+                    raise self.error(f"{where}.filter", f"expected a condition such as `score_judge >= 4`, or "
+                                                        f"module:function, got {_describe(condition)}")
+                if not is_function_filter(condition):  # a function is found when the step runs: validate runs no code
+                    try:
+                        compile_filter(condition)
+                    except ValueError as exc:
+                        raise self.error(f"{where}.filter", str(exc)) from None
+            if set(step) <= {"name", "filter"} and condition is not None:
+                parsed.append(StepSpec(name=step_name, job=None, filter=condition))  # it only filters
+                continue
+            body = {**shared, **{k: v for k, v in step.items() if k not in ("name", "filter")}}
+            body["name"] = f"{name}-{step_name}"
+            body["output"] = {k: v for k, v in (data.get("output") or {}).items() if k != "push_to_hub"}
+            body["output"]["path"] = f"{output.path}/steps/{step_name}"
+            first = index == 0
+            if first and "input" in data:
+                body["input"] = data["input"]
+            try:
+                job = _Parser(self.file, in_memory=self.in_memory or not first).job(body, body["name"])
+            except SpecError as exc:
+                raise self.error(f"{where}.{exc.key}", exc.problem) from None
+            if first:
+                id_column = job.input.id_column or ID_COLUMN
+            else:
+                job = replace(job, input=InputSpec(kind="step", path=f"{output.path}/steps/{parsed[-1].name}",
+                                                   id_column=id_column, step_filter=condition))
+            parsed.append(StepSpec(name=step_name, job=job, filter=condition))
+        last = next(step.job for step in reversed(parsed) if step.job is not None)
+        first_job = parsed[0].job
+        assert first_job is not None
+        return replace(last, name=name, input=first_job.input, output=output, steps=tuple(parsed), file=self.file,
+                       raw=data)
 
     def task(self, value: Any) -> TaskKind:
         names = tuple(TASK_KINDS)

@@ -1,0 +1,198 @@
+"""Jobs of several steps: generate two samples, judge each with a second model, keep what passed.
+
+Each step writes its own folder once, resumably, under its own fingerprint: a rerun sends nothing for a
+finished step, a kill in step 2 repeats no request of step 1, and an edit of step k reruns step k and
+those after it only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jobkit import (
+    NS,
+    REPO,
+    TOKEN,
+    cli,
+    committed_rows,
+    data_requests,
+    emulator,
+    read_ids,
+    running_endpoint,
+    wait_until,
+    write_topics,
+)
+
+import batchrun
+from batchrun.errors import SpecError
+from batchrun.spec import parse_spec
+
+VERDICT = {"type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5},
+                                            "reason": {"type": "string"}},
+           "required": ["score", "reason"]}
+
+
+def _endpoint(emu: Any, name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": NS, "api_url": emu.api_url, "ready_timeout": "10s"}
+
+
+def three_steps(emu: Any, out: Path, *, keep: str = "score_judge >= 3", judge_prompt: str | None = None,
+                **job: Any) -> dict[str, Any]:
+    """Generate 2 samples per row on `gen`, judge each on `judge` with a structured verdict, keep what passed."""
+    return {
+        "name": "gj",
+        "input": {"id_column": "id"},
+        "concurrency": {"max": 8, "initial": 4},
+        "retries": {"max_attempts": 3, "backoff_base": 0.01, "backoff_cap": 0.05},
+        "output": {"path": str(out), "shard_rows": 10},
+        "steps": [
+            {"name": "generate", "task": "chat-completion", "endpoint": _endpoint(emu, "gen"), "samples": 2,
+             "prompt": {"template": "Answer briefly: {topic}"}, "parameters": {"max_tokens": 16, "seed": 1}},
+            {"name": "judge", "task": "chat-completion", "endpoint": _endpoint(emu, "judge"),
+             "prompt": {"template": judge_prompt or "Question: {topic}\nAnswer: {generated_text_generate}\nRate it."},
+             "output_schema": VERDICT, "parameters": {"max_tokens": 80, "seed": 1}},
+            {"name": "keep", "filter": keep},
+        ],
+        **job,
+    }
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"row-{i:05d}", "topic": f"topic number {i}"} for i in range(n)]
+
+
+def _two_endpoints(**overrides: Any) -> Any:
+    return emulator(running_endpoint("gen", **overrides), running_endpoint("judge", **overrides))
+
+
+@pytest.fixture
+def token(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+
+def _quiet(spec: dict[str, Any], rows: list[dict[str, Any]], lines: list[str] | None = None) -> batchrun.Result:
+    return batchrun.run(spec, input=rows, progress=False, echo=(lines.append if lines is not None else lambda _: None))
+
+
+def test_every_id_flows_through_each_step_exactly_once_and_the_last_keeps_what_passed(tmp_path, token):
+    out = tmp_path / "out" / "gj"
+    rows = _rows(12)
+    with _two_endpoints() as emu:
+        result = _quiet(three_steps(emu, out), rows)
+        assert data_requests(emu, "gen") == 24 and data_requests(emu, "judge") == 24
+    assert result.exit_code == 0
+    assert list(result.steps) == ["generate", "judge", "keep"]
+    pairs = sorted(f"{r['id']}/{s}" for r in rows for s in (0, 1))
+    generated = read_ids(out / "steps" / "generate" / "data")
+    assert len(generated) == 24 and len(set(zip(generated, read_ids(out / "steps" / "generate" / "data", "sample"),
+                                                strict=True))) == 24
+    assert sorted(read_ids(out / "steps" / "judge" / "data")) == pairs  # one verdict per (id, sample)
+    judged = result.steps["judge"].dataset
+    assert set(judged.column_names) >= {"id", "topic", "generated_text_generate", "parsed"}
+    passed = sorted(f"{r['id']}" for r in judged if r["parsed"]["score"] >= 3)
+    kept = result.dataset
+    assert sorted(kept["id"]) == passed  # the filter kept exactly the rows whose verdict passed
+    assert all(score >= 3 for score in kept["score_judge"]) and "reason_judge" in kept.column_names
+    assert 0 < len(kept) < 24  # the emulator's verdicts vary: some rows are dropped
+    assert len(result.steps["judge"].dataset) == 24  # a row the filter drops stays in the earlier step's output
+
+
+def test_a_rerun_of_a_finished_job_sends_nothing(tmp_path, token):
+    out = tmp_path / "out" / "gj"
+    with _two_endpoints() as emu:
+        _quiet(three_steps(emu, out), _rows(8))
+        again = _quiet(three_steps(emu, out), _rows(8))
+        assert data_requests(emu, "gen") == 16 and data_requests(emu, "judge") == 16
+    assert again.exit_code == 0
+
+
+def test_editing_the_filter_reruns_only_the_filter_step(tmp_path, token):
+    out = tmp_path / "out" / "gj"
+    with _two_endpoints() as emu:
+        first = _quiet(three_steps(emu, out, keep="score_judge >= 3"), _rows(10))
+        lines: list[str] = []
+        second = _quiet(three_steps(emu, out, keep="score_judge >= 5"), _rows(10), lines)
+        assert data_requests(emu, "gen") == 20 and data_requests(emu, "judge") == 20  # nothing paid again
+    assert all(score >= 5 for score in second.dataset["score_judge"])
+    assert len(second.dataset) <= len(first.dataset)
+    assert not any("step generate: its settings" in line or "step judge: its settings" in line for line in lines)
+
+
+def test_editing_the_judge_prompt_reruns_the_judge_and_what_follows_never_the_generation(tmp_path, token):
+    out = tmp_path / "out" / "gj"
+    with _two_endpoints() as emu:
+        _quiet(three_steps(emu, out), _rows(10))
+        lines: list[str] = []
+        result = _quiet(three_steps(emu, out, judge_prompt="Grade: {generated_text_generate}"), _rows(10), lines)
+        assert data_requests(emu, "gen") == 20  # step 1 untouched
+        assert data_requests(emu, "judge") == 40  # step 2 started over
+    assert any("step judge: its settings or its input changed" in line for line in lines)
+    assert result.exit_code == 0
+    assert len(result.steps["judge"].dataset) == 20
+    set_aside = [p.name for p in (out / "steps").iterdir() if p.name.startswith("judge.previous-")]
+    assert len(set_aside) == 1  # the old verdicts are kept, never deleted
+
+
+def test_killed_in_step_two_the_rerun_repeats_no_request_of_step_one(tmp_path):
+    input_path = write_topics(tmp_path / "in" / "t.parquet", 60)
+    out = tmp_path / "out" / "gj"
+    with _two_endpoints(latency_base_s=0.05) as emu:
+        spec = three_steps(emu, out)
+        spec["input"] = {"parquet": str(input_path), "id_column": "id"}
+        spec["concurrency"] = {"max": 2, "initial": 2}
+        path = tmp_path / "gj.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(path), "--progress", "off"], cwd=REPO,
+                                env={**os.environ, "HF_TOKEN": TOKEN}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        wait_until(lambda: committed_rows(out / "steps" / "judge") >= 10, timeout=120, proc=proc,
+                   what="step 2 committing rows")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        generated = data_requests(emu, "gen")
+        assert generated == 120
+        judged_before = data_requests(emu, "judge")
+        committed = committed_rows(out / "steps" / "judge")
+        assert 10 <= committed < 120
+        result = cli("run", str(path), "--progress", "off", env={"HF_TOKEN": TOKEN})
+        assert result.returncode == 0, result.stderr
+        assert data_requests(emu, "gen") == generated  # no paid request of step 1 again
+        # Step 2 resumes: only its rows not committed at the kill are asked again.
+        assert data_requests(emu, "judge") == judged_before + (120 - committed)
+    assert len(read_ids(out / "steps" / "generate" / "data")) == 120
+    judged = read_ids(out / "steps" / "judge" / "data")
+    assert len(judged) == 120 and len(set(judged)) == 120  # every (id, sample) once
+
+
+def test_status_reads_each_step(tmp_path, token):
+    out = tmp_path / "out" / "gj"
+    with _two_endpoints() as emu:
+        _quiet(three_steps(emu, out), _rows(5))
+    status = cli("status", str(out))
+    assert status.returncode == 0, status.stderr
+    for name in ("generate", "judge", "keep"):
+        assert f"step {name}" in status.stdout
+
+
+def test_a_step_spec_names_its_problems_by_step():
+    base = {"name": "gj", "input": {"parquet": "x.parquet"}, "endpoint": {"url": "http://127.0.0.1:9"},
+            "task": "chat-completion", "prompt": {"template": "{q}"}}
+    with pytest.raises(SpecError, match=r"steps\.judge\.retries\.max_atempts"):
+        parse_spec({**base, "steps": [{"name": "gen"}, {"name": "judge", "retries": {"max_atempts": 3}}]})
+    with pytest.raises(SpecError, match=r"steps\.keep\.filter"):
+        parse_spec({**base, "steps": [{"name": "gen"}, {"name": "keep", "filter": "__import__('os')"}]})
+    with pytest.raises(SpecError, match=r"steps\.gen\.output"):
+        parse_spec({**base, "steps": [{"name": "gen", "output": {"path": "x"}}]})
+    with pytest.raises(SpecError, match="two steps"):
+        parse_spec({**base, "steps": [{"name": "gen"}, {"name": "gen"}]})
+    spec = parse_spec({**base, "concurrency": {"max": 7},
+                       "steps": [{"name": "gen"}, {"name": "judge", "concurrency": {"max": 3}}]})
+    assert [s.job.concurrency.max for s in spec.steps] == [7, 3]  # job-level keys apply unless a step sets its own
+    assert spec.steps[1].job.input.kind == "step"
