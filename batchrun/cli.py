@@ -181,8 +181,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .preflight import preflight, unencodable_note
 
     spec = _load(args)
+    steps = spec.steps
+    if steps:  # a job of several steps: the first is checked whole; the others read rows not written yet
+        import dataclasses
+
+        from .steps import step_folders
+
+        first = steps[0].job
+        assert first is not None
+        folder = str(step_folders(spec.output.path, spec)[steps[0].name])
+        spec = dataclasses.replace(first, output=dataclasses.replace(first.output, path=folder), file=spec.file)
     pre = asyncio.run(preflight(spec, check_endpoint=args.check_endpoint))
     out = sys.stdout
+    if steps:
+        print(f"steps: {', '.join(s.name + ' (' + (s.job.task if s.job else 'filter') + ')' for s in steps)}; "
+              f"the first is checked below, the others when the rows they read are written", file=out)
     print(f"spec ok: {spec.file or args.job} (job {spec.name!r}, task {spec.task})", file=out)
     print(f"input: {pre.source.description}", file=out)
     print(f"  columns: {', '.join(f'{f.name} ({f.type})' for f in pre.source.schema)}", file=out)
@@ -283,7 +296,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     thresholds = parse_fail_if(args.fail_if) if args.fail_if else []
     if args.html and not Path(args.html).parent.is_dir():  # refused before the runs are read
         raise CompareError(f"--html {args.html}: no such folder {Path(args.html).parent}")
-    report = compare_runs(args.run_a, args.run_b)
+    run_a, run_b = (_step_folder(run, args.step, sending=True) for run in (args.run_a, args.run_b))
+    report = compare_runs(run_a, run_b)
     report.check_thresholds(thresholds)
     if args.json:
         print(json.dumps({**report.to_dict(), "verdict": report.verdict(thresholds)}, indent=2, default=str))
@@ -292,6 +306,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.html:
         print(f"report: {write_compare_html(report, args.html, thresholds)}", file=sys.stderr)
     return ExitCode.THRESHOLD_CROSSED if report.verdict(thresholds)["crossed"] else ExitCode.OK
+
+
+def _step_folder(root: str, step: str | None, *, sending: bool = False) -> Path:
+    """A job of several steps is read through one of its steps (compare, push): ``--step``, or its last
+    (``sending``: its last that sends requests)."""
+    from .errors import OutputError
+    from .steps import step_folder
+
+    try:
+        return step_folder(root, step, sending=sending)
+    except ValueError as exc:
+        raise OutputError(str(exc)) from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -423,8 +449,19 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .errors import OutputError
     from .output import OutputStore
     from .publish import PublishError, Target, push_output
+    from .steps import steps_of_output
 
-    root = Path(args.output)
+    if args.all_steps:  # a job of several steps: each step its own config, named after it
+        steps = steps_of_output(args.output)
+        if steps is None:
+            raise OutputError(f"{args.output} is not the output of a job of several steps: --all-steps does not apply")
+        for step in steps:
+            code = cmd_push(argparse.Namespace(**{**vars(args), "all_steps": False, "step": step["name"],
+                                                  "config": step["name"]}))
+            if code:
+                return code
+        return 0
+    root = _step_folder(args.output, args.step)
     job = OutputStore.job_of(root) if root.is_dir() else None  # a split job: its shards' one spec
     if job is None:
         raise OutputError(f"{root} is not a batchrun output folder (no state/job.json)")
@@ -669,6 +706,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="NAME", default=None,
                    help="the config to push as (default: 'default'); one repo may hold several jobs as configs")
     p.add_argument("--split", metavar="NAME", default=None, help="the split name (default: train)")
+    p.add_argument("--step", metavar="NAME", default=None,
+                   help="a job of several steps: the step pushed (default: its last)")
+    p.add_argument("--all-steps", action="store_true",
+                   help="a job of several steps: push every step, each as the config named after it")
     p.add_argument("--include-failed", action="store_true",
                    help="also push the failed rows, as a config of their own ('failed', or CONFIG-failed)")
     p.add_argument("--endpoint", metavar="URL", default=None,
@@ -695,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", metavar="RUN_A", help="the earlier run's output folder")
     p.add_argument("run_b", metavar="RUN_B", help="the later run's output folder")
+    p.add_argument("--step", metavar="NAME", default=None,
+                   help="a job of several steps: the step compared (default: its last that sends requests)")
     p.add_argument("--html", metavar="FILE", default=None, help="also write a self-contained HTML report")
     p.add_argument("--fail-if", metavar="THRESHOLDS", default=None,
                    help="comma-separated METRIC>VALUE / METRIC<VALUE; exit 4 when one is crossed")

@@ -36,7 +36,7 @@ from batchrun.spec import JobSpec, StepSpec
 from batchrun.stop import Stop
 from batchrun.summary import JobOutcome
 
-__all__ = ["STEPS_FOLDER", "run_steps", "step_folders"]
+__all__ = ["STEPS_FOLDER", "run_steps", "step_folder", "step_folders", "steps_of_output"]
 
 #: Where each step's output folder lives, under the job's.
 STEPS_FOLDER = "steps"
@@ -45,6 +45,40 @@ STEPS_FOLDER = "steps"
 def step_folders(root: str | Path, spec: JobSpec) -> dict[str, Path]:
     """Each step's output folder, by step name, under the job's output folder ``root``."""
     return {step.name: Path(root) / STEPS_FOLDER / step.name for step in spec.steps}
+
+
+def steps_of_output(root: str | Path) -> list[dict[str, Any]] | None:
+    """The steps of the job whose output folder is ``root`` (name, task; task None for a filter), or None
+    when ``root`` is not the folder of a job of several steps."""
+    from batchrun.output import OutputStore
+
+    store = OutputStore(root)
+    job = store.load_job() if Path(root).is_dir() and store.exists() else None
+    steps = (job or {}).get("steps")
+    if not isinstance(steps, list):
+        return None
+    return [step if isinstance(step, dict) else {"name": str(step), "task": None} for step in steps]
+
+
+def step_folder(root: str | Path, step: str | None = None, *, sending: bool = False) -> Path:
+    """The folder a command reads for ``root``: ``root`` itself, or for a job of several steps the folder
+    of ``step`` (by default its last step; ``sending``: its last that sends requests, such as a judge
+    before a filter).
+
+    Raises :class:`ValueError` naming the steps when ``step`` is not one of them, or is given for a
+    folder that is not a job of several steps."""
+    steps = steps_of_output(root)
+    if steps is None:
+        if step is not None:
+            raise ValueError(f"{root} is not the output of a job of several steps: --step does not apply")
+        return Path(root)
+    names = [s["name"] for s in steps]
+    if step is None:
+        senders = [s["name"] for s in steps if s.get("task")] if sending else []
+        step = senders[-1] if senders else names[-1]
+    if step not in names:
+        raise ValueError(f"{root} has no step {step!r}; its steps: {', '.join(names)}")
+    return Path(root) / STEPS_FOLDER / step
 
 
 async def run_steps(spec: JobSpec, options: RunOptions | None = None,
@@ -142,8 +176,9 @@ def _write_filtered(step: StepSpec, folder: Path, previous: Path | None, spec: J
     lock = OutputLock(store)
     lock.acquire()
     try:
+        record = {"name": step.name, "filter": step.filter, "input": {"id_column": id_column}}
         store.save_job({"name": f"{spec.name}-{step.name}", "identity": {"filter": step.filter, "input": fingerprint},
-                        "fingerprint": fingerprint, "spec": {"name": step.name, "filter": step.filter},
+                        "fingerprint": fingerprint, "spec": record,
                         "kept_columns": kept, "created_at": dt.datetime.now(dt.UTC).isoformat(), "runs": 1})
         sink = ParquetSink(store, data_schema=schema, id_column=id_column, shard_rows=spec.output.shard_rows,
                            shard_bytes=spec.output.shard_bytes, kept_columns=kept)
@@ -194,5 +229,6 @@ def _save(root: Path, spec: JobSpec, summary: dict[str, Any]) -> None:
     store = OutputStore(root)
     store.state_dir.mkdir(parents=True, exist_ok=True)
     store.save_job({"name": spec.name, "spec": dict(spec.raw), "spec_file": spec.file,
-                    "steps": [step.name for step in spec.steps]})
+                    "steps": [{"name": step.name, "task": step.job.task if step.job else None, "filter": step.filter}
+                              for step in spec.steps]})
     store.write_summary(summary)

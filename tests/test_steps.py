@@ -196,3 +196,53 @@ def test_a_step_spec_names_its_problems_by_step():
                        "steps": [{"name": "gen"}, {"name": "judge", "concurrency": {"max": 3}}]})
     assert [s.job.concurrency.max for s in spec.steps] == [7, 3]  # job-level keys apply unless a step sets its own
     assert spec.steps[1].job.input.kind == "step"
+
+
+def test_compare_of_two_runs_reads_the_judges_scores(tmp_path, token):
+    import json
+
+    with _two_endpoints() as emu:
+        for night in ("night-1", "night-2"):
+            _quiet(three_steps(emu, tmp_path / "nightly" / night), _rows(6))
+    report = cli("compare", str(tmp_path / "nightly" / "night-1"), str(tmp_path / "nightly" / "night-2"), "--json",
+                 "--fail-if", "score_judge<1")
+    assert report.returncode == 0, report.stderr
+    figures = json.loads(report.stdout)
+    assert "score_judge" in json.dumps(figures)
+    assert figures["common"] == 12  # the judge's rows: one per (id, sample)
+    generation = cli("compare", str(tmp_path / "nightly" / "night-1"), str(tmp_path / "nightly" / "night-2"),
+                     "--step", "generate")
+    assert generation.returncode == 0, generation.stderr
+    unknown = cli("compare", str(tmp_path / "nightly" / "night-1"), str(tmp_path / "nightly" / "night-2"),
+                  "--step", "nope")
+    assert unknown.returncode == 2 and "its steps: generate, judge, keep" in unknown.stderr
+    runs = cli("runs", str(tmp_path / "nightly"))
+    assert runs.returncode == 0, runs.stderr
+
+
+def test_the_shipped_judge_job_runs_on_the_emulator_with_no_setup(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    result = batchrun.run("jobs/judge.yaml", output=tmp_path / "judge", progress=False, echo=lambda _: None)
+    assert result.exit_code == 0
+    judged = result.steps["judge"].dataset
+    assert len(judged) == 48  # 24 questions, 2 answers each, each judged
+    assert all(1 <= row["parsed"]["score"] <= 5 and row["parsed"]["reason"] for row in judged)
+    assert all(score >= 4 for score in result.dataset["score_judge"])
+
+
+def test_push_publishes_the_last_step_by_default_or_every_step_as_its_own_config(tmp_path, token):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out" / "gj"
+    env = {"HF_TOKEN": TOKEN}
+    with _two_endpoints() as emu:
+        _quiet(three_steps(emu, out), _rows(4))
+        last = cli("push", str(out), "--repo", "hub-test/judged", "--endpoint", emu.hub_url, env=env)
+        assert last.returncode == 0, last.stderr
+        files = emu.hub.files("hub-test/judged")
+        pushed = [name for name in files if name.startswith("default/") and name.endswith(".parquet")]
+        assert pushed and "score_judge" in pq.read_schema(__import__("io").BytesIO(files[pushed[0]])).names
+        every = cli("push", str(out), "--repo", "hub-test/steps", "--endpoint", emu.hub_url, "--all-steps", env=env)
+        assert every.returncode == 0, every.stderr
+        configs = {name.split("/")[0] for name in emu.hub.files("hub-test/steps") if name.endswith(".parquet")}
+    assert configs == {"generate", "judge", "keep"}

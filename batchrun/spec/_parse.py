@@ -306,7 +306,8 @@ class _Parser:
                 id_column = job.input.id_column or ID_COLUMN
             else:
                 job = replace(job, input=InputSpec(kind="step", path=f"{output.path}/steps/{parsed[-1].name}",
-                                                   id_column=id_column, step_filter=condition))
+                                                   id_column=id_column, step_filter=condition),
+                              raw={**job.raw, "input": {"id_column": id_column}})  # job.json says its ids
             parsed.append(StepSpec(name=step_name, job=job, filter=condition))
         last = next(step.job for step in reversed(parsed) if step.job is not None)
         first_job = parsed[0].job
