@@ -212,3 +212,24 @@ def test_progress_is_tqdms_automatic_bar(tmp_path, token, capsys):
         batchrun.run(_spec(emu, tmp_path), input=_rows(10), echo=lambda _: None)
     bar = capsys.readouterr().err
     assert "10/10" in bar and "row" in bar
+
+
+def test_run_from_a_script_file(tmp_path, token):
+    import subprocess
+    import sys
+
+    from jobkit import REPO
+
+    with emulator(running_endpoint()) as emu:
+        script = tmp_path / "script.py"
+        script.write_text(
+            "import batchrun\n"
+            f"spec = {_spec(emu, tmp_path)!r}\n"
+            "rows = [{'id': f'r{i}', 'topic': f't{i}'} for i in range(7)]\n"
+            "result = batchrun.run(spec, input=rows, progress=False)\n"
+            "print('ROWS', len(result.dataset), result.exit_code)\n"
+        )
+        done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env={**__import__("os").environ, "HF_TOKEN": TOKEN})
+    assert done.returncode == 0, done.stderr
+    assert "ROWS 7 0" in done.stdout

@@ -246,3 +246,46 @@ def test_push_publishes_the_last_step_by_default_or_every_step_as_its_own_config
         assert every.returncode == 0, every.stderr
         configs = {name.split("/")[0] for name in emu.hub.files("hub-test/steps") if name.endswith(".parquet")}
     assert configs == {"generate", "judge", "keep"}
+
+
+def test_a_filter_may_be_a_python_function_and_a_missing_column_is_named(tmp_path, token, monkeypatch):
+    (tmp_path / "my_filters.py").write_text("def short(row):\n    return len(row['generated_text_generate']) % 2 == 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with _two_endpoints() as emu:
+        spec = three_steps(emu, tmp_path / "out" / "fn", keep="my_filters:short")
+        result = _quiet(spec, _rows(6))
+        assert result.exit_code == 0
+        judged = result.steps["judge"].dataset
+        assert sorted(result.dataset["id"]) == sorted(r["id"] for r in judged if len(r["generated_text_generate"]) % 2 == 0)
+        wrong = three_steps(emu, tmp_path / "out" / "typo", keep="score_judgee >= 4")
+        with pytest.raises(batchrun.InputError, match="no column 'score_judgee'"):
+            _quiet(wrong, _rows(6))
+
+
+def test_an_interrupt_in_step_two_pauses_its_endpoint_and_the_rerun_finishes_it(tmp_path, token):
+    import _thread
+    import threading
+
+    out = tmp_path / "out" / "gj"
+    rows = _rows(60)
+    with emulator(running_endpoint("gen"), running_endpoint("judge", initial_state="paused",
+                                                                latency_base_s=0.05)) as emu:
+        spec = three_steps(emu, out, concurrency={"max": 2, "initial": 2})
+
+        def interrupt_in_step_two() -> None:
+            wait_until(lambda: committed_rows(out / "steps" / "judge") >= 10, timeout=120, what="step 2 rows")
+            _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_in_step_two, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            _quiet(spec, rows)
+        assert emu.state(NS, "judge").state == "paused"
+        assert not (out / "steps" / "keep").exists()  # the job ended in step 2
+        stopped = batchrun.Result.from_output(out)
+        assert stopped.exit_code == 3 and [s["name"] for s in stopped.summary["steps"]] == ["generate", "judge"]
+        generated = data_requests(emu, "gen")
+        result = _quiet(spec, rows)
+        assert data_requests(emu, "gen") == generated
+    assert result.exit_code == 0
+    judged = read_ids(out / "steps" / "judge" / "data")
+    assert len(judged) == 120 and len(set(judged)) == 120
