@@ -29,7 +29,7 @@ from batchrun.errors import OutputError
 from batchrun.facts import GRACE_S, ExitCode
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import JobSpec, load_spec, parse_spec
-from batchrun.steps import run_steps
+from batchrun.steps import JobStop, run_steps
 from batchrun.stop import Stop, StopReason
 
 if TYPE_CHECKING:
@@ -165,24 +165,14 @@ async def arun(
     resumable) before the cancellation goes on.
     """
     job = await asyncio.to_thread(_job_spec, spec, input=input, output=output)
-    options = _options(progress=progress, fresh=fresh, retry_failed=retry_failed, echo=echo)
-    stops = [Stop(grace_s=GRACE_S, echo=echo)]
-    cancelled = False
-
-    def new_stop() -> Stop:  # each step of a job of several has its own
-        stops.append(Stop(grace_s=GRACE_S, echo=echo))
-        if cancelled:
-            stops[-1].request(StopReason.SIGNAL, "cancelled")
-        return stops[-1]
-
-    work = (run_steps(job, options, new_stop=new_stop) if job.steps
-            else run_job(job, dataclasses.replace(options, stop=stops[0])))
-    task = asyncio.ensure_future(work)
+    stop = _job_stop(job, grace_s=GRACE_S, echo=echo)
+    options = dataclasses.replace(_options(progress=progress, fresh=fresh, retry_failed=retry_failed, echo=echo),
+                                  stop=stop)
+    task = asyncio.ensure_future(run_steps(job, options) if job.steps else run_job(job, options))
     try:
         outcome = await asyncio.shield(task)
     except asyncio.CancelledError:
-        cancelled = True
-        _interrupt(stops[-1], echo, again=False)
+        _interrupt(stop, echo, again=False)
         await asyncio.wait({task})  # the release and the summary run to their end
         raise
     return Result(outcome.summary.get("output") or job.output.path, outcome.summary)
@@ -220,6 +210,11 @@ def _options(*, progress: bool, fresh: bool, retry_failed: bool, echo: Callable[
                       handle_signals=False, echo=echo)
 
 
+def _job_stop(job: JobSpec, *, grace_s: float, echo: Callable[[str], None]) -> Stop:
+    """The stop an interrupt requests: a job of several steps passes it on to every step running."""
+    return JobStop(grace_s=grace_s, echo=echo) if job.steps else Stop(grace_s=grace_s, echo=echo)
+
+
 def _interrupt(stop: Stop, echo: Callable[[str], None], *, again: bool) -> None:
     """An interrupt, as SIGINT is on the command line: the first stops the job, another abandons what is in flight."""
     if not again and stop.request(StopReason.SIGNAL, "interrupted (KeyboardInterrupt)"):
@@ -243,7 +238,6 @@ class _JobThread(threading.Thread):
         self._result: Any = None
         self._error: BaseException | None = None
         self.finished = threading.Event()
-        self._interrupted = False
 
     def run(self) -> None:
         try:
@@ -256,35 +250,21 @@ class _JobThread(threading.Thread):
 
     async def _run_job(self) -> Any:
         self._loop = asyncio.get_running_loop()
-        self._job_stop = self._new_stop()
+        self._job_stop = _job_stop(self._job, grace_s=self._options.grace_s, echo=self._options.echo)
         self._ready.set()
-        if self._job.steps:
-            return await run_steps(self._job, self._options, new_stop=self._new_stop)
-        return await run_job(self._job, dataclasses.replace(self._options, stop=self._job_stop))
-
-    def _new_stop(self) -> Stop:
-        """A stop for the job (each step of a job of several has its own); an interrupt reaches the latest."""
-        stop = Stop(grace_s=self._options.grace_s, echo=self._options.echo)
-        if self._interrupted:  # interrupted between two steps: the next one stops at once
-            stop.request(StopReason.SIGNAL, "interrupted (KeyboardInterrupt)")
-        self._job_stop = stop
-        return stop
+        options = dataclasses.replace(self._options, stop=self._job_stop)
+        return await (run_steps(self._job, options) if self._job.steps else run_job(self._job, options))
 
     def interrupt(self, *, again: bool) -> None:
         """Stop the job from the waiting thread (the stop is changed on its own loop only)."""
         self._ready.wait()
-        self._interrupted = True
         loop, stop = self._loop, self._job_stop
         if loop is None or stop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(functools.partial(self._interrupt_latest, again=again))
+            loop.call_soon_threadsafe(functools.partial(_interrupt, stop, self._options.echo, again=again))
         except RuntimeError:  # the loop closed meanwhile: the job already ended
             pass
-
-    def _interrupt_latest(self, *, again: bool) -> None:
-        if self._job_stop is not None:
-            _interrupt(self._job_stop, self._options.echo, again=again)
 
     def outcome(self) -> Any:
         if self._error is not None:

@@ -14,8 +14,12 @@ deleted), and each step after it sees a changed input and is started over too, w
 before it are finished and send nothing. A row that a later step drops stays in the earlier step's
 output.
 
-Steps run one after another: step k+1 starts when step k has ended with every row recorded. A step
-that stops early (a signal, the budget, an outage) ends the job there, resumable (exit 3).
+Steps stream: step k+1 starts as soon as step k has opened its output, and reads step k's rows as
+they are committed (only closed, listed shards), so both endpoints work at once; it ends when step k
+has ended and every row it committed is read. Each step's endpoint is released when that step ends.
+A step that only filters waits for the steps before it to end. A step that stops early (a signal,
+the budget, an outage) ends the job there, resumable (exit 3): the steps already running finish
+what they can read, and no later step starts.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +35,16 @@ from typing import Any
 
 from batchrun import run_record
 from batchrun.errors import ConfigMismatchError
-from batchrun.facts import ID_COLUMN, ExitCode
+from batchrun.facts import GRACE_S, ID_COLUMN, ExitCode
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import JobSpec, StepSpec
-from batchrun.stop import Stop
+from batchrun.stop import Stop, StopCause, StopReason, catch_signals
 from batchrun.summary import JobOutcome
 
-__all__ = ["STEPS_FOLDER", "run_steps", "step_folder", "step_folders", "steps_of_output"]
+__all__ = ["STEPS_FOLDER", "JobStop", "run_steps", "step_folder", "step_folders", "steps_of_output"]
+
+#: How often the runner looks whether a step it started has opened its output (then the next may start).
+OPENED_POLL_S = 0.1
 
 #: Where each step's output folder lives, under the job's.
 STEPS_FOLDER = "steps"
@@ -81,66 +89,176 @@ def step_folder(root: str | Path, step: str | None = None, *, sending: bool = Fa
     return Path(root) / STEPS_FOLDER / step
 
 
-async def run_steps(spec: JobSpec, options: RunOptions | None = None,
-                    new_stop: Callable[[], Stop] | None = None) -> JobOutcome:
-    """Run (or resume) every step of ``spec`` in order; the outcome's summary says how each ended.
+class JobStop(Stop):
+    """The stop of a job of several steps: a request or an abort reaches every step running.
 
-    ``new_stop`` makes each step's :class:`Stop` (the Python API's, to reach the running step with an
-    interrupt); None: each step makes its own.
+    Steps run at once, each with its own :class:`Stop` (its own first reason); signals, the Python
+    API's interrupt and a cancellation reach this one, which passes them on.
+    """
+
+    def __init__(self, *, grace_s: float = GRACE_S, echo: Callable[[str], None] | None = None) -> None:
+        super().__init__(grace_s=grace_s, echo=echo)
+        self._steps: list[Stop] = []
+
+    def for_step(self) -> Stop:
+        """A new step's stop, requested at once if the job already is."""
+        stop = Stop(grace_s=self.grace_s)
+        if self.cause is not None:
+            stop.request(self.cause.reason, self.cause.detail)
+        self._steps.append(stop)
+        return stop
+
+    def request(self, reason: StopReason, detail: str) -> bool:
+        first = super().request(reason, detail)
+        for stop in self._steps:
+            stop.request(reason, detail)
+        return first
+
+    def abort(self) -> None:
+        super().abort()
+        for stop in self._steps:
+            if stop.requested:
+                stop.abort()
+
+
+async def run_steps(spec: JobSpec, options: RunOptions | None = None) -> JobOutcome:
+    """Run (or resume) every step of ``spec``; the outcome's summary says how each ended.
+
+    Steps stream: a step starts as soon as the one before it has opened its output, and reads its rows
+    as they are committed. ``options.stop``, when given, stops the whole job (a :class:`JobStop` passes
+    its requests on to every step; another stop is followed).
     """
     options = options or RunOptions()
     started = time.time()
     spec, _ = run_record.this_run(spec)  # a templated output.path: one folder for the run, its steps inside
     root = Path(spec.output.path)
     folders = step_folders(root, spec)
-    ended: list[dict[str, Any]] = []
-    exit_code = ExitCode.OK
-    previous: Path | None = None
-    for step in spec.steps:
-        reads = "the job's input" if previous is None else f"the rows of {previous.name}"
-        doing = "filtering" if step.job is None else f"{step.job.task} on"
-        options.echo(f"step {step.name}: {doing} {reads}")
-        job = _placed(step, folders[step.name], previous, spec)
-        if job is None:
-            summary = await asyncio.to_thread(_write_filtered, step, folders[step.name], previous, spec)
-            code = ExitCode(summary["exit_code"])
-        else:
-            outcome = await _run_step(job, options, new_stop, step.name)
-            summary, code = outcome.summary, outcome.exit_code
-        ended.append({"name": step.name, "exit_code": int(code), "outcome": summary.get("outcome"),
-                      "rows": summary.get("rows"), "output": str(folders[step.name])})
-        exit_code = max(exit_code, code)
-        previous = folders[step.name]
-        if code >= ExitCode.STOPPED_EARLY:  # the rest waits for this step to finish
-            break
+    job_stop = options.stop if isinstance(options.stop, JobStop) else JobStop(grace_s=options.grace_s,
+                                                                              echo=options.echo)
+    if options.stop is not None and options.stop is not job_stop:
+        def follow(cause: StopCause) -> None:
+            job_stop.request(cause.reason, cause.detail)
+
+        options.stop.on_request(follow)
+    # One place takes signals for every step running: each step's own handlers would replace one another.
+    step_options = dataclasses.replace(options, handle_signals=False)
+    with catch_signals(job_stop, echo=options.echo, enabled=options.handle_signals):
+        ended = await _run_in_order(spec, folders, step_options, job_stop)
+    exit_code = max((ExitCode(step["exit_code"]) for step in ended), default=ExitCode.OK)
     summary = _job_summary(spec, ended, exit_code, started)
     await asyncio.to_thread(_save, root, spec, summary)
     options.echo(f"job {spec.name}: " + ", ".join(f"{s['name']} {s['outcome']}" for s in ended))
     return JobOutcome(exit_code=exit_code, summary=summary)
 
 
-def _placed(step: StepSpec, folder: Path, previous: Path | None, spec: JobSpec) -> JobSpec | None:
+async def _run_in_order(spec: JobSpec, folders: dict[str, Path], options: RunOptions,
+                        job_stop: JobStop) -> list[dict[str, Any]]:
+    """Start each step once the one before has opened its output; a step that only filters waits for
+    the steps before it to end. Every step started is awaited, whatever happens to the others."""
+    running: list[tuple[StepSpec, asyncio.Task[JobOutcome]]] = []
+    ended: dict[str, dict[str, Any]] = {}
+    previous: Path | None = None
+    upstream_done: threading.Event | None = None
+    try:
+        for step in spec.steps:
+            folder = folders[step.name]
+            reads = "the job's input" if previous is None else f"the rows of {previous.name}"
+            if step.job is None:
+                await _settle(running, ended, folders)
+                if any(e["exit_code"] >= ExitCode.STOPPED_EARLY for e in ended.values()) or job_stop.requested:
+                    break  # the steps before did not finish: their rows are not all there to filter
+                options.echo(f"step {step.name}: filtering {reads}")
+                summary = await asyncio.to_thread(_write_filtered, step, folder, previous, spec)
+                ended[step.name] = _ended(step.name, folder, ExitCode(summary["exit_code"]), summary)
+            else:
+                options.echo(f"step {step.name}: {step.job.task} on {reads}")
+                done = threading.Event()
+                job = _placed(step, folder, previous, spec, upstream_done)
+                runs_before = await asyncio.to_thread(_runs_of, folder)
+                task = asyncio.create_task(_run_step(job, options, job_stop, step.name, done))
+                running.append((step, task))
+                await _opened(folder, runs_before, task)
+                if task.done() and (task.exception() is not None or task.result().exit_code >= ExitCode.STOPPED_EARLY):
+                    break
+                upstream_done = done
+            previous = folder
+    finally:
+        await _settle(running, ended, folders)
+    return [ended[step.name] for step in spec.steps if step.name in ended]
+
+
+async def _settle(running: list[tuple[StepSpec, asyncio.Task[JobOutcome]]], ended: dict[str, dict[str, Any]],
+                  folders: dict[str, Path]) -> None:
+    """Wait for every step started; the first that raised (nothing ran: exit 2) raises once all have ended."""
+    await asyncio.gather(*(task for _, task in running), return_exceptions=True)
+    for step, task in running:
+        if step.name in ended:
+            continue
+        if task.cancelled():
+            raise asyncio.CancelledError
+        error = task.exception()
+        if error is not None:
+            raise error
+        outcome = task.result()
+        ended[step.name] = _ended(step.name, folders[step.name], outcome.exit_code, outcome.summary)
+
+
+def _ended(name: str, folder: Path, code: ExitCode, summary: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "exit_code": int(code), "outcome": summary.get("outcome"), "rows": summary.get("rows"),
+            "output": str(folder)}
+
+
+def _runs_of(folder: Path) -> tuple[int, int]:
+    """Which manifest the step's folder holds (a fresh start sets the old folder aside) and how many runs
+    opened it: when either changes, a run has opened the output."""
+    import os
+
+    from batchrun.output import OutputStore
+    from batchrun.output.manifest import read_manifest
+
+    store = OutputStore(folder)
+    try:
+        inode = os.stat(store.manifest_path).st_ino
+    except OSError:
+        return (0, 0)
+    return (inode, read_manifest(store.manifest_path).runs)
+
+
+async def _opened(folder: Path, runs_before: tuple[int, int], task: asyncio.Task[JobOutcome]) -> None:
+    """Until the step's run has opened its output (its job.json is this run's) or has ended."""
+    while not task.done():
+        if await asyncio.to_thread(_runs_of, folder) != runs_before:
+            return
+        await asyncio.wait({task}, timeout=OPENED_POLL_S)
+
+
+def _placed(step: StepSpec, folder: Path, previous: Path | None, spec: JobSpec,
+            upstream_done: threading.Event | None) -> JobSpec:
     """The step's job with this run's folders: its output, and (after the first) the folder it reads."""
-    if step.job is None:
-        return None
+    assert step.job is not None
     job = dataclasses.replace(step.job, output=dataclasses.replace(step.job.output, path=str(folder)))
     if previous is not None:
-        job = dataclasses.replace(job, input=dataclasses.replace(job.input, path=str(previous)))
+        job = dataclasses.replace(job, input=dataclasses.replace(job.input, path=str(previous),
+                                                                 upstream_done=upstream_done))
     elif spec.input.kind == "memory":  # rows from Python reach the first step
         job = dataclasses.replace(job, input=spec.input)
     return job
 
 
-async def _run_step(job: JobSpec, options: RunOptions, new_stop: Callable[[], Stop] | None, name: str) -> JobOutcome:
-    stop = new_stop() if new_stop is not None else None
+async def _run_step(job: JobSpec, options: RunOptions, job_stop: JobStop, name: str,
+                    done: threading.Event) -> JobOutcome:
+    """Run one step; ``done`` is set when it ends, however it ends (the step after it stops reading then)."""
     try:
-        return await run_job(job, dataclasses.replace(options, stop=stop))
-    except ConfigMismatchError as exc:
-        # This step (or one before it) changed: its output no longer matches; start it over.
-        options.echo(f"step {name}: its settings or its input changed ({exc}); starting it over, the old output "
-                     "set aside")
-        stop = new_stop() if new_stop is not None else None
-        return await run_job(job, dataclasses.replace(options, stop=stop, fresh=True, retry_failed=False))
+        try:
+            return await run_job(job, dataclasses.replace(options, stop=job_stop.for_step()))
+        except ConfigMismatchError as exc:
+            # This step (or one before it) changed: its output no longer matches; start it over.
+            options.echo(f"step {name}: its settings or its input changed ({exc}); starting it over, the old "
+                         "output set aside")
+            return await run_job(job, dataclasses.replace(options, stop=job_stop.for_step(), fresh=True,
+                                                          retry_failed=False))
+    finally:
+        done.set()
 
 
 # --------------------------------------------------------------------------- a step that only filters
@@ -162,7 +280,7 @@ def _write_filtered(step: StepSpec, folder: Path, previous: Path | None, spec: J
     assert previous is not None
     id_column = spec.input.id_column or ID_COLUMN
     source = StepSource(InputSpec(kind="step", path=str(previous), id_column=id_column, step_filter=step.filter))
-    fingerprint = source.fingerprint()
+    fingerprint = source.content_fingerprint()
     store = OutputStore(folder)
     stored = store.load_job() if store.exists() else None
     summary = store.load_summary() if stored is not None else None

@@ -143,7 +143,7 @@ def test_editing_the_judge_prompt_reruns_the_judge_and_what_follows_never_the_ge
 def test_killed_in_step_two_the_rerun_repeats_no_request_of_step_one(tmp_path):
     input_path = write_topics(tmp_path / "in" / "t.parquet", 60)
     out = tmp_path / "out" / "gj"
-    with _two_endpoints(latency_base_s=0.05) as emu:
+    with emulator(running_endpoint("gen"), running_endpoint("judge", latency_base_s=0.1)) as emu:
         spec = three_steps(emu, out)
         spec["input"] = {"parquet": str(input_path), "id_column": "id"}
         spec["concurrency"] = {"max": 2, "initial": 2}
@@ -152,23 +152,49 @@ def test_killed_in_step_two_the_rerun_repeats_no_request_of_step_one(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(path), "--progress", "off"], cwd=REPO,
                                 env={**os.environ, "HF_TOKEN": TOKEN}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
-        wait_until(lambda: committed_rows(out / "steps" / "judge") >= 10, timeout=120, proc=proc,
-                   what="step 2 committing rows")
+        generate = out / "steps" / "generate"
+        wait_until(lambda: (generate / "state" / "summary.json").exists()
+                   and committed_rows(out / "steps" / "judge") >= 10, timeout=120, proc=proc,
+                   what="step 1 ended and step 2 committing rows")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        generated = data_requests(emu, "gen")
-        assert generated == 120
+        assert data_requests(emu, "gen") == 120
         judged_before = data_requests(emu, "judge")
         committed = committed_rows(out / "steps" / "judge")
         assert 10 <= committed < 120
         result = cli("run", str(path), "--progress", "off", env={"HF_TOKEN": TOKEN})
         assert result.returncode == 0, result.stderr
-        assert data_requests(emu, "gen") == generated  # no paid request of step 1 again
+        assert data_requests(emu, "gen") == 120  # no paid request of step 1 again
         # Step 2 resumes: only its rows not committed at the kill are asked again.
         assert data_requests(emu, "judge") == judged_before + (120 - committed)
     assert len(read_ids(out / "steps" / "generate" / "data")) == 120
     judged = read_ids(out / "steps" / "judge" / "data")
     assert len(judged) == 120 and len(set(judged)) == 120  # every (id, sample) once
+
+
+def test_steps_stream_the_judge_works_while_the_generation_still_runs(tmp_path, token):
+    import threading
+    import time
+
+    out = tmp_path / "out" / "gj"
+    seen: list[tuple[int, int]] = []
+    with emulator(running_endpoint("gen", latency_base_s=0.05), running_endpoint("judge")) as emu:
+        finished = threading.Event()
+
+        def watch() -> None:
+            while not finished.is_set():
+                seen.append((data_requests(emu, "gen"), data_requests(emu, "judge")))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        spec = three_steps(emu, out, concurrency={"max": 2, "initial": 2})
+        result = _quiet(spec, _rows(40))
+        finished.set()
+        watcher.join()
+    assert result.exit_code == 0
+    assert any(judged > 0 and generated < 80 for generated, judged in seen)  # both endpoints at work at once
+    assert len(read_ids(out / "steps" / "judge" / "data")) == 80
 
 
 def test_status_reads_each_step(tmp_path, token):

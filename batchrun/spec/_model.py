@@ -126,8 +126,11 @@ class InputSpec:
         "input columns copied to the output (default: all)", None)
     allow_empty: bool = key(_FLAG, "an input with no rows is normal (exit 0), not a mistake (exit 2)", False)
     memory: Any = field(default=None, compare=False, repr=False)  # kind memory: a pyarrow Table
-    # Kind step: ``path`` is the previous step's output folder, and this its ``filter`` (not spec keys).
+    # Kind step: ``path`` is the previous step's output folder, and this its ``filter`` (not spec keys);
+    # ``upstream_done`` (a threading.Event) is set when the previous step, running meanwhile, has ended:
+    # until then its new shards are read as they are published. None: it has ended already.
     step_filter: str | None = None
+    upstream_done: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
