@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun import run_record
-from batchrun.errors import ConfigMismatchError
+from batchrun.errors import BatchrunError, ConfigMismatchError
 from batchrun.facts import GRACE_S, ID_COLUMN, ExitCode
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import JobSpec, StepSpec
@@ -257,6 +257,9 @@ async def _run_step(job: JobSpec, options: RunOptions, job_stop: JobStop, name: 
                          "output set aside")
             return await run_job(job, dataclasses.replace(options, stop=job_stop.for_step(), fresh=True,
                                                           retry_failed=False))
+    except BatchrunError as exc:  # nothing of this step ran (exit 2): said now, raised once every step has ended
+        options.echo(f"step {name}: error: {exc}; the steps before it finish, then the job ends with this error")
+        raise
     finally:
         done.set()
 

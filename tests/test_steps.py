@@ -315,3 +315,15 @@ def test_an_interrupt_in_step_two_pauses_its_endpoint_and_the_rerun_finishes_it(
     assert result.exit_code == 0
     judged = read_ids(out / "steps" / "judge" / "data")
     assert len(judged) == 120 and len(set(judged)) == 120
+
+
+def test_a_later_step_naming_a_column_that_does_not_exist_is_said_and_nothing_of_it_runs(tmp_path, token):
+    out = tmp_path / "out" / "gj"
+    lines: list[str] = []
+    with _two_endpoints() as emu:
+        spec = three_steps(emu, out, judge_prompt="Grade: {answer}")
+        with pytest.raises(SpecError, match="answer"):
+            _quiet(spec, _rows(5), lines)
+        assert data_requests(emu, "judge") == 0
+        assert data_requests(emu, "gen") == 10  # the step before finished: a fixed rerun reuses it
+    assert any(line.startswith("step judge: error:") for line in lines)
