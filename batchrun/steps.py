@@ -61,8 +61,11 @@ def steps_of_output(root: str | Path) -> list[dict[str, Any]] | None:
     from batchrun.output import OutputStore
 
     store = OutputStore(root)
-    job = store.load_job() if Path(root).is_dir() and store.exists() else None
-    steps = (job or {}).get("steps")
+    try:
+        job = store.load_job() if Path(root).is_dir() and store.exists() else None
+    except BatchrunError:  # an unreadable job.json: the command reading the folder says what is wrong
+        return None
+    steps = job.get("steps") if isinstance(job, dict) else None
     if not isinstance(steps, list):
         return None
     return [step if isinstance(step, dict) else {"name": str(step), "task": None} for step in steps]
