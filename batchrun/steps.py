@@ -17,7 +17,9 @@ output.
 Steps stream: step k+1 starts as soon as step k has opened its output, and reads step k's rows as
 they are committed (only closed, listed shards), so both endpoints work at once; it ends when step k
 has ended and every row it committed is read. Each step's endpoint is released when that step ends.
-A step that only filters waits for the steps before it to end. A step that stops early (a signal,
+A step that only filters waits for the steps before it to end, and so does a step on the same
+Dedicated endpoint as one still running (each step brings its endpoint up and puts it down, and
+would put it down under the other). A step that stops early (a signal,
 the budget, an outage) ends the job there, resumable (exit 3): the steps already running finish
 what they can read, and no later step starts.
 """
@@ -174,6 +176,14 @@ async def _run_in_order(spec: JobSpec, folders: dict[str, Path], options: RunOpt
                 summary = await asyncio.to_thread(_write_filtered, step, folder, previous, spec)
                 ended[step.name] = _ended(step.name, folder, ExitCode(summary["exit_code"]), summary)
             else:
+                shared = [(other, task) for other, task in running
+                          if not task.done() and _managed(other) & _managed(step)]
+                if shared:
+                    # Two steps on one Dedicated endpoint do not overlap: each brings it up and puts it
+                    # down, and one would put it down under the other.
+                    options.echo(f"step {step.name}: waits for step {shared[-1][0].name}, which uses the same "
+                                 "endpoint")
+                    await asyncio.wait({task for _, task in shared})
                 options.echo(f"step {step.name}: {step.job.task} on {reads}")
                 done = threading.Event()
                 job = _placed(step, folder, previous, spec, upstream_done)
@@ -204,6 +214,13 @@ async def _settle(running: list[tuple[StepSpec, asyncio.Task[JobOutcome]]], ende
             raise error
         outcome = task.result()
         ended[step.name] = _ended(step.name, folders[step.name], outcome.exit_code, outcome.summary)
+
+
+def _managed(step: StepSpec) -> set[tuple[str | None, str | None]]:
+    """The Dedicated endpoints a step brings up and puts down (namespace, name)."""
+    if step.job is None:
+        return set()
+    return {(e.namespace, e.name) for e in step.job.all_endpoints if e.name is not None}
 
 
 def _ended(name: str, folder: Path, code: ExitCode, summary: dict[str, Any]) -> dict[str, Any]:

@@ -327,3 +327,20 @@ def test_a_later_step_naming_a_column_that_does_not_exist_is_said_and_nothing_of
         assert data_requests(emu, "judge") == 0
         assert data_requests(emu, "gen") == 10  # the step before finished: a fixed rerun reuses it
     assert any(line.startswith("step judge: error:") for line in lines)
+
+
+def test_two_steps_on_one_dedicated_endpoint_take_turns_and_leave_it_paused(tmp_path, token):
+    out = tmp_path / "out" / "gj"
+    with emulator(running_endpoint("gen", initial_state="paused")) as emu:
+        spec = three_steps(emu, out)
+        spec["steps"][1]["endpoint"] = _endpoint(emu, "gen")
+        lines: list[str] = []
+        result = _quiet(spec, _rows(10), lines)
+        assert emu.state(NS, "gen").state == "paused"
+        pauses = [e for e in emu.control_log if e["path"].endswith("/pause")]
+        resumes = [e for e in emu.control_log if e["path"].endswith("/resume")]
+        assert len(pauses) == 2 and len(resumes) == 2
+        assert resumes[0]["t"] < pauses[0]["t"] < resumes[1]["t"] < pauses[1]["t"]  # one step after the other
+        assert data_requests(emu, "gen") == 40
+    assert result.exit_code == 0
+    assert any("step judge: waits for step generate" in line for line in lines)
