@@ -233,3 +233,28 @@ def test_run_from_a_script_file(tmp_path, token):
                               env={**__import__("os").environ, "HF_TOKEN": TOKEN})
     assert done.returncode == 0, done.stderr
     assert "ROWS 7 0" in done.stdout
+
+
+def test_cancelling_arun_stops_the_job_pauses_the_endpoint_and_the_rerun_finishes(tmp_path, token):
+    from jobkit import wait_until_async
+
+    with emulator(running_endpoint(initial_state="paused", latency_base_s=0.05)) as emu:
+        out = tmp_path / "out" / "cancel"
+        spec = _spec(emu, tmp_path, name="cancel", concurrency={"max": 4, "initial": 4},
+                     endpoint={"name": "gen", "namespace": NS, "api_url": emu.api_url, "ready_timeout": "10s"},
+                     output={"path": str(out), "shard_rows": 10})
+        rows = _rows(300)
+
+        async def cell() -> None:
+            job = asyncio.create_task(batchrun.arun(spec, input=rows, progress=False, echo=lambda _: None))
+            await wait_until_async(lambda: committed_rows(out) >= 20, limit_s=60, what="20 committed rows")
+            job.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await job
+
+        asyncio.run(cell())
+        assert emu.state(NS, "gen").state == "paused"
+        assert batchrun.Result.from_output(out).exit_code == 3
+        result = batchrun.run(spec, input=rows, progress=False, echo=lambda _: None)
+    assert result.exit_code == 0
+    assert sorted(read_ids(out / "data")) == [row["id"] for row in rows]
