@@ -1,12 +1,13 @@
 """batchrun: run big offline inference jobs against Inference Endpoints, safely.
 
 Data flows one way: spec -> source -> dispatch -> sink, with the endpoint lifecycle wrapped around
-dispatch. Most users only need the `batchrun` command; this is the surface for calling it from
-Python::
+dispatch. The `batchrun` command runs a spec file; from Python (a script or a notebook)::
 
-    import asyncio, batchrun
-    outcome = asyncio.run(batchrun.run_job(batchrun.load_spec("jobs/quickstart.yaml")))
-    print(outcome.exit_code, outcome.summary["rows"])
+    import batchrun
+    result = batchrun.run("jobs/quickstart.yaml")          # or a dict, with input=rows from memory
+    result.dataset                                         # a datasets.Dataset of the rows that succeeded
+
+``await batchrun.arun(...)`` is the same inside a running event loop.
 """
 
 from importlib import metadata as _metadata
@@ -35,11 +36,14 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 _LAZY = {
     "JobOutcome": "batchrun.summary",
     "JobSpec": "batchrun.spec",
+    "Result": "batchrun.api",
     "RunOptions": "batchrun.runner",
+    "arun": "batchrun.api",
     "load_spec": "batchrun.spec",
     "parse_spec": "batchrun.spec",
     "preflight": "batchrun.preflight",
     "read_status": "batchrun.output",
+    "run": "batchrun.api",
     "run_job": "batchrun.runner",
 }
 __getattr__ = lazy_attributes(globals(), _LAZY)
@@ -56,11 +60,14 @@ __all__ = [
     "JobStopped",
     "OutputError",
     "OutputLockedError",
+    "Result",
     "RunOptions",
     "SpecError",
+    "arun",
     "load_spec",
     "parse_spec",
     "preflight",
     "read_status",
+    "run",
     "run_job",
 ]

@@ -114,6 +114,24 @@ def _load(args: argparse.Namespace) -> JobSpec:
     return _this_run_folder(spec, args)
 
 
+def _spec_of_output(folder: Path) -> JobSpec:
+    """The spec an output folder was written with (its state/job.json): a job run from Python has no file."""
+    import dataclasses
+
+    from .errors import OutputError
+    from .output import OutputStore
+    from .spec import INPUT_KINDS, parse_spec
+
+    job = OutputStore(folder).load_job()
+    if not job or not isinstance(job.get("spec"), dict):
+        raise OutputError(f"{folder}: not a batchrun output folder (no state/job.json)")
+    raw = job["spec"]
+    given = raw.get("input")
+    in_memory = not (isinstance(given, dict) and any(kind in given for kind in INPUT_KINDS))
+    spec = parse_spec(raw, file=str(OutputStore(folder).state_dir / "job.json"), in_memory=in_memory)
+    return dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=str(folder)))
+
+
 def _this_run_folder(spec: JobSpec, args: argparse.Namespace) -> JobSpec:
     """A templated output.path ({date}, {time}, {run_id}): `--resume RUN` picks a run; `status` shows
     the latest; `run` leaves it to the runner, which gives the run a new folder."""
@@ -163,8 +181,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .preflight import preflight, unencodable_note
 
     spec = _load(args)
+    steps = spec.steps
+    if steps:  # a job of several steps: the first is checked whole; the others read rows not written yet
+        import dataclasses
+
+        from .steps import step_folders
+
+        first = steps[0].job
+        assert first is not None
+        folder = str(step_folders(spec.output.path, spec)[steps[0].name])
+        spec = dataclasses.replace(first, output=dataclasses.replace(first.output, path=folder), file=spec.file)
     pre = asyncio.run(preflight(spec, check_endpoint=args.check_endpoint))
     out = sys.stdout
+    if steps:
+        print(f"steps: {', '.join(s.name + ' (' + (s.job.task if s.job else 'filter') + ')' for s in steps)}; "
+              f"the first is checked below, the others when the rows they read are written", file=out)
     print(f"spec ok: {spec.file or args.job} (job {spec.name!r}, task {spec.task})", file=out)
     print(f"input: {pre.source.description}", file=out)
     print(f"  columns: {', '.join(f'{f.name} ({f.type})' for f in pre.source.schema)}", file=out)
@@ -225,7 +256,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         compare_with=args.compare_with,
     )
     try:
-        outcome = asyncio.run(run_job(spec, options))
+        if spec.steps:  # a job of several steps: each run as a job of its own (steps.py)
+            from .steps import run_steps
+
+            outcome = asyncio.run(run_steps(spec, options))
+        else:
+            outcome = asyncio.run(run_job(spec, options))
     except BatchrunError as exc:  # nothing ran (exit 2): a scheduled job still says so
         _notify_error(spec, exc)
         raise
@@ -266,7 +302,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     thresholds = parse_fail_if(args.fail_if) if args.fail_if else []
     if args.html and not Path(args.html).parent.is_dir():  # refused before the runs are read
         raise CompareError(f"--html {args.html}: no such folder {Path(args.html).parent}")
-    report = compare_runs(args.run_a, args.run_b)
+    run_a, run_b = (_step_folder(run, args.step, sending=True) for run in (args.run_a, args.run_b))
+    report = compare_runs(run_a, run_b)
     report.check_thresholds(thresholds)
     if args.json:
         print(json.dumps({**report.to_dict(), "verdict": report.verdict(thresholds)}, indent=2, default=str))
@@ -277,12 +314,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return ExitCode.THRESHOLD_CROSSED if report.verdict(thresholds)["crossed"] else ExitCode.OK
 
 
+def _step_folder(root: str, step: str | None, *, sending: bool = False) -> Path:
+    """A job of several steps is read through one of its steps (compare, push): ``--step``, or its last
+    (``sending``: its last that sends requests)."""
+    from .errors import OutputError
+    from .steps import step_folder
+
+    try:
+        return step_folder(root, step, sending=sending)
+    except ValueError as exc:
+        raise OutputError(str(exc)) from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from .cost import Spent
     from .output import OutputStore, read_lock, read_status
-    spec = _load(args)
+
+    spec = _spec_of_output(Path(args.job)) if Path(args.job).is_dir() else _load(args)
     # An object store is counted from its commit records, without reading a part.
     root: str | Path = spec.output.path if "://" in spec.output.path else Path(spec.output.path)
+    if spec.steps:
+        return _print_steps_status(spec, Path(root))
     shown = root
     if OutputStore.shard_names(root):  # a split job: the union of its shards
         from .shards import print_union
@@ -312,6 +364,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         s = status.last_summary
         print(f"  last run: {s.get('outcome')} at {s.get('started_at')} (exit {s.get('exit_code')})")
     _print_mismatch(spec, status.job)
+    return 0
+
+
+def _print_steps_status(spec: JobSpec, root: Path) -> int:
+    """A job of several steps: each step's rows, from its own folder, in order."""
+    from .output import OutputStore, read_status
+    from .steps import step_folders
+
+    print(f"output: {root} ({len(spec.steps)} steps)")
+    for step in spec.steps:
+        folder = step_folders(root, spec)[step.name]
+        what = f"filter {step.filter}" if step.job is None else (step.job.task + (f", filter {step.filter}"
+                                                                                 if step.filter else ""))
+        if not OutputStore(folder).exists():
+            print(f"  step {step.name} ({what}): not run yet")
+            continue
+        status = read_status(folder)
+        print(f"  step {step.name} ({what}): {status.ok} ok, {status.failed} failed, "
+              f"{status.failed_retryable} retryable; {folder}")
+    last = OutputStore(root).load_summary() if OutputStore(root).exists() else None
+    if last:
+        print(f"  last run: {last.get('outcome')} at {last.get('started_at')} (exit {last.get('exit_code')})")
     return 0
 
 
@@ -383,8 +457,19 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .errors import OutputError
     from .output import OutputStore
     from .publish import PublishError, Target, push_output
+    from .steps import steps_of_output
 
-    root = Path(args.output)
+    if args.all_steps:  # a job of several steps: each step its own config, named after it
+        steps = steps_of_output(args.output)
+        if steps is None:
+            raise OutputError(f"{args.output} is not the output of a job of several steps: --all-steps does not apply")
+        for step in steps:
+            code = cmd_push(argparse.Namespace(**{**vars(args), "all_steps": False, "step": step["name"],
+                                                  "config": step["name"]}))
+            if code:
+                return code
+        return 0
+    root = _step_folder(args.output, args.step)
     job = OutputStore.job_of(root) if root.is_dir() else None  # a split job: its shards' one spec
     if job is None:
         raise OutputError(f"{root} is not a batchrun output folder (no state/job.json)")
@@ -588,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="done / failed / remaining rows, from the output folder alone")
-    p.add_argument("job", help="job spec file (YAML)")
+    p.add_argument("job", help="job spec file (YAML), or the output folder itself")
     p.add_argument("--output", metavar="DIR", help="output folder (overrides output.path)")
     p.set_defaults(func=cmd_status)
 
@@ -629,6 +714,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="NAME", default=None,
                    help="the config to push as (default: 'default'); one repo may hold several jobs as configs")
     p.add_argument("--split", metavar="NAME", default=None, help="the split name (default: train)")
+    p.add_argument("--step", metavar="NAME", default=None,
+                   help="a job of several steps: the step pushed (default: its last)")
+    p.add_argument("--all-steps", action="store_true",
+                   help="a job of several steps: push every step, each as the config named after it")
     p.add_argument("--include-failed", action="store_true",
                    help="also push the failed rows, as a config of their own ('failed', or CONFIG-failed)")
     p.add_argument("--endpoint", metavar="URL", default=None,
@@ -655,6 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_a", metavar="RUN_A", help="the earlier run's output folder")
     p.add_argument("run_b", metavar="RUN_B", help="the later run's output folder")
+    p.add_argument("--step", metavar="NAME", default=None,
+                   help="a job of several steps: the step compared (default: its last that sends requests)")
     p.add_argument("--html", metavar="FILE", default=None, help="also write a self-contained HTML report")
     p.add_argument("--fail-if", metavar="THRESHOLDS", default=None,
                    help="comma-separated METRIC>VALUE / METRIC<VALUE; exit 4 when one is crossed")

@@ -88,10 +88,17 @@ def load_run(folder: str | Path) -> RunData:
                            "(expected a JSON object of objects); restore it from a copy")
     summary = union_summary(summaries)
     id_column = _id_column(job.get("spec") or {})
+    # A step of a job of several (OUTPUT/steps/<step>): its verdict's numbers are named as the next step
+    # reads them, so a judge's {score, reason} is compared as score_judge.
+    step = root.name if root.parent.name == "steps" else None
     results: dict[Any, dict[str, Any]] = {}
     for table in read_shards(root, "data"):
         for row in table.to_pylist():
-            results[_key(row, id_column)] = {k: v for k, v in row.items() if not isinstance(v, (bytes, dict))}
+            values = {k: v for k, v in row.items() if not isinstance(v, (bytes, dict))}
+            if step is not None and isinstance(row.get("parsed"), dict):
+                values.update({f"{name}_{step}": value for name, value in row["parsed"].items()
+                               if isinstance(value, (int, float)) and not isinstance(value, bool)})
+            results[_key(row, id_column)] = values
     failures: dict[Any, str] = {}
     for table in read_shards(root, "failed", columns=[id_column, "sample", "error_type"]):
         for row in table.to_pylist():

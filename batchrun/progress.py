@@ -1,5 +1,6 @@
 """What a person (or a cron log) sees while a job runs, and the summary at its end.
 
+From Python (``mode="notebook"``): tqdm's auto bar, a widget in Jupyter and text elsewhere.
 On a terminal: a tqdm bar with rows/s, output tokens/s, in flight, the concurrency limit, retries,
 failures, cost and ETA. Elsewhere: one summary line every ``interval_s`` seconds, because a bar
 redrawn with carriage returns makes an unreadable log file.
@@ -112,6 +113,10 @@ class ProgressReporter:
         """Open the bar, or (for lines) say that the job started, so a short job still leaves a trace."""
         if self.mode == "bar":
             self._bar = tqdm(total=self._total, unit="row", file=self._stream, dynamic_ncols=True, smoothing=0.1)
+        elif self.mode == "notebook":
+            from tqdm.auto import tqdm as auto_tqdm  # a widget in Jupyter, the text bar elsewhere
+
+            self._bar = auto_tqdm(total=self._total, unit="row", smoothing=0.1)
         elif self.mode == "lines":
             total = f" on {self._total} rows" if self._total is not None else ""
             self._print(f"progress: started{total}; a line every {format_duration(self._interval_s)}")
@@ -120,7 +125,7 @@ class ProgressReporter:
         """Refresh until cancelled: the bar twice a second, a line every ``interval_s``."""
         if self.mode == "off":
             return
-        period = 0.5 if self.mode == "bar" else self._interval_s
+        period = 0.5 if self.mode in ("bar", "notebook") else self._interval_s
         while True:
             await asyncio.sleep(period)
             self.refresh()

@@ -64,7 +64,7 @@ class RunOptions:
 
     fresh: bool = False
     retry_failed: bool = False  # final failures of earlier runs are pending again (their records superseded)
-    progress: str = "auto"  # auto | bar | lines | off
+    progress: str = "auto"  # auto | bar | lines | off | notebook (tqdm.auto: the Python API)
     summary_interval_s: float = 30.0
     grace_s: float = GRACE_S
     commit_interval_s: float = 10.0
@@ -75,6 +75,8 @@ class RunOptions:
     compare_with: str | None = None  # a previous run's folder: the notification carries the verdict
     #: What every request of the job goes through (transport.py); None: the real one. Tests pass a MockTransport.
     transport: Transport | None = None
+    #: The job's stop, when its caller holds it: the Python API requests it on a KeyboardInterrupt. None: a new one.
+    stop: Stop | None = None
 
 
 async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcome:
@@ -86,7 +88,7 @@ async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcom
 
 async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     started = _Started()
-    stop = Stop(grace_s=options.grace_s, echo=options.echo)
+    stop = options.stop if options.stop is not None else Stop(grace_s=options.grace_s, echo=options.echo)
     spec, run_id = run_record.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,

@@ -1,4 +1,5 @@
-"""Input rows, streamed: Parquet (a file, a folder or a glob), JSONL, or a ``datasets`` dataset.
+"""Input rows, streamed: Parquet (a file, a folder or a glob), JSONL, a ``datasets`` dataset, or rows
+given in Python (a Dataset, a DataFrame or a list of dicts: ``_memory``).
 
 Every source reads in batches, so memory stays flat however large the input is, and gives rows in
 one deterministic order. ``Row.position`` is the row's 0-based index in that order and is what
@@ -46,8 +47,10 @@ from batchrun.sources._datasets import SavedDatasetSource, StreamedDatasetSource
 from batchrun.sources._files import FULL_DIGEST_MAX_BYTES, SAMPLE_DIGEST_BYTES
 from batchrun.sources._jsonl import JsonlSource
 from batchrun.sources._jsonl_types import JSONL_NESTED_SAMPLE
+from batchrun.sources._memory import MEMORY_INPUTS, MemorySource, as_arrow_table
 from batchrun.sources._openai_batch import OPENAI_BATCH_SCHEMA, OpenAIBatchSource
 from batchrun.sources._parquet import PARQUET_BUFFER_SIZE, ParquetSource
+from batchrun.sources._step import StepSource, committed_rows
 from batchrun.spec import InputSpec
 
 __all__ = [
@@ -56,16 +59,21 @@ __all__ = [
     "ID_SCAN_BATCH",
     "JSONL_NESTED_SAMPLE",
     "MAX_DUPLICATES_REPORTED",
+    "MEMORY_INPUTS",
     "OPENAI_BATCH_SCHEMA",
     "PARQUET_BUFFER_SIZE",
     "SAMPLE_DIGEST_BYTES",
     "DoneMask",
     "JsonlSource",
+    "MemorySource",
     "OpenAIBatchSource",
     "ParquetSource",
     "SavedDatasetSource",
     "Source",
+    "StepSource",
     "StreamedDatasetSource",
+    "as_arrow_table",
+    "committed_rows",
     "open_source",
 ]
 
@@ -87,6 +95,10 @@ def open_source(spec: InputSpec) -> Source:
         assert spec.dataset is not None
         saved = _saved_dataset_folder(spec.dataset)
         source = SavedDatasetSource(spec, saved) if saved else StreamedDatasetSource(spec)
+    elif spec.kind == "memory":
+        source = MemorySource(spec)
+    elif spec.kind == "step":
+        source = StepSource(spec)
     else:  # pragma: no cover - the spec parser only produces the three kinds above
         raise InputError(f"unknown input kind {spec.kind!r}")
     _check_columns(spec, source)

@@ -38,6 +38,7 @@ from batchrun.spec._model import (
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SHARD_BYTES,
     IMAGE_FORMATS,
+    INPUT_KINDS,
     ON_FINISH,
     OPENAI_BATCH_ID,
     OPENAI_BATCH_TASK,
@@ -55,6 +56,7 @@ from batchrun.spec._model import (
     PushSpec,
     RetrySpec,
     ScaleSpec,
+    StepSpec,
     answer_cap,
 )
 from batchrun.spec._parse import load_spec, parse_spec
@@ -71,6 +73,7 @@ __all__ = [
     "DEFAULT_REQUEST_TIMEOUT",
     "DEFAULT_SHARD_BYTES",
     "IMAGE_FORMATS",
+    "INPUT_KINDS",
     "MAX_ALIAS_EXPANSION",
     "ON_FINISH",
     "OPENAI_BATCH_ID",
@@ -90,6 +93,7 @@ __all__ = [
     "PushSpec",
     "RetrySpec",
     "ScaleSpec",
+    "StepSpec",
     "answer_cap",
     "json_schema",
     "load_spec",

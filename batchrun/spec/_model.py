@@ -45,6 +45,10 @@ MAX_SAMPLES = 10_000
 
 # The sections parsed by their own modules (scoring.py, notify.py), as JSON Schema.
 _COLUMN = {"type": "string", "minLength": 1}
+_STEPS_JSON = {"type": "array", "minItems": 1, "items": {
+    "type": "object", "required": ["name"],
+    "properties": {"name": {"type": "string", "minLength": 1}, "filter": {"type": "string", "minLength": 1}},
+}}
 _SCORE_JSON = {"type": "array", "items": {
     "type": "object",
     "properties": {
@@ -105,6 +109,9 @@ class InputSpec:
     ``path`` is the Parquet/JSONL file, folder or glob (unset for a dataset, which uses
     ``dataset``). ``keep_columns`` of ``None`` keeps every input column in the output.
     ``allow_empty``: an input with no rows is a normal night for this job (exit 0), not a mistake (exit 2).
+
+    ``kind`` is ``memory`` for rows handed over from Python (``batchrun.run(spec, input=...)``): then
+    ``memory`` holds them as an Arrow table. It is not a spec key: a YAML file cannot name it.
     """
 
     kind: str
@@ -118,6 +125,12 @@ class InputSpec:
         Shape("custom", json={"type": "array", "items": {"type": "string", "minLength": 1}}),
         "input columns copied to the output (default: all)", None)
     allow_empty: bool = key(_FLAG, "an input with no rows is normal (exit 0), not a mistake (exit 2)", False)
+    memory: Any = field(default=None, compare=False, repr=False)  # kind memory: a pyarrow Table
+    # Kind step: ``path`` is the previous step's output folder, and this its ``filter`` (not spec keys);
+    # ``upstream_done`` (a threading.Event) is set when the previous step, running meanwhile, has ended:
+    # until then its new shards are read as they are published. None: it has ended already.
+    step_filter: str | None = None
+    upstream_done: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -409,6 +422,10 @@ class JobSpec:
     # How many shards the job is split into, for ``--shard auto`` under a scheduler that does not say it
     # (a Kubernetes Indexed Job); ``--shard-count`` overrides it. None: the scheduler says, or --shard I/N.
     shards: int | None = key(_COUNT, "how many shards the job is split into, for --shard auto", None)
+    # A job of several steps: each a job of its own (its name, task, prompt, endpoint...; job-level keys apply
+    # unless it sets its own) reading the rows the step before it wrote, with a ``filter`` of those rows.
+    steps: tuple[StepSpec, ...] = key(Shape("custom", json=_STEPS_JSON),
+                                      "steps run in order, each reading the rows of the one before", ())
     # Which shard of the job this run is (``--shard I/N``, shards.py); None: the whole job. Not a spec key.
     shard: Any = None
     file: str | None = None
@@ -501,3 +518,18 @@ def _template_fields(template: str) -> tuple[str, ...]:
             names.append(name)
     return tuple(names)
 
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepSpec:
+    """One step of a job of several (``steps:``): its own job, writing ``OUTPUT/steps/<name>/``.
+
+    ``job`` is the step as a job of its own. The first step reads the job's input; each later one
+    reads the rows the step before it wrote (``job.input.kind`` is ``step``), those that pass
+    ``filter`` (a condition over columns, or ``module:function``; see :mod:`batchrun.spec._filter`).
+    A step with ``filter`` and no task sends nothing: it writes the rows that pass.
+    """
+
+    name: str
+    job: JobSpec | None  # None: a step that only filters
+    filter: str | None = None

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from batchrun.errors import SpecError
+from batchrun.facts import ID_COLUMN
 from batchrun.notify import parse_notify_spec
 from batchrun.scoring import parse_score_spec
 from batchrun.spec._model import (
@@ -44,6 +45,7 @@ from batchrun.spec._model import (
     PushSpec,
     RetrySpec,
     ScaleSpec,
+    StepSpec,
     _template_fields,
 )
 from batchrun.spec._shape import INVALID, Shape, declared, default_of, spec_keys
@@ -55,11 +57,11 @@ from batchrun.task_kinds import TASK_KINDS, TaskKind
 # Loading
 
 
-def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpec:
+def load_spec(path: str | Path, *, output_override: str | None = None, in_memory: bool = False) -> JobSpec:
     """Read and validate the YAML job spec at ``path``.
 
     ``output_override`` (the CLI's ``--output DIR``) replaces ``output.path``. The job's name
-    defaults to the file's stem.
+    defaults to the file's stem. ``in_memory``: see :func:`parse_spec`.
     """
     file = str(path)
     try:
@@ -76,7 +78,7 @@ def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpe
         raise _yaml_error(file, exc) from None
     if data is None:
         raise SpecError(file, "(top level)", "the file is empty; expected a mapping of job keys")
-    spec = parse_spec(data, file=file, default_name=Path(path).stem)
+    spec = parse_spec(data, file=file, default_name=Path(path).stem, in_memory=in_memory)
     if output_override is not None:
         problem = _output_path_problem(str(output_override))
         if problem is not None:
@@ -85,9 +87,14 @@ def load_spec(path: str | Path, *, output_override: str | None = None) -> JobSpe
     return spec
 
 
-def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job") -> JobSpec:
-    """Validate a loaded spec mapping and build the :class:`JobSpec`. ``file`` only labels errors."""
-    return _Parser(file).job(data, default_name)
+def parse_spec(data: Any, *, file: str | None = None, default_name: str = "job", in_memory: bool = False) -> JobSpec:
+    """Validate a loaded spec mapping and build the :class:`JobSpec`. ``file`` only labels errors.
+
+    ``in_memory``: the rows come from Python (``batchrun.run(spec, input=...)``), so ``input`` is not
+    required, and may hold only ``id_column``, ``limit``, ``keep_columns`` and ``allow_empty``. The
+    spec's input kind is ``memory``; the caller sets :attr:`InputSpec.memory`.
+    """
+    return _Parser(file, in_memory=in_memory).job(data, default_name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,8 +199,9 @@ _NATURAL = Shape("integer", minimum=0)
 class _Parser:
     """Builds the config objects from a loaded mapping; every check reports against ``file``."""
 
-    def __init__(self, file: str | None) -> None:
+    def __init__(self, file: str | None, *, in_memory: bool = False) -> None:
         self.file = file
+        self.in_memory = in_memory
 
     def error(self, key: str, problem: str) -> SpecError:
         return SpecError(self.file, key, problem)
@@ -204,11 +212,13 @@ class _Parser:
         if not isinstance(data, Mapping):
             raise self.error("(top level)", f"expected a mapping of job keys, got {_describe(data)}")
         self.keys(data, "", _JOB_KEYS)
+        if "steps" in data:
+            return self.steps_job(data, default_name)
         batch_file = isinstance(data.get("input"), Mapping) and "openai_batch" in data["input"]
         # A job on an OpenAI batch file needs neither task nor prompt: its request lines carry both.
         no_prompt = batch_file or data.get("task") == OPENAI_BATCH_TASK  # (the latter is refused just below)
         for required in ("input", "endpoint") if no_prompt else ("task", "input", "prompt", "endpoint"):
-            if required not in data:
+            if required not in data and not (required == "input" and self.in_memory):
                 raise self.error(required, "is required")
 
         name = self.key(JobSpec, data, "name", default=default_name)
@@ -224,7 +234,7 @@ class _Parser:
         spec = JobSpec(
             name=name,
             task=task,
-            input=self.input(data["input"]),
+            input=self.input(data.get("input")),
             prompt=prompt,
             parameters=parameters,
             **self.endpoint_list(data),
@@ -272,6 +282,79 @@ class _Parser:
             if spec.budget.max_usd is not None and e.provider is None and e.price is None:
                 raise self.error(f"{where}.price", "is required with budget.max_usd: an OpenAI-compatible API does "
                                  "not say what it charges, so the budget could not count its tokens")
+
+    def steps_job(self, data: Mapping[str, Any], default_name: str) -> JobSpec:
+        """A job of several steps: each step parsed as a job of its own, job-level keys as its defaults.
+
+        The job keeps ``name``, ``input`` and ``output``; a step's keys replace the job's own (a step's
+        ``prompt`` replaces the job's whole ``prompt``). The returned spec is the last step's job under
+        the job's name, input and output, with ``steps`` set: a runner reads ``steps``.
+        """
+        from batchrun.spec._filter import compile_filter, is_function_filter
+
+        steps = data["steps"]
+        if not isinstance(steps, list) or not steps:
+            raise self.error("steps", f"expected a list of steps (each a mapping with a name), got {_describe(steps)}")
+        name = self.key(JobSpec, data, "name", default=default_name)
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise self.error("name", f"expected a plain name without path separators, got {name!r}")
+        if "input" not in data and not self.in_memory:
+            raise self.error("input", "is required")
+        output = self.output(data.get("output"), name)
+        shared = {key: value for key, value in data.items() if key not in ("steps", "name", "input", "output")}
+        parsed: list[StepSpec] = []
+        id_column: str | None = None
+        for index, step in enumerate(steps):
+            where = f"steps[{index}]"
+            if not isinstance(step, Mapping):
+                raise self.error(where, f"expected a mapping with a name, got {_describe(step)}")
+            step_name = step.get("name")
+            if not isinstance(step_name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", step_name):
+                raise self.error(f"{where}.name", f"expected a plain name (letters, digits, - _ .), got {step_name!r}")
+            where = f"steps.{step_name}"
+            if any(step_name == done.name for done in parsed):
+                raise self.error(where, "two steps have this name")
+            for key in ("input", "output", "steps"):
+                if key in step:
+                    raise self.error(f"{where}.{key}", "is the job's, not a step's: set it once, beside steps")
+            condition = step.get("filter")
+            if condition is not None:
+                if index == 0:
+                    raise self.error(f"{where}.filter", "the first step reads the job's input: filter a later step")
+                if not isinstance(condition, str) or not condition.strip():
+                    raise self.error(f"{where}.filter", f"expected a condition such as `score_judge >= 4`, or "
+                                                        f"module:function, got {_describe(condition)}")
+                if not is_function_filter(condition):  # a function is found when the step runs: validate runs no code
+                    try:
+                        compile_filter(condition)
+                    except ValueError as exc:
+                        raise self.error(f"{where}.filter", str(exc)) from None
+            if set(step) <= {"name", "filter"} and condition is not None:
+                parsed.append(StepSpec(name=step_name, job=None, filter=condition))  # it only filters
+                continue
+            body = {**shared, **{k: v for k, v in step.items() if k not in ("name", "filter")}}
+            body["name"] = f"{name}-{step_name}"
+            body["output"] = {k: v for k, v in (data.get("output") or {}).items() if k != "push_to_hub"}
+            body["output"]["path"] = f"{output.path}/steps/{step_name}"
+            first = index == 0
+            if first and "input" in data:
+                body["input"] = data["input"]
+            try:
+                job = _Parser(self.file, in_memory=self.in_memory or not first).job(body, body["name"])
+            except SpecError as exc:
+                raise self.error(f"{where}.{exc.key}", exc.problem) from None
+            if first:
+                id_column = job.input.id_column or ID_COLUMN
+            else:
+                job = replace(job, input=InputSpec(kind="step", path=f"{output.path}/steps/{parsed[-1].name}",
+                                                   id_column=id_column, step_filter=condition),
+                              raw={**job.raw, "input": {"id_column": id_column}})  # job.json says its ids
+            parsed.append(StepSpec(name=step_name, job=job, filter=condition))
+        last = next(step.job for step in reversed(parsed) if step.job is not None)
+        first_job = parsed[0].job
+        assert first_job is not None
+        return replace(last, name=name, input=first_job.input, output=output, steps=tuple(parsed), file=self.file,
+                       raw=data)
 
     def task(self, value: Any) -> TaskKind:
         names = tuple(TASK_KINDS)
@@ -387,6 +470,8 @@ class _Parser:
             raise self.error("output_schema", str(problem)) from None
 
     def input(self, data: Any) -> InputSpec:
+        if self.in_memory:
+            return self.memory_input(data)
         data = self.section(data, "input", _INPUT_KEYS)
         kind = self.exactly_one(data, "input", INPUT_KINDS)
         path = None
@@ -416,6 +501,24 @@ class _Parser:
             limit=limit,
             keep_columns=keep_columns,
             allow_empty=allow_empty,
+        )
+
+    def memory_input(self, data: Any) -> InputSpec:
+        """The input section of a job whose rows come from Python: the options only, no kind."""
+        data = self.section(data if data is not None else {}, "input", _INPUT_KEYS)
+        named = [kind for kind in INPUT_KINDS if kind in data]
+        if named:
+            raise self.error(f"input.{named[0]}", "the rows are given in Python (input=...): leave the input's "
+                                                  "kind out of the spec, or do not pass input=")
+        keep = data.get("keep_columns")
+        if keep is not None and not (isinstance(keep, list) and all(isinstance(c, str) and c for c in keep)):
+            raise self.error("input.keep_columns", f"expected a list of column names, got {_describe(keep)}")
+        return InputSpec(
+            kind="memory",
+            id_column=self.key(InputSpec, data, "id_column", prefix="input."),
+            limit=self.key(InputSpec, data, "limit", prefix="input."),
+            keep_columns=None if keep is None else tuple(keep),
+            allow_empty=self.key(InputSpec, data, "allow_empty", prefix="input."),
         )
 
     def dataset(self, data: Any) -> DatasetSpec:

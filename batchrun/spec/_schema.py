@@ -51,9 +51,16 @@ def json_schema() -> dict[str, Any]:
         "endpoint_defaults",
     )
     # A job on an OpenAI batch file takes neither task nor prompt (its request lines carry both); any other needs both.
-    schema["if"] = {"properties": {"input": {"required": ["openai_batch"]}}, "required": ["input"]}
-    schema["then"] = {"not": {"required": ["prompt"]}}
-    schema["else"] = {"required": ["task", "prompt"]}
+    one_step = {
+        "if": {"properties": {"input": {"required": ["openai_batch"]}}, "required": ["input"]},
+        "then": {"not": {"required": ["prompt"]}},
+        "else": {"required": ["task", "prompt"]},
+    }
+    # A job of several steps sets its task, prompt and endpoint per step (or once, beside steps).
+    schema["required"] = [key for key in schema["required"] if key != "endpoint"]
+    schema["if"] = {"required": ["steps"]}
+    schema["then"] = {}
+    schema["else"] = {"required": ["endpoint"], **one_step}
     return schema
 
 

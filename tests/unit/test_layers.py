@@ -38,9 +38,9 @@ LAYERS: dict[str, int] = {
     "batchrun.compare_html": 7, "batchrun.runs": 7, "batchrun.export": 7, "batchrun.preview": 7,
     "batchrun.publish": 7, "batchrun.endpoints.endpoint_shares": 7,
     # 8 the runner: only orders the steps
-    "batchrun.runner": 8,
+    "batchrun.runner": 8, "batchrun.steps": 8,
     # 9 the entry points
-    "batchrun.cli": 9, "batchrun.__main__": 9, "batchrun": 9,
+    "batchrun.cli": 9, "batchrun.__main__": 9, "batchrun": 9, "batchrun.api": 9,
 }
 EMULATOR = "batchrun.emulator"
 #: Who may start the emulator: the `local:` endpoint and `batchrun emulate`.
