@@ -3,6 +3,11 @@
 Dedicated endpoints bill per replica for as long as replicas are starting or running. The meter
 integrates the replica count over time from the moment the job asks for the endpoint (resume)
 until it releases it (pause), which slightly over-counts a cold start and never under-counts.
+
+Serverless targets (the Inference Providers router, an OpenAI-compatible API) bill per token: the same
+meter is charged each answer's tokens (:meth:`CostMeter.charge`) at the target's :class:`TokenPrice`
+(the spec's ``price``, or the router's pricing of the provider that answered). One interface covers
+both, so the budget, progress and the summary read ``usd`` whichever way it was spent.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 from batchrun.stop import Stop, StopReason
 
-__all__ = ["BudgetGuard", "CostMeter", "Spent"]
+__all__ = ["BudgetGuard", "CostMeter", "Spent", "TokenPrice"]
 
 #: The share of a budget (or a deadline) kept back at most for the stop itself (drain, commit, pause).
 MARGIN_SHARE = 0.1
@@ -24,11 +29,36 @@ MARGIN_SHARE = 0.1
 CHECK_EVERY_S = 0.25
 
 
-class CostMeter:
-    """Billable replica-seconds from acquire to release, priced per replica-hour when a price is known."""
+@dataclass(frozen=True, slots=True)
+class TokenPrice:
+    """What a serverless target charges, in USD per million prompt and completion tokens."""
 
-    def __init__(self, price_per_replica_hour: float | None, *, clock: Callable[[], float] = time.monotonic) -> None:
+    input_per_mtok: float
+    output_per_mtok: float
+
+    def usd(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """The price of one answer's tokens."""
+        return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1_000_000
+
+
+class CostMeter:
+    """Billable replica-seconds from acquire to release, priced per replica-hour when a price is known;
+    and, for a target billed per token, the tokens of every answer, priced per token.
+
+    ``token_price`` is the price the spec gives; ``provider_prices`` (the router's pricing, filled in by
+    the endpoint's check) price an answer by the provider that served it when the spec gives none.
+    """
+
+    def __init__(self, price_per_replica_hour: float | None, *, token_price: TokenPrice | None = None,
+                 per_token: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.price_per_replica_hour = price_per_replica_hour
+        self.token_price = token_price
+        self.provider_prices: dict[str, TokenPrice] = {}
+        self.per_token = per_token or token_price is not None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.unpriced_answers = 0  # answers no price was known for (their cost is not in usd)
+        self._token_usd = 0.0
         self._clock = clock
         self._started: float | None = None
         self._stopped: float | None = None
@@ -56,6 +86,38 @@ class CostMeter:
             self.set_replicas(self._replicas)
             self._stopped = self._clock()
 
+    def price_for(self, provider: str | None) -> TokenPrice | None:
+        """The price of an answer ``provider`` served: the spec's, else the router's for that provider."""
+        if self.token_price is not None:
+            return self.token_price
+        if provider is not None and provider in self.provider_prices:
+            return self.provider_prices[provider]
+        return self.provider_prices.get("") if provider is None else None
+
+    def charge(self, prompt_tokens: int | None, completion_tokens: int | None, *,
+               provider: str | None = None) -> float | None:
+        """Count one answer's tokens; its cost in USD, or None when no price (or no token count) is known."""
+        prompt, completion = prompt_tokens or 0, completion_tokens or 0
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        price = self.price_for(provider)
+        if price is None or (prompt_tokens is None and completion_tokens is None):
+            self.unpriced_answers += 1
+            return None
+        usd = price.usd(prompt, completion)
+        self._token_usd += usd
+        return usd
+
+    @property
+    def token_usd(self) -> float:
+        """What the answers' tokens cost so far."""
+        return self._token_usd
+
+    @property
+    def billed(self) -> bool:
+        """Whether anything was billed: replica time, or tokens."""
+        return bool(self.replica_seconds) or bool(self.prompt_tokens or self.completion_tokens)
+
     @property
     def running(self) -> bool:
         return self._started is not None and self._stopped is None
@@ -66,28 +128,51 @@ class CostMeter:
 
     @property
     def replica_seconds(self) -> float:
-        if self._started is None:
-            return 0.0
+        if self._started is None or (self.per_token and self.price_per_replica_hour is None):
+            return 0.0  # a target billed per token has no replicas: its meter runs only for the spending rate
         live = (self._clock() - self._since) * self._replicas if self._stopped is None else 0.0
         return self._replica_seconds + live
 
     @property
     def usd(self) -> float | None:
-        if self.price_per_replica_hour is None:
+        if self.price_per_replica_hour is None and not self.per_token:
             return None
-        return self.replica_seconds / 3600 * self.price_per_replica_hour
+        hourly = self.price_per_replica_hour
+        replica = 0.0 if hourly is None else self.replica_seconds / 3600 * hourly
+        return replica + self.token_usd
 
-    def usd_per_second(self) -> float | None:
+    def replica_usd_per_second(self) -> float | None:
+        """What the replicas cost per second now; None without a price per replica-hour."""
         if self.price_per_replica_hour is None:
             return None
         return self._replicas * self.price_per_replica_hour / 3600
 
+    def usd_per_second(self) -> float | None:
+        """The spending rate: the replicas' now, plus the tokens' over the time the target was in use."""
+        rate = self.replica_usd_per_second()
+        if not self.per_token:
+            return rate
+        elapsed = self.elapsed_s
+        token_rate = self.token_usd / elapsed if elapsed > 0 else 0.0
+        return (rate or 0.0) + token_rate
+
+    @property
+    def elapsed_s(self) -> float:
+        """How long the target has been in use by this run."""
+        if self._started is None:
+            return 0.0
+        return (self._stopped if self._stopped is not None else self._clock()) - self._started
+
     def projected_usd(self, *, done: int, remaining: int | None, elapsed_s: float) -> float | None:
-        """Spent so far plus the remaining rows at the current row rate and replica count."""
-        spent, rate = self.usd, self.usd_per_second()
-        if spent is None or rate is None or remaining is None or done <= 0 or elapsed_s <= 0:
+        """Spent so far plus the remaining rows: at the tokens' cost per row so far, and at the current row
+        rate and replica count."""
+        spent, rate = self.usd, self.replica_usd_per_second()
+        if spent is None or remaining is None or done <= 0 or elapsed_s <= 0:
             return None
-        return spent + remaining / (done / elapsed_s) * rate
+        projected = spent + remaining * self.token_usd / done
+        if rate is not None:
+            projected += remaining / (done / elapsed_s) * rate
+        return projected
 
 
 @dataclass(frozen=True, slots=True)

@@ -351,7 +351,7 @@ class Dispatcher:
             try:
                 # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
                 probe = False if route.breaker.closed else await self._admitted(route)
-                sent_at, outcome = await self._attempt(route, route.url(request), body, headers,
+                sent_at, outcome = await self._attempt(route, route.url(request), route.body(request, body), headers,
                                                        first=attempts == 0)
             except _Drained:  # the endpoint was drained while the row waited for it: another one
                 route = await self._route(route)

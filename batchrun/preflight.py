@@ -139,6 +139,9 @@ async def preflight(
         spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or POLL_INTERVAL_S,
         run_number=runs_before + 1,
     )
+    from batchrun.tasks.billed import bind_meters
+
+    bind_meters(task, {member.name: member.endpoint.meter for member in pool.members})  # cost per token, per lane
     # A job whose last run finished every row sends nothing and touches no endpoint, not even to ask
     # what it serves (a url's GET /info would wake a scaled-to-zero endpoint); the model it recorded
     # stays in its identity.

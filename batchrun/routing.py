@@ -26,6 +26,7 @@ from batchrun.errors import BatchrunError, RequestFailed, redact, register_secre
 from batchrun.limit import AdaptiveLimit
 from batchrun.retry import is_unavailable
 from batchrun.tasks import PreparedRequest, join_url
+from batchrun.tasks.base import dump_json
 from batchrun.transport import Transport, auth_headers, current_transport, new_pool_key
 
 __all__ = ["DRAIN_AFTER", "Route", "pick"]
@@ -56,6 +57,8 @@ class Route:
             raise ValueError("the data plane's headers may not set Authorization: the token comes from huggingface_hub")
         self.name = name
         self.base_url = plane.url
+        self.model = plane.model  # a serverless target's model, sent in every body
+        self.limits = plane.limits  # its limits spec, for the lane's limiter
         register_secret(plane.token)
         # The token goes only where it may (transport.token_problem): not to a host the spec did not opt in.
         auth = auth_headers(plane.url, plane.token, send_token=plane.send_token)
@@ -151,8 +154,18 @@ class Route:
     def url(self, request: PreparedRequest) -> str:
         url = self._urls.get(request.path)
         if url is None:
-            url = self._urls[request.path] = join_url(self.base_url, request.path)
+            path = request.path
+            if self.model is not None and path.startswith("/v1/"):  # a serverless base is the API's, /v1 included
+                path = path[len("/v1"):]
+            url = self._urls[request.path] = join_url(self.base_url, path)
         return url
+
+    def body(self, request: PreparedRequest, body: bytes) -> bytes:
+        """The body to send here: ``body`` (the request's payload, dumped once per row), with this route's
+        model in place of the task's where the target names one."""
+        if self.model is None or request.payload.get("model") == self.model:
+            return body
+        return dump_json({**request.payload, "model": self.model})
 
     def room(self) -> int:
         """Free slots under the limit now; a route whose breaker is not closed counts as full."""

@@ -275,6 +275,11 @@ async def _dispatch(
         reporter.close()
 
 
+def _token_sum(pre: Preflight, which: str) -> int:
+    """The tokens this run's answers counted, over every endpoint billed per token."""
+    return sum(getattr(m.endpoint.meter, which) for m in pre.pool.members)
+
+
 #: How often a billing run writes its spending to the ledger.
 LEDGER_EVERY_S = 5.0
 
@@ -295,7 +300,7 @@ async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:
     store = OutputStore.for_spec(pre.spec)
     while True:
         await asyncio.sleep(LEDGER_EVERY_S)
-        if meter.replica_seconds:
+        if meter.billed:
             with contextlib.suppress(OutputError):
                 await asyncio.to_thread(store.save_spend, _spent_so_far(pre, meter).record())
 
@@ -499,11 +504,14 @@ async def _summarize(
     endpoint = pre.pool
     meter = endpoint.meter
     cost: dict[str, Any] = {}
-    if meter.replica_seconds and any(e.url is None for e in pre.spec.all_endpoints):
+    if meter.billed:  # replica time (a Dedicated or local endpoint), or tokens (a serverless target)
         job = _spent_so_far(pre, meter)
         await asyncio.to_thread(store.save_spend, job.record())
         cost = {"replica_hours": round(meter.replica_seconds / 3600, 6), "usd": meter.usd,
                 "job_usd": job.usd if meter.usd is not None else None, "job_replica_hours": round(job.replica_hours, 6)}
+        if meter.per_token:
+            cost.update(token_usd=round(meter.token_usd, 8), prompt_tokens=_token_sum(pre, "prompt_tokens"),
+                        completion_tokens=_token_sum(pre, "completion_tokens"))
     rows = {
         "ok": tally.ok,
         "failed": tally.failed,

@@ -110,7 +110,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     cost = summary.get("cost") or {}
     if cost.get("usd") is not None:
         job = f"; {format_usd(cost['job_usd'])} over the job's runs" if cost.get("job_usd") is not None else ""
-        lines.append(f"  cost: {format_usd(cost['usd'])} ({cost['replica_hours']:.3f} replica-hours){job}")
+        if cost.get("token_usd") is not None and not cost.get("replica_hours"):  # billed per token
+            billed = f"{cost.get('prompt_tokens', 0)} prompt + {cost.get('completion_tokens', 0)} completion tokens"
+        else:
+            billed = f"{cost['replica_hours']:.3f} replica-hours"
+        lines.append(f"  cost: {format_usd(cost['usd'])} ({billed}){job}")
     lines.extend(_provenance_lines(summary))
     output = summary.get("output")
     if output:

@@ -2,6 +2,7 @@
 
     base.py            Endpoint (the interface, with the bracket up/down), DataPlane, EndpointCheck, LifecycleRecord
     url.py             UrlEndpoint: a plain url, no lifecycle
+    providers.py       ServerlessEndpoint: the Inference Providers router or an OpenAI-compatible API, per token
     dedicated.py       DedicatedEndpoint: a Dedicated Inference Endpoint through huggingface_hub
     ready.py           its ready wait: running, every target replica ready, the health route answers
     settings_ledger.py its settings: what the user had, what the job changed, what the release puts back
@@ -28,6 +29,7 @@ from batchrun.endpoints.control_plane import HfControlPlane
 from batchrun.endpoints.dedicated import DedicatedEndpoint, LifecycleSettings
 from batchrun.endpoints.local import LocalEndpoint, local_endpoint_config
 from batchrun.endpoints.pool import EndpointPool, Member
+from batchrun.endpoints.providers import ServerlessEndpoint
 from batchrun.endpoints.url import UrlEndpoint
 from batchrun.facts import POLL_INTERVAL_S
 from batchrun.stop import Stop
@@ -44,6 +46,7 @@ __all__ = [
     "LifecycleRecord",
     "LifecycleSettings",
     "LocalEndpoint",
+    "ServerlessEndpoint",
     "UrlEndpoint",
     "open_endpoint",
     "open_endpoints",
@@ -98,6 +101,11 @@ def open_endpoint(
     from batchrun.task_kinds import task_kind
 
     e = endpoint or spec.endpoint
+    if e.per_token:
+        max_tokens = spec.parameters.get("max_tokens")
+        made = ServerlessEndpoint.router if e.provider is not None else ServerlessEndpoint.api
+        return made(e, token=token, max_tokens=max_tokens if isinstance(max_tokens, int) else None,
+                    structured=spec.output_schema is not None or spec.prompt.schema_column is not None)
     if e.url is not None:
         return UrlEndpoint(e.url, token=token, send_token=e.send_token)
     kind = task_kind(spec.task)

@@ -32,12 +32,17 @@ class DataPlane:
     """Where requests go once the endpoint is ready: its base url, headers to add, and the token.
 
     The token is sent only where :func:`batchrun.transport.token_problem` allows: Hugging Face hosts
-    and loopback, another https host when ``send_token`` (the spec's ``endpoint.send_token``)."""
+    and loopback, another https host when ``send_token`` (the spec's ``endpoint.send_token``).
+
+    A serverless target (endpoints/providers.py) also names the ``model`` every request's body carries
+    (``ORG/NAME:PROVIDER``), and its ``limits`` spec, for the lane's limiter (None: none given)."""
 
     url: str
     headers: Mapping[str, str] = field(default_factory=dict)
     token: str | None = field(default=None, repr=False)
     send_token: bool = False
+    model: str | None = None
+    limits: Any = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,31 @@ class PoolMeter(CostMeter):
         self._meters = list(meters)
         priced = [m.price_per_replica_hour for m in meters if m.price_per_replica_hour is not None]
         self.price_per_replica_hour = sum(priced) if priced else None
+        self.per_token = any(m.per_token for m in meters)
+
+    def charge(self, prompt_tokens: int | None, completion_tokens: int | None, *,
+               provider: str | None = None) -> float | None:
+        """Members are charged their own answers."""
+        raise TypeError("charge the meter of the endpoint that answered, not the pool's")
+
+    @property
+    def token_usd(self) -> float:
+        return sum(m.token_usd for m in self._meters)
+
+    @property
+    def billed(self) -> bool:
+        return any(m.billed for m in self._meters)
+
+    @property
+    def elapsed_s(self) -> float:
+        return max((m.elapsed_s for m in self._meters), default=0.0)
+
+    def replica_usd_per_second(self) -> float | None:
+        rates = [m.replica_usd_per_second() for m in self._meters if m.running]
+        priced = [r for r in rates if r is not None]
+        if not priced:
+            return None if self.price_per_replica_hour is None else 0.0
+        return sum(priced)
 
     def start(self, replicas: int) -> None:
         """Members start their own meters."""
@@ -101,7 +126,7 @@ class PoolMeter(CostMeter):
         rates = [m.usd_per_second() for m in self._meters if m.running]
         priced = [r for r in rates if r is not None]
         if not priced:
-            return None if self.price_per_replica_hour is None else 0.0
+            return None if self.price_per_replica_hour is None and not self.per_token else 0.0
         return sum(priced)
 
 

@@ -245,6 +245,10 @@ def _endpoint_ref(spec: dict[str, Any]) -> str:
     endpoint = spec.get("endpoint") or {}
     if endpoint.get("name"):
         return f"{endpoint.get('namespace')}/{endpoint['name']}"
+    if endpoint.get("provider"):
+        return f"Inference Providers ({endpoint['provider']}): {endpoint.get('model')}"
+    if endpoint.get("url") and endpoint.get("model"):
+        return f"{endpoint['url']} ({endpoint['model']})"
     return str(endpoint.get("url") or "the local emulator")
 
 
@@ -253,6 +257,8 @@ def _cost(spend: dict[str, Any] | None) -> str:
         return "not recorded"
     usd, hours, runs = spend.get("usd"), spend.get("replica_hours"), spend.get("runs")
     money = f"${usd:.4f}" if isinstance(usd, (int, float)) and usd else "price not known"
+    if not hours and isinstance(usd, (int, float)) and usd:  # a serverless target: billed per token
+        return f"{money}; {runs} run(s), billed per token"
     return f"{money}; {runs} run(s), {float(hours or 0):.4f} replica-hours"
 
 

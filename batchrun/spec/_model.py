@@ -184,12 +184,22 @@ class ScaleSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PriceSpec:
+    """What a serverless target charges per token, in USD per million tokens."""
+
+    input_per_mtok: float = key(Shape("number", minimum=0.0, required=True), "USD per 1M prompt tokens")
+    output_per_mtok: float = key(Shape("number", minimum=0.0, required=True), "USD per 1M completion tokens")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EndpointSpec:
     """Which server answers the requests, and what batchrun may do to its lifecycle.
 
     Exactly one of ``url`` (any TGI or OpenAI-compatible server, left alone), ``local`` (the
-    built-in emulator; its dict goes to ``batchrun.emulator.EndpointConfig.from_dict``) and
-    ``name`` (+ ``namespace``: a Dedicated Inference Endpoint) is set. ``on_finish`` of ``None``
+    built-in emulator; its dict goes to ``batchrun.emulator.EndpointConfig.from_dict``), ``name``
+    (+ ``namespace``: a Dedicated Inference Endpoint) and ``provider`` (+ ``model``: the Inference
+    Providers router) is set. A ``url`` with a ``model`` is an OpenAI-compatible API billed per token,
+    its key read from the environment variable ``api_key_env``. ``on_finish`` of ``None``
     means "pause, unless the endpoint was already running". ``api_url`` of ``None`` means
     huggingface_hub's default control plane.
     """
@@ -219,15 +229,33 @@ class EndpointSpec:
     #: Send the HF token to this endpoint's url (and ``api_url``) although it is not a Hugging Face host
     #: (transport.token_problem); never over plain http beyond loopback.
     send_token: bool = key(_FLAG, "send the Hugging Face token to this non-Hugging Face host (https only)", False)
+    #: Serverless targets, billed per token (endpoints/providers.py).
+    provider: str | None = key(_TEXT, "an Inference Providers provider (or auto, fastest, cheapest), with model",
+                               None)
+    model: str | None = key(_TEXT, "the model sent in each request's body (with provider, or a url's API)", None)
+    router_url: str | None = key(Shape("custom", json={"type": "string", "pattern": "^(https?://.*/v1/*|local)$"}),
+                                 "the router's base URL ending in /v1, or local for the built-in emulator", None)
+    api_key_env: str | None = key(Shape("custom", json={"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}),
+                                  "the environment variable holding a url API's key", None)
+    price: PriceSpec | None = key(Shape("section", section=PriceSpec), "per-token price, USD per 1M tokens", None)
 
     @property
     def kind(self) -> str:
-        """``url``, ``local`` or ``name``: which of the three ways the endpoint was given."""
+        """``url``, ``api``, ``local``, ``name`` or ``provider``: which way the endpoint was given.
+
+        ``api`` is a url with a model: an OpenAI-compatible API billed per token."""
+        if self.provider is not None:
+            return "provider"
         if self.url is not None:
-            return "url"
+            return "api" if self.model is not None else "url"
         if self.local is not None:
             return "local"
         return "name"
+
+    @property
+    def per_token(self) -> bool:
+        """Whether it is a serverless target billed per token (the router, or a url's API)."""
+        return self.kind in ("provider", "api")
 
 
 #: The keys that manage an endpoint's lifecycle: refused for a url, and the keys ``endpoint_defaults`` takes.
@@ -402,6 +430,8 @@ class JobSpec:
 
 
 def _endpoint_identity(endpoint: EndpointSpec) -> dict[str, Any]:
+    if endpoint.per_token:  # where it is served may change; the model may not
+        return {"kind": endpoint.kind, "model": endpoint.model}
     if endpoint.url is not None:
         # A url is a location, like an input path: the same server may move to another port.
         # What it serves is not known without asking it, so only the kind of endpoint counts.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -35,6 +36,7 @@ from batchrun.spec._model import (
     InputSpec,
     JobSpec,
     OutputSpec,
+    PriceSpec,
     PromptSpec,
     PushSpec,
     RetrySpec,
@@ -112,16 +114,22 @@ _TEXT_TO_IMAGE_PARAMETERS = {
 }
 _ENDPOINT_KEYS = spec_keys(EndpointSpec)
 _SCALE_KEYS = spec_keys(ScaleSpec)
+_PRICE_KEYS = spec_keys(PriceSpec)
+# The keys of a serverless target (the router, a url's API): refused for the other kinds.
+_PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price")
 _BUDGET_KEYS = spec_keys(BudgetSpec)
 _CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
 _RETRY_KEYS = spec_keys(RetrySpec)
 _OUTPUT_KEYS = spec_keys(OutputSpec)
 
 
-def _default_label(kind: str, url: str | None, local: Any, name: str | None, index: int) -> str:
-    """How an endpoint of the list form is named when it has no ``label``: its name, host or place."""
+def _default_label(kind: str, url: str | None, local: Any, name: str | None, index: int,
+                   provider: str | None = None) -> str:
+    """How an endpoint of the list form is named when it has no ``label``: its name, provider, host or place."""
     if kind == "name" and name:
         return name
+    if kind == "provider" and provider:
+        return provider
     if kind == "url" and url:
         import yarl
 
@@ -548,7 +556,7 @@ class _Parser:
         for index, item in enumerate(data):
             where = f"endpoint[{index}]"
             item = self.section(item, where, _ENDPOINT_KEYS)
-            if defaults and "url" not in item:
+            if defaults and "url" not in item and "provider" not in item:
                 item = {**defaults, **item}
             endpoints.append(self.endpoint(item, where=where, index=index))
         endpoints = _distinct_url_labels(endpoints, given=["label" in item for item in data])
@@ -562,11 +570,17 @@ class _Parser:
     # One of the longer checks: the three ways to name an endpoint and the keys each allows are read together.
     def endpoint(self, data: Any, *, where: str = "endpoint", index: int | None = None) -> EndpointSpec:
         data = self.section(data, where, _ENDPOINT_KEYS)
-        kind = self.exactly_one(data, where, ("url", "local", "name"))
+        kind = self.exactly_one(data, where, ("url", "local", "name", "provider"))
         prefix = where + "."
         label = self.key(EndpointSpec, data, "label", prefix=prefix)
         url = local = name = namespace = None
-        if kind == "url":
+        serverless = self.serverless(data, kind, prefix)
+        if kind == "provider":
+            for key in (*LIFECYCLE_KEYS, "send_token"):
+                if key in data:
+                    raise self.error(f"{prefix}{key}", "only applies to an endpoint given by name or local; the "
+                                     "Inference Providers router has no lifecycle and always gets the HF token")
+        elif kind == "url":
             url = self.read(data, "url", _STRING, prefix=prefix)
             if not re.match(r"^https?://[^/\s]+", url):
                 raise self.error(f"{prefix}url", f"expected an http:// or https:// URL, got {_no_userinfo(url)!r}")
@@ -607,8 +621,9 @@ class _Parser:
                     f"expected the control plane's base URL ending in /v2, got {_no_userinfo(api_url)!r}",
                 )
         send_token = self.key(EndpointSpec, data, "send_token", prefix=prefix)
-        if url is not None:
-            self.token_url(url, f"{prefix}url", send_token, f"{prefix}send_token")
+        if url is not None:  # an API key is held to the rules of a token sent (https beyond loopback)
+            self.token_url(url, f"{prefix}url", send_token or bool(serverless.get("api_key_env")),
+                           f"{prefix}send_token")
         if api_url is not None:  # huggingface_hub sends the token to every control-plane call
             self.token_url(api_url, f"{prefix}api_url", send_token, f"{prefix}send_token", always=True)
         on_finish = data.get("on_finish")
@@ -628,8 +643,66 @@ class _Parser:
             idle_backstop=self.key(EndpointSpec, data, "idle_backstop", prefix=prefix),
             price_per_replica_hour=price,
             send_token=send_token,
-            label=label if label is not None or index is None else _default_label(kind, url, local, name, index),
+            label=label if label is not None or index is None else _default_label(
+                kind, url, local, name, index, serverless.get("provider")),
+            **serverless,
         )
+
+    def serverless(self, data: Mapping[str, Any], kind: str, prefix: str) -> dict[str, Any]:
+        """The keys of a serverless target, billed per token: ``provider`` + ``model`` (the router), or
+        ``url`` + ``model`` (an OpenAI-compatible API, its key in the environment variable ``api_key_env``).
+
+        The key is looked up now, so that a missing variable is found before anything runs; its value is
+        never kept in the spec."""
+        if kind not in ("url", "provider"):
+            for key in _PER_TOKEN_KEYS:
+                if key in data:
+                    raise self.error(f"{prefix}{key}", "only applies with endpoint.provider or endpoint.url")
+            return {}
+        if kind == "url" and "model" not in data:
+            for key in ("router_url", "api_key_env", "price"):
+                if key in data:
+                    raise self.error(f"{prefix}{key}", "only applies with endpoint.model (an OpenAI-compatible API "
+                                     "billed per token) or endpoint.provider")
+            return {}
+        values: dict[str, Any] = {"model": self.key(EndpointSpec, data, "model", prefix=prefix, default=_REQUIRED)}
+        if kind == "provider":
+            values["provider"] = self.key(EndpointSpec, data, "provider", prefix=prefix)
+            if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", values["provider"]):
+                raise self.error(f"{prefix}provider", f"expected a provider name (or auto), got {values['provider']!r}")
+            if ":" in values["model"] or not re.fullmatch(r"[\w.-]+/[\w.-]+", values["model"]):
+                raise self.error(f"{prefix}model", f"expected a model id ORG/NAME (the provider goes in "
+                                 f"endpoint.provider), got {values['model']!r}")
+            if "api_key_env" in data:
+                raise self.error(f"{prefix}api_key_env", "only applies with endpoint.url: the router takes the "
+                                 "Hugging Face token (HF_TOKEN, or `hf auth login`)")
+            router_url = self.read(data, "router_url", _STRING, prefix=prefix, default=None)
+            if router_url is not None and router_url != "local":
+                router_url = router_url.rstrip("/")
+                if not re.match(r"^https?://[^/\s]+", router_url) or not router_url.endswith("/v1"):
+                    raise self.error(f"{prefix}router_url", "expected the router's base URL ending in /v1, or "
+                                     f"local, got {_no_userinfo(router_url)!r}")
+                self.token_url(router_url, f"{prefix}router_url", False, f"{prefix}send_token", always=True)
+            values["router_url"] = router_url
+        else:
+            if "router_url" in data:
+                raise self.error(f"{prefix}router_url", "only applies with endpoint.provider")
+            variable = self.read(data, "api_key_env", _STRING, prefix=prefix, default=None)
+            if variable is not None:
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", variable):
+                    raise self.error(f"{prefix}api_key_env", f"expected an environment variable name, got {variable!r}")
+                if not os.environ.get(variable):
+                    raise self.error(f"{prefix}api_key_env", f"the environment variable {variable} is not set: "
+                                     "export the API key in it (the key is never written in the spec)")
+                if "send_token" in data:
+                    raise self.error(f"{prefix}send_token", "does not apply with api_key_env: the API key goes to "
+                                     "endpoint.url, and the Hugging Face token does not")
+            values["api_key_env"] = variable
+        if data.get("price") is not None:
+            price = self.section(data["price"], f"{prefix}price", _PRICE_KEYS)
+            values["price"] = PriceSpec(**{k: self.key(PriceSpec, price, k, prefix=f"{prefix}price.")
+                                           for k in _PRICE_KEYS})
+        return values
 
     def scale(self, data: Any) -> ScaleSpec | None:
         if data is None:

@@ -85,8 +85,15 @@ def make_task(spec: JobSpec) -> Task:
     spec parser, so this does not fail for a spec that :func:`~batchrun.spec.parse_spec` accepted.
     """
     module_name, class_name = task_kind(spec.task).implementation.split(":")
+    serverless = all(e.per_token for e in spec.all_endpoints)  # billed per token: OpenAI's routes and forms
+    if serverless and spec.task == "text-generation":
+        module_name, class_name = "batchrun.tasks.text", "CompletionsTask"
     task_class = getattr(importlib.import_module(module_name), class_name)
     task: Task = task_class.from_spec(spec)
+    if any(e.per_token for e in spec.all_endpoints):  # innermost hook: it sees (and bills) every answer
+        from batchrun.tasks.billed import BilledTask
+
+        task = BilledTask(task)
     seed = spec.parameters.get("seed")
     from batchrun.spec import per_row_job_seed
 
@@ -109,7 +116,8 @@ def make_task(spec: JobSpec) -> Task:
             schema=dict(spec.output_schema) if spec.output_schema is not None else None,
             per_row=spec.prompt.schema_column,
         )
-        task = StructuredTask(task, schema, job_seed=seed if isinstance(seed, int) else per_row)
+        task = StructuredTask(task, schema, job_seed=seed if isinstance(seed, int) else per_row,
+                              openai_form=serverless)
     if len(spec.all_endpoints) > 1:  # which endpoint answered each row (the dispatcher fills it in)
         from batchrun.tasks.answered_by import AnsweredByTask
 

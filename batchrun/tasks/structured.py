@@ -5,6 +5,8 @@ requests carry the row's JSON Schema the way the route takes it (docs/structured
 
     text-generation      "parameters": {"grammar": {"type": "json", "value": SCHEMA}}
     chat / vision chat   "response_format": {"type": "json_object", "value": SCHEMA}
+    serverless targets   "response_format": {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
+                         (OpenAI's form, which the Inference Providers router takes)
 
 :meth:`StructuredTask.accept` (the answer hook, :class:`~batchrun.tasks.base.AnswerHook`) turns an
 answer's ``generated_text`` into the ``parsed`` column, or asks for a
@@ -36,8 +38,10 @@ __all__ = ["StructuredTask"]
 class StructuredTask:
     """``inner`` with a JSON Schema on every request and a ``parsed`` output column."""
 
-    def __init__(self, inner: Task, schema: OutputSchema, *, job_seed: int | None = None) -> None:
+    def __init__(self, inner: Task, schema: OutputSchema, *, job_seed: int | None = None,
+                 openai_form: bool = False) -> None:
         self.inner = inner
+        self.openai_form = openai_form
         self.name = inner.name
         self.kind = task_kind(inner.name)
         if self.kind.schema_parameter is None:
@@ -54,7 +58,10 @@ class StructuredTask:
         except InvalidAnswer as problem:  # a row's own schema column holds no usable schema
             raise RequestFailed(FailureType.BAD_SCHEMA, str(problem), retryable=False) from None
         payload = dict(request.payload)
-        if self.kind.schema_parameter == "grammar":
+        if self.openai_form:
+            payload["response_format"] = {"type": "json_schema",
+                                          "json_schema": {"name": "output", "schema": schema, "strict": True}}
+        elif self.kind.schema_parameter == "grammar":
             payload["parameters"] = {**payload.get("parameters", {}), "grammar": {"type": "json", "value": schema}}
         else:
             payload["response_format"] = {"type": "json_object", "value": schema}

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from batchrun.records import Row
     from batchrun.spec import JobSpec
 
-__all__ = ["OUTPUT_SCHEMA", "ChatCompletionTask", "TextGenerationTask"]
+__all__ = ["OUTPUT_SCHEMA", "ChatCompletionTask", "CompletionsTask", "TextGenerationTask"]
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -162,13 +162,15 @@ class ChatCompletionTask:
         system: str | None,
         parameters: Mapping[str, Any],
         messages_column: str | None = None,
+        model: str | None = "tgi",
     ) -> None:
         self.template = template
         self.column = column
         self.system = system
         self.messages_column = messages_column
-        # TGI ignores the model name; "tgi" is what its docs send. A user's own "model" wins.
-        self.parameters = {"model": "tgi", **parameters}
+        # TGI ignores the model name; "tgi" is what its docs send. A user's own "model" wins. A serverless
+        # target's model is its endpoint's, which the dispatcher puts in each body (``model=None``).
+        self.parameters = {**({"model": model} if model else {}), **parameters}
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> ChatCompletionTask:
@@ -180,6 +182,7 @@ class ChatCompletionTask:
             system=prompt.system,
             parameters=spec.parameters,
             messages_column=prompt.messages_column,
+            model=None if all(e.per_token for e in spec.all_endpoints) else "tgi",
         )
 
     def prepare(self, row: Row) -> PreparedRequest:
@@ -200,3 +203,60 @@ class ChatCompletionTask:
     def describe(self, request: PreparedRequest) -> str:
         """The messages the request sends, ``role: text`` each."""
         return describe_messages(request.payload)
+
+
+#: TGI's text-generation parameters that OpenAI's completions route names otherwise.
+_COMPLETIONS_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+class CompletionsTask:
+    """text-generation on a serverless target: OpenAI's ``POST /v1/completions`` (``{"model", "prompt"}``).
+
+    The spec's TGI parameters are sent under OpenAI's names (``max_new_tokens`` as ``max_tokens``); the
+    answer is ``choices[0].text`` with ``usage``. The model is the target's (the dispatcher's route)."""
+
+    kind = task_kind("text-generation")
+    name = kind.name
+    output_schema = OUTPUT_SCHEMA
+    route = "/v1/completions"
+
+    def __init__(self, *, template: str | None, column: str | None, parameters: Mapping[str, Any]) -> None:
+        self.template = template
+        self.column = column
+        self.parameters = {_COMPLETIONS_NAMES.get(k, k): v for k, v in parameters.items()}
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> CompletionsTask:
+        """The task a validated spec describes."""
+        return cls(template=spec.prompt.template, column=spec.prompt.column, parameters=spec.parameters)
+
+    def prepare(self, row: Row) -> PreparedRequest:
+        """The request for ``row``."""
+        prompt = require_prompt(self.template, self.column, row)
+        return PreparedRequest(self.route, {**self.parameters, "prompt": prompt})
+
+    def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
+        """Output columns from a 200 ``text_completion``."""
+        doc = load_json(body)
+        error = error_object(doc)
+        if error is not None:
+            raise bad_body(f"HTTP {status} carrying an error: {error}")
+        try:
+            choice = doc["choices"][0]
+            text = choice["text"]
+        except (KeyError, IndexError, TypeError):
+            raise bad_body("the answer has no choices[0].text") from None
+        if not isinstance(text, str):
+            raise bad_body("choices[0].text is not a string")
+        usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+        finish = choice.get("finish_reason")
+        return {
+            "generated_text": text,
+            "finish_reason": finish if isinstance(finish, str) else None,
+            "prompt_tokens": optional_int(usage.get("prompt_tokens")),
+            "completion_tokens": optional_int(usage.get("completion_tokens")),
+        }
+
+    def describe(self, request: PreparedRequest) -> str:
+        """The prompt the request sends."""
+        return str(request.payload.get("prompt", ""))
