@@ -58,6 +58,7 @@ class CostMeter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.unpriced_answers = 0  # answers no price was known for (their cost is not in usd)
+        self.saved_usd = 0.0  # what answers charged below the online price (batch, flex) did not cost
         self._token_usd = 0.0
         self._clock = clock
         self._started: float | None = None
@@ -95,8 +96,10 @@ class CostMeter:
         return self.provider_prices.get("") if provider is None else None
 
     def charge(self, prompt_tokens: int | None, completion_tokens: int | None, *,
-               provider: str | None = None) -> float | None:
-        """Count one answer's tokens; its cost in USD, or None when no price (or no token count) is known."""
+               provider: str | None = None, factor: float = 1.0) -> float | None:
+        """Count one answer's tokens; its cost in USD, or None when no price (or no token count) is known.
+
+        ``factor`` is the share of the online price it is charged at (a batch answer: the discount)."""
         prompt, completion = prompt_tokens or 0, completion_tokens or 0
         self.prompt_tokens += prompt
         self.completion_tokens += completion
@@ -104,8 +107,10 @@ class CostMeter:
         if price is None or (prompt_tokens is None and completion_tokens is None):
             self.unpriced_answers += 1
             return None
-        usd = price.usd(prompt, completion)
+        online = price.usd(prompt, completion)
+        usd = online * factor
         self._token_usd += usd
+        self.saved_usd += online - usd
         return usd
 
     @property

@@ -28,6 +28,7 @@ from batchrun.spec._model import (
     OPENAI_BATCH_ID,
     OPENAI_BATCH_TASK,
     SEED_MAX,
+    BatchSpec,
     BudgetSpec,
     ConcurrencySpec,
     DatasetSpec,
@@ -116,7 +117,8 @@ _ENDPOINT_KEYS = spec_keys(EndpointSpec)
 _SCALE_KEYS = spec_keys(ScaleSpec)
 _PRICE_KEYS = spec_keys(PriceSpec)
 # The keys of a serverless target (the router, a url's API): refused for the other kinds.
-_PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price")
+_PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price", "mode", "batch")
+_BATCH_KEYS = spec_keys(BatchSpec)
 _BUDGET_KEYS = spec_keys(BudgetSpec)
 _CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
 _RETRY_KEYS = spec_keys(RetrySpec)
@@ -702,7 +704,19 @@ class _Parser:
             price = self.section(data["price"], f"{prefix}price", _PRICE_KEYS)
             values["price"] = PriceSpec(**{k: self.key(PriceSpec, price, k, prefix=f"{prefix}price.")
                                            for k in _PRICE_KEYS})
+        values.update(self.mode(data, prefix))
         return values
+
+    def mode(self, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """``mode`` and its ``batch`` section: the batch API's limits and polling (batchrun/batches/)."""
+        mode = self.key(EndpointSpec, data, "mode", prefix=prefix)
+        if data.get("batch") is None:
+            return {"mode": mode}
+        if mode != "batch":
+            raise self.error(f"{prefix}batch", "only applies with mode: batch")
+        batch = self.section(data["batch"], f"{prefix}batch", _BATCH_KEYS)
+        return {"mode": mode, "batch": BatchSpec(**{k: self.key(BatchSpec, batch, k, prefix=f"{prefix}batch.")
+                                                   for k in _BATCH_KEYS})}
 
     def scale(self, data: Any) -> ScaleSpec | None:
         if data is None:

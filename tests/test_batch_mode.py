@@ -1,0 +1,158 @@
+"""A target in ``mode: batch`` on the emulated batch API: whole jobs, kills at observed moments, expiry, and
+switching between batch and online, each ending with every input id exactly once and no batch paid twice."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jobkit import read_ids, read_rows, run, start_run, wait_until, write_spec, write_topics
+
+from batchrun.emulator import BatchConfig, EmulatorConfig, EmulatorThread, ProviderConfig, RouterConfig
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+KEY_VARIABLE = "BATCHRUN_TEST_BATCH_KEY"
+KEY = "sk-batch-test-key-not-real-0001"
+
+
+@pytest.fixture(autouse=True)
+def _api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_VARIABLE, KEY)
+
+
+def batch_emulator(*, latency_s: float = 0.0, **batch: Any) -> EmulatorThread:
+    provider = ProviderConfig(name="together", models=(LLAMA,), price_input=1.0, price_output=2.0, latency_s=latency_s)
+    return EmulatorThread(EmulatorConfig(token=KEY, endpoints=[], router=RouterConfig(
+        providers=(provider,), batch=BatchConfig(**{"completion_s": 0.3, **batch}))))
+
+
+def target(emu: EmulatorThread, *, mode: str = "batch", **batch: Any) -> dict[str, Any]:
+    endpoint: dict[str, Any] = {"url": emu.router_url, "model": LLAMA, "api_key_env": KEY_VARIABLE, "mode": mode,
+                                "price": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}}
+    if mode == "batch":
+        endpoint["batch"] = {"max_requests": 10, "poll_every": "0.05s", **batch}
+    return endpoint
+
+
+def api(emu: EmulatorThread, path: str) -> bytes:
+    """A GET to the emulated batch API, with the key."""
+    request = urllib.request.Request(emu.router_url + path, headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return bytes(answer.read())
+
+
+def batches(emu: EmulatorThread) -> list[dict[str, Any]]:
+    """Every batch the emulator holds, newest first."""
+    return list(json.loads(api(emu, "/batches?limit=100"))["data"])
+
+
+def submitted_ids(emu: EmulatorThread) -> list[list[str]]:
+    """Each batch's custom_ids, from its input file, oldest batch first."""
+    out = []
+    for batch in reversed(batches(emu)):
+        content = api(emu, f"/files/{batch['input_file_id']}/content")
+        out.append([json.loads(line)["custom_id"] for line in content.splitlines() if line.strip()])
+    return out
+
+
+def assert_every_id_once(out: Path, n: int) -> None:
+    ids = read_ids(out / "data") + read_ids(out / "failed")
+    assert sorted(ids) == [f"row-{i:05d}" for i in range(n)]
+
+
+def test_a_job_of_five_batches_completes_with_every_id_once_at_the_batch_price(tmp_path: Path) -> None:
+    with batch_emulator() as emu:
+        spec = write_spec(tmp_path, endpoint=target(emu), input_path=write_topics(tmp_path / "in.parquet", 50))
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        assert [len(ids) for ids in submitted_ids(emu)] == [10] * 5
+        billed = emu.router_stats()["batches"]
+    out = tmp_path / "out" / "job"
+    assert_every_id_once(out, 50)
+    rows = read_rows(out / "data")
+    assert {row["mode"] for row in rows} == {"batch"}
+    paid = sum(b["cost_usd"] for b in billed.values())
+    assert sum(row["cost_usd"] for row in rows) == pytest.approx(paid)
+    assert outcome.summary["cost"]["saved_usd"] == pytest.approx(paid)  # half off: saved as much as paid
+    assert outcome.summary["batches"]["submitted"] == 5
+
+
+def test_rerunning_a_finished_batch_job_submits_nothing(tmp_path: Path) -> None:
+    with batch_emulator() as emu:
+        spec = write_spec(tmp_path, endpoint=target(emu), input_path=write_topics(tmp_path / "in.parquet", 12))
+        assert run(spec)[0].exit_code == 0
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        assert len(batches(emu)) == 2
+
+
+def test_an_expired_batchs_rows_go_into_a_later_batch_and_online_near_the_deadline(tmp_path: Path) -> None:
+    # The emulator finishes a batch's requests evenly over completion_s, so each batch expires with its
+    # last third undone: later batches answer most of the rest, and the deadline's fallback the remainder.
+    with batch_emulator(expire_after_s=0.25, completion_s=0.3) as emu:
+        spec = write_spec(tmp_path, endpoint=target(emu, max_requests=20, fallback_online_after="28s"),
+                          input_path=write_topics(tmp_path / "in.parquet", 20), budget={"deadline": "30s"},
+                          retries={"max_attempts": 50})
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        statuses = [b["status"] for b in reversed(batches(emu))]
+        sent = submitted_ids(emu)
+    assert statuses[0] == "expired" and len(statuses) > 1
+    assert len(sent[1]) < 20  # only what expired went again
+    out = tmp_path / "out" / "job"
+    assert_every_id_once(out, 20)
+    modes = [row["mode"] for row in read_rows(out / "data")]
+    assert len(modes) == 20
+    assert modes.count("batch") > len(sent[0]) - len(sent[1])  # a later batch answered some
+    assert "online" in modes
+
+
+def test_rows_still_in_batches_near_the_deadline_are_cancelled_and_answered_online(tmp_path: Path) -> None:
+    with batch_emulator(completion_s=60.0) as emu:
+        spec = write_spec(tmp_path, endpoint=target(emu, fallback_online_after="59s"),
+                          input_path=write_topics(tmp_path / "in.parquet", 15), budget={"deadline": "60s"})
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        assert {b["status"] for b in batches(emu)} == {"cancelled"}
+    out = tmp_path / "out" / "job"
+    assert_every_id_once(out, 15)
+    assert {row["mode"] for row in read_rows(out / "data")} == {"online"}
+
+
+def _write_job(tmp_path: Path, emu: EmulatorThread, n: int, *, mode: str = "batch", **batch: Any) -> Path:
+    source = tmp_path / "in.parquet"
+    return write_spec(tmp_path, endpoint=target(emu, mode=mode, **batch),
+                      input_path=source if source.exists() else write_topics(source, n),
+                      concurrency={"max": 2, "initial": 2})
+
+
+def test_switching_modes_midway_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """Online, stopped; then batch, stopped with its batch running; then online again: every id once."""
+    with batch_emulator(completion_s=3.0, latency_s=0.1) as emu:
+        out = tmp_path / "out" / "job"
+        proc = start_run(_write_job(tmp_path, emu, 40, mode="online"), log=tmp_path / "online.log")
+        wait_until(lambda: emu.router_stats()["providers"]["together"]["requests"] >= 6, proc=proc, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 3
+        online_ids = set(read_ids(out / "data"))
+        assert 0 < len(online_ids) < 40
+        proc = start_run(_write_job(tmp_path, emu, 40), log=tmp_path / "batch.log")
+        wait_until(lambda: batches(emu), proc=proc, timeout=60)  # the batch is created: the event observed
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 3
+        assert [b["status"] for b in batches(emu)] != ["completed"]
+        outcome, lines = run(_write_job(tmp_path, emu, 40, mode="online"))
+        assert outcome.exit_code == 0, lines
+        sent = [cid for ids in submitted_ids(emu) for cid in ids]
+        online_requests = emu.router_stats()["providers"]["together"]["requests"]
+        assert {b["status"] for b in batches(emu)} == {"cancelled"}  # what they finished is kept
+    assert not online_ids & set(sent)  # only pending rows were submitted, each to one batch
+    assert len(sent) == len(set(sent))
+    assert_every_id_once(out, 40)
+    modes = [row["mode"] for row in read_rows(out / "data")]
+    assert len(modes) == 40
+    assert modes.count("online") == online_requests  # no row was paid twice
