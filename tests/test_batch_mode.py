@@ -4,7 +4,10 @@ switching between batch and online, each ending with every input id exactly once
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -156,3 +159,66 @@ def test_switching_modes_midway_loses_and_repeats_nothing(tmp_path: Path) -> Non
     modes = [row["mode"] for row in read_rows(out / "data")]
     assert len(modes) == 40
     assert modes.count("online") == online_requests  # no row was paid twice
+
+
+# ------------------------------------------------------------------------------------- kills
+
+#: A job run in a process of its own whose transport SIGKILLs it the moment a batch's create is answered:
+#: the batch exists on the provider, and its id was never saved.
+KILLED_AFTER_CREATE = """
+import asyncio, os, signal, sys
+from batchrun.runner import RunOptions, run_job
+from batchrun.spec import load_spec
+from batchrun.transport import AiohttpTransport
+
+class KilledAfterCreate(AiohttpTransport):
+    async def send(self, request):
+        response = await super().send(request)
+        if request.method == "POST" and request.url.endswith("/batches"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return response
+
+asyncio.run(run_job(load_spec(sys.argv[1]), RunOptions(progress="off", handle_signals=False,
+                                                       transport=KilledAfterCreate())))
+"""
+
+
+def assert_no_row_in_two_batches_and_none_paid_twice(emu: EmulatorThread, n: int) -> None:
+    sent = [cid for ids in submitted_ids(emu) for cid in ids]
+    assert sorted(sent) == sorted(set(sent)) and len(sent) == n
+    billed = emu.router_stats()["batches"].values()
+    assert sum(b["request_counts"]["completed"] for b in billed) == n
+
+
+def test_a_sigkill_after_a_batch_is_created_before_its_id_is_saved_then_a_rerun_finds_it(tmp_path: Path) -> None:
+    with batch_emulator() as emu:
+        spec = _write_job(tmp_path, emu, 50)
+        killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_CREATE, str(spec)], env=dict(os.environ),
+                                capture_output=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert len(batches(emu)) == 1  # created, and its id never reached the output's state
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        assert outcome.summary["batches"]["found_after_a_crash"] == 1
+        assert len(batches(emu)) == 5
+        assert_no_row_in_two_batches_and_none_paid_twice(emu, 50)
+    assert_every_id_once(tmp_path / "out" / "job", 50)
+
+
+@pytest.mark.parametrize("moment", ["one batch created", "every batch created", "a batch completed"])
+def test_a_sigkill_while_batches_run_then_a_rerun_collects_every_answer_once(tmp_path: Path, moment: str) -> None:
+    with batch_emulator(completion_s=1.0) as emu:
+        spec = _write_job(tmp_path, emu, 50)
+        proc = start_run(spec, log=tmp_path / "run.log")
+        seen = {
+            "one batch created": lambda: len(batches(emu)) >= 1,
+            "every batch created": lambda: len(batches(emu)) == 5,
+            "a batch completed": lambda: any(b["status"] == "completed" for b in batches(emu)),
+        }[moment]
+        wait_until(seen, proc=proc, timeout=60)
+        proc.kill()
+        proc.wait(timeout=60)
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        assert_no_row_in_two_batches_and_none_paid_twice(emu, 50)
+    assert_every_id_once(tmp_path / "out" / "job", 50)
