@@ -189,18 +189,22 @@ class Spent:
     usd: float = 0.0
     replica_hours: float = 0.0
     runs: int = 0
+    saved_usd: float = 0.0  # what batch (or flex) mode saved against the online price
 
     @classmethod
     def from_record(cls, record: dict[str, Any] | None) -> Spent:
         """Read back what :meth:`record` wrote; nothing (or something unreadable) is nothing spent."""
         try:
             return cls(usd=float(record["usd"]), replica_hours=float(record["replica_hours"]),
-                       runs=int(record["runs"])) if record else cls()
+                       runs=int(record["runs"]), saved_usd=float(record.get("saved_usd", 0.0))) if record else cls()
         except (KeyError, TypeError, ValueError):
             return cls()
 
     def record(self) -> dict[str, Any]:
-        return {"usd": self.usd, "replica_hours": self.replica_hours, "runs": self.runs}
+        record: dict[str, Any] = {"usd": self.usd, "replica_hours": self.replica_hours, "runs": self.runs}
+        if self.saved_usd:
+            record["saved_usd"] = self.saved_usd
+        return record
 
 
 class BudgetGuard:

@@ -323,8 +323,9 @@ LEDGER_EVERY_S = 5.0
 
 def _spent_so_far(pre: Preflight, meter: CostMeter) -> Spent:
     before = pre.spent
+    saved = sum(m.endpoint.meter.saved_usd for m in pre.pool.members)  # batch or flex mode, below the online price
     return Spent(usd=before.usd + (meter.usd or 0.0), replica_hours=before.replica_hours + meter.replica_seconds / 3600,
-                 runs=before.runs + 1)
+                 runs=before.runs + 1, saved_usd=before.saved_usd + saved)
 
 
 async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:

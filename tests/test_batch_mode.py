@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobkit import read_ids, read_rows, run, start_run, wait_until, write_spec, write_topics
+from jobkit import cli, read_ids, read_rows, run, start_run, wait_until, write_spec, write_topics
 
 from batchrun.emulator import BatchConfig, EmulatorConfig, EmulatorThread, ProviderConfig, RouterConfig
 
@@ -82,6 +82,21 @@ def test_a_job_of_five_batches_completes_with_every_id_once_at_the_batch_price(t
     assert sum(row["cost_usd"] for row in rows) == pytest.approx(paid)
     assert outcome.summary["cost"]["saved_usd"] == pytest.approx(paid)  # half off: saved as much as paid
     assert outcome.summary["batches"]["submitted"] == 5
+    assert "  saved by batch/flex mode: " in "\n".join(lines)
+    spend = json.loads((out / "state" / "spend.json").read_text())
+    assert spend["saved_usd"] == pytest.approx(paid)  # per job, for the dataset card
+
+
+def test_flex_mode_asks_the_flex_tier_online_and_marks_and_prices_its_rows(tmp_path: Path) -> None:
+    with batch_emulator() as emu:
+        spec = write_spec(tmp_path, endpoint=target(emu, mode="flex"), input_path=write_topics(tmp_path / "in.parquet", 6))
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        assert batches(emu) == []
+        online = emu.router_stats()["providers"]["together"]
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    assert {row["mode"] for row in rows} == {"flex"}
+    assert sum(row["cost_usd"] for row in rows) == pytest.approx(online["cost_usd"] / 2)
 
 
 def test_rerunning_a_finished_batch_job_submits_nothing(tmp_path: Path) -> None:
@@ -222,3 +237,42 @@ def test_a_sigkill_while_batches_run_then_a_rerun_collects_every_answer_once(tmp
         assert outcome.exit_code == 0, lines
         assert_no_row_in_two_batches_and_none_paid_twice(emu, 50)
     assert_every_id_once(tmp_path / "out" / "job", 50)
+
+
+def test_status_shows_batches_in_progress_and_completed_with_their_rows(tmp_path: Path) -> None:
+    with batch_emulator(completion_s=3.0) as emu:
+        spec = _write_job(tmp_path, emu, 25)
+        proc = start_run(spec, log=tmp_path / "run.log")
+        wait_until(lambda: len(batches(emu)) == 3, proc=proc, timeout=60)
+        wait_until(lambda: "3 in progress" in cli("status", str(spec)).stdout, proc=proc, timeout=60)
+        proc.send_signal(signal.SIGTERM)  # polling stops; the batches run on, paid for
+        assert proc.wait(timeout=60) == 3
+        said = cli("status", str(spec)).stdout
+        assert "batches: 3 submitted (25 rows), 3 in progress (25 rows)" in said
+        assert {b["status"] for b in batches(emu)} <= {"validating", "in_progress", "finalizing", "completed"}
+        assert run(spec)[0].exit_code == 0
+        said = cli("status", str(spec)).stdout
+        assert "batches: 3 submitted (25 rows), 0 in progress (0 rows), 3 completed (25 rows)" in said
+        assert len(batches(emu)) == 3
+
+
+# ------------------------------------------------------------------------------------- the spec
+
+
+@pytest.mark.parametrize(("endpoint", "key", "said"), [
+    ({"url": "http://127.0.0.1:9/v1", "model": "m", "batch": {"max_requests": 5}}, "endpoint.batch",
+     "only applies with mode: batch"),
+    ({"url": "http://127.0.0.1:9", "mode": "batch"}, "endpoint.mode", "only applies with endpoint.model"),
+    ({"url": "http://127.0.0.1:9/v1", "model": "m", "mode": "offline"}, "endpoint.mode", "online, batch, flex"),
+    ({"url": "http://127.0.0.1:9/v1", "model": "m", "mode": "batch", "batch": {"poll_every": "soon"}},
+     "endpoint.batch.poll_every", "expected"),
+])
+def test_a_misplaced_or_wrong_mode_is_refused_naming_the_key(tmp_path: Path, endpoint: dict[str, Any], key: str,
+                                                             said: str) -> None:
+    from batchrun.errors import SpecError
+    from batchrun.spec import load_spec
+
+    spec = write_spec(tmp_path, endpoint=endpoint, input_path=write_topics(tmp_path / "in.parquet", 1))
+    with pytest.raises(SpecError) as refused:
+        load_spec(spec)
+    assert key in str(refused.value) and said in str(refused.value)

@@ -35,6 +35,7 @@ __all__ = [
     "Intent",
     "Member",
     "batch_dispatcher",
+    "describe_batches",
     "held_rows",
     "uses_batches",
 ]
@@ -48,6 +49,24 @@ def uses_batches(spec: Any) -> bool:
 def held_rows(store: Any, done: Any) -> HeldRows:
     """The output's done-set, with the rows of batches not ended held out of the pending rows."""
     return HeldRows(done, BatchLedger(store.state_dir).held_positions())
+
+
+def describe_batches(store: Any) -> str | None:
+    """What ``batchrun status`` says of the output's batches: submitted, still running, ended and their rows."""
+    ledger = BatchLedger(store.state_dir)
+    submitted = [i for i in ledger.intents.values() if i.batch_id is not None]
+    if not submitted:
+        return None
+    running = [i for i in submitted if not i.ended]
+    ended: dict[str, list[Intent]] = {}
+    for intent in submitted:
+        if intent.ended:
+            ended.setdefault(str(intent.status), []).append(intent)
+    parts = [f"{len(submitted)} submitted ({sum(i.rows for i in submitted)} rows)",
+             f"{len(running)} in progress ({sum(i.rows for i in running)} rows)"]
+    parts += [f"{len(group)} {status} ({sum(i.rows for i in group)} rows)" for status, group in sorted(ended.items())]
+    note = "; the next run collects those in progress" if running else ""
+    return "batches: " + ", ".join(parts) + note
 
 
 def batch_dispatcher(

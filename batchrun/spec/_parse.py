@@ -662,7 +662,7 @@ class _Parser:
                     raise self.error(f"{prefix}{key}", "only applies with endpoint.provider or endpoint.url")
             return {}
         if kind == "url" and "model" not in data:
-            for key in ("router_url", "api_key_env", "price"):
+            for key in ("router_url", "api_key_env", "price", "mode", "batch"):
                 if key in data:
                     raise self.error(f"{prefix}{key}", "only applies with endpoint.model (an OpenAI-compatible API "
                                      "billed per token) or endpoint.provider")
