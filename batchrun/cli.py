@@ -178,6 +178,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"output: {spec.output.path} (writable)", file=out)
     e = spec.endpoint
     where = e.url or (f"{e.namespace}/{e.name}" if e.name else "the built-in emulator (local)")
+    if e.per_token:  # a serverless target: where, which model, and its price
+        where = (f"Inference Providers, provider {e.provider}, model {e.model}" if e.provider is not None
+                 else f"{e.url}, model {e.model}")
+        where += " (the built-in emulator's router)" if e.router_url == "local" else ""
+        if e.price is not None:
+            where += f", ${e.price.input_per_mtok:g}/${e.price.output_per_mtok:g} per 1M tokens in/out"
     note = pre.endpoint_check.note if pre.endpoint_check is not None else None
     print(f"endpoint: {where}" + (f" [{note}]" if note else " (not contacted; --check-endpoint asks it)"), file=out)
     print(f"token: {_token_line(spec) if pre.token else 'none'}", file=out)

@@ -59,7 +59,9 @@ class CostMeter:
         self.completion_tokens = 0
         self.unpriced_answers = 0  # answers no price was known for (their cost is not in usd)
         self.saved_usd = 0.0  # what answers charged below the online price (batch, flex) did not cost
+        self.dearest_answer_usd = 0.0  # the most one answer has cost: the budget's margin per request in flight
         self._token_usd = 0.0
+        self._on_charge: list[Callable[[], None]] = []
         self._clock = clock
         self._started: float | None = None
         self._stopped: float | None = None
@@ -111,7 +113,14 @@ class CostMeter:
         usd = online * factor
         self._token_usd += usd
         self.saved_usd += online - usd
+        self.dearest_answer_usd = max(self.dearest_answer_usd, usd)
+        for listener in self._on_charge:
+            listener()
         return usd
+
+    def on_charge(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every answer charged (the budget looks at once, not at its next turn)."""
+        self._on_charge.append(listener)
 
     @property
     def token_usd(self) -> float:
@@ -139,8 +148,13 @@ class CostMeter:
         return self._replica_seconds + live
 
     @property
+    def priced(self) -> bool:
+        """Whether any price is known: per replica-hour, or per token (the spec's, or the router's)."""
+        return self.price_per_replica_hour is not None or self.token_price is not None or bool(self.provider_prices)
+
+    @property
     def usd(self) -> float | None:
-        if self.price_per_replica_hour is None and not self.per_token:
+        if not self.priced:
             return None
         hourly = self.price_per_replica_hour
         replica = 0.0 if hourly is None else self.replica_seconds / 3600 * hourly
@@ -225,6 +239,7 @@ class BudgetGuard:
         started_at: float,
         spent_before: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.max_usd = max_usd
         self.deadline_s = deadline_s
@@ -232,6 +247,9 @@ class BudgetGuard:
         self.spent_before = spent_before
         self._started_at = started_at
         self._clock = clock
+        # Requests sent and not yet answered: on a target billed per token, each may still cost up to the
+        # dearest answer so far, so the budget keeps that much back (uncapped: it must not be crossed).
+        self._in_flight = in_flight
 
     def describe(self, meter: CostMeter) -> str | None:
         """The stop margins, said once at the start of a run."""
@@ -239,8 +257,9 @@ class BudgetGuard:
         if self.max_usd is not None:
             rate = meter.usd_per_second()
             margin = self._usd_margin(rate or 0.0)
-            parts.append(f"budget ${self.max_usd:g} (${self.spent_before:.4f} spent by earlier runs; "
-                         f"stops with ${margin:.4f} left for the drain and the pause)")
+            keeps = (f"stops with ${margin:.4f} left for the drain and the pause" if not meter.per_token else
+                     "stops while what the requests in flight may cost still fits")
+            parts.append(f"budget ${self.max_usd:g} (${self.spent_before:.4f} spent by earlier runs; {keeps})")
         if self.deadline_s is not None:
             parts.append(f"deadline {self.deadline_s:g}s for this run (stops {self._time_margin():.0f}s before it)")
         return "; ".join(parts) or None
@@ -268,7 +287,9 @@ class BudgetGuard:
             spent, rate = meter.usd, meter.usd_per_second()
             if spent is not None and rate is not None:
                 total = self.spent_before + spent
-                if total + self._usd_margin(rate) >= self.max_usd:
+                # The requests in flight, and the one a freed slot would send next.
+                pending = meter.dearest_answer_usd * (self._in_flight() + 1 if self._in_flight is not None else 0)
+                if total + max(self._usd_margin(meter.replica_usd_per_second() or 0.0), pending) >= self.max_usd:
                     return StopReason.BUDGET, (
                         f"the budget of ${self.max_usd:g} is nearly spent (${total:.4f} over this job's runs); "
                         "raise budget.max_usd to go on"
@@ -279,6 +300,14 @@ class BudgetGuard:
         """Until cancelled or stopped: request a stop when the budget or the deadline says so."""
         if not self.active:
             return
+        if self.max_usd is not None and meter.per_token:  # each answer's cost is looked at as it comes
+
+            def look() -> None:
+                reason = None if stop.requested else self.check(meter)
+                if reason is not None:
+                    stop.request(*reason)
+
+            meter.on_charge(look)
         while not stop.requested:
             reason = self.check(meter)
             if reason is not None:

@@ -649,7 +649,10 @@ class Dispatcher:
 
     def _auth_error(self, route: Route, status: int) -> AuthError:
         which = "" if len(self._routes) == 1 else f" {route.name}"
-        if route.has_token:
+        if route.has_token and route.token_name:
+            message = (f"The endpoint{which} refused {route.token_name} (HTTP {status}): check it, then run the "
+                       "job again.")
+        elif route.has_token:
             message = (
                 f"The endpoint{which} refused the token (HTTP {status}): it is invalid, expired, or cannot access "
                 f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."

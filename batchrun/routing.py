@@ -59,6 +59,7 @@ class Route:
         self.base_url = plane.url
         self.model = plane.model  # a serverless target's model, sent in every body
         self.limits = plane.limits  # its limits spec, for the lane's limiter
+        self.token_name = plane.token_name  # an API's key, not the HF token: messages say which
         register_secret(plane.token)
         # The token goes only where it may (transport.token_problem): not to a host the spec did not opt in.
         auth = auth_headers(plane.url, plane.token, send_token=plane.send_token)

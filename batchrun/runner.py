@@ -285,7 +285,7 @@ async def _dispatch(
     reporter = ProgressReporter(snapshot, total=total, mode=options.progress, interval_s=options.summary_interval_s)
     guard = BudgetGuard(max_usd=pre.spec.budget.max_usd, deadline_s=pre.spec.budget.deadline,
                         margin_s=min(options.grace_s, pre.spec.request_timeout) + 2.0, started_at=started.monotonic,
-                        spent_before=pre.spent.usd)
+                        spent_before=pre.spent.usd, in_flight=lambda: dispatcher.stats.in_flight)
     limits = guard.describe(meter)
     if limits:
         options.echo(f"limits: {limits}")

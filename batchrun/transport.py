@@ -355,7 +355,13 @@ def token_destinations(spec: Any) -> tuple[list[str], list[str]]:
     several = len(spec.all_endpoints) > 1
     for index, endpoint in enumerate(spec.all_endpoints):
         what = f"endpoint[{index}]" if several else "endpoint"
-        if endpoint.url is not None:
+        if endpoint.provider is not None:  # the Inference Providers router (endpoints/providers.py)
+            router = endpoint.router_url
+            sent.append(f"{what}: the built-in emulator's router (loopback)" if router == "local" else
+                        f"{what}: {_host(router or 'https://router.huggingface.co/v1')[1]}")
+        elif endpoint.api_key_env is not None:  # its own key goes there; the HF token does not
+            withheld.append(f"{_host(endpoint.url)[1]} (it gets the key in {endpoint.api_key_env})")
+        elif endpoint.url is not None:
             host = _host(endpoint.url)[1]
             if token_sent_to(endpoint.url, send_token=endpoint.send_token):
                 sent.append(f"{what}: {host}")

@@ -43,6 +43,8 @@ class DataPlane:
     send_token: bool = False
     model: str | None = None
     limits: Any = None
+    #: What the token is, for messages, where it is not the HF token ("the API key in EXAMPLE_API_KEY").
+    token_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from batchrun.stop import Stop
 if TYPE_CHECKING:
     from batchrun.emulator import Emulator, EndpointConfig
 
-__all__ = ["LOCAL_NAMESPACE", "LocalEndpoint", "local_endpoint_config"]
+__all__ = ["LOCAL_NAMESPACE", "LocalEndpoint", "local_endpoint_config", "local_router", "start_local_router"]
 
 LOCAL_NAMESPACE = "batchrun-local"
 _NOTHING_TO_BRACKET = ("the built-in emulator is started and stopped by each run of the job itself, so there is "
@@ -49,6 +49,28 @@ def local_endpoint_config(
         return EndpointConfig.from_dict(values)
     except (ValueError, TypeError) as exc:
         raise SpecError(file, "endpoint.local", str(exc)) from None
+
+
+def local_router(provider: str, model: str, *, price_input: float | None, price_output: float | None) -> Any:
+    """The emulator's router for `router_url: local`: one provider (``provider``) serving ``model``, at the
+    given price (USD per 1M tokens; the emulator's default where None), with every task it plays."""
+    from batchrun.emulator import ProviderConfig, RouterConfig
+
+    return RouterConfig(providers=(ProviderConfig(
+        name=provider, models=(model,), completions=True, supports_structured_output=True, cached_tokens=True,
+        price_input=ProviderConfig.price_input if price_input is None else price_input,
+        price_output=ProviderConfig.price_output if price_output is None else price_output),))
+
+
+async def start_local_router(router: Any) -> tuple[Emulator, str]:
+    """Start an emulator serving ``router`` alone on loopback, with a fresh token (registered as a secret)."""
+    from batchrun.emulator import Emulator, EmulatorConfig
+
+    token = "local-" + secrets.token_hex(16)
+    register_secret(token)
+    emulator = Emulator(EmulatorConfig(token=token, endpoints=[], router=router))
+    await emulator.start()
+    return emulator, token
 
 
 class LocalEndpoint:

@@ -82,6 +82,22 @@ class PoolMeter(CostMeter):
         return sum(m.token_usd for m in self._meters)
 
     @property
+    def priced(self) -> bool:
+        return any(m.priced for m in self._meters)
+
+    @property
+    def dearest_answer_usd(self) -> float:  # the members' attribute, read here
+        return max((m.dearest_answer_usd for m in self._meters), default=0.0)
+
+    @dearest_answer_usd.setter
+    def dearest_answer_usd(self, value: float) -> None:
+        """Set by CostMeter.__init__ only; the members keep their own."""
+
+    def on_charge(self, listener: Callable[[], None]) -> None:
+        for meter in self._meters:
+            meter.on_charge(listener)
+
+    @property
     def billed(self) -> bool:
         return any(m.billed for m in self._meters)
 

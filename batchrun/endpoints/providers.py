@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -35,7 +34,6 @@ from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, red
 from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from batchrun.emulator import Emulator
     from batchrun.spec import EndpointSpec
 
 __all__ = ["ROUTER_URL", "ServerlessEndpoint", "token_estimate_inputs"]
@@ -99,7 +97,7 @@ class ServerlessEndpoint:
         self._local = local
         self._max_tokens = max_tokens
         self._structured = structured
-        self._emulator: Emulator | None = None
+        self._emulator: Any = None  # the built-in router's emulator (endpoints/local.py starts it)
 
     @classmethod
     def router(cls, e: EndpointSpec, *, token: str | None, max_tokens: int | None = None,
@@ -242,13 +240,12 @@ class ServerlessEndpoint:
         return EndpointCheck(note=f"the built-in emulator's router ({self.ref})", model=self.model)
 
     def _local_router(self) -> Any:
-        from batchrun.emulator import ProviderConfig, RouterConfig
+        from batchrun.endpoints.local import local_router
 
-        price = self.meter.token_price or TokenPrice(ProviderConfig.price_input, ProviderConfig.price_output)
-        name = LOCAL_PROVIDER if self.provider in POLICIES else str(self.provider)
-        return RouterConfig(providers=(ProviderConfig(
-            name=name, models=(self.model,), completions=True, supports_structured_output=True, cached_tokens=True,
-            price_input=price.input_per_mtok, price_output=price.output_per_mtok),))
+        price = self.meter.token_price
+        return local_router(LOCAL_PROVIDER if self.provider in POLICIES else str(self.provider), self.model,
+                            price_input=None if price is None else price.input_per_mtok,
+                            price_output=None if price is None else price.output_per_mtok)
 
     # ------------------------------------------------------------------ the job
 
@@ -256,16 +253,14 @@ class ServerlessEndpoint:
         self.record.acquired_at = self.record.ready_at = time.monotonic()
         base, token = self.base_url, self._token
         if self._local:
-            from batchrun.emulator import Emulator, EmulatorConfig
+            from batchrun.endpoints.local import start_local_router
 
-            token = "local-" + secrets.token_hex(16)
-            register_secret(token)
-            self._emulator = Emulator(EmulatorConfig(token=token, endpoints=[], router=self._local_router()))
-            await self._emulator.start()
+            self._emulator, token = await start_local_router(self._local_router())
             base = self._emulator.router_url
         self.meter.start(1)
         return DataPlane(url=base, token=token, send_token=self._send_token, model=self.body_model,
-                         limits=self.limits)
+                         limits=self.limits,
+                         token_name=f"the API key in {self._key_variable}" if self._key_variable else None)
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

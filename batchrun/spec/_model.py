@@ -183,6 +183,10 @@ class ScaleSpec:
     max_replica: int = key(Shape("integer", minimum=1, required=True), "replicas at most")
 
 
+#: The keys that say which kind of endpoint a block is: exactly one of them is given.
+ENDPOINT_KINDS = ("url", "local", "name", "provider")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PriceSpec:
     """What a serverless target charges per token, in USD per million tokens."""

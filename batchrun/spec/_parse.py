@@ -20,6 +20,7 @@ from batchrun.errors import SpecError
 from batchrun.notify import parse_notify_spec
 from batchrun.scoring import parse_score_spec
 from batchrun.spec._model import (
+    ENDPOINT_KINDS,
     IMAGE_FORMATS,
     INPUT_KINDS,
     LIFECYCLE_KEYS,
@@ -116,6 +117,8 @@ _TEXT_TO_IMAGE_PARAMETERS = {
 _ENDPOINT_KEYS = spec_keys(EndpointSpec)
 _SCALE_KEYS = spec_keys(ScaleSpec)
 _PRICE_KEYS = spec_keys(PriceSpec)
+# The tasks a serverless target serves through batchrun (OpenAI's chat and completions routes).
+_SERVERLESS_TASKS = ("chat-completion", "text-generation")
 # The keys of a serverless target (the router, a url's API): refused for the other kinds.
 _PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price", "mode", "batch")
 _BATCH_KEYS = spec_keys(BatchSpec)
@@ -217,7 +220,7 @@ class _Parser:
         parameters = self.parameters(data.get("parameters"), kind)
         output_schema = self.output_schema(data.get("output_schema"), kind, prompt, parameters)
         output = self.output(data.get("output"), name)
-        return JobSpec(
+        spec = JobSpec(
             name=name,
             task=task,
             input=self.input(data["input"]),
@@ -241,6 +244,31 @@ class _Parser:
             file=self.file,
             raw=data,
         )
+        self.serverless_job(spec)
+        return spec
+
+    def serverless_job(self, spec: JobSpec) -> None:
+        """A job on serverless targets: a task they serve, and a price wherever a budget must count."""
+        several = len(spec.all_endpoints) > 1
+        for index, e in enumerate(spec.all_endpoints):
+            if not e.per_token:
+                continue
+            where = f"endpoint[{index}]" if several else "endpoint"
+            if spec.task not in _SERVERLESS_TASKS:
+                raise self.error(f"{where}.{'provider' if e.provider else 'model'}", (
+                    f"task {spec.task} is not served through a serverless target by batchrun (it serves "
+                    f"{', '.join(_SERVERLESS_TASKS)} there)"))
+            if spec.task == "text-generation":  # OpenAI's /v1/completions: a flat body, no response_format
+                if spec.output_schema is not None or spec.prompt.schema_column is not None:
+                    raise self.error("output_schema", "on a serverless target, structured output goes through "
+                                     "task chat-completion (response_format); /v1/completions does not take it")
+                if spec.samples > 1 or per_row_job_seed(spec.parameters.get("seed")) is not None:
+                    raise self.error("samples" if spec.samples > 1 else "parameters.seed", (
+                        "on a serverless target, several samples and per-row seeds go through task "
+                        "chat-completion; /v1/completions takes one fixed parameters.seed"))
+            if spec.budget.max_usd is not None and e.provider is None and e.price is None:
+                raise self.error(f"{where}.price", "is required with budget.max_usd: an OpenAI-compatible API does "
+                                 "not say what it charges, so the budget could not count its tokens")
 
     def task(self, value: Any) -> TaskKind:
         names = tuple(TASK_KINDS)
@@ -572,7 +600,7 @@ class _Parser:
     # One of the longer checks: the three ways to name an endpoint and the keys each allows are read together.
     def endpoint(self, data: Any, *, where: str = "endpoint", index: int | None = None) -> EndpointSpec:
         data = self.section(data, where, _ENDPOINT_KEYS)
-        kind = self.exactly_one(data, where, ("url", "local", "name", "provider"))
+        kind = self.exactly_one(data, where, ENDPOINT_KINDS)
         prefix = where + "."
         label = self.key(EndpointSpec, data, "label", prefix=prefix)
         url = local = name = namespace = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from batchrun.spec._model import INPUT_KINDS, LIFECYCLE_KEYS, EndpointSpec, InputSpec, JobSpec
+from batchrun.spec._model import ENDPOINT_KINDS, INPUT_KINDS, LIFECYCLE_KEYS, EndpointSpec, InputSpec, JobSpec
 from batchrun.spec._shape import spec_fields
 
 __all__ = ["json_schema"]
@@ -30,7 +30,7 @@ _INPUT_KIND_DOCS = {
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 7) of a job spec file."""
     endpoint = _object(EndpointSpec)
-    endpoint["oneOf"] = [{"required": [kind]} for kind in ("url", "local", "name")]
+    endpoint["oneOf"] = [{"required": [kind]} for kind in ENDPOINT_KINDS]
     schema: dict[str, Any] = {
         "$schema": DRAFT,
         "title": "batchrun job spec",

@@ -1,0 +1,88 @@
+"""The cost meter prices tokens as well as replica time: one figure for progress, the budget and the summary."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchrun.cost import BudgetGuard, CostMeter, TokenPrice
+from batchrun.endpoints.pool import PoolMeter
+from batchrun.endpoints.providers import token_estimate_inputs
+from batchrun.publish.card import _cost
+from batchrun.stop import StopReason
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_answer_costs_its_tokens_at_the_spec_price_before_the_routers() -> None:
+    meter = CostMeter(None, token_price=TokenPrice(1.0, 3.0))
+    meter.provider_prices["together"] = TokenPrice(100.0, 100.0)
+    assert meter.charge(1000, 500, provider="together") == pytest.approx(0.0025)
+    assert meter.usd == pytest.approx(0.0025)
+    assert meter.replica_seconds == 0.0
+
+
+def test_without_a_spec_price_the_provider_that_answered_sets_the_price() -> None:
+    meter = CostMeter(None, per_token=True)
+    meter.provider_prices.update({"cheap": TokenPrice(0.1, 0.2), "": TokenPrice(1.0, 1.0)})
+    assert meter.charge(1_000_000, 0, provider="cheap") == pytest.approx(0.1)
+    assert meter.charge(1_000_000, 0, provider=None) == pytest.approx(1.0)  # unknown: the dearest that may serve
+    assert meter.charge(10, 10, provider="unlisted") is None
+    assert meter.unpriced_answers == 1
+
+
+def test_a_meter_with_no_price_at_all_has_no_cost_but_counts_tokens() -> None:
+    meter = CostMeter(None, per_token=True)
+    assert meter.charge(7, 5) is None
+    assert meter.usd is None and meter.billed and meter.prompt_tokens == 7
+
+
+def test_the_projection_is_the_spend_plus_the_cost_per_row_so_far_for_the_rows_left() -> None:
+    meter = CostMeter(None, token_price=TokenPrice(1_000_000, 0))
+    for _ in range(4):
+        meter.charge(1, 0)
+    assert meter.projected_usd(done=4, remaining=6, elapsed_s=2.0) == pytest.approx(10.0)
+
+
+def test_a_pool_adds_up_its_lanes_tokens_and_replica_time() -> None:
+    clock = Clock()
+    tokens = CostMeter(None, token_price=TokenPrice(1_000_000, 0), clock=clock)
+    replicas = CostMeter(3600.0, clock=clock)
+    replicas.start(1)
+    tokens.start(1)
+    clock.now += 2
+    tokens.charge(3, 0)
+    pool = PoolMeter([tokens, replicas])
+    assert pool.usd == pytest.approx(5.0)
+    assert pool.token_usd == pytest.approx(3.0) and pool.replica_seconds == pytest.approx(2.0)
+    assert pool.dearest_answer_usd == pytest.approx(3.0)
+
+
+def test_the_budget_stops_when_the_requests_in_flight_and_the_next_could_cross_it() -> None:
+    meter = CostMeter(None, token_price=TokenPrice(1_000_000, 0))
+    in_flight = 3
+    guard = BudgetGuard(max_usd=10.0, deadline_s=None, margin_s=2.0, started_at=0.0, in_flight=lambda: in_flight)
+    meter.start(1)
+    for _ in range(5):
+        meter.charge(1, 0)  # $5 spent, each answer $1: 3 in flight and 1 more could make $9
+    assert guard.check(meter) is None
+    meter.charge(1, 0)  # $6: they could make $10
+    reason = guard.check(meter)
+    assert reason is not None and reason[0] is StopReason.BUDGET
+
+
+def test_a_token_estimate_starts_from_the_prompt_length_and_max_tokens() -> None:
+    payload = {"messages": [{"role": "system", "content": "abc"},
+                            {"role": "user", "content": [{"type": "text", "text": "defg"}]}], "max_tokens": 12}
+    assert token_estimate_inputs(payload) == (7, 12)
+    assert token_estimate_inputs({"prompt": "hello"}) == (5, None)
+
+
+def test_the_card_says_a_serverless_job_is_billed_per_token() -> None:
+    assert _cost({"usd": 0.25, "replica_hours": 0.0, "runs": 2}) == "$0.2500; 2 run(s), billed per token"
+    assert "replica-hours" in _cost({"usd": 1.0, "replica_hours": 0.5, "runs": 1})
