@@ -285,7 +285,7 @@ class BatchDispatcher:
         total = sum(int((b.get("request_counts") or {}).get("total", 0)) for k, b in self._states.items()
                     if k in open_ids)
         states = ", ".join(f"{n} {s}" for s, n in sorted(self.states().items()))
-        line = f"batches: {states}; rows in running batches {done}/{total} done"
+        line = f"batches: {states}" + (f"; rows in running batches {done}/{total} done" if open_ids else "")
         if line != self._said:
             self._said = line
             self._echo(line)
