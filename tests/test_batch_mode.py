@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from jobkit import cli, read_ids, read_rows, run, start_run, wait_until, write_spec, write_topics
 
@@ -276,3 +279,60 @@ def test_a_misplaced_or_wrong_mode_is_refused_naming_the_key(tmp_path: Path, end
     with pytest.raises(SpecError) as refused:
         load_spec(spec)
     assert key in str(refused.value) and said in str(refused.value)
+
+
+# ------------------------------------------------------------------------------------- failures inside batches
+
+
+def test_a_batch_that_fails_validation_has_its_rows_sent_in_a_later_batch(tmp_path: Path) -> None:
+    with batch_emulator(fail_first=1) as emu:
+        spec = _write_job(tmp_path, emu, 20)
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        statuses = [b["status"] for b in reversed(batches(emu))]
+        sent = submitted_ids(emu)
+    assert statuses[0] == "failed" and statuses[1:] == ["completed"] * 2
+    assert sorted(sent[1] + sent[2]) == [f"row-{i:05d}" for i in range(20)]
+    assert_every_id_once(tmp_path / "out" / "job", 20)
+
+
+def test_requests_that_fail_in_every_batch_end_as_retryable_failure_rows_after_max_attempts(tmp_path: Path) -> None:
+    with batch_emulator(error_rate=0.3) as emu:  # the emulator's errors are drawn per custom_id: they recur
+        spec = write_spec(tmp_path, endpoint=target(emu), input_path=write_topics(tmp_path / "in.parquet", 20),
+                          retries={"max_attempts": 2})
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 1, lines
+        sent = submitted_ids(emu)
+    out = tmp_path / "out" / "job"
+    assert_every_id_once(out, 20)
+    failed = read_rows(out / "failed")
+    assert failed and {(row["error_type"], row["attempts"], row["retryable"]) for row in failed} == {
+        ("http_500", 2, True)}
+    assert sorted(sent[-1]) == sorted(row["id"] for row in failed)  # only the failed went again
+
+
+def test_max_bytes_splits_the_input_files(tmp_path: Path) -> None:
+    with batch_emulator() as emu:
+        spec = _write_job(tmp_path, emu, 20, max_requests=1000, max_bytes="2KB")
+        assert run(spec)[0].exit_code == 0
+        sizes = [len(api(emu, f"/files/{b['input_file_id']}/content")) for b in batches(emu)]
+    assert len(sizes) > 1 and max(sizes) <= 2000
+
+
+def test_sigkills_at_random_moments_then_a_rerun_lose_and_repeat_nothing(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    with batch_emulator(completion_s=0.6) as emu:
+        spec = _write_job(tmp_path, emu, 60)
+        for turn in range(5):
+            proc = start_run(spec, log=tmp_path / f"run-{turn}.log")
+            wait_until(lambda: len(batches(emu)) > 0, proc=proc, timeout=60)
+            time.sleep(rng.uniform(0.0, 0.8))  # a random moment while batches run or are collected
+            proc.kill()
+            proc.wait(timeout=60)
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        assert_no_row_in_two_batches_and_none_paid_twice(emu, 60)
+    out = tmp_path / "out" / "job"
+    assert_every_id_once(out, 60)
+    for shard in (out / "data").glob("*.parquet"):
+        pq.read_table(shard)  # every published file is readable

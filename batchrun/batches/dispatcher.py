@@ -262,8 +262,13 @@ class BatchDispatcher:
                 continue
             try:
                 batch = await self.api.retrieve(intent.batch_id)
-            except BatchApiError as exc:  # asked again at the next turn
-                logger.warning("batch.poll_failed batch=%s problem=%s", intent.batch_id, exc)
+            except BatchApiError as exc:
+                if exc.status == 404:  # the provider no longer knows it: its rows go again
+                    self._echo(f"batches: {intent.batch_id} is unknown to the provider; its rows go again")
+                    self._again.extend(await asyncio.to_thread(self.ledger.members, intent))
+                    await asyncio.to_thread(self.ledger.ended, intent, "lost")
+                    continue
+                logger.warning("batch.poll_failed batch=%s problem=%s", intent.batch_id, exc)  # asked again next turn
                 continue
             self._states[intent.batch_id] = batch
             if batch.get("status") in TERMINAL:
