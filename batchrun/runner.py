@@ -278,7 +278,7 @@ async def _dispatch(
             done=tally.done, ok=tally.ok, failed=tally.failed, retries=stats.retries, in_flight=stats.in_flight,
             limit=stats.limit, output_tokens=tally.output_tokens, spent_usd=meter.usd,
             projected_usd=meter.projected_usd(done=tally.done, remaining=remaining, elapsed_s=started.elapsed()),
-            waiting_for=dispatcher.waiting_for(),
+            waiting_for=(batches.waiting_for() if batches is not None else None) or dispatcher.waiting_for(),
             endpoints=live_shares(pool, dispatcher.routes) if pool.several else (),
         )
 

@@ -283,6 +283,20 @@ class BatchDispatcher:
             counts[status] = counts.get(status, 0) + 1
         return counts
 
+    def waiting_for(self) -> str | None:
+        """What progress shows while batches run: their states and how many of their rows are done."""
+        open_ids = {i.batch_id for i in self.ledger.open_intents() if i.batch_id is not None}
+        if not open_ids:
+            return None
+        known = [b for k, b in self._states.items() if k in open_ids]
+        done = sum(int((b.get("request_counts") or {}).get("completed", 0)) for b in known)
+        rows = sum(i.rows for i in self.ledger.open_intents())
+        states: dict[str, int] = {}
+        for batch in known:
+            states[str(batch.get("status"))] = states.get(str(batch.get("status")), 0) + 1
+        said = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or f"{len(open_ids)} submitted"
+        return f"batches {said}: {done}/{rows} rows done"
+
     def _say_states(self) -> None:
         open_ids = {i.batch_id for i in self.ledger.open_intents()}
         done = sum(int((b.get("request_counts") or {}).get("completed", 0)) for k, b in self._states.items()
