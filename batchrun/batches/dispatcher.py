@@ -45,6 +45,8 @@ logger = logging.getLogger("batchrun.batches")
 
 #: The ``error_type`` of a row whose batch ended before its request ran (expired, cancelled, failed).
 BATCH_EXPIRED = "batch_expired"
+#: How much older than its intent a batch may look (clocks differ) and still be the one it made.
+FIND_SLACK_S = 3600.0
 #: How long a cancel is waited for before the fallback sends the rows online all the same.
 CANCEL_WAIT_S = 60.0
 
@@ -175,7 +177,10 @@ class BatchDispatcher:
 
     async def _find(self, intent: Intent) -> dict[str, Any] | None:
         """The provider's batch made from ``intent`` (its metadata names the job and the intent), if any."""
-        async for batch in self.api.batches():
+        async for batch in self.api.batches():  # newest first: those made long before the intent cannot be it
+            created = batch.get("created_at")
+            if isinstance(created, (int, float)) and created < intent.created_at - FIND_SLACK_S:
+                return None
             metadata = batch.get("metadata") or {}
             if metadata.get("batchrun_intent") == intent.id and metadata.get("batchrun_job") == self.job:
                 return batch
