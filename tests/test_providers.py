@@ -272,15 +272,22 @@ def test_each_lane_prices_its_own_rows_and_the_summary_adds_them_up(tmp_path, hf
     assert sum(share["usd"] for share in shares.values()) == pytest.approx(sum(r["cost_usd"] for r in rows))
 
 
-def test_runs_lists_the_cost_of_a_run_billed_per_token(tmp_path, hf_token):
-    with router(provider("together")) as emu:
-        endpoint = {"provider": "together", "model": LLAMA, "router_url": emu.router_url,
-                    "price": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}
-        outcome, _ = run(job(tmp_path, endpoint, n=20))
-    assert outcome.exit_code == 0
-    listed = cli("runs", str(tmp_path / "out" / "job"))
+def test_runs_and_compare_show_the_cost_of_runs_billed_per_token(tmp_path, hf_token):
+    with router(provider("together"), provider("nebius")) as emu:
+        for name, provider_name, given in (("a", "together", 100.0), ("b", "nebius", 300.0)):
+            endpoint = {"provider": provider_name, "model": LLAMA, "router_url": emu.router_url,
+                        "price": {"input_per_mtok": given, "output_per_mtok": given}}
+            outcome, _ = run(job(tmp_path, endpoint, n=20, name=name))
+            assert outcome.exit_code == 0
+    listed = cli("runs", str(tmp_path / "out" / "a"))
     assert listed.returncode == 0, listed.stderr
-    assert f"${summary(tmp_path)['cost']['usd']:.2f}" in listed.stdout
+    assert f"${summary(tmp_path, 'a')['cost']['usd']:.2f}" in listed.stdout
+    compared = cli("compare", str(tmp_path / "out" / "a"), str(tmp_path / "out" / "b"), "--json")
+    assert compared.returncode == 0, compared.stderr
+    figures = json.loads(compared.stdout)["runs"]
+    assert figures["a"]["cost_usd"] == pytest.approx(summary(tmp_path, "a")["cost"]["usd"])
+    assert figures["b"]["cost_usd"] == pytest.approx(summary(tmp_path, "b")["cost"]["usd"])
+    assert figures["b"]["cost_usd"] == pytest.approx(3 * figures["a"]["cost_usd"])  # the same tokens, 3x the price
 
 
 def test_a_resume_with_another_model_is_refused_and_another_provider_is_not(tmp_path, hf_token):
@@ -348,3 +355,22 @@ def test_a_key_refused_mid_job_stops_it_naming_the_variable_not_the_hf_token(tmp
     assert outcome.exit_code == 3 and outcome.summary["stop_kind"] == "auth"
     assert "the API key in BATCHRUN_TEST_API_KEY" in outcome.summary["stop_reason"]
     assert "HF_TOKEN" not in outcome.summary["stop_reason"]
+
+
+def test_the_dataset_card_shows_the_cost_billed_per_token(tmp_path, monkeypatch, hf_token):
+    from hubkit import REPO_ID, card_of, point_at_hub
+
+    with router(provider("together")) as emu:
+        point_at_hub(monkeypatch, emu.hub_url)
+        endpoint = {"provider": "together", "model": LLAMA, "router_url": emu.router_url,
+                    "price": {"input_per_mtok": 100.0, "output_per_mtok": 100.0}}
+        spec = job(tmp_path, endpoint, n=20,
+                   output={"push_to_hub": {"repo": REPO_ID, "endpoint": emu.hub_url}})
+        outcome, _ = run(spec)
+        files = emu.hub.files(REPO_ID)
+    assert outcome.exit_code == 0
+    _, body = card_of(files)
+    usd = summary(tmp_path)["cost"]["job_usd"]
+    assert f"${usd:.4f}; 1 run(s), billed per token" in body
+    for path, data in files.items():
+        assert TOKEN.encode() not in data, path
