@@ -30,9 +30,9 @@ def _api_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(KEY_VARIABLE, KEY)
 
 
-def batch_emulator(*, latency_s: float = 0.0, **batch: Any) -> EmulatorThread:
+def batch_emulator(*, latency_s: float = 0.0, token: str = KEY, **batch: Any) -> EmulatorThread:
     provider = ProviderConfig(name="together", models=(LLAMA,), price_input=1.0, price_output=2.0, latency_s=latency_s)
-    return EmulatorThread(EmulatorConfig(token=KEY, endpoints=[], router=RouterConfig(
+    return EmulatorThread(EmulatorConfig(token=token, endpoints=[], router=RouterConfig(
         providers=(provider,), batch=BatchConfig(**{"completion_s": 0.3, **batch}))))
 
 
@@ -100,6 +100,22 @@ def test_flex_mode_asks_the_flex_tier_online_and_marks_and_prices_its_rows(tmp_p
     rows = read_rows(tmp_path / "out" / "job" / "data")
     assert {row["mode"] for row in rows} == {"flex"}
     assert sum(row["cost_usd"] for row in rows) == pytest.approx(online["cost_usd"] / 2)
+
+
+def test_the_dataset_card_says_what_batch_mode_saved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubkit import REPO_ID, card_of, point_at_hub
+
+    monkeypatch.setenv("HF_TOKEN", KEY)  # the emulated Hub takes the emulator's one token
+    with batch_emulator() as emu:
+        point_at_hub(monkeypatch, emu.hub_url)
+        spec = write_spec(tmp_path, endpoint=target(emu), input_path=write_topics(tmp_path / "in.parquet", 12),
+                          output={"push_to_hub": {"repo": REPO_ID, "endpoint": emu.hub_url}})
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        files = emu.hub.files(REPO_ID)
+    _, body = card_of(files)
+    saved = outcome.summary["cost"]["saved_usd"]
+    assert f"${saved:.4f} less than the online price (batch mode)" in body
 
 
 def test_rerunning_a_finished_batch_job_submits_nothing(tmp_path: Path) -> None:
