@@ -352,3 +352,16 @@ def test_sigkills_at_random_moments_then_a_rerun_lose_and_repeat_nothing(tmp_pat
     assert_every_id_once(out, 60)
     for shard in (out / "data").glob("*.parquet"):
         pq.read_table(shard)  # every published file is readable
+
+
+def test_several_samples_per_row_each_get_their_own_line_and_record(tmp_path: Path) -> None:
+    with batch_emulator() as emu:
+        spec = write_spec(tmp_path, endpoint=target(emu), input_path=write_topics(tmp_path / "in.parquet", 6),
+                          samples=3)
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        sent = sorted(cid for ids in submitted_ids(emu) for cid in ids)
+    assert sent == sorted(f"row-{i:05d}" + (f"#{s}" if s else "") for i in range(6) for s in range(3))
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    assert sorted((row["id"], row["sample"]) for row in rows) == [(f"row-{i:05d}", s) for i in range(6)
+                                                                  for s in range(3)]
