@@ -197,23 +197,23 @@ def test_switching_modes_midway_loses_and_repeats_nothing(tmp_path: Path) -> Non
 
 # ------------------------------------------------------------------------------------- kills
 
-#: A job run in a process of its own whose transport SIGKILLs it the moment a batch's create is answered:
-#: the batch exists on the provider, and its id was never saved.
-KILLED_AFTER_CREATE = """
+#: A job run in a process of its own whose transport SIGKILLs it the moment a POST to the path ending in
+#: argv[2] is answered (/batches: the batch exists on the provider, and its id was never saved).
+KILLED_AFTER = """
 import asyncio, os, signal, sys
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import load_spec
 from batchrun.transport import AiohttpTransport
 
-class KilledAfterCreate(AiohttpTransport):
+class KilledAfter(AiohttpTransport):
     async def send(self, request):
         response = await super().send(request)
-        if request.method == "POST" and request.url.endswith("/batches"):
+        if request.method == "POST" and request.url.endswith(sys.argv[2]):
             os.kill(os.getpid(), signal.SIGKILL)
         return response
 
 asyncio.run(run_job(load_spec(sys.argv[1]), RunOptions(progress="off", handle_signals=False,
-                                                       transport=KilledAfterCreate())))
+                                                       transport=KilledAfter())))
 """
 
 
@@ -227,7 +227,7 @@ def assert_no_row_in_two_batches_and_none_paid_twice(emu: EmulatorThread, n: int
 def test_a_sigkill_after_a_batch_is_created_before_its_id_is_saved_then_a_rerun_finds_it(tmp_path: Path) -> None:
     with batch_emulator() as emu:
         spec = _write_job(tmp_path, emu, 50)
-        killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_CREATE, str(spec)], env=dict(os.environ),
+        killed = subprocess.run([sys.executable, "-c", KILLED_AFTER, str(spec), "/batches"], env=dict(os.environ),
                                 capture_output=True, timeout=120)
         assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
         assert len(batches(emu)) == 1  # created, and its id never reached the output's state
@@ -237,6 +237,43 @@ def test_a_sigkill_after_a_batch_is_created_before_its_id_is_saved_then_a_rerun_
         assert len(batches(emu)) == 5
         assert_no_row_in_two_batches_and_none_paid_twice(emu, 50)
     assert_every_id_once(tmp_path / "out" / "job", 50)
+
+
+def test_a_batch_found_after_a_sigkill_by_an_online_rerun_is_cancelled_and_kept(tmp_path: Path) -> None:
+    with batch_emulator(completion_s=2.0) as emu:
+        spec = _write_job(tmp_path, emu, 30)
+        killed = subprocess.run([sys.executable, "-c", KILLED_AFTER, str(spec), "/batches"], env=dict(os.environ),
+                                capture_output=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        outcome, lines = run(_write_job(tmp_path, emu, 30, mode="online"))
+        assert outcome.exit_code == 0, lines
+        assert outcome.summary["batches"]["found_after_a_crash"] == 1
+        assert [b["status"] for b in batches(emu)] == ["cancelled"]
+        online_requests = emu.router_stats()["providers"]["together"]["requests"]
+        in_batch = emu.router_stats()["batches"]
+    out = tmp_path / "out" / "job"
+    assert_every_id_once(out, 30)
+    modes = [row["mode"] for row in read_rows(out / "data")]
+    assert modes.count("online") == online_requests  # none paid twice
+    assert modes.count("batch") == sum(b["request_counts"]["completed"] for b in in_batch.values())
+
+
+@pytest.mark.parametrize("then", ["batch", "online"])
+def test_a_sigkill_after_an_upload_before_its_id_is_saved_then_a_rerun_sends_each_row_once(tmp_path: Path,
+                                                                                           then: str) -> None:
+    with batch_emulator() as emu:
+        spec = _write_job(tmp_path, emu, 30)
+        killed = subprocess.run([sys.executable, "-c", KILLED_AFTER, str(spec), "/files"], env=dict(os.environ),
+                                capture_output=True, timeout=120)
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+        assert batches(emu) == []  # a file was uploaded, never used: nothing was paid for
+        outcome, lines = run(_write_job(tmp_path, emu, 30, mode=then))
+        assert outcome.exit_code == 0, lines
+        sent = [cid for ids in submitted_ids(emu) for cid in ids]
+        online_requests = emu.router_stats()["providers"]["together"]["requests"]
+    assert len(sent) == len(set(sent)) == (30 if then == "batch" else 0)
+    assert online_requests == (0 if then == "batch" else 30)
+    assert_every_id_once(tmp_path / "out" / "job", 30)
 
 
 @pytest.mark.parametrize("moment", ["one batch created", "every batch created", "a batch completed"])

@@ -172,6 +172,9 @@ class BatchDispatcher:
                 self.figures["found_after_a_crash"] += 1
                 self._echo(f"batches: found batch {found['id']} created before the last run stopped")
                 await asyncio.to_thread(self.ledger.created, intent, str(found["id"]))
+            elif self._fallen_due():  # its rows go online now: a batch made only to be cancelled costs for nothing
+                self._again.extend(self.ledger.members(intent))
+                await asyncio.to_thread(self.ledger.ended, intent, "never created")
             else:
                 await self._create(intent, self._endpoint_of(self.ledger.members(intent)))
 
@@ -257,6 +260,7 @@ class BatchDispatcher:
         await asyncio.to_thread(self.ledger.created, intent, str(batch["id"]))
         self._states[str(batch["id"])] = batch
         self.figures["submitted"] += 1
+        self.figures["rows"] += intent.rows
         self._echo(f"batches: submitted {batch['id']} with {intent.rows} rows")
 
     # ------------------------------------------------------------------ 3. polling
