@@ -317,7 +317,7 @@ def test_status_shows_batches_in_progress_and_completed_with_their_rows(tmp_path
 
 @pytest.mark.parametrize(("endpoint", "key", "said"), [
     ({"url": "http://127.0.0.1:9/v1", "model": "m", "batch": {"max_requests": 5}}, "endpoint.batch",
-     "only applies with mode: batch"),
+     "only applies with mode: batch (or flex"),
     ({"url": "http://127.0.0.1:9", "mode": "batch"}, "endpoint.mode", "only applies with endpoint.model"),
     ({"url": "http://127.0.0.1:9/v1", "model": "m", "mode": "offline"}, "endpoint.mode", "online, batch, flex"),
     ({"url": "http://127.0.0.1:9/v1", "model": "m", "mode": "batch", "batch": {"poll_every": "soon"}},

@@ -260,7 +260,8 @@ class EndpointSpec:
     price: PriceSpec | None = key(Shape("section", section=PriceSpec), "per-token price, USD per 1M tokens", None)
     #: batch: the provider's batch API (half the price, within hours); flex: its cheaper synchronous tier.
     mode: str = key(Shape("choice", choices=MODES), "online, batch (the batch API) or flex (a cheaper tier)", "online")
-    batch: BatchSpec | None = key(Shape("section", section=BatchSpec), "limits and polling of mode: batch", None)
+    batch: BatchSpec | None = key(Shape("section", section=BatchSpec),
+                                  "limits and polling of mode: batch (flex reads its discount)", None)
 
     @property
     def kind(self) -> str:

@@ -740,8 +740,8 @@ class _Parser:
         mode = self.key(EndpointSpec, data, "mode", prefix=prefix)
         if data.get("batch") is None:
             return {"mode": mode}
-        if mode != "batch":
-            raise self.error(f"{prefix}batch", "only applies with mode: batch")
+        if mode == "online":  # flex takes its discount from it
+            raise self.error(f"{prefix}batch", "only applies with mode: batch (or flex, for its discount)")
         batch = self.section(data["batch"], f"{prefix}batch", _BATCH_KEYS)
         return {"mode": mode, "batch": BatchSpec(**{k: self.key(BatchSpec, batch, k, prefix=f"{prefix}batch.")
                                                    for k in _BATCH_KEYS})}
