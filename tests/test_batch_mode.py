@@ -374,13 +374,15 @@ def test_max_bytes_splits_the_input_files(tmp_path: Path) -> None:
 
 def test_sigkills_at_random_moments_then_a_rerun_lose_and_repeat_nothing(tmp_path: Path) -> None:
     rng = random.Random(7)
-    with batch_emulator(completion_s=0.6) as emu:
+    with batch_emulator(completion_s=1.5) as emu:
         spec = _write_job(tmp_path, emu, 60)
         for turn in range(5):
             proc = start_run(spec, log=tmp_path / f"run-{turn}.log")
-            wait_until(lambda: len(batches(emu)) > 0, proc=proc, timeout=60)
-            time.sleep(rng.uniform(0.0, 0.8))  # a random moment while batches run or are collected
-            proc.kill()
+            if turn == 0:  # the first run is killed once it has submitted; the others at any moment of theirs
+                wait_until(lambda: len(batches(emu)) > 0, proc=proc, timeout=60)
+            time.sleep(rng.uniform(0.0, 1.0) if turn == 0 else rng.uniform(0.5, 2.5))
+            if proc.poll() is None:
+                proc.kill()
             proc.wait(timeout=60)
         outcome, lines = run(spec)
         assert outcome.exit_code == 0, lines
