@@ -404,3 +404,18 @@ def test_several_samples_per_row_each_get_their_own_line_and_record(tmp_path: Pa
     rows = read_rows(tmp_path / "out" / "job" / "data")
     assert sorted((row["id"], row["sample"]) for row in rows) == [(f"row-{i:05d}", s) for i in range(6)
                                                                   for s in range(3)]
+
+
+def test_an_api_without_a_batch_api_stops_the_job_saying_so_with_nothing_paid(tmp_path: Path) -> None:
+    from batchrun.transport import MockTransport, Response
+
+    def handler(request: Any) -> Response:
+        if request.url.endswith("/models"):
+            return Response(200, {}, json.dumps({"data": [{"id": LLAMA}]}).encode())
+        return Response(404, {}, b'{"error": {"message": "not found"}}')
+
+    endpoint = {"url": "http://127.0.0.1:9/v1", "model": LLAMA, "api_key_env": KEY_VARIABLE, "mode": "batch"}
+    spec = write_spec(tmp_path, endpoint=endpoint, input_path=write_topics(tmp_path / "in.parquet", 3))
+    outcome, lines = run(spec, transport=MockTransport(handler))
+    assert outcome.exit_code == 3
+    assert "has no batch API (POST /files answered 404)" in outcome.summary["stop_reason"]

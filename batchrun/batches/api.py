@@ -81,8 +81,14 @@ class BatchApi:
             data,
             f"\r\n--{boundary}--\r\n".encode(),
         ]
-        doc = await self._call("POST", "/files", body=b"".join(parts),
-                               content_type=f"multipart/form-data; boundary={boundary}")
+        try:
+            doc = await self._call("POST", "/files", body=b"".join(parts),
+                                   content_type=f"multipart/form-data; boundary={boundary}")
+        except BatchApiError as exc:
+            if exc.status in (404, 405):  # nothing was paid for: say what to do instead
+                raise BatchApiError(f"{redact(self.base)} has no batch API (POST /files answered {exc.status}): use "
+                                    "endpoint.mode online or flex with it", status=exc.status) from None
+            raise
         return str(doc["id"])
 
     async def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict[str, Any]:
