@@ -355,6 +355,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {spec.samples} samples per row: the counts below are samples, each an (id, sample) pair")
     print(f"  ok: {status.ok} {unit} in {status.data_shards} shard(s)")
     print(f"  failed: {status.failed} final, {status.failed_retryable} retryable (tried again on the next run)")
+    from .batches import describe_batches
+
+    batches = describe_batches(OutputStore(root))
+    if batches:
+        print(f"  {batches}")
     _print_remaining(spec, status)
     spent = Spent.from_record((OutputStore.parts(root)[0] if "://" in str(root) else OutputStore(root)).load_spend())
     if spent.runs:

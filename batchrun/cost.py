@@ -58,6 +58,7 @@ class CostMeter:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.unpriced_answers = 0  # answers no price was known for (their cost is not in usd)
+        self.saved_usd = 0.0  # what answers charged below the online price (batch, flex) did not cost
         self.dearest_answer_usd = 0.0  # the most one answer has cost: the budget's margin per request in flight
         self._token_usd = 0.0
         self._on_charge: list[Callable[[], None]] = []
@@ -97,8 +98,10 @@ class CostMeter:
         return self.provider_prices.get("") if provider is None else None
 
     def charge(self, prompt_tokens: int | None, completion_tokens: int | None, *,
-               provider: str | None = None) -> float | None:
-        """Count one answer's tokens; its cost in USD, or None when no price (or no token count) is known."""
+               provider: str | None = None, factor: float = 1.0) -> float | None:
+        """Count one answer's tokens; its cost in USD, or None when no price (or no token count) is known.
+
+        ``factor`` is the share of the online price it is charged at (a batch answer: the discount)."""
         prompt, completion = prompt_tokens or 0, completion_tokens or 0
         self.prompt_tokens += prompt
         self.completion_tokens += completion
@@ -106,8 +109,10 @@ class CostMeter:
         if price is None or (prompt_tokens is None and completion_tokens is None):
             self.unpriced_answers += 1
             return None
-        usd = price.usd(prompt, completion)
+        online = price.usd(prompt, completion)
+        usd = online * factor
         self._token_usd += usd
+        self.saved_usd += online - usd
         self.dearest_answer_usd = max(self.dearest_answer_usd, usd)
         for listener in self._on_charge:
             listener()
@@ -198,18 +203,22 @@ class Spent:
     usd: float = 0.0
     replica_hours: float = 0.0
     runs: int = 0
+    saved_usd: float = 0.0  # what batch (or flex) mode saved against the online price
 
     @classmethod
     def from_record(cls, record: dict[str, Any] | None) -> Spent:
         """Read back what :meth:`record` wrote; nothing (or something unreadable) is nothing spent."""
         try:
             return cls(usd=float(record["usd"]), replica_hours=float(record["replica_hours"]),
-                       runs=int(record["runs"])) if record else cls()
+                       runs=int(record["runs"]), saved_usd=float(record.get("saved_usd", 0.0))) if record else cls()
         except (KeyError, TypeError, ValueError):
             return cls()
 
     def record(self) -> dict[str, Any]:
-        return {"usd": self.usd, "replica_hours": self.replica_hours, "runs": self.runs}
+        record: dict[str, Any] = {"usd": self.usd, "replica_hours": self.replica_hours, "runs": self.runs}
+        if self.saved_usd:
+            record["saved_usd"] = self.saved_usd
+        return record
 
 
 class BudgetGuard:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchrun import run_record
+from batchrun.batches import BatchDispatcher, batch_dispatcher, held_rows, uses_batches
 from batchrun.committer import Committer, finish_in_thread
 from batchrun.cost import BudgetGuard, CostMeter, Spent
 from batchrun.dispatch import DispatchConfig, Dispatcher
@@ -102,9 +103,12 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     with catch_signals(stop, echo=options.echo, enabled=options.handle_signals):
         async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo,
                                 retry_failed=options.retry_failed) as output:
-            async with _pending_rows(pre, output.done, stop) as reader:
-                if await reader.has_pending():
-                    dispatch_stats = await _serve(pre, output, reader, tally, stop, options, started, pusher)
+            # Rows in a provider's batch not ended yet are pending for nothing else (batches/).
+            held = await asyncio.to_thread(held_rows, output.store, output.done)
+            async with _pending_rows(pre, held, stop) as reader:
+                if await reader.has_pending() or len(held):
+                    dispatch_stats = await _serve(pre, output, reader, tally, stop, options, started, pusher,
+                                                  held_batches=len(held) > 0)
                 elif reader.skipped == 0 and not spec.input.allow_empty:  # a streamed input turned out empty
                     raise InputError(empty_input_message(spec))
                 else:  # a finished job sends nothing and never touches the endpoint
@@ -129,7 +133,7 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
 
 async def _serve(
     pre: Preflight, output: _Output, reader: PendingRows, tally: Tally, stop: Stop, options: RunOptions,
-    started: _Started, pusher: _Pusher | None = None,
+    started: _Started, pusher: _Pusher | None = None, *, held_batches: bool = False,
 ) -> dict[str, Any]:
     """Acquire the endpoint, dispatch every pending row, commit, release: on every way out.
 
@@ -138,6 +142,7 @@ async def _serve(
     """
     committer = Committer(output.sink, interval_s=options.commit_interval_s)
     dispatcher: Dispatcher | None = None
+    batches: BatchDispatcher | None = None
     scores = _scoring_stage(pre, committer, tally)
     try:
         if scores is not None:  # the scorers load before the endpoint is touched
@@ -147,10 +152,12 @@ async def _serve(
             await _hold_dimension(pre.task, output.store)
             dispatcher = _dispatcher(pre, plane, committer, tally, scores, packing)
             pre.pool.attach(dispatcher)  # the others join as they become ready
+            if uses_batches(pre.spec) or held_batches:  # mode: batch, or batches an earlier run left
+                batches = _batches(pre, plane, output, committer, tally, options, started)
             try:
                 async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
                     await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher,
-                                    scores)
+                                    scores, batches)
             finally:
                 if scores is not None:
                     await _finish_scoring(scores, stop)
@@ -168,7 +175,10 @@ async def _serve(
     finally:
         if scores is not None:  # the endpoint never came: the scoring process ends all the same
             await scores.close()
-    return _dispatch_figures(dispatcher)
+    figures = _dispatch_figures(dispatcher)
+    if batches is not None:
+        figures["batches"] = {**batches.figures, "states": batches.states()}
+    return figures
 
 
 def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: Tally,
@@ -188,14 +198,7 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         invalid_output_retries=spec.retries.invalid_output,
         max_answer_bytes=answer_cap(spec),
     )
-    kept = pre.kept_columns
-    sampled = spec.samples > 1
-
-    def kept_columns(row: Row) -> dict[str, Any]:
-        values = {name: row.columns.get(name) for name in kept}
-        if sampled:  # a failure row says which sample failed
-            values[SAMPLE_COLUMN] = row.sample
-        return values
+    kept_columns = _kept_columns(pre)
 
     def on_record(record: Any) -> None:
         if scores is not None:  # a ScoredTask: scored off the event loop, then counted and committed
@@ -206,6 +209,35 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
 
     return Dispatcher(plane=plane, task=pre.task, config=config, on_record=on_record, kept_columns=kept_columns,
                       excuses=pre.pool.excuses, name=pre.pool.route_name(), rows_per_request=packing)
+
+
+def _kept_columns(pre: Preflight) -> Callable[[Row], dict[str, Any]]:
+    kept = pre.kept_columns
+    sampled = pre.spec.samples > 1
+
+    def kept_columns(row: Row) -> dict[str, Any]:
+        values = {name: row.columns.get(name) for name in kept}
+        if sampled:  # a failure row says which sample failed
+            values[SAMPLE_COLUMN] = row.sample
+        return values
+
+    return kept_columns
+
+
+def _batches(pre: Preflight, plane: DataPlane, output: _Output, committer: Committer, tally: Tally,
+             options: RunOptions, started: _Started) -> BatchDispatcher:
+    """The batch path (batches/): its records are counted and committed as the dispatcher's are."""
+    if getattr(pre.task, "scoring", None) is not None:
+        raise SpecError(pre.spec.file, "endpoint.mode", "mode: batch does not score answers yet; score the "
+                        "output afterwards, or run online")
+
+    def on_record(record: Any) -> None:
+        tally.count(record)
+        committer.add(record)
+
+    return batch_dispatcher(pre, plane, store=output.store, done=output.done, on_record=on_record,
+                            commit=committer.commit, kept_columns=_kept_columns(pre), started_at=started.monotonic,
+                            echo=options.echo, online_now=not uses_batches(pre.spec))
 
 
 def _scoring_stage(pre: Preflight, committer: Committer, tally: Tally) -> ScoringStage | None:
@@ -241,6 +273,7 @@ async def _finish_scoring(scores: ScoringStage, stop: Stop) -> None:
 async def _dispatch(
     dispatcher: Dispatcher, reader: PendingRows, committer: Committer, pre: Preflight, tally: Tally, stop: Stop,
     options: RunOptions, started: _Started, pusher: _Pusher | None = None, scores: ScoringStage | None = None,
+    batches: BatchDispatcher | None = None,
 ) -> None:
     """Send every pending row; meanwhile commit, show progress and watch the budget."""
     pool = pre.pool
@@ -254,7 +287,7 @@ async def _dispatch(
             done=tally.done, ok=tally.ok, failed=tally.failed, retries=stats.retries, in_flight=stats.in_flight,
             limit=stats.limit, output_tokens=tally.output_tokens, spent_usd=meter.usd,
             projected_usd=meter.projected_usd(done=tally.done, remaining=remaining, elapsed_s=started.elapsed()),
-            waiting_for=dispatcher.waiting_for(),
+            waiting_for=(batches.waiting_for() if batches is not None else None) or dispatcher.waiting_for(),
             endpoints=live_shares(pool, dispatcher.routes) if pool.several else (),
         )
 
@@ -276,9 +309,12 @@ async def _dispatch(
         background.append(asyncio.create_task(pusher.run_every(), name="push"))
     try:
         rows: AsyncIterator[Row] = reader.rows() if scores is None else scores.rows(reader.rows())
-        if dispatcher.rows_per_request is not None:  # several rows per request (packing.py)
-            rows = Packer(rows, dispatcher.rows_per_request, text_of=_text_of(pre.task))
-        await dispatcher.run(rows, stop)
+        if batches is not None:  # the batch API; online only for what the deadline's fallback sends there
+            await batches.run(rows, stop, online=lambda more: dispatcher.run(more, stop))
+        else:
+            if dispatcher.rows_per_request is not None:  # several rows per request (packing.py)
+                rows = Packer(rows, dispatcher.rows_per_request, text_of=_text_of(pre.task))
+            await dispatcher.run(rows, stop)
         stop.request(StopReason.DONE, "every pending row has its record")
     finally:
         for task in background:
@@ -310,8 +346,9 @@ LEDGER_EVERY_S = 5.0
 
 def _spent_so_far(pre: Preflight, meter: CostMeter) -> Spent:
     before = pre.spent
+    saved = sum(m.endpoint.meter.saved_usd for m in pre.pool.members)  # batch or flex mode, below the online price
     return Spent(usd=before.usd + (meter.usd or 0.0), replica_hours=before.replica_hours + meter.replica_seconds / 3600,
-                 runs=before.runs + 1)
+                 runs=before.runs + 1, saved_usd=before.saved_usd + saved)
 
 
 async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:
@@ -551,6 +588,9 @@ async def _summarize(
         if meter.per_token:
             cost.update(token_usd=round(meter.token_usd, 8), prompt_tokens=_token_sum(pre, "prompt_tokens"),
                         completion_tokens=_token_sum(pre, "completion_tokens"))
+            saved = sum(m.endpoint.meter.saved_usd for m in pre.pool.members)
+            if saved:  # batch (or flex) answers, below the online price
+                cost["saved_usd"] = round(saved, 8)
     rows = {
         "ok": tally.ok,
         "failed": tally.failed,

@@ -115,6 +115,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         else:
             billed = f"{cost['replica_hours']:.3f} replica-hours"
         lines.append(f"  cost: {format_usd(cost['usd'])} ({billed}){job}")
+    if cost.get("saved_usd"):  # batch (or flex) answers, below the online price
+        lines.append(f"  saved by batch/flex mode: {format_usd(cost['saved_usd'])} against the online price")
+    batches = summary.get("batches") or {}
+    if batches.get("submitted") or batches.get("collected"):
+        lines.append(f"  batches: {batches['submitted']} submitted, {batches['collected']} collected, "
+                     f"{batches.get('sent_again', 0)} rows sent again, {batches.get('online', 0)} answered online")
     lines.extend(_provenance_lines(summary))
     output = summary.get("output")
     if output:

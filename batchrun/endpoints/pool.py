@@ -73,7 +73,7 @@ class PoolMeter(CostMeter):
         self.per_token = any(m.per_token for m in meters)
 
     def charge(self, prompt_tokens: int | None, completion_tokens: int | None, *,
-               provider: str | None = None) -> float | None:
+               provider: str | None = None, factor: float = 1.0) -> float | None:
         """Members are charged their own answers."""
         raise TypeError("charge the meter of the endpoint that answered, not the pool's")
 

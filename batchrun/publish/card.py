@@ -258,7 +258,10 @@ def _cost(spend: dict[str, Any] | None) -> str:
     usd, hours, runs = spend.get("usd"), spend.get("replica_hours"), spend.get("runs")
     money = f"${usd:.4f}" if isinstance(usd, (int, float)) and usd else "price not known"
     if not hours and isinstance(usd, (int, float)) and usd:  # a serverless target: billed per token
-        return f"{money}; {runs} run(s), billed per token"
+        saved = spend.get("saved_usd")
+        mode = f", ${saved:.4f} less than the online price (batch mode)" if isinstance(saved, (int, float)) and saved \
+            else ""
+        return f"{money}; {runs} run(s), billed per token{mode}"
     return f"{money}; {runs} run(s), {float(hours or 0):.4f} replica-hours"
 
 

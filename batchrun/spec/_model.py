@@ -219,6 +219,22 @@ class LimitsSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BatchSpec:
+    """How a target in ``mode: batch`` uses the provider's batch API (batchrun/batches/)."""
+
+    max_requests: int = key(_COUNT, "requests per batch input file at most", 50_000)
+    max_bytes: int = key(_SIZE, "bytes per batch input file at most", 200 * 1000 * 1000)
+    poll_every: float = key(_DURATION, "how often running batches are asked for their state", 5.0)
+    fallback_online_after: float | None = key(_DURATION, "rows still in batches this long before budget.deadline "
+                                                         "are cancelled and sent online", None)
+    discount: float = key(_SHARE, "the batch price as a share of the online price", 0.5)
+
+
+#: How a serverless target is used: one request at a time, a provider's batch API, or its flex tier.
+MODES = ("online", "batch", "flex")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EndpointSpec:
     """Which server answers the requests, and what batchrun may do to its lifecycle.
 
@@ -268,6 +284,10 @@ class EndpointSpec:
     #: The lane's requests and tokens per minute, held by its rate gate (batchrun.rate).
     limits: LimitsSpec | None = key(Shape("section", section=LimitsSpec),
                                     "requests and tokens per minute to stay under", None)
+    #: batch: the provider's batch API (half the price, within hours); flex: its cheaper synchronous tier.
+    mode: str = key(Shape("choice", choices=MODES), "online, batch (the batch API) or flex (a cheaper tier)", "online")
+    batch: BatchSpec | None = key(Shape("section", section=BatchSpec),
+                                  "limits and polling of mode: batch (flex reads its discount)", None)
 
     @property
     def kind(self) -> str:

@@ -30,6 +30,7 @@ from batchrun.spec._model import (
     OPENAI_BATCH_ID,
     OPENAI_BATCH_TASK,
     SEED_MAX,
+    BatchSpec,
     BudgetSpec,
     ConcurrencySpec,
     DatasetSpec,
@@ -128,7 +129,8 @@ _PRICE_KEYS = spec_keys(PriceSpec)
 # The tasks a serverless target serves through batchrun (OpenAI's chat and completions routes).
 _SERVERLESS_TASKS = ("chat-completion", "text-generation")
 # The keys of a serverless target (the router, a url's API): refused for the other kinds.
-_PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price")
+_PER_TOKEN_KEYS = ("model", "router_url", "api_key_env", "price", "mode", "batch")
+_BATCH_KEYS = spec_keys(BatchSpec)
 _LIMITS_KEYS = spec_keys(LimitsSpec)
 _BUDGET_KEYS = spec_keys(BudgetSpec)
 _CONCURRENCY_KEYS = spec_keys(ConcurrencySpec)
@@ -805,7 +807,7 @@ class _Parser:
                     raise self.error(f"{prefix}{key}", "only applies with endpoint.provider or endpoint.url")
             return {}
         if kind == "url" and "model" not in data:
-            for key in ("router_url", "api_key_env", "price"):
+            for key in ("router_url", "api_key_env", "price", "mode", "batch"):
                 if key in data:
                     raise self.error(f"{prefix}{key}", "only applies with endpoint.model (an OpenAI-compatible API "
                                      "billed per token) or endpoint.provider")
@@ -847,6 +849,7 @@ class _Parser:
             price = self.section(data["price"], f"{prefix}price", _PRICE_KEYS)
             values["price"] = PriceSpec(**{k: self.key(PriceSpec, price, k, prefix=f"{prefix}price.")
                                            for k in _PRICE_KEYS})
+        values.update(self.mode(data, prefix))
         return values
 
     def limits(self, data: Any, where: str) -> LimitsSpec | None:
@@ -856,6 +859,17 @@ class _Parser:
         prefix = where + "."
         return LimitsSpec(rpm=self.key(LimitsSpec, data, "rpm", prefix=prefix),
                           tpm=self.key(LimitsSpec, data, "tpm", prefix=prefix))
+
+    def mode(self, data: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+        """``mode`` and its ``batch`` section: the batch API's limits and polling (batchrun/batches/)."""
+        mode = self.key(EndpointSpec, data, "mode", prefix=prefix)
+        if data.get("batch") is None:
+            return {"mode": mode}
+        if mode == "online":  # flex takes its discount from it
+            raise self.error(f"{prefix}batch", "only applies with mode: batch (or flex, for its discount)")
+        batch = self.section(data["batch"], f"{prefix}batch", _BATCH_KEYS)
+        return {"mode": mode, "batch": BatchSpec(**{k: self.key(BatchSpec, batch, k, prefix=f"{prefix}batch.")
+                                                   for k in _BATCH_KEYS})}
 
     def scale(self, data: Any) -> ScaleSpec | None:
         if data is None:

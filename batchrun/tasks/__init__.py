@@ -101,7 +101,8 @@ def make_task(spec: JobSpec) -> Task:
     if any(e.per_token for e in spec.all_endpoints):  # innermost hook: it sees (and bills) every answer
         from batchrun.tasks.billed import BilledTask
 
-        task = BilledTask(task)
+        target = spec.endpoint
+        task = BilledTask(task, mode=target.mode, discount=target.batch.discount if target.batch else 0.5)
     seed = spec.parameters.get("seed")
     from batchrun.spec import per_row_job_seed
 

@@ -8,6 +8,8 @@ records, in every result row:
     cached_tokens     ``usage.prompt_tokens_details.cached_tokens``, where the answer gives it
     reasoning_tokens  ``usage.completion_tokens_details.reasoning_tokens``, where the answer gives it
     cost_usd          the answer's tokens at the price of the endpoint (and provider) that answered
+    mode              online, batch (collected from a provider's batch API) or flex; batch and flex answers
+                      are charged ``discount`` x the online price
 
 :meth:`BilledTask.parse` reads the first three from each answer; :meth:`BilledTask.accept` (the answer
 hook; it sees every answer the dispatcher parsed, a redrawn one too) charges the answering endpoint's
@@ -38,13 +40,14 @@ BILLED_COLUMNS = (
     pa.field("cached_tokens", pa.int64()),
     pa.field("reasoning_tokens", pa.int64()),
     pa.field("cost_usd", pa.float64()),
+    pa.field("mode", pa.string()),
 )
 
 
 class BilledTask(ColumnsLayer):
     """``inner``, whose output schema ends with :data:`BILLED_COLUMNS`."""
 
-    def __init__(self, inner: Task) -> None:
+    def __init__(self, inner: Task, *, mode: str = "online", discount: float = 0.5) -> None:
         clash = [f.name for f in BILLED_COLUMNS if f.name in inner.output_schema.names]
         if clash:
             raise ValueError(f"the {', '.join(clash)} column clashes with an output column of task {inner.name}")
@@ -54,6 +57,17 @@ class BilledTask(ColumnsLayer):
             schema = schema.append(column)
         self.output_schema = schema
         self.meters: dict[str, CostMeter] = {}
+        self.mode = mode
+        self.discount = discount
+
+    def prepare(self, row: Any) -> PreparedRequest:
+        """The inner task's request; in ``mode: flex``, asking for the provider's flex tier."""
+        request = self.inner.prepare(row)
+        if self.mode != "flex":
+            return request
+        from dataclasses import replace
+
+        return replace(request, payload={**request.payload, "service_tier": "flex"})
 
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """The inner task's columns, with the provider and the cached and reasoning tokens."""
@@ -75,14 +89,18 @@ class BilledTask(ColumnsLayer):
         return outputs
 
     def accept(self, request: PreparedRequest, outputs: dict[str, Any], *, endpoint: str) -> dict[str, Any]:
-        """``outputs`` with the answer's cost, charged to the meter of the endpoint that answered."""
+        """``outputs`` with the answer's cost, charged to the meter of the endpoint that answered.
+
+        An answer collected from a batch comes with ``mode`` set already; any other is this job's mode."""
         meter = self.meters.get(endpoint)
         if meter is None and len(self.meters) == 1:
             meter = next(iter(self.meters.values()))
+        mode = outputs.get("mode") or ("flex" if self.mode == "flex" else "online")
+        outputs["mode"] = mode
         cost = None
         if meter is not None:
             cost = meter.charge(outputs.get("prompt_tokens"), outputs.get("completion_tokens"),
-                                provider=outputs.get("provider"))
+                                provider=outputs.get("provider"), factor=1.0 if mode == "online" else self.discount)
         outputs["cost_usd"] = cost
         return outputs
 

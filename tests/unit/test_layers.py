@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "batchrun.tasks": 4, "batchrun.packing": 4,
     "batchrun.endpoints": 5,
     "batchrun.dispatch": 6, "batchrun.dispatch_stats": 6, "batchrun.retry": 6, "batchrun.routing": 6,
+    "batchrun.batches": 6,
     # 7 the steps of a run, and the commands' work on outputs and runs
     "batchrun.preflight": 7, "batchrun.committer": 7, "batchrun.tally": 7, "batchrun.summary": 7,
     "batchrun.provenance": 7, "batchrun.run_record": 7, "batchrun.shards": 7, "batchrun.compare": 7,
