@@ -190,7 +190,11 @@ class EndpointPool:
             combined.acquired_at = min(r.acquired_at for r in acquired if r.acquired_at is not None)
             ready = [r.ready_at for r in acquired if r.ready_at is not None]
             combined.ready_at = min(ready) if ready else None
-        combined.final_action = ", ".join(f"{m.name}: {m.endpoint.record.final_action}" for m in self.members)
+        # Only the endpoints batchrun put down (or kept) say what it did: a url or a serverless target has no
+        # lifecycle, and "none" for each of them tells a reader nothing.
+        done = [(m.name, m.endpoint.record.final_action) for m in self.members]
+        done = [(name, action) for name, action in done if action and action != "none"]
+        combined.final_action = ", ".join(f"{name}: {action}" for name, action in done) or "none"
         return combined
 
     def excuses(self, failure: RequestFailed) -> bool:
