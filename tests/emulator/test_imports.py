@@ -81,7 +81,8 @@ def test_the_graph_sees_the_imports_it_must_see():
     graph = import_graph()
     assert "batchrun.emulator.control_plane" in graph["batchrun.emulator.server"]
     assert "batchrun.emulator.vision" in graph["batchrun.emulator.data_plane"]  # from batchrun.emulator import vision
-    assert "batchrun.errors" in graph["batchrun.cli"]  # a relative import
+    assert "batchrun.errors" in graph["batchrun.cli"]  # an absolute import
+    assert "batchrun.cli.parser" in graph["batchrun.cli"]  # a relative import, from a package's __init__
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
