@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The `batchrun` command line, its help included."""
     parser = argparse.ArgumentParser(
         prog="batchrun",
-        description="Run big offline inference jobs against Hugging Face Inference Endpoints: resume the endpoint, "
-        "fan requests out with backpressure and retries, write Parquet, resume after any crash, pause the endpoint.",
+        description="Run big offline inference jobs on Hugging Face Inference Endpoints (resumed, then paused on "
+        "every way out), Inference Providers, OpenAI-compatible APIs and their batch APIs, or TEI: requests fanned "
+        "out with backpressure, rate limits and retries, results in Parquet exactly once, resumable after any crash.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
