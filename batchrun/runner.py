@@ -11,6 +11,12 @@
 
 One :class:`~batchrun.stop.Stop` carries why the job ends; signals reach it from one place
 (:func:`~batchrun.stop.catch_signals`), as do the budget, the failure threshold and the endpoint.
+
+The steps share one frozen :class:`RunContext`, built once after preflight. While rows are sent, the
+committer, the progress, the budget guard, the spending ledger and the periodic push run under one
+``asyncio.TaskGroup``, ended before the endpoint is released. The run's extras (its record and
+provenance, the comparison, the notification, the push) are :class:`~batchrun.run_record.RunHook`
+implementations, called by :func:`run_job` at three fixed points: started, finished, after.
 """
 
 from __future__ import annotations
