@@ -5,7 +5,11 @@ it only orders the steps.
     start_run    the run's provenance: its id, the endpoint's model and revision, the parameters sent
     job_fields   what state/job.json adds: run_id, provenance
     finish_run   the end time, revision changes and score aggregates into the summary and job.json
-    after_run    the comparison with a previous run (when asked) and the webhook notification
+
+The per-run extras are hooks (:class:`RunHook`) that the runner calls at three fixed points:
+``started`` once preflight has passed, ``finished`` once the summary is built (before it is written),
+``after`` once it is printed. :class:`RunRecord` keeps the provenance, :class:`Comparison` compares
+with a previous run when asked, :class:`Notification` posts the webhook; the push is the runner's.
 """
 
 from __future__ import annotations
@@ -14,18 +18,49 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from batchrun.errors import BatchrunError, register_secret
 from batchrun.provenance import RunProvenance, endpoint_fields, now_iso, resolve_output, sent_parameters
 from batchrun.spec import JobSpec
 
 if TYPE_CHECKING:
+    from batchrun.notify import NotifySpec
     from batchrun.output import OutputStore
     from batchrun.preflight import Preflight
+    from batchrun.stop import Stop
     from batchrun.tally import Tally
 
-__all__ = ["after_run", "finish_run", "job_fields", "start_run", "this_run"]
+__all__ = [
+    "Comparison", "Notification", "RunFacts", "RunHook", "RunRecord", "finish_run", "job_fields", "start_run",
+    "this_run",
+]
+
+
+class RunFacts(Protocol):
+    """What a hook may read of the run (the runner's ``RunContext`` is one)."""
+
+    @property
+    def pre(self) -> Preflight: ...
+    @property
+    def tally(self) -> Tally: ...
+    @property
+    def stop(self) -> Stop: ...
+    @property
+    def echo(self) -> Callable[[str], None]: ...
+
+
+class RunHook(Protocol):
+    """An extra of the run, called by the runner at fixed points; none of them changes the exit code."""
+
+    async def started(self, run: RunFacts) -> None:
+        """Preflight has passed; the output is not open yet."""
+
+    async def finished(self, run: RunFacts, store: OutputStore, summary: dict[str, Any]) -> None:
+        """The summary is built (and may still gain fields); it is written next."""
+
+    async def after(self, run: RunFacts, summary: dict[str, Any]) -> None:
+        """The summary is written and printed; the output is closed and unlocked."""
 
 
 def this_run(spec: JobSpec) -> tuple[JobSpec, str]:
@@ -90,24 +125,69 @@ def _score_figures(root: Any, scoring: Any) -> dict[str, Any]:
     return figures
 
 
-async def after_run(pre: Preflight, summary: dict[str, Any], *, compare_with: str | None,
-                    echo: Callable[[str], None]) -> None:
-    """Compare with an earlier run when asked, then post the notification. Neither changes the exit code."""
-    verdict = None
-    if compare_with is not None:
+class RunRecord:
+    """The run's provenance: started from what preflight found, finished into the summary and job.json."""
+
+    def __init__(self, run_id: str, *, fresh: bool) -> None:
+        self.run_id = run_id
+        self.fresh = fresh
+
+    async def started(self, run: RunFacts) -> None:
+        run.pre.run = await start_run(run.pre, self.run_id, run.tally, fresh=self.fresh)
+
+    async def finished(self, run: RunFacts, store: OutputStore, summary: dict[str, Any]) -> None:
+        await finish_run(run.pre, store, summary)
+
+    async def after(self, run: RunFacts, summary: dict[str, Any]) -> None:
+        pass
+
+
+class Comparison:
+    """``--compare``: the run compared with an earlier one; its verdict goes with the notification."""
+
+    def __init__(self, compare_with: str | None) -> None:
+        self.compare_with = compare_with
+        self.verdict: dict[str, Any] | None = None
+
+    async def started(self, run: RunFacts) -> None:
+        pass
+
+    async def finished(self, run: RunFacts, store: OutputStore, summary: dict[str, Any]) -> None:
+        pass
+
+    async def after(self, run: RunFacts, summary: dict[str, Any]) -> None:
+        if self.compare_with is None:
+            return
         from batchrun.compare import compare_runs, find_previous
 
+        echo = run.echo
         try:
-            other = find_previous(summary["output"]) if compare_with == "previous" else compare_with
+            other = find_previous(summary["output"]) if self.compare_with == "previous" else self.compare_with
             if other is None:
                 echo("compare: no previous run to compare with")
             else:
                 report = await asyncio.to_thread(compare_runs, other, summary["output"])
-                verdict = report.verdict()
-                echo(f"compare with {other}: {verdict['verdict']}")
+                self.verdict = report.verdict()
+                echo(f"compare with {other}: {self.verdict['verdict']}")
         except BatchrunError as exc:
             echo(f"compare: {exc}")
-    if pre.spec.notify is not None:
+
+
+class Notification:
+    """``notify``: the webhook, posted once the run is over, with the comparison's verdict when there is one."""
+
+    def __init__(self, notify: NotifySpec, comparison: Comparison | None = None) -> None:
+        self.notify = notify
+        self.comparison = comparison
+
+    async def started(self, run: RunFacts) -> None:
+        pass
+
+    async def finished(self, run: RunFacts, store: OutputStore, summary: dict[str, Any]) -> None:
+        pass
+
+    async def after(self, run: RunFacts, summary: dict[str, Any]) -> None:
         from batchrun.notify import build_payload, post_notification
 
-        await post_notification(pre.spec.notify, build_payload(summary, verdict), echo=echo)
+        verdict = self.comparison.verdict if self.comparison is not None else None
+        await post_notification(self.notify, build_payload(summary, verdict), echo=run.echo)

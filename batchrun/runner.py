@@ -11,6 +11,12 @@
 
 One :class:`~batchrun.stop.Stop` carries why the job ends; signals reach it from one place
 (:func:`~batchrun.stop.catch_signals`), as do the budget, the failure threshold and the endpoint.
+
+The steps share one frozen :class:`RunContext`, built once after preflight. While rows are sent, the
+committer, the progress, the budget guard, the spending ledger and the periodic push run under one
+``asyncio.TaskGroup``, ended before the endpoint is released. The run's extras (its record and
+provenance, the comparison, the notification, the push) are :class:`~batchrun.run_record.RunHook`
+implementations, called by :func:`run_job` at three fixed points: started, finished, after.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import contextlib
 import datetime as dt
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +86,31 @@ class RunOptions:
     stop: Stop | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunContext:
+    """One run's facts, built once after preflight and handed to each step (and hook) whole.
+
+    The output and the pending rows are not in it: each is a resource opened and closed by its own
+    ``async with``, handed to the steps inside it.
+    """
+
+    pre: Preflight  # the spec, as this run resolved it, is pre.spec
+    options: RunOptions
+    tally: Tally
+    stop: Stop
+    started: _Started
+    pusher: _Pusher | None  # output.push_to_hub: the periodic push runs in the background
+    hooks: tuple[run_record.RunHook, ...]  # the extras, called at fixed points by run_job
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.pre.spec
+
+    @property
+    def echo(self) -> Callable[[str], None]:
+        return self.options.echo
+
+
 async def run_job(spec: JobSpec, options: RunOptions | None = None) -> JobOutcome:
     """Run (or resume) a job. Returns its outcome; raises exit-2 errors before anything is touched."""
     options = options or RunOptions()
@@ -92,72 +123,106 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     stop = options.stop if options.stop is not None else Stop(grace_s=options.grace_s, echo=options.echo)
     spec, run_id = run_record.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
     pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
+    pre = await _preflight(spec, stop, options)
+    tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
+    run = RunContext(pre=pre, options=options, tally=tally, stop=stop, started=started, pusher=pusher,
+                     hooks=_hooks(pre.spec, run_id, options, pusher))
+    for hook in run.hooks:
+        await hook.started(run)
+    with catch_signals(stop, echo=options.echo, enabled=options.handle_signals):
+        summary = await _run_and_summarize(run)
+    options.echo(format_summary(summary))
+    for hook in run.hooks:
+        await hook.after(run, summary)
+    return _outcome(run, summary)
+
+
+async def _preflight(spec: JobSpec, stop: Stop, options: RunOptions) -> Preflight:
+    """Everything checked before anything costs money (preflight.py); a replaced value is said."""
     pre = await preflight(spec, check_endpoint=True, fresh=options.fresh, stop=stop, echo=options.echo,
                           poll_interval_s=options.poll_interval_s, retry_failed=options.retry_failed)
     replaced = unencodable_note(pre.unencodable)
     if replaced:
         options.echo(f"note: {replaced}")
-    tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
-    pre.run = await run_record.start_run(pre, run_id, tally, fresh=options.fresh)
-    dispatch_stats: dict[str, Any] = {}
-    with catch_signals(stop, echo=options.echo, enabled=options.handle_signals):
-        async with _open_output(pre, stop, fresh=options.fresh, echo=options.echo,
-                                retry_failed=options.retry_failed) as output:
-            # Rows in a provider's batch not ended yet are pending for nothing else (batches/).
-            held = await asyncio.to_thread(held_rows, output.store, output.done)
-            async with _pending_rows(pre, held, stop) as reader:
-                if await reader.has_pending() or len(held):
-                    dispatch_stats = await _serve(pre, output, reader, tally, stop, options, started, pusher,
-                                                  held_batches=len(held) > 0)
-                elif reader.skipped == 0 and not spec.input.allow_empty:  # a streamed input turned out empty
-                    raise InputError(empty_input_message(spec))
-                else:  # a finished job sends nothing and never touches the endpoint
-                    stop.request(StopReason.DONE, "every row already has its record")
-                    options.echo(f"nothing to do: every row of {spec.name} already has a result or a final failure")
-                tally.skipped = reader.skipped
-            await output.close()
-            summary = await _summarize(pre, output.store, tally, dispatch_stats, stop, started)
-            await run_record.finish_run(pre, output.store, summary)
-            await _write_summary(output.store, summary, options.echo)
-    options.echo(format_summary(summary))
-    await run_record.after_run(pre, summary, compare_with=options.compare_with, echo=options.echo)
-    if stop.cause is not None and stop.cause.reason is StopReason.AUTH:
-        if tally.done == 0:
-            raise AuthError(stop.cause.detail)  # exit 2: nothing ran, nor can until the token is fixed
+    return pre
+
+
+def _hooks(spec: JobSpec, run_id: str, options: RunOptions, pusher: _Pusher | None) -> tuple[run_record.RunHook, ...]:
+    """The run's extras, in the order they are called: the record, the comparison, the notification
+    (which carries the comparison's verdict), the push."""
+    comparison = run_record.Comparison(options.compare_with)
+    hooks: list[run_record.RunHook] = [run_record.RunRecord(run_id, fresh=options.fresh), comparison]
+    if spec.notify is not None:
+        hooks.append(run_record.Notification(spec.notify, comparison))
+    if pusher is not None:
+        hooks.append(pusher)
+    return tuple(hooks)
+
+
+async def _run_and_summarize(run: RunContext) -> dict[str, Any]:
+    """Open the output, serve the pending rows, close it; the summary built, finished by the hooks, written."""
+    async with _open_output(run) as output:
+        # Rows in a provider's batch not ended yet are pending for nothing else (batches/).
+        held = await asyncio.to_thread(held_rows, output.store, output.done)
+        async with _pending_rows(run.pre, held, run.stop) as reader:
+            figures = await _serve_pending(run, output, reader, held_batches=len(held) > 0)
+            run.tally.skipped = reader.skipped
+        await output.close()
+        summary = await _summarize(run, output.store, figures)
+        for hook in run.hooks:
+            await hook.finished(run, output.store, summary)
+        await _write_summary(output.store, summary, run.echo)
+    return summary
+
+
+async def _serve_pending(run: RunContext, output: _Output, reader: PendingRows, *,
+                         held_batches: bool) -> dict[str, Any]:
+    """Serve the pending rows, if any; a finished job sends nothing and never touches the endpoint."""
+    spec = run.spec
+    if await reader.has_pending() or held_batches:
+        return await _serve(run, output, reader, held_batches=held_batches)
+    if reader.skipped == 0 and not spec.input.allow_empty:  # a streamed input turned out empty
+        raise InputError(empty_input_message(spec))
+    run.stop.request(StopReason.DONE, "every row already has its record")
+    run.echo(f"nothing to do: every row of {spec.name} already has a result or a final failure")
+    return {}
+
+
+def _outcome(run: RunContext, summary: dict[str, Any]) -> JobOutcome:
+    cause = run.stop.cause
+    if cause is not None and cause.reason is StopReason.AUTH:
+        if run.tally.done == 0:
+            raise AuthError(cause.detail)  # exit 2: nothing ran, nor can until the token is fixed
         # rows were saved: stopped early, resumable (no push)
         return JobOutcome(exit_code=ExitCode.STOPPED_EARLY, summary=summary)
-    if pusher is not None:
-        await pusher.push(final=True)
     return JobOutcome(exit_code=ExitCode(summary["exit_code"]), summary=summary)
 
 
-async def _serve(
-    pre: Preflight, output: _Output, reader: PendingRows, tally: Tally, stop: Stop, options: RunOptions,
-    started: _Started, pusher: _Pusher | None = None, *, held_batches: bool = False,
-) -> dict[str, Any]:
+async def _serve(run: RunContext, output: _Output, reader: PendingRows, *, held_batches: bool = False
+                 ) -> dict[str, Any]:
     """Acquire the endpoint, dispatch every pending row, commit, release: on every way out.
 
     Anything batchrun raises once the output is open ends the job as stopped early (resumable): the
     reason goes to the stop, the endpoint is released, and the summary is written.
     """
-    committer = Committer(output.sink, interval_s=options.commit_interval_s)
+    pre, stop = run.pre, run.stop
+    committer = Committer(output.sink, interval_s=run.options.commit_interval_s)
     dispatcher: Dispatcher | None = None
     batches: BatchDispatcher | None = None
-    scores = _scoring_stage(pre, committer, tally)
+    scores = _scoring_stage(pre, committer, run.tally)
     try:
         if scores is not None:  # the scorers load before the endpoint is touched
             await _start_scoring(scores, pre)
         async with pre.pool as plane:  # every endpoint resumed at once; here once the first is ready
             packing = await rows_per_request(pre.task, pre.spec, plane)  # TEI's batch routes: rows per request
             await _hold_dimension(pre.task, output.store)
-            dispatcher = _dispatcher(pre, plane, committer, tally, scores, packing)
+            dispatcher = _dispatcher(run, plane, committer, scores, packing)
             pre.pool.attach(dispatcher)  # the others join as they become ready
             if uses_batches(pre.spec) or held_batches:  # mode: batch, or batches an earlier run left
-                batches = _batches(pre, plane, output, committer, tally, options, started)
+                batches = _batches(run, plane, output, committer)
             try:
-                async with watch_revision(pre.run, plane, interval_s=options.revision_poll_s, echo=options.echo):
-                    await _dispatch(dispatcher, reader, committer, pre, tally, stop, options, started, pusher,
-                                    scores, batches)
+                async with watch_revision(pre.run, plane, interval_s=run.options.revision_poll_s, echo=run.echo):
+                    await _dispatch(run, reader, committer, dispatcher, scores, batches)
             finally:
                 if scores is not None:
                     await _finish_scoring(scores, stop)
@@ -181,14 +246,13 @@ async def _serve(
     return figures
 
 
-def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: Tally,
-                scores: ScoringStage | None = None, packing: RowsPerRequest | None = None) -> Dispatcher:
-    spec = pre.spec
+def _dispatch_config(spec: JobSpec, packing: RowsPerRequest | None) -> DispatchConfig:
+    """The dispatcher's settings, from the spec's concurrency, retries and timeouts."""
     initial = min(spec.concurrency.initial, spec.concurrency.max)
     fits = packing.requests_in_flight() if packing is not None else None
     if fits is not None:  # TEI counts inputs in flight: start within its budget, the limit finds the rest
         initial = min(initial, fits)
-    config = DispatchConfig(
+    return DispatchConfig(
         max_concurrency=spec.concurrency.max,
         initial_concurrency=initial,
         request_timeout_s=spec.request_timeout,
@@ -198,7 +262,11 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         invalid_output_retries=spec.retries.invalid_output,
         max_answer_bytes=answer_cap(spec),
     )
-    kept_columns = _kept_columns(pre)
+
+
+def _dispatcher(run: RunContext, plane: DataPlane, committer: Committer,
+                scores: ScoringStage | None = None, packing: RowsPerRequest | None = None) -> Dispatcher:
+    pre, tally = run.pre, run.tally
 
     def on_record(record: Any) -> None:
         if scores is not None:  # a ScoredTask: scored off the event loop, then counted and committed
@@ -207,8 +275,9 @@ def _dispatcher(pre: Preflight, plane: DataPlane, committer: Committer, tally: T
         tally.count(record)
         committer.add(record)
 
-    return Dispatcher(plane=plane, task=pre.task, config=config, on_record=on_record, kept_columns=kept_columns,
-                      excuses=pre.pool.excuses, name=pre.pool.route_name(), rows_per_request=packing)
+    return Dispatcher(plane=plane, task=pre.task, config=_dispatch_config(pre.spec, packing), on_record=on_record,
+                      kept_columns=_kept_columns(pre), excuses=pre.pool.excuses, name=pre.pool.route_name(),
+                      rows_per_request=packing)
 
 
 def _kept_columns(pre: Preflight) -> Callable[[Row], dict[str, Any]]:
@@ -224,9 +293,9 @@ def _kept_columns(pre: Preflight) -> Callable[[Row], dict[str, Any]]:
     return kept_columns
 
 
-def _batches(pre: Preflight, plane: DataPlane, output: _Output, committer: Committer, tally: Tally,
-             options: RunOptions, started: _Started) -> BatchDispatcher:
+def _batches(run: RunContext, plane: DataPlane, output: _Output, committer: Committer) -> BatchDispatcher:
     """The batch path (batches/): its records are counted and committed as the dispatcher's are."""
+    pre, tally = run.pre, run.tally
     if getattr(pre.task, "scoring", None) is not None:
         raise SpecError(pre.spec.file, "endpoint.mode", "mode: batch does not score answers yet; score the "
                         "output afterwards, or run online")
@@ -236,8 +305,8 @@ def _batches(pre: Preflight, plane: DataPlane, output: _Output, committer: Commi
         committer.add(record)
 
     return batch_dispatcher(pre, plane, store=output.store, done=output.done, on_record=on_record,
-                            commit=committer.commit, kept_columns=_kept_columns(pre), started_at=started.monotonic,
-                            echo=options.echo, online_now=not uses_batches(pre.spec))
+                            commit=committer.commit, kept_columns=_kept_columns(pre),
+                            started_at=run.started.monotonic, echo=run.echo, online_now=not uses_batches(pre.spec))
 
 
 def _scoring_stage(pre: Preflight, committer: Committer, tally: Tally) -> ScoringStage | None:
@@ -271,11 +340,54 @@ async def _finish_scoring(scores: ScoringStage, stop: Stop) -> None:
 
 
 async def _dispatch(
-    dispatcher: Dispatcher, reader: PendingRows, committer: Committer, pre: Preflight, tally: Tally, stop: Stop,
-    options: RunOptions, started: _Started, pusher: _Pusher | None = None, scores: ScoringStage | None = None,
-    batches: BatchDispatcher | None = None,
+    run: RunContext, reader: PendingRows, committer: Committer, dispatcher: Dispatcher,
+    scores: ScoringStage | None = None, batches: BatchDispatcher | None = None,
 ) -> None:
-    """Send every pending row; meanwhile commit, show progress and watch the budget."""
+    """Send every pending row; meanwhile commit, show progress and watch the budget (in the background)."""
+    pre, stop = run.pre, run.stop
+    meter = pre.pool.meter
+    reporter = _reporter(run, reader, dispatcher, batches)
+    guard = BudgetGuard(max_usd=pre.spec.budget.max_usd, deadline_s=pre.spec.budget.deadline,
+                        margin_s=min(run.options.grace_s, pre.spec.request_timeout) + 2.0,
+                        started_at=run.started.monotonic, spent_before=pre.spent.usd,
+                        in_flight=lambda: dispatcher.stats.in_flight)
+    limits = guard.describe(meter)
+    if limits:
+        run.echo(f"limits: {limits}")
+    reporter.start()
+    try:
+        background = {
+            "committer": _stop_on_error(committer.run(), stop),  # a failed commit stops the job
+            "progress": _quietly(reporter.run()),
+            "budget": _quietly(guard.watch(meter, stop)),
+            "spend": _quietly(_keep_spending_ledger(pre, meter)),
+        }
+        if run.pusher is not None and run.pusher.every_s is not None:
+            background["push"] = _quietly(run.pusher.run_every())
+        async with _in_background(background):
+            await _send(run, reader, dispatcher, scores, batches)
+    finally:
+        reporter.close()
+
+
+async def _send(run: RunContext, reader: PendingRows, dispatcher: Dispatcher, scores: ScoringStage | None,
+                batches: BatchDispatcher | None) -> None:
+    """Every pending row through the dispatcher (or the batch API); the stop then says the job is done."""
+    stop = run.stop
+    rows: AsyncIterator[Row] = reader.rows() if scores is None else scores.rows(reader.rows())
+    if batches is not None:  # the batch API; online only for what the deadline's fallback sends there
+        await batches.run(rows, stop, online=lambda more: dispatcher.run(more, stop))
+    else:
+        if dispatcher.rows_per_request is not None:  # several rows per request (packing.py)
+            rows = Packer(rows, dispatcher.rows_per_request, text_of=_text_of(run.pre.task))
+        await dispatcher.run(rows, stop)
+    stop.request(StopReason.DONE, "every pending row has its record")
+
+
+def _reporter(run: RunContext, reader: PendingRows, dispatcher: Dispatcher,
+              batches: BatchDispatcher | None) -> ProgressReporter:
+    """The progress bar (or the periodic line), fed by a snapshot of the tally, the dispatcher and the meter."""
+    pre, tally = run.pre, run.tally
     pool = pre.pool
     meter = pool.meter
     total = None if pre.count is None else max(0, pre.count - reader.skipped)
@@ -286,41 +398,33 @@ async def _dispatch(
         return Snapshot(
             done=tally.done, ok=tally.ok, failed=tally.failed, retries=stats.retries, in_flight=stats.in_flight,
             limit=stats.limit, output_tokens=tally.output_tokens, spent_usd=meter.usd,
-            projected_usd=meter.projected_usd(done=tally.done, remaining=remaining, elapsed_s=started.elapsed()),
+            projected_usd=meter.projected_usd(done=tally.done, remaining=remaining,
+                                              elapsed_s=run.started.elapsed()),
             waiting_for=(batches.waiting_for() if batches is not None else None) or dispatcher.waiting_for(),
             endpoints=live_shares(pool, dispatcher.routes) if pool.several else (),
         )
 
-    reporter = ProgressReporter(snapshot, total=total, mode=options.progress, interval_s=options.summary_interval_s)
-    guard = BudgetGuard(max_usd=pre.spec.budget.max_usd, deadline_s=pre.spec.budget.deadline,
-                        margin_s=min(options.grace_s, pre.spec.request_timeout) + 2.0, started_at=started.monotonic,
-                        spent_before=pre.spent.usd, in_flight=lambda: dispatcher.stats.in_flight)
-    limits = guard.describe(meter)
-    if limits:
-        options.echo(f"limits: {limits}")
-    reporter.start()
-    background = [
-        asyncio.create_task(_stop_on_error(committer.run(), stop), name="committer"),
-        asyncio.create_task(reporter.run(), name="progress"),
-        asyncio.create_task(guard.watch(meter, stop), name="budget"),
-        asyncio.create_task(_keep_spending_ledger(pre, meter), name="spend"),
-    ]
-    if pusher is not None and pusher.every_s is not None:
-        background.append(asyncio.create_task(pusher.run_every(), name="push"))
-    try:
-        rows: AsyncIterator[Row] = reader.rows() if scores is None else scores.rows(reader.rows())
-        if batches is not None:  # the batch API; online only for what the deadline's fallback sends there
-            await batches.run(rows, stop, online=lambda more: dispatcher.run(more, stop))
-        else:
-            if dispatcher.rows_per_request is not None:  # several rows per request (packing.py)
-                rows = Packer(rows, dispatcher.rows_per_request, text_of=_text_of(pre.task))
-            await dispatcher.run(rows, stop)
-        stop.request(StopReason.DONE, "every pending row has its record")
-    finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        reporter.close()
+    return ProgressReporter(snapshot, total=total, mode=run.options.progress,
+                            interval_s=run.options.summary_interval_s)
+
+
+@contextlib.asynccontextmanager
+async def _in_background(work: dict[str, Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
+    """Run ``work`` (by name) as tasks of one TaskGroup while the body runs; when the body ends, however
+    it ends, every task is cancelled and awaited before anything goes on (the release of the endpoint:
+    nothing is sent after the pause). The body's own exception comes out as it was, not in a group."""
+    failure: BaseException | None = None
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(coro, name=name) for name, coro in work.items()]
+        try:
+            yield
+        except BaseException as exc:  # raised again below, once the background has ended
+            failure = exc
+        finally:
+            for task in tasks:
+                task.cancel()
+    if failure is not None:
+        raise failure
 
 
 def _token_sum(pre: Preflight, which: str) -> int:
@@ -364,6 +468,13 @@ async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:
         if meter.billed:
             with contextlib.suppress(OutputError):
                 await asyncio.to_thread(store.save_spend, _spent_so_far(pre, meter).record())
+
+
+async def _quietly(work: Coroutine[Any, Any, None]) -> None:
+    """A background step whose failure ends only itself (the progress, the budget watch, the ledger, the
+    periodic push), as when they were gathered with ``return_exceptions``: the others go on."""
+    with contextlib.suppress(Exception):
+        await work
 
 
 async def _stop_on_error(work: Any, stop: Stop) -> None:
@@ -445,6 +556,19 @@ class _Pusher:
             later = f"; run `batchrun push {self.output} --repo {self.target.repo}` to publish it" if final else ""
             self.echo(f"error: push to the Hub failed: {exc}{later}")
 
+    # The pusher is a run hook: the last push comes after the summary, unless the token was refused.
+    async def started(self, run: run_record.RunFacts) -> None:
+        pass
+
+    async def finished(self, run: run_record.RunFacts, store: Any, summary: dict[str, Any]) -> None:
+        pass
+
+    async def after(self, run: run_record.RunFacts, summary: dict[str, Any]) -> None:
+        cause = run.stop.cause
+        if cause is not None and cause.reason is StopReason.AUTH:
+            return  # nothing ran, or rows were saved and the run is resumable: no push either way
+        await self.push(final=True)
+
     async def run_every(self) -> None:
         assert self.every_s is not None
         while True:
@@ -477,13 +601,12 @@ class _Output:
 
 
 @contextlib.asynccontextmanager
-async def _open_output(
-    pre: Preflight, stop: Stop, *, fresh: bool, echo: Callable[[str], None], retry_failed: bool = False
-) -> AsyncIterator[_Output]:
+async def _open_output(run: RunContext) -> AsyncIterator[_Output]:
     """The output, opened for this run: locked (one writer), set aside with --fresh, job.json saved,
     the sink open; closed and unlocked on the way out."""
     from batchrun.output import OutputStore, new_sink
 
+    pre, echo, fresh = run.pre, run.echo, run.options.fresh
     spec = pre.spec
     store = OutputStore.for_spec(spec)
     lock = await _lock_output(store, echo)
@@ -502,8 +625,8 @@ async def _open_output(
         sink = new_sink(store, data_schema=data_schema, id_column=spec.input.id_column or ID_COLUMN,
                         shard_rows=spec.output.shard_rows, shard_bytes=spec.output.shard_bytes,
                         kept_columns=failed_kept)
-        done = await asyncio.to_thread(sink.open, retry_failed=retry_failed)
-        output = _Output(store=store, sink=sink, done=done, stop=stop)
+        done = await asyncio.to_thread(sink.open, retry_failed=run.options.retry_failed)
+        output = _Output(store=store, sink=sink, done=done, stop=run.stop)
         try:
             yield output
         finally:
@@ -568,10 +691,10 @@ class _Started:
         return time.monotonic() - self.monotonic
 
 
-async def _summarize(
-    pre: Preflight, store: Any, tally: Tally, dispatch: dict[str, Any], stop: Stop, started: _Started
-) -> dict[str, Any]:
+async def _summarize(run: RunContext, store: Any, dispatch: dict[str, Any]) -> dict[str, Any]:
     from batchrun.output import read_status
+
+    pre, tally, started = run.pre, run.tally, run.started
 
     status = await asyncio.to_thread(read_status, store)  # a shard: its own part
     pending = None
@@ -613,7 +736,7 @@ async def _summarize(
         endpoint_info["details"] = dict(check.details)  # hardware and container image, where known
     return build_summary(job=pre.spec.name, started_wall=started.wall, wall_s=started.elapsed(), rows=rows,
                          dispatch=dispatch, endpoint=endpoint_info, cost=cost,
-                         output=str(getattr(store, "url", store.root)), cause=stop.cause, samples=pre.spec.samples)
+                         output=str(getattr(store, "url", store.root)), cause=run.stop.cause, samples=pre.spec.samples)
 
 
 async def _write_summary(store: Any, summary: dict[str, Any], echo: Callable[[str], None]) -> None:
