@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from batchrun.errors import BatchrunError, register_secret
+from batchrun.errors import AuthError, BatchrunError, register_secret
 from batchrun.provenance import RunProvenance, endpoint_fields, now_iso, resolve_output, sent_parameters
 from batchrun.spec import JobSpec
+from batchrun.stop import StopReason
 
 if TYPE_CHECKING:
     from batchrun.notify import NotifySpec
@@ -32,8 +34,8 @@ if TYPE_CHECKING:
     from batchrun.tally import Tally
 
 __all__ = [
-    "Comparison", "Notification", "RunFacts", "RunHook", "RunRecord", "finish_run", "job_fields", "start_run",
-    "this_run",
+    "Comparison", "HubPush", "Notification", "RunFacts", "RunHook", "RunRecord", "finish_run", "job_fields",
+    "start_run", "this_run",
 ]
 
 
@@ -191,3 +193,68 @@ class Notification:
 
         verdict = self.comparison.verdict if self.comparison is not None else None
         await post_notification(self.notify, build_payload(summary, verdict), echo=run.echo)
+
+
+class HubPush:
+    """``output.push_to_hub``: a push at the end of the run and, with ``every``, during it.
+
+    A push publishes only the shards the manifest lists (closed and committed), so one during the run
+    never shows a half-written file. Pushes run on a thread, one at a time (the lock): the last one
+    waits for one still in flight. A push that fails is said and the job goes on; its output is
+    complete locally and ``batchrun push`` publishes it later.
+    """
+
+    def __init__(self, output: str, target: Any, every_s: float | None, echo: Callable[[str], None]) -> None:
+        self.output = output
+        self.target = target
+        self.every_s = every_s
+        self.echo = echo
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_spec(cls, spec: JobSpec, echo: Callable[[str], None]) -> HubPush | None:
+        push = spec.output.push_to_hub
+        if push is None:
+            return None
+        from huggingface_hub import get_token
+
+        from batchrun.publish import Target
+
+        if not get_token():
+            raise AuthError("output.push_to_hub needs a Hugging Face token with write access: set HF_TOKEN or run "
+                            "`hf auth login` (nothing was run)")
+        target = Target(repo=push.repo, config=push.config, split=push.split, private=push.private,
+                        include_failed=push.include_failed, endpoint=push.endpoint)
+        return cls(spec.output.path, target, push.every, echo)
+
+    def _push(self) -> str:
+        from batchrun.publish import push_output
+
+        with self._lock:
+            return push_output(self.output, self.target, echo=self.echo).describe()
+
+    async def push(self, *, final: bool = False) -> None:
+        try:
+            self.echo(f"push: {await asyncio.to_thread(self._push)}")
+        except BatchrunError as exc:
+            later = f"; run `batchrun push {self.output} --repo {self.target.repo}` to publish it" if final else ""
+            self.echo(f"error: push to the Hub failed: {exc}{later}")
+
+    # The pusher is a run hook: the last push comes after the summary, unless the token was refused.
+    async def started(self, run: RunFacts) -> None:
+        pass
+
+    async def finished(self, run: RunFacts, store: Any, summary: dict[str, Any]) -> None:
+        pass
+
+    async def after(self, run: RunFacts, summary: dict[str, Any]) -> None:
+        cause = run.stop.cause
+        if cause is not None and cause.reason is StopReason.AUTH:
+            return  # nothing ran, or rows were saved and the run is resumable: no push either way
+        await self.push(final=True)
+
+    async def run_every(self) -> None:
+        assert self.every_s is not None
+        while True:
+            await asyncio.sleep(self.every_s)
+            await self.push()

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -99,7 +98,7 @@ class RunContext:
     tally: Tally
     stop: Stop
     started: _Started
-    pusher: _Pusher | None  # output.push_to_hub: the periodic push runs in the background
+    pusher: run_record.HubPush | None  # output.push_to_hub: the periodic push runs in the background
     hooks: tuple[run_record.RunHook, ...]  # the extras, called at fixed points by run_job
 
     @property
@@ -122,7 +121,7 @@ async def _run_job(spec: JobSpec, options: RunOptions) -> JobOutcome:
     started = _Started()
     stop = options.stop if options.stop is not None else Stop(grace_s=options.grace_s, echo=options.echo)
     spec, run_id = run_record.this_run(spec)  # an output.path with {date}, {time} or {run_id}: a folder per run
-    pusher = _Pusher.for_spec(spec, options.echo)  # a bad repo name or no token: refused before anything runs
+    pusher = run_record.HubPush.for_spec(spec, options.echo)  # no token or a bad repo: refused before anything runs
     pre = await _preflight(spec, stop, options)
     tally = Tally(stop=stop, watch=FailureWatch(spec.failure_threshold))
     run = RunContext(pre=pre, options=options, tally=tally, stop=stop, started=started, pusher=pusher,
@@ -147,7 +146,9 @@ async def _preflight(spec: JobSpec, stop: Stop, options: RunOptions) -> Prefligh
     return pre
 
 
-def _hooks(spec: JobSpec, run_id: str, options: RunOptions, pusher: _Pusher | None) -> tuple[run_record.RunHook, ...]:
+def _hooks(
+    spec: JobSpec, run_id: str, options: RunOptions, pusher: run_record.HubPush | None
+) -> tuple[run_record.RunHook, ...]:
     """The run's extras, in the order they are called: the record, the comparison, the notification
     (which carries the comparison's verdict), the push."""
     comparison = run_record.Comparison(options.compare_with)
@@ -506,74 +507,6 @@ async def _hold_dimension(task: Any, store: Any) -> None:
     dimension = (summary or {}).get("embedding_dimension")
     if isinstance(dimension, int):
         hold(dimension)
-
-
-# --------------------------------------------------------------------------- pushing to the Hub
-
-
-class _Pusher:
-    """``output.push_to_hub``: a push at the end of the run and, with ``every``, during it.
-
-    A push publishes only the shards the manifest lists (closed and committed), so one during the run
-    never shows a half-written file. Pushes run on a thread, one at a time (the lock): the last one
-    waits for one still in flight. A push that fails is said and the job goes on; its output is
-    complete locally and ``batchrun push`` publishes it later.
-    """
-
-    def __init__(self, output: str, target: Any, every_s: float | None, echo: Callable[[str], None]) -> None:
-        self.output = output
-        self.target = target
-        self.every_s = every_s
-        self.echo = echo
-        self._lock = threading.Lock()
-
-    @classmethod
-    def for_spec(cls, spec: JobSpec, echo: Callable[[str], None]) -> _Pusher | None:
-        push = spec.output.push_to_hub
-        if push is None:
-            return None
-        from huggingface_hub import get_token
-
-        from batchrun.publish import Target
-
-        if not get_token():
-            raise AuthError("output.push_to_hub needs a Hugging Face token with write access: set HF_TOKEN or run "
-                            "`hf auth login` (nothing was run)")
-        target = Target(repo=push.repo, config=push.config, split=push.split, private=push.private,
-                        include_failed=push.include_failed, endpoint=push.endpoint)
-        return cls(spec.output.path, target, push.every, echo)
-
-    def _push(self) -> str:
-        from batchrun.publish import push_output
-
-        with self._lock:
-            return push_output(self.output, self.target, echo=self.echo).describe()
-
-    async def push(self, *, final: bool = False) -> None:
-        try:
-            self.echo(f"push: {await asyncio.to_thread(self._push)}")
-        except BatchrunError as exc:
-            later = f"; run `batchrun push {self.output} --repo {self.target.repo}` to publish it" if final else ""
-            self.echo(f"error: push to the Hub failed: {exc}{later}")
-
-    # The pusher is a run hook: the last push comes after the summary, unless the token was refused.
-    async def started(self, run: run_record.RunFacts) -> None:
-        pass
-
-    async def finished(self, run: run_record.RunFacts, store: Any, summary: dict[str, Any]) -> None:
-        pass
-
-    async def after(self, run: run_record.RunFacts, summary: dict[str, Any]) -> None:
-        cause = run.stop.cause
-        if cause is not None and cause.reason is StopReason.AUTH:
-            return  # nothing ran, or rows were saved and the run is resumable: no push either way
-        await self.push(final=True)
-
-    async def run_every(self) -> None:
-        assert self.every_s is not None
-        while True:
-            await asyncio.sleep(self.every_s)
-            await self.push()
 
 
 # --------------------------------------------------------------------------- the output
