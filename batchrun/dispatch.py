@@ -40,31 +40,25 @@ from dataclasses import dataclass, field, replace
 from batchrun.breaker import Admission, CircuitBreaker
 from batchrun.dispatch_stats import DispatchStats, LatencyReservoir
 from batchrun.endpoints.base import DataPlane
-from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact
+from batchrun.errors import BatchrunError, EndpointError, RequestFailed
 from batchrun.facts import MAX_MESSAGE_CHARS
 from batchrun.limit import AdaptiveLimit
-from batchrun.packing import PACK_OUTPUTS, RowsPerRequest, make_pack, members, too_large
-from batchrun.rate import Ticket, is_rate_refusal, request_size
-from batchrun.records import FailureType, Row, RowFailure, RowResult, http_failure_type
+from batchrun.packing import RowsPerRequest, halves, make_pack, prepare_members, too_large, unpack
+from batchrun.rate import Ticket, request_size
+from batchrun.records import FailureType, Row, RowFailure, RowResult
 from batchrun.retry import (
-    ENDPOINT_PAUSED,
     INVALID_OUTPUT,
     Action,
-    Drain,
     RetryBudget,
     RetryPolicy,
     RetryRules,
-    Step,
     Tries,
-    Verdict,
-    classify,
+    answer_failure,
     is_overload,
-    is_paused_answer,
+    is_rejected,
     next_step,
-    parse_retry_after,
-    server_message,
 )
-from batchrun.routing import Route, pick
+from batchrun.routing import Route, drain_error, outage_error, pick
 from batchrun.spec import (
     DEFAULT_MAX_ANSWER_BYTES,
     DEFAULT_OUTAGE_TIMEOUT,
@@ -356,53 +350,29 @@ class Dispatcher:
         refusal lowers the rows per request; a lone row refused so fails with the server's reason.
         A pack left without a record (intake stopped) leaves all its unrecorded members for next time.
         """
-        packed: list[Row] = []
-        inputs: list[object] = []
-        member_input = self.task.member_input  # type: ignore[attr-defined]  # a packing task (tasks/tei.py)
-        for member in members(row) or (row,):
-            try:
-                inputs.append(member_input(member))
-            except RequestFailed as unsendable:
-                self._on_record(self._failure(member, unsendable, attempts=0))
-                continue
-            packed.append(member)
+        # A packing task (tasks/tei.py) makes each member's input.
+        packed, inputs, unsendable = prepare_members(row, self.task.member_input)  # type: ignore[attr-defined]
+        for member, failure in unsendable:
+            self._on_record(self._failure(member, failure, 0))
         if not packed:
             return
         record = await self._process(make_pack(tuple(packed), tuple(inputs)))
         if isinstance(record, RowResult):
             if self.rows_per_request is not None:
                 self.rows_per_request.answered(len(packed))
-            self._unpack(packed, record)
+            for member_record in unpack(packed, record, kept=self._kept, failed=self._failure):
+                self._on_record(member_record)
             return
         refusal = too_large(record.status, record.error) if len(packed) > 1 else None
         if refusal is not None:
             if self.rows_per_request is not None:
                 self.rows_per_request.refused(len(packed), refusal)
             self._count("split")
-            size = (len(packed) + 1) // 2
-            if refusal.server_max is not None:
-                size = min(size, refusal.server_max)
-            for start in range(0, len(packed), size):
-                await self._process_pack(make_pack(tuple(packed[start:start + size])))
+            for half in halves(packed, refusal):
+                await self._process_pack(half)
             return
         for member in packed:  # the pack's failure is each member's
             self._on_record(replace(record, position=member.position, id=member.id, kept=self._kept(member)))
-
-    def _unpack(self, packed: list[Row], record: RowResult) -> None:
-        """One record per member of an answered pack, from its outcome in the answer."""
-        outcomes = record.output.get(PACK_OUTPUTS)
-        shared = {key: value for key, value in record.output.items() if key != PACK_OUTPUTS}  # answered-by
-        if not isinstance(outcomes, list) or len(outcomes) != len(packed):
-            count = len(outcomes) if isinstance(outcomes, list) else 0
-            wrong = RequestFailed(FailureType.BAD_BODY, f"the answer has {count} outcomes for "
-                                  f"{len(packed)} rows sent", retryable=True)
-            outcomes = [wrong] * len(packed)
-        for member, outcome in zip(packed, outcomes, strict=True):
-            if isinstance(outcome, RequestFailed):
-                self._on_record(self._failure(member, outcome, attempts=record.attempts))
-            else:
-                self._on_record(RowResult(member.position, member.id, self._kept(member), {**outcome, **shared},
-                                          record.latency_s, record.attempts))
 
     async def _process(self, row: Row) -> RowResult | RowFailure:
         """The row's one retry loop: send, account, ask :func:`~batchrun.retry.next_step`, carry it out."""
@@ -448,7 +418,8 @@ class Dispatcher:
                 # Its endpoint is drained (it failed, or refused the token): the row goes to another one
                 # at once and keeps its tries; with none left, the reason is raised and the job stops.
                 if step.drain is not None and isinstance(unkept, RequestFailed):
-                    self._drain(route, self._drain_error(route, step, unkept))
+                    self._drain(route, drain_error(route, step, unkept, alone=len(self._routes) == 1,
+                                                   outage_timeout_s=self.config.outage_timeout_s))
                 route = await self._route(route)
             elif isinstance(unkept, Redraw):
                 # The endpoint answered, but not a document of the schema: the same request with a fresh
@@ -531,7 +502,7 @@ class Dispatcher:
                     # Reported while the slot is still held, so that the cut holds back the rows waiting
                     # for this slot: TGI's own 429 (no Retry-After) is a refusal for want of capacity,
                     # and the limit measures it.
-                    limit.on_overload(sent_at, rejected=_is_rejected(failure), holding=True)
+                    limit.on_overload(sent_at, rejected=is_rejected(failure), holding=True)
                 return sent_at, failure
         finally:
             limit.release()
@@ -553,11 +524,8 @@ class Dispatcher:
                 # A window that turns only in hours (a daily limit spent): not worth holding the job for;
                 # the rows not done are kept for the next run, or go to another endpoint. Not before the
                 # answers on the wire are in: they are paid for.
-                self._drain(route, EndpointError(
-                    f"{self._named(route)}allows no more requests for {wait:.0f}s (its rate limit; outage_timeout "
-                    f"{self.config.outage_timeout_s:g}s); the rows not done are kept for the next run",
-                    state="rate_limited",
-                ))
+                self._drain(route, self._outage(route, "allows no more requests", wait, why="its rate limit; ",
+                                                state="rate_limited"))
                 raise _Drained()
             if len(self._routes) > 1:
                 other = pick(self._routes, avoid=route)
@@ -612,9 +580,7 @@ class Dispatcher:
         gate = route.gate
         # Limits the answers announce are read without being told (a lane with none asks two headers).
         if not gate.idle or "x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers:
-            # The first count read (no ticket) weighs the requests still out like this one.
-            typical = request_size(request_payload) if ticket is None and request_payload is not None else None
-            gate.observe(headers, ticket, self._clock(), in_flight=route.limit.in_flight - 1, typical=typical)
+            gate.observe(headers, ticket, self._clock(), in_flight=route.limit.in_flight - 1, payload=request_payload)
         # A server that echoes the token (or another secret) back: it is scrubbed before the answer is
         # read, so it reaches no output. One search per secret form; none without a secret.
         payload = redact_answer(response.body)
@@ -629,33 +595,12 @@ class Dispatcher:
                 prompt_tokens = outputs.get("prompt_tokens")
                 gate.on_answer(ticket, prompt_tokens if isinstance(prompt_tokens, int) else None)
             return outputs
-        verdict = classify(status)
-        message, model_answered = server_message(status, payload)
-        if 300 <= status < 400 and headers.get("Location"):  # where it was sent is what the user must see
-            message = redact(f"HTTP {status}: redirected to {headers['Location']}")[:MAX_MESSAGE_CHARS]
-        if status == 400 and is_paused_answer(payload):
-            # Not this row's fault: the endpoint itself is paused. Recording the row as a permanent
-            # failure would lose it for good, so the whole job stops (resumable) instead.
-            raise RequestFailed(ENDPOINT_PAUSED, message, status=status, retryable=False)
-        retry_after = parse_retry_after(
-            headers.get("Retry-After"), time.time(), maximum=self.config.policy.max_retry_after
-        )
-        rate_limited = status == 429 and is_rate_refusal(headers, payload)
-        if rate_limited:
+        failure = answer_failure(status, headers, payload, max_retry_after=self.config.policy.max_retry_after)
+        if failure.rate_limited:
             # Over the lane's requests or tokens per window: the lane pauses (until Retry-After, or a
             # growing jittered time) and its rows go to other lanes or wait; none is failed for it.
-            if retry_after is None and (ms := _retry_after_ms(headers)) is not None:
-                retry_after = min(ms, self.config.policy.max_retry_after)
-            gate.on_rate_refusal(retry_after, ticket)
-        raise RequestFailed(
-            http_failure_type(status),
-            message,
-            status=status,
-            retryable=verdict is Verdict.RETRY,
-            retry_after=retry_after,
-            model_answered=model_answered,
-            rate_limited=rate_limited,
-        )
+            gate.on_rate_refusal(failure.retry_after, ticket)
+        raise failure
 
     async def _wait_to_retry(self, delay: float, *, spend_budget: bool = True) -> None:
         """Sleep ``delay`` (holding no slot), then wait for the retry budget. Abandons if intake stops."""
@@ -685,11 +630,7 @@ class Dispatcher:
                 return admission is Admission.PROBE
             outage = breaker.outage_s(now)
             if outage > self.config.outage_timeout_s:
-                self._drain(route, EndpointError(
-                    f"{self._named(route)}has not answered for {outage:.0f}s (outage_timeout "
-                    f"{self.config.outage_timeout_s:g}s); the rows not done are kept for the next run",
-                    state="unavailable",
-                ))
+                self._drain(route, self._outage(route, "has not answered", outage))
                 raise _Drained()
             async with self._stop.until_requested() as waiting:
                 with contextlib.suppress(TimeoutError):
@@ -718,17 +659,10 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ helpers
 
-    def _named(self, route: Route) -> str:
-        """How a message names the endpoint: "the endpoint " alone, or with its name among several."""
-        return "the endpoint " if len(self._routes) == 1 else f"the endpoint {route.name} "
-
-    def _paused_error(self, route: Route, failure: RequestFailed) -> EndpointError:
-        return EndpointError(
-            f"{self._named(route)}answered that it is paused ({failure.message}). Resume it (for a Dedicated "
-            "endpoint: `batchrun endpoint resume NAME --namespace NS`, or let batchrun manage it with "
-            "endpoint.name), then run the job again: it continues where it stopped.",
-            state="paused",
-        )
+    def _outage(self, route: Route, what: str, for_s: float, *, why: str = "",
+                state: str = "unavailable") -> EndpointError:
+        return outage_error(route, what, for_s, why=why, state=state, alone=len(self._routes) == 1,
+                            outage_timeout_s=self.config.outage_timeout_s)
 
     def _kept(self, row: Row) -> dict[str, object]:
         return self._kept_columns(row) if self._kept_columns is not None else {}
@@ -737,7 +671,7 @@ class Dispatcher:
         counts = self._stats.status_counts
         counts[key] = counts.get(key, 0) + 1
 
-    def _failure(self, row: Row, failure: RequestFailed, *, attempts: int) -> RowFailure:
+    def _failure(self, row: Row, failure: RequestFailed, attempts: int) -> RowFailure:
         return RowFailure(
             position=row.position,
             id=row.id,
@@ -748,59 +682,6 @@ class Dispatcher:
             retryable=failure.retryable,
             kept=self._kept(row),
         )
-
-    def _drain_error(self, route: Route, step: Step, failure: RequestFailed) -> BatchrunError:
-        """Why the endpoint is drained, in words, for a :attr:`Step.drain`."""
-        timeout = self.config.outage_timeout_s
-        if step.drain is Drain.AUTH:
-            assert failure.status is not None
-            return self._auth_error(route, failure.status)
-        if step.drain is Drain.PAUSED:
-            return self._paused_error(route, failure)
-        if step.drain is Drain.MISSING_ROUTE:
-            return self._missing_route_error(route, failure)
-        if step.drain is Drain.UNREACHED:
-            return EndpointError(
-                f"{self._named(route)}has not answered for {step.for_s:.0f}s (connections refused; outage_timeout "
-                f"{timeout:g}s); the rows not done are kept for the next run",
-                state="unavailable",
-            )
-        return EndpointError(
-            f"{self._named(route)}has answered only 429 (too many requests) for {step.for_s:.0f}s "
-            f"(outage_timeout {timeout:g}s); the rows not done are kept for the next run",
-            state="unavailable",
-        )
-
-    def _missing_route_error(self, route: Route, failure: RequestFailed) -> EndpointError:
-        return EndpointError(
-            f"{self._named(route)}at {redact(route.base_url)} has no such route ({failure.message}): that is the "
-            "url's fault, not the rows'. Check endpoint.url (its path, http or https), then run the job again: "
-            "the rows not done are kept for the next run.",
-            state="not_found",
-        )
-
-    def _auth_error(self, route: Route, status: int) -> AuthError:
-        which = "" if len(self._routes) == 1 else f" {route.name}"
-        if route.has_token and route.token_name:
-            message = (f"The endpoint{which} refused {route.token_name} (HTTP {status}): check it, then run the "
-                       "job again.")
-        elif route.has_token:
-            message = (
-                f"The endpoint{which} refused the token (HTTP {status}): it is invalid, expired, or cannot access "
-                f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."
-            )
-        elif route.token_withheld:
-            message = (
-                f"The endpoint{which} requires a token (HTTP {status}), and the Hugging Face token was not sent "
-                "to it: it is not a Hugging Face host. If it should receive your token, set endpoint.send_token: "
-                "true (https only)."
-            )
-        else:
-            message = (
-                f"The endpoint{which} requires a token (HTTP {status}) and none was found. "
-                f"Set HF_TOKEN, or run `hf auth login`."
-            )
-        return AuthError(message, status=status)
 
 
 def _nothing() -> None:
@@ -813,17 +694,3 @@ def _no() -> bool:
 
 _NO_TRIES = Tries()  # a row's tries before its first failure (frozen: shared by every row)
 
-
-def _is_rejected(failure: RequestFailed) -> bool:
-    """TGI's own 429: no Retry-After, an instant refusal for want of capacity (it measures capacity)."""
-    return failure.status == 429 and failure.retry_after is None
-
-
-def _retry_after_ms(headers: Mapping[str, str]) -> float | None:
-    """``retry-after-ms`` in seconds (OpenAI's finer Retry-After), or None."""
-    value = headers.get("retry-after-ms")
-    try:
-        seconds = float(value) / 1000 if value is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 <= seconds < float("inf") else None

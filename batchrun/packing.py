@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from batchrun.records import Row
+from batchrun.errors import RequestFailed
+from batchrun.records import FailureType, Row, RowFailure, RowResult
 
 __all__ = [
     "DEFAULT_ROWS",
@@ -43,11 +44,14 @@ __all__ = [
     "RowsPerRequest",
     "ServerLimits",
     "TooLarge",
+    "halves",
     "make_pack",
     "members",
+    "prepare_members",
     "rows_per_request",
     "server_limits",
     "too_large",
+    "unpack",
 ]
 
 log = logging.getLogger("batchrun.packing")
@@ -74,6 +78,53 @@ def members(row: Row) -> tuple[Row, ...] | None:
 def make_pack(rows: tuple[Row, ...], requests: tuple[Any, ...] = ()) -> Row:
     """A pack of ``rows`` (at least one), known by its first member's position and id."""
     return Row(rows[0].position, rows[0].id, {PACK_MEMBERS: rows, PACK_REQUESTS: requests})
+
+
+def prepare_members(
+    row: Row, member_input: Callable[[Row], Any],
+) -> tuple[list[Row], list[Any], list[tuple[Row, RequestFailed]]]:
+    """A pack's members (a plain row is a pack of one) that make a request, with their inputs, and those
+    that cannot (``member_input`` raised RequestFailed), each with its failure: they fail alone, unsent."""
+    packed: list[Row] = []
+    inputs: list[Any] = []
+    unsendable: list[tuple[Row, RequestFailed]] = []
+    for member in members(row) or (row,):
+        try:
+            inputs.append(member_input(member))
+        except RequestFailed as failure:
+            unsendable.append((member, failure))
+            continue
+        packed.append(member)
+    return packed, inputs, unsendable
+
+
+def halves(packed: Sequence[Row], refusal: TooLarge) -> list[Row]:
+    """The packs that a pack refused as too large is split into: two halves, none over the server's maximum."""
+    size = (len(packed) + 1) // 2
+    if refusal.server_max is not None:
+        size = min(size, refusal.server_max)
+    return [make_pack(tuple(packed[start:start + size])) for start in range(0, len(packed), size)]
+
+
+def unpack(
+    packed: Sequence[Row], record: RowResult, *, kept: Callable[[Row], dict[str, Any]],
+    failed: Callable[[Row, RequestFailed, int], RowFailure],
+) -> Iterator[RowResult | RowFailure]:
+    """One record per member of an answered pack, from its outcome in the answer: its columns (with the
+    columns every member shares, e.g. answered-by), or ``failed(member, failure, attempts)``."""
+    outcomes = record.output.get(PACK_OUTPUTS)
+    shared = {key: value for key, value in record.output.items() if key != PACK_OUTPUTS}
+    if not isinstance(outcomes, list) or len(outcomes) != len(packed):
+        count = len(outcomes) if isinstance(outcomes, list) else 0
+        wrong = RequestFailed(FailureType.BAD_BODY, f"the answer has {count} outcomes for "
+                              f"{len(packed)} rows sent", retryable=True)
+        outcomes = [wrong] * len(packed)
+    for member, outcome in zip(packed, outcomes, strict=True):
+        if isinstance(outcome, RequestFailed):
+            yield failed(member, outcome, record.attempts)
+        else:
+            yield RowResult(member.position, member.id, kept(member), {**outcome, **shared},
+                            record.latency_s, record.attempts)
 
 
 # --------------------------------------------------------------------------- the server's limits

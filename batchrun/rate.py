@@ -293,7 +293,7 @@ class RateGate:
             self._probe = None
 
     def observe(self, headers: Mapping[str, str], ticket: Ticket | None, now: float, *, in_flight: int = 0,
-                typical: RequestSize | None = None) -> None:
+                payload: Mapping[str, Any] | None = None) -> None:
         """Read an answer's ``x-ratelimit-*`` headers (any answer, a 429 included) for the request of ``ticket``.
 
         A count only ever lowers what the lane believes remains in the window: the server counted at the
@@ -301,8 +301,10 @@ class RateGate:
         everything still out that it may not have counted (sent after it, or sent before it and not
         answered yet) is taken off. Only the window turning (its reset) makes the whole limit available again.
         Without a ticket (the request left before the gate knew of any limit), the first count is taken as
-        if the ``in_flight`` other requests out now, each the size of ``typical``, had been counted after it.
+        if the ``in_flight`` other requests out now, each the size of this one (its ``payload``), had been
+        counted after it.
         """
+        typical = request_size(payload) if ticket is None and payload is not None else None
         for kind in _KINDS:
             remaining = headers.get(f"x-ratelimit-remaining-{kind}")
             if remaining is None:

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from batchrun.errors import RequestFailed, redact
 from batchrun.facts import MAX_MESSAGE_CHARS
-from batchrun.records import FailureType
+from batchrun.rate import is_rate_refusal
+from batchrun.records import FailureType, http_failure_type
 from batchrun.spec import DEFAULT_OUTAGE_TIMEOUT, RetrySpec
 from batchrun.tasks.base import Redraw
 
@@ -42,13 +43,16 @@ __all__ = [
     "Step",
     "Tries",
     "Verdict",
+    "answer_failure",
     "classify",
     "is_missing_route",
     "is_overload",
     "is_paused_answer",
+    "is_rejected",
     "is_unavailable",
     "next_step",
     "parse_retry_after",
+    "retry_after_ms",
     "server_message",
 ]
 
@@ -104,6 +108,11 @@ def is_overload(failure: RequestFailed) -> bool:
     These shrink the adaptive concurrency limit; other failures say nothing about load.
     """
     return failure.status in _OVERLOAD_STATUSES or failure.error_type == FailureType.TIMEOUT
+
+
+def is_rejected(failure: RequestFailed) -> bool:
+    """TGI's own 429: no Retry-After, an instant refusal for want of capacity (it measures capacity)."""
+    return failure.status == 429 and failure.retry_after is None
 
 
 def is_unavailable(failure: RequestFailed) -> bool:
@@ -519,3 +528,40 @@ def server_message(status: int, body: bytes) -> tuple[str, bool]:
             text = f"{doc['error_type']}: {text}"
     text = text.strip() or "(empty body)"
     return redact(f"HTTP {status}: {text}")[:MAX_MESSAGE_CHARS], model_answered
+
+
+def answer_failure(status: int, headers: Mapping[str, str], body: bytes, *, max_retry_after: float) -> RequestFailed:
+    """An answer that is not a success (``status`` outside 2xx), as the failure it is: its verdict, the
+    server's message, its Retry-After, and whether it is a 429 for the lane's rate (the gate's to hear).
+
+    A 400 that says the endpoint is paused is not the row's fault: it fails as ENDPOINT_PAUSED, which
+    stops the job (resumable) instead of losing the row for good.
+    """
+    message, model_answered = server_message(status, body)
+    if 300 <= status < 400 and headers.get("Location"):  # where it was sent is what the user must see
+        message = redact(f"HTTP {status}: redirected to {headers['Location']}")[:MAX_MESSAGE_CHARS]
+    if status == 400 and is_paused_answer(body):
+        return RequestFailed(ENDPOINT_PAUSED, message, status=status, retryable=False)
+    retry_after = parse_retry_after(headers.get("Retry-After"), time.time(), maximum=max_retry_after)
+    rate_limited = status == 429 and is_rate_refusal(headers, body)
+    if rate_limited and retry_after is None and (ms := retry_after_ms(headers)) is not None:
+        retry_after = min(ms, max_retry_after)
+    return RequestFailed(
+        http_failure_type(status),
+        message,
+        status=status,
+        retryable=classify(status) is Verdict.RETRY,
+        retry_after=retry_after,
+        model_answered=model_answered,
+        rate_limited=rate_limited,
+    )
+
+
+def retry_after_ms(headers: Mapping[str, str]) -> float | None:
+    """``retry-after-ms`` in seconds (OpenAI's finer Retry-After), or None."""
+    value = headers.get("retry-after-ms")
+    try:
+        seconds = float(value) / 1000 if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None

@@ -25,15 +25,15 @@ import yarl
 
 from batchrun.breaker import CircuitBreaker
 from batchrun.endpoints.base import DataPlane
-from batchrun.errors import BatchrunError, RequestFailed, redact, register_secret
+from batchrun.errors import AuthError, BatchrunError, EndpointError, RequestFailed, redact, register_secret
 from batchrun.limit import AdaptiveLimit
 from batchrun.rate import RateGate
-from batchrun.retry import is_unavailable
+from batchrun.retry import Drain, Step, is_unavailable
 from batchrun.tasks import PreparedRequest, join_url
 from batchrun.tasks.base import dump_json
 from batchrun.transport import Transport, auth_headers, current_transport, new_pool_key
 
-__all__ = ["DRAIN_AFTER", "Route", "pick"]
+__all__ = ["DRAIN_AFTER", "Route", "drain_error", "named", "outage_error", "pick"]
 
 #: Consecutive unavailable answers (5xx, timeouts, refused connections) after which an endpoint is
 #: drained, when another endpoint of the job answers meanwhile. A lone endpoint is never drained for
@@ -229,3 +229,78 @@ def pick(routes: list[Route], avoid: Route | None = None) -> Route | None:
     if best is None and avoid is not None and avoid.drained is None:
         return avoid
     return best
+
+
+# --------------------------------------------------------------------------- why an endpoint is drained
+
+
+def named(route: Route, *, alone: bool) -> str:
+    """How a message names the endpoint: "the endpoint " ``alone``, or with its name among several."""
+    return "the endpoint " if alone else f"the endpoint {route.name} "
+
+
+def drain_error(route: Route, step: Step, failure: RequestFailed, *, alone: bool,
+                outage_timeout_s: float) -> BatchrunError:
+    """Why the endpoint is drained, in words, for a :attr:`~batchrun.retry.Step.drain`."""
+    if step.drain is Drain.AUTH:
+        assert failure.status is not None
+        return _auth_error(route, failure.status, alone=alone)
+    if step.drain is Drain.PAUSED:
+        return _paused_error(route, failure, alone=alone)
+    if step.drain is Drain.MISSING_ROUTE:
+        return EndpointError(
+            f"{named(route, alone=alone)}at {redact(route.base_url)} has no such route ({failure.message}): that "
+            "is the url's fault, not the rows'. Check endpoint.url (its path, http or https), then run the job "
+            "again: the rows not done are kept for the next run.",
+            state="not_found",
+        )
+    if step.drain is Drain.UNREACHED:
+        return outage_error(route, "has not answered", step.for_s, why="connections refused; ", alone=alone,
+                            outage_timeout_s=outage_timeout_s)
+    return outage_error(route, "has answered only 429 (too many requests)", step.for_s, alone=alone,
+                        outage_timeout_s=outage_timeout_s)
+
+
+def outage_error(route: Route, what: str, for_s: float, *, why: str = "", state: str = "unavailable",
+                 alone: bool, outage_timeout_s: float) -> EndpointError:
+    """The endpoint ``what`` (has not answered, ...) for ``for_s``, past outage_timeout: it is drained, and
+    the rows not done wait for the next run (or go to another endpoint)."""
+    return EndpointError(
+        f"{named(route, alone=alone)}{what} for {for_s:.0f}s ({why}outage_timeout {outage_timeout_s:g}s); "
+        "the rows not done are kept for the next run",
+        state=state,
+    )
+
+
+def _paused_error(route: Route, failure: RequestFailed, *, alone: bool) -> EndpointError:
+    """The endpoint answered that it is paused: how to resume it."""
+    return EndpointError(
+        f"{named(route, alone=alone)}answered that it is paused ({failure.message}). Resume it (for a Dedicated "
+        "endpoint: `batchrun endpoint resume NAME --namespace NS`, or let batchrun manage it with "
+        "endpoint.name), then run the job again: it continues where it stopped.",
+        state="paused",
+    )
+
+
+def _auth_error(route: Route, status: int, *, alone: bool) -> AuthError:
+    which = "" if alone else f" {route.name}"
+    if route.has_token and route.token_name:
+        message = (f"The endpoint{which} refused {route.token_name} (HTTP {status}): check it, then run the "
+                   "job again.")
+    elif route.has_token:
+        message = (
+            f"The endpoint{which} refused the token (HTTP {status}): it is invalid, expired, or cannot access "
+            f"this endpoint. Set HF_TOKEN to a token with access, or run `hf auth login`."
+        )
+    elif route.token_withheld:
+        message = (
+            f"The endpoint{which} requires a token (HTTP {status}), and the Hugging Face token was not sent "
+            "to it: it is not a Hugging Face host. If it should receive your token, set endpoint.send_token: "
+            "true (https only)."
+        )
+    else:
+        message = (
+            f"The endpoint{which} requires a token (HTTP {status}) and none was found. "
+            f"Set HF_TOKEN, or run `hf auth login`."
+        )
+    return AuthError(message, status=status)
