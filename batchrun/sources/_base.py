@@ -254,6 +254,26 @@ def _python_value(value: Any) -> Any:
     return value.as_py() if isinstance(value, pa.Scalar) else value
 
 
+class _TableSource(_BaseSource):
+    """Rows of one Arrow table held whole (a memory-mapped saved dataset, or rows given in Python): its
+    slices cost nothing until converted, and only one is converted at a time."""
+
+    _table: pa.Table
+
+    def _chunks(self, batch_size: int, done: DoneMask | None = None) -> Iterator[pa.Table]:
+        return _non_empty(self._slices(self._table, batch_size))
+
+    def _slices(self, table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+        stop = table.num_rows if self.limit is None else min(table.num_rows, self.limit)
+        for start in range(0, stop, batch_size):
+            yield table.slice(start, min(batch_size, stop - start))
+
+    def _id_chunks(self) -> Iterator[pa.Array]:
+        column = self._table.select([self.id_column])
+        for piece in self._slices(column, ID_SCAN_BATCH):
+            yield piece.column(0).combine_chunks()
+
+
 def _non_empty(tables: Iterable[pa.Table | pa.RecordBatch]) -> Iterator[pa.Table | pa.RecordBatch]:
     for table in tables:
         if table.num_rows:

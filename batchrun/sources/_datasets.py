@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from batchrun.errors import InputError
-from batchrun.sources._base import ID_SCAN_BATCH, DoneMask, _BaseSource, _non_empty
+from batchrun.sources._base import ID_SCAN_BATCH, DoneMask, _BaseSource, _non_empty, _TableSource
 from batchrun.sources._files import _file_digest, _fingerprint, _plural, _relative_name
 from batchrun.spec import DatasetSpec, InputSpec
 
@@ -39,7 +39,7 @@ def _saved_dataset_folder(spec: DatasetSpec) -> Path | None:
     return None
 
 
-class SavedDatasetSource(_BaseSource):
+class SavedDatasetSource(_TableSource):
     """Rows from a folder written by ``Dataset.save_to_disk``, read from its memory-mapped table."""
 
     def __init__(self, spec: InputSpec, folder: Path) -> None:
@@ -67,21 +67,6 @@ class SavedDatasetSource(_BaseSource):
 
     def fingerprint(self) -> str:
         return _fingerprint({"kind": "saved-dataset", "id_column": self.id_column, "files": self._identity})
-
-    def _chunks(self, batch_size: int, done: DoneMask | None = None) -> Iterator[pa.Table]:
-        # Slices of a memory-mapped table cost nothing until converted, and only one is converted
-        # at a time.
-        return _non_empty(self._slices(self._table, batch_size))
-
-    def _slices(self, table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
-        stop = table.num_rows if self.limit is None else min(table.num_rows, self.limit)
-        for start in range(0, stop, batch_size):
-            yield table.slice(start, min(batch_size, stop - start))
-
-    def _id_chunks(self) -> Iterator[pa.Array]:
-        column = self._table.select([self.id_column])
-        for piece in self._slices(column, ID_SCAN_BATCH):
-            yield piece.column(0).combine_chunks()
 
 
 class StreamedDatasetSource(_BaseSource):

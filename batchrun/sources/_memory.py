@@ -10,13 +10,12 @@ same output with other rows, or the same rows in another order, is refused like 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 
 from batchrun.errors import InputError
-from batchrun.sources._base import ID_SCAN_BATCH, DoneMask, _BaseSource, _non_empty
+from batchrun.sources._base import ID_SCAN_BATCH, _TableSource
 from batchrun.sources._files import _fingerprint, _plural
 from batchrun.spec import InputSpec
 
@@ -77,7 +76,7 @@ def table_digest(table: pa.Table) -> str:
     return digest.hexdigest()
 
 
-class MemorySource(_BaseSource):
+class MemorySource(_TableSource):
     """Rows from Python, held as one Arrow table (:attr:`InputSpec.memory`)."""
 
     def __init__(self, spec: InputSpec) -> None:
@@ -96,16 +95,3 @@ class MemorySource(_BaseSource):
         if self._digest is None:
             self._digest = table_digest(self._table)
         return _fingerprint({"kind": "memory", "id_column": self.id_column, "content": self._digest})
-
-    def _chunks(self, batch_size: int, done: DoneMask | None = None) -> Iterator[pa.Table]:
-        return _non_empty(self._slices(self._table, batch_size))
-
-    def _slices(self, table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
-        stop = table.num_rows if self.limit is None else min(table.num_rows, self.limit)
-        for start in range(0, stop, batch_size):
-            yield table.slice(start, min(batch_size, stop - start))
-
-    def _id_chunks(self) -> Iterator[pa.Array]:
-        column = self._table.select([self.id_column])
-        for piece in self._slices(column, ID_SCAN_BATCH):
-            yield piece.column(0).combine_chunks()
