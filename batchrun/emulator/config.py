@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import ipaddress
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from batchrun.emulator.config_values import checked_value
 from batchrun.emulator.router_config import RouterConfig
 from batchrun.errors import EmulatorError
 
@@ -258,7 +258,7 @@ def _typed_fields(cls: type, data: dict[str, Any], *, prefix: str) -> dict[str, 
             raise ValueError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
         if key in ("faults", "episodes", *_TEI_MAPPINGS) and cls is EndpointConfig:
             continue
-        out[key] = _check_type(f"{prefix}{key}", hints[key], value)
+        out[key] = checked_value(f"{prefix}{key}", hints[key], value)
     return out
 
 
@@ -320,23 +320,6 @@ def _tei_mappings(data: dict[str, Any]) -> dict[str, Any]:
             raise ValueError("prompts: expected a mapping of prompt names to the text they prepend")
         out["prompts"] = tuple(prompts.items())
     return out
-
-
-def _check_type(key: str, hint: Any, value: Any) -> Any:
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, str):
-            return value
-    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise ValueError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

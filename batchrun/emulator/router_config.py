@@ -7,10 +7,11 @@ is the edge where YAML comes in, and its ``ValueError`` names the key (``router.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from batchrun.emulator.config_values import checked_value
 
 WINDOWS = {"second": 1.0, "minute": 60.0, "day": 86400.0}
 RETRY_AFTER = ("seconds", "ms", "both", "none")
@@ -192,25 +193,8 @@ def _fields(cls: type, data: dict[str, Any], prefix: str, nested: tuple[str, ...
         if key not in known:
             raise ValueError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(known))})")
         if key not in nested:
-            out[key] = _checked(f"{prefix}{key}", hints[key], value)
+            out[key] = checked_value(f"{prefix}{key}", hints[key], value)
     return out
-
-
-def _checked(key: str, hint: Any, value: Any) -> Any:
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, str):
-            return value
-    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
-    raise ValueError(f"{key}: expected {names}, got {type(value).__name__} {value!r}")
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
