@@ -309,13 +309,19 @@ def _write_filtered(step: StepSpec, folder: Path, previous: Path | None, spec: J
     summary = store.load_summary() if stored is not None else None
     if stored is not None and stored.get("fingerprint") == fingerprint and summary is not None:
         return summary  # the same rows through the same filter: written already
-    if store.exists():
-        store.set_aside()
+    # One writer per output: the lock is taken before anything is moved, so a run still writing this
+    # folder refuses this one at once and keeps its files where they are.
+    existed = store.exists()
+    lock = OutputLock(store)
+    lock.acquire()
+    if existed:
+        store.set_aside()  # the lock file moves with it: take it again on the new folder
+        lock.release()
+        lock = OutputLock(store)
+        lock.acquire()
     started = time.time()
     schema = build_data_schema(source.schema, id_column=id_column, keep_columns=None, output_schema=pa.schema([]))
     kept = [name for name in source.schema.names if name != id_column]
-    lock = OutputLock(store)
-    lock.acquire()
     try:
         record = {"name": step.name, "filter": step.filter, "input": {"id_column": id_column}}
         store.save_job({"name": f"{spec.name}-{step.name}", "identity": {"filter": step.filter, "input": fingerprint},
