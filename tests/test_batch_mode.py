@@ -334,6 +334,20 @@ def test_a_misplaced_or_wrong_mode_is_refused_naming_the_key(tmp_path: Path, end
     assert key in str(refused.value) and said in str(refused.value)
 
 
+def test_batch_mode_with_an_object_store_output_is_refused_since_its_journal_would_stay_on_this_machine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchrun.errors import SpecError
+    from batchrun.spec import load_spec
+
+    monkeypatch.setenv("BATCH_TEST_KEY", "not-a-real-key")
+    endpoint = {"url": "http://127.0.0.1:9/v1", "model": "m", "api_key_env": "BATCH_TEST_KEY", "mode": "batch"}
+    spec = write_spec(tmp_path, endpoint=endpoint, input_path=write_topics(tmp_path / "in.parquet", 1),
+                      output={"path": "s3://bucket/jobs/batch"})
+    with pytest.raises(SpecError) as refused:
+        load_spec(spec)
+    assert "endpoint.mode" in str(refused.value) and "journal of paid batches" in str(refused.value)
+
+
 # ------------------------------------------------------------------------------------- failures inside batches
 
 

@@ -163,6 +163,12 @@ class _Parser(_InputParser, _EndpointParser):
             if not e.per_token:
                 continue
             where = f"endpoint[{index}]" if several else "endpoint"
+            if e.mode == "batch" and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", spec.output.path):
+                # The batch journal (each batch's rows and ids) lives in the output's state, which an object
+                # store's run keeps in a local cache: another machine's rerun would not find paid batches.
+                raise self.error(f"{where}.mode", "mode: batch writes to a local (or mounted) output folder: its "
+                                 "journal of paid batches must outlive this machine; use output.path on a shared "
+                                 "filesystem, or mode: online or flex with an object store")
             if spec.task not in _SERVERLESS_TASKS:
                 raise self.error(f"{where}.{'provider' if e.provider else 'model'}", (
                     f"task {spec.task} is not served through a serverless target by batchrun (it serves "
