@@ -119,8 +119,11 @@ class StoreSharedUse:
         except ValueError:
             record = {}
         holder = Holder.from_dict(record)
+        # A record with no readable heartbeat (torn, or from elsewhere) cannot say its holder lives: it is
+        # taken over like a stale one, as a shard's lease is, or every shard would wait on it for ever.
+        age = _age_s(record.get("heartbeat_at"))
         dead = (not holder.alive()) if holder is not None and holder.on_this_host() else (
-            (_age_s(record.get("heartbeat_at")) or 0.0) >= GUARD_STALE_S)
+            age is None or age >= GUARD_STALE_S)
         if not dead:
             return False
         try:
