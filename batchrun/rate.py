@@ -210,7 +210,6 @@ class RateGate:
         self.pause_streak = 0
         self.ratio = 1.0  # reported prompt tokens per estimated one
         self._ratio_samples = 0
-        self.rate_429s = 0
         self.idle = not self._logs
 
     def __repr__(self) -> str:
@@ -367,7 +366,6 @@ class RateGate:
         (TCP's once per window): they neither lengthen the pause nor grow the next one."""
         if now is None:
             now = self._clock()
-        self.rate_429s += 1
         self.idle = False
         if retry_after is not None:
             pause = retry_after

@@ -280,19 +280,6 @@ class Scoring:
 
         return [*(pa.field(c, pa.float64()) for c in self.columns), pa.field(SCORE_ERROR_COLUMN, pa.string())]
 
-    def score(self, record: Any) -> Any:
-        """``record`` (a RowResult) with its score columns added; other records are returned unchanged.
-
-        A scorer that raises nulls every score of that row (a partial set would read as a real
-        result) and names the error in ``score_error``; the answer is never lost.
-        """
-        from batchrun.records import RowResult
-
-        if not isinstance(record, RowResult):
-            return record
-        values, error = self.values(scoring_row(record))
-        return self.with_values(record, values, error)
-
     def values(self, row: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
         """Every score of ``row`` and None, or all-null scores and the first scorer error."""
         values: dict[str, Any] = dict.fromkeys(self.columns)

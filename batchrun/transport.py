@@ -145,7 +145,6 @@ class AiohttpTransport:
 
     def __init__(self) -> None:
         self._pools: dict[str, aiohttp.ClientSession] = {}
-        self._pool_settings: dict[str, tuple[dict[str, str], int]] = {}
         self._timeouts: dict[float | None, aiohttp.ClientTimeout] = {}
 
     def open_pool(self, key: str, *, headers: Mapping[str, str], connections: int) -> None:
@@ -156,11 +155,9 @@ class AiohttpTransport:
             # limit_per_host=0: no separate per-host cap; the total is the pool's connection count.
             connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0)
             self._pools[key] = aiohttp.ClientSession(connector=connector, headers=dict(headers))
-            self._pool_settings[key] = (dict(headers), connections)
 
     async def close_pool(self, key: str) -> None:
         session = self._pools.pop(key, None)
-        self._pool_settings.pop(key, None)
         if session is not None:
             await session.close()
 

@@ -36,7 +36,7 @@ from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 if TYPE_CHECKING:
     from batchrun.spec import EndpointSpec
 
-__all__ = ["ROUTER_URL", "ServerlessEndpoint", "token_estimate_inputs"]
+__all__ = ["ROUTER_URL", "ServerlessEndpoint"]
 
 #: The Inference Providers router (OpenAI-compatible).
 ROUTER_URL = "https://router.huggingface.co/v1"
@@ -45,23 +45,6 @@ POLICIES = ("auto", "fastest", "cheapest", "preferred")
 #: The emulated provider that serves the model for `router_url: local` with a policy rather than a name.
 LOCAL_PROVIDER = "emulated"
 _NOTHING_TO_BRACKET = "a serverless target has no lifecycle: there is nothing to bracket"
-
-
-def token_estimate_inputs(payload: Mapping[str, Any]) -> tuple[int, int | None]:
-    """What a token estimate before sending starts from: the prompt's length in characters (every
-    message's text, or ``prompt``) and the request's ``max_tokens`` (None when it sets none)."""
-    chars = 0
-    prompt = payload.get("prompt")
-    if isinstance(prompt, str):
-        chars += len(prompt)
-    for message in payload.get("messages") or ():
-        content = message.get("content") if isinstance(message, Mapping) else None
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(str(part.get("text", ""))) for part in content if isinstance(part, Mapping))
-    limit = payload.get("max_tokens", payload.get("max_completion_tokens"))
-    return chars, limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
 class ServerlessEndpoint:

@@ -224,11 +224,6 @@ class StepSource(_BaseSource):
         for chunk in self._chunks(ID_SCAN_BATCH):
             yield chunk.column(self.id_column or ID_COLUMN).combine_chunks()
 
-    def table(self) -> pa.Table:
-        """Every row the step reads, at once, in position order (for a step that only filters)."""
-        chunks = list(self._chunks(ID_SCAN_BATCH))
-        return pa.concat_tables(chunks, promote_options="default") if chunks else pa.table(
-            {self._id_name: pa.array([], pa.string())})
 
 
 def _features(schema: pa.Schema) -> dict[str, Any] | None:

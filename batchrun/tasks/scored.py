@@ -1,13 +1,14 @@
 """A job's task with its scores: the scorers' columns join the output schema (see :mod:`batchrun.scoring`).
 
 The wrapper changes no request and no parse: it only declares the columns, so that they are part of
-the data schema fixed before the first row. The runner fills them in on each result record before
-the record is committed (:meth:`ScoredTask.score`).
+the data schema fixed before the first row. The runner's scoring stage fills them in on each result
+record, off the event loop and within a time bound, before the record is committed
+(:class:`~batchrun.scoring.ScoringStage`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from batchrun.scoring import Scoring
 from batchrun.tasks.base import ColumnsLayer
@@ -31,7 +32,3 @@ class ScoredTask(ColumnsLayer):
         if clash:
             raise ValueError(f"the score column {clash[0]} clashes with an output column of task {inner.name}")
         self.output_schema = pa.schema([*inner.output_schema, *self.scoring.fields()])
-
-    def score(self, record: Any) -> Any:
-        """``record`` with its scores (a result), or unchanged (a failure)."""
-        return self.scoring.score(record)

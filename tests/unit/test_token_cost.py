@@ -6,7 +6,6 @@ import pytest
 
 from batchrun.cost import BudgetGuard, CostMeter, TokenPrice
 from batchrun.endpoints.pool import PoolMeter
-from batchrun.endpoints.providers import token_estimate_inputs
 from batchrun.publish.card import _cost
 from batchrun.stop import StopReason
 
@@ -74,13 +73,6 @@ def test_the_budget_stops_when_the_requests_in_flight_and_the_next_could_cross_i
     meter.charge(1, 0)  # $6: they could make $10
     reason = guard.check(meter)
     assert reason is not None and reason[0] is StopReason.BUDGET
-
-
-def test_a_token_estimate_starts_from_the_prompt_length_and_max_tokens() -> None:
-    payload = {"messages": [{"role": "system", "content": "abc"},
-                            {"role": "user", "content": [{"type": "text", "text": "defg"}]}], "max_tokens": 12}
-    assert token_estimate_inputs(payload) == (7, 12)
-    assert token_estimate_inputs({"prompt": "hello"}) == (5, None)
 
 
 def test_the_card_says_a_serverless_job_is_billed_per_token() -> None:
