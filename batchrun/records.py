@@ -46,6 +46,7 @@ class FailureType(enum.StrEnum):
     BAD_SCHEMA = "bad_schema"  # a per-row output schema that is not a usable JSON Schema
     BAD_REQUEST = "bad_request"  # an OpenAI batch line with no body object
     UNSUPPORTED_REQUEST = "unsupported_request"  # an OpenAI batch line batchrun cannot serve
+    BATCH_EXPIRED = "batch_expired"  # mode: batch: the provider's batch ended before this request ran (retried)
     BAD_TEXTS = "bad_texts"  # rerank: the row's candidate texts are not a non-empty list of strings
     # Answered, and the answer cannot be kept.
     EMBEDDING_DIMENSION = "embedding_dimension"  # an embedding of another length than the job's first

@@ -486,12 +486,10 @@ def _after_failure(
         # refusal goes again within a round: the limit was just set to the capacity it measured, and
         # the retry waits for a free slot under it.
         streak = tries.throttle_streak
-        delay = policy.delay(failure, min(streak, _STREAK_MAX_EXPONENT), rng)
-        if failure.rate_limited:
-            # Over the lane's rate: its rate gate paused the lane (Retry-After honoured there) and holds
-            # the retry until the lane may send again; meanwhile the row may go to another lane at once.
-            delay = 0.0
-        elif streak == 0 and failure.retry_after is None:
+        # Over the lane's rate (rate_limited): its rate gate paused the lane (Retry-After honoured there) and
+        # holds the retry until the lane may send again; meanwhile the row may go to another lane at once.
+        delay = 0.0 if failure.rate_limited else policy.delay(failure, min(streak, _STREAK_MAX_EXPONENT), rng)
+        if not failure.rate_limited and streak == 0 and failure.retry_after is None:
             delay = min(delay, rng.uniform(0.0, endpoint.round_s))
         return Step(Action.RETRY, replace(tries, throttle_streak=streak + 1), delay_s=delay, spend_budget=False)
     # A connection that could not even be made is never the row's fault (a server going away refuses

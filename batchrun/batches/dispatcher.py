@@ -44,7 +44,7 @@ __all__ = ["BATCH_EXPIRED", "BatchDispatcher", "HeldRows"]
 logger = logging.getLogger("batchrun.batches")
 
 #: The ``error_type`` of a row whose batch ended before its request ran (expired, cancelled, failed).
-BATCH_EXPIRED = "batch_expired"
+BATCH_EXPIRED = FailureType.BATCH_EXPIRED
 #: How much older than its intent a batch may look (clocks differ) and still be the one it made.
 FIND_SLACK_S = 3600.0
 #: How long a cancel is waited for before the fallback sends the rows online all the same.
