@@ -9,8 +9,9 @@ import json
 import os
 import signal
 import subprocess
-import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -130,9 +131,16 @@ def _shard(i: int) -> str:
 
 
 def _start(spec, shard: str, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(spec), "--progress", "off",
-                             "--shard", shard], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    """A shard's run as a process of its own, its stderr in a log beside the spec (a pipe left unread while
+    the test waits could fill and block it)."""
+    log = Path(spec).parent / f"shard-{shard.replace('/', '-of-')}-{time.monotonic_ns()}.log"
+    proc = start_run(spec, "--shard", shard, log=log, env=env)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _said(proc: subprocess.Popen) -> str:
+    return proc.log.read_text()  # type: ignore[attr-defined]
 
 
 def _puts_down(emu) -> list[dict]:
@@ -157,14 +165,14 @@ def test_four_shards_on_s3_killed_and_run_again_share_one_endpoint_and_hold_ever
                            interval=0.1, timeout=120, what=f"rows committed by shard {victim}")
                 procs[victim].send_signal(sig)
                 procs[victim].wait(timeout=60)
-            assert procs[3].returncode == 3, procs[3].stderr.read() if procs[3].stderr else ""
+            assert procs[3].returncode == 3, _said(procs[3])
             for i in (0, 2):
-                assert procs[i].wait(timeout=300) == 0, procs[i].stderr.read() if procs[i].stderr else ""
+                assert procs[i].wait(timeout=300) == 0, _said(procs[i])
             assert _puts_down(emu) and emu.state(NS, "gen").state == "paused"
             again = {victim: _start(spec, f"{victim}/4", env) for victim in (1, 3)}
             procs.update(again)
             for proc in again.values():
-                assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+                assert proc.wait(timeout=300) == 0, _said(proc)
         finally:
             for proc in procs.values():
                 if proc.poll() is None:

@@ -7,10 +7,7 @@ those after it only.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from jobkit import (
     emulator,
     read_ids,
     running_endpoint,
+    start_run,
     wait_until,
     write_topics,
 )
@@ -149,9 +147,7 @@ def test_killed_in_step_two_the_rerun_repeats_no_request_of_step_one(tmp_path):
         spec["concurrency"] = {"max": 2, "initial": 2}
         path = tmp_path / "gj.yaml"
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
-        proc = subprocess.Popen([sys.executable, "-m", "batchrun", "run", str(path), "--progress", "off"], cwd=REPO,
-                                env={**os.environ, "HF_TOKEN": TOKEN}, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = start_run(path, log=tmp_path / "run.log")
         generate = out / "steps" / "generate"
         wait_until(lambda: (generate / "state" / "summary.json").exists()
                    and committed_rows(out / "steps" / "judge") >= 10, timeout=120, proc=proc,
