@@ -318,3 +318,24 @@ def test_a_slot_taken_on_the_fast_path_remembers_its_load_too() -> None:
         assert limit.in_flight == 2
 
     asyncio.run(main())
+
+
+def test_a_refusal_reported_while_it_still_holds_its_slot_is_not_counted_among_those_the_server_holds() -> None:
+    # The dispatcher reports a refusal before giving its slot back (given back first, the slot would go to a
+    # row waiting at the old limit, refused in turn). The refused request is then still counted in flight,
+    # but the server does not hold it: the limit goes to what the others in flight measure.
+    async def main() -> None:
+        clock = [10.0]
+        limit = AdaptiveLimit(20, maximum=100, clock=lambda: clock[0])
+        for _ in range(20):
+            await limit.acquire()
+        sent_at = clock[0]
+        clock[0] += 0.001
+        for _ in range(5):  # five answers came back meanwhile: 15 in flight, the refused one among them
+            limit.release()
+        assert limit.on_overload(sent_at, rejected=True, load=20, holding=True)
+        assert limit.limit == 14
+        limit.release()
+        assert limit.in_flight == 14
+
+    asyncio.run(main())
