@@ -6,6 +6,8 @@ the proof is the store's own listing, read with boto3 for S3.
 
 from __future__ import annotations
 
+import contextlib
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -118,6 +120,9 @@ def test_a_second_writer_of_the_same_shard_is_refused_and_a_dead_ones_lease_take
     first.lease._renewed_at = 0  # its next commit must renew first, and finds the lease taken
     with pytest.raises(OutputError, match="no longer holds the lease"):
         first.lease.ensure_held()
+    for held in (lease, other_shard.lease, first.lease):  # their heartbeats end with the test, not after it
+        with contextlib.suppress(OutputError):
+            held.release()
 
 
 def test_retryable_failures_are_reopened_and_permanent_ones_kept(output):
@@ -178,4 +183,5 @@ def test_a_commit_or_a_heartbeat_whose_answer_was_lost_is_recognised_as_its_own(
     lease.renew()
     lease.ensure_held()  # still ours: the record names this run
     sink.close()
+    lease.release()
     assert len(keys("state/commits")) == 1
