@@ -157,3 +157,26 @@ def test_the_sink_stores_lone_surrogates_in_every_column_as_fffd(tmp_path):
     assert data[0]["id"] == f"a{FFFD}" and data[0]["topic"] == f"t{FFFD}" and data[0]["tags"] == [f"x{FFFD}", "y"]
     assert data[0]["generated_text"] == f"answer {FFFD}"
     assert failed[0]["error"] == f"oops {FFFD}" and failed[0]["topic"] == FFFD
+
+
+def test_a_lone_surrogate_beside_an_unconvertible_value_in_one_column_is_mended_not_failed(tmp_path):
+    """Surrogates are replaced only in a column that fails to convert; a column that also holds a value
+    of the wrong type diverts that row alone, and the row with the surrogate is still stored with U+FFFD."""
+    import pyarrow as pa
+
+    from batchrun.output import OutputStore, build_data_schema
+    from batchrun.records import RowResult
+
+    source_schema = pa.schema([("id", pa.string())])
+    schema = build_data_schema(source_schema, id_column="id", keep_columns=(),
+                               output_schema=pa.schema([("score", pa.int64()), ("generated_text", pa.string())]))
+    sink = ParquetSink(OutputStore(tmp_path / "out"), data_schema=schema, id_column="id", kept_columns=())
+    sink.open()
+    # Row 0: a value of the wrong type comes first in the column; row 1: a lone surrogate after it.
+    sink.add(RowResult(0, "a", {}, {"score": 1, "generated_text": ["not", "text"]}, 0.1, 1))
+    sink.add(RowResult(1, "b", {}, {"score": 2, "generated_text": f"half {HALF_EMOJI}"}, 0.1, 1))
+    sink.close()
+    data = pq.read_table(next((tmp_path / "out" / "data").glob("*.parquet"))).to_pylist()
+    failed = pq.read_table(next((tmp_path / "out" / "failed").glob("*.parquet"))).to_pylist()
+    assert [(r["id"], r["generated_text"]) for r in data] == [("b", f"half {FFFD}")]
+    assert [r["id"] for r in failed] == ["a"] and failed[0]["error_type"] == "output_schema"

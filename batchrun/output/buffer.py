@@ -68,10 +68,9 @@ class ShardBuffer:
     ) -> None:
         """Add a successful row; ``values`` holds its kept input and output columns (missing ones are null)."""
         cols = self.columns
-        id_ = self._storable(id_)
         size = 16 + estimate_bytes(id_)
         for name in self.value_columns:
-            value = self._storable(values.get(name))
+            value = values.get(name)
             cols[name].append(value)
             size += estimate_bytes(value)
         cols["latency_s"].append(latency_s)
@@ -92,10 +91,9 @@ class ShardBuffer:
     ) -> None:
         """Add a failed row; ``kept`` holds its kept input columns (missing ones are null)."""
         cols = self.columns
-        id_, error, error_type = self._storable(id_), self._storable(error), self._storable(error_type)
         size = 32 + len(error) + len(error_type) + estimate_bytes(id_)
         for name in self.value_columns:
-            value = self._storable(kept.get(name))
+            value = kept.get(name)
             cols[name].append(value)
             size += estimate_bytes(value)
         cols["error_type"].append(error_type)
@@ -106,20 +104,29 @@ class ShardBuffer:
         self.retryable += bool(retryable)
         self._append_row(position, id_, size)
 
-    def _storable(self, value: Any) -> Any:
-        stored = storable(value)
-        if stored is not value:
-            self.replaced += 1
-        return stored
-
     def _append_row(self, position: int, id_: Any, size: int) -> None:
         self.columns[self.id_column].append(id_)
         self.positions.append(position)
         self.estimated_bytes += size
 
     def to_table(self) -> pa.Table:
-        arrays = [pa.array(self.columns[f.name], type=f.type) for f in self.schema]
-        return pa.Table.from_arrays(arrays, schema=self.schema)
+        return pa.Table.from_arrays([self._array(field) for field in self.schema], schema=self.schema)
+
+    def _array(self, field: pa.Field) -> pa.Array:
+        """One column as Arrow. Values are buffered as they came; a lone surrogate (which UTF-8 cannot
+        encode) is replaced here, in the rare column that holds one, rather than looked for in every value."""
+        values = self.columns[field.name]
+        try:
+            return pa.array(values, type=field.type)
+        except UnicodeEncodeError:
+            self._replace_surrogates(values)
+        return pa.array(values, type=field.type)
+
+    def _replace_surrogates(self, values: list[Any]) -> None:
+        """Make every value of a column :func:`storable`, in place, counting the values that changed."""
+        stored = [storable(value) for value in values]
+        self.replaced += sum(1 for new, old in zip(stored, values, strict=True) if new is not old)
+        values[:] = stored  # kept replaced: a later try (after unconvertible rows are diverted) sees the same
 
     def unconvertible_rows(self) -> dict[int, tuple[str, str]]:
         """The rows that cannot be converted: index -> (first bad column, what is wrong with it).
@@ -135,6 +142,7 @@ class ShardBuffer:
                 continue
             except CONVERSION_ERRORS:
                 pass
+            self._replace_surrogates(values)  # a lone surrogate is stored as U+FFFD, never a reason to fail
             for index, value in enumerate(values):
                 if index in bad:
                     continue
