@@ -35,6 +35,7 @@ from jobkit import (
     write_topics,
 )
 
+from batchrun import Result
 from batchrun.dispatch import Dispatcher
 from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.errors import BudgetSpentError
@@ -340,3 +341,52 @@ def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs
         assert not saved.exists()
         assert list(saved.parent.iterdir()) == []
     assert len(read_ids(tmp_path / "out" / output / "data")) == 150
+
+
+# --------------------------------------------------------------------------- signals to a script using the Python API
+
+_SCRIPT = """\
+import asyncio
+import sys
+
+import batchrun
+
+spec, how = sys.argv[1], sys.argv[2]
+result = batchrun.run(spec, progress=False) if how == "run" else asyncio.run(batchrun.arun(spec, progress=False))
+print("returned", result.exit_code)
+"""
+
+
+@pytest.mark.parametrize(("how", "signame"), [("run", "SIGTERM"), ("run", "SIGHUP"), ("arun", "SIGTERM")])
+def test_a_signal_to_a_script_of_the_python_api_pauses_the_endpoint_and_the_output_resumes(
+    tmp_path, monkeypatch, how, signame
+):
+    # A script calling batchrun.run has no handler of its own: the job stops as `batchrun run` does, the
+    # endpoint is paused, then the signal is delivered again and ends the script as it would have.
+    script, out, log = tmp_path / "script.py", tmp_path / "script.out", tmp_path / "script.err"
+    script.write_text(_SCRIPT)
+    with emulator(paused_endpoint(latency_base_s=0.05)) as emu:
+        spec = job(tmp_path, emu, n=400, spec={"concurrency": {"max": 4, "initial": 4}})
+        with open(out, "w") as stdout, open(log, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, str(script), str(spec), how], cwd=REPO,
+                                    env={**os.environ, "HF_TOKEN": TOKEN}, stdout=stdout, stderr=stderr)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)  # for the rerun, in this process
+        try:
+            wait_for_requests(emu, 20, proc)
+            proc.send_signal(getattr(signal, signame))
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+        printed = out.read_text()
+        assert proc.returncode == -getattr(signal, signame), log.read_text()
+        assert f"interrupted by {signame}" in printed and "returned" not in printed
+        assert_put_back(emu)
+        sent = data_requests(emu)
+        assert sent < 400
+        assert Result.from_output(tmp_path / "out" / "job").exit_code == 3
+        # Resumable: the rerun sends only the rows left, and every row ends in one place.
+        outcome, _ = run(spec)
+        assert outcome.exit_code == 0
+        assert data_requests(emu) - sent <= 400 - outcome.summary["rows"]["skipped"]
+    ids = read_ids(tmp_path / "out" / "job" / "data")
+    assert sorted(ids) == [f"row-{i:05d}" for i in range(400)]
