@@ -36,6 +36,7 @@ from jobkit import (
 )
 
 from batchrun import Result
+from batchrun.cost import BudgetGuard
 from batchrun.dispatch import Dispatcher
 from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.errors import BudgetSpentError
@@ -196,6 +197,29 @@ def test_the_budget_is_per_job_so_a_second_run_is_refused_before_anything_is_tou
         with pytest.raises(BudgetSpentError, match=r"already spent \$0\.1"):
             run(spec)
         assert len(emu.control_log) == calls and data_requests(emu) == requests  # a refusal costs nothing
+
+
+def test_a_budget_guard_that_fails_stops_sending_and_pauses_the_endpoint(tmp_path, monkeypatch):
+    # The guard watches money: a guard that crashes must not leave the job sending unwatched.
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    original, checks = BudgetGuard.check, [0]
+
+    def failing_check(self, meter):
+        checks[0] += 1
+        if checks[0] > 2:  # once requests are on their way
+            raise ZeroDivisionError("a bug in the budget check")
+        return original(self, meter)
+
+    monkeypatch.setattr(BudgetGuard, "check", failing_check)
+    with emulator(paused_endpoint(latency_base_s=0.02)) as emu:
+        outcome, lines = run(job(tmp_path, emu, n=2000, price_per_replica_hour=36,
+                                 spec={"budget": {"max_usd": 100}, "concurrency": {"max": 4, "initial": 4}}))
+        assert outcome.exit_code == 3
+        assert outcome.summary["stop_reason"] == ("the budget and deadline guard failed, so sending stops: "
+                                                  "ZeroDivisionError: a bug in the budget check")
+        assert_put_back(emu)
+        assert data_requests(emu) < 2000
+    assert any("the budget and deadline guard failed" in line for line in lines)
 
 
 def test_a_small_budget_keeps_only_a_tenth_of_it_as_the_stop_margin(tmp_path, monkeypatch):
