@@ -7,8 +7,18 @@ KeyboardInterrupt while it waits (Ctrl-C, or the kernel's interrupt button) is w
 releases the endpoint and writes its summary; a second interrupt abandons what is in flight, and the
 endpoint is still released. Then the KeyboardInterrupt is raised again, and rerunning resumes.
 
+In the main thread, ``run`` also takes SIGTERM, SIGHUP (a closed terminal or ssh session) and SIGQUIT
+for the job's length, as ``batchrun run`` does: the job stops the same way (SIGQUIT abandons what is in
+flight at once) and the endpoint is released. Then the previous handlers are put back and the signal
+is delivered again, to them: by default it ends the script, as it would have without batchrun, only
+after the endpoint is paused. A signal the process ignores (``nohup`` ignores SIGHUP) stays ignored.
+
 ``arun`` is the same for code that is already a coroutine: it runs the job on the caller's loop.
-Cancelling it is an interrupt, handled the same way.
+Cancelling it is an interrupt, handled the same way (``asyncio.run`` cancels its main task on
+Ctrl-C). Signals stay the caller's: ``arun`` takes only the ones nobody handles (SIGTERM, SIGHUP or
+SIGQUIT left to their default action, which would end the process with the endpoint running), and only
+when the loop runs in the main thread; it releases the endpoint, then delivers the signal again to its
+default action. A program with handlers of its own should cancel the ``arun`` task in them.
 
 The output folder is the one ``batchrun run`` writes, so ``batchrun status``, ``runs`` and
 ``compare`` read it as they read any other.
@@ -30,7 +40,7 @@ from batchrun.facts import GRACE_S, ExitCode
 from batchrun.runner import RunOptions, run_job
 from batchrun.spec import JobSpec, load_spec, parse_spec
 from batchrun.steps import JobStop, run_steps
-from batchrun.stop import Stop, StopReason
+from batchrun.stop import SignalIntent, Stop, StopReason, catch_signals, forward_signals
 
 if TYPE_CHECKING:
     import datasets
@@ -130,20 +140,21 @@ def run(
 
     Raises the errors ``batchrun run`` exits 2 for (:class:`~batchrun.SpecError`, ...) before
     anything is sent. A KeyboardInterrupt stops the job safely (see the module's docstring), then is
-    raised again.
+    raised again; SIGTERM, SIGHUP and SIGQUIT stop it the same way, then are delivered again.
     """
     job = _job_spec(spec, input=input, output=output)
     options = _options(progress=progress, fresh=fresh, retry_failed=retry_failed, echo=echo)
     worker = _JobThread(job, options)
-    worker.start()
+    worker.start()  # nothing is resumed before the handlers below are in place: preflight comes first
     interrupts = 0
-    while not worker.finished.is_set():
-        try:
-            worker.finished.wait(_WAIT_S)
-        except KeyboardInterrupt:
-            interrupts += 1
-            worker.interrupt(again=interrupts > 1)
-    outcome = worker.outcome()
+    with forward_signals(worker.signal):  # the job's loop is on another thread: it cannot take them itself
+        while not worker.finished.is_set():
+            try:
+                worker.finished.wait(_WAIT_S)
+            except KeyboardInterrupt:
+                interrupts += 1
+                worker.interrupt(again=interrupts > 1)
+        outcome = worker.outcome()
     if interrupts:
         raise KeyboardInterrupt
     return Result(outcome.summary.get("output") or job.output.path, outcome.summary)
@@ -162,19 +173,21 @@ async def arun(
     """:func:`run` for a caller that is already a coroutine: the job runs on the running loop.
 
     Cancelling the call stops the job as an interrupt does (the endpoint released, the output
-    resumable) before the cancellation goes on.
+    resumable) before the cancellation goes on. SIGTERM, SIGHUP or SIGQUIT that nobody handles stop it
+    too, when the loop runs in the main thread (see the module's docstring).
     """
     job = await asyncio.to_thread(_job_spec, spec, input=input, output=output)
     stop = _job_stop(job, grace_s=GRACE_S, echo=echo)
     options = dataclasses.replace(_options(progress=progress, fresh=fresh, retry_failed=retry_failed, echo=echo),
                                   stop=stop)
     task = asyncio.ensure_future(run_steps(job, options) if job.steps else run_job(job, options))
-    try:
-        outcome = await asyncio.shield(task)
-    except asyncio.CancelledError:
-        _interrupt(stop, echo, again=False)
-        await asyncio.wait({task})  # the release and the summary run to their end
-        raise
+    with catch_signals(stop, echo=echo, borrowed=True):
+        try:
+            outcome = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            _interrupt(stop, echo, again=False)
+            await asyncio.wait({task})  # the release and the summary run to their end
+            raise
     return Result(outcome.summary.get("output") or job.output.path, outcome.summary)
 
 
@@ -204,8 +217,9 @@ def _job_spec(spec: Any, *, input: Any, output: Any) -> JobSpec:
 
 
 def _options(*, progress: bool, fresh: bool, retry_failed: bool, echo: Callable[[str], None]) -> RunOptions:
-    # Signals stay with whoever owns the process (a kernel, a script): an interrupt reaches the job as a
-    # KeyboardInterrupt in the waiting thread, or as the cancellation of arun.
+    # Not run_job's own handlers: run's job is on a thread whose loop cannot take signals, and arun's loop is the
+    # caller's. An interrupt reaches the job as a KeyboardInterrupt in the waiting thread, or as the cancellation
+    # of arun; run and arun take the other signals themselves (the module's docstring).
     return RunOptions(fresh=fresh, retry_failed=retry_failed, progress="notebook" if progress else "off",
                       handle_signals=False, echo=echo)
 
@@ -234,7 +248,8 @@ class _JobThread(threading.Thread):
         self._options = options
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._job_stop: Stop | None = None
+        self._job_stop = _job_stop(job, grace_s=options.grace_s, echo=options.echo)
+        self._signals = SignalIntent(self._job_stop, options.echo)
         self._result: Any = None
         self._error: BaseException | None = None
         self.finished = threading.Event()
@@ -250,19 +265,25 @@ class _JobThread(threading.Thread):
 
     async def _run_job(self) -> Any:
         self._loop = asyncio.get_running_loop()
-        self._job_stop = _job_stop(self._job, grace_s=self._options.grace_s, echo=self._options.echo)
         self._ready.set()
         options = dataclasses.replace(self._options, stop=self._job_stop)
         return await (run_steps(self._job, options) if self._job.steps else run_job(self._job, options))
 
     def interrupt(self, *, again: bool) -> None:
         """Stop the job from the waiting thread (the stop is changed on its own loop only)."""
-        self._ready.wait()
-        loop, stop = self._loop, self._job_stop
-        if loop is None or stop is None or loop.is_closed():
+        self._on_loop(functools.partial(_interrupt, self._job_stop, self._options.echo, again=again))
+
+    def signal(self, name: str) -> None:
+        """A signal the waiting thread received, for the job's loop to act on as ``batchrun run`` does."""
+        self._on_loop(functools.partial(self._signals, name))
+
+    def _on_loop(self, call: Callable[[], None]) -> None:
+        self._ready.wait()  # started by then
+        loop = self._loop
+        if loop is None or loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(functools.partial(_interrupt, stop, self._options.echo, again=again))
+            loop.call_soon_threadsafe(call)
         except RuntimeError:  # the loop closed meanwhile: the job already ended
             pass
 

@@ -12,8 +12,9 @@ takes its share (:meth:`RateGate.take`). It learns from three sources:
   ``-reset-*``. What remains is read as of when the answered request was sent: the server counted it
   then, and everything this lane sent afterwards is taken off. When nothing remains, the lane waits
   until the reset, then the window is whole again. No window length is assumed.
-- **429s.** A 429 with ``Retry-After`` pauses the lane until then; a rate 429 without it (a limit the
-  provider does not announce) pauses the lane for a growing, jittered time, which a success resets.
+- **429s.** A 429 with ``Retry-After`` pauses the lane until then, exactly; a rate 429 without it (a
+  limit the provider does not announce) pauses the lane for a growing time with full jitter
+  (reliability.md §2, as the retries' backoff), which a success resets.
   Rows meanwhile go to other lanes (their room counts as none) or wait; none is failed for it.
 
 A request's tokens are estimated before it is sent, as providers count them: the prompt (characters
@@ -40,7 +41,8 @@ MINUTE_S = 60.0
 CHARS_PER_TOKEN = 4.0
 #: What an image part of a chat message is taken to cost, in characters (a low-detail image).
 IMAGE_CHARS = 340
-#: The pause after a rate 429 without Retry-After: the first is about this long, doubling per 429 in a row.
+#: The pause after a rate 429 without Retry-After: full jitter under a ceiling that starts here and doubles
+#: per 429 in a row, up to the cap.
 PAUSE_BASE_S = 0.25
 PAUSE_CAP_S = 30.0
 #: Added to a header's reset: the server counts from when the request arrived, a little after it was sent.
@@ -359,8 +361,9 @@ class RateGate:
     def on_rate_refusal(self, retry_after: float | None, ticket: Ticket | None = None, now: float | None = None,
                         ) -> float:
         """A 429 for the lane's rate: pause it until ``retry_after``; without one, until the window the
-        headers announce turns, or (no headers either) for a growing, jittered time: half fixed, half
-        drawn, never next to nothing. Returns the pause in seconds (0: the 429 was one already answered).
+        headers announce turns, or (no headers either) for a growing time with full jitter:
+        ``uniform(0, min(PAUSE_CAP_S, PAUSE_BASE_S * 2**streak))``, so that lanes and clients refused together
+        spread out. Returns the pause in seconds (0: the 429 was one already answered).
 
         Refusals of requests sent before the current pause began are the same overshoot seen again
         (TCP's once per window): they neither lengthen the pause nor grow the next one."""
@@ -375,7 +378,7 @@ class RateGate:
             if self._paused_at > -math.inf and (ticket is None or ticket.sent_at < self._paused_at):
                 return 0.0  # sent before the last pause began (without a ticket: before the gate woke)
             ceiling = min(PAUSE_CAP_S, PAUSE_BASE_S * 2.0 ** min(self.pause_streak, 32))
-            pause = ceiling / 2 + self._rng.uniform(0.0, ceiling / 2)
+            pause = self._rng.uniform(0.0, ceiling)  # a short pause costs at most one 429: the probe below
             self.pause_streak += 1
             # Nothing says how much the provider takes: after the pause one request goes first, and the
             # rest follow its success (as the breaker's probe), so a pause costs one 429, not a burst.

@@ -14,9 +14,11 @@ One :class:`~batchrun.stop.Stop` carries why the job ends; signals reach it from
 
 The steps share one frozen :class:`RunContext`, built once after preflight. While rows are sent, the
 committer, the progress, the budget guard, the spending ledger and the periodic push run under one
-``asyncio.TaskGroup``, ended before the endpoint is released. The run's extras (its record and
-provenance, the comparison, the notification, the push) are :class:`~batchrun.run_record.RunHook`
-implementations, called by :func:`run_job` at three fixed points: started, finished, after.
+``asyncio.TaskGroup``, ended before the endpoint is released. A committer or budget guard that fails
+stops the job (nothing is sent unsaved or unwatched); the others say once what stopped, and it goes
+on. The run's extras (its record and provenance, the comparison, the notification, the push) are
+:class:`~batchrun.run_record.RunHook` implementations, called by :func:`run_job` at three fixed points:
+started, finished, after.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -62,6 +65,8 @@ from batchrun.tally import FailureWatch, Tally
 from batchrun.transport import Transport, use_transport
 
 __all__ = ["JobOutcome", "RunOptions", "run_job"]
+
+log = logging.getLogger("batchrun.runner")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -359,12 +364,15 @@ async def _dispatch(
     try:
         background = {
             "committer": _stop_on_error(committer.run(), stop),  # a failed commit stops the job
-            "progress": _quietly(reporter.run()),
-            "budget": _quietly(guard.watch(meter, stop)),
-            "spend": _quietly(_keep_spending_ledger(pre, meter)),
+            # It guards money: a guard that fails stops the sending it no longer watches.
+            "budget": _stop_on_error(guard.watch(meter, stop), stop, what="the budget and deadline guard"),
+            "progress": _warn_on_error(reporter.run(), "the progress display"),
+            "spend": _warn_on_error(_keep_spending_ledger(pre, meter), "the spending ledger (spend.json is still "
+                                    "written at the end of the run)"),
         }
         if run.pusher is not None and run.pusher.every_s is not None:
-            background["push"] = _quietly(run.pusher.run_every())
+            background["push"] = _warn_on_error(run.pusher.run_every(), "the periodic push to the Hub (the push at "
+                                                "the end of the run still happens)")
         async with _in_background(background):
             await _send(run, reader, dispatcher, scores, batches)
     finally:
@@ -471,21 +479,23 @@ async def _keep_spending_ledger(pre: Preflight, meter: CostMeter) -> None:
                 await asyncio.to_thread(store.save_spend, _spent_so_far(pre, meter).record())
 
 
-async def _quietly(work: Coroutine[Any, Any, None]) -> None:
-    """A background step whose failure ends only itself (the progress, the budget watch, the ledger, the
-    periodic push), as when they were gathered with ``return_exceptions``: the others go on."""
-    with contextlib.suppress(Exception):
-        await work
-
-
-async def _stop_on_error(work: Any, stop: Stop) -> None:
-    """A background step that fails (a commit on a full disk) stops the job instead of vanishing."""
+async def _warn_on_error(work: Coroutine[Any, Any, None], what: str) -> None:
+    """A background step that only informs (the progress, the ledger, the periodic push): its failure ends
+    only itself, and is said once, as a warning naming ``what`` stopped; the job goes on."""
     try:
         await work
-    except BatchrunError as exc:
-        stop.request(StopReason.ERROR, str(exc))
+    except Exception as exc:
+        log.warning("background_step_failed: %s stopped working (%s: %s); the job goes on", what,
+                    type(exc).__name__, exc)
+
+
+async def _stop_on_error(work: Any, stop: Stop, *, what: str | None = None) -> None:
+    """A background step that fails (a commit on a full disk, the budget guard) stops the job instead of vanishing."""
+    try:
+        await work
     except Exception as exc:  # a bug must not end the step silently while requests go on being paid for
-        stop.request(StopReason.ERROR, f"{type(exc).__name__}: {exc}")
+        detail = str(exc) if isinstance(exc, BatchrunError) else f"{type(exc).__name__}: {exc}"
+        stop.request(StopReason.ERROR, detail if what is None else f"{what} failed, so sending stops: {detail}")
 
 
 def _dispatch_figures(dispatcher: Dispatcher | None) -> dict[str, Any]:

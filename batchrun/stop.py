@@ -11,6 +11,8 @@ own work (a full disk). Every part of a job watches the same :class:`Stop`:
     Stop.until_aborted()           a scope cancelled when the grace ends: requests in flight
     catch_signals(stop)            SIGINT, SIGTERM and SIGHUP request a stop; a second one, or SIGQUIT,
                                    aborts; the endpoint is released either way
+    forward_signals(deliver)       the same signals, taken in a script's main thread for a job that runs
+                                   on a thread of its own (``batchrun.run``), then delivered again
 
 Scopes are cancel scopes in the manner of anyio's ``move_on_after``, built on ``asyncio.timeout``: the
 body is cancelled, the scope swallows that cancellation and says so in ``scope.cancelled``. Nothing
@@ -27,15 +29,17 @@ import enum
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from batchrun.facts import GRACE_S
 
-__all__ = ["CancelScope", "Stop", "StopCause", "StopReason", "catch_signals"]
+__all__ = ["CancelScope", "SignalIntent", "Stop", "StopCause", "StopReason", "catch_signals", "forward_signals"]
 
 log = logging.getLogger("batchrun.stop")
 
@@ -207,27 +211,26 @@ def _expire(scope: asyncio.Timeout, when: float) -> None:
         scope.reschedule(when)
 
 
-@contextmanager
-def catch_signals(stop: Stop, *, echo: Callable[[str], None], enabled: bool = True) -> Iterator[None]:
-    """Route SIGINT, SIGTERM, SIGHUP and SIGQUIT to ``stop`` while the block runs (in the event loop).
+class SignalIntent:
+    """What each signal means for ``stop``, called on the event loop that runs the job.
 
-    The first graceful signal requests a stop; another one a moment later (or SIGQUIT) aborts the
-    requests in flight. Neither cuts the endpoint's release short: it runs after the dispatch, and a
-    signal then only says that it is being finished. Only the main thread's loop can take signals;
-    elsewhere (and with ``enabled=False``) this does nothing.
+    The first graceful signal requests a stop; another one later than :data:`SAME_INTENT_S` (or SIGQUIT)
+    aborts the requests in flight. ``first`` names the first signal received, if any.
     """
-    if not enabled or sys.platform == "win32":
-        yield
-        return
-    loop = asyncio.get_running_loop()
-    first_at: list[float] = []
 
-    def received(name: str) -> None:
+    def __init__(self, stop: Stop, echo: Callable[[str], None]) -> None:
+        self.stop = stop
+        self.echo = echo
+        self.first: str | None = None
+        self._first_at = 0.0
+
+    def __call__(self, name: str) -> None:
         now = time.monotonic()
-        if first_at and now - first_at[0] < SAME_INTENT_S and name not in ABORT_SIGNALS:
+        if self.first is not None and now - self._first_at < SAME_INTENT_S and name not in ABORT_SIGNALS:
             return
-        if not first_at:
-            first_at.append(now)
+        if self.first is None:
+            self.first, self._first_at = name, now
+        stop, echo = self.stop, self.echo
         if stop.request(StopReason.SIGNAL, f"interrupted by {name}"):
             if name in ABORT_SIGNALS:
                 echo(f"{name}: abandoning requests in flight now")
@@ -241,18 +244,92 @@ def catch_signals(stop: Stop, *, echo: Callable[[str], None], enabled: bool = Tr
                  "the endpoint is still released")
         stop.abort()
 
+
+@contextmanager
+def catch_signals(
+    stop: Stop, *, echo: Callable[[str], None], enabled: bool = True, borrowed: bool = False
+) -> Iterator[SignalIntent]:
+    """Route SIGINT, SIGTERM, SIGHUP and SIGQUIT to ``stop`` while the block runs (in the event loop).
+
+    The first graceful signal requests a stop; another one a moment later (or SIGQUIT) aborts the
+    requests in flight. Neither cuts the endpoint's release short: it runs after the dispatch, and a
+    signal then only says that it is being finished. Only the main thread's loop can take signals;
+    elsewhere (and with ``enabled=False``) this does nothing.
+
+    ``borrowed``: the loop and the process are the caller's (``batchrun.arun``). Only the signals that
+    nobody handles (their default action would end the process with the endpoint running) are taken,
+    and the first one taken is delivered again once the block has ended, to its default action.
+    """
+    intent = SignalIntent(stop, echo)
+    if not enabled or sys.platform == "win32":
+        yield intent
+        return
+    loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     for name in (*GRACEFUL_SIGNALS, *ABORT_SIGNALS):
         sig = getattr(signal, name, None)
-        if sig is None:
+        if sig is None or (borrowed and signal.getsignal(sig) is not signal.SIG_DFL):
             continue
         try:
-            loop.add_signal_handler(sig, received, name)
+            loop.add_signal_handler(sig, intent, name)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal here
             continue
         installed.append(sig)
     try:
-        yield
+        yield intent
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+        if borrowed and intent.first is not None:
+            _deliver_again(intent.first)
+
+
+#: The signals the Python API takes from a script's main thread while a job runs; SIGINT is not among them,
+#: it reaches the job as the KeyboardInterrupt it raises in the waiting thread.
+FORWARDED_SIGNALS = ("SIGTERM", "SIGHUP", "SIGQUIT")
+
+
+@contextmanager
+def forward_signals(deliver: Callable[[str], None]) -> Iterator[list[str]]:
+    """In the main thread, while the block runs: SIGTERM, SIGHUP and SIGQUIT go to ``deliver(name)``.
+
+    For ``batchrun.run``, whose job runs on a thread of its own (whose loop cannot take signals):
+    ``deliver`` passes the signal on to that loop. A signal the process ignores (``nohup`` ignores
+    SIGHUP) stays ignored. Once the block ends, the previous handlers are put back and the first
+    signal received is delivered again, to them: by default that ends the process, now that the
+    endpoint is released. Off the main thread (or on Windows) this does nothing.
+    """
+    received: list[str] = []
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        received.append(name)
+        deliver(name)
+
+    previous: dict[signal.Signals, Any] = {}
+    for name in FORWARDED_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is None or signal.getsignal(sig) in (signal.SIG_IGN, None):  # ignored, or not set from Python
+            continue
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield received
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+        if received:
+            _deliver_again(received[0])
+
+
+def _deliver_again(name: str) -> None:
+    """Signal ``name`` to this process again, for whatever handles it now (by default: the process ends).
+
+    What was printed is flushed first: an ending by a signal would lose what a buffer still holds.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):  # a closed stream: nothing to lose
+            stream.flush()
+    signal.raise_signal(getattr(signal, name))

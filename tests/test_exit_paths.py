@@ -35,6 +35,8 @@ from jobkit import (
     write_topics,
 )
 
+from batchrun import Result
+from batchrun.cost import BudgetGuard
 from batchrun.dispatch import Dispatcher
 from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.errors import BudgetSpentError
@@ -197,6 +199,29 @@ def test_the_budget_is_per_job_so_a_second_run_is_refused_before_anything_is_tou
         assert len(emu.control_log) == calls and data_requests(emu) == requests  # a refusal costs nothing
 
 
+def test_a_budget_guard_that_fails_stops_sending_and_pauses_the_endpoint(tmp_path, monkeypatch):
+    # The guard watches money: a guard that crashes must not leave the job sending unwatched.
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    original, checks = BudgetGuard.check, [0]
+
+    def failing_check(self, meter):
+        checks[0] += 1
+        if checks[0] > 2:  # once requests are on their way
+            raise ZeroDivisionError("a bug in the budget check")
+        return original(self, meter)
+
+    monkeypatch.setattr(BudgetGuard, "check", failing_check)
+    with emulator(paused_endpoint(latency_base_s=0.02)) as emu:
+        outcome, lines = run(job(tmp_path, emu, n=2000, price_per_replica_hour=36,
+                                 spec={"budget": {"max_usd": 100}, "concurrency": {"max": 4, "initial": 4}}))
+        assert outcome.exit_code == 3
+        assert outcome.summary["stop_reason"] == ("the budget and deadline guard failed, so sending stops: "
+                                                  "ZeroDivisionError: a bug in the budget check")
+        assert_put_back(emu)
+        assert data_requests(emu) < 2000
+    assert any("the budget and deadline guard failed" in line for line in lines)
+
+
 def test_a_small_budget_keeps_only_a_tenth_of_it_as_the_stop_margin(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     # $0.02/s with a 7 s margin (request_timeout + 2 s) would keep $0.14 back: more than the whole $0.05
@@ -340,3 +365,52 @@ def test_the_run_after_a_sigkill_restores_the_users_settings_not_the_killed_runs
         assert not saved.exists()
         assert list(saved.parent.iterdir()) == []
     assert len(read_ids(tmp_path / "out" / output / "data")) == 150
+
+
+# --------------------------------------------------------------------------- signals to a script using the Python API
+
+_SCRIPT = """\
+import asyncio
+import sys
+
+import batchrun
+
+spec, how = sys.argv[1], sys.argv[2]
+result = batchrun.run(spec, progress=False) if how == "run" else asyncio.run(batchrun.arun(spec, progress=False))
+print("returned", result.exit_code)
+"""
+
+
+@pytest.mark.parametrize(("how", "signame"), [("run", "SIGTERM"), ("run", "SIGHUP"), ("arun", "SIGTERM")])
+def test_a_signal_to_a_script_of_the_python_api_pauses_the_endpoint_and_the_output_resumes(
+    tmp_path, monkeypatch, how, signame
+):
+    # A script calling batchrun.run has no handler of its own: the job stops as `batchrun run` does, the
+    # endpoint is paused, then the signal is delivered again and ends the script as it would have.
+    script, out, log = tmp_path / "script.py", tmp_path / "script.out", tmp_path / "script.err"
+    script.write_text(_SCRIPT)
+    with emulator(paused_endpoint(latency_base_s=0.05)) as emu:
+        spec = job(tmp_path, emu, n=400, spec={"concurrency": {"max": 4, "initial": 4}})
+        with open(out, "w") as stdout, open(log, "w") as stderr:
+            proc = subprocess.Popen([sys.executable, str(script), str(spec), how], cwd=REPO,
+                                    env={**os.environ, "HF_TOKEN": TOKEN}, stdout=stdout, stderr=stderr)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)  # for the rerun, in this process
+        try:
+            wait_for_requests(emu, 20, proc)
+            proc.send_signal(getattr(signal, signame))
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+        printed = out.read_text()
+        assert proc.returncode == -getattr(signal, signame), log.read_text()
+        assert f"interrupted by {signame}" in printed and "returned" not in printed
+        assert_put_back(emu)
+        sent = data_requests(emu)
+        assert sent < 400
+        assert Result.from_output(tmp_path / "out" / "job").exit_code == 3
+        # Resumable: the rerun sends only the rows left, and every row ends in one place.
+        outcome, _ = run(spec)
+        assert outcome.exit_code == 0
+        assert data_requests(emu) - sent <= 400 - outcome.summary["rows"]["skipped"]
+    ids = read_ids(tmp_path / "out" / "job" / "data")
+    assert sorted(ids) == [f"row-{i:05d}" for i in range(400)]

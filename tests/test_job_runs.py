@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -34,6 +35,9 @@ from jobkit import (
 )
 
 from batchrun.errors import AuthError, ConfigMismatchError, EndpointUnusableError, InputError, OutputError
+from batchrun.progress import ProgressReporter
+from batchrun.runner import RunOptions, run_job
+from batchrun.spec import load_spec
 
 
 def _url_job(tmp_path: Path, emu, n: int = 60, name: str = "job", **overrides):
@@ -460,6 +464,25 @@ def test_a_failure_rate_past_the_threshold_stops_the_job_and_pauses_the_endpoint
     assert outcome.exit_code == 3
     assert "failure_threshold" in outcome.summary["stop_reason"]
     assert 50 <= len(read_ids(tmp_path / "out" / "bad" / "failed")) < 600  # it stopped early
+
+
+def test_a_progress_display_that_fails_is_said_once_and_the_job_finishes(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    def broken_refresh(self):
+        raise ValueError("a bug in the progress line")
+
+    monkeypatch.setattr(ProgressReporter, "refresh", broken_refresh)
+    with emulator(running_endpoint(latency_base_s=0.01)) as emu:
+        spec = _url_job(tmp_path, emu, n=200, concurrency={"max": 2, "initial": 2})
+        options = RunOptions(progress="lines", summary_interval_s=0.01, handle_signals=False, echo=lambda _: None)
+        with caplog.at_level(logging.WARNING, logger="batchrun.runner"):
+            outcome = asyncio.run(run_job(load_spec(spec), options))
+    assert outcome.exit_code == 0
+    assert len(read_ids(tmp_path / "out" / "job" / "data")) == 200
+    said = [r.getMessage() for r in caplog.records if r.name == "batchrun.runner"]
+    assert said == ["background_step_failed: the progress display stopped working "
+                    "(ValueError: a bug in the progress line); the job goes on"]
 
 
 def _empty_input(path: Path) -> Path:

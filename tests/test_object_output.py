@@ -7,6 +7,7 @@ the proof is the store's own listing, read with boto3 for S3.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +36,25 @@ def failure(position: int, *, retryable: bool) -> RowFailure:
                       attempts=3 if retryable else 1, retryable=retryable)
 
 
+#: The leases this test's writers took: released when it ends, whatever the test did before.
+_taken: list[ShardLease] = []
+
+
+def _heartbeats() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "batchrun-lease" and t.is_alive()}
+
+
+@pytest.fixture(autouse=True)
+def _no_heartbeat_outlives_its_test():
+    """A lease left held beats every 15 s against a server that stops with the module, and logs on after it."""
+    before = _heartbeats()
+    yield
+    while _taken:
+        with contextlib.suppress(OutputError):
+            _taken.pop().release()
+    assert _heartbeats() - before == set()
+
+
 @pytest.fixture(scope="module")
 def s3():
     server = S3Server.start()
@@ -59,7 +79,8 @@ def output(request, tmp_path, monkeypatch):
 def writer(output, shard=None, **options):
     url, objects, _ = output
     store = ObjectOutputStore(url, shard, store=objects)
-    store.writer_lock().acquire()
+    _taken.append(store.writer_lock())
+    _taken[-1].acquire()
     sink = store.new_sink(data_schema=DATA_SCHEMA, id_column="key", **options)
     return store, sink
 

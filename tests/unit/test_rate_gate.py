@@ -154,18 +154,54 @@ def test_a_token_window_is_held_with_the_estimates_of_requests_still_out(clock: 
     assert g.wait_s(20) == pytest.approx(1.0 + 0.005)
 
 
-def test_a_429_without_retry_after_pauses_the_lane_longer_each_time_until_a_success(clock: Clock) -> None:
-    g = gate(clock)
+def _refused(g: RateGate, clock: Clock, times: int) -> list[float]:
+    """The pauses of ``times`` rate 429s in a row without Retry-After, each for a request sent after the last pause."""
     pauses = []
-    for _ in range(4):
-        ticket = g.take(None)  # sent after the last pause ended
+    for _ in range(times):
+        ticket = g.take(None)
         pauses.append(g.on_rate_refusal(None, ticket))
         clock.now = g.paused_until
         g.settle(ticket)
-    assert all(b > a for a, b in zip(pauses, pauses[1:]))
-    assert pauses[0] >= 0.125  # half fixed: never next to nothing
+    return pauses
+
+
+def test_a_429_without_retry_after_pauses_for_full_jitter_under_a_ceiling_that_doubles(clock: Clock) -> None:
+    # reliability.md §2: sleep = uniform(0, min(cap, base * 2**n)), the draw retry.py's backoff makes.
+    pauses = _refused(RateGate(clock=clock, rng=random.Random(7)), clock, 9)
+    expected = random.Random(7)
+    assert pauses == [expected.uniform(0.0, min(30.0, 0.25 * 2**n)) for n in range(9)]
+
+
+def test_the_pauses_spread_over_the_whole_range_from_zero_to_the_ceiling(clock: Clock) -> None:
+    # Lanes (and clients) refused together must not come back together: no fixed half under the draw.
+    rng = random.Random(3)
+    for streak, ceiling in ((0, 0.25), (3, 2.0), (12, 30.0)):  # the last one past the cap
+        pauses = []
+        for _ in range(2000):
+            g = RateGate(clock=clock, rng=rng)
+            pauses.append(_refused(g, clock, streak + 1)[-1])
+        assert 0.0 <= min(pauses) < 0.01 * ceiling and 0.99 * ceiling < max(pauses) <= ceiling
+        assert sum(pauses) / len(pauses) == pytest.approx(ceiling / 2, rel=0.05)
+        below_half = sum(p < ceiling / 2 for p in pauses) / len(pauses)
+        assert below_half == pytest.approx(0.5, abs=0.05)  # equal jitter would put none there
+
+
+def test_a_success_ends_the_streak_of_pauses(clock: Clock) -> None:
+    g = gate(clock)
+    _refused(g, clock, 6)
     g.on_answer(None, None)
     assert g.on_rate_refusal(None, g.take(None)) <= 0.25
+
+
+def test_a_retry_after_is_honoured_exactly_whatever_the_streak(clock: Clock) -> None:
+    g = gate(clock)
+    _refused(g, clock, 5)
+    ticket = g.take(None)
+    clock.now += 0.01
+    assert g.on_rate_refusal(1.5, ticket) == 1.5
+    g.settle(ticket)
+    assert not g.ready(clock.now + 1.49)
+    assert g.ready(clock.now + 1.5)
 
 
 def test_refusals_of_one_burst_pause_the_lane_once(clock: Clock) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from batchrun import run_record
 from batchrun.errors import OutputError
-from batchrun.runner import RunOptions, _hooks, _in_background, _quietly, _stop_on_error
+from batchrun.runner import RunOptions, _hooks, _in_background, _stop_on_error, _warn_on_error
 from batchrun.stop import Stop, StopReason
 
 
@@ -63,16 +63,37 @@ def test_a_failed_commit_in_the_background_stops_the_job_and_the_rest_goes_on():
     assert "no space left" in stop.cause.detail
 
 
-def test_a_failing_progress_or_ledger_step_ends_only_itself():
+def test_a_failing_progress_ledger_or_push_step_ends_only_itself_and_says_once_what_stopped(caplog):
     async def broken() -> None:
         raise RuntimeError("a bug in the progress line")
 
     async def main() -> str:
-        async with _in_background({"progress": _quietly(broken())}):
+        async with _in_background({"progress": _warn_on_error(broken(), "the progress display"),
+                                   "other": _forever([], "other")}):
             await asyncio.sleep(0.01)
         return "sent"
 
-    assert asyncio.run(main()) == "sent"
+    with caplog.at_level("WARNING", logger="batchrun.runner"):
+        assert asyncio.run(main()) == "sent"
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["background_step_failed: the progress display stopped working "
+                        "(RuntimeError: a bug in the progress line); the job goes on"]
+
+
+def test_a_failed_budget_guard_stops_the_job_and_says_why():
+    # The guard watches money: once it is gone, nothing may be sent unwatched.
+    async def broken_guard() -> None:
+        raise ZeroDivisionError("float division by zero")
+
+    async def main() -> Stop:
+        stop = Stop(grace_s=1.0, echo=lambda _: None)
+        async with _in_background({"budget": _stop_on_error(broken_guard(), stop, what="the budget guard")}):
+            await stop.wait()  # the body ends once the stop is requested, as the dispatcher does
+        return stop
+
+    stop = asyncio.run(main())
+    assert stop.cause is not None and stop.cause.reason is StopReason.ERROR
+    assert stop.cause.detail == "the budget guard failed, so sending stops: ZeroDivisionError: float division by zero"
 
 
 def test_the_extras_are_called_record_then_comparison_then_notification_then_push():

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from batchrun.stop import Stop, StopReason, catch_signals
+from batchrun.stop import Stop, StopReason, catch_signals, forward_signals
 
 
 def test_the_first_reason_wins_and_the_later_ones_are_ignored():
@@ -104,3 +104,53 @@ def test_signals_reach_the_stop_in_one_place(signame, aborted):
     stop = asyncio.run(main())
     assert stop.cause is not None and stop.cause.detail == f"interrupted by {signame}"
     assert stop.aborted is aborted
+
+
+@pytest.fixture
+def own_handlers():
+    """The test's changes to SIGTERM's and SIGHUP's handlers are undone after it."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_forwarded_signals_reach_the_job_then_the_handler_the_script_had(own_handlers):
+    # batchrun.run's job runs on a thread of its own: the main thread takes the signal and hands it on.
+    had: list[int] = []
+
+    def scripts_own(signum: int, frame: object) -> None:
+        had.append(signum)
+
+    signal.signal(signal.SIGTERM, scripts_own)
+    handed_on: list[str] = []
+    with forward_signals(handed_on.append):
+        signal.raise_signal(signal.SIGTERM)
+        assert (handed_on, had) == (["SIGTERM"], [])  # the job stops first
+    assert had == [signal.SIGTERM]  # then the script's own handler has it, put back
+    assert signal.getsignal(signal.SIGTERM) is scripts_own
+
+
+def test_a_signal_the_process_ignores_stays_ignored(own_handlers):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    handed_on: list[str] = []
+    with forward_signals(handed_on.append):
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGHUP)
+    assert handed_on == []
+
+
+def test_a_borrowed_loop_leaves_a_handled_signal_to_its_owner(own_handlers):
+    # batchrun.arun on the caller's loop takes only the signals nobody handles.
+    had: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: had.append(signum))
+
+    async def main() -> Stop:
+        stop = Stop(grace_s=30)
+        with catch_signals(stop, echo=lambda line: None, borrowed=True):
+            signal.raise_signal(signal.SIGTERM)
+            await asyncio.sleep(0)
+        return stop
+
+    stop = asyncio.run(main())
+    assert had == [signal.SIGTERM] and not stop.requested
