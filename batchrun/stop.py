@@ -254,7 +254,8 @@ def catch_signals(
     The first graceful signal requests a stop; another one a moment later (or SIGQUIT) aborts the
     requests in flight. Neither cuts the endpoint's release short: it runs after the dispatch, and a
     signal then only says that it is being finished. Only the main thread's loop can take signals;
-    elsewhere (and with ``enabled=False``) this does nothing.
+    elsewhere (and with ``enabled=False``) this does nothing. A signal the process ignores (``nohup``
+    ignores SIGHUP) stays ignored.
 
     ``borrowed``: the loop and the process are the caller's (``batchrun.arun``). Only the signals that
     nobody handles (their default action would end the process with the endpoint running) are taken,
@@ -268,7 +269,9 @@ def catch_signals(
     installed: list[signal.Signals] = []
     for name in (*GRACEFUL_SIGNALS, *ABORT_SIGNALS):
         sig = getattr(signal, name, None)
-        if sig is None or (borrowed and signal.getsignal(sig) is not signal.SIG_DFL):
+        if sig is None or signal.getsignal(sig) is signal.SIG_IGN:
+            continue  # a signal the process ignores stays ignored: `nohup batchrun run` outlives its terminal
+        if borrowed and signal.getsignal(sig) is not signal.SIG_DFL:
             continue
         try:
             loop.add_signal_handler(sig, intent, name)

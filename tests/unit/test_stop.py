@@ -154,3 +154,26 @@ def test_a_borrowed_loop_leaves_a_handled_signal_to_its_owner(own_handlers):
 
     stop = asyncio.run(main())
     assert had == [signal.SIGTERM] and not stop.requested
+
+
+def test_the_command_leaves_a_signal_the_process_ignores_ignored(own_handlers):
+    # `nohup batchrun run job.yaml &`: closing the terminal (SIGHUP) must not stop the job; SIGTERM still does.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    async def main() -> tuple[object, Stop]:
+        stop = Stop(grace_s=30)
+        with catch_signals(stop, echo=lambda line: None):
+            during = signal.getsignal(signal.SIGHUP)
+            signal.raise_signal(signal.SIGHUP)
+            await asyncio.sleep(0)
+            assert not stop.requested
+            signal.raise_signal(signal.SIGTERM)
+            for _ in range(100):  # the loop reads the signal from its wakeup pipe on a later turn
+                if stop.requested:
+                    break
+                await asyncio.sleep(0.001)
+        return during, stop
+
+    during, stop = asyncio.run(main())
+    assert during is signal.SIG_IGN and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert stop.requested and stop.cause is not None and "SIGTERM" in stop.cause.detail
