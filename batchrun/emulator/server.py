@@ -65,6 +65,7 @@ class Emulator:
             if self.config.router is not None:
                 self.router = Router(self.config.router, token=self.config.token, host=self.config.host)
                 await self.router.start()
+                self.hub.provider_mapping = self.router.provider_mapping
         except BaseException:
             await self.stop()
             raise
