@@ -133,6 +133,17 @@ def test_image_routes_meet_the_providers_outages_and_random_429s():
     assert stats["together"]["random_429"] == 1 and stats["hf-inference"]["images"] == 0
 
 
+def test_image_routes_count_against_the_providers_request_limit():
+    limited = ProviderConfig(name="nscale", image_models=((FLUX, "flux-schnell"),), rpm=1)
+    body = {"prompt": "a fox", "model": "flux-schnell", "response_format": "b64_json", "size": "16x16"}
+    with image_router(limited) as emu:
+        first, first_headers, _ = post(emu, "/nscale/v1/images/generations", body)
+        second, headers, refusal = post(emu, "/nscale/v1/images/generations", body)
+    assert first == 200 and first_headers["x-ratelimit-remaining-requests"] == "0"
+    assert second == 429 and int(headers["Retry-After"]) >= 1 and headers["x-inference-provider"] == "nscale"
+    assert json.loads(refusal)["error"]["code"] == "rate_limit_exceeded"
+
+
 def test_image_models_are_refused_for_a_provider_whose_route_is_not_played():
     with pytest.raises(ValueError, match="image_models"):
         RouterConfig.from_dict({"providers": [{"name": "fal-ai", "image_models": {FLUX: "fal-ai/flux/schnell"}}]})
