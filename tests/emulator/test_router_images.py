@@ -16,7 +16,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.inference._providers import PROVIDERS, _common, hf_inference
 from PIL import Image
 
-from batchrun.emulator import EmulatorConfig, EmulatorThread
+from batchrun.emulator import EmulatorConfig, EmulatorThread, describe
 from batchrun.emulator.router_config import Outage, ProviderConfig, RouterConfig
 
 pytestmark = pytest.mark.usefixtures("hub_client_on_loopback")
@@ -78,12 +78,14 @@ def test_the_hub_maps_each_model_to_the_providers_ids_and_tasks(client_on):
         chat = HfApi(endpoint=emu.hub_url, token=TOKEN).model_info(LLAMA, expand=["inferenceProviderMapping"])
         with pytest.raises(HfHubHTTPError) as unknown:
             HfApi(endpoint=emu.hub_url, token=TOKEN).model_info("nobody/nothing", expand=["inferenceProviderMapping"])
+        described = describe(emu)
     mapping = {m.provider: (m.provider_id, m.task, m.status) for m in info.inference_provider_mapping or []}
     assert mapping == {"hf-inference": (FLUX, "text-to-image", "live"),
                        "together": ("black-forest-labs/FLUX.1-schnell-Free", "text-to-image", "live"),
                        "nscale": ("flux-schnell", "text-to-image", "live")}
     assert [(m.provider, m.task) for m in chat.inference_provider_mapping or []] == [("chatty", "conversational")]
     assert unknown.value.response.status_code == 404
+    assert f"together: text-to-image {FLUX} as black-forest-labs/FLUX.1-schnell-Free at http" in described
 
 
 def post(emu: EmulatorThread, path: str, body: dict) -> tuple[int, dict[str, str], bytes]:
