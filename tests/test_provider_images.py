@@ -81,6 +81,17 @@ def test_each_provider_route_draws_every_row_and_cost_usd_sums_to_images_times_p
     assert any("12 images" in line for line in lines)
 
 
+def test_a_price_per_megapixel_charges_each_image_by_its_size(tmp_path, router_and_hub):
+    emu = router_and_hub(image_provider("nscale"))
+    price = {"per_image": 0.001, "per_megapixel": 0.5}
+    endpoint = {"provider": "nscale", "model": FLUX, "router_url": emu.router_url, "price": price}
+    outcome, _ = run(image_job(tmp_path, endpoint, n=5, parameters={"width": 200, "height": 100, "seed": None, "max_tokens": None}))
+    assert outcome.exit_code == 0
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    assert {(r["width"], r["height"]) for r in rows} == {(200, 100)}  # nscale's size: "200x100"
+    assert [r["cost_usd"] for r in rows] == [pytest.approx(0.001 + 0.5 * 0.02)] * 5
+
+
 def test_the_same_rows_draw_the_same_images_on_a_rerun_elsewhere(tmp_path, router_and_hub):
     emu = router_and_hub(image_provider("together"))
     endpoint = {"provider": "together", "model": FLUX, "router_url": emu.router_url}

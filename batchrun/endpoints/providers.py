@@ -18,7 +18,7 @@ text-to-image goes to the pinned provider's own route under the router (``{route
 :mod:`batchrun.tasks.provider_images`). Its check reads the Hub's ``inferenceProviderMapping`` of the
 model instead (``GET {HF_ENDPOINT}/api/models/{model}?expand=inferenceProviderMapping``, as
 huggingface_hub's client does): the provider serves it for text-to-image, and under which id of its own.
-Each image is charged ``price.per_image``.
+Each image is charged ``price.per_image`` plus ``price.per_megapixel`` times its megapixels.
 
 An API key is read from the environment variable ``api_key_env`` when the endpoint is made, registered
 with :func:`batchrun.errors.register_secret` (so every redaction covers it) and kept only in the plane,
@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from batchrun.cost import CostMeter, TokenPrice
+from batchrun.cost import CostMeter, ImagePrice, TokenPrice
 from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact, register_secret
 from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
@@ -81,7 +81,7 @@ class ServerlessEndpoint:
         self.ref = f"{provider}:{model}" if provider is not None else f"{redact(base_url)} ({model})"
         self.record = LifecycleRecord(initial_state="serverless")
         self.image_route = image_route  # text-to-image: the provider's route (tasks.provider_images.ImageRoute)
-        self.image_price: float | None = None
+        self.image_price: ImagePrice | None = None
         self.meter = CostMeter(None, token_price=price, per_token=True)
         self._token = token
         self._send_token = send_token
@@ -110,7 +110,8 @@ class ServerlessEndpoint:
                    token=token, send_token=False, price=_price(e), provider=e.provider, local=e.router_url == "local",
                    limits=getattr(e, "limits", None), max_tokens=max_tokens, structured=structured, image_route=route)
         if images:
-            made.image_price = e.price.per_image if e.price is not None else None
+            if e.price is not None:
+                made.image_price = ImagePrice(e.price.per_image or 0.0, e.price.per_megapixel or 0.0)
             made.meter = CostMeter(None, per_token=True, image_price=made.image_price)
         return made
 
@@ -216,7 +217,7 @@ class ServerlessEndpoint:
         if mine.get("status") == "staging":
             note += " (status staging)"
         if self.image_price is not None:
-            note += f", ${self.image_price:g} per image"
+            note += f", {self.image_price}"
         return EndpointCheck(note=note, model=self.model, details={"providers": [self.provider],
                                                                    "provider_model": provider_id})
 
@@ -297,7 +298,8 @@ class ServerlessEndpoint:
         return local_router(LOCAL_PROVIDER if self.provider in POLICIES else str(self.provider), self.model,
                             price_input=None if price is None else price.input_per_mtok,
                             price_output=None if price is None else price.output_per_mtok,
-                            images=self.image_route is not None, price_image=self.image_price)
+                            images=self.image_route is not None,
+                            price_image=None if self.image_price is None else self.image_price.per_image)
 
     # ------------------------------------------------------------------ the job
 

@@ -204,12 +204,14 @@ ENDPOINT_KINDS = ("url", "local", "name", "provider")
 
 @dataclass(frozen=True, kw_only=True)
 class PriceSpec:
-    """What a serverless target charges: per token, in USD per million tokens (both keys), or per image
-    (text-to-image through a provider)."""
+    """What a serverless target charges: per token, in USD per million tokens (both keys), or per image and
+    per megapixel (text-to-image through a provider; either or both, added up)."""
 
     input_per_mtok: float | None = key(Shape("number", minimum=0.0), "USD per 1M prompt tokens", None)
     output_per_mtok: float | None = key(Shape("number", minimum=0.0), "USD per 1M completion tokens", None)
     per_image: float | None = key(Shape("number", minimum=0.0), "USD per image (text-to-image)", None)
+    per_megapixel: float | None = key(Shape("number", minimum=0.0), "USD per megapixel of each image (text-to-image)",
+                                      None)
 
 
 @dataclass(frozen=True, kw_only=True)

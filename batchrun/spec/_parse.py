@@ -177,9 +177,10 @@ class _Parser(_InputParser, _EndpointParser):
                 raise self.error(f"{where}.{'provider' if e.provider else 'model'}", (
                     f"task {spec.task} is not served through a serverless target by batchrun (it serves "
                     f"{', '.join(_SERVERLESS_TASKS)} there, and text-to-image through endpoint.provider)"))
-            if e.price is not None and e.price.per_image is not None:
-                raise self.error(f"{where}.price.per_image", "only applies to task text-to-image: this task is "
-                                 "billed per token ({input_per_mtok, output_per_mtok})")
+            for key in ("per_image", "per_megapixel"):
+                if e.price is not None and getattr(e.price, key) is not None:
+                    raise self.error(f"{where}.price.{key}", "only applies to task text-to-image: this task is "
+                                     "billed per token ({input_per_mtok, output_per_mtok})")
             if spec.task == "text-generation":  # OpenAI's /v1/completions: a flat body, no response_format
                 if spec.output_schema is not None or spec.prompt.schema_column is not None:
                     raise self.error("output_schema", "on a serverless target, structured output goes through "
@@ -206,8 +207,9 @@ class _Parser(_InputParser, _EndpointParser):
         if spec.samples > 1:
             raise self.error("samples", "text-to-image through a provider draws one image per row: give each "
                              "row its own seed with image.seed_column instead")
-        if e.price is not None and e.price.per_image is None:
-            raise self.error(f"{where}.price", "images are billed per image: give price: {per_image: USD}")
+        if e.price is not None and e.price.input_per_mtok is not None:
+            raise self.error(f"{where}.price", "images are billed per image: give price: {per_image: USD} (or "
+                             "per_megapixel)")
         if spec.budget.max_usd is not None and e.price is None:
             raise self.error(f"{where}.price", "is required with budget.max_usd: the router does not list its "
                              "image prices, so give price: {per_image: USD}")

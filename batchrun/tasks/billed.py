@@ -60,7 +60,7 @@ class BilledTask(ColumnsLayer):
         self.meters: dict[str, CostMeter] = {}
         self.mode = mode
         self.discount = discount
-        self.per_image = per_image  # each answer is one image, priced per image (text-to-image)
+        self.per_image = per_image  # each answer is one image, priced per image or megapixel (text-to-image)
 
     def prepare(self, row: Any) -> PreparedRequest:
         """The inner task's request; in ``mode: flex``, asking for the provider's flex tier."""
@@ -101,7 +101,7 @@ class BilledTask(ColumnsLayer):
         outputs["mode"] = mode
         cost = None
         if meter is not None and self.per_image:
-            cost = meter.charge_image()
+            cost = meter.charge_image(optional_int(outputs.get("width")), optional_int(outputs.get("height")))
         elif meter is not None:
             cost = meter.charge(outputs.get("prompt_tokens"), outputs.get("completion_tokens"),
                                 provider=outputs.get("provider"), factor=1.0 if mode == "online" else self.discount)
