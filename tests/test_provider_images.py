@@ -120,6 +120,18 @@ def test_a_provider_that_does_not_serve_the_model_for_text_to_image_is_refused_b
     assert not (tmp_path / "out" / "job" / "data").exists() or read_ids(tmp_path / "out" / "job" / "data") == []
 
 
+@pytest.mark.parametrize(("model", "status", "problem"), [
+    ("nobody/nothing", "live", "the Hub has no model nobody/nothing"),
+    (FLUX, "error", "provider together reports status error"),
+])
+def test_an_unknown_model_or_a_provider_in_error_is_refused_before_anything_is_sent(
+        tmp_path, router_and_hub, model, status, problem):
+    emu = router_and_hub(image_provider("together", status=status))
+    with pytest.raises(EndpointUnusableError, match=problem):
+        run(image_job(tmp_path, {"provider": "together", "model": model, "router_url": emu.router_url}))
+    assert image_requests(emu) == 0
+
+
 def test_a_429_without_retry_after_loses_no_row(tmp_path, router_and_hub):
     flaky = image_provider("together", rate_429=0.5, rate_limit_headers=False, retry_after="none")
     emu = router_and_hub(flaky)
