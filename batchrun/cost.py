@@ -6,7 +6,8 @@ until it releases it (pause), which slightly over-counts a cold start and never 
 
 Serverless targets (the Inference Providers router, an OpenAI-compatible API) bill per token: the same
 meter is charged each answer's tokens (:meth:`CostMeter.charge`) at the target's :class:`TokenPrice`
-(the spec's ``price``, or the router's pricing of the provider that answered). One interface covers
+(the spec's ``price``, or the router's pricing of the provider that answered). A provider's images are
+billed per image or per megapixel (:meth:`CostMeter.charge_image`, the spec's ``price``). One interface covers
 both, so the budget, progress and the summary read ``usd`` whichever way it was spent.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from batchrun.stop import Stop, StopReason
 
-__all__ = ["BudgetGuard", "CostMeter", "Spent", "TokenPrice"]
+__all__ = ["BudgetGuard", "CostMeter", "ImagePrice", "Spent", "TokenPrice"]
 
 #: The share of a budget (or a deadline) kept back at most for the stop itself (drain, commit, pause).
 MARGIN_SHARE = 0.1
@@ -41,6 +42,22 @@ class TokenPrice:
         return (prompt_tokens * self.input_per_mtok + completion_tokens * self.output_per_mtok) / 1_000_000
 
 
+@dataclass(frozen=True, slots=True)
+class ImagePrice:
+    """What a provider charges for one image: a price per image, plus one per megapixel (either may be 0)."""
+
+    per_image: float = 0.0
+    per_megapixel: float = 0.0
+
+    def usd(self, width: int | None, height: int | None) -> float:
+        """The price of one image of ``width`` x ``height`` pixels (a size not known counts no megapixels)."""
+        return self.per_image + self.per_megapixel * (width or 0) * (height or 0) / 1_000_000
+
+    def __str__(self) -> str:
+        parts = [f"${self.per_image:g} per image"] if self.per_image or not self.per_megapixel else []
+        return ", ".join([*parts, *([f"${self.per_megapixel:g} per megapixel"] if self.per_megapixel else [])])
+
+
 class CostMeter:
     """Billable replica-seconds from acquire to release, priced per replica-hour when a price is known;
     and, for a target billed per token, the tokens of every answer, priced per token.
@@ -50,9 +67,12 @@ class CostMeter:
     """
 
     def __init__(self, price_per_replica_hour: float | None, *, token_price: TokenPrice | None = None,
-                 per_token: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 per_token: bool = False, image_price: ImagePrice | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.price_per_replica_hour = price_per_replica_hour
         self.token_price = token_price
+        self.image_price = image_price  # a provider's text-to-image, per image (or megapixel)
+        self.images = 0
         self.provider_prices: dict[str, TokenPrice] = {}
         self.per_token = per_token or token_price is not None
         self.prompt_tokens = 0
@@ -109,7 +129,17 @@ class CostMeter:
         if price is None or (prompt_tokens is None and completion_tokens is None):
             self.unpriced_answers += 1
             return None
-        online = price.usd(prompt, completion)
+        return self._spend(price.usd(prompt, completion), factor)
+
+    def charge_image(self, width: int | None = None, height: int | None = None) -> float | None:
+        """Count one image of ``width`` x ``height``; its cost in USD (``image_price``), or None without a price."""
+        self.images += 1
+        if self.image_price is None:
+            self.unpriced_answers += 1
+            return None
+        return self._spend(self.image_price.usd(width, height), 1.0)
+
+    def _spend(self, online: float, factor: float) -> float:
         usd = online * factor
         self._token_usd += usd
         self.saved_usd += online - usd
@@ -124,13 +154,13 @@ class CostMeter:
 
     @property
     def token_usd(self) -> float:
-        """What the answers' tokens cost so far."""
+        """What the answers cost so far: their tokens (or images), billed per answer."""
         return self._token_usd
 
     @property
     def billed(self) -> bool:
         """Whether anything was billed: replica time, or tokens."""
-        return bool(self.replica_seconds) or bool(self.prompt_tokens or self.completion_tokens)
+        return bool(self.replica_seconds) or bool(self.prompt_tokens or self.completion_tokens or self.images)
 
     @property
     def running(self) -> bool:
@@ -150,7 +180,8 @@ class CostMeter:
     @property
     def priced(self) -> bool:
         """Whether any price is known: per replica-hour, or per token (the spec's, or the router's)."""
-        return self.price_per_replica_hour is not None or self.token_price is not None or bool(self.provider_prices)
+        return (self.price_per_replica_hour is not None or self.token_price is not None or bool(self.provider_prices)
+                or self.image_price is not None)
 
     @property
     def usd(self) -> float | None:

@@ -126,14 +126,15 @@ def derive_seed(row_id: Any, job_seed: int = 0, *draw: int | str) -> int:
     return int.from_bytes(digest[:8], "big") & _SEED_MAX
 
 
-def check_generated_image(body: bytes, content_type: str | None, expected_format: str) -> GeneratedImage:
-    """Check that a 200's body is a whole image in ``expected_format``; the bytes are not changed.
+def check_generated_image(body: bytes, content_type: str | None, expected_format: str | None) -> GeneratedImage:
+    """Check that a 200's body is a whole image in ``expected_format`` (None: any of png, jpeg and webp,
+    for a server that chooses the format itself); the bytes are not changed.
 
     Raises ``RequestFailed(FailureType.NOT_AN_IMAGE)`` when Pillow cannot decode it, and
     ``RequestFailed(FailureType.WRONG_IMAGE_FORMAT)`` when it is another format. Both are retryable: a
     proxy's error page or a half-sent body is a transient fault, not a verdict on the prompt.
     """
-    wanted = _normalise_format(expected_format)
+    wanted = _normalise_format(expected_format) if expected_format is not None else None
     where = f" (Content-Type {content_type})" if content_type else ""
     if not body:
         raise RequestFailed(FailureType.NOT_AN_IMAGE, f"the endpoint answered 200 with an empty body{where}",
@@ -148,10 +149,11 @@ def check_generated_image(body: bytes, content_type: str | None, expected_format
             retryable=True,
         ) from None
     got = pil_format.lower()
-    if got != wanted:
+    if got != wanted and (wanted is not None or got not in ACCEPT):
         raise RequestFailed(
             FailureType.WRONG_IMAGE_FORMAT,
-            f"asked for {wanted} (Accept: {ACCEPT[wanted]}) but the endpoint sent {got}{where}",
+            f"asked for {wanted} (Accept: {ACCEPT[wanted]}) but the endpoint sent {got}{where}" if wanted else
+            f"the endpoint sent a {got} image{where}; batchrun stores {', '.join(ACCEPT)}",
             status=200,
             retryable=True,
         )

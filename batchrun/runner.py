@@ -654,6 +654,8 @@ async def _summarize(run: RunContext, store: Any, dispatch: dict[str, Any]) -> d
         if meter.per_token:
             cost.update(token_usd=round(meter.token_usd, 8), prompt_tokens=_token_sum(pre, "prompt_tokens"),
                         completion_tokens=_token_sum(pre, "completion_tokens"))
+            if images := _token_sum(pre, "images"):  # a provider's text-to-image, billed per image
+                cost["images"] = images
             saved = sum(m.endpoint.meter.saved_usd for m in pre.pool.members)
             if saved:  # batch (or flex) answers, below the online price
                 cost["saved_usd"] = round(saved, 8)

@@ -110,7 +110,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     cost = summary.get("cost") or {}
     if cost.get("usd") is not None:
         job = f"; {format_usd(cost['job_usd'])} over the job's runs" if cost.get("job_usd") is not None else ""
-        if cost.get("token_usd") is not None and not cost.get("replica_hours"):  # billed per token
+        if cost.get("images"):  # a provider's text-to-image, billed per image
+            billed = f"{cost['images']} images"
+        elif cost.get("token_usd") is not None and not cost.get("replica_hours"):  # billed per token
             billed = f"{cost.get('prompt_tokens', 0)} prompt + {cost.get('completion_tokens', 0)} completion tokens"
         else:
             billed = f"{cost['replica_hours']:.3f} replica-hours"

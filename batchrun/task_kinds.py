@@ -50,6 +50,9 @@ class TaskKind:
     """Whether a request carries several rows (TEI's batch routes; packing.py and the ``packing`` spec keys)."""
     takes_texts: bool = False
     """Whether ``prompt.texts_column`` (a column of candidate texts per row: rerank) is required."""
+    provider_routes: tuple[str, ...] = ()
+    """The Inference Providers whose own routes batchrun builds for this task through the router
+    (tasks/provider_images.py); empty where the router's OpenAI routes serve it through any provider."""
 
 
 TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
@@ -97,6 +100,7 @@ TASK_KINDS: Mapping[str, TaskKind] = MappingProxyType(
                 reserved_parameters=("seed",),  # per row, from image.seed_column or image.seed
                 implementation="batchrun.tasks.text_to_image:TextToImageTask",
                 seed_path=("parameters", "seed"),
+                provider_routes=("hf-inference", "nscale", "together"),
             ),
             TaskKind(
                 name="image-text-to-text",

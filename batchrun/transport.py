@@ -357,6 +357,8 @@ def token_destinations(spec: Any) -> tuple[list[str], list[str]]:
             router = endpoint.router_url
             sent.append(f"{what}: the built-in emulator's router (loopback)" if router == "local" else
                         f"{what}: {_host(router or 'https://router.huggingface.co/v1')[1]}")
+            if spec.task == "text-to-image" and router != "local":  # the provider's model id, read first
+                sent.append(f"hub: {_host(constants.ENDPOINT)[1]} (the model's providers)")
         elif endpoint.api_key_env is not None:  # its own key goes there; the HF token does not
             withheld.append(f"{_host(endpoint.url)[1]} (it gets the key in {endpoint.api_key_env})")
         elif endpoint.url is not None:

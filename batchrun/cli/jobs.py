@@ -107,7 +107,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         where = (f"Inference Providers, provider {e.provider}, model {e.model}" if e.provider is not None
                  else f"{e.url}, model {e.model}")
         where += " (the built-in emulator's router)" if e.router_url == "local" else ""
-        if e.price is not None:
+        if e.price is not None and e.price.input_per_mtok is None:  # a provider's images
+            from batchrun.cost import ImagePrice
+
+            where += f", {ImagePrice(e.price.per_image or 0.0, e.price.per_megapixel or 0.0)}"
+        elif e.price is not None:
             where += f", ${e.price.input_per_mtok:g}/${e.price.output_per_mtok:g} per 1M tokens in/out"
     note = pre.endpoint_check.note if pre.endpoint_check is not None else None
     print(f"endpoint: {where}" + (f" [{note}]" if note else " (not contacted; --check-endpoint asks it)"), file=out)

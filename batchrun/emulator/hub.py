@@ -25,6 +25,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ class EmulatedHub:
         self.repos: dict[tuple[str, str], HubRepo] = {}
         self.base_url = ""
         self.log: list[dict[str, Any]] = []
+        # The router's providers' inferenceProviderMapping of a model (the emulator wires its router in).
+        self.provider_mapping: Callable[[str], dict[str, dict[str, str]]] | None = None
 
     # ----- the API a test or a demo uses directly
 
@@ -259,6 +262,18 @@ class EmulatedHub:
 
     async def _info(self, request: web.Request) -> web.Response:
         repo, commit, refusal = self._at(request)
+        mapped = self._provider_mapping(request)
+        if mapped is not None and (refusal is not None or self._expanded(request)):
+            # A model the router serves: what `?expand[]=inferenceProviderMapping` asks (huggingface_hub's
+            # _fetch_inference_provider_mapping), or that model's info when the Hub holds no repo for it.
+            model_id = f"{request.match_info['ns']}/{request.match_info['name']}"
+            info: dict[str, Any] = {"_id": hashlib.sha1(model_id.encode()).hexdigest()[:24], "id": model_id}
+            if self._expanded(request):  # the Hub answers only the expanded properties
+                info["inferenceProviderMapping"] = mapped
+            else:  # hf-inference's client checks the pipeline tag before it sends
+                tasks = {m["task"] for m in mapped.values()}
+                info.update(pipeline_tag="text-to-image" if "text-to-image" in tasks else "text-generation", tags=[])
+            return self._answer(request, web.json_response(info))
         if refusal is not None:
             return self._answer(request, refusal)
         assert repo is not None and commit is not None
@@ -276,6 +291,17 @@ class EmulatedHub:
             "lastModified": commit.date, "siblings": siblings, "cardData": _card_data(commit.files.get("README.md")),
         }
         return self._answer(request, web.json_response(payload))
+
+    def _provider_mapping(self, request: web.Request) -> dict[str, dict[str, str]] | None:
+        """The router's providers' mapping of the requested model, or None (not a model, or no router serves it)."""
+        if self.provider_mapping is None or request.match_info.get("rtype") != "models":
+            return None
+        return self.provider_mapping(f"{request.match_info['ns']}/{request.match_info['name']}") or None
+
+    @staticmethod
+    def _expanded(request: web.Request) -> bool:
+        asked = [*request.query.getall("expand", []), *request.query.getall("expand[]", [])]
+        return "inferenceProviderMapping" in asked
 
     async def _refs(self, request: web.Request) -> web.Response:
         repo, refusal = self._find(request)

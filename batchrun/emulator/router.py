@@ -8,7 +8,8 @@ Every inference request goes through, in order: the bearer token (401), the body
 random 429s (no Retry-After), the request (TGI's validation, as a 400), its request and token limits
 (429 ``rate_limit_exceeded``), then the TGI emulator's generator, after the provider's latency.
 
-The same port serves the batch API (``batchrun.emulator.batch_api``), whose answers come from
+The same port serves text-to-image on hf-inference's, together's and nscale's own routes
+(``batchrun.emulator.router_images``), and the batch API (``batchrun.emulator.batch_api``), whose answers come from
 :meth:`Router.offline_answer`: the same generator, so batch and online answers are equal.
 """
 
@@ -34,6 +35,7 @@ from batchrun.emulator.openai_errors import openai_error
 from batchrun.emulator.rate_limits import RateWindow
 from batchrun.emulator.replies import Reply, json_reply
 from batchrun.emulator.router_config import ProviderConfig, RouterConfig
+from batchrun.emulator.router_images import RouterImages
 from batchrun.emulator.tgi import Invalid, Prepared, TgiModel, chat_prompt
 from batchrun.emulator.vision import ImageRejected
 
@@ -65,6 +67,7 @@ class ProviderState:
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.cost_usd = 0.0
+        self.images = 0  # text-to-image answers (batchrun.emulator.router_images)
         self.tokens_by_minute: Counter[int] = Counter()  # minute since the router's first request -> tokens
 
     def model(self, model_id: str) -> TgiModel:
@@ -121,6 +124,7 @@ class ProviderState:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
+            "images": self.images,
             "cost_usd": round(self.cost_usd, 9),
             "tokens_by_minute": dict(self.tokens_by_minute),
         }
@@ -139,6 +143,7 @@ class Router:
         self._expected_auth = f"Bearer {token}" if token is not None else None
         self.providers = {p.name: ProviderState(p) for p in config.providers}
         self.batches = BatchApi(self, config.batch)
+        self.images = RouterImages(self)
         self._runner: web.AppRunner | None = None
         self._first_request: float | None = None  # loop time
         self._ids = itertools.count(1)
@@ -157,6 +162,7 @@ class Router:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/emulator/router/stats", self._stats)
         self.batches.add_routes(app)
+        self.images.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=0.2)
         await self._runner.setup()
         try:
@@ -180,6 +186,19 @@ class Router:
         """The provider answers ``kind`` (a 5xx or ``reset``) to every request for ``seconds`` from now."""
         now = asyncio.get_running_loop().time()
         self.providers[name].outages.append((now, now + seconds, kind))
+
+    def provider_mapping(self, model: str) -> dict[str, dict[str, str]]:
+        """The Hub's ``inferenceProviderMapping`` of ``model`` (its dict form): per provider that serves it, the
+        provider's id for it, the task and the status. Empty when no provider serves it."""
+        mapping: dict[str, dict[str, str]] = {}
+        for p in self.providers.values():
+            status = p.config.status if p.config.status in ("live", "staging", "error") else None
+            image = next((own for hf_id, own in p.config.image_models if hf_id == model), None)
+            if status is None or (image is None and model not in p.config.models):
+                continue
+            mapping[p.config.name] = {"status": status, "providerId": image or model,
+                                      "task": "text-to-image" if image is not None else "conversational"}
+        return mapping
 
     def stats(self) -> dict[str, Any]:
         """Per provider: requests by status, 429s (limits and random), tokens, cost, tokens per minute; batches."""
@@ -246,11 +265,7 @@ class Router:
             return self.unauthorized()
         body = await request.read()
         loop = asyncio.get_running_loop()
-        if self._first_request is None:
-            self._first_request = loop.time()
-            for provider in self.providers.values():
-                provider.outages += [(self._first_request + o.at_s, self._first_request + o.at_s + o.seconds, o.kind)
-                                     for o in provider.config.outages]
+        now = self.begin()
         payload = _payload(body)
         if isinstance(payload, Reply):
             return payload.to_response()
@@ -258,23 +273,14 @@ class Router:
         if isinstance(chosen, Reply):
             return chosen.to_response()
         provider = chosen
-        now = loop.time()
         headers = {PROVIDER_HEADER: provider.config.name}
-        outage = provider.outage(now)
-        if outage is not None:
-            provider.by_status[outage] += 1
-            if outage == "reset":
-                request[_RESET] = True
-                _reset_connection(request)
-                return web.Response(status=500)  # never reaches the client: the transport is gone
-            return openai_error(int(outage), f"{outage} {_STATUS_PHRASE[outage]}: the provider "
-                                f"{provider.config.name} is unavailable", "server_error", headers=headers).to_response()
-        if provider.draw_429(body):
-            provider.random_429 += 1
-            provider.by_status["429"] += 1
-            return openai_error(429, f"{provider.config.name} is overloaded: too many requests, try again later",
-                                "rate_limit_exceeded", "rate_limit_exceeded",
-                                headers={**headers, **provider.rate_headers(now)}).to_response()
+        fault = self.fault(provider, body, headers, now)
+        if isinstance(fault, str):  # "reset"
+            request[_RESET] = True
+            _reset_connection(request)
+            return web.Response(status=500)  # never reaches the client: the transport is gone
+        if fault is not None:
+            return fault.to_response()
         base = payload["model"].partition(":")[0]
         prepared = await _prepare(provider.model(base), payload, route)
         if isinstance(prepared, Reply):
@@ -283,7 +289,7 @@ class Router:
             return prepared.to_response()
         max_tokens = payload.get("max_tokens")
         cost = prepared.input_tokens + (max_tokens if isinstance(max_tokens, int) else 0)
-        refusal = self._limit(provider, cost, now)
+        refusal = self.limit_reply(provider, cost, now)
         if refusal is not None:
             refusal.headers.update(headers)
             return refusal.to_response()
@@ -297,11 +303,37 @@ class Router:
             await asyncio.sleep(first + per_token * len(generation.tokens))
         answer = self._body(provider, base, route, payload, prepared, generation)
         provider.by_status["200"] += 1
-        minute = int((loop.time() - self._first_request) // 60)
+        minute = int((loop.time() - (self._first_request or now)) // 60)
         provider.tokens_by_minute[minute] += answer["usage"]["total_tokens"]
         return json_reply(answer, headers=headers).to_response()
 
-    def _limit(self, provider: ProviderState, cost: int, now: float) -> Reply | None:
+    def begin(self) -> float:
+        """The loop's time now; the first inference request starts the configured outages' clock."""
+        now = asyncio.get_running_loop().time()
+        if self._first_request is None:
+            self._first_request = now
+            for provider in self.providers.values():
+                provider.outages += [(now + o.at_s, now + o.at_s + o.seconds, o.kind) for o in provider.config.outages]
+        return now
+
+    def fault(self, provider: ProviderState, body: bytes, headers: dict[str, str], now: float) -> Reply | str | None:
+        """The provider's outage (its 5xx reply, or ``"reset"``: reset the connection) or random 429, or None."""
+        outage = provider.outage(now)
+        if outage is not None:
+            provider.by_status[outage] += 1
+            if outage == "reset":
+                return outage
+            return openai_error(int(outage), f"{outage} {_STATUS_PHRASE[outage]}: the provider "
+                                f"{provider.config.name} is unavailable", "server_error", headers=headers)
+        if provider.draw_429(body):
+            provider.random_429 += 1
+            provider.by_status["429"] += 1
+            return openai_error(429, f"{provider.config.name} is overloaded: too many requests, try again later",
+                                "rate_limit_exceeded", "rate_limit_exceeded",
+                                headers={**headers, **provider.rate_headers(now)})
+        return None
+
+    def limit_reply(self, provider: ProviderState, cost: int, now: float) -> Reply | None:
         """The 429 of a request over the provider's request or token limit, or None."""
         cfg = provider.config
         if not provider.requests.fits(1, now):

@@ -17,6 +17,8 @@ WINDOWS = {"second": 1.0, "minute": 60.0, "day": 86400.0}
 RETRY_AFTER = ("seconds", "ms", "both", "none")
 PROVIDER_STATUSES = ("live", "staging", "offline", "error")
 OUTAGE_KINDS = ("500", "502", "503", "504", "reset")
+#: The providers whose text-to-image routes the router plays (batchrun.emulator.router_images).
+IMAGE_PROVIDERS = ("hf-inference", "nscale", "together")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,10 @@ class ProviderConfig:
     latency_per_token_s: float = 0.0
     outages: tuple[Outage, ...] = ()
     seed: int = 0  # seeds the rate_429 draws
+    # Text-to-image (IMAGE_PROVIDERS only): each HF model id it serves, with the provider's own id for it.
+    image_models: tuple[tuple[str, str], ...] = ()
+    price_image: float = 0.003  # USD per image
+    image_latency_s: float = 0.0
 
     @property
     def window_s(self) -> float:
@@ -78,7 +84,8 @@ class ProviderConfig:
             raise ValueError(f"status: expected one of {', '.join(PROVIDER_STATUSES)}, got {self.status!r}")
         if not 0.0 <= self.rate_429 <= 1.0:
             raise ValueError(f"rate_429: must be between 0 and 1, got {self.rate_429!r}")
-        for key in ("rpm", "tpm", "price_input", "price_output", "latency_s", "latency_per_token_s"):
+        for key in ("rpm", "tpm", "price_input", "price_output", "latency_s", "latency_per_token_s", "price_image",
+                    "image_latency_s"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}: must not be negative")
         if self.context_length < 2:
@@ -86,6 +93,21 @@ class ProviderConfig:
         for model in self.models:
             if model.count("/") != 1:
                 raise ValueError(f"models: expected ORG/NAME ids, got {model!r}")
+        self._check_image_models()
+
+    def _check_image_models(self) -> None:
+        if self.image_models and self.name not in IMAGE_PROVIDERS:
+            raise ValueError(f"image_models: the router plays the text-to-image routes of {', '.join(IMAGE_PROVIDERS)} "
+                             f"only, not {self.name}'s")
+        for model, provider_id in self.image_models:
+            if model.count("/") != 1 or not provider_id:
+                raise ValueError(f"image_models: expected ORG/NAME ids, got {model!r}")
+            if self.name == "hf-inference" and provider_id != model:  # it serves the Hub's ids as they are
+                raise ValueError(f"image_models: hf-inference serves {model} under that id, not {provider_id!r}")
+
+    def image_model(self, provider_id: str) -> str | None:
+        """The HF model id this provider serves for text-to-image as ``provider_id``, or None."""
+        return next((model for model, own in self.image_models if own == provider_id), None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,8 +186,9 @@ class RouterConfig:
 def _provider(data: Any, prefix: str) -> ProviderConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{prefix.rstrip('.')}: expected a mapping")
-    values = _fields(ProviderConfig, data, prefix, nested=("models", "outages"))
+    values = _fields(ProviderConfig, data, prefix, nested=("models", "outages", "image_models"))
     values["models"] = tuple(_strings(data.get("models", []), f"{prefix}models"))
+    values["image_models"] = _image_models(data.get("image_models", []), f"{prefix}image_models")
     outages = data.get("outages", [])
     if not isinstance(outages, list):
         raise ValueError(f"{prefix}outages: expected a list")
@@ -176,6 +199,15 @@ def _provider(data: Any, prefix: str) -> ProviderConfig:
         built.append(_build(Outage, _fields(Outage, item, f"{prefix}outages[{i}]."), f"{prefix}outages[{i}]."))
     values["outages"] = tuple(built)
     return _build(ProviderConfig, values, prefix)
+
+
+def _image_models(value: Any, key: str) -> tuple[tuple[str, str], ...]:
+    """``{HF_ID: PROVIDER_ID}``, or a list of HF ids served under the same id."""
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ValueError(f"{key}: expected a mapping of HF model ids to the provider's ids")
+        return tuple(value.items())
+    return tuple((model, model) for model in _strings(value, key))
 
 
 def _strings(value: Any, key: str) -> list[str]:

@@ -65,6 +65,7 @@ class Emulator:
             if self.config.router is not None:
                 self.router = Router(self.config.router, token=self.config.token, host=self.config.host)
                 await self.router.start()
+                self.hub.provider_mapping = self.router.provider_mapping
         except BaseException:
             await self.stop()
             raise
@@ -342,7 +343,12 @@ def describe(emulator: Emulator | EmulatorThread) -> str:
     if inner.router is not None:
         lines.append(f"Inference Providers router and batch API: {inner.router.url}  (stats: "
                      f"{inner.router.base_url}/emulator/router/stats)")
-        lines.extend(f"  {p.name}: {', '.join(p.models)}" for p in inner.router.config.providers)
+        for p in inner.router.config.providers:
+            served = list(p.models)
+            if p.image_models:  # served on the provider's own route, under its own ids
+                images = [model if own == model else f"{model} as {own}" for model, own in p.image_models]
+                served.append(f"text-to-image {', '.join(images)} at {inner.router.base_url}/{p.name}")
+            lines.append(f"  {p.name}: {'; '.join(served)}")
     token = emulator.config.token
     if token is None:
         lines.append("Auth: none")

@@ -105,6 +105,8 @@ def open_endpoint(
     if e.per_token:
         max_tokens = spec.parameters.get("max_tokens")
         made = ServerlessEndpoint.router if e.provider is not None else ServerlessEndpoint.api
+        if e.provider is not None and spec.task == "text-to-image":  # the provider's own image route
+            return ServerlessEndpoint.router(e, token=token, images=True)
         return made(e, token=token, max_tokens=max_tokens if isinstance(max_tokens, int) else None,
                     structured=spec.output_schema is not None or spec.prompt.schema_column is not None)
     if e.url is not None:

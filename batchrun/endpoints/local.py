@@ -51,11 +51,17 @@ def local_endpoint_config(
         raise SpecError(file, "endpoint.local", str(exc)) from None
 
 
-def local_router(provider: str, model: str, *, price_input: float | None, price_output: float | None) -> Any:
+def local_router(provider: str, model: str, *, price_input: float | None, price_output: float | None,
+                 images: bool = False, price_image: float | None = None) -> Any:
     """The emulator's router for `router_url: local`: one provider (``provider``) serving ``model``, at the
-    given price (USD per 1M tokens; the emulator's default where None), with every task it plays."""
+    given price (USD per 1M tokens; the emulator's default where None), with every task it plays; with
+    ``images``, text-to-image on the provider's own route, under the Hub's id, at ``price_image`` per image."""
     from batchrun.emulator import ProviderConfig, RouterConfig
 
+    if images:
+        return RouterConfig(providers=(ProviderConfig(
+            name=provider, image_models=((model, model),),
+            price_image=ProviderConfig.price_image if price_image is None else price_image),))
     return RouterConfig(providers=(ProviderConfig(
         name=provider, models=(model,), completions=True, supports_structured_output=True, cached_tokens=True,
         price_input=ProviderConfig.price_input if price_input is None else price_input,

@@ -14,6 +14,12 @@ The check reads ``GET /v1/models`` before anything is sent: the model exists, th
 it (and is not in ``error``), the key works, ``max_tokens`` fits the context, structured output is
 supported where the router says so.
 
+text-to-image goes to the pinned provider's own route under the router (``{router}/{provider}/...``,
+:mod:`batchrun.tasks.provider_images`). Its check reads the Hub's ``inferenceProviderMapping`` of the
+model instead (``GET {HF_ENDPOINT}/api/models/{model}?expand=inferenceProviderMapping``, as
+huggingface_hub's client does): the provider serves it for text-to-image, and under which id of its own.
+Each image is charged ``price.per_image`` plus ``price.per_megapixel`` times its megapixels.
+
 An API key is read from the environment variable ``api_key_env`` when the endpoint is made, registered
 with :func:`batchrun.errors.register_secret` (so every redaction covers it) and kept only in the plane,
 never in the spec, a message or a file.
@@ -28,7 +34,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from batchrun.cost import CostMeter, TokenPrice
+from batchrun.cost import CostMeter, ImagePrice, TokenPrice
 from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact, register_secret
 from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
@@ -65,6 +71,7 @@ class ServerlessEndpoint:
         limits: Any = None,
         max_tokens: int | None = None,
         structured: bool = False,
+        image_route: Any = None,
     ) -> None:
         self.base_url = base_url
         self.model = model
@@ -73,6 +80,8 @@ class ServerlessEndpoint:
         self.limits = limits
         self.ref = f"{provider}:{model}" if provider is not None else f"{redact(base_url)} ({model})"
         self.record = LifecycleRecord(initial_state="serverless")
+        self.image_route = image_route  # text-to-image: the provider's route (tasks.provider_images.ImageRoute)
+        self.image_price: ImagePrice | None = None
         self.meter = CostMeter(None, token_price=price, per_token=True)
         self._token = token
         self._send_token = send_token
@@ -84,14 +93,27 @@ class ServerlessEndpoint:
 
     @classmethod
     def router(cls, e: EndpointSpec, *, token: str | None, max_tokens: int | None = None,
-               structured: bool = False) -> ServerlessEndpoint:
-        """`endpoint: {provider, model}`: the Inference Providers router, with the HF token."""
+               structured: bool = False, images: bool = False) -> ServerlessEndpoint:
+        """`endpoint: {provider, model}`: the Inference Providers router, with the HF token.
+
+        ``images``: a text-to-image job, sent to the provider's own route (the body names the provider's
+        model id, which the check reads from the Hub)."""
         assert e.provider is not None and e.model is not None
         pinned = e.provider not in ("auto", "preferred")
-        return cls(base_url=e.router_url if e.router_url not in (None, "local") else ROUTER_URL,
-                   model=e.model, body_model=f"{e.model}:{e.provider}" if pinned else e.model, token=token,
-                   send_token=False, price=_price(e), provider=e.provider, local=e.router_url == "local",
-                   limits=getattr(e, "limits", None), max_tokens=max_tokens, structured=structured)
+        route = None
+        if images:
+            from batchrun.tasks.provider_images import IMAGE_ROUTES
+
+            route = IMAGE_ROUTES[e.provider]
+        made = cls(base_url=e.router_url if e.router_url not in (None, "local") else ROUTER_URL,
+                   model=e.model, body_model=e.model if images or not pinned else f"{e.model}:{e.provider}",
+                   token=token, send_token=False, price=_price(e), provider=e.provider, local=e.router_url == "local",
+                   limits=getattr(e, "limits", None), max_tokens=max_tokens, structured=structured, image_route=route)
+        if images:
+            if e.price is not None:
+                made.image_price = ImagePrice(e.price.per_image or 0.0, e.price.per_megapixel or 0.0)
+            made.meter = CostMeter(None, per_token=True, image_price=made.image_price)
+        return made
 
     @classmethod
     def api(cls, e: EndpointSpec, *, token: str | None, max_tokens: int | None = None,
@@ -123,6 +145,8 @@ class ServerlessEndpoint:
         if self.provider is not None and not self._token:
             raise AuthError("no Hugging Face token found for the Inference Providers router: set HF_TOKEN or run "
                             "`hf auth login` (a token allowed to make calls to Inference Providers)")
+        if self.image_route is not None:
+            return await self._image_check()
         status, doc = await self._get_models()
         if status in (401, 403):
             what = (f"the API key in {self._key_variable}" if self._key_variable else "the Hugging Face token")
@@ -137,22 +161,65 @@ class ServerlessEndpoint:
 
     async def _get_models(self) -> tuple[int, dict[str, Any]]:
         from batchrun.tasks import join_url
+
+        return await self._get_json(join_url(self.base_url, "/models"), self.base_url)
+
+    async def _get_json(self, url: str, what: str) -> tuple[int, dict[str, Any]]:
         from batchrun.transport import Request, TransportError, auth_headers, current_transport
 
-        url = join_url(self.base_url, "/models")
         headers = auth_headers(url, self._token, send_token=self._send_token)
         try:
             answer = await current_transport().send(
                 Request("GET", url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES))
         except TransportError as exc:
             detail = redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
-            raise EndpointUnusableError(f"cannot reach {redact(self.base_url)} ({detail}): check the endpoint's url; "
+            raise EndpointUnusableError(f"cannot reach {redact(what)} ({detail}): check the endpoint's url; "
                                         "nothing was sent") from None
         try:
             doc = json.loads(answer.body) if answer.status == 200 else {}
         except (UnicodeDecodeError, ValueError):
             doc = {}
         return answer.status, doc if isinstance(doc, dict) else {}
+
+    async def _image_check(self) -> EndpointCheck:
+        """text-to-image: the Hub's inferenceProviderMapping says the pinned provider serves the model for it,
+        and under which id; that id goes in each body where the provider's route takes one."""
+        from huggingface_hub import constants
+
+        from batchrun.tasks import join_url
+
+        hub = constants.ENDPOINT  # huggingface_hub's, which honours HF_ENDPOINT
+        status, doc = await self._get_json(
+            join_url(hub, f"/api/models/{self.model}") + "?expand=inferenceProviderMapping", hub)
+        if status in (401, 403):
+            raise AuthError(f"the Hub refused the Hugging Face token (HTTP {status} on GET /api/models/{self.model}):"
+                            " check it, then run the job again", status=status)
+        if status == 404:
+            raise EndpointUnusableError(f"the Hub has no model {self.model} (GET /api/models/{self.model}): check "
+                                        "endpoint.model; nothing was sent")
+        if status != 200:
+            raise EndpointUnusableError(f"the Hub at {redact(hub)} did not say which providers serve {self.model} "
+                                        f"(HTTP {status} on GET /api/models/{self.model}); nothing was sent")
+        mapping = _image_mapping(doc.get("inferenceProviderMapping"))
+        mine = mapping.get(str(self.provider))
+        if mine is None or mine.get("task") != "text-to-image":
+            serving = ", ".join(p for p, m in mapping.items() if m.get("task") == "text-to-image") or "no provider"
+            other = f" (it serves it for {mine.get('task')})" if mine is not None else ""
+            raise EndpointUnusableError(f"provider {self.provider} does not serve {self.model} for text-to-image"
+                                        f"{other}; it is served for text-to-image by: {serving} (the Hub's "
+                                        "inferenceProviderMapping): check endpoint.provider; nothing was sent")
+        if mine.get("status") == "error":
+            raise EndpointUnusableError(f"provider {self.provider} reports status error for {self.model}: choose "
+                                        "another provider; nothing was sent")
+        provider_id = str(mine.get("providerId") or self.model)
+        self.body_model = provider_id
+        note = f"{self.ref}: text-to-image as {provider_id}"
+        if mine.get("status") == "staging":
+            note += " (status staging)"
+        if self.image_price is not None:
+            note += f", {self.image_price}"
+        return EndpointCheck(note=note, model=self.model, details={"providers": [self.provider],
+                                                                   "provider_model": provider_id})
 
     def _router_check(self, models: list[Any]) -> EndpointCheck:
         entry = next((m for m in models if isinstance(m, dict) and m.get("id") == self.model), None)
@@ -217,6 +284,8 @@ class ServerlessEndpoint:
 
     def _local_check(self) -> EndpointCheck:
         config = self._local_router()
+        if self.image_route is not None:  # the local router serves the model under the Hub's id
+            return EndpointCheck(note=f"the built-in emulator's router ({self.ref}, text-to-image)", model=self.model)
         served = config.providers[0]
         self.meter.provider_prices[""] = self.meter.provider_prices[served.name] = TokenPrice(
             served.price_input, served.price_output)
@@ -228,7 +297,9 @@ class ServerlessEndpoint:
         price = self.meter.token_price
         return local_router(LOCAL_PROVIDER if self.provider in POLICIES else str(self.provider), self.model,
                             price_input=None if price is None else price.input_per_mtok,
-                            price_output=None if price is None else price.output_per_mtok)
+                            price_output=None if price is None else price.output_per_mtok,
+                            images=self.image_route is not None,
+                            price_image=None if self.image_price is None else self.image_price.per_image)
 
     # ------------------------------------------------------------------ the job
 
@@ -241,7 +312,11 @@ class ServerlessEndpoint:
             self._emulator, token = await start_local_router(self._local_router())
             base = self._emulator.router_url
         self.meter.start(1)
-        return DataPlane(url=base, token=token, send_token=self._send_token, model=self.body_model,
+        model: str | None = self.body_model
+        if self.image_route is not None:  # the provider's own base under the router: {origin}/{provider}[/v1]
+            base = base.rstrip("/").removesuffix("/v1") + self.image_route.base
+            model = model if self.image_route.model_in_body else None
+        return DataPlane(url=base, token=token, send_token=self._send_token, model=model,
                          limits=self.limits,
                          token_name=f"the API key in {self._key_variable}" if self._key_variable else None)
 
@@ -268,7 +343,10 @@ class ServerlessEndpoint:
 
 
 def _price(e: EndpointSpec) -> TokenPrice | None:
-    return None if e.price is None else TokenPrice(e.price.input_per_mtok, e.price.output_per_mtok)
+    price = e.price
+    if price is None or price.input_per_mtok is None or price.output_per_mtok is None:
+        return None
+    return TokenPrice(price.input_per_mtok, price.output_per_mtok)
 
 
 def _router_price(provider: Mapping[str, Any]) -> TokenPrice | None:
@@ -280,6 +358,15 @@ def _router_price(provider: Mapping[str, Any]) -> TokenPrice | None:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in (given, taken)):
         return None
     return TokenPrice(float(given), float(taken))  # type: ignore[arg-type]
+
+
+def _image_mapping(mapping: Any) -> dict[str, Mapping[str, Any]]:
+    """The Hub's inferenceProviderMapping by provider: its dict form (model info) or its list form."""
+    if isinstance(mapping, Mapping):
+        return {str(p): m for p, m in mapping.items() if isinstance(m, Mapping)}
+    if isinstance(mapping, list):
+        return {str(m["provider"]): m for m in mapping if isinstance(m, Mapping) and m.get("provider")}
+    return {}
 
 
 def _statuses(providers: list[dict[str, Any]]) -> str:

@@ -214,7 +214,7 @@ def _section(facts: JobFacts, target: Target, *, with_thumbnails: bool) -> str:
                  + (f"(config `{failed_config}`)" if target.include_failed else "(not pushed; --include-failed)")),
         ("Tokens", ", ".join(f"{v} {k.replace('_tokens', '')}" for k, v in sorted(facts.tokens.items()))
          or "not recorded by this task"),
-        ("Cost", _cost(facts.spend)),
+        ("Cost", _cost(facts.spend, per="image" if spec.get("task") == "text-to-image" else "token")),
         ("Last run", f"{summary.get('outcome')} ({summary.get('started_at')})" if summary else "no run finished yet"),
     ]
     lines += [f"| {k} | {v} |" for k, v in rows]
@@ -252,16 +252,16 @@ def _endpoint_ref(spec: dict[str, Any]) -> str:
     return str(endpoint.get("url") or "the local emulator")
 
 
-def _cost(spend: dict[str, Any] | None) -> str:
+def _cost(spend: dict[str, Any] | None, *, per: str = "token") -> str:
     if not spend:
         return "not recorded"
     usd, hours, runs = spend.get("usd"), spend.get("replica_hours"), spend.get("runs")
     money = f"${usd:.4f}" if isinstance(usd, (int, float)) and usd else "price not known"
-    if not hours and isinstance(usd, (int, float)) and usd:  # a serverless target: billed per token
+    if not hours and isinstance(usd, (int, float)) and usd:  # a serverless target: billed per token (or image)
         saved = spend.get("saved_usd")
         mode = f", ${saved:.4f} less than the online price (batch mode)" if isinstance(saved, (int, float)) and saved \
             else ""
-        return f"{money}; {runs} run(s), billed per token{mode}"
+        return f"{money}; {runs} run(s), billed per {per}{mode}"
     return f"{money}; {runs} run(s), {float(hours or 0):.4f} replica-hours"
 
 

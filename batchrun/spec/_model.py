@@ -204,10 +204,14 @@ ENDPOINT_KINDS = ("url", "local", "name", "provider")
 
 @dataclass(frozen=True, kw_only=True)
 class PriceSpec:
-    """What a serverless target charges per token, in USD per million tokens."""
+    """What a serverless target charges: per token, in USD per million tokens (both keys), or per image and
+    per megapixel (text-to-image through a provider; either or both, added up)."""
 
-    input_per_mtok: float = key(Shape("number", minimum=0.0, required=True), "USD per 1M prompt tokens")
-    output_per_mtok: float = key(Shape("number", minimum=0.0, required=True), "USD per 1M completion tokens")
+    input_per_mtok: float | None = key(Shape("number", minimum=0.0), "USD per 1M prompt tokens", None)
+    output_per_mtok: float | None = key(Shape("number", minimum=0.0), "USD per 1M completion tokens", None)
+    per_image: float | None = key(Shape("number", minimum=0.0), "USD per image (text-to-image)", None)
+    per_megapixel: float | None = key(Shape("number", minimum=0.0), "USD per megapixel of each image (text-to-image)",
+                                      None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,7 +284,8 @@ class EndpointSpec:
                                  "the router's base URL ending in /v1, or local for the built-in emulator", None)
     api_key_env: str | None = key(Shape("custom", json={"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}),
                                   "the environment variable holding a url API's key", None)
-    price: PriceSpec | None = key(Shape("section", section=PriceSpec), "per-token price, USD per 1M tokens", None)
+    price: PriceSpec | None = key(Shape("section", section=PriceSpec),
+                                  "per-token price, USD per 1M tokens (or per image, for text-to-image)", None)
     #: The lane's requests and tokens per minute, held by its rate gate (batchrun.rate).
     limits: LimitsSpec | None = key(Shape("section", section=LimitsSpec),
                                     "requests and tokens per minute to stay under", None)

@@ -20,6 +20,7 @@ from batchrun.spec._model import (
     OPENAI_BATCH_TASK,
     BudgetSpec,
     ConcurrencySpec,
+    EndpointSpec,
     InputSpec,
     JobSpec,
     OutputSpec,
@@ -35,7 +36,7 @@ from batchrun.spec._read import _COUNT, _STRING, _describe, _no_userinfo, _sugge
 from batchrun.spec._shape import default_of, spec_keys
 from batchrun.spec._units import per_row_job_seed
 from batchrun.spec._yaml import _AliasBomb, _DuplicateKey, _SpecLoader, _yaml_error
-from batchrun.task_kinds import TASK_KINDS, TaskKind
+from batchrun.task_kinds import TASK_KINDS, TaskKind, task_kind
 
 # Loading
 
@@ -169,10 +170,17 @@ class _Parser(_InputParser, _EndpointParser):
                 raise self.error(f"{where}.mode", "mode: batch writes to a local (or mounted) output folder: its "
                                  "journal of paid batches must outlive this machine; use output.path on a shared "
                                  "filesystem, or mode: online or flex with an object store")
+            if spec.task == "text-to-image" and e.provider is not None:
+                self.provider_images_job(spec, e, where)
+                continue
             if spec.task not in _SERVERLESS_TASKS:
                 raise self.error(f"{where}.{'provider' if e.provider else 'model'}", (
                     f"task {spec.task} is not served through a serverless target by batchrun (it serves "
-                    f"{', '.join(_SERVERLESS_TASKS)} there)"))
+                    f"{', '.join(_SERVERLESS_TASKS)} there, and text-to-image through endpoint.provider)"))
+            for key in ("per_image", "per_megapixel"):
+                if e.price is not None and getattr(e.price, key) is not None:
+                    raise self.error(f"{where}.price.{key}", "only applies to task text-to-image: this task is "
+                                     "billed per token ({input_per_mtok, output_per_mtok})")
             if spec.task == "text-generation":  # OpenAI's /v1/completions: a flat body, no response_format
                 if spec.output_schema is not None or spec.prompt.schema_column is not None:
                     raise self.error("output_schema", "on a serverless target, structured output goes through "
@@ -184,6 +192,27 @@ class _Parser(_InputParser, _EndpointParser):
             if spec.budget.max_usd is not None and e.provider is None and e.price is None:
                 raise self.error(f"{where}.price", "is required with budget.max_usd: an OpenAI-compatible API does "
                                  "not say what it charges, so the budget could not count its tokens")
+
+    def provider_images_job(self, spec: JobSpec, e: EndpointSpec, where: str) -> None:
+        """text-to-image through the router: one pinned provider whose route batchrun builds, priced per image."""
+        routes = task_kind(spec.task).provider_routes
+        if len(spec.all_endpoints) > 1:
+            raise self.error(where, "a text-to-image job through Inference Providers has one endpoint: each "
+                             "provider takes its own request shape")
+        if e.provider not in routes:
+            raise self.error(f"{where}.provider", f"text-to-image goes through the routes of {', '.join(routes)}: "
+                             f"pin one of them (got {e.provider})")
+        if e.mode != "online":
+            raise self.error(f"{where}.mode", "text-to-image through a provider is sent online only")
+        if spec.samples > 1:
+            raise self.error("samples", "text-to-image through a provider draws one image per row: give each "
+                             "row its own seed with image.seed_column instead")
+        if e.price is not None and e.price.input_per_mtok is not None:
+            raise self.error(f"{where}.price", "images are billed per image: give price: {per_image: USD} (or "
+                             "per_megapixel)")
+        if spec.budget.max_usd is not None and e.price is None:
+            raise self.error(f"{where}.price", "is required with budget.max_usd: the router does not list its "
+                             "image prices, so give price: {per_image: USD}")
 
     def steps_job(self, data: Mapping[str, Any], default_name: str) -> JobSpec:
         """A job of several steps: each step parsed as a job of its own, job-level keys as its defaults.

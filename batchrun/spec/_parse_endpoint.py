@@ -266,6 +266,11 @@ class _EndpointParser(_KeyReader):
             price = self.section(data["price"], f"{prefix}price", _PRICE_KEYS)
             values["price"] = PriceSpec(**{k: self.key(PriceSpec, price, k, prefix=f"{prefix}price.")
                                            for k in _PRICE_KEYS})
+            given = values["price"]
+            if (given.input_per_mtok is None) != (given.output_per_mtok is None) or given == PriceSpec():
+                raise self.error(f"{prefix}price", "expected {input_per_mtok, output_per_mtok} (USD per 1M tokens, "
+                                 "both) or {per_image, per_megapixel} (USD per image and per megapixel, either or "
+                                 "both, for text-to-image)")
         values.update(self.mode(data, prefix))
         return values
 

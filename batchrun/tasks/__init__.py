@@ -26,6 +26,7 @@ must stay fast. The task classes and output schemas load on first use.
     text.py            TextGenerationTask, ChatCompletionTask, OUTPUT_SCHEMA
     vision.py          VisionChatTask, VISION_OUTPUT_SCHEMA
     text_to_image.py   TextToImageTask
+    provider_images.py ProviderImageTask: text-to-image in an Inference Provider's own route shape
     conversation.py    a row's conversation checked and turned into chat messages
     openai_batch.py    OpenAIBatchTask, BATCH_OUTPUT_SCHEMA
     structured.py      StructuredTask: a text task whose answers follow a JSON Schema
@@ -96,13 +97,16 @@ def make_task(spec: JobSpec) -> Task:
     serverless = all(e.per_token for e in spec.all_endpoints)  # billed per token: OpenAI's routes and forms
     if serverless and spec.task == "text-generation":
         module_name, class_name = "batchrun.tasks.text", "CompletionsTask"
+    if serverless and spec.task == "text-to-image":  # the pinned provider's own route through the router
+        module_name, class_name = "batchrun.tasks.provider_images", "ProviderImageTask"
     task_class = getattr(importlib.import_module(module_name), class_name)
     task: Task = task_class.from_spec(spec)
     if any(e.per_token for e in spec.all_endpoints):  # innermost hook: it sees (and bills) every answer
         from batchrun.tasks.billed import BilledTask
 
         target = spec.endpoint
-        task = BilledTask(task, mode=target.mode, discount=target.batch.discount if target.batch else 0.5)
+        task = BilledTask(task, mode=target.mode, discount=target.batch.discount if target.batch else 0.5,
+                          per_image=spec.task == "text-to-image")
     seed = spec.parameters.get("seed")
     from batchrun.spec import per_row_job_seed
 

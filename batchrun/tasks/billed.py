@@ -7,7 +7,8 @@ records, in every result row:
                       answer's ``provider`` field); None where the answer does not say
     cached_tokens     ``usage.prompt_tokens_details.cached_tokens``, where the answer gives it
     reasoning_tokens  ``usage.completion_tokens_details.reasoning_tokens``, where the answer gives it
-    cost_usd          the answer's tokens at the price of the endpoint (and provider) that answered
+    cost_usd          the answer's tokens at the price of the endpoint (and provider) that answered; for
+                      text-to-image, the image at its price per image
     mode              online, batch (collected from a provider's batch API) or flex; batch and flex answers
                       are charged ``discount`` x the online price
 
@@ -47,7 +48,7 @@ BILLED_COLUMNS = (
 class BilledTask(ColumnsLayer):
     """``inner``, whose output schema ends with :data:`BILLED_COLUMNS`."""
 
-    def __init__(self, inner: Task, *, mode: str = "online", discount: float = 0.5) -> None:
+    def __init__(self, inner: Task, *, mode: str = "online", discount: float = 0.5, per_image: bool = False) -> None:
         clash = [f.name for f in BILLED_COLUMNS if f.name in inner.output_schema.names]
         if clash:
             raise ValueError(f"the {', '.join(clash)} column clashes with an output column of task {inner.name}")
@@ -59,6 +60,7 @@ class BilledTask(ColumnsLayer):
         self.meters: dict[str, CostMeter] = {}
         self.mode = mode
         self.discount = discount
+        self.per_image = per_image  # each answer is one image, priced per image or megapixel (text-to-image)
 
     def prepare(self, row: Any) -> PreparedRequest:
         """The inner task's request; in ``mode: flex``, asking for the provider's flex tier."""
@@ -98,7 +100,9 @@ class BilledTask(ColumnsLayer):
         mode = outputs.get("mode") or ("flex" if self.mode == "flex" else "online")
         outputs["mode"] = mode
         cost = None
-        if meter is not None:
+        if meter is not None and self.per_image:
+            cost = meter.charge_image(optional_int(outputs.get("width")), optional_int(outputs.get("height")))
+        elif meter is not None:
             cost = meter.charge(outputs.get("prompt_tokens"), outputs.get("completion_tokens"),
                                 provider=outputs.get("provider"), factor=1.0 if mode == "online" else self.discount)
         outputs["cost_usd"] = cost

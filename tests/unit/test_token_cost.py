@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchrun.cost import BudgetGuard, CostMeter, TokenPrice
+from batchrun.cost import BudgetGuard, CostMeter, ImagePrice, TokenPrice
 from batchrun.endpoints.pool import PoolMeter
 from batchrun.publish.card import _cost
 from batchrun.stop import StopReason
@@ -78,3 +78,26 @@ def test_the_budget_stops_when_the_requests_in_flight_and_the_next_could_cross_i
 def test_the_card_says_a_serverless_job_is_billed_per_token() -> None:
     assert _cost({"usd": 0.25, "replica_hours": 0.0, "runs": 2}) == "$0.2500; 2 run(s), billed per token"
     assert "replica-hours" in _cost({"usd": 1.0, "replica_hours": 0.5, "runs": 1})
+
+
+def test_images_are_charged_per_image_and_the_budget_keeps_the_dearest_back() -> None:
+    meter = CostMeter(None, per_token=True, image_price=ImagePrice(per_image=0.25))
+    assert [meter.charge_image() for _ in range(3)] == [0.25, 0.25, 0.25]
+    assert meter.images == 3 and meter.usd == pytest.approx(0.75) and meter.billed and meter.priced
+    guard = BudgetGuard(max_usd=1.25, deadline_s=None, margin_s=0.0, started_at=0.0, in_flight=lambda: 1)
+    assert guard.check(meter) is not None  # $0.75 spent, one in flight and one more: $1.25
+    unpriced = CostMeter(None, per_token=True)
+    assert unpriced.charge_image() is None and unpriced.images == 1 and unpriced.unpriced_answers == 1
+
+
+def test_an_image_priced_per_megapixel_costs_its_size() -> None:
+    price = ImagePrice(per_image=0.001, per_megapixel=0.02)
+    meter = CostMeter(None, per_token=True, image_price=price)
+    assert meter.charge_image(1000, 500) == pytest.approx(0.001 + 0.02 * 0.5)
+    assert meter.charge_image(None, None) == pytest.approx(0.001)  # a size not known counts no megapixels
+    assert str(price) == "$0.001 per image, $0.02 per megapixel"
+    assert str(ImagePrice(per_megapixel=0.02)) == "$0.02 per megapixel"
+
+
+def test_the_card_says_a_text_to_image_job_through_a_provider_is_billed_per_image() -> None:
+    assert _cost({"usd": 0.03, "replica_hours": 0.0, "runs": 1}, per="image") == "$0.0300; 1 run(s), billed per image"
