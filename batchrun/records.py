@@ -57,7 +57,11 @@ def http_failure_type(status: int) -> str:
     return f"http_{status}"
 
 
-@dataclass(frozen=True, slots=True)
+# The per-row records (and tasks.base.PreparedRequest) are slots dataclasses, not frozen ones: a frozen
+# __init__ sets each field through object.__setattr__, about a microsecond a record at several records a
+# row (15% of batchrun's own per-row work in benchmarks/client_ceiling.py). Nothing changes a record once
+# made: dataclasses.replace makes a new one.
+@dataclass(slots=True)
 class Row:
     """One input row. ``id`` is the id column's value, or ``position`` when the job names none.
 
@@ -71,7 +75,7 @@ class Row:
     sample: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowResult:
     """A row that succeeded. ``output`` holds the task's columns (``generated_text``, ...)."""
 
@@ -83,7 +87,7 @@ class RowResult:
     attempts: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowFailure:
     """A row that failed. ``retryable`` failures are tried again on the next run; others are final.
 

@@ -41,7 +41,7 @@ __all__ = [
 _NOT_TEXT = (list, tuple, dict, set, frozenset, bytes, bytearray, memoryview)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PreparedRequest:
     """A request ready to send: ``path`` relative to the endpoint base, and the JSON ``payload``.
 
