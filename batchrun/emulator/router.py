@@ -22,6 +22,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -252,13 +253,29 @@ class Router:
 
     async def _inference(self, request: web.Request, route: str) -> web.StreamResponse:
         name = f"POST /v1/{'chat/completions' if route == 'chat' else 'completions'}"
+        return await self.counted(request, name, self._answer(request, route))
+
+    async def counted(self, request: web.Request, name: str,
+                      answer: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+        """``answer``, counted under route ``name`` by its status (``reset`` for a reset connection)."""
         status: int | str = 500
         try:
-            response = await self._answer(request, route)
+            response = await answer
             status = "reset" if request.get(_RESET) else response.status
             return response
         finally:
             self.by_route[(name, str(status))] += 1
+
+    def fault_response(self, request: web.Request, provider: ProviderState, body: bytes,
+                       headers: dict[str, str], now: float) -> web.StreamResponse | None:
+        """The provider's fault for this request as a response (its connection reset, if that is the
+        fault), or None when the provider answers normally."""
+        fault = self.fault(provider, body, headers, now)
+        if isinstance(fault, str):  # "reset"
+            request[_RESET] = True
+            _reset_connection(request)
+            return web.Response(status=500)  # never reaches the client: the transport is gone
+        return None if fault is None else fault.to_response()
 
     async def _answer(self, request: web.Request, route: str) -> web.StreamResponse:
         if not self.authorized(request):
@@ -274,13 +291,9 @@ class Router:
             return chosen.to_response()
         provider = chosen
         headers = {PROVIDER_HEADER: provider.config.name}
-        fault = self.fault(provider, body, headers, now)
-        if isinstance(fault, str):  # "reset"
-            request[_RESET] = True
-            _reset_connection(request)
-            return web.Response(status=500)  # never reaches the client: the transport is gone
-        if fault is not None:
-            return fault.to_response()
+        faulty = self.fault_response(request, provider, body, headers, now)
+        if faulty is not None:
+            return faulty
         base = payload["model"].partition(":")[0]
         prepared = await _prepare(provider.model(base), payload, route)
         if isinstance(prepared, Reply):

@@ -24,13 +24,12 @@ import base64
 import itertools
 import json
 import time
-from collections import Counter
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from batchrun.emulator.config import EndpointConfig
-from batchrun.emulator.data_plane import _reset_connection
 from batchrun.emulator.openai_errors import openai_error
 from batchrun.emulator.replies import Reply, json_reply
 from batchrun.emulator.router_config import IMAGE_PROVIDERS
@@ -39,7 +38,6 @@ from batchrun.emulator.text_to_image import error as toolkit_error
 
 __all__ = ["RouterImages"]
 
-_RESET = web.RequestKey("batchrun_router_image_reset", bool)  # the request's connection was reset
 # What each OpenAI-style provider's helper asks for in response_format (together: base64, nscale: b64_json).
 _B64_FORMATS = ("base64", "b64_json")
 
@@ -48,12 +46,14 @@ class Router(Protocol):
     """What these routes use of the router (batchrun.emulator.router.Router, which imports this module)."""
 
     providers: dict[str, Any]  # name -> ProviderState
-    by_route: Counter[tuple[str, str]]
 
     def authorized(self, request: web.Request) -> bool: ...
     def unauthorized(self) -> web.Response: ...
     def begin(self) -> float: ...
-    def fault(self, provider: Any, body: bytes, headers: dict[str, str], now: float) -> Reply | str | None: ...
+    def fault_response(self, request: web.Request, provider: Any, body: bytes, headers: dict[str, str],
+                       now: float) -> web.StreamResponse | None: ...
+    async def counted(self, request: web.Request, name: str,
+                      answer: Awaitable[web.StreamResponse]) -> web.StreamResponse: ...
     def limit_reply(self, provider: Any, cost: int, now: float) -> Reply | None: ...
 
 
@@ -83,13 +83,7 @@ class RouterImages:
         return await self._counted(request, name, f"POST /{name}/v1/images/generations")
 
     async def _counted(self, request: web.Request, name: str, route: str) -> web.StreamResponse:
-        status: int | str = 500
-        try:
-            response = await self._answer(request, name)
-            status = "reset" if request.get(_RESET) else response.status
-            return response
-        finally:
-            self.router.by_route[(route, str(status))] += 1
+        return await self.router.counted(request, route, self._answer(request, name))
 
     async def _answer(self, request: web.Request, name: str) -> web.StreamResponse:
         router = self.router
@@ -104,13 +98,9 @@ class RouterImages:
         assert provider is not None
         payload, accept = found
         headers = {"x-inference-provider": name}
-        fault = router.fault(provider, body, headers, now)
-        if isinstance(fault, str):  # "reset"
-            request[_RESET] = True
-            _reset_connection(request)
-            return web.Response(status=500)  # never reaches the client: the transport is gone
-        if fault is not None:
-            return fault.to_response()
+        faulty = router.fault_response(request, provider, body, headers, now)
+        if faulty is not None:
+            return faulty
         checked = self._image_model(provider).parse(json.dumps(payload).encode())
         if isinstance(checked, Reply):
             return self._refused(provider, checked, name, headers).to_response()
