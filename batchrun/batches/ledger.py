@@ -141,7 +141,11 @@ class BatchLedger:
         """The batch's answers are committed (or it never ran): its rows are no longer held, and nothing of
         it stays on disk but its count."""
         intent.ended, intent.status = True, status
-        self._compact()
+        try:
+            self._compact()
+        except BaseException:  # not written: the batch is still open, here as in the journal
+            intent.ended, intent.status = False, None
+            raise
 
     def sweep(self) -> None:
         """Remove what a run killed mid-way left of batches ended (or of an intent never journaled): their
@@ -178,8 +182,9 @@ class BatchLedger:
             journal.unlink(missing_ok=True)
             fsync_dir(self.folder)
         self.tally = tally
+        # A new dict, not deletions: this runs in a worker thread while the event loop may be reading it.
+        self.intents = {key: intent for key, intent in self.intents.items() if not intent.ended}
         for intent in ended:
-            del self.intents[intent.id]
             self._members_path(intent.id).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from batchrun.batches import BatchLedger, HeldRows, Member
 from batchrun.output import DoneSet
@@ -126,3 +127,20 @@ def test_the_sweep_removes_what_a_kill_left_of_ended_batches_and_keeps_the_open_
 def test_the_sweep_of_an_output_without_batches_writes_nothing(tmp_path: Path) -> None:
     BatchLedger(tmp_path).sweep()
     assert not (tmp_path / "batches").exists()
+
+
+def test_a_batch_whose_end_could_not_be_written_stays_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = BatchLedger(tmp_path)
+    intent = ledger.begin([member(0)])
+    ledger.uploaded(intent, "file-1")
+    ledger.created(intent, "batch-1")
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("batchrun.batches.ledger.replace_atomically", full)
+    with pytest.raises(OSError, match="No space"):
+        ledger.ended(intent, "completed")
+    assert ledger.open_intents() == [intent] and ledger.held_positions() == {0}
+    assert ledger.ended_counts() == {}
+    assert [i.batch_id for i in BatchLedger(tmp_path).open_intents()] == ["batch-1"]
