@@ -6,7 +6,8 @@ dispatcher's one retry loop sends it, retries it and fails it as one unit; the t
 one outcome per member, and the dispatcher ends each member in exactly one record.
 
 How many rows go in a pack is :class:`RowsPerRequest`'s: the spec's ``packing.max_rows``, else the
-server's ``max_client_batch_size`` from ``GET /info`` (:func:`server_limits`), else a probe that
+servers' ``max_client_batch_size`` from ``GET /info`` (:func:`server_limits`: the lowest of the
+job's endpoints, each asked once, the url endpoints' answers taken from their check), else a probe that
 starts at TEI's default (32) and doubles while full packs are answered. A pack the server refuses
 as too large (TEI's Validation error: 413 before 1.9.0, 422 from it) is split in two and each half
 sent on its own; the refusal teaches the controller the server's limit (``batch size N > maximum
@@ -25,15 +26,17 @@ The member column names (``PACK_*``) are private to this module, the dispatcher 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.errors import RequestFailed
 from batchrun.records import FailureType, Row, RowFailure, RowResult
+
+if TYPE_CHECKING:
+    from batchrun.transport import ServerInfo
 
 __all__ = [
     "DEFAULT_ROWS",
@@ -149,6 +152,18 @@ class ServerLimits:
 
         return cls(count("max_client_batch_size"), count("max_batch_tokens"), count("max_concurrent_requests"))
 
+    @classmethod
+    def tightest(cls, many: Iterable[ServerLimits]) -> ServerLimits:
+        """Each limit the lowest that any server says (None where none says it): what fits every one."""
+        many = list(many)
+
+        def lowest(values: Iterable[int | None]) -> int | None:
+            said = [value for value in values if value is not None]
+            return min(said) if said else None
+
+        return cls(lowest(m.max_client_batch_size for m in many), lowest(m.max_batch_tokens for m in many),
+                   lowest(m.max_concurrent_requests for m in many))
+
     def requests_in_flight(self, rows_per_request: int) -> int | None:
         """Requests that fit in the server's input budget at once (one replica), or None when unknown."""
         if self.max_concurrent_requests is None:
@@ -156,29 +171,37 @@ class ServerLimits:
         return max(1, self.max_concurrent_requests // max(1, rows_per_request))
 
 
-async def rows_per_request(task: Any, spec: Any, plane: Any) -> RowsPerRequest | None:
+async def rows_per_request(task: Any, spec: Any, planes: Sequence[Any],
+                           known: Mapping[str, ServerInfo] | None = None) -> RowsPerRequest | None:
     """The rows-per-request controller of a job whose task packs rows (None for the others): the spec's
-    ``packing`` keys, and the server's limits when the spec leaves them out."""
+    ``packing`` keys, and the servers' limits (:func:`server_limits`) where the spec leaves them out."""
     if not getattr(task, "packs", False):
         return None
     packing = spec.packing
-    limits = await server_limits(plane)
+    limits = await server_limits(planes, known)
     return RowsPerRequest(max_rows=packing.max_rows, max_tokens=packing.max_tokens, limits=limits)
 
 
-async def server_limits(plane: Any) -> ServerLimits:
-    """The batch limits the endpoint's ``GET /info`` reports; empty limits when it cannot be read."""
-    from batchrun.transport import Request, TransportError, auth_headers, current_transport, server_root
+async def server_limits(planes: Sequence[Any], known: Mapping[str, ServerInfo] | None = None) -> ServerLimits:
+    """The tightest batch limits the endpoints' ``GET /info`` report; empty limits where none can be read.
 
-    url = server_root(plane.url) + "/info"
-    headers = {**plane.headers, **auth_headers(url, plane.token, send_token=getattr(plane, "send_token", False))}
-    try:
-        answer = await current_transport().send(Request("GET", url, headers, timeout=10.0, max_bytes=2**20))
-        info = json.loads(answer.body) if answer.status == 200 else None
-    except (TransportError, ValueError) as exc:
-        log.info("server_limits_unread %s", type(exc).__name__)
-        return ServerLimits()
-    limits = ServerLimits.from_info(info)
+    ``known`` holds the answers the endpoint check already read, by server root (every url endpoint's):
+    they are used as they are, and only a ready endpoint's plane (``planes``) whose answer is not among
+    them is asked now. An endpoint that becomes ready later (a Dedicated one still starting) is not
+    asked: a pack it refuses as too large teaches the controller the limit it names.
+    """
+    from batchrun.transport import read_info, server_root
+
+    answers = dict(known or {})
+    for plane in planes:
+        root = server_root(plane.url)
+        if root not in answers:
+            answers[root] = await read_info(plane.url, token=plane.token, headers=plane.headers,
+                                            send_token=getattr(plane, "send_token", False))
+    for answer in answers.values():
+        if answer.document is None:
+            log.info("server_limits_unread %s", answer.reason)
+    limits = ServerLimits.tightest(ServerLimits.from_info(answer.document) for answer in answers.values())
     log.info("server_limits max_client_batch_size=%s max_batch_tokens=%s max_concurrent_requests=%s",
              limits.max_client_batch_size, limits.max_batch_tokens, limits.max_concurrent_requests)
     return limits

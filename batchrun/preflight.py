@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ from batchrun.tasks import (
 
 if TYPE_CHECKING:
     from batchrun.output import OutputStore
+    from batchrun.transport import ServerInfo
 
 __all__ = ["Preflight", "preflight"]
 
@@ -71,6 +72,11 @@ class Preflight:
     spent: Spent = field(default_factory=Spent)  # what earlier runs of this job spent
     run: Any = None  # this run's RunProvenance (provenance.py), set by the runner before the output opens
     unencodable: list[str] = field(default_factory=list)  # input rows read with U+FFFD for lone surrogates
+
+    @property
+    def infos(self) -> Mapping[str, ServerInfo]:
+        """The ``GET /info`` answers the endpoint check read, by server root: the run reuses them."""
+        return self.endpoint_check.infos if self.endpoint_check is not None else {}
 
     def data_schema(self, store: Any = None) -> Any:
         """The pyarrow schema of the data shards, with its datasets features and provenance metadata.

@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
-
 if TYPE_CHECKING:
     from batchrun.endpoints import DataPlane, EndpointCheck
     from batchrun.sources import Source
@@ -230,31 +228,23 @@ class RevisionWatch:
 
     async def ask(self) -> str | None:
         """The revision served now, or None when it cannot be told."""
-        import json
-
-        from batchrun.transport import Request, TransportError, auth_headers, current_transport, server_root
+        from batchrun.transport import read_info
 
         if not self.works:
             return None
-        url = server_root(self.plane.url) + "/info"
-        headers = {**self.plane.headers,
-                   **auth_headers(url, self.plane.token, send_token=getattr(self.plane, "send_token", False))}
-        try:
-            check = Request("GET", url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES)
-            answer = await current_transport().send(check)
-            if answer.status == 404:
-                self.works = False
-                return None
-            if answer.status != 200:
-                return None
-            info = json.loads(answer.body)
-        except (TransportError, ValueError) as exc:
-            log.info("revision_check_failed %s", type(exc).__name__)
+        plane = self.plane
+        answer = await read_info(plane.url, token=plane.token, send_token=getattr(plane, "send_token", False),
+                                 headers=plane.headers)
+        if answer.status == 404:
+            self.works = False
             return None
-        if isinstance(info, dict) and isinstance(info.get("version"), str) and not self.run.endpoint.get(
-                "server_version"):
+        info = answer.document
+        if info is None:
+            log.info("revision_check_failed %s", answer.reason)
+            return None
+        if isinstance(info.get("version"), str) and not self.run.endpoint.get("server_version"):
             self.run.endpoint["server_version"] = info["version"]  # TGI's version, as /info says it
-        sha = info.get("model_sha") if isinstance(info, dict) else None
+        sha = info.get("model_sha")
         return sha if isinstance(sha, str) else None
 
     async def check(self) -> None:

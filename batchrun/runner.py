@@ -220,7 +220,8 @@ async def _serve(run: RunContext, output: _Output, reader: PendingRows, *, held_
         if scores is not None:  # the scorers load before the endpoint is touched
             await _start_scoring(scores, pre)
         async with pre.pool as plane:  # every endpoint resumed at once; here once the first is ready
-            packing = await rows_per_request(pre.task, pre.spec, plane)  # TEI's batch routes: rows per request
+            # TEI's batch routes: rows per request, within every endpoint's /info (the check's answers reused)
+            packing = await rows_per_request(pre.task, pre.spec, pre.pool.ready_planes(), pre.infos)
             await _hold_dimension(pre.task, output.store)
             dispatcher = _dispatcher(run, plane, committer, scores, packing)
             pre.pool.attach(dispatcher)  # the others join as they become ready

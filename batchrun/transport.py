@@ -11,7 +11,8 @@ revision watch, the webhook) goes through a :class:`Transport`, after httpx's ``
                        answers every request; no socket is opened. For tests
 
 A job uses the transport :func:`current_transport` returns: :func:`use_transport` (or
-``RunOptions(transport=...)``) sets it for everything the job does.
+``RunOptions(transport=...)``) sets it for everything the job does. A server's ``GET /info`` is asked
+in one way, :func:`read_info`, which answers the parsed document or why it could not be read.
 
 Failures are batchrun's own exceptions (:class:`TransportTimeout`, :class:`Unreached`,
 :class:`ConnectionFailed`, :class:`AnswerTooLarge`), so no caller imports aiohttp. Only this module
@@ -47,6 +48,7 @@ __all__ = [
     "MockTransport",
     "Request",
     "Response",
+    "ServerInfo",
     "Transport",
     "TransportError",
     "TransportTimeout",
@@ -55,6 +57,7 @@ __all__ = [
     "current_transport",
     "is_hf_host",
     "is_loopback",
+    "read_info",
     "redact_answer",
     "server_root",
     "token_destinations",
@@ -402,3 +405,51 @@ def server_root(url: str) -> str:
         if trimmed.endswith(suffix):
             return trimmed[: -len(suffix)]
     return trimmed
+
+
+# --------------------------------------------------------------------------- a server's GET /info
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    """A server's answer to ``GET /info`` (TGI's, TEI's: the model, its revision, the server's limits).
+
+    ``document`` is the JSON object a 200 answered; where there is none, ``reason`` says why: no HTTP
+    answer at all (``status`` None, ``reason`` naming the transport's error), another status, or a body
+    that is not a JSON object. ``body`` is the answer as read (a proxy's page says what it is).
+    """
+
+    status: int | None
+    document: Mapping[str, Any] | None = None
+    body: bytes = field(default=b"", repr=False)
+    reason: str | None = None
+
+
+async def read_info(url: str, *, token: str | None = None, send_token: bool = False,
+                    headers: Mapping[str, str] | None = None) -> ServerInfo:
+    """Ask the server behind ``url`` (its root, or a route pasted after it) its ``GET /info``: one
+    check, within :data:`~batchrun.facts.CHECK_TIMEOUT_S` and :data:`~batchrun.facts.CHECK_MAX_BYTES`.
+
+    The one place batchrun asks it (the url endpoint's check, provenance's revision watch, packing's
+    server limits); it never raises for the server's sake: what could not be read is said in the answer.
+    """
+    import json
+
+    from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
+
+    info_url = server_root(url) + "/info"
+    sent = {**(headers or {}), **auth_headers(info_url, token, send_token=send_token)}
+    try:
+        answer = await current_transport().send(
+            Request("GET", info_url, sent, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES))
+    except TransportError as exc:
+        return ServerInfo(None, reason=redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__)
+    if answer.status != 200:
+        return ServerInfo(answer.status, body=answer.body, reason=f"HTTP {answer.status} on /info")
+    try:
+        document = json.loads(answer.body)
+    except ValueError:  # UnicodeDecodeError is one
+        document = None
+    if not isinstance(document, dict):
+        return ServerInfo(200, body=answer.body, reason="/info answered something other than a JSON object")
+    return ServerInfo(200, document, answer.body)

@@ -70,6 +70,16 @@ def assert_every_id_once(out: Path, n: int) -> None:
     assert sorted(ids) == [f"row-{i:05d}" for i in range(n)]
 
 
+def assert_nothing_of_ended_batches_is_kept(out: Path) -> None:
+    """state/batches holds no request and no step of an ended batch: at most a journal of their counts."""
+    folder = out / "state" / "batches"
+    left = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+    assert left in ([], ["journal.jsonl"]), left
+    if left:
+        events = [json.loads(line) for line in (folder / "journal.jsonl").read_bytes().splitlines()]
+        assert [event["event"] for event in events] == ["ended_batches"], events
+
+
 def test_a_job_of_five_batches_completes_with_every_id_once_at_the_batch_price(tmp_path: Path) -> None:
     with batch_emulator() as emu:
         spec = write_spec(tmp_path, endpoint=target(emu), input_path=write_topics(tmp_path / "in.parquet", 50))
@@ -88,6 +98,9 @@ def test_a_job_of_five_batches_completes_with_every_id_once_at_the_batch_price(t
     assert "  saved by batch/flex mode: " in "\n".join(lines)
     spend = json.loads((out / "state" / "spend.json").read_text())
     assert spend["saved_usd"] == pytest.approx(paid)  # per job, for the dataset card
+    assert_nothing_of_ended_batches_is_kept(out)
+    journal = (out / "state" / "batches" / "journal.jsonl").read_bytes()
+    assert json.loads(journal)["counts"] == {"completed": [5, 50]}  # what `batchrun status` says of them
 
 
 def test_flex_mode_asks_the_flex_tier_online_and_marks_and_prices_its_rows(tmp_path: Path) -> None:
@@ -256,6 +269,7 @@ def test_a_batch_found_after_a_sigkill_by_an_online_rerun_is_cancelled_and_kept(
     modes = [row["mode"] for row in read_rows(out / "data")]
     assert modes.count("online") == online_requests  # none paid twice
     assert modes.count("batch") == sum(b["request_counts"]["completed"] for b in in_batch.values())
+    assert_nothing_of_ended_batches_is_kept(out)
 
 
 @pytest.mark.parametrize("then", ["batch", "online"])
@@ -293,6 +307,7 @@ def test_a_sigkill_while_batches_run_then_a_rerun_collects_every_answer_once(tmp
         assert outcome.exit_code == 0, lines
         assert_no_row_in_two_batches_and_none_paid_twice(emu, 50)
     assert_every_id_once(tmp_path / "out" / "job", 50)
+    assert_nothing_of_ended_batches_is_kept(tmp_path / "out" / "job")
 
 
 def test_status_shows_batches_in_progress_and_completed_with_their_rows(tmp_path: Path) -> None:
@@ -405,6 +420,7 @@ def test_sigkills_at_random_moments_then_a_rerun_lose_and_repeat_nothing(tmp_pat
     assert_every_id_once(out, 60)
     for shard in (out / "data").glob("*.parquet"):
         pq.read_table(shard)  # every published file is readable
+    assert_nothing_of_ended_batches_is_kept(out)
 
 
 def test_several_samples_per_row_each_get_their_own_line_and_record(tmp_path: Path) -> None:

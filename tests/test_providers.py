@@ -14,7 +14,7 @@ import pytest
 from jobkit import REPO, TOKEN, cli, read_ids, read_rows, run, write_spec, write_topics
 
 from batchrun.emulator import EmulatorConfig, EmulatorThread, Outage, ProviderConfig, RouterConfig
-from batchrun.errors import AuthError, EndpointUnusableError, SpecError
+from batchrun.errors import AuthError, EndpointUnusableError
 from batchrun.spec import load_spec
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
@@ -203,14 +203,6 @@ def test_a_provider_in_error_is_refused_and_a_refused_token_stops_before_sending
 # ----- an OpenAI-compatible API and its key
 
 
-def test_a_missing_api_key_variable_is_a_spec_error_naming_the_variable(tmp_path, monkeypatch):
-    monkeypatch.delenv("BATCHRUN_TEST_API_KEY", raising=False)
-    spec = job(tmp_path, {"url": "https://api.example.com/v1", "model": "some-model",
-                          "api_key_env": "BATCHRUN_TEST_API_KEY"}, n=3)
-    with pytest.raises(SpecError, match="BATCHRUN_TEST_API_KEY is not set"):
-        load_spec(spec)
-
-
 def test_the_api_key_appears_in_no_file_message_or_card(tmp_path, monkeypatch, caplog):
     canary = "sk-CANARY_api_key_not_real_0123456789"
     forms = [canary, base64.b64encode(canary.encode()).decode(), urllib.parse.quote(canary, safe="")]
@@ -304,35 +296,6 @@ def test_a_resume_with_another_model_is_refused_and_another_provider_is_not(tmp_
         outcome, _ = run(job(tmp_path, {**first, "provider": "nebius"}, n=10))
     assert outcome.exit_code == 0
     assert outcome.summary["rows"]["skipped"] == 10
-
-
-@pytest.mark.parametrize(("endpoint", "overrides", "key", "problem"), [
-    ({"provider": "together", "model": LLAMA, "on_finish": "keep"}, {}, "endpoint.on_finish", "no lifecycle"),
-    ({"provider": "together", "model": f"{LLAMA}:together"}, {}, "endpoint.model", "ORG/NAME"),
-    ({"provider": "together"}, {}, "endpoint.model", "is required"),
-    ({"provider": "together", "model": LLAMA, "router_url": "https://proxy.example.com/v1"}, {},
-     "endpoint.router_url", "not a Hugging Face host"),
-    ({"url": "http://127.0.0.1:9/v1", "api_key_env": "HOME"}, {}, "endpoint.api_key_env", "endpoint.model"),
-    ({"url": "http://10.1.2.3/v1", "model": "m", "api_key_env": "HOME"}, {}, "endpoint.url", "plain http"),
-    ({"url": "https://api.example.com/v1", "model": "m", "api_key_env": "HOME"}, {"budget": {"max_usd": 1}},
-     "endpoint.price", "is required with budget.max_usd"),
-    ({"provider": "fal-ai", "model": LLAMA}, {"task": "text-to-image", "prompt": {"template": "{topic}", "system": None},
-                                              "parameters": {"max_tokens": None, "seed": None}},
-     "endpoint.provider", "the routes of hf-inference, nscale, together"),
-    ({"url": "https://api.example.com/v1", "model": "m", "api_key_env": "HOME"},
-     {"task": "text-to-image", "prompt": {"template": "{topic}", "system": None},
-      "parameters": {"max_tokens": None, "seed": None}}, "endpoint.model", "not served"),
-    ({"provider": "together", "model": LLAMA}, {"task": "text-generation", "prompt": {"system": None},
-                                                "parameters": {"max_tokens": None}, "samples": 2},
-     "samples", "chat-completion"),
-    ({"provider": "together", "model": LLAMA}, {"task": "text-generation", "prompt": {"system": None},
-                                                "parameters": {"max_tokens": None}, "output_schema": {"type": "object"}},
-     "output_schema", "chat-completion"),
-])
-def test_the_spec_refuses_what_a_serverless_target_cannot_take(tmp_path, endpoint, overrides, key, problem):
-    with pytest.raises(SpecError) as refused:
-        load_spec(job(tmp_path, endpoint, n=3, **overrides))
-    assert refused.value.key == key and problem in str(refused.value)
 
 
 def test_a_key_refused_mid_job_stops_it_naming_the_variable_not_the_hf_token(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """Whole jobs against the emulated Inference Providers router: a lane's rate limits are held, not discovered.
 
 Windows are a second long so that each job takes seconds; what is asserted are shares (of the limit, of
-requests), never wall-clock limits.
+requests), never wall-clock limits. What the spec says of limits, read without a server, is in
+tests/unit/test_target_specs.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from jobkit import TOKEN, run, write_spec, write_topics
 
 from batchrun.emulator import EmulatorConfig, EmulatorThread
 from batchrun.emulator.router_config import ProviderConfig, RouterConfig
-from batchrun.errors import SpecError
-from batchrun.spec import load_spec
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 MAX_TOKENS = 12
@@ -123,43 +122,6 @@ def test_a_429_without_retry_after_backs_that_lane_off_while_another_lane_serves
     # The throttled lane was paused, not hammered: its 429s (the first burst, then one per pause) are a
     # small share of all requests.
     assert tight_stats["rate_limited_429"] < 0.1 * (tight_stats["requests"] + roomy_stats["requests"])
-
-
-def test_the_spec_gives_a_url_endpoint_its_limits_per_minute(tmp_path):
-    spec = load_spec(job(tmp_path, "http://127.0.0.1:1", 1, endpoint={"url": "http://127.0.0.1:1",
-                                                                        "limits": {"rpm": 600, "tpm": 90000}}))
-    assert spec.endpoint.limits is not None
-    assert (spec.endpoint.limits.rpm, spec.endpoint.limits.tpm) == (600, 90000)
-
-
-def test_a_url_endpoints_lane_gets_the_specs_limits(tmp_path):
-    import asyncio
-
-    from batchrun.endpoints import open_endpoint
-    from batchrun.rate import RateLimits
-    from batchrun.stop import Stop
-
-    spec = load_spec(job(tmp_path, "http://127.0.0.1:1", 1, endpoint={"url": "http://127.0.0.1:1",
-                                                                        "limits": {"tpm": 90000}}))
-    endpoint = open_endpoint(spec, token=None, stop=Stop(), echo=lambda line: None)
-    plane = asyncio.run(endpoint.__aenter__())
-    assert plane.limits == RateLimits(tpm=90000)
-
-
-@pytest.mark.parametrize(("limits", "words"), [
-    ({"rpm": 0}, "endpoint.limits.rpm"),
-    ({"rpm": 10, "tokens": 5}, "endpoint.limits.tokens"),
-    ("600", "endpoint.limits"),
-])
-def test_bad_limits_are_refused_naming_the_key(tmp_path, limits: Any, words: str):
-    with pytest.raises(SpecError, match=words):
-        load_spec(job(tmp_path, "http://127.0.0.1:1", 1, endpoint={"url": "http://127.0.0.1:1", "limits": limits}))
-
-
-def test_limits_on_a_dedicated_endpoint_are_refused(tmp_path):
-    endpoint = {"name": "gen", "namespace": "ns", "limits": {"rpm": 10}}
-    with pytest.raises(SpecError, match="endpoint.limits: only applies to an endpoint given by url"):
-        load_spec(job(tmp_path, "http://127.0.0.1:1", 1, endpoint=endpoint))
 
 
 def test_a_daily_limit_spent_stops_the_job_resumably_with_its_rows_kept(tmp_path):

@@ -54,17 +54,15 @@ def held_rows(store: Any, done: Any) -> HeldRows:
 def describe_batches(store: Any) -> str | None:
     """What ``batchrun status`` says of the output's batches: submitted, still running, ended and their rows."""
     ledger = BatchLedger(store.state_dir)
-    submitted = [i for i in ledger.intents.values() if i.batch_id is not None]
+    running = [i for i in ledger.open_intents() if i.batch_id is not None]
+    ended = ledger.ended_counts()
+    submitted = len(running) + sum(batches for batches, _ in ended.values())
     if not submitted:
         return None
-    running = [i for i in submitted if not i.ended]
-    ended: dict[str, list[Intent]] = {}
-    for intent in submitted:
-        if intent.ended:
-            ended.setdefault(str(intent.status), []).append(intent)
-    parts = [f"{len(submitted)} submitted ({sum(i.rows for i in submitted)} rows)",
+    rows = sum(i.rows for i in running) + sum(rows for _, rows in ended.values())
+    parts = [f"{submitted} submitted ({rows} rows)",
              f"{len(running)} in progress ({sum(i.rows for i in running)} rows)"]
-    parts += [f"{len(group)} {status} ({sum(i.rows for i in group)} rows)" for status, group in sorted(ended.items())]
+    parts += [f"{count} {status} ({held} rows)" for status, (count, held) in sorted(ended.items())]
     note = "; the next run collects those in progress" if running else ""
     return "batches: " + ", ".join(parts) + note
 

@@ -2,10 +2,11 @@
 
 What :meth:`BatchDispatcher.run` does, in order, each step durable before the next waits on it:
 
-1. **settles** what an earlier run left (:class:`~batchrun.batches.ledger.BatchLedger`): an intent never
-   uploaded is dropped (its rows are pending again), a file with no batch id is looked for among the
-   provider's batches by the ``metadata`` that names the job and the intent (a kill right after the
-   create), and created only if none is found;
+1. **settles** what an earlier run left (:class:`~batchrun.batches.ledger.BatchLedger`): files of batches
+   already ended are removed (a kill between a batch's end and their removal), an intent never uploaded
+   is dropped (its rows are pending again), a file with no batch id is looked for among the provider's
+   batches by the ``metadata`` that names the job and the intent (a kill right after the create), and
+   created only if none is found;
 2. **submits** every pending row in input files of at most ``max_requests`` lines and ``max_bytes``,
    ``custom_id`` = the row's id (``id#sample`` with several samples);
 3. **polls** every ``poll_every`` seconds, saying the batches' states when they change;
@@ -160,6 +161,7 @@ class BatchDispatcher:
     # ------------------------------------------------------------------ 1. what an earlier run left
 
     async def _settle(self) -> None:
+        await asyncio.to_thread(self.ledger.sweep)  # what a killed run left of batches already ended
         for intent in self.ledger.open_intents():
             if intent.batch_id is not None:
                 continue

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from batchrun.cost import CostMeter
 from batchrun.errors import RequestFailed
 from batchrun.rate import RateLimits
+from batchrun.transport import ServerInfo
 
 __all__ = ["BracketResult", "Bracketed", "DataPlane", "Endpoint", "EndpointCheck", "LifecycleRecord"]
 
@@ -56,12 +57,17 @@ class EndpointCheck:
     ``model`` is the repository (``google/gemma-2b-it``) and ``revision`` the commit it serves, each
     ``None`` when the endpoint does not say. Both join the job's identity, so that a resume against
     another model is refused.
+
+    ``infos`` holds the ``GET /info`` answers the check read, by server root
+    (:func:`~batchrun.transport.server_root`): the run reuses them (packing's server limits) rather
+    than ask again at its start.
     """
 
     note: str
     model: str | None = None
     revision: str | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
+    infos: Mapping[str, ServerInfo] = field(default_factory=dict, repr=False)
 
 
 @dataclass(slots=True)

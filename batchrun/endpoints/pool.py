@@ -256,7 +256,8 @@ class EndpointPool:
         elif known:  # mixed_models: every model joins the identity
             model = ", ".join(sorted({m for m, _ in known if m}))
         return EndpointCheck(note="; ".join(c.note for c in checks), model=model, revision=revision,
-                             details=dict(checks[0].details))
+                             details=dict(checks[0].details),
+                             infos={root: info for check in checks for root, info in check.infos.items()})
 
     async def __aenter__(self) -> DataPlane:
         """Start every endpoint at once; return the first ready one's plane. Raises the first one's error
@@ -300,6 +301,12 @@ class EndpointPool:
         for member in self.members:
             if member.plane is not None and member is not self._first and not member.drained:
                 dispatcher.add_route(member.plane, name=member.name, excuses=member.endpoint.excuses)
+
+    def ready_planes(self) -> list[DataPlane]:
+        """The planes of the endpoints ready now and not drained, the first ready one first."""
+        ready = [m for m in self.members if m.plane is not None and not m.drained]
+        ready.sort(key=lambda m: m is not self._first)
+        return [m.plane for m in ready if m.plane is not None]
 
     def _starting(self) -> bool:
         return any(m.plane is None and m.task is not None and not m.task.done() for m in self.members)

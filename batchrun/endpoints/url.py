@@ -14,10 +14,9 @@ from typing import Any
 from batchrun.cost import CostMeter
 from batchrun.endpoints.base import Bracketed, BracketResult, DataPlane, EndpointCheck, LifecycleRecord
 from batchrun.errors import AuthError, EndpointUnusableError, RequestFailed, redact
-from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 from batchrun.rate import RateLimits
 from batchrun.retry import is_paused_answer
-from batchrun.transport import server_root
+from batchrun.transport import read_info, server_root
 
 __all__ = ["UrlEndpoint"]
 
@@ -43,34 +42,25 @@ class UrlEndpoint:
 
     async def check(self) -> EndpointCheck:
         """Ask ``GET /info``; any HTTP answer proves the server is there, only a TGI one names the model."""
-        import yarl
-
-        from batchrun.transport import Request, TransportError, auth_headers, current_transport
-
-        info_url = str(yarl.URL(server_root(self.url) + "/info"))
-        headers = auth_headers(info_url, self._token, send_token=self._send_token)
-        try:
-            answer = await current_transport().send(
-                Request("GET", info_url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES))
-            status, body = answer.status, answer.body
-        except TransportError as exc:
-            detail = redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
+        answer = await read_info(self.url, token=self._token, send_token=self._send_token)
+        status = answer.status
+        if status is None:
             raise EndpointUnusableError(
-                f"cannot reach the endpoint at {self.ref} ({detail}): check endpoint.url and that the server is "
-                "running; nothing was sent"
-            ) from None
+                f"cannot reach the endpoint at {self.ref} ({answer.reason}): check endpoint.url and that the server "
+                "is running; nothing was sent"
+            )
         if status in (401, 403):
             raise AuthError(
                 f"the endpoint at {self.ref} refused the token (HTTP {status}): set HF_TOKEN to a token with access, "
                 "or run `hf auth login`",
                 status=status,
             )
-        if status == 400 and is_paused_answer(body):
+        if status == 400 and is_paused_answer(answer.body):
             raise EndpointUnusableError(
                 f"the endpoint at {self.ref} is paused: resume it (for a Dedicated endpoint, `batchrun endpoint "
                 "resume NAME --namespace NS`, or let batchrun manage it with endpoint.name), then run the job again"
             )
-        info = _json_object(body) if status == 200 else {}
+        info = answer.document or {}
         model = info.get("model_id") if isinstance(info.get("model_id"), str) else None
         revision = info.get("model_sha") if isinstance(info.get("model_sha"), str) else None
         if model:
@@ -78,7 +68,8 @@ class UrlEndpoint:
         else:
             note = f"{self.ref}: answers (HTTP {status} on /info; the model it serves is not known)"
         details: dict[str, Any] = {k: info[k] for k in ("version", "max_concurrent_requests") if k in info}
-        return EndpointCheck(note=note, model=model, revision=revision, details=details)
+        return EndpointCheck(note=note, model=model, revision=revision, details=details,
+                             infos={server_root(self.url): answer})
 
     async def __aenter__(self) -> DataPlane:
         self.record.acquired_at = self.record.ready_at = time.monotonic()
@@ -101,12 +92,3 @@ class UrlEndpoint:
         """Nothing to put down: a url is used as it is and left as it is."""
         return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_NOTHING_TO_BRACKET)
 
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    import json
-
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}

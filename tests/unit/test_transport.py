@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import io
 import json
+import random
 import re
 import socket
 import urllib.parse
+from collections.abc import AsyncIterator, Callable
 from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,13 @@ from typing import Any
 import pytest
 from jobkit import read_rows, run, write_spec, write_topics
 
+from batchrun.dispatch import DispatchConfig, Dispatcher
+from batchrun.endpoints import DataPlane
 from batchrun.errors import SpecError, register_secret
+from batchrun.records import Row, RowFailure, RowResult
+from batchrun.retry import RetryPolicy
 from batchrun.spec import DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_IMAGE_ANSWER_BYTES, answer_cap, parse_spec
+from batchrun.tasks import build_task
 from batchrun.transport import (
     AnswerTooLarge,
     MockTransport,
@@ -179,6 +187,86 @@ def test_the_mock_transport_caps_answers_too() -> None:
             await transport.send(Request("GET", "http://h/", max_bytes=10))
 
     asyncio.run(main())
+
+
+class Scripted:
+    """A TGI-like server played through a MockTransport: ``handler(request, prompt, nth)`` answers each
+    request (``nth`` counts the requests for that prompt, 1 for the first); every request's headers are kept."""
+
+    def __init__(self, handler: Callable[[Request, str, int], Response]) -> None:
+        self.handler = handler
+        self.headers: list[dict[str, str]] = []
+        self.by_prompt: collections.Counter[str] = collections.Counter()
+
+    @property
+    def count(self) -> int:
+        return len(self.headers)
+
+    def __call__(self, request: Request) -> Response:
+        self.headers.append(dict(request.headers or {}))
+        body = json.loads(request.body or b"{}")
+        prompt = body["inputs"] if "inputs" in body else body["messages"][-1]["content"]
+        self.by_prompt[prompt] += 1
+        return self.handler(request, prompt, self.by_prompt[prompt])
+
+
+def _tgi_ok(text: str) -> Response:
+    doc = [{"generated_text": text, "details": {"finish_reason": "length", "generated_tokens": 3}}]
+    return Response(200, {"Content-Type": "application/json", "x-prompt-tokens": "4"}, json.dumps(doc).encode())
+
+
+def _dispatch(server: Scripted, prompts: list[str], *, token: str | None = None,
+              **config: Any) -> dict[Any, RowResult | RowFailure]:
+    """Every prompt through a Dispatcher to ``server`` (at a loopback url, so the token goes), by row id."""
+    config.setdefault("policy", RetryPolicy(max_attempts=3, backoff_base=0.001, backoff_cap=0.005,
+                                            max_retry_after=2.0))
+    config.setdefault("max_concurrency", 16)
+    config.setdefault("request_timeout_s", 5.0)
+    records: list[RowResult | RowFailure] = []
+
+    async def rows() -> AsyncIterator[Row]:
+        for i, prompt in enumerate(prompts):
+            yield Row(position=i, id=f"id-{i}", columns={"prompt": prompt})
+
+    async def main() -> None:
+        with use_transport(MockTransport(server)):
+            task = build_task("text-generation", column="prompt", parameters={"max_new_tokens": 8})
+            await Dispatcher(plane=DataPlane(url="http://127.0.0.1:9/", token=token), task=task,
+                             config=DispatchConfig(**config), on_record=records.append,
+                             rng=random.Random(0)).run(rows())
+
+    asyncio.run(main())
+    ids = [r.id for r in records]
+    assert len(ids) == len(set(ids)), "a row was recorded twice"
+    return {r.id: r for r in records}
+
+
+def test_a_token_the_server_echoes_is_not_stored_in_the_answer() -> None:
+    token = "hf_canaryECHO0123456789xyz"
+
+    def handler(request: Request, prompt: str, nth: int) -> Response:
+        sent = (request.headers or {})["Authorization"].removeprefix("Bearer ")
+        return _tgi_ok(f"{prompt}: {' / '.join(forms(sent))}")
+
+    server = Scripted(handler)
+    records = _dispatch(server, ["a", "b"], token=token)
+    assert server.headers[0]["Authorization"] == f"Bearer {token}"  # loopback gets it
+    for record in records.values():
+        assert isinstance(record, RowResult)
+        text = record.output["generated_text"]
+        assert text.endswith("*** / *** / ***")
+        for form in forms(token):
+            assert form not in repr(record)
+
+
+def test_a_huge_error_page_is_judged_by_its_status() -> None:
+    def handler(request: Request, prompt: str, nth: int) -> Response:
+        if nth == 1:
+            return Response(503, {"Retry-After": "0"}, b"<html>" + b"x" * 100_000)
+        return _tgi_ok("fine")
+
+    [record] = _dispatch(Scripted(handler), ["a"], max_answer_bytes=1024).values()
+    assert isinstance(record, RowResult) and record.attempts == 2  # a 503, retried; not answer_too_large
 
 
 # ---------------------------------------------------------------------------------------- the spec
