@@ -126,7 +126,8 @@ class BatchLedger:
         write_durably(self._members_path(intent.id), pickle.dumps(members, protocol=pickle.HIGHEST_PROTOCOL))
         fsync_dir(self.folder)
         self._append({"event": "intent", "intent": intent.id, "rows": intent.rows})
-        self.intents[intent.id] = intent
+        # Replaced, not added to: this runs on a worker thread while the loop may be iterating the intents.
+        self.intents = {**self.intents, intent.id: intent}
         return intent
 
     def uploaded(self, intent: Intent, file_id: str) -> None:
