@@ -384,13 +384,13 @@ class Dispatcher:
         headers = request.headers or None
         route = self._pick(None) or await self._route()
         attempts = 0  # requests sent for this row
-        tries = _NO_TRIES
+        tries, ahead = _NO_TRIES, False  # ahead: refused for want of capacity, it takes the next slot freed
         while True:
             try:
                 # A closed breaker admits every request: ask it (and maybe wait) only when it is not closed.
                 probe = False if route.breaker.closed else await self._admitted(route)
                 sent_at, outcome = await self._attempt(route, route.url(request), route.body(request, body), headers,
-                                                       first=attempts == 0, payload=request.payload)
+                                                       first=attempts == 0, payload=request.payload, ahead=ahead)
             except _Drained:  # the endpoint was drained while the row waited for it: another one
                 route = await self._route(route)
                 continue
@@ -410,7 +410,7 @@ class Dispatcher:
             else:
                 unkept = outcome
             step = next_step(unkept, tries, route, rules=self._rules, now=now, sent_at=sent_at, rng=self._rng)
-            tries = step.tries
+            tries, ahead = step.tries, False
             if step.action is Action.FAIL:
                 assert step.failure is not None
                 return self._failure(row, step.failure, attempts=attempts)
@@ -428,7 +428,9 @@ class Dispatcher:
                 body = dump_json(request.payload)
             else:
                 await self._wait_to_retry(step.delay_s, spend_budget=step.spend_budget)
-                route = self._pick(route) or await self._route(route)  # a retry prefers another endpoint
+                other = self._pick(route) or await self._route(route)  # a retry prefers another endpoint,
+                ahead = step.ahead and (other is route or other.room() <= 0)  # but refused for want of capacity
+                route = route if ahead else other  # with no room elsewhere, it takes the next slot freed here
 
     def _accept(
         self, request: PreparedRequest, outputs: dict[str, object], endpoint: str,
@@ -461,6 +463,7 @@ class Dispatcher:
         *,
         first: bool,
         payload: Mapping[str, object] | None = None,
+        ahead: bool = False,
     ) -> tuple[float, dict[str, object] | RequestFailed]:
         """Send one request inside a concurrency slot, once the lane's rate gate lets it out. Returns when it
         was sent, and outputs or a failure."""
@@ -471,9 +474,9 @@ class Dispatcher:
             # A lane that knows no rate limit (every Dedicated endpoint, most urls) asks its gate nothing.
             ticket = None if route.gate.idle else await self._through_gate(route, payload)
             # The fast path (a free slot, taken at once) needs no cancel scope: only a wait can be stopped.
-            if not limit.try_acquire():
+            if ahead or not limit.try_acquire():
                 async with self._stop.until_requested() as waiting:
-                    await limit.acquire()
+                    await limit.acquire(ahead=ahead)
                 if waiting.cancelled:
                     route.gate.settle(ticket)
                     raise _Abandon()

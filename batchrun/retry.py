@@ -378,6 +378,7 @@ class Step:
     tries: Tries
     delay_s: float = 0.0
     spend_budget: bool = True  # whether the retry waits for the retry budget
+    ahead: bool = False  # the retry takes the next slot an answer frees, ahead of rows not yet sent
     failure: RequestFailed | None = None  # the failure to record (FAIL)
     drain: Drain | None = None  # why the endpoint is drained now (REROUTE; None: it was already)
     for_s: float = 0.0  # how long the endpoint was unreached or throttled (UNREACHED, THROTTLED)
@@ -396,11 +397,6 @@ class EndpointView(Protocol):
 
     @property
     def suspects_outage(self) -> bool: ...
-
-    @property
-    def round_s(self) -> float:
-        """The adaptive limit's round: a first instant 429 goes again within one."""
-        ...
 
     def throttled_for(self, now: float) -> float: ...
 
@@ -483,15 +479,17 @@ def _after_failure(
         # A 429 is the endpoint saying "not now": it costs the row no attempt, nor retry budget. The
         # limit already holds the load at what the endpoint takes (down to 1); the row backs off,
         # longer with each 429 in a row (full jitter, Retry-After honoured). A row's first instant
-        # refusal goes again within a round: the limit was just set to the capacity it measured, and
-        # the retry waits for a free slot under it.
+        # refusal (TGI's, for want of capacity) is not a timed retry: the limit was just cut to the
+        # capacity it measured, and the row waits at the head of the queue for the slot the next
+        # answer frees, when the endpoint has room again (a sleep would leave that slot idle).
         streak = tries.throttle_streak
         # Over the lane's rate (rate_limited): its rate gate paused the lane (Retry-After honoured there) and
         # holds the retry until the lane may send again; meanwhile the row may go to another lane at once.
-        delay = 0.0 if failure.rate_limited else policy.delay(failure, min(streak, _STREAK_MAX_EXPONENT), rng)
+        tries = replace(tries, throttle_streak=streak + 1)
         if not failure.rate_limited and streak == 0 and failure.retry_after is None:
-            delay = min(delay, rng.uniform(0.0, endpoint.round_s))
-        return Step(Action.RETRY, replace(tries, throttle_streak=streak + 1), delay_s=delay, spend_budget=False)
+            return Step(Action.RETRY, tries, spend_budget=False, ahead=True)
+        delay = 0.0 if failure.rate_limited else policy.delay(failure, min(streak, _STREAK_MAX_EXPONENT), rng)
+        return Step(Action.RETRY, tries, delay_s=delay, spend_budget=False)
     # A connection that could not even be made is never the row's fault (a server going away refuses
     # new connections while it still finishes the answers in flight, so other rows' successes would
     # hide the outage from the breaker, and one row could use up its attempts).

@@ -136,10 +136,6 @@ class Route:
     def suspects_outage(self) -> bool:
         return self.breaker.suspects_outage
 
-    @property
-    def round_s(self) -> float:
-        return self.limit.controller.round_s
-
     def excused(self, failure: RequestFailed) -> bool:
         """Whether the endpoint excuses ``failure`` (a 503 while a scaled-to-zero endpoint wakes up)."""
         return self.excuses is not None and self.excuses(failure)

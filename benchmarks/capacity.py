@@ -8,6 +8,9 @@ start-up is part of what the server sees. The server runs in its own process, on
    (no Retry-After) past 64. 4,000 rows, `concurrency.max: 512`, the default initial. Figure:
    rows / (first request arrived .. last answer sent, as the server saw it) / (64 / 0.1 s); and the
    share of requests answered 429.
+   told: the same job told the capacity (`concurrency: {max: 64, initial: 64}`): no slow start, no
+   probe, no 429. What it reaches is what this machine's client and server allow, the ceiling of
+   any controller; `hidden` is to be read against it, run in the same session.
 2. replicas: the emulator, 1 replica of 16 slots (100 ms); once the job runs, the benchmark raises
    the endpoint to 4 replicas through the control plane (they become ready one a second); the job is
    told nothing. Figure: seconds from the last replica being ready to the first 1 s window served at
@@ -19,14 +22,16 @@ start-up is part of what the server sees. The server runs in its own process, on
    rows / (the first request either saw .. the last answer either sent) / (64 / 0.1 s); the 429 share,
    and each endpoint's rows and peak in flight (each capacity found on its own).
 
-    .venv/bin/python benchmarks/capacity.py                  # all three
+    .venv/bin/python benchmarks/capacity.py                  # all four (not told)
     .venv/bin/python benchmarks/capacity.py --only hidden --repeat 3
+    .venv/bin/python benchmarks/capacity.py --only hidden --only told --repeat 3   # interleaved
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing
 import os
@@ -99,7 +104,7 @@ def _stand_in(slots: int, latency: float, conn) -> None:
 
 # ---------------------------------------------------------------- the job
 
-def _write_job(folder: Path, url: str | list[str], rows: int, max_concurrency: int) -> Path:
+def _write_job(folder: Path, url: str | list[str], rows: int, max_concurrency: int, initial: int | None = None) -> Path:
     source = folder / "prompts.parquet"
     pq.write_table(pa.table({"id": list(range(rows)), "topic": [f"topic {i % 997}" for i in range(rows)]}), source)
     spec = {
@@ -109,7 +114,8 @@ def _write_job(folder: Path, url: str | list[str], rows: int, max_concurrency: i
         "prompt": {"template": "Write about {topic}."},
         "parameters": {"max_tokens": 16, "seed": 1},
         "endpoint": [{"url": u} for u in url] if isinstance(url, list) else {"url": url},
-        "concurrency": {"max": max_concurrency},  # nothing else: the default initial
+        # Nothing else but for `told`: the default initial.
+        "concurrency": {"max": max_concurrency} if initial is None else {"max": max_concurrency, "initial": initial},
         "retries": {"max_attempts": 8},
         "output": {"path": str(folder / "out")},
     }
@@ -134,7 +140,7 @@ async def _get(url: str) -> dict:
 
 # ---------------------------------------------------------------- 1. hidden capacity
 
-def hidden(rows: int) -> dict:
+def hidden(rows: int, *, told: bool = False) -> dict:
     slots, latency = 64, 0.1
     parent, child = multiprocessing.Pipe()
     server = multiprocessing.Process(target=_stand_in, args=(slots, latency, child), daemon=True)
@@ -142,7 +148,8 @@ def hidden(rows: int) -> dict:
     try:
         url = parent.recv()
         with tempfile.TemporaryDirectory() as tmp:
-            summary = asyncio.run(_run_job(_write_job(Path(tmp), url, rows, 512)))
+            spec = _write_job(Path(tmp), url, rows, slots, slots) if told else _write_job(Path(tmp), url, rows, 512)
+            summary = asyncio.run(_run_job(spec))
         stats = asyncio.run(_get(f"{url}/stats"))
     finally:
         server.terminate()
@@ -150,7 +157,7 @@ def hidden(rows: int) -> dict:
     span = stats["last"] - stats["first"]
     sent = stats["ok"] + stats["429"]
     return {
-        "scenario": "hidden", "rows": rows, "rows_ok": summary["rows"]["ok"], "capacity": slots,
+        "scenario": "told" if told else "hidden", "rows": rows, "rows_ok": summary["rows"]["ok"], "capacity": slots,
         "server_span_s": round(span, 3), "fraction_of_capacity": round(rows / span / (slots / latency), 3),
         "share_429": round(stats["429"] / sent, 4), "requests": sent, "peak_in_flight": stats["peak"],
     }
@@ -300,15 +307,18 @@ def lose(rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["hidden", "replicas", "lose", "two"], action="append")
+    parser.add_argument("--only", choices=["hidden", "told", "replicas", "lose", "two"], action="append")
     parser.add_argument("--rows", type=int,
-                        help="rows per job (defaults: hidden 4000, replicas 12000, lose 4000, two 8000)")
+                        help="rows per job (defaults: hidden and told 4000, replicas 12000, lose 4000, two 8000)")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    scenarios = {"hidden": (hidden, 4000), "replicas": (replicas, 12000), "lose": (lose, 4000), "two": (two, 8000)}
-    for name in args.only or list(scenarios):
-        run, rows = scenarios[name]
-        for _ in range(args.repeat):
+    scenarios = {"hidden": (hidden, 4000), "told": (functools.partial(hidden, told=True), 4000),
+                 "replicas": (replicas, 12000), "lose": (lose, 4000), "two": (two, 8000)}
+    names = args.only or [name for name in scenarios if name != "told"]
+    # Repeats interleave the scenarios asked for, so that a machine's load moves them alike.
+    for _ in range(args.repeat):
+        for name in names:
+            run, rows = scenarios[name]
             print(json.dumps(run(args.rows or rows)), flush=True)
 
 

@@ -330,7 +330,7 @@ class ConcurrencySpec:
     """Adaptive concurrency: start at ``initial`` in-flight requests, never exceed ``max``."""
 
     max: int = key(_COUNT, "the adaptive limit's ceiling", 256)
-    initial: int = key(_COUNT, "the adaptive limit's start (at most max)", 8)
+    initial: int = key(_COUNT, "the adaptive limit's start (at most max)", 48)
 
 
 @dataclass(frozen=True, kw_only=True)

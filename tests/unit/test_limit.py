@@ -19,12 +19,17 @@ def succeed(c: LimitController, n: int, *, latency: float = 0.1, now: float = 0.
         c.on_success(latency, now=now, in_flight=c.limit if in_flight is None else in_flight)
 
 
-def test_slow_start_doubles_the_limit_every_round() -> None:
+def test_slow_start_grows_the_limit_by_half_every_round() -> None:
+    # Half, not double: the round that overshoots a capacity C sends at most C/2 past it, all refused before
+    # the first refusal is read when a busy client reads its answers in bursts.
     c = controller(8)
     succeed(c, 8)
-    assert c.limit == 16
-    succeed(c, 16)
-    assert c.limit == 32
+    assert c.limit == 12
+    succeed(c, 12)
+    assert c.limit == 18
+    doubling = controller(8, slow_start_gain=1.0)
+    succeed(doubling, 8)
+    assert doubling.limit == 16
 
 
 def test_after_an_overload_the_limit_probes_slowly_at_first_then_ever_faster() -> None:
@@ -216,7 +221,8 @@ def test_growth_wakes_waiters() -> None:
         waiter = asyncio.ensure_future(limit.acquire())
         await asyncio.sleep(0)
         assert not waiter.done()
-        limit.on_success(0.01)  # slow start: 1 -> 2
+        limit.on_success(0.01)  # slow start: 1 -> 1.5
+        limit.on_success(0.01)  # 1.5 -> 2
         await asyncio.sleep(0)
         assert waiter.done() and limit.in_flight == 2
 
@@ -337,5 +343,41 @@ def test_a_refusal_reported_while_it_still_holds_its_slot_is_not_counted_among_t
         assert limit.limit == 14
         limit.release()
         assert limit.in_flight == 14
+
+    asyncio.run(main())
+
+
+def test_a_refused_request_waits_ahead_of_the_queue_for_the_slot_the_next_answer_frees() -> None:
+    # A slot free when the refusal is read says nothing about the endpoint (it had no room a moment ago):
+    # the refused request waits for one an answer gives back, and takes it before rows that waited longer.
+    async def main() -> None:
+        limit = AdaptiveLimit(3, maximum=3)
+        assert limit.try_acquire() and limit.try_acquire()  # two in flight, one slot free
+        refused = asyncio.ensure_future(limit.acquire(ahead=True))
+        await asyncio.sleep(0)
+        assert not refused.done() and limit.in_flight == 2  # the free slot is not taken
+        assert not limit.try_acquire()  # nor handed to a newcomer past it
+        limit.release()  # an answer came back
+        assert await asyncio.wait_for(refused, 1) == 2
+
+        limit.controller.value = 2.0  # full: two in flight, a row already waiting
+        waiting = asyncio.ensure_future(limit.acquire())
+        refused = asyncio.ensure_future(limit.acquire(ahead=True))
+        await asyncio.sleep(0)
+        limit.release()  # one slot back: it goes to the refused request, not to the row before it
+        await asyncio.sleep(0)
+        assert refused.done() and not waiting.done()
+        limit.release()
+        await asyncio.wait_for(waiting, 1)
+        assert limit.in_flight == 2
+
+    asyncio.run(main())
+
+
+def test_a_refused_request_with_nothing_in_flight_takes_a_free_slot_at_once() -> None:
+    # Nothing in flight gives a slot back: waiting for an answer would wait for ever.
+    async def main() -> None:
+        limit = AdaptiveLimit(2, maximum=2)
+        assert await asyncio.wait_for(limit.acquire(ahead=True), 1) == 1
 
     asyncio.run(main())

@@ -2,10 +2,12 @@
 
 The server has N slots, a fixed latency and answers an instant 429 past N in flight; N changes at set
 times (replicas added or lost). The client is the dispatcher in miniature: a fixed pool of workers,
-each taking a slot of the limit's size before sending, a 429 retried after a seeded random backoff
-(uniform 0-0.5 s, the default policy's first step), and a small delay between the server finishing a
-request and the client reading the answer (what an event loop adds). Nothing sleeps and nothing is
-timed: the figures are functions of the seed.
+each taking a slot of the limit's size before sending, and a small delay between the server finishing
+a request and the client reading the answer (1-4 ms: what an idle client's event loop adds). A 429 is
+retried as the dispatcher does (batchrun.retry.next_step): a row's first refusal waits at the head of
+the queue for the slot the next answer frees; a row refused again backs off with full jitter
+(uniform 0 to 0.5 s x 2**streak, the default policy). Nothing sleeps and nothing is timed: the
+figures are functions of the seed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
+
 from batchrun.limit import LimitController
+from batchrun.spec import ConcurrencySpec, RetrySpec
 
 Capacity = Callable[[float], int]
 
@@ -39,7 +44,7 @@ class Simulation:
     capacity: Capacity
     latency: float = 0.1
     rows: int | None = None  # None: an endless input
-    initial: int = 8
+    initial: int = ConcurrencySpec.initial
     maximum: int = 512
     workers: int = 512
     net_s: float = 0.0002  # each way
@@ -60,7 +65,8 @@ class Simulation:
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
         self._rng = random.Random(self.seed)
-        self._waiting: collections.deque[int] = collections.deque()  # workers waiting for a slot
+        self._waiting: collections.deque[int] = collections.deque()  # rows waiting for a slot: their 429s so far
+        self._refused: list[int] = []  # rows refused once, for the head of the queue at the next answer
         self._next_row = 0
         for _ in range(self.workers):
             self._take_row()
@@ -82,22 +88,22 @@ class Simulation:
     # -- the client
     def _take_row(self) -> None:
         if self.rows is None or self._next_row < self.rows:
-            self._waiting.append(self._next_row)
+            self._waiting.append(0)
             self._next_row += 1
 
     def _fill(self) -> None:
         while self._waiting and self.in_flight < self.controller.limit:
-            self._waiting.popleft()
+            streak = self._waiting.popleft()
             self.in_flight += 1
-            self._send(self.now, load=self.in_flight)
+            self._send(self.now, load=self.in_flight, streak=streak)
         self.limits.append((self.now, self.controller.limit))
 
-    def _send(self, sent_at: float, load: int) -> None:
+    def _send(self, sent_at: float, load: int, streak: int = 0) -> None:
         arrive = sent_at + self.net_s
 
         def at_server() -> None:
             if self.admitted >= self.capacity(self.now):
-                self._at(self.now + self.net_s, lambda: self._answered(sent_at, load, ok=False))
+                self._at(self.now + self.net_s, lambda: self._answered(sent_at, load, ok=False, streak=streak))
                 return
             self.admitted += 1
             self._record_busy()
@@ -110,7 +116,10 @@ class Simulation:
 
         self._at(arrive, at_server)
 
-    def _answered(self, sent_at: float, load: int, *, ok: bool) -> None:
+    def _answered(self, sent_at: float, load: int, *, ok: bool, streak: int = 0) -> None:
+        # The answer gives its slot back: rows refused once since the last answer go first.
+        self._waiting.extendleft(self._refused)
+        self._refused.clear()
         self.in_flight -= 1
         self.answers.append((self.now, 200 if ok else 429))
         if ok:
@@ -121,7 +130,11 @@ class Simulation:
             self.controller.on_overload(
                 now=self.now, sent_at=sent_at, load=load, rejected=True, in_flight=self.in_flight
             )
-            self._at(self.now + self._rng.uniform(0.0, 0.5), lambda: self._waiting.append(-1))
+            if streak == 0:
+                self._refused.append(1)
+            else:
+                backoff = min(RetrySpec.backoff_cap, RetrySpec.backoff_base * 2.0**streak)
+                self._at(self.now + self._rng.uniform(0.0, backoff), lambda: self._waiting.append(streak + 1))
 
     def _record_busy(self) -> None:
         self.busy.append((self.now, self.admitted, self.capacity(self.now)))
@@ -156,16 +169,42 @@ class Simulation:
 
 
 def test_a_hidden_capacity_is_used_from_the_start_of_a_4000_row_job() -> None:
-    # Goal 1 in miniature: 2 replicas x 32 slots, 100 ms, concurrency.max 512, the default initial 8.
-    # What is lost: slow start's first 3 rounds (~3%), the client's 1-4 ms to read each answer (~3%)
-    # and the last rows' 429 retries (the dispatcher's backoff), so 0.95 is out of reach here; plain
-    # AIMD (x0.9, once per round) measured 0.79 of capacity at 4,000 rows on the emulator.
+    # Goal 1 in miniature: 2 replicas x 32 slots, 100 ms, concurrency.max 512, the default initial (48).
+    # What is lost, as shares of the span: slow start's first round at 48 (0.6%), the client's 1-4 ms to
+    # read each answer (2.6%) and the last round's drain (0.4%): 0.964-0.965 for seeds 0-2, 28 429s (0.7%):
+    # the second round, at 72, overshoots by 8. From the old default 8, doubling, it was 0.922-0.935.
     for seed in range(3):
         sim = Simulation(steps((0, 64)), rows=4000, seed=seed).run()
         assert sim.done == 4000
         first, last = sim.span()
-        assert 4000 / (last - first) / (64 / 0.1) >= 0.90
+        assert 4000 / (last - first) / (64 / 0.1) >= 0.95
         assert sim.share_429() < 0.02
+
+
+def test_a_smaller_start_costs_the_rounds_of_slow_start_it_takes() -> None:
+    # The same job from initial 8: five rounds of growth by half to 64 instead of one, 4.5 points less.
+    for seed in range(3):
+        sim = Simulation(steps((0, 64)), rows=4000, seed=seed, initial=8).run()
+        first, last = sim.span()
+        assert 0.90 <= 4000 / (last - first) / (64 / 0.1) < 0.95
+        assert sim.share_429() < 0.02
+
+
+@pytest.mark.parametrize("read_s", [(0.001, 0.004), (0.005, 0.02)], ids=["an idle client", "a busy client"])
+def test_a_hidden_capacity_is_used_as_well_as_a_capacity_the_job_is_told(read_s: tuple[float, float]) -> None:
+    # What the client adds to each request (its time to read an answer and send the next) leaves the
+    # server's slot empty whatever the limit knows: a job told the capacity (initial = max = 64) loses it
+    # too. 5-20 ms a request is what benchmarks/capacity.py measured on a shared core (0.88 here, 0.86-0.87
+    # for its `told` scenario); the controller must lose nothing more than that.
+    def fraction(sim: Simulation) -> float:
+        first, last = sim.span()
+        return 4000 / (last - first) / (64 / 0.1)
+
+    hidden = Simulation(steps((0, 64)), rows=4000, read_s=read_s).run()
+    told = Simulation(steps((0, 64)), rows=4000, read_s=read_s, initial=64, maximum=64).run()
+    assert told.share_429() == 0
+    assert fraction(hidden) >= fraction(told) - 0.005
+    assert hidden.share_429() < 0.02
 
 
 def test_slow_start_reaches_the_capacity_within_four_rounds_and_stops_there() -> None:

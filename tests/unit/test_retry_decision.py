@@ -54,7 +54,6 @@ class Endpoint:
     is_drained: bool = False
     succeeded: bool = True
     suspects_outage: bool = False
-    round_s: float = 0.25
     throttled_since: float | None = None
     excuses: bool = False
 
@@ -119,8 +118,8 @@ CASES: list[tuple[str, Any, Tries, Endpoint, tuple[Action, Tries, float, bool, D
      (Action.FAIL, Tries(burned=1), 0.0, True, None)),
     ("any failure from an endpoint drained meanwhile goes elsewhere, its tries kept", http(500), Tries(burned=1),
      Endpoint(is_drained=True), (Action.REROUTE, Tries(burned=1), 0.0, True, None)),
-    ("a first instant 429 costs no attempt and goes again within a round", http(429), Tries(), Endpoint(),
-     (Action.RETRY, Tries(throttle_streak=1), 0.25, False, None)),
+    ("a first instant 429 costs no attempt and goes again for the next free slot", http(429), Tries(), Endpoint(),
+     (Action.RETRY, Tries(throttle_streak=1), 0.0, False, None)),
     ("a 429 with Retry-After waits for it", http(429, retry_after=3.0), Tries(), Endpoint(),
      (Action.RETRY, Tries(throttle_streak=1), 3.0, False, None)),
     ("a rate 429 goes again at once: the lane's gate holds it, or another lane takes it",
@@ -134,7 +133,7 @@ CASES: list[tuple[str, Any, Tries, Endpoint, tuple[Action, Tries, float, bool, D
      Endpoint(throttled_since=NOW - OUTAGE_S - 1), (Action.REROUTE, Tries(throttle_streak=9), 0.0, True,
                                                     Drain.THROTTLED)),
     ("429s within outage_timeout keep waiting", http(429), Tries(), Endpoint(throttled_since=NOW - OUTAGE_S + 1),
-     (Action.RETRY, Tries(throttle_streak=1), 0.25, False, None)),
+     (Action.RETRY, Tries(throttle_streak=1), 0.0, False, None)),
     ("a 503 during a suspected outage costs no attempt nor budget", http(503), Tries(),
      Endpoint(suspects_outage=True), (Action.RETRY, Tries(cold_streak=1), 1.0, False, None)),
     ("a timeout during a suspected outage costs no attempt", timeout(), Tries(cold_streak=2),
@@ -171,6 +170,21 @@ def test_next_step(outcome: Any, tries: Tries, endpoint: Endpoint,
                    expected: tuple[Action, Tries, float, bool, Drain | None]) -> None:
     step = next_step(outcome, tries, endpoint, rules=RULES, now=NOW, sent_at=SENT_AT, rng=TopOfRange())
     assert (step.action, step.tries, step.delay_s, step.spend_budget, step.drain) == expected
+
+
+@pytest.mark.parametrize(("failure", "tries", "ahead"), [
+    (http(429), Tries(), True),
+    (http(429), Tries(throttle_streak=1), False),
+    (http(429, retry_after=3.0), Tries(), False),
+    (http(429, rate=True), Tries(), False),
+    (http(503), Tries(), False),
+], ids=["a first instant 429", "a second 429 in a row", "a 429 with Retry-After", "a rate 429", "a 503"])
+def test_only_a_rows_first_instant_429_retries_ahead_for_the_next_free_slot(
+        failure: RequestFailed, tries: Tries, ahead: bool) -> None:
+    # The endpoint refused it for want of capacity and the limit measured that: the row waits at the head of
+    # the queue for the slot the next answer frees. Everything else backs off with full jitter.
+    step = next_step(failure, tries, Endpoint(), rules=RULES, now=NOW, sent_at=SENT_AT, rng=TopOfRange())
+    assert step.action is Action.RETRY and step.ahead is ahead
 
 
 def test_a_failed_row_records_the_failure_that_ended_it() -> None:

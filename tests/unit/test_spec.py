@@ -63,7 +63,7 @@ def write(tmp_path: Path, text: str, name: str = "poems.yaml") -> Path:
 def test_a_minimal_spec_gets_the_documented_defaults():
     spec = parse_spec(MINIMAL)
     assert spec.name == "job"
-    assert spec.concurrency.max == 256 and spec.concurrency.initial == 8
+    assert spec.concurrency.max == 256 and spec.concurrency.initial == 48
     r = spec.retries
     assert (r.max_attempts, r.backoff_base, r.backoff_cap, r.max_retry_after, r.budget_ratio) == (5, 0.5, 30, 120, 0.1)
     assert spec.request_timeout == 120
