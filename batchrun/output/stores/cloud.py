@@ -41,7 +41,9 @@ class ObStore:
             # signatures, never the secret key.
             options["allow_http"] = True
         try:
-            store = from_url(url.rstrip("/"), client_options=options)  # type: ignore[call-overload]
+            # Client options given here replace those read from the environment: pass none unless needed, so
+            # that GOOGLE_ALLOW_HTTP (a local GCS emulator) and the like still apply.
+            store = from_url(url.rstrip("/"), client_options=options or None)  # type: ignore[arg-type]
         except Exception as exc:  # obstore raises its own errors for a malformed URL or configuration
             raise ObjectStoreError(f"cannot open {url}: {exc}") from exc
         return cls(url.rstrip("/"), store)
