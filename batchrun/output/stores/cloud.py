@@ -1,8 +1,8 @@
 """S3 and GCS (and S3-compatible stores) through obstore, with their conditional writes.
 
-obstore sends create-if-absent as ``If-None-Match: *`` (S3) or ``ifGenerationMatch=0`` (GCS) and
-replace-if-unchanged as ``If-Match: <ETag>`` (S3) or ``ifGenerationMatch=<generation>`` (GCS); a
-store answers 412 when the condition does not hold, which becomes :class:`PreconditionFailed`.
+obstore sends create-if-absent as ``If-None-Match: *`` (S3) or ``x-goog-if-generation-match: 0`` (GCS's
+XML API) and replace-if-unchanged as ``If-Match: <ETag>`` (S3) or ``x-goog-if-generation-match: <generation>``
+(GCS); a store answers 412 when the condition does not hold, which becomes :class:`PreconditionFailed`.
 """
 
 from __future__ import annotations
