@@ -103,6 +103,7 @@ def test_parts_count_only_with_their_commit_records_and_resume_skips_them(output
     done = sink.open()
     assert done.ok == 7 and all(p in done for p in range(7)) and 7 not in done
     sink.close()
+    store.lease.release()  # its heartbeat ends with the test, not after the server has stopped
 
 
 def test_a_part_without_its_commit_record_is_ignored_then_removed(output):
@@ -123,6 +124,7 @@ def test_a_part_without_its_commit_record_is_ignored_then_removed(output):
     done = sink.open()
     assert done.ok == 2 and orphan not in keys("data")
     sink.close()
+    store.lease.release()
 
 
 def test_a_second_writer_of_the_same_shard_is_refused_and_a_dead_ones_lease_taken_over(output):

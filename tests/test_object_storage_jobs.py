@@ -211,3 +211,31 @@ def test_four_shards_on_s3_killed_and_run_again_share_one_endpoint_and_hold_ever
     assert compared.returncode == 0 and json.loads(compared.stdout)["common"] == N_ROWS, compared.stderr
     refused = cli("run", str(spec), "--shard", "0/3", "--progress", "off", env=env)
     assert refused.returncode == 2 and "same N" in refused.stderr
+
+
+def test_load_dataset_reads_a_finished_output_on_s3_with_every_id_exactly_once(tmp_path, s3, monkeypatch):
+    """What docs/object-storage.md tells a user to run once every shard has finished: datasets with fsspec's
+    s3fs reads the objects under data/ itself, no commit record involved."""
+    import datasets
+    import datasets.config
+
+    # The suite keeps datasets offline (conftest.py), which refuses every remote path, s3:// too; the
+    # parquet builder is packaged, so nothing but the loopback S3 server is reached.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    url = s3.bucket("jobs/load")
+    env = {**s3.environ(), "BATCHRUN_CACHE_DIR": str(tmp_path / "cache"), "HF_TOKEN": TOKEN}
+    rows = 60
+    with emulator(running_endpoint()) as emu:
+        spec = write_spec(tmp_path, endpoint={"url": emu.endpoint_url(NS, "gen")},
+                          input_path=write_topics(tmp_path / "in.parquet", rows), output={"path": url, "shard_rows": 10})
+        for shard in ("0/2", "1/2"):
+            finished = cli("run", str(spec), "--shard", shard, "--progress", "off", env=env)
+            assert finished.returncode == 0, finished.stderr
+    assert len(s3.keys(url, "data/")) > 2  # several parts, from both shards
+    # A store other than AWS is named as fsspec expects it, in storage_options (s3fs also reads the AWS_* environment).
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3.endpoint, "region_name": "us-east-1"}}
+    loaded = datasets.load_dataset("parquet", data_files=f"{url}/data/*.parquet", storage_options=options,
+                                   split="train", cache_dir=str(tmp_path / "hf-cache"))
+    ids = loaded["id"]
+    assert len(ids) == rows and sorted(ids) == [f"row-{i:05d}" for i in range(rows)]

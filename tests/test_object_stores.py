@@ -1,6 +1,7 @@
-"""The object store interface keeps its promises on a real S3-compatible server and on a folder."""
+"""The object store interface keeps its promises on a real S3-compatible server, a GCS emulator and a folder."""
 
 import pytest
+from gcskit import GCSServer
 from s3kit import S3Server
 
 from batchrun.errors import ObjectStoreError, OutputError, PreconditionFailed
@@ -14,11 +15,18 @@ def s3():
     server.stop()
 
 
-@pytest.fixture(params=["s3", "folder"])
+@pytest.fixture(scope="module")
+def gcs():
+    server = GCSServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["s3", "gcs", "folder"])
 def store(request, tmp_path, monkeypatch):
     if request.param == "folder":
         return FolderStore(tmp_path / "store")
-    server = request.getfixturevalue("s3")
+    server = request.getfixturevalue(request.param)
     for name, value in server.environ().items():
         monkeypatch.setenv(name, value)
     return open_store(server.bucket())
@@ -61,3 +69,17 @@ def test_store_urls_are_told_from_local_paths():
     assert not is_store_url("out/job") and not is_store_url("/abs/out")
     with pytest.raises(OutputError, match="s3://"):
         open_store("ftp://host/out")
+
+
+def test_gcs_conditions_travel_as_generation_preconditions_the_server_checks(gcs, monkeypatch):
+    for name, value in gcs.environ().items():
+        monkeypatch.setenv(name, value)
+    store = open_store(gcs.bucket())
+    sent = len(gcs.bridge.conditions)
+    first = store.put_if_absent("lease", b"1")
+    assert first.version and gcs.bridge.conditions[sent:] == ["0"]  # create-if-absent: ifGenerationMatch=0
+    second = store.put_if_match("lease", b"2", first)
+    assert gcs.bridge.conditions[sent + 1 :] == [first.version] and second.version != first.version
+    with pytest.raises(PreconditionFailed):  # the server's own 412, for the generation that is gone
+        store.put_if_match("lease", b"3", first)
+    assert gcs.read(store.url, "lease") == b"2"

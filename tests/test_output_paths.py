@@ -32,6 +32,8 @@ def test_an_output_url_is_refused_by_validate_and_run_before_anything_is_sent(tm
         assert main(["validate", str(spec)]) == 2
         said = capsys.readouterr().err
         assert "output.path" in said and "s3://BUCKET/PREFIX" in said and url in said
+        # A bucket is told the way to reach it: huggingface_hub writes bucket files only through Xet.
+        assert ("hf buckets sync" in said) == url.startswith("hf://buckets/")
         with pytest.raises(SpecError, match="no conditional writes"):
             run(spec)
         assert main(["run", str(spec), "--output", "hf://buckets/other/place", "--progress", "off"]) == 2

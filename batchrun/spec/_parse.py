@@ -524,9 +524,15 @@ def _output_path_problem(path: str) -> str | None:
     if _URL.match(path.strip()) and not re.match(r"^(s3|gs)://[^/\s]+/[^/\s]", path.strip()):
         # Path() would make "hf://buckets/x" a local folder "hf:/buckets/x": only the stores the commit
         # protocol supports (docs/object-storage.md) are taken, with a bucket and a prefix of the job's own.
-        return (f"expected a local folder or s3://BUCKET/PREFIX or gs://BUCKET/PREFIX, got the URL "
+        said = (f"expected a local folder or s3://BUCKET/PREFIX or gs://BUCKET/PREFIX, got the URL "
                 f"{_no_userinfo(path)!r}: other stores (hf://, file://...) have no conditional writes batchrun "
                 "uses; write to a local (or mounted) folder and push it with `batchrun push`")
+        if path.strip().lower().startswith("hf://buckets/"):
+            # huggingface_hub uploads a bucket file only through Xet's content-addressed protocol
+            # (docs/object-storage.md#hugging-face-storage), which the emulated Hub cannot play.
+            said += (", or copy it to the bucket with `hf buckets sync OUTPUT hf://buckets/ORG/NAME/PREFIX` once "
+                     "the run has finished (in Hugging Face Jobs, write to the bucket mounted as a folder)")
+        return said
     if last in ("", ".", ".."):
         # The output folder gets a manifest, shards and a lock of its own; `.` would scatter them
         # among the user's files (and a fresh run would clear them).

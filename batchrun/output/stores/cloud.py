@@ -1,8 +1,8 @@
 """S3 and GCS (and S3-compatible stores) through obstore, with their conditional writes.
 
-obstore sends create-if-absent as ``If-None-Match: *`` (S3) or ``ifGenerationMatch=0`` (GCS) and
-replace-if-unchanged as ``If-Match: <ETag>`` (S3) or ``ifGenerationMatch=<generation>`` (GCS); a
-store answers 412 when the condition does not hold, which becomes :class:`PreconditionFailed`.
+obstore sends create-if-absent as ``If-None-Match: *`` (S3) or ``x-goog-if-generation-match: 0`` (GCS's
+XML API) and replace-if-unchanged as ``If-Match: <ETag>`` (S3) or ``x-goog-if-generation-match: <generation>``
+(GCS); a store answers 412 when the condition does not hold, which becomes :class:`PreconditionFailed`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ class ObStore:
             # signatures, never the secret key.
             options["allow_http"] = True
         try:
-            store = from_url(url.rstrip("/"), client_options=options)  # type: ignore[call-overload]
+            # Client options given here replace those read from the environment: pass none unless needed, so
+            # that GOOGLE_ALLOW_HTTP (a local GCS emulator) and the like still apply.
+            store = from_url(url.rstrip("/"), client_options=options or None)  # type: ignore[arg-type]
         except Exception as exc:  # obstore raises its own errors for a malformed URL or configuration
             raise ObjectStoreError(f"cannot open {url}: {exc}") from exc
         return cls(url.rstrip("/"), store)
