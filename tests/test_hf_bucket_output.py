@@ -132,7 +132,7 @@ def test_a_whole_job_writes_its_parts_and_records_to_the_bucket_and_status_reads
 
 def test_sigkill_during_a_run_then_a_rerun_leaves_every_id_once_in_the_bucket(hub_env, tmp_path):
     monkeypatch, env = hub_env
-    endpoint = running_endpoint(latency_base_s=0.03, latency_jitter_s=0.01)
+    endpoint = running_endpoint(latency_base_s=0.1, latency_jitter_s=0.01)  # 6 s of requests: room to act
     with emulator(endpoint) as emu:
         point_at_hub(monkeypatch, emu.hub_url)
         api(emu.hub_url).create_bucket(BUCKET)
@@ -145,6 +145,12 @@ def test_sigkill_during_a_run_then_a_rerun_leaves_every_id_once_in_the_bucket(hu
         try:
             wait_until(lambda: len(committed(emu.hub_url, "jobs/kill", tmp_path)) >= 2, proc=proc, log=log,
                        timeout=120, what="two committed parts in the bucket")
+            # A second run started while the first is alive sees its lease and is refused (not atomic: a race
+            # between the look and the write is not refused; one writer per shard is the launcher's job).
+            second = cli("run", str(spec), "--progress", "off")
+            assert second.returncode == 2 and f"pid {proc.pid}" in second.stderr, second.stderr
+            status = cli("status", str(spec), env={"BATCHRUN_CACHE_DIR": str(tmp_path / "reader")})
+            assert f"running now: pid {proc.pid}" in status.stdout, status.stdout + status.stderr
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
@@ -153,6 +159,7 @@ def test_sigkill_during_a_run_then_a_rerun_leaves_every_id_once_in_the_bucket(hu
                 proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         before = sum(r["rows"] for r in committed(emu.hub_url, "jobs/kill", tmp_path).values())
+        print(f"rows committed when the run was killed: {before} of {ROWS}")
         assert 0 < before < ROWS
 
         finished = cli("run", str(spec), "--progress", "off")
