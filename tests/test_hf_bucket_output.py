@@ -24,15 +24,11 @@ ROWS = 120
 @pytest.fixture
 def hub_env(monkeypatch, tmp_path):
     """The environment huggingface_hub and hf_xet read, pointed at an emulated Hub (in this process and in a child)."""
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-
-    disable_progress_bars()
-    env = {"HF_TOKEN": TOKEN, "HF_XET_CACHE": str(tmp_path / "xet-cache"), "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    env = {"HF_TOKEN": TOKEN, "HF_XET_CACHE": str(tmp_path / "xet-cache"),
            "BATCHRUN_CACHE_DIR": str(tmp_path / "cache"), "BATCHRUN_STATE_DIR": str(tmp_path / "state")}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    yield monkeypatch, env
-    enable_progress_bars()
+    return monkeypatch, env
 
 
 def api(url: str):
@@ -113,6 +109,10 @@ def test_a_whole_job_writes_its_parts_and_records_to_the_bucket_and_status_reads
         ran = cli("run", str(spec), "--progress", "off")
         assert ran.returncode == 0, ran.stderr
         assert "output.no_conditional_writes" in ran.stderr  # the warning at run start
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        assert "Processing Files" not in ran.stderr and "Validating" not in ran.stderr  # no bars over the run's
+        assert not are_progress_bars_disabled()  # ... and huggingface_hub's bars are on again after it
 
         parts = committed(emu.hub_url, "jobs/whole", tmp_path)
         data = sorted(f for f, r in parts.items() if r["kind"] == "data")

@@ -9,13 +9,16 @@ A bucket has no conditional write. ``put_if_absent`` and ``put_if_match`` look f
 write after: they refuse what they see, but two writers racing between the look and the write both
 win. :attr:`HfBucketStore.conditional_writes` says so, and the output warns at run start (one writer
 per shard is the launcher's job; docs/object-storage.md). A version is the file's Xet hash and its
-upload time.
+upload time. huggingface_hub's progress bars are off during each call (they would draw over the run's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,32 @@ __all__ = ["BUCKET_URL", "HfBucketStore"]
 
 #: ``hf://buckets/ORG/NAME/PREFIX``: a bucket and a prefix of the job's own.
 BUCKET_URL = re.compile(r"^hf://buckets/([^/\s]+/[^/\s]+)/([^\s]*[^/\s])/*$")
+
+
+_quiet_lock = threading.Lock()
+_quiet_calls = 0  # store calls running now
+_quiet_restore = False  # whether the bars were on when the first of them began
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """huggingface_hub's progress bars off while a store call runs (they would draw over the run's own), and back
+    on after the last concurrent call when they were on before; a process that turned them off keeps them off."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    global _quiet_calls, _quiet_restore
+    with _quiet_lock:
+        if _quiet_calls == 0:
+            _quiet_restore = not are_progress_bars_disabled()
+            disable_progress_bars()
+        _quiet_calls += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_calls -= 1
+            if _quiet_calls == 0 and _quiet_restore:
+                enable_progress_bars()
 
 
 class HfBucketStore:
@@ -72,8 +101,9 @@ class HfBucketStore:
 
     def _write(self, key: str, source: bytes | Path) -> None:
         try:
-            self._api.batch_bucket_files(self.bucket_id, add=[(source if isinstance(source, bytes) else str(source),
-                                                                self._path(key))])
+            with _quiet():
+                self._api.batch_bucket_files(self.bucket_id, add=[(source if isinstance(source, bytes) else str(source),
+                                                                    self._path(key))])
         except Exception as exc:
             raise self._error(key, exc) from exc
 
@@ -108,7 +138,9 @@ class HfBucketStore:
         with tempfile.TemporaryDirectory(prefix="batchrun-hf-") as folder:
             target = Path(folder) / "object"
             try:
-                self._api.download_bucket_files(self.bucket_id, [(info, str(target))], raise_on_missing_files=True)
+                with _quiet():
+                    self._api.download_bucket_files(self.bucket_id, [(info, str(target))],
+                                                    raise_on_missing_files=True)
             except Exception as exc:
                 raise self._error(key, exc) from exc
             return target.read_bytes(), self._version(info)
@@ -132,6 +164,7 @@ class HfBucketStore:
 
     def delete(self, key: str) -> None:
         try:
-            self._api.batch_bucket_files(self.bucket_id, delete=[self._path(key)])
+            with _quiet():
+                self._api.batch_bucket_files(self.bucket_id, delete=[self._path(key)])
         except Exception as exc:
             raise self._error(key, exc) from exc
