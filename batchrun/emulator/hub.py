@@ -12,6 +12,9 @@ pointing at the head. What it serves (see docs/hub.md for what it does not):
 - ``HEAD``/``GET /{datasets/}{id}/resolve/{rev}/{path}`` with ranges (hf_hub_download, HfFileSystem);
 - ``POST /api/validate-yaml``.
 
+Storage Buckets (``/api/buckets/...``) are ``batchrun.emulator.hub_buckets``, their bytes in the Xet CAS of
+``batchrun.emulator.xet_cas``; both are registered on the same application by :meth:`EmulatedHub.add_routes`.
+
 Test hooks: :meth:`EmulatedHub.move_head` (a racing commit now), :meth:`EmulatedHub.race_next_commit`
 (one lands just before the next commit is checked, so that commit gets its 412) and
 :meth:`EmulatedHub.fail_next_commits` (429 or 5xx answers). They are also routes under
