@@ -129,6 +129,7 @@ async def preflight(
     _check_columns(spec, source)
     store = OutputStore.for_spec(spec)
     await asyncio.to_thread(_check_output_folder, store)
+    await asyncio.to_thread(_check_shared_endpoint_guard, spec, store)
     stored = await asyncio.to_thread(store.load_job) if store.exists() else None
     input_fingerprint = await asyncio.to_thread(source.fingerprint)
     await _check_unique_ids(spec, source, scanned=bool(stored and stored.get("ids_checked") == input_fingerprint))
@@ -293,6 +294,29 @@ def _check_output_folder(store: Any) -> None:
             f"the output folder {root} is not empty and is not a batchrun output (it holds {shown}); "
             "name a new or empty folder with output.path or --output"
         )
+
+
+def _check_shared_endpoint_guard(spec: JobSpec, store: Any) -> None:
+    """A split job's managed endpoint is shared through its output (docs/shards.md); a store that cannot refuse a
+    write (an hf:// bucket) cannot guard it, so the launcher brackets it with `batchrun endpoint up/down`."""
+    objects = getattr(store, "objects", None)
+    if objects is None or getattr(objects, "conditional_writes", True) is not False:
+        return
+    if spec.shard is None and spec.shards is None:
+        return
+    from batchrun.endpoints.saved_settings import endpoint_state_path
+    from batchrun.endpoints.shared_endpoint import BRACKET
+
+    for e in spec.all_endpoints:
+        if e.name is None or e.namespace is None or e.per_token:
+            continue
+        users = f"state/endpoints/{endpoint_state_path(e.api_url, e.namespace, e.name).stem}/users"
+        if not any(info.key.endswith(f"/{BRACKET}.json") for info in objects.list(users)):
+            raise OutputError(
+                f"{spec.output.path}: a Hugging Face bucket has no conditional writes, so the shards cannot guard "
+                f"the endpoint {e.namespace}/{e.name} they share: bracket them from the launcher with "
+                f"`batchrun endpoint up JOB.yaml` before the shards and `batchrun endpoint down JOB.yaml` after "
+                "(docs/object-storage.md)")
 
 
 def _check_columns(spec: JobSpec, source: Source) -> None:

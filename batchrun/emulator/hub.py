@@ -12,6 +12,9 @@ pointing at the head. What it serves (see docs/hub.md for what it does not):
 - ``HEAD``/``GET /{datasets/}{id}/resolve/{rev}/{path}`` with ranges (hf_hub_download, HfFileSystem);
 - ``POST /api/validate-yaml``.
 
+Storage Buckets (``/api/buckets/...``) are ``batchrun.emulator.hub_buckets``, their bytes in the Xet CAS of
+``batchrun.emulator.xet_cas``; both are registered on the same application by :meth:`EmulatedHub.add_routes`.
+
 Test hooks: :meth:`EmulatedHub.move_head` (a racing commit now), :meth:`EmulatedHub.race_next_commit`
 (one lands just before the next commit is checked, so that commit gets its 412) and
 :meth:`EmulatedHub.fail_next_commits` (429 or 5xx answers). They are also routes under
@@ -32,6 +35,9 @@ from typing import Any
 
 import yaml
 from aiohttp import web
+
+from batchrun.emulator.hub_buckets import EmulatedBuckets
+from batchrun.emulator.xet_cas import XetCas
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -112,10 +118,19 @@ class EmulatedHub:
     def __init__(self, token: str | None) -> None:
         self._expected_auth = f"Bearer {token}" if token is not None else None
         self.repos: dict[tuple[str, str], HubRepo] = {}
-        self.base_url = ""
         self.log: list[dict[str, Any]] = []
+        self.cas = XetCas()  # the Xet storage behind buckets, on the same port
+        self.buckets = EmulatedBuckets(self.cas, self._authorized)
         # The router's providers' inferenceProviderMapping of a model (the emulator wires its router in).
         self.provider_mapping: Callable[[str], dict[str, dict[str, str]]] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self.cas.base_url
+
+    @base_url.setter
+    def base_url(self, url: str) -> None:
+        self.cas.base_url = url
 
     # ----- the API a test or a demo uses directly
 
@@ -177,6 +192,8 @@ class EmulatedHub:
     def add_routes(self, app: web.Application) -> None:
         """Register the Hub's routes on the control plane's application."""
         r = app.router
+        self.cas.add_routes(app)
+        self.buckets.add_routes(app)
         r.add_post("/api/repos/create", self._create)
         r.add_post("/api/validate-yaml", self._validate_yaml)
         base = "/api/{rtype:models|datasets|spaces}/{ns}/{name}"

@@ -358,21 +358,22 @@ class ObjectOutputStore(OutputStore):
     def check_writable(self) -> None:
         """Write and remove a probe object (and prove the cache folder writable): nothing costs money first."""
         probe = f"{self.commits.prefix}write-probe-{secrets.token_hex(4)}"
+        declared = getattr(self.objects, "conditional_writes", None)  # a store that has none says so (hf://)
         try:
             self.objects.put_if_absent(probe, b"batchrun write probe\n")
             try:
                 self.objects.put_if_absent(probe, b"batchrun write probe\n")
                 self.conditional_writes = False
             except PreconditionFailed:
-                self.conditional_writes = True
+                self.conditional_writes = declared is not False
             self.objects.delete(probe)
         except ObjectStoreError as exc:
             raise OutputError(f"the output {self.url} is not writable: {exc}") from exc
         if not self.conditional_writes:
             # Parts and records keep their unique names, so one writer per shard is still exactly-once; what
             # is lost is the refusal of a second writer and the exclusive guard of a shared endpoint.
-            logger.warning("output.no_conditional_writes url=%s (the store ignores If-None-Match: it cannot refuse "
-                           "a second writer of a shard; run one per shard, and bracket a shared endpoint with "
+            logger.warning("output.no_conditional_writes url=%s (the store has no atomic create-if-absent: it cannot "
+                           "refuse a second writer of a shard; run one per shard, and bracket a shared endpoint with "
                            "`batchrun endpoint up/down`; docs/object-storage.md)", self.url)
         try:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -521,18 +521,12 @@ def _output_path_problem(path: str) -> str | None:
     last = path.strip().replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
     if not path.strip():
         return "expected a folder for the results, got an empty path"
-    if _URL.match(path.strip()) and not re.match(r"^(s3|gs)://[^/\s]+/[^/\s]", path.strip()):
+    if _URL.match(path.strip()) and not re.match(r"^((s3|gs)://|hf://buckets/[^/\s]+/)[^/\s]+/[^/\s]", path.strip()):
         # Path() would make "hf://buckets/x" a local folder "hf:/buckets/x": only the stores the commit
         # protocol supports (docs/object-storage.md) are taken, with a bucket and a prefix of the job's own.
-        said = (f"expected a local folder or s3://BUCKET/PREFIX or gs://BUCKET/PREFIX, got the URL "
-                f"{_no_userinfo(path)!r}: other stores (hf://, file://...) have no conditional writes batchrun "
-                "uses; write to a local (or mounted) folder and push it with `batchrun push`")
-        if path.strip().lower().startswith("hf://buckets/"):
-            # huggingface_hub uploads a bucket file only through Xet's content-addressed protocol
-            # (docs/object-storage.md#hugging-face-storage), which the emulated Hub cannot play.
-            said += (", or copy it to the bucket with `hf buckets sync OUTPUT hf://buckets/ORG/NAME/PREFIX` once "
-                     "the run has finished (in Hugging Face Jobs, write to the bucket mounted as a folder)")
-        return said
+        return (f"expected a local folder, s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or hf://buckets/ORG/NAME/PREFIX, "
+                f"got the URL {_no_userinfo(path)!r}: other stores (hf:// repositories, file://...) are not "
+                "written to; write to a local (or mounted) folder and push it with `batchrun push`")
     if last in ("", ".", ".."):
         # The output folder gets a manifest, shards and a lock of its own; `.` would scatter them
         # among the user's files (and a fresh run would clear them).

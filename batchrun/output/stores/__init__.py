@@ -16,6 +16,9 @@ objects are written once, whole. :func:`open_store` turns an output URL into a s
 - ``s3://bucket/prefix`` and ``gs://bucket/prefix``: :class:`ObStore` (obstore, ``pip install 'batchrun[s3]'``),
   credentials and endpoint from the store's usual environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
   ``AWS_REGION``, ``AWS_ENDPOINT_URL``; ``GOOGLE_APPLICATION_CREDENTIALS``...), never from the spec;
+- ``hf://buckets/ORG/NAME/PREFIX``: :class:`HfBucketStore` (huggingface_hub and hf_xet), token and Hub from
+  huggingface_hub's environment (``HF_TOKEN``, ``HF_ENDPOINT``); a bucket has no conditional write, so its
+  ``conditional_writes`` is False (docs/object-storage.md);
 - a local folder: :class:`FolderStore`, the same protocol on a file system (create-if-absent by ``link``,
   replace-if-unchanged under ``flock``), used by the tests of the protocol and by the benchmark.
 """
@@ -32,6 +35,10 @@ def open_store(url: str) -> ObjectStore:
     scheme = url_scheme(url)
     if scheme not in SCHEMES:
         raise OutputError(f"{url!r}: batchrun writes to {', '.join(f'{s}://' for s in SCHEMES)} or a local folder")
+    if scheme == "hf":
+        from batchrun.output.stores.hf_bucket import HfBucketStore
+
+        return HfBucketStore(url)
     try:
         from batchrun.output.stores.cloud import ObStore
     except ImportError:

@@ -10,7 +10,8 @@ from typing import Protocol
 __all__ = ["SCHEMES", "ObjectInfo", "ObjectStore", "Version", "is_store_url"]
 
 #: The URL schemes an output may be written to, and what serves each.
-SCHEMES = {"s3": "obstore (pip install 'batchrun[s3]')", "gs": "obstore (pip install 'batchrun[s3]')"}
+SCHEMES = {"s3": "obstore (pip install 'batchrun[s3]')", "gs": "obstore (pip install 'batchrun[s3]')",
+           "hf": "huggingface_hub's Storage Buckets (hf://buckets/ORG/NAME/PREFIX)"}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
@@ -57,5 +58,7 @@ def url_scheme(path: str) -> str | None:
 
 
 def is_store_url(path: str | Path) -> bool:
-    """Whether an output path names an object store batchrun writes to (``s3://``, ``gs://``)."""
-    return isinstance(path, str) and url_scheme(path) in SCHEMES
+    """Whether an output path names an object store batchrun writes to (``s3://``, ``gs://``, ``hf://buckets/``)."""
+    if not isinstance(path, str) or url_scheme(path) not in SCHEMES:
+        return False
+    return url_scheme(path) != "hf" or path.strip().startswith("hf://buckets/")
