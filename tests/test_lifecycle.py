@@ -644,5 +644,7 @@ def test_concurrency_grows_as_replicas_come_online(tmp_path, monkeypatch):
     assert outcome.exit_code == 0
     before = rate(scaled_at[0] - 1.0, scaled_at[0])
     after = rate(scaled_at[0] + 1.0, ok_counts[-1][0] - 0.3)
-    # One replica serves at most 8 / 0.05 s = 160 rows/s; three serve 480. The ratio is measured in one run.
-    assert after > 1.8 * before, (before, after)
+    # One replica serves at most 8 / 0.05 s = 160 rows/s; three serve 480. Past 1.2 x 160, more than one
+    # replica answered, which only a limit grown past one replica's 8 can do. (A ratio to the rate before
+    # is what a busy machine moves: a client held to ~220 rows/s by its CPU still passes this, not 1.8x.)
+    assert after > 1.2 * 160 and after > 1.3 * before, (before, after)
