@@ -50,6 +50,7 @@ from batchrun.errors import (
     SpecError,
 )
 from batchrun.facts import GRACE_S, ID_COLUMN, ExitCode
+from batchrun.gc_tuning import fewer_collections
 from batchrun.packing import Packer, RowsPerRequest, rows_per_request
 from batchrun.preflight import Preflight, empty_input_message, preflight, unencodable_note
 from batchrun.progress import ProgressReporter, Snapshot
@@ -375,7 +376,8 @@ async def _dispatch(
             background["push"] = _warn_on_error(run.pusher.run_every(), "the periodic push to the Hub (the push at "
                                                 "the end of the run still happens)")
         async with _in_background(background):
-            await _send(run, reader, dispatcher, scores, batches)
+            with fewer_collections():  # a row's objects live until their commit: see gc_tuning.py
+                await _send(run, reader, dispatcher, scores, batches)
     finally:
         reporter.close()
 

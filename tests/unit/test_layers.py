@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "batchrun.transport": 1, "batchrun.stop": 1, "batchrun.cost": 1, "batchrun.progress": 1,
     "batchrun.breaker": 1, "batchrun.limit": 1, "batchrun.rate": 1, "batchrun.images": 1, "batchrun.structured": 1,
     "batchrun.scoring": 1, "batchrun.notify": 1, "batchrun.output": 1, "batchrun.publish.names": 1,
+    "batchrun.gc_tuning": 1,
     # 2 the job spec: each section read by its owner (services above)
     "batchrun.spec": 2,
     # 3..6 the stages of the flow, each above the one it takes from
