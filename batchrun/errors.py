@@ -134,7 +134,8 @@ class OutputLockedError(OutputError):
 
 
 class ObjectStoreError(OutputError):
-    """An object store (``s3://``, ``gs://``) refused or failed a request about ``key`` (``missing``: no such key)."""
+    """An object store (``s3://``, ``gs://``, ``hf://buckets/``) refused or failed a request about ``key``
+    (``missing``: no such key)."""
 
     def __init__(self, message: str, key: str | None = None, *, missing: bool = False) -> None:
         self.key = key
