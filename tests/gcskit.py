@@ -28,6 +28,8 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
+from commit_records import counted_parts
+
 _BUCKETS = itertools.count()
 _FORWARDED_OUT = ("connection", "transfer-encoding", "content-length", "host")
 
@@ -123,16 +125,7 @@ class GCSServer:
 def committed(server: GCSServer, url: str, shard: str | None = None) -> dict[str, dict]:
     """The parts that count now, by the server's own listing of commit records: file -> record."""
     under = f"state/shards/{shard}/commits/" if shard else "state/commits/"
-    listed: dict[str, dict] = {}
-    retired: set[str] = set()
-    for key in server.keys(url, under):
-        record = json.loads(server.read(url, key))
-        if record["op"] == "retire":
-            retired.add(record["file"])
-        else:
-            listed[record["file"]] = record
-            retired.update([record["replaces"]] if record.get("replaces") else [])
-    return {file: record for file, record in listed.items() if file not in retired}
+    return counted_parts(json.loads(server.read(url, key)) for key in server.keys(url, under))
 
 
 def committed_rows(server: GCSServer, url: str, shard: str | None = None) -> int:

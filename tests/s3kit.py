@@ -20,6 +20,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from commit_records import counted_parts
+
 _BUCKETS = itertools.count()
 
 
@@ -93,16 +95,8 @@ def committed(server: S3Server, url: str, shard: str | None = None) -> dict[str,
     """The parts that count now, by the store's own listing of commit records: file -> record."""
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     under = f"state/shards/{shard}/commits/" if shard else "state/commits/"
-    listed: dict[str, dict] = {}
-    retired: set[str] = set()
-    for key in server.keys(url, under):
-        record = json.loads(server.client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read())
-        if record["op"] == "retire":
-            retired.add(record["file"])
-        else:
-            listed[record["file"]] = record
-            retired.update([record["replaces"]] if record.get("replaces") else [])
-    return {file: record for file, record in listed.items() if file not in retired}
+    return counted_parts(json.loads(server.client.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read())
+                         for key in server.keys(url, under))
 
 
 def committed_rows(server: S3Server, url: str, shard: str | None = None) -> int:

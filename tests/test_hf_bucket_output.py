@@ -11,6 +11,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
+from commit_records import counted_parts
 from hubkit import point_at_hub
 from jobkit import NS, TOKEN, cli, emulator, running_endpoint, start_run, wait_until, write_spec, write_topics
 
@@ -51,15 +52,7 @@ def bucket_bytes(hub_url: str, prefix: str, names: list[str], folder) -> dict[st
 def committed(hub_url: str, prefix: str, folder) -> dict[str, dict]:
     """The parts that count, from the commit records the bucket lists: file -> record."""
     names = [n for n in bucket_files(hub_url, prefix) if n.startswith("state/commits/")]
-    listed, retired = {}, set()
-    for data in bucket_bytes(hub_url, prefix, names, folder).values():
-        record = json.loads(data)
-        if record["op"] == "retire":
-            retired.add(record["file"])
-        else:
-            listed[record["file"]] = record
-            retired.update([record["replaces"]] if record.get("replaces") else [])
-    return {file: record for file, record in listed.items() if file not in retired}
+    return counted_parts(json.loads(data) for data in bucket_bytes(hub_url, prefix, names, folder).values())
 
 
 def ids_of(hub_url: str, prefix: str, files: list[str], folder) -> list:
