@@ -390,7 +390,7 @@ def test_a_signal_to_a_script_of_the_python_api_pauses_the_endpoint_and_the_outp
     script, out, log = tmp_path / "script.py", tmp_path / "script.out", tmp_path / "script.err"
     script.write_text(_SCRIPT)
     with emulator(paused_endpoint(latency_base_s=0.05)) as emu:
-        spec = job(tmp_path, emu, n=400, spec={"concurrency": {"max": 4, "initial": 4}})
+        spec = job(tmp_path, emu, n=120, spec={"concurrency": {"max": 4, "initial": 4}})
         with open(out, "w") as stdout, open(log, "w") as stderr:
             proc = subprocess.Popen([sys.executable, str(script), str(spec), how], cwd=REPO,
                                     env={**os.environ, "HF_TOKEN": TOKEN}, stdout=stdout, stderr=stderr)
@@ -406,11 +406,11 @@ def test_a_signal_to_a_script_of_the_python_api_pauses_the_endpoint_and_the_outp
         assert f"interrupted by {signame}" in printed and "returned" not in printed
         assert_put_back(emu)
         sent = data_requests(emu)
-        assert sent < 400
+        assert sent < 120
         assert Result.from_output(tmp_path / "out" / "job").exit_code == 3
         # Resumable: the rerun sends only the rows left, and every row ends in one place.
         outcome, _ = run(spec)
         assert outcome.exit_code == 0
-        assert data_requests(emu) - sent <= 400 - outcome.summary["rows"]["skipped"]
+        assert data_requests(emu) - sent <= 120 - outcome.summary["rows"]["skipped"]
     ids = read_ids(tmp_path / "out" / "job" / "data")
-    assert sorted(ids) == [f"row-{i:05d}" for i in range(400)]
+    assert sorted(ids) == [f"row-{i:05d}" for i in range(120)]
