@@ -21,6 +21,7 @@ fake-gcs-server, obstore for both, hf_xet for the bucket).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -82,24 +83,14 @@ def _remote(url: str, rows: list[RowResult], options: dict[str, Any]) -> tuple[f
 
 
 @contextmanager
-def _s3(folder: Path) -> Iterator[str]:
-    from s3kit import S3Server
+def _kit_server(kit: str, folder: Path) -> Iterator[str]:
+    """A bucket on the test kit's local server (tests/s3kit.py's moto, tests/gcskit.py's fake-gcs-server)."""
+    import importlib
 
-    server = S3Server.start()
+    server_class = {"s3kit": "S3Server", "gcskit": "GCSServer"}[kit]
+    server = getattr(importlib.import_module(kit), server_class).start()
     try:
-        os.environ.update(server.environ(), BATCHRUN_CACHE_DIR=str(folder / "cache"))
-        yield server.bucket("bench")
-    finally:
-        server.stop()
-
-
-@contextmanager
-def _gcs(folder: Path) -> Iterator[str]:
-    from gcskit import GCSServer
-
-    server = GCSServer.start()
-    try:
-        os.environ.update(server.environ(), BATCHRUN_CACHE_DIR=str(folder / "cache-gcs"))
+        os.environ.update(server.environ(), BATCHRUN_CACHE_DIR=str(folder / f"cache-{kit}"))
         yield server.bucket("bench")
     finally:
         server.stop()
@@ -125,7 +116,8 @@ def _hf(folder: Path) -> Iterator[str]:
             constants.ENDPOINT = saved
 
 
-STARTERS: dict[str, Callable[[Path], Any]] = {"s3": _s3, "gcs": _gcs, "hf": _hf}
+STARTERS: dict[str, Callable[[Path], Any]] = {"s3": functools.partial(_kit_server, "s3kit"),
+                                               "gcs": functools.partial(_kit_server, "gcskit"), "hf": _hf}
 
 
 def _available(name: str) -> bool:
