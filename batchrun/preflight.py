@@ -304,14 +304,12 @@ def _check_shared_endpoint_guard(spec: JobSpec, store: Any) -> None:
         return
     if spec.shard is None and spec.shards is None:
         return
-    from batchrun.endpoints.saved_settings import endpoint_state_path
-    from batchrun.endpoints.shared_endpoint import BRACKET
+    from batchrun.endpoints.shared_in_store import bracket_registered
 
     for e in spec.all_endpoints:
         if e.name is None or e.namespace is None or e.per_token:
             continue
-        users = f"state/endpoints/{endpoint_state_path(e.api_url, e.namespace, e.name).stem}/users"
-        if not any(info.key.endswith(f"/{BRACKET}.json") for info in objects.list(users)):
+        if not bracket_registered(objects, e.api_url, e.namespace, e.name):
             raise OutputError(
                 f"{spec.output.path}: a Hugging Face bucket has no conditional writes, so the shards cannot guard "
                 f"the endpoint {e.namespace}/{e.name} they share: bracket them from the launcher with "

@@ -29,11 +29,15 @@ import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchrun.endpoints.saved_settings import endpoint_state_path
 from batchrun.endpoints.shared_endpoint import BRACKET, HEARTBEAT_S, STALE_AFTER_S
 from batchrun.errors import EndpointError, ObjectStoreError, PreconditionFailed
 from batchrun.holder import Holder, utc_now
+
+if TYPE_CHECKING:
+    from batchrun.output.stores import ObjectStore
 
 __all__ = ["GUARD_STALE_S", "StoreSharedUse"]
 
@@ -52,6 +56,16 @@ def _age_s(stamp: object) -> float | None:
     return (datetime.now(UTC) - then).total_seconds()
 
 
+def _prefix(api_url: str | None, namespace: str, name: str) -> str:
+    """Where, under the output's root, the users of one endpoint are recorded."""
+    return f"state/endpoints/{endpoint_state_path(api_url, namespace, name).stem}/"
+
+
+def bracket_registered(objects: ObjectStore, api_url: str | None, namespace: str, name: str) -> bool:
+    """Whether ``batchrun endpoint up`` has bracketed this endpoint in the store (``users/bracket.json``)."""
+    return any(Path(info.key).stem == BRACKET for info in objects.list(_prefix(api_url, namespace, name) + "users"))
+
+
 class StoreSharedUse:
     """One user's (a shard's, or the bracket's) side of an endpoint shared through an object store."""
 
@@ -62,8 +76,7 @@ class StoreSharedUse:
 
         self.url = url.rstrip("/")
         self.objects = open_store(self.url)
-        stem = endpoint_state_path(api_url, namespace, name).stem
-        self.prefix = f"state/endpoints/{stem}/"
+        self.prefix = _prefix(api_url, namespace, name)
         self.user = user
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s

@@ -361,11 +361,14 @@ class ObjectOutputStore(OutputStore):
         declared = getattr(self.objects, "conditional_writes", None)  # a store that has none says so (hf://)
         try:
             self.objects.put_if_absent(probe, b"batchrun write probe\n")
-            try:
-                self.objects.put_if_absent(probe, b"batchrun write probe\n")
-                self.conditional_writes = False
-            except PreconditionFailed:
-                self.conditional_writes = declared is not False
+            if declared is False:
+                self.conditional_writes = False  # it says so: no second write to ask it
+            else:
+                try:
+                    self.objects.put_if_absent(probe, b"batchrun write probe\n")
+                    self.conditional_writes = False  # it ignored If-None-Match
+                except PreconditionFailed:
+                    self.conditional_writes = True
             self.objects.delete(probe)
         except ObjectStoreError as exc:
             raise OutputError(f"the output {self.url} is not writable: {exc}") from exc
