@@ -184,3 +184,35 @@ def test_the_shipped_example_runs_on_the_built_in_router_with_no_setup(tmp_path)
     assert len(rows) == 12 and {r["provider"] for r in rows} == {"together"}
     assert sum(r["cost_usd"] for r in rows) == pytest.approx(12 * 0.0027)
     assert "(12 images)" in result.stdout + result.stderr
+
+
+def test_the_hf_token_appears_in_no_file_message_or_card_of_an_image_job(tmp_path, monkeypatch, caplog):
+    """The token goes to the router and the Hub's provider mapping, and nowhere else: not in the images,
+    the rows, the state, the card, the log, or what a refused token prints."""
+    import base64
+    import logging
+    import urllib.parse
+
+    canary = "hf_CANARYimagetokennotreal0123456789"
+    forms = [canary, base64.b64encode(canary.encode()).decode(), urllib.parse.quote(canary, safe="")]
+    monkeypatch.setenv("HF_TOKEN", canary)
+    caplog.set_level(logging.DEBUG)
+    flaky = image_provider("together", rate_429=0.3, retry_after="none")
+    with EmulatorThread(EmulatorConfig(token=canary, endpoints=[], router=RouterConfig(providers=(flaky,)))) as emu:
+        monkeypatch.setattr(constants, "ENDPOINT", emu.hub_url)
+        endpoint = {"provider": "together", "model": FLUX, "router_url": emu.router_url, "price": {"per_image": 0.01}}
+        spec = image_job(tmp_path, endpoint, n=10)
+        outcome, lines = run(spec)
+        assert outcome.exit_code == 0, lines
+        env = {"HF_TOKEN": canary, "HF_ENDPOINT": emu.hub_url}
+        shown = [cli("validate", "--check-endpoint", str(spec), env=env),
+                 cli("status", str(spec), env=env)]
+        refused = cli("run", str(spec), "--output", str(tmp_path / "out" / "refused"), env={**env, "HF_TOKEN": canary + "x"})
+    assert refused.returncode != 0
+    assert len(read_rows(tmp_path / "out" / "job" / "data")) == 10
+    texts = ["\n".join(lines), caplog.text, refused.stdout, refused.stderr]
+    texts += [r.stdout + r.stderr for r in shown]
+    texts += [path.read_bytes().decode("latin-1") for path in tmp_path.rglob("*") if path.is_file()]
+    for text in texts:
+        for form in forms:
+            assert form not in text
