@@ -121,6 +121,14 @@ def test_a_whole_job_writes_its_parts_and_records_to_the_bucket_and_status_reads
         assert exported.returncode == 0, exported.stderr
         lines = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
         assert sorted(line["id"] for line in lines) == [f"row-{i:05d}" for i in range(ROWS)]
+        # The token reaches the Hub and its Xet storage as a header, and is written nowhere: not in any object
+        # of the bucket, nor in the local cache, nor in what the commands printed (reliability section 7).
+        everything = bucket_bytes(emu.hub_url, "jobs/whole", list(bucket_files(emu.hub_url, "jobs/whole")),
+                                  tmp_path / "all-objects")
+        texts = [ran.stdout + ran.stderr, status.stdout + status.stderr, exported.stdout + exported.stderr]
+        texts += [data.decode("latin-1") for data in everything.values()]
+        texts += [p.read_bytes().decode("latin-1") for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        assert len(everything) > 6 and not [text for text in texts if TOKEN in text]
 
 
 def test_sigkill_during_a_run_then_a_rerun_leaves_every_id_once_in_the_bucket(hub_env, tmp_path):
