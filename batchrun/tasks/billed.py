@@ -74,10 +74,12 @@ class BilledTask(ColumnsLayer):
     def parse(self, status: int, headers: Mapping[str, str], body: bytes) -> dict[str, Any]:
         """The inner task's columns, with the provider and the cached and reasoning tokens."""
         outputs = self.inner.parse(status, headers, body)
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:  # the inner task read it: never here in practice
-            doc = {}
+        doc: Any = {}
+        if not self.per_image:  # an image's answer (raw bytes, or megabytes of base64) reports no tokens
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError:  # the inner task read it: never here in practice
+                pass
         doc = doc if isinstance(doc, dict) else {}
         usage = doc.get("usage")
         usage = usage if isinstance(usage, dict) else {}
