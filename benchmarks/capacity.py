@@ -9,8 +9,13 @@ start-up is part of what the server sees. The server runs in its own process, on
    rows / (first request arrived .. last answer sent, as the server saw it) / (64 / 0.1 s); and the
    share of requests answered 429.
    told: the same job told the capacity (`concurrency: {max: 64, initial: 64}`): no slow start, no
-   probe, no 429. What it reaches is what this machine's client and server allow, the ceiling of
-   any controller; `hidden` is to be read against it, run in the same session.
+   probe, no 429.
+   bare: no batchrun at all, a bare aiohttp loop of exactly 64 workers, each sending as soon as its
+   last answer is in: what any client that knows the capacity reaches against this server on this
+   machine. Each answer's round trip costs the stand-in's own handling, its timer's rounding (epoll
+   counts in whole milliseconds) and two wake-ups across processes, so at 100 ms even this loop stays
+   near 0.93-0.94 of slots / latency; at 500 ms (`--latency 0.5`) those costs weigh five times less.
+   Run with `bare`, the benchmark ends with each scenario's median as a share of bare's.
 2. replicas: the emulator, 1 replica of 16 slots (100 ms); once the job runs, the benchmark raises
    the endpoint to 4 replicas through the control plane (they become ready one a second); the job is
    told nothing. Figure: seconds from the last replica being ready to the first 1 s window served at
@@ -24,7 +29,8 @@ start-up is part of what the server sees. The server runs in its own process, on
 
     .venv/bin/python benchmarks/capacity.py                  # all four (not told)
     .venv/bin/python benchmarks/capacity.py --only hidden --repeat 3
-    .venv/bin/python benchmarks/capacity.py --only hidden --only told --repeat 3   # interleaved
+    .venv/bin/python benchmarks/capacity.py --only hidden --only told --only bare --repeat 3   # interleaved
+    .venv/bin/python benchmarks/capacity.py --only hidden --only bare --latency 0.5 --repeat 2
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import functools
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -140,16 +147,22 @@ async def _get(url: str) -> dict:
 
 # ---------------------------------------------------------------- 1. hidden capacity
 
-def hidden(rows: int, *, told: bool = False) -> dict:
-    slots, latency = 64, 0.1
+def hidden(rows: int, *, mode: str = "hidden", latency: float = 0.1) -> dict:
+    """``mode``: ``hidden`` (the job told nothing), ``told`` (the job told the capacity) or ``bare`` (a bare
+    aiohttp loop of exactly ``slots`` workers: what any client told the capacity can reach here)."""
+    slots = 64
     parent, child = multiprocessing.Pipe()
     server = multiprocessing.Process(target=_stand_in, args=(slots, latency, child), daemon=True)
     server.start()
     try:
         url = parent.recv()
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = _write_job(Path(tmp), url, rows, slots, slots) if told else _write_job(Path(tmp), url, rows, 512)
-            summary = asyncio.run(_run_job(spec))
+        if mode == "bare":
+            ok = asyncio.run(_bare_loop(url, rows, slots))
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                told = mode == "told"
+                spec = _write_job(Path(tmp), url, rows, slots, slots) if told else _write_job(Path(tmp), url, rows, 512)
+                ok = asyncio.run(_run_job(spec))["rows"]["ok"]
         stats = asyncio.run(_get(f"{url}/stats"))
     finally:
         server.terminate()
@@ -157,10 +170,29 @@ def hidden(rows: int, *, told: bool = False) -> dict:
     span = stats["last"] - stats["first"]
     sent = stats["ok"] + stats["429"]
     return {
-        "scenario": "told" if told else "hidden", "rows": rows, "rows_ok": summary["rows"]["ok"], "capacity": slots,
+        "scenario": mode, "rows": rows, "rows_ok": ok, "capacity": slots, "latency_s": latency,
         "server_span_s": round(span, 3), "fraction_of_capacity": round(rows / span / (slots / latency), 3),
         "share_429": round(stats["429"] / sent, 4), "requests": sent, "peak_in_flight": stats["peak"],
     }
+
+
+async def _bare_loop(url: str, rows: int, workers: int) -> int:
+    """The reference: ``workers`` coroutines, each sending the job's request as soon as its last one is answered."""
+    pending = iter(range(rows))
+    ok = 0
+
+    async def worker(http: aiohttp.ClientSession) -> None:
+        nonlocal ok
+        for i in pending:
+            body = {"model": "tgi", "messages": [{"role": "user", "content": f"Write about topic {i % 997}."}],
+                    "max_tokens": 16, "seed": 1}
+            async with http.post(f"{url}/v1/chat/completions", json=body) as response:
+                await response.read()
+                ok += response.status == 200
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        await asyncio.gather(*(worker(http) for _ in range(workers)))
+    return ok
 
 
 # ---------------------------------------------------------------- 4. two endpoints, each capacity hidden
@@ -307,19 +339,30 @@ def lose(rows: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=["hidden", "told", "replicas", "lose", "two"], action="append")
+    parser.add_argument("--only", choices=["hidden", "told", "bare", "replicas", "lose", "two"], action="append")
     parser.add_argument("--rows", type=int,
-                        help="rows per job (defaults: hidden and told 4000, replicas 12000, lose 4000, two 8000)")
+                        help="rows per job (defaults: hidden, told and bare 4000, replicas 12000, lose 4000, two 8000)")
+    parser.add_argument("--latency", type=float, default=0.1, help="hidden, told and bare: seconds per answer")
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
-    scenarios = {"hidden": (hidden, 4000), "told": (functools.partial(hidden, told=True), 4000),
-                 "replicas": (replicas, 12000), "lose": (lose, 4000), "two": (two, 8000)}
-    names = args.only or [name for name in scenarios if name != "told"]
+    capacity = {mode: (functools.partial(hidden, mode=mode, latency=args.latency), 4000)
+                for mode in ("hidden", "told", "bare")}
+    scenarios = {**capacity, "replicas": (replicas, 12000), "lose": (lose, 4000), "two": (two, 8000)}
+    names = args.only or [name for name in scenarios if name not in ("told", "bare")]
     # Repeats interleave the scenarios asked for, so that a machine's load moves them alike.
+    reached: dict[str, list[float]] = {}
     for _ in range(args.repeat):
         for name in names:
             run, rows = scenarios[name]
-            print(json.dumps(run(args.rows or rows)), flush=True)
+            result = run(args.rows or rows)
+            print(json.dumps(result), flush=True)
+            if name in capacity:
+                reached.setdefault(name, []).append(result["fraction_of_capacity"])
+    if "bare" in reached:
+        # What the controller finds, as a share of what a client told the capacity reaches on this machine.
+        bare = statistics.median(reached["bare"])
+        print(json.dumps({f"{name}_of_bare_median": round(statistics.median(values) / bare, 3)
+                          for name, values in reached.items() if name != "bare"}), flush=True)
 
 
 if __name__ == "__main__":
