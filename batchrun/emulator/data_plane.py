@@ -103,10 +103,12 @@ class EndpointServer:
         if self._idle_task is not None:
             self._idle_task.cancel()
         self.state.close()
-        if self._http is not None:
-            await self._http.close()
         if self._runner is not None:
             await self._runner.cleanup()
+        # After the handlers ended: one still running could otherwise open the image-fetch session anew.
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
 
     async def _idle_watch(self) -> None:
         while True:

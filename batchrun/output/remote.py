@@ -358,7 +358,7 @@ class ObjectOutputStore(OutputStore):
     def check_writable(self) -> None:
         """Write and remove a probe object (and prove the cache folder writable): nothing costs money first."""
         probe = f"{self.commits.prefix}write-probe-{secrets.token_hex(4)}"
-        declared = getattr(self.objects, "conditional_writes", None)  # a store that has none says so (hf://)
+        declared = self.objects.conditional_writes  # a store that has none says so (hf://)
         try:
             self.objects.put_if_absent(probe, b"batchrun write probe\n")
             if declared is False:

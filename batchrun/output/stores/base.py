@@ -35,6 +35,9 @@ class ObjectStore(Protocol):
     """What the output's commit protocol needs from a store (see the package docstring)."""
 
     url: str
+    #: False: the store declares it cannot refuse a write on a condition (``put_if_absent`` and
+    #: ``put_if_match`` only look first); None: not declared, and the output probes it with two writes.
+    conditional_writes: bool | None
 
     def put(self, key: str, data: bytes) -> Version: ...
 

@@ -24,6 +24,9 @@ __all__ = ["ObStore"]
 class ObStore:
     """An ``s3://`` or ``gs://`` URL as an object store; keys are relative to the URL's prefix."""
 
+    #: Not declared: an S3-compatible store may ignore If-None-Match, so the output probes it.
+    conditional_writes: bool | None = None
+
     def __init__(self, url: str, store: Any) -> None:
         self.url = url
         self._store = store

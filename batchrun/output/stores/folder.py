@@ -27,6 +27,9 @@ class FolderStore:
     ever sees half an object; replace-if-unchanged compares the file's SHA-256 under an exclusive ``flock``.
     """
 
+    #: Not declared: a network filesystem may not honour the link's refusal, so the output probes it.
+    conditional_writes: bool | None = None
+
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
         self.url = str(self.root)

@@ -61,7 +61,7 @@ class HfBucketStore:
     """A bucket's prefix as an object store; keys are relative to the prefix."""
 
     #: The bucket cannot refuse a write on a condition (see the module docstring).
-    conditional_writes = False
+    conditional_writes: bool | None = False
 
     def __init__(self, url: str, api: Any = None) -> None:
         match = BUCKET_URL.match(url.strip())
