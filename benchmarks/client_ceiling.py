@@ -217,14 +217,14 @@ def _cpu_at(samples: list[tuple[float, float]], when: float) -> float:
     return samples[0][1] if when < samples[0][0] else samples[-1][1]
 
 
-def _client_run(command: list[str], url: str, env: dict[str, str], cpu: int | None = None) -> dict:
+def _client_run(command: list[str], url: str, env: dict[str, str], cpu: int | None = None, cwd: str | None = None) -> dict:
     """Run one client in a fresh interpreter: the server's figures, the wall time, the client's CPU time
     (all of it, and the part spent within the server's span, from /proc sampled every 20 ms)."""
     asyncio.run(_control(url, "reset"))
     started, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     pin = None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=pin
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=pin, cwd=cwd
     )
     samples: list[tuple[float, float]] = []
 
@@ -248,6 +248,14 @@ def _client_run(command: list[str], url: str, env: dict[str, str], cpu: int | No
     return {**stats, "wall_s": wall, "cpu_s": cpu, "cpu_in_span_s": _cpu_at(samples, last) - _cpu_at(samples, first)}
 
 
+def _package_of(env: dict[str, str]) -> str:
+    """Where a client started with ``env`` (from a neutral folder, as the runs are) imports batchrun from."""
+    with tempfile.TemporaryDirectory() as tmp:
+        found = subprocess.run([sys.executable, "-c", "import batchrun; print(batchrun.__file__)"], env=env, cwd=tmp,
+                               capture_output=True, text=True, check=True)
+    return str(Path(found.stdout.strip()).parent)
+
+
 def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | None = None, pin: bool = False) -> dict:
     """Interleaved runs of each client against one server; ``before`` is another batchrun source tree.
 
@@ -263,6 +271,9 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
     if before is not None:  # that tree's batchrun package comes first on the path
         path = os.pathsep.join(filter(None, [before, env.get("PYTHONPATH")]))
         clients["batchrun_before"] = {**env, "PYTHONPATH": path}
+    # `python -m` puts the working directory first on the path: each client runs from a folder of its own,
+    # or a run from the repository would import the repository's batchrun whatever PYTHONPATH says.
+    packages = {name: _package_of(client_env) for name, client_env in clients.items()}
     runs: dict[str, list[dict]] = {name: [] for name in (*clients, "bare_aiohttp")}
     bare_command = [sys.executable, str(Path(__file__).resolve()), "--bare", url, "--task", task, "--rows", str(rows),
                     "--concurrency", str(concurrency)]  # fmt: skip
@@ -272,7 +283,7 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
                 with tempfile.TemporaryDirectory() as tmp:
                     job = write_job(Path(tmp), url, rows, concurrency, task)
                     command = [sys.executable, "-m", "batchrun", "run", str(job), "--progress", "off"]
-                    runs[name].append(_client_run(command, url, client_env, client_cpu))
+                    runs[name].append(_client_run(command, url, client_env, client_cpu, cwd=tmp))
             runs["bare_aiohttp"].append(_client_run(bare_command, url, env, client_cpu))
     finally:
         server.terminate()
@@ -291,6 +302,7 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
     return {
         "benchmark": "client_ceiling", "task": task, "rows": rows, "concurrency": concurrency, "repeats": repeats,
         "pinned": pin,
+        "batchrun_packages": packages,
         "server_latency_s": 0.0,
         "rows_per_s_over_server_span": {k: [round(v) for v in values] for k, values in rates.items()},
         "over_bare_each_repeat": {k: [round(r, 3) for r in values] for k, values in ratios.items()},

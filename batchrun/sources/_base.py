@@ -227,16 +227,28 @@ class _BaseSource:
 
 
 def _hash_ids(chunk: Any) -> np.ndarray:
+    """A 64-bit hash of each id, the same for equal ids within one scan (both passes run in one process)."""
     if isinstance(chunk, (pa.Array, pa.ChunkedArray)):
         if pa.types.is_integer(chunk.type):
             return chunk.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+        if _STRING_LIKE(chunk.type):
+            # One type in the whole column: Python's own string hash (SipHash, cached on each str) tells
+            # equal ids apart from unequal ones as well as pandas does, without pandas' import at start.
+            values = chunk.to_numpy(zero_copy_only=False)
+            return np.fromiter(map(hash, values), dtype=np.int64, count=len(values)).view(np.uint64)
         values = np.asarray(chunk.to_numpy(zero_copy_only=False), dtype=object)
     else:
         values = np.asarray(chunk, dtype=object)
-    # pandas' vectorised SipHash: deterministic and far faster than hashing in a Python loop.
-    import pandas as pd  # heavy: loaded only for the duplicate-id scan
+    # Values of mixed types (JSONL): pandas' vectorised SipHash of each value's text, far faster than
+    # hashing in a Python loop (Python's hash would also make 1, 1.0 and True one id).
+    import pandas as pd  # heavy: loaded only for this scan
 
     return pd.util.hash_array(values, categorize=False)
+
+
+def _STRING_LIKE(type_: pa.DataType) -> bool:
+    return bool(pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_)
+                or pa.types.is_large_binary(type_))
 
 
 def _first_null(chunk: Any) -> int | None:

@@ -235,6 +235,23 @@ def test_other_write_errors_keep_the_system_s_words_and_name_the_file(store, mon
     assert list(store.tmp_dir.iterdir()) == []
 
 
+def test_scalar_columns_get_the_features_datasets_derives_without_importing_it():
+    import pyarrow as pa
+    from datasets import Features
+
+    from batchrun.output.schema import _VALUE_DTYPES, features_dict
+
+    schema = pa.schema([pa.field(f"c{i}", type_) for i, type_ in enumerate(_VALUE_DTYPES)])
+    assert features_dict(schema) == Features.from_arrow_schema(schema).to_dict()
+    # A nested or dated column, or features the schema declares, still go through datasets itself.
+    for other in (pa.list_(pa.string()), pa.struct([("a", pa.int64())]), pa.timestamp("s"), pa.date32()):
+        mixed = pa.schema([pa.field("text", pa.string()), pa.field("other", other)])
+        assert features_dict(mixed) == Features.from_arrow_schema(mixed).to_dict()
+    image = Features.from_dict({"text": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"}})
+    declared = image.arrow_schema
+    assert features_dict(declared)["image"] == {"_type": "Image"}
+
+
 def test_the_fixed_columns_features_are_the_ones_datasets_derives():
     import pyarrow as pa
     from datasets import Features

@@ -232,6 +232,14 @@ def test_duplicate_string_ids_are_found_in_jsonl(tmp_path, id_scan):
     assert sorted(open_source(jsonl_input("q.jsonl", id_column="qid")).find_duplicate_ids()) == ["q1", "q2"]
 
 
+def test_duplicate_string_ids_are_found_in_parquet(tmp_path, id_scan):
+    write_parquet(tmp_path / "d" / "a.parquet", ["a", "b", "c"])
+    write_parquet(tmp_path / "d" / "b.parquet", ["d", "b", "é", "é"])
+    assert sorted(open_source(parquet_input("d", id_column="id")).find_duplicate_ids()) == ["b", "é"]
+    write_parquet(tmp_path / "u.parquet", [f"row-{i}" for i in range(1000)])
+    assert open_source(parquet_input("u.parquet", id_column="id")).find_duplicate_ids() == []
+
+
 def test_a_hash_collision_is_not_reported_as_a_duplicate(tmp_path, monkeypatch):
     import numpy as np
 
