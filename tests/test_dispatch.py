@@ -854,6 +854,51 @@ def test_a_rows_first_instant_429_is_retried_within_a_round_not_after_the_full_b
     assert all(isinstance(record, RowResult) and record.attempts == 2 for record in got.values())
 
 
+@pytest.mark.parametrize("other_has_room", [False, True], ids=["the other endpoint full", "the other with room"])
+def test_a_row_refused_for_capacity_goes_to_another_endpoint_only_when_it_has_room(other_has_room: bool) -> None:
+    # Rows go a, b, a, b (each endpoint's first limit is 2). Endpoint a refuses the first request of its
+    # rows with TGI's instant 429. Full: b holds its two rows until a's are done, so a refused row has no
+    # room there and takes a's next free slot. With room: b answers at once and has one row, and a
+    # refuses only p0, whose retry prefers another endpoint and goes to b.
+    released = asyncio.Event()
+    refused = ["p0", "p2"] if not other_has_room else ["p0"]
+
+    async def refusing(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if nth == 1 and prompt in refused:
+            return tgi_error(429, "Model is overloaded", "overloaded")
+        return ok(prompt)
+
+    async def holding(request: web.Request, prompt: str, nth: int) -> web.Response:
+        if not other_has_room:
+            await released.wait()
+        return ok(prompt)
+
+    prompts = ["p0", "p1", "p2", "p3"] if not other_has_room else ["p0", "p1", "p2"]
+
+    async def main() -> tuple[list[RowResult | RowFailure], collections.Counter[str], collections.Counter[str]]:
+        records: list[RowResult | RowFailure] = []
+        async with ScriptedServer(refusing) as a, ScriptedServer(holding) as b:
+            d = dispatcher(a.url, records, max_concurrency=4, initial_concurrency=2, retry_budget_ratio=1.0,
+                           policy=RetryPolicy(max_attempts=3, backoff_base=30.0, backoff_cap=30.0))
+            d.add_route(DataPlane(url=b.url, headers={}, token=None), name="b")
+            running = asyncio.ensure_future(d.run(rows_of(prompts)))
+            if not other_has_room:
+                await until(lambda: len(records) == 2, what="the two rows a refused, answered by a")
+                assert b.in_flight == 2  # b still holds its two: the refused rows had no room there
+                released.set()
+            await asyncio.wait_for(running, 20)  # against a hang only
+            return records, a.by_prompt, b.by_prompt
+
+    records, at_a, at_b = asyncio.run(main())
+    assert sorted(by_id(records)) == [f"id-{i}" for i in range(len(prompts))]
+    assert all(isinstance(record, RowResult) for record in records)
+    assert sorted(at_a) == ["p0", "p2"] and sorted(p for p in at_b if p not in refused) == prompts[1::2], (at_a, at_b)
+    if other_has_room:  # refused once by a, answered by b
+        assert (at_a["p0"], at_b["p0"], at_a["p2"]) == (1, 1, 1), (at_a, at_b)
+    else:  # each refused row waited for a's next slot and was answered there: b never saw it
+        assert all(at_a[p] == 2 and at_b[p] == 0 for p in refused), (at_a, at_b)
+
+
 def test_a_lone_row_whose_connections_are_refused_is_kept_pending_not_failed_nor_retried_forever() -> None:
     # One row cannot make the breaker open, yet a refused connection is never the row's fault: it keeps
     # its attempts, and once the outage timeout has passed the run stops with the row pending.
