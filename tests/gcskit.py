@@ -21,7 +21,6 @@ import itertools
 import json
 import socket
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -29,6 +28,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from commit_records import counted_parts
+from loopback_http import LoopbackServer, forward
 
 _BUCKETS = itertools.count()
 _FORWARDED_OUT = ("connection", "transfer-encoding", "content-length", "host")
@@ -168,15 +168,6 @@ class XmlPutBridge:
                 length = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(length) if length else b""
 
-            def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]):
-                conn = http.client.HTTPConnection("127.0.0.1", bridge.target_port, timeout=60)
-                try:
-                    conn.request(method, path, body=body, headers=headers)
-                    answer = conn.getresponse()
-                    return answer.status, answer.getheaders(), answer.read()
-                finally:
-                    conn.close()
-
             def _any(self) -> None:
                 body = self._body()
                 if body is None:
@@ -192,7 +183,7 @@ class XmlPutBridge:
                     self._answer(501, [], b"XML multipart uploads are not bridged")
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _FORWARDED_OUT}
-                self._answer(*self._forward(self.command, self.path, body, headers))
+                self._answer(*forward(bridge.target_port, self.command, self.path, body, headers))
 
             def _put(self, bucket: str, name: str, body: bytes):
                 condition = self.headers.get("x-goog-if-generation-match")
@@ -206,8 +197,8 @@ class XmlPutBridge:
                 payload += f"\r\n--{boundary}--\r\n".encode()
                 query = {"uploadType": "multipart", "name": name,
                          **({"ifGenerationMatch": condition} if condition is not None else {})}
-                status, headers, data = self._forward(
-                    "POST", f"/upload/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}", payload,
+                status, headers, data = forward(
+                    bridge.target_port, "POST", f"/upload/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}", payload,
                     {"Content-Type": f"multipart/related; boundary={boundary}"})  # fmt: skip
                 if status != 200:
                     return status, headers, data
@@ -217,14 +208,12 @@ class XmlPutBridge:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._http = LoopbackServer(Handler)
+        self.port = self._http.port
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._http.endpoint
 
     def stop(self) -> None:
-        self._server.shutdown()
+        self._http.stop()

@@ -21,6 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from commit_records import counted_parts
+from loopback_http import LoopbackServer, forward
 
 _BUCKETS = itertools.count()
 
@@ -139,16 +140,13 @@ class HoldingProxy:
                     if not proxy._forward:
                         self.close_connection = True
                         return
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "transfer-encoding")}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                answer = conn.getresponse()
-                data = answer.read()
+                status, answer_headers, data = forward(proxy.target_port, self.command, self.path, body, headers)
                 if held:
                     proxy.landed.set()
                 try:
-                    self.send_response(answer.status)
-                    for k, v in answer.getheaders():
+                    self.send_response(status)
+                    for k, v in answer_headers:
                         if k.lower() not in ("connection", "transfer-encoding", "content-length"):
                             self.send_header(k, v)
                     self.send_header("Content-Length", str(len(data)))
@@ -157,18 +155,15 @@ class HoldingProxy:
                         self.wfile.write(data)
                 except OSError:
                     self.close_connection = True
-                conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._http = LoopbackServer(Handler)
+        self.port = self._http.port
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self._http.endpoint
 
     def _matches(self, method: str, path: str) -> bool:
         with self._rule_lock:
@@ -195,4 +190,4 @@ class HoldingProxy:
 
     def stop(self) -> None:
         self._go.set()
-        self._server.shutdown()
+        self._http.stop()
