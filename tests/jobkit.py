@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -297,6 +297,22 @@ def wait_for_committed(out_dir: Path, n: int, proc: subprocess.Popen | None = No
 
     return wait_until(enough, timeout=timeout, proc=proc, log=log,
                       what=f"{n} committed rows in {state_dir(out_dir, shard)}/manifest.jsonl")
+
+
+def two_running_with_rows(procs: Mapping[int, subprocess.Popen], committed: Callable[[int], int], n: int, *,
+                          timeout: float = 120.0) -> tuple[int, int]:
+    """The first two processes seen still running with at least ``n`` rows committed (``committed(i)``).
+
+    For a test that stops two of several shards mid-run: chosen when both are seen sending, rather than
+    named beforehand, so that on a slow machine neither has already finished when its signal comes.
+    """
+    def two() -> tuple[int, int] | None:
+        found = [i for i, proc in procs.items() if proc.poll() is None and committed(i) >= n]
+        return (found[0], found[1]) if len(found) >= 2 else None
+
+    chosen = wait_until(two, timeout=timeout, what=f"two shards still running with {n} rows committed")
+    assert chosen is not None
+    return chosen
 
 
 def wait_for_requests(emu: EmulatorThread, n: int, proc: subprocess.Popen | None = None, *, name: str = "gen",

@@ -24,6 +24,7 @@ from jobkit import (
     paused_endpoint,
     running_endpoint,
     start_run,
+    two_running_with_rows,
     wait_until,
     write_spec,
     write_topics,
@@ -159,17 +160,18 @@ def test_four_shards_on_s3_killed_and_run_again_share_one_endpoint_and_hold_ever
                           concurrency={"max": 2, "initial": 2}, output={"path": url, "shard_rows": 10})
         procs = {i: _start(spec, f"{i}/4", env) for i in range(4)}
         try:
-            # One killed outright, one stopped by SIGTERM, each once the store lists some of its rows committed.
-            for victim, sig in ((1, signal.SIGKILL), (3, signal.SIGTERM)):
-                wait_until(lambda v=victim: committed_rows(s3, url, _shard(v)) >= 10, proc=procs[victim],
-                           interval=0.1, timeout=120, what=f"rows committed by shard {victim}")
-                procs[victim].send_signal(sig)
+            # One killed outright, one stopped by SIGTERM, both while sending, once the store lists some of
+            # each one's rows committed.
+            killed, stopped = two_running_with_rows(procs, lambda i: committed_rows(s3, url, _shard(i)), 10)
+            procs[killed].send_signal(signal.SIGKILL)
+            procs[stopped].send_signal(signal.SIGTERM)
+            for victim in (killed, stopped):
                 procs[victim].wait(timeout=60)
-            assert procs[3].returncode == 3, _said(procs[3])
-            for i in (0, 2):
+            assert procs[stopped].returncode == 3, _said(procs[stopped])
+            for i in set(range(4)) - {killed, stopped}:
                 assert procs[i].wait(timeout=300) == 0, _said(procs[i])
             assert _puts_down(emu) and emu.state(NS, "gen").state == "paused"
-            again = {victim: _start(spec, f"{victim}/4", env) for victim in (1, 3)}
+            again = {victim: _start(spec, f"{victim}/4", env) for victim in (killed, stopped)}
             procs.update(again)
             for proc in again.values():
                 assert proc.wait(timeout=300) == 0, _said(proc)

@@ -20,11 +20,12 @@ from jobkit import (
     REPO,
     TOKEN,
     cli,
+    committed_rows,
     emulator,
     paused_endpoint,
     read_ids,
     running_endpoint,
-    wait_for_committed,
+    two_running_with_rows,
     write_spec,
     write_topics,
 )
@@ -159,19 +160,20 @@ def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_e
         procs = {i: _start(spec, f"{i}/4", env) for i in range(4)}
         try:
             # One killed outright, one stopped by SIGTERM (it releases: it must leave the endpoint to the
-            # others), each once it has committed some of its rows.
-            for victim, sig in ((1, signal.SIGKILL), (3, signal.SIGTERM)):
-                wait_for_committed(out, 10, procs[victim], shard=_shard(victim))
-                procs[victim].send_signal(sig)
+            # others), both while sending, once each has committed some of its rows.
+            killed, stopped = two_running_with_rows(procs, lambda i: committed_rows(out, _shard(i)), 10)
+            procs[killed].send_signal(signal.SIGKILL)
+            procs[stopped].send_signal(signal.SIGTERM)
+            for victim in (killed, stopped):
                 procs[victim].wait(timeout=60)
-            assert procs[3].returncode == 3, procs[3].stderr.read() if procs[3].stderr else ""
-            for i in (0, 2):
+            assert procs[stopped].returncode == 3, procs[stopped].stderr.read() if procs[stopped].stderr else ""
+            for i in set(range(4)) - {killed, stopped}:
                 assert procs[i].wait(timeout=300) == 0, procs[i].stderr.read() if procs[i].stderr else ""
             # The last shard of the first round put it down: the one killed is dead, SIGTERM's left. (How
             # often it was put down before depends on how the starts overlapped: a shard that ran all alone
             # pauses it, and a later one resumes it.)
             assert _puts_down(emu) and emu.state(NS, "gen").state == "paused"
-            again = {victim: _start(spec, f"{victim}/4", env) for victim in (1, 3)}  # together: each resumes itself
+            again = {victim: _start(spec, f"{victim}/4", env) for victim in (killed, stopped)}  # each resumes itself
             procs.update(again)
             for proc in again.values():
                 assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
