@@ -133,6 +133,7 @@ async def preflight(
     stored = await asyncio.to_thread(store.load_job) if store.exists() else None
     input_fingerprint = await asyncio.to_thread(source.fingerprint)
     await _check_unique_ids(spec, source, scanned=bool(stored and stored.get("ids_checked") == input_fingerprint))
+    spec = await _pin_image_provider(spec, check=check_endpoint, echo=echo)
     task = _make_task(spec)
     kept = _kept_columns(spec, source, task)
     _check_score_references(spec, kept)
@@ -386,6 +387,32 @@ async def _check_unique_ids(spec: JobSpec, source: Source, *, scanned: bool) -> 
             f"input.id_column {spec.input.id_column!r} has duplicate ids ({shown}); every row needs a unique id "
             "so that it ends in exactly one output record. Fix the input or drop input.id_column to number rows."
         )
+
+
+async def _pin_image_provider(spec: JobSpec, *, check: bool, echo: Callable[[str], None]) -> JobSpec:
+    """``provider: auto`` for text-to-image names no route: the provider is chosen before the task is built,
+    from the Hub's mapping of the model (read-only), and the rest of the job sees it pinned.
+
+    The built-in router serves the first route batchrun builds. Without the endpoint check (`validate`), the
+    Hub is not asked: the task is checked on that first route, and the provider is chosen when the job runs.
+    """
+    e = spec.endpoint
+    if spec.task != "text-to-image" or not e.per_token or e.provider != "auto":
+        return spec
+    from batchrun.endpoints.providers import first_image_provider, hub_image_mapping
+    from batchrun.tasks.provider_images import IMAGE_ROUTES
+
+    if e.router_url == "local" or not check:
+        chosen = next(iter(IMAGE_ROUTES))
+        if e.router_url != "local":
+            echo(f"endpoint: provider auto is chosen from the Hub's mapping of {e.model} when the job runs "
+                 f"(checked here on the {chosen} route)")
+    else:
+        assert e.model is not None
+        chosen, passed = first_image_provider(e.model, await hub_image_mapping(e.model, _resolve_token(spec)))
+        echo(f"endpoint: provider auto chose {chosen}, the first provider the Hub maps to {e.model} for "
+             f"text-to-image" + (f" (passed over: {', '.join(passed)})" if passed else ""))
+    return dataclasses.replace(spec, endpoint=dataclasses.replace(e, provider=chosen))
 
 
 def _make_task(spec: JobSpec) -> Task:

@@ -132,6 +132,34 @@ def test_an_unknown_model_or_a_provider_in_error_is_refused_before_anything_is_s
     assert image_requests(emu) == 0
 
 
+def test_provider_auto_draws_with_the_first_provider_the_hub_maps_to_the_model_for_text_to_image(
+        tmp_path, router_and_hub):
+    # The Hub's mapping, in the router's order: a provider serving the model for chat only (not for images),
+    # together in error, then nscale and hf-inference. auto passes over together and takes nscale.
+    emu = router_and_hub(ProviderConfig(name="cerebras", models=(FLUX,)), image_provider("together", status="error"),
+                         image_provider("nscale"), image_provider("hf-inference"))
+    endpoint = {"provider": "auto", "model": FLUX, "router_url": emu.router_url, "price": {"per_image": 0.002}}
+    outcome, lines = run(image_job(tmp_path, endpoint, n=4))
+    assert outcome.exit_code == 0, lines
+    rows = read_rows(tmp_path / "out" / "job" / "data")
+    assert len(rows) == 4 and {row["provider"] for row in rows} == {"nscale"}
+    assert {(row["width"], row["height"]) for row in rows} == {(32, 24)}  # nscale's size: "32x24"
+    drawn = {name: stats["images"] for name, stats in emu.router_stats()["providers"].items()}
+    assert drawn == {"cerebras": 0, "together": 0, "nscale": 4, "hf-inference": 0}
+    assert any("provider auto chose nscale" in line and "together (status error)" in line for line in lines), lines
+    assert summary(tmp_path)["cost"]["usd"] == pytest.approx(4 * 0.002)
+
+
+def test_provider_auto_with_no_provider_it_can_use_is_refused_before_anything_is_sent(tmp_path, router_and_hub):
+    emu = router_and_hub(image_provider("together", status="error"), ProviderConfig(name="nscale", models=(FLUX,)))
+    spec = image_job(tmp_path, {"provider": "auto", "model": FLUX, "router_url": emu.router_url})
+    with pytest.raises(EndpointUnusableError, match=r"provider auto: no provider serves .*together \(status error\)"):
+        run(spec)
+    checked = cli("validate", "--check-endpoint", str(spec), env={"HF_TOKEN": TOKEN})
+    assert checked.returncode == 2 and "provider auto: no provider serves" in checked.stdout + checked.stderr
+    assert image_requests(emu) == 0
+
+
 def test_a_429_without_retry_after_loses_no_row(tmp_path, router_and_hub):
     flaky = image_provider("together", rate_429=0.5, rate_limit_headers=False, retry_after="none")
     emu = router_and_hub(flaky)
@@ -166,7 +194,8 @@ def test_the_spec_names_the_provider_routes_built_and_prices_images_per_image(tm
 
     flux = {"model": FLUX}
     assert "hf-inference, nscale, together" in refused({"provider": "fal-ai", **flux})
-    assert "hf-inference, nscale, together" in refused({"provider": "auto", **flux})
+    assert "hf-inference, nscale, together" in refused({"provider": "fastest", **flux})
+    assert load_spec(image_job(tmp_path, {"provider": "auto", **flux})).endpoint.provider == "auto"
     assert "per_image" in refused({"provider": "together", **flux, "price": {"input_per_mtok": 1, "output_per_mtok": 1}})
     assert "per_image" in refused({"provider": "together", **flux}, budget={"max_usd": 1})
     assert "one endpoint" in refused([{"provider": "together", **flux}, {"provider": "nscale", **flux}])

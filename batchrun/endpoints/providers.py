@@ -42,7 +42,7 @@ from batchrun.facts import CHECK_MAX_BYTES, CHECK_TIMEOUT_S
 if TYPE_CHECKING:
     from batchrun.spec import EndpointSpec
 
-__all__ = ["ROUTER_URL", "ServerlessEndpoint"]
+__all__ = ["ROUTER_URL", "ServerlessEndpoint", "first_image_provider", "hub_image_mapping"]
 
 #: The Inference Providers router (OpenAI-compatible).
 ROUTER_URL = "https://router.huggingface.co/v1"
@@ -165,42 +165,12 @@ class ServerlessEndpoint:
         return await self._get_json(join_url(self.base_url, "/models"), self.base_url)
 
     async def _get_json(self, url: str, what: str) -> tuple[int, dict[str, Any]]:
-        from batchrun.transport import Request, TransportError, auth_headers, current_transport
-
-        headers = auth_headers(url, self._token, send_token=self._send_token)
-        try:
-            answer = await current_transport().send(
-                Request("GET", url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES))
-        except TransportError as exc:
-            detail = redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
-            raise EndpointUnusableError(f"cannot reach {redact(what)} ({detail}): check the endpoint's url; "
-                                        "nothing was sent") from None
-        try:
-            doc = json.loads(answer.body) if answer.status == 200 else {}
-        except (UnicodeDecodeError, ValueError):
-            doc = {}
-        return answer.status, doc if isinstance(doc, dict) else {}
+        return await _fetch_json(url, what, self._token, send_token=self._send_token)
 
     async def _image_check(self) -> EndpointCheck:
         """text-to-image: the Hub's inferenceProviderMapping says the pinned provider serves the model for it,
         and under which id; that id goes in each body where the provider's route takes one."""
-        from huggingface_hub import constants
-
-        from batchrun.tasks import join_url
-
-        hub = constants.ENDPOINT  # huggingface_hub's, which honours HF_ENDPOINT
-        status, doc = await self._get_json(
-            join_url(hub, f"/api/models/{self.model}") + "?expand=inferenceProviderMapping", hub)
-        if status in (401, 403):
-            raise AuthError(f"the Hub refused the Hugging Face token (HTTP {status} on GET /api/models/{self.model}):"
-                            " check it, then run the job again", status=status)
-        if status == 404:
-            raise EndpointUnusableError(f"the Hub has no model {self.model} (GET /api/models/{self.model}): check "
-                                        "endpoint.model; nothing was sent")
-        if status != 200:
-            raise EndpointUnusableError(f"the Hub at {redact(hub)} did not say which providers serve {self.model} "
-                                        f"(HTTP {status} on GET /api/models/{self.model}); nothing was sent")
-        mapping = _image_mapping(doc.get("inferenceProviderMapping"))
+        mapping = await hub_image_mapping(self.model, self._token)
         mine = mapping.get(str(self.provider))
         if mine is None or mine.get("task") != "text-to-image":
             serving = ", ".join(p for p, m in mapping.items() if m.get("task") == "text-to-image") or "no provider"
@@ -340,6 +310,68 @@ class ServerlessEndpoint:
     async def down(self) -> BracketResult:
         """Nothing to put down: a serverless target is used as it is."""
         return BracketResult(self.ref, Bracketed.NOT_BRACKETED, note=_NOTHING_TO_BRACKET)
+
+
+async def _fetch_json(url: str, what: str, token: str | None, *, send_token: bool) -> tuple[int, dict[str, Any]]:
+    """GET ``url`` for a check: its status and JSON object ({} unless a 200 holding one)."""
+    from batchrun.transport import Request, TransportError, auth_headers, current_transport
+
+    headers = auth_headers(url, token, send_token=send_token)
+    try:
+        answer = await current_transport().send(
+            Request("GET", url, headers, timeout=CHECK_TIMEOUT_S, max_bytes=CHECK_MAX_BYTES))
+    except TransportError as exc:
+        detail = redact(f"{type(exc).__name__}: {exc}")[:300] or type(exc).__name__
+        raise EndpointUnusableError(f"cannot reach {redact(what)} ({detail}): check the endpoint's url; "
+                                    "nothing was sent") from None
+    try:
+        doc = json.loads(answer.body) if answer.status == 200 else {}
+    except (UnicodeDecodeError, ValueError):
+        doc = {}
+    return answer.status, doc if isinstance(doc, dict) else {}
+
+
+async def hub_image_mapping(model: str, token: str | None) -> dict[str, Mapping[str, Any]]:
+    """The Hub's inferenceProviderMapping of ``model`` by provider, as huggingface_hub's client reads it
+    (``GET {HF_ENDPOINT}/api/models/{model}?expand=inferenceProviderMapping``), in the Hub's order."""
+    from huggingface_hub import constants
+
+    from batchrun.tasks import join_url
+
+    hub = constants.ENDPOINT  # huggingface_hub's, which honours HF_ENDPOINT
+    status, doc = await _fetch_json(join_url(hub, f"/api/models/{model}") + "?expand=inferenceProviderMapping", hub,
+                                    token, send_token=False)
+    if status in (401, 403):
+        raise AuthError(f"the Hub refused the Hugging Face token (HTTP {status} on GET /api/models/{model}): "
+                        "check it, then run the job again", status=status)
+    if status == 404:
+        raise EndpointUnusableError(f"the Hub has no model {model} (GET /api/models/{model}): check endpoint.model; "
+                                    "nothing was sent")
+    if status != 200:
+        raise EndpointUnusableError(f"the Hub at {redact(hub)} did not say which providers serve {model} "
+                                    f"(HTTP {status} on GET /api/models/{model}); nothing was sent")
+    return _image_mapping(doc.get("inferenceProviderMapping"))
+
+
+def first_image_provider(model: str, mapping: Mapping[str, Mapping[str, Any]]) -> tuple[str, list[str]]:
+    """``provider: auto`` for text-to-image: huggingface_hub's client takes the first provider of the mapping;
+    batchrun takes the first that serves ``model`` for text-to-image, is not in error, and has a route
+    batchrun builds. Returns it and the text-to-image providers passed over (why, each)."""
+    from batchrun.tasks.provider_images import IMAGE_ROUTES
+
+    passed: list[str] = []
+    for name, entry in mapping.items():
+        if entry.get("task") != "text-to-image":
+            continue
+        if entry.get("status") == "error":
+            passed.append(f"{name} (status error)")
+        elif name not in IMAGE_ROUTES:
+            passed.append(f"{name} (a route batchrun does not build)")
+        else:
+            return name, passed
+    why = ", ".join(passed) if passed else "the Hub maps no provider to it for text-to-image"
+    raise EndpointUnusableError(f"provider auto: no provider serves {model} for text-to-image on a route batchrun "
+                                f"builds ({', '.join(IMAGE_ROUTES)}): {why}; nothing was sent")
 
 
 def _price(e: EndpointSpec) -> TokenPrice | None:

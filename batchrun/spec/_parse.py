@@ -194,14 +194,15 @@ class _Parser(_InputParser, _EndpointParser):
                                  "not say what it charges, so the budget could not count its tokens")
 
     def provider_images_job(self, spec: JobSpec, e: EndpointSpec, where: str) -> None:
-        """text-to-image through the router: one pinned provider whose route batchrun builds, priced per image."""
+        """text-to-image through the router: one provider whose route batchrun builds (or auto: preflight picks
+        it from the Hub's mapping), priced per image."""
         routes = task_kind(spec.task).provider_routes
         if len(spec.all_endpoints) > 1:
             raise self.error(where, "a text-to-image job through Inference Providers has one endpoint: each "
                              "provider takes its own request shape")
-        if e.provider not in routes:
+        if e.provider not in routes and e.provider != "auto":
             raise self.error(f"{where}.provider", f"text-to-image goes through the routes of {', '.join(routes)}: "
-                             f"pin one of them (got {e.provider})")
+                             f"pin one of them, or auto for the first the Hub maps to the model (got {e.provider})")
         if e.mode != "online":
             raise self.error(f"{where}.mode", "text-to-image through a provider is sent online only")
         if spec.samples > 1:

@@ -83,3 +83,26 @@ def test_the_routes_are_the_ones_the_task_kind_declares():
     from batchrun.task_kinds import task_kind
 
     assert tuple(sorted(IMAGE_ROUTES)) == task_kind("text-to-image").provider_routes
+
+
+def test_auto_takes_the_first_provider_of_the_mapping_that_batchrun_has_a_route_for() -> None:
+    from batchrun.endpoints.providers import _image_mapping, first_image_provider
+    from batchrun.errors import EndpointUnusableError
+
+    model = "black-forest-labs/FLUX.1-dev"
+    # The Hub's list form, in its order (the user's preference): fal-ai first, whose queue route batchrun does
+    # not build, a chat mapping, replicate in error, then together.
+    mapping = _image_mapping([
+        {"provider": "fal-ai", "task": "text-to-image", "status": "live", "providerId": "fal-ai/flux/dev"},
+        {"provider": "cerebras", "task": "conversational", "status": "live", "providerId": model},
+        {"provider": "replicate", "task": "text-to-image", "status": "error", "providerId": "black-forest-labs/flux"},
+        {"provider": "together", "task": "text-to-image", "status": "staging", "providerId": model},
+        {"provider": "nscale", "task": "text-to-image", "status": "live", "providerId": "flux-dev"},
+    ])
+    chosen, passed = first_image_provider(model, mapping)
+    assert chosen == "together"
+    assert passed == ["fal-ai (a route batchrun does not build)", "replicate (status error)"]
+    with pytest.raises(EndpointUnusableError, match="fal-ai .a route batchrun does not build.; nothing was sent"):
+        first_image_provider(model, {"fal-ai": mapping["fal-ai"], "cerebras": mapping["cerebras"]})
+    with pytest.raises(EndpointUnusableError, match="the Hub maps no provider to it for text-to-image"):
+        first_image_provider(model, {})
