@@ -133,8 +133,8 @@ async def preflight(
     stored = await asyncio.to_thread(store.load_job) if store.exists() else None
     input_fingerprint = await asyncio.to_thread(source.fingerprint)
     await _check_unique_ids(spec, source, scanned=bool(stored and stored.get("ids_checked") == input_fingerprint))
-    spec = await _pin_image_provider(spec, check=check_endpoint, echo=echo)
-    task = _make_task(spec)
+    offline = _pin_image_provider(spec, None)  # provider auto: checked on the first route until the Hub is asked
+    task = _make_task(offline)
     kept = _kept_columns(spec, source, task)
     _check_score_references(spec, kept)
     # The output's columns are checked now; their datasets features (a heavy import) when the run opens it.
@@ -143,6 +143,14 @@ async def preflight(
     token = _resolve_token(spec)
     spent = await _spent_before(spec, store, stored, fresh=fresh)
     runs_before = int((stored or {}).get("runs", 0)) if not fresh else 0
+    # A job whose last run finished every row sends nothing and touches no endpoint, not even to ask
+    # what it serves (a url's GET /info would wake a scaled-to-zero endpoint); the model it recorded
+    # stays in its identity.
+    finished = stored is not None and not fresh and _finished(
+        await asyncio.to_thread(store.load_summary), count, retry_failed=retry_failed)
+    spec = await _choose_image_provider(spec, token, ask_hub=check_endpoint and not finished, echo=echo)
+    if spec is not offline:  # provider auto, chosen now
+        task = _make_task(spec)
     pool = open_endpoints(
         spec, token=token, stop=stop or Stop(), echo=echo, poll_interval_s=poll_interval_s or POLL_INTERVAL_S,
         run_number=runs_before + 1,
@@ -150,11 +158,6 @@ async def preflight(
     from batchrun.tasks.billed import bind_meters
 
     bind_meters(task, {member.name: member.endpoint.meter for member in pool.members})  # cost per token, per lane
-    # A job whose last run finished every row sends nothing and touches no endpoint, not even to ask
-    # what it serves (a url's GET /info would wake a scaled-to-zero endpoint); the model it recorded
-    # stays in its identity.
-    finished = stored is not None and not fresh and _finished(
-        await asyncio.to_thread(store.load_summary), count, retry_failed=retry_failed)
     check = await _check_endpoint(pool) if check_endpoint and not finished else None
     identity = _identity(spec, input_fingerprint, check)
     if finished and stored is not None:
@@ -389,30 +392,39 @@ async def _check_unique_ids(spec: JobSpec, source: Source, *, scanned: bool) -> 
         )
 
 
-async def _pin_image_provider(spec: JobSpec, *, check: bool, echo: Callable[[str], None]) -> JobSpec:
-    """``provider: auto`` for text-to-image names no route: the provider is chosen before the task is built,
-    from the Hub's mapping of the model (read-only), and the rest of the job sees it pinned.
+def _pin_image_provider(spec: JobSpec, provider: str | None) -> JobSpec:
+    """A text-to-image job's ``provider: auto`` pinned to ``provider`` (None: the first route batchrun builds);
+    any other spec as it is."""
+    e = spec.endpoint
+    if spec.task != "text-to-image" or not e.per_token or e.provider != "auto":
+        return spec
+    from batchrun.tasks.provider_images import IMAGE_ROUTES
 
-    The built-in router serves the first route batchrun builds. Without the endpoint check (`validate`), the
-    Hub is not asked: the task is checked on that first route, and the provider is chosen when the job runs.
+    chosen = provider or next(iter(IMAGE_ROUTES))
+    return dataclasses.replace(spec, endpoint=dataclasses.replace(e, provider=chosen),
+                               endpoints=tuple(dataclasses.replace(x, provider=chosen) for x in spec.endpoints))
+
+
+async def _choose_image_provider(spec: JobSpec, token: str | None, *, ask_hub: bool,
+                                 echo: Callable[[str], None]) -> JobSpec:
+    """``provider: auto`` for text-to-image names no route: the provider is chosen from the Hub's mapping of
+    the model (read-only), after every offline check, and the rest of the job sees it pinned.
+
+    The Hub is asked only when the job will send (``ask_hub``: not for `validate`, nor for a job whose rows
+    are all done); otherwise, and on the built-in router, it is the first route batchrun builds.
     """
     e = spec.endpoint
     if spec.task != "text-to-image" or not e.per_token or e.provider != "auto":
         return spec
+    if e.router_url == "local" or not ask_hub:
+        return _pin_image_provider(spec, None)
     from batchrun.endpoints.providers import first_image_provider, hub_image_mapping
-    from batchrun.tasks.provider_images import IMAGE_ROUTES
 
-    if e.router_url == "local" or not check:
-        chosen = next(iter(IMAGE_ROUTES))
-        if e.router_url != "local":
-            echo(f"endpoint: provider auto is chosen from the Hub's mapping of {e.model} when the job runs "
-                 f"(checked here on the {chosen} route)")
-    else:
-        assert e.model is not None
-        chosen, passed = first_image_provider(e.model, await hub_image_mapping(e.model, _resolve_token(spec)))
-        echo(f"endpoint: provider auto chose {chosen}, the first provider the Hub maps to {e.model} for "
-             f"text-to-image" + (f" (passed over: {', '.join(passed)})" if passed else ""))
-    return dataclasses.replace(spec, endpoint=dataclasses.replace(e, provider=chosen))
+    assert e.model is not None
+    chosen, passed = first_image_provider(e.model, await hub_image_mapping(e.model, token))
+    echo(f"endpoint: provider auto chose {chosen}, the first provider the Hub maps to {e.model} for "
+         f"text-to-image" + (f" (passed over: {', '.join(passed)})" if passed else ""))
+    return _pin_image_provider(spec, chosen)
 
 
 def _make_task(spec: JobSpec) -> Task:

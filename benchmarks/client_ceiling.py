@@ -268,12 +268,15 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
     url = parent.recv()
     env = {**os.environ, "HF_TOKEN": TOKEN}
     clients = {"batchrun": env}
-    if before is not None:  # that tree's batchrun package comes first on the path
-        path = os.pathsep.join(filter(None, [before, env.get("PYTHONPATH")]))
+    if before is not None:  # that tree's batchrun package comes first on the path (absolute: clients run elsewhere)
+        path = os.pathsep.join(filter(None, [str(Path(before).resolve()), env.get("PYTHONPATH")]))
         clients["batchrun_before"] = {**env, "PYTHONPATH": path}
     # `python -m` puts the working directory first on the path: each client runs from a folder of its own,
     # or a run from the repository would import the repository's batchrun whatever PYTHONPATH says.
     packages = {name: _package_of(client_env) for name, client_env in clients.items()}
+    if before is not None and packages["batchrun_before"] == packages["batchrun"]:
+        raise SystemExit(f"--before {before}: the older client would import {packages['batchrun']}, the same "
+                         "package as the current one; give the folder that holds the older batchrun/")
     runs: dict[str, list[dict]] = {name: [] for name in (*clients, "bare_aiohttp")}
     bare_command = [sys.executable, str(Path(__file__).resolve()), "--bare", url, "--task", task, "--rows", str(rows),
                     "--concurrency", str(concurrency)]  # fmt: skip

@@ -307,6 +307,8 @@ def two_running_with_rows(procs: Mapping[int, subprocess.Popen], committed: Call
     named beforehand, so that on a slow machine neither has already finished when its signal comes.
     """
     def two() -> tuple[int, int] | None:
+        failed = {i: proc.returncode for i, proc in procs.items() if proc.poll() not in (None, 0)}
+        assert not failed, f"shards exited before any was stopped: {failed}"
         found = [i for i, proc in procs.items() if proc.poll() is None and committed(i) >= n]
         return (found[0], found[1]) if len(found) >= 2 else None
 

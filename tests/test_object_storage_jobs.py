@@ -167,6 +167,7 @@ def test_four_shards_on_s3_killed_and_run_again_share_one_endpoint_and_hold_ever
             procs[stopped].send_signal(signal.SIGTERM)
             for victim in (killed, stopped):
                 procs[victim].wait(timeout=60)
+            assert procs[killed].returncode == -signal.SIGKILL  # killed while sending, not after it ended
             assert procs[stopped].returncode == 3, _said(procs[stopped])
             for i in set(range(4)) - {killed, stopped}:
                 assert procs[i].wait(timeout=300) == 0, _said(procs[i])

@@ -132,14 +132,16 @@ def test_an_unknown_model_or_a_provider_in_error_is_refused_before_anything_is_s
     assert image_requests(emu) == 0
 
 
+@pytest.mark.parametrize("listed", [False, True], ids=["endpoint", "a list of one"])
 def test_provider_auto_draws_with_the_first_provider_the_hub_maps_to_the_model_for_text_to_image(
-        tmp_path, router_and_hub):
+        tmp_path, router_and_hub, monkeypatch, listed):
     # The Hub's mapping, in the router's order: a provider serving the model for chat only (not for images),
     # together in error, then nscale and hf-inference. auto passes over together and takes nscale.
     emu = router_and_hub(ProviderConfig(name="cerebras", models=(FLUX,)), image_provider("together", status="error"),
                          image_provider("nscale"), image_provider("hf-inference"))
     endpoint = {"provider": "auto", "model": FLUX, "router_url": emu.router_url, "price": {"per_image": 0.002}}
-    outcome, lines = run(image_job(tmp_path, endpoint, n=4))
+    spec = image_job(tmp_path, [endpoint] if listed else endpoint, n=4)
+    outcome, lines = run(spec)
     assert outcome.exit_code == 0, lines
     rows = read_rows(tmp_path / "out" / "job" / "data")
     assert len(rows) == 4 and {row["provider"] for row in rows} == {"nscale"}
@@ -148,6 +150,11 @@ def test_provider_auto_draws_with_the_first_provider_the_hub_maps_to_the_model_f
     assert drawn == {"cerebras": 0, "together": 0, "nscale": 4, "hf-inference": 0}
     assert any("provider auto chose nscale" in line and "together (status error)" in line for line in lines), lines
     assert summary(tmp_path)["cost"]["usd"] == pytest.approx(4 * 0.002)
+    # Every row done: a rerun sends nothing, so it does not ask the Hub either (here, a port nobody serves).
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    again, lines = run(spec)
+    assert again.exit_code == 0 and not any("provider auto chose" in line for line in lines), lines
+    assert image_requests(emu) == 4
 
 
 def test_provider_auto_with_no_provider_it_can_use_is_refused_before_anything_is_sent(tmp_path, router_and_hub):

@@ -166,6 +166,7 @@ def test_four_shards_killed_and_run_again_share_one_endpoint_and_hold_every_id_e
             procs[stopped].send_signal(signal.SIGTERM)
             for victim in (killed, stopped):
                 procs[victim].wait(timeout=60)
+            assert procs[killed].returncode == -signal.SIGKILL  # killed while sending, not after it ended
             assert procs[stopped].returncode == 3, procs[stopped].stderr.read() if procs[stopped].stderr else ""
             for i in set(range(4)) - {killed, stopped}:
                 assert procs[i].wait(timeout=300) == 0, procs[i].stderr.read() if procs[i].stderr else ""

@@ -342,6 +342,13 @@ async def hub_image_mapping(model: str, token: str | None) -> dict[str, Mapping[
     status, doc = await _fetch_json(join_url(hub, f"/api/models/{model}") + "?expand=inferenceProviderMapping", hub,
                                     token, send_token=False)
     if status in (401, 403):
+        from batchrun.transport import token_problem
+
+        withheld = None if token is None else token_problem(hub)
+        if token is None or withheld is not None:
+            why = "no Hugging Face token was found" if token is None else f"the token was not sent ({withheld})"
+            raise AuthError(f"the Hub answered HTTP {status} on GET /api/models/{model}, and {why}: set HF_TOKEN "
+                            "or run `hf auth login`, then run the job again", status=status)
         raise AuthError(f"the Hub refused the Hugging Face token (HTTP {status} on GET /api/models/{model}): "
                         "check it, then run the job again", status=status)
     if status == 404:

@@ -91,7 +91,9 @@ def make_task(spec: JobSpec) -> Task:
     """The task object for a validated job spec.
 
     Every check a task needs (parameters the route refuses, keys that do not apply) is made by the
-    spec parser, so this does not fail for a spec that :func:`~batchrun.spec.parse_spec` accepted.
+    spec parser, so this does not fail for a spec that :func:`~batchrun.spec.parse_spec` accepted, with
+    one exception: text-to-image with ``provider: auto`` raises ValueError, as its route is not known
+    until preflight has read the Hub's mapping and pinned the provider.
     """
     module_name, class_name = task_kind(spec.task).implementation.split(":")
     serverless = all(e.per_token for e in spec.all_endpoints)  # billed per token: OpenAI's routes and forms

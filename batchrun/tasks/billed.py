@@ -85,7 +85,7 @@ class BilledTask(ColumnsLayer):
         usage = usage if isinstance(usage, dict) else {}
         prompt = usage.get("prompt_tokens_details")
         completion = usage.get("completion_tokens_details")
-        provider = header(headers, PROVIDER_HEADER) or doc.get("provider")
+        provider = header(headers, PROVIDER_HEADER) or doc.get("provider") or outputs.get("provider")
         outputs["provider"] = provider if isinstance(provider, str) and provider else None
         outputs["cached_tokens"] = optional_int(prompt.get("cached_tokens")) if isinstance(prompt, dict) else None
         outputs["reasoning_tokens"] = (optional_int(completion.get("reasoning_tokens"))

@@ -112,6 +112,10 @@ class ProviderImageTask(TextToImageTask):
         """The task a validated spec on a provider target describes."""
         image, target = spec.image, spec.endpoint
         assert target.provider is not None and target.model is not None
+        if target.provider not in IMAGE_ROUTES:  # auto: preflight chooses it from the Hub's mapping first
+            raise ValueError(f"provider {target.provider} names no text-to-image route: batchrun's preflight chooses "
+                             "the provider before it builds the task; build it from a spec with one of "
+                             f"{', '.join(IMAGE_ROUTES)}")
         return cls(provider=target.provider, model=target.model, template=spec.prompt.template,
                    column=spec.prompt.column, parameters=spec.parameters,
                    image_format=image.format if image is not None else "png",
@@ -130,8 +134,9 @@ class ProviderImageTask(TextToImageTask):
         data = self.route.image(headers, body)
         expected = None if self.route.openai_form else self.image_format
         checked = check_generated_image(data, header(headers, "content-type"), expected)
+        # The provider is the route's own (pinned): the router's x-inference-provider, when sent, says the same.
         return {"image": image_value(bytes(data)), "width": checked.width, "height": checked.height,
-                "format": checked.format}
+                "format": checked.format, "provider": self.route.provider}
 
     def describe(self, request: PreparedRequest) -> str:
         """The prompt the request sends."""
