@@ -291,7 +291,11 @@ def _check_output_folder(store: Any) -> None:
     store.check_split()
     if not root.is_dir() or store.exists():
         return
-    foreign = sorted(entry.name for entry in root.iterdir() if entry.name not in _OUTPUT_ENTRIES)
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:  # made and removed again by another shard's writability probe: empty
+        return
+    foreign = sorted(entry.name for entry in entries if entry.name not in _OUTPUT_ENTRIES)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise OutputError(

@@ -100,9 +100,13 @@ class OutputStore:
         if is_store_url(root):
             return url_store_class()(str(root)).shards_in_store()
         folder = Path(root) / "state" / SHARDS_STATE
-        if not folder.is_dir():
+        try:
+            entries = list(folder.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            # None yet; or another shard's first writability probe made the folder and removed it again
+            # between a look and this listing (shards of a new job start together).
             return []
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and _SHARD_NAME.match(p.name))
+        return sorted(p.name for p in entries if p.is_dir() and _SHARD_NAME.match(p.name))
 
     @classmethod
     def parts(cls, root: str | Path) -> list[OutputStore]:

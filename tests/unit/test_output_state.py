@@ -261,3 +261,22 @@ def test_the_fixed_columns_features_are_the_ones_datasets_derives():
     for columns in (FAILED_COLUMNS, BOOKKEEPING_COLUMNS):
         derived = Features.from_arrow_schema(pa.schema(list(columns))).to_dict()
         assert derived == {field.name: _FIXED_FEATURES[field.name] for field in columns}
+
+
+def test_the_shards_of_an_output_are_read_while_another_shard_removes_its_probe_folders(tmp_path, monkeypatch):
+    # Shards of a new job start together: one's writability probe makes state/shards/ and removes it again,
+    # while another lists it to find the job a sibling saved. A folder gone between the look and the listing
+    # holds no shard (it used to stop that run with an internal error).
+    shards = tmp_path / "out" / "state" / "shards"
+    (shards / "shard-00001-of-00004").mkdir(parents=True)
+    assert OutputStore.shard_names(tmp_path / "out") == ["shard-00001-of-00004"]
+    listed = Path.iterdir
+
+    def vanishing(self: Path):
+        if self == shards:
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", vanishing)
+    assert OutputStore.shard_names(tmp_path / "out") == []
+    assert OutputStore(tmp_path / "out", "shard-00000-of-00004").sibling_job() is None
