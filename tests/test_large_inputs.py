@@ -3,6 +3,8 @@ for tests/unit)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tracemalloc
 
 import pyarrow as pa
@@ -42,3 +44,17 @@ def test_reading_a_large_parquet_file_keeps_memory_flat(tmp_path):
     assert python_peak < 16 * 2**20, python_peak
     assert arrow_peak < 32 * 2**20, arrow_peak
     assert source.find_duplicate_ids() == []
+
+
+def test_the_hashed_duplicate_id_scan_of_string_ids_does_not_import_pandas(tmp_path):
+    # pandas is 0.2 s of start-up; a large input's duplicate-id scan of an Arrow string column needs none of
+    # it (the column's to_numpy would import it). A process of its own, as this one has pandas loaded.
+    path = tmp_path / "ids.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c", "b"], "text": ["w", "x", "y", "z"]}), path)
+    probe = ("import sys; from batchrun.sources import _base, open_source; from batchrun.spec import InputSpec; "
+             "_base.EXACT_ID_SCAN_ROWS = 0; "  # the hashed scan, as for an input of over 200,000 rows
+             f"source = open_source(InputSpec(kind='parquet', path={str(path)!r}, id_column='id')); "
+             "print(source.find_duplicate_ids(), 'pandas' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['b'] False"

@@ -233,8 +233,9 @@ def _hash_ids(chunk: Any) -> np.ndarray:
             return chunk.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
         if _STRING_LIKE(chunk.type):
             # One type in the whole column: Python's own string hash (SipHash, cached on each str) tells
-            # equal ids apart from unequal ones as well as pandas does, without pandas' import at start.
-            values = chunk.to_numpy(zero_copy_only=False)
+            # equal ids apart from unequal ones as well as pandas does, without pandas' import at start
+            # (to_pylist: an Arrow string column's to_numpy goes through pandas).
+            values = chunk.to_pylist()
             return np.fromiter(map(hash, values), dtype=np.int64, count=len(values)).view(np.uint64)
         values = np.asarray(chunk.to_numpy(zero_copy_only=False), dtype=object)
     else:
