@@ -373,7 +373,7 @@ def test_a_server_that_refuses_connections_stops_the_run_with_its_rows_pending()
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_refused_token_stops_the_job_without_showing_the_token(status: int) -> None:
-    token = "hf_canaryTOKEN0123456789"
+    token = "hf_canary_TOKEN_not_real"
 
     async def handler(request: web.Request, prompt: str, nth: int) -> web.Response:
         await asyncio.sleep(0.01)

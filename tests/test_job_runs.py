@@ -315,7 +315,7 @@ def test_the_preflight_record_never_shows_the_token(tmp_path, monkeypatch):
     from batchrun.runner import preflight
     from batchrun.spec import load_spec
 
-    canary = "hf_CANARYpreflightrepr0123456789"
+    canary = "hf_CANARY_preflight_repr_NOT_REAL"
     monkeypatch.setenv("HF_TOKEN", canary)
     spec = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9"},
                       input_path=write_topics(tmp_path / "in" / "t.parquet", 5))

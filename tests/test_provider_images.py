@@ -229,7 +229,7 @@ def test_the_hf_token_appears_in_no_file_message_or_card_of_an_image_job(tmp_pat
     import logging
     import urllib.parse
 
-    canary = "hf_CANARYimagetokennotreal0123456789"
+    canary = "hf_CANARY_image_token_NOT_REAL_0123"
     forms = [canary, base64.b64encode(canary.encode()).decode(), urllib.parse.quote(canary, safe="")]
     monkeypatch.setenv("HF_TOKEN", canary)
     caplog.set_level(logging.DEBUG)

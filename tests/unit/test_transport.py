@@ -242,7 +242,7 @@ def _dispatch(server: Scripted, prompts: list[str], *, token: str | None = None,
 
 
 def test_a_token_the_server_echoes_is_not_stored_in_the_answer() -> None:
-    token = "hf_canaryECHO0123456789xyz"
+    token = "hf_canary_ECHO_not_real_xyz"
 
     def handler(request: Request, prompt: str, nth: int) -> Response:
         sent = (request.headers or {})["Authorization"].removeprefix("Bearer ")
