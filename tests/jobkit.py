@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -165,6 +165,17 @@ def cli_process(*args: str, env: dict[str, str] | None = None, timeout: float = 
         text=True,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """``with reaped(start_run(...)) as proc``: a process the block leaves running is killed and waited for."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def start_run(spec_path: Path, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -1,11 +1,46 @@
-"""A threaded HTTP server on a loopback port, and a plain forward to another one: what the test kits'
-proxies in front of a storage server (s3kit's HoldingProxy, gcskit's XmlPutBridge) are built from."""
+"""What the storage test kits (s3kit, gcskit) are built from: a free loopback port, a server process
+waited for until it answers and stopped after, a threaded HTTP server for their proxies in front of it
+(s3kit's HoldingProxy, gcskit's XmlPutBridge), and a plain forward to the server."""
 
 from __future__ import annotations
 
 import http.client
 import http.server
+import socket
+import subprocess
 import threading
+import time
+import urllib.request
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_answering(process: subprocess.Popen, url: str, what: str, *, timeout: float = 30.0) -> None:
+    """Poll ``url`` until it answers; stop ``process`` and fail if it exits or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                stop_process(process)
+                raise RuntimeError(f"{what} did not start") from None
+            time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """Terminate ``process``, killing it if it has not ended within 10 s."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 class LoopbackServer:

@@ -12,16 +12,13 @@ import http.client
 import http.server
 import itertools
 import json
-import socket
 import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from dataclasses import dataclass, field
 
 from commit_records import counted_parts
-from loopback_http import LoopbackServer, forward
+from loopback_http import LoopbackServer, forward, free_port, stop_process, wait_until_answering
 
 _BUCKETS = itertools.count()
 
@@ -34,24 +31,14 @@ class S3Server:
 
     @classmethod
     def start(cls) -> S3Server:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         server = cls(port, process)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1):
-                    return server
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    server.stop()
-                    raise RuntimeError("the moto S3 server did not start") from None
-                time.sleep(0.05)
+        wait_until_answering(process, f"{server.endpoint}/moto-api/", "the moto S3 server")
+        return server
 
     @property
     def endpoint(self) -> str:
@@ -85,11 +72,7 @@ class S3Server:
         return sorted(found)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        stop_process(self.process)
 
 
 def committed(server: S3Server, url: str, shard: str | None = None) -> dict[str, dict]:

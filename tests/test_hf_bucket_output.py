@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from commit_records import counted_parts
 from hubkit import point_at_hub
-from jobkit import NS, TOKEN, cli, emulator, running_endpoint, start_run, wait_until, write_spec, write_topics
+from jobkit import NS, TOKEN, cli, emulator, reaped, running_endpoint, start_run, wait_until, write_spec, write_topics
 
 from batchrun.errors import PreconditionFailed
 from batchrun.output.stores import is_store_url, open_store
@@ -142,8 +142,7 @@ def test_sigkill_during_a_run_then_a_rerun_leaves_every_id_once_in_the_bucket(hu
                           input_path=write_topics(tmp_path / "in.parquet", ROWS), name="kill",
                           concurrency={"max": 2, "initial": 2}, output={"path": url, "shard_rows": 10})
         log = tmp_path / "killed.stderr"
-        proc = start_run(spec, log=log, env={**env, "HF_ENDPOINT": emu.hub_url})
-        try:
+        with reaped(start_run(spec, log=log, env={**env, "HF_ENDPOINT": emu.hub_url})) as proc:
             wait_until(lambda: len(committed(emu.hub_url, "jobs/kill", tmp_path)) >= 2, proc=proc, log=log,
                        timeout=120, what="two committed parts in the bucket")
             # A second run started while the first is alive sees its lease and is refused (not atomic: a race
@@ -154,10 +153,6 @@ def test_sigkill_during_a_run_then_a_rerun_leaves_every_id_once_in_the_bucket(hu
             assert f"running now: pid {proc.pid}" in status.stdout, status.stdout + status.stderr
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         before = sum(r["rows"] for r in committed(emu.hub_url, "jobs/kill", tmp_path).values())
         print(f"rows committed when the run was killed: {before} of {ROWS}")

@@ -12,7 +12,7 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 from gcskit import GCSServer, committed, committed_rows
-from jobkit import NS, TOKEN, cli, emulator, running_endpoint, start_run, wait_until, write_spec, write_topics
+from jobkit import NS, TOKEN, cli, emulator, reaped, running_endpoint, start_run, wait_until, write_spec, write_topics
 
 ROWS = 120
 
@@ -32,16 +32,11 @@ def test_sigkill_on_gcs_then_a_rerun_loses_and_duplicates_nothing(tmp_path, gcs)
                           input_path=write_topics(tmp_path / "in.parquet", ROWS),
                           concurrency={"max": 2, "initial": 2}, output={"path": url, "shard_rows": 10})
         log = tmp_path / "killed.stderr"
-        proc = start_run(spec, log=log, env=env)
-        try:
+        with reaped(start_run(spec, log=log, env=env)) as proc:
             wait_until(lambda: committed_rows(gcs, url) >= 20, proc=proc, log=log, interval=0.05,
                        what="parts committed to the GCS emulator")
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
         before = committed_rows(gcs, url)
         assert 0 < before < ROWS and gcs.keys(url, "state/lease.json")  # killed mid-job, its lease left behind
