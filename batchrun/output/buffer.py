@@ -11,13 +11,24 @@ from batchrun.errors import redact
 from batchrun.output.schema import BOOKKEEPING_COLUMNS, FAILED_COLUMNS
 from batchrun.records import storable
 
-__all__ = ["CONVERSION_ERRORS", "ShardBuffer", "fits", "storable"]
+__all__ = ["CONVERSION_ERRORS", "ShardBuffer", "fits", "prepare_conversions", "storable"]
 
 #: What building an Arrow array from Python values raises for a value that does not fit its type
 #: (UnicodeEncodeError: a string UTF-8 cannot hold, should one get past :func:`storable`).
 CONVERSION_ERRORS = (
     pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, TypeError, UnicodeEncodeError,
 )
+
+
+def prepare_conversions() -> None:
+    """Make pyarrow's first conversion of a Python list now, while the job starts.
+
+    Before its first ``pa.array`` of a list, pyarrow imports pandas (when installed) to ask whether the
+    list is pandas-like: ~0.4 s of imports, once per process. Left to the first shard, that import ran
+    in the committing thread while requests were in flight, holding the interpreter's lock for most of
+    it and so holding back their answers (benchmarks/RESULTS.md, the client ceiling).
+    """
+    pa.array([], type=pa.int64())
 
 
 def estimate_bytes(value: Any) -> int:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import OutputError, redact
-from batchrun.output.buffer import CONVERSION_ERRORS, ShardBuffer
+from batchrun.output.buffer import CONVERSION_ERRORS, ShardBuffer, prepare_conversions
 from batchrun.output.done import DoneSet
 from batchrun.output.files import fsync_dir, move_aside, write_durably, write_error, write_file_durably
 from batchrun.output.layout import PARQUET_SUFFIX, POSITIONS_SUFFIX, OutputStore
@@ -124,6 +124,7 @@ class ParquetSink:
         pending again, and their old records stop counting, as retryable ones do.
         """
         store = self.store
+        prepare_conversions()  # pyarrow's one-time imports now, not at the first shard
         try:
             for folder in (store.data_dir, store.failed_dir, store.positions_dir, store.tmp_dir):
                 folder.mkdir(parents=True, exist_ok=True)
