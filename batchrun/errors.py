@@ -35,7 +35,7 @@ import base64
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from batchrun.facts import ExitCode
+from batchrun.facts import MIN_SECRET_CHARS, ExitCode
 
 if TYPE_CHECKING:
     from batchrun.holder import Holder
@@ -250,8 +250,12 @@ _SECRET_BYTES: tuple[bytes, ...] = ()
 
 
 def register_secret(secret: str | None) -> None:
-    """Remember a secret (the HF token) so that :func:`redact` removes it in every encoding."""
-    if not secret:
+    """Remember a secret (the HF token) so that :func:`redact` removes it in every encoding.
+
+    A value shorter than :data:`~batchrun.facts.MIN_SECRET_CHARS` is a placeholder, not a credential:
+    it is not masked, so that an answer or a message holding the same few letters reads as written.
+    """
+    if not secret or len(secret) < MIN_SECRET_CHARS:
         return
     _SECRETS.add(secret)
     _SECRETS.add(base64.b64encode(secret.encode()).decode())

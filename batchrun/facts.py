@@ -10,6 +10,7 @@
     IDLE_BACKSTOP_S         the endpoint's own idle timeout while a job runs (``endpoint.idle_backstop``)
     CHECK_TIMEOUT_S         the deadline of one check of a server (its health route, ``GET /info``)
     CHECK_MAX_BYTES         the largest answer to such a check that is read
+    MIN_SECRET_CHARS        the shortest value taken for a credential (and so masked wherever it appears)
 
 This module imports nothing from batchrun: anything may import it. The error types of failure rows
 are :class:`batchrun.records.FailureType`, beside the records that carry them.
@@ -26,6 +27,7 @@ __all__ = [
     "IDLE_BACKSTOP_S",
     "ID_COLUMN",
     "MAX_MESSAGE_CHARS",
+    "MIN_SECRET_CHARS",
     "OPENAI_BATCH_ID",
     "POLL_INTERVAL_S",
     "READY_TIMEOUT_S",
@@ -50,6 +52,10 @@ OPENAI_BATCH_ID = "custom_id"
 #: The longest error text stored in a failure row or a ``score_error``: enough to read the reason, not
 #: enough to bloat a Parquet file with an HTML error page. The rest is cut off.
 MAX_MESSAGE_CHARS = 500
+#: A value shorter than this is not taken for a credential. No token or API key is this short (an HF
+#: token has 37 characters); a placeholder is ("x", ``EMPTY`` for a local vLLM server), and masking it
+#: would rewrite every answer that happens to hold it, and every message.
+MIN_SECRET_CHARS = 8
 #: Seconds the requests in flight get to finish after a stop (``batchrun run --grace``).
 GRACE_S = 30.0
 #: Seconds between two reads of the control plane while the lifecycle waits for the endpoint.

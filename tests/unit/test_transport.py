@@ -376,3 +376,46 @@ def test_push_will_not_send_the_token_over_plain_http(tmp_path: Path, monkeypatc
     assert main(["push", out, "--repo", "org/ds", "--endpoint", "http://hub.example.com"]) == 2
     said = capsys.readouterr()
     assert "plain http" in said.err and "nothing was pushed" in said.err and CANARY not in said.err + said.out
+
+
+@pytest.mark.parametrize(("variable", "placeholder", "endpoint"), [
+    ("HF_TOKEN", "x", {"url": "http://127.0.0.1:9"}),  # a local TGI, any token will do
+    ("BATCHRUN_TEST_API_KEY", "EMPTY", {"url": "http://127.0.0.1:9/v1", "model": "m",  # a local vLLM's usual key
+                                        "api_key_env": "BATCHRUN_TEST_API_KEY"}),
+])
+def test_a_placeholder_key_is_not_masked_in_the_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        variable: str, placeholder: str,
+                                                        endpoint: dict[str, Any]) -> None:
+    # A value too short to be a credential is not a secret: masking it rewrote every answer that held it.
+    monkeypatch.setattr("batchrun.errors._SECRETS", set())
+    monkeypatch.setattr("batchrun.errors._SECRET_BYTES", ())
+    monkeypatch.setenv(variable, placeholder)
+    text = "Sets: the EMPTY set, x + x = 2x."
+    sent: list[str] = []
+
+    def handler(request: Request) -> Response:
+        if request.url.endswith("/info"):
+            return Response(404, {}, b"")
+        if request.url.endswith("/chat/completions"):
+            sent.append(dict(request.headers or {}).get("Authorization", ""))
+        return _chat_answer(text)
+
+    spec = write_spec(tmp_path, endpoint=endpoint, input_path=write_topics(tmp_path / "in.parquet", 2))
+    outcome, _ = run(spec, transport=MockTransport(handler))
+    assert outcome.exit_code == 0
+    assert [row["generated_text"] for row in read_rows(tmp_path / "out" / "job" / "data")] == [text, text]
+    assert sent == [f"Bearer {placeholder}"] * 2  # it is still sent: only its masking is left out
+
+
+def test_a_real_length_key_is_masked_in_the_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("batchrun.errors._SECRETS", set())
+    monkeypatch.setattr("batchrun.errors._SECRET_BYTES", ())
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+
+    def handler(request: Request) -> Response:
+        return Response(404, {}, b"") if request.url.endswith("/info") else _chat_answer(f"echo {CANARY}!")
+
+    spec = write_spec(tmp_path, endpoint={"url": "http://127.0.0.1:9"},
+                      input_path=write_topics(tmp_path / "in.parquet", 1))
+    assert run(spec, transport=MockTransport(handler))[0].exit_code == 0
+    assert [row["generated_text"] for row in read_rows(tmp_path / "out" / "job" / "data")] == ["echo ***!"]
