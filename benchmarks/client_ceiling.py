@@ -14,6 +14,13 @@ per-row cost of each client. Each client runs in a fresh interpreter, interleave
 For profiling, ``--serve PORT`` runs the server alone in the foreground, and ``--write-job DIR --url URL``
 writes the job (spec and input) that the benchmark runs, e.g. for
 ``py-spy record -f raw -o /tmp/prof.txt -- .venv/bin/python -m batchrun run DIR/job.yaml --progress off``.
+Two bare loops are measured. ``bare_aiohttp`` (the reference of the ratios) gathers one task per row, so
+that every row's task is created, builds its payload and waits on a semaphore before the server sees
+the first request: that share of its per-row work falls outside the server's span. ``bare_workers``
+is the same loop as a pool of ``concurrency`` workers pulling row numbers (what a script must do to
+keep memory flat on a large input, as batchrun does); it builds each payload within the span. The
+ratios over it are reported too (``over_bare_workers_median``).
+
 The server's own CPU time over the span is reported too: near 1.0 means the server, not the client,
 held the pace, and the ratio then says little. On a shared machine the span also stretches with the
 other work that takes the cores, so the client's CPU time within the span is sampled from /proc as
@@ -197,6 +204,29 @@ async def bare(url: str, task: str, rows: int, concurrency: int) -> int:
     return ok
 
 
+async def bare_workers(url: str, task: str, rows: int, concurrency: int) -> int:
+    """The same loop as ``concurrency`` workers pulling row numbers: each payload is built when its row is sent."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    ok = 0
+    todo = iter(range(rows))
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+
+        async def worker() -> None:
+            nonlocal ok
+            for i in todo:
+                path, payload = _payload(task, i)
+                async with http.post(url + path, json=payload) as response:
+                    body = await response.read()
+                    if response.status == 200:
+                        json.loads(body)
+                        ok += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ok
+
+
+_BARE_LOOPS = {"gather": bare, "workers": bare_workers}
 _TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 
 
@@ -245,7 +275,8 @@ def _client_run(command: list[str], url: str, env: dict[str, str], cpu: int | No
     stats = asyncio.run(_control(url, "stats"))
     first, last = stats["first"], stats["last"]
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {**stats, "wall_s": wall, "cpu_s": cpu, "cpu_in_span_s": _cpu_at(samples, last) - _cpu_at(samples, first)}
+    return {**stats, "wall_s": wall, "cpu_s": cpu, "cpu_in_span_s": _cpu_at(samples, last) - _cpu_at(samples, first),
+            "cpu_before_span_s": _cpu_at(samples, first)}
 
 
 def _package_of(env: dict[str, str]) -> str:
@@ -277,9 +308,12 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
     if before is not None and packages["batchrun_before"] == packages["batchrun"]:
         raise SystemExit(f"--before {before}: the older client would import {packages['batchrun']}, the same "
                          "package as the current one; give the folder that holds the older batchrun/")
-    runs: dict[str, list[dict]] = {name: [] for name in (*clients, "bare_aiohttp")}
-    bare_command = [sys.executable, str(Path(__file__).resolve()), "--bare", url, "--task", task, "--rows", str(rows),
-                    "--concurrency", str(concurrency)]  # fmt: skip
+    runs: dict[str, list[dict]] = {name: [] for name in (*clients, "bare_aiohttp", "bare_workers")}
+
+    def bare_command(loop: str) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--bare", url, "--bare-loop", loop, "--task", task,
+                "--rows", str(rows), "--concurrency", str(concurrency)]  # fmt: skip
+
     try:
         for _ in range(repeats):  # interleaved: drift on a noisy machine hits every client alike
             for name, client_env in clients.items():
@@ -287,7 +321,8 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
                     job = write_job(Path(tmp), url, rows, concurrency, task)
                     command = [sys.executable, "-m", "batchrun", "run", str(job), "--progress", "off"]
                     runs[name].append(_client_run(command, url, client_env, client_cpu, cwd=tmp))
-            runs["bare_aiohttp"].append(_client_run(bare_command, url, env, client_cpu))
+            runs["bare_aiohttp"].append(_client_run(bare_command("gather"), url, env, client_cpu))
+            runs["bare_workers"].append(_client_run(bare_command("workers"), url, env, client_cpu))
     finally:
         server.terminate()
         server.join(5)
@@ -296,6 +331,8 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
             assert result["requests"] == rows, (name, result)
     rates = {name: [rows / r["span_s"] for r in results] for name, results in runs.items()}
     ratios = {name: [b / a for b, a in zip(rates[name], rates["bare_aiohttp"], strict=True)] for name in clients}
+    over_workers = {name: [b / a for b, a in zip(rates[name], rates["bare_workers"], strict=True)]
+                    for name in clients}
     # Rows per CPU-second of the client within the span: the throughput each would reach with a core
     # of its own, which a shared machine's load does not move.
     per_cpu = {name: [rows / r["cpu_in_span_s"] for r in results] for name, results in runs.items()}
@@ -310,6 +347,8 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
         "rows_per_s_over_server_span": {k: [round(v) for v in values] for k, values in rates.items()},
         "over_bare_each_repeat": {k: [round(r, 3) for r in values] for k, values in ratios.items()},
         "over_bare_median": {k: round(statistics.median(values), 3) for k, values in ratios.items()},
+        "over_bare_workers_each_repeat": {k: [round(r, 3) for r in values] for k, values in over_workers.items()},
+        "over_bare_workers_median": {k: round(statistics.median(values), 3) for k, values in over_workers.items()},
         "rows_per_client_cpu_s_in_span": {k: [round(v) for v in values] for k, values in per_cpu.items()},
         "per_cpu_over_bare_each_repeat": {k: [round(r, 3) for r in values] for k, values in cpu_ratios.items()},
         "per_cpu_over_bare_median": {k: round(statistics.median(values), 3) for k, values in cpu_ratios.items()},
@@ -320,6 +359,8 @@ def measure(rows: int, concurrency: int, repeats: int, task: str, before: str | 
             k: [round(r["server_cpu_s"] / r["span_s"], 2) for r in results] for k, results in runs.items()
         },
         "wall_s": {k: [round(r["wall_s"], 2) for r in results] for k, results in runs.items()},
+        # Before the server saw the first request: start-up, and whatever per-row work a client does up front.
+        "client_cpu_before_span_s": {k: [round(r["cpu_before_span_s"], 2) for r in results] for k, results in runs.items()},
         # The whole process, start-up included: steadier than the span on a busy machine.
         "client_cpu_s": {k: [round(r["cpu_s"], 2) for r in results] for k, results in runs.items()},
     }
@@ -338,13 +379,14 @@ def main() -> None:
                         "(e.g. `git archive COMMIT | tar -x -C SRC`), interleaved with the others")
     parser.add_argument("--pin", action="store_true", help="server on CPU 0, clients on CPU 1")
     parser.add_argument("--bare", metavar="URL", help=argparse.SUPPRESS)  # one bare-client run (a subprocess)
+    parser.add_argument("--bare-loop", choices=sorted(_BARE_LOOPS), default="gather", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
         _serve(args.serve, None)
     elif args.write_job:
         print(write_job(Path(args.write_job), args.url, args.rows, args.concurrency, args.task))
     elif args.bare:
-        ok = asyncio.run(bare(args.bare, args.task, args.rows, args.concurrency))
+        ok = asyncio.run(_BARE_LOOPS[args.bare_loop](args.bare, args.task, args.rows, args.concurrency))
         assert ok == args.rows, ok
     else:
         print(json.dumps(measure(args.rows, args.concurrency, args.repeats, args.task, args.before, args.pin), indent=1))
