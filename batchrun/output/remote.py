@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from batchrun.errors import ObjectStoreError, OutputError, OutputLockedError, PreconditionFailed
 from batchrun.holder import Holder
+from batchrun.output.buffer import prepare_conversions
 from batchrun.output.done import DoneSet
 from batchrun.output.files import json_bytes
 from batchrun.output.layout import (
@@ -464,6 +465,7 @@ class ObjectSink(ParquetSink):
         store = self.remote
         if store.lease is None or not store.lease.held:
             raise RuntimeError("ObjectSink.open() needs the output's lease: take store.writer_lock() first")
+        prepare_conversions()  # pyarrow's one-time imports now, not at the first part
         try:
             self._reset_cache()
             self._manifest = ManifestLog(store.manifest_path, ManifestView({}, {}, 0, -1, 0, False))
