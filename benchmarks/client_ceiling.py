@@ -14,6 +14,7 @@ per-row cost of each client. Each client runs in a fresh interpreter, interleave
 For profiling, ``--serve PORT`` runs the server alone in the foreground, and ``--write-job DIR --url URL``
 writes the job (spec and input) that the benchmark runs, e.g. for
 ``py-spy record -f raw -o /tmp/prof.txt -- .venv/bin/python -m batchrun run DIR/job.yaml --progress off``.
+
 Two bare loops are measured. ``bare_aiohttp`` (the reference of the ratios) gathers one task per row, so
 that every row's task is created, builds its payload and waits on a semaphore before the server sees
 the first request: that share of its per-row work falls outside the server's span. ``bare_workers``
