@@ -598,10 +598,10 @@ def test_check_writable_on_an_existing_output_removes_nothing_and_leaves_no_prob
 
 def test_job_and_summary_are_saved_atomically_without_secrets(store, monkeypatch):
     monkeypatch.setattr("batchrun.errors._SECRETS", set())  # the canary must not outlive this test
-    register_secret("hf_canaryCANARYcanary")
+    register_secret("hf_canary_NOT_REAL_token")
     store.check_writable()
     assert store.load_job() is None
-    store.save_job({"model": "m", "note": "token hf_canaryCANARYcanary leaked"})
+    store.save_job({"model": "m", "note": "token hf_canary_NOT_REAL_token leaked"})
     store.write_summary({"ok": 3})
     assert store.load_job() == {"model": "m", "note": "token *** leaked"}
     assert json.loads((store.state_dir / "summary.json").read_text()) == {"ok": 3}
