@@ -396,12 +396,18 @@ async def _check_unique_ids(spec: JobSpec, source: Source, *, scanned: bool) -> 
         )
 
 
+def _auto_image_provider(spec: JobSpec) -> bool:
+    """A text-to-image job through Inference Providers whose provider is ``auto`` (not chosen yet)."""
+    e = spec.endpoint
+    return spec.task == "text-to-image" and e.per_token and e.provider == "auto"
+
+
 def _pin_image_provider(spec: JobSpec, provider: str | None) -> JobSpec:
     """A text-to-image job's ``provider: auto`` pinned to ``provider`` (None: the first route batchrun builds);
     any other spec as it is."""
-    e = spec.endpoint
-    if spec.task != "text-to-image" or not e.per_token or e.provider != "auto":
+    if not _auto_image_provider(spec):
         return spec
+    e = spec.endpoint
     from batchrun.tasks.provider_images import IMAGE_ROUTES
 
     chosen = provider or next(iter(IMAGE_ROUTES))
@@ -417,9 +423,9 @@ async def _choose_image_provider(spec: JobSpec, token: str | None, *, ask_hub: b
     The Hub is asked only when the job will send (``ask_hub``: not for `validate`, nor for a job whose rows
     are all done); otherwise, and on the built-in router, it is the first route batchrun builds.
     """
-    e = spec.endpoint
-    if spec.task != "text-to-image" or not e.per_token or e.provider != "auto":
+    if not _auto_image_provider(spec):
         return spec
+    e = spec.endpoint
     if e.router_url == "local" or not ask_hub:
         return _pin_image_provider(spec, None)
     from batchrun.endpoints.providers import first_image_provider, hub_image_mapping

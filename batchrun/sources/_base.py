@@ -231,7 +231,7 @@ def _hash_ids(chunk: Any) -> np.ndarray:
     if isinstance(chunk, (pa.Array, pa.ChunkedArray)):
         if pa.types.is_integer(chunk.type):
             return chunk.to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
-        if _STRING_LIKE(chunk.type):
+        if _string_like(chunk.type):
             # One type in the whole column: Python's own string hash (SipHash, cached on each str) tells
             # equal ids apart from unequal ones as well as pandas does, without pandas' import at start
             # (to_pylist: an Arrow string column's to_numpy goes through pandas).
@@ -247,7 +247,7 @@ def _hash_ids(chunk: Any) -> np.ndarray:
     return pd.util.hash_array(values, categorize=False)
 
 
-def _STRING_LIKE(type_: pa.DataType) -> bool:
+def _string_like(type_: pa.DataType) -> bool:
     return bool(pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_)
                 or pa.types.is_large_binary(type_))
 
