@@ -126,6 +126,8 @@ class LimitController:
         # slots in use when an answer comes (in_flight excludes that answer's own slot). A lane held
         # below its limit by something else (its rate gate, a slow input) does not creep up past capacity.
         self.saturation_slack = saturation_slack
+        #: The current limit as a whole number of concurrent requests (set with ``value``).
+        self.limit: int = 1
         self.value = float(min(max(initial, minimum), maximum))
         self.slow_start = True
         # The level the last overload left the limit at: below it the limit regrows fast, above it it probes.
@@ -139,9 +141,15 @@ class LimitController:
         self._last_decrease_at = -math.inf
 
     @property
-    def limit(self) -> int:
-        """The current limit as a whole number of concurrent requests."""
-        return min(self.maximum, max(self.minimum, math.floor(self.value)))
+    def value(self) -> float:
+        """The limit as the controller holds it: fractional, so that it can grow by a fraction per answer."""
+        return self._value
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self._value = value
+        # The whole number is kept beside it: every request asks for it, the value changes far less often.
+        self.limit = min(self.maximum, max(self.minimum, math.floor(value)))
 
     @property
     def round_s(self) -> float:
@@ -247,7 +255,9 @@ class LimitController:
         self.baseline_latency += alpha * (self.short_latency - self.baseline_latency)
 
     def _set(self, value: float) -> None:
-        self.value = min(float(self.maximum), max(float(self.minimum), value))
+        value = min(float(self.maximum), max(float(self.minimum), value))
+        if value != self._value:  # at the maximum, every answer asks for more and changes nothing
+            self.value = value
 
 
 class AdaptiveLimit:
@@ -376,7 +386,7 @@ class AdaptiveLimit:
 
     def _wake(self) -> None:
         # Hand slots over directly (count them as taken here) so a newcomer cannot jump the queue.
-        while self._waiters and self._in_flight < self.limit:
+        while self._waiters and self._in_flight < self.controller.limit:
             waiter = self._waiters.popleft()
             if waiter.done():
                 continue
@@ -389,7 +399,7 @@ class AdaptiveLimit:
         The dispatcher's fast path: a slot taken without waiting needs no cancel scope around it. The
         load is remembered for the task, as :meth:`acquire` does.
         """
-        if not self._waiters and self._in_flight < self.limit:
+        if not self._waiters and self._in_flight < self.controller.limit:
             self._in_flight += 1
             _TASK_LOAD.set((id(self), self._in_flight))
             return True

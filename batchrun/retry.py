@@ -273,6 +273,7 @@ class RetryBudget:
         self._width = window_s / buckets
         # Each bucket: [slice index, requests, retries]; oldest on the left.
         self._buckets: deque[list[int]] = deque()
+        self._slice_ends_at = -math.inf  # when the newest bucket's slice ends
         self._requests = 0
         self._retries = 0
 
@@ -286,6 +287,7 @@ class RetryBudget:
             self._retries -= retries
         if not self._buckets or self._buckets[-1][0] != index:
             self._buckets.append([index, 0, 0])
+        self._slice_ends_at = (index + 1) * self._width
         return self._buckets[-1]
 
     @property
@@ -302,7 +304,9 @@ class RetryBudget:
 
     def record_request(self) -> None:
         """Count one request sent (a first attempt or a retry)."""
-        self._current()[1] += 1
+        # Within the newest bucket's slice nothing has left the window since: no need to look.
+        bucket = self._buckets[-1] if self._clock() < self._slice_ends_at else self._current()
+        bucket[1] += 1
         self._requests += 1
 
     def try_spend(self) -> bool:

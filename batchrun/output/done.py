@@ -62,7 +62,8 @@ class DoneSet:
         if position < 0:
             raise ValueError(f"a position is never negative, got {position}")
         byte, mask = position >> 3, 1 << (position & 7)
-        self._grow_to(byte + 1)
+        if byte >= len(self._bits):
+            self._grow_to(byte + 1)
         if self._bits[byte] & mask:
             return False
         self._bits[byte] |= mask

@@ -7,6 +7,7 @@ the spec parser imports :mod:`batchrun.tasks`.
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -156,6 +157,46 @@ class _StrictColumns(Mapping[str, Any]):
         return len(self._columns)
 
 
+_PLAIN_TEMPLATES: dict[str, tuple[tuple[str, str | None], ...] | None] = {}
+
+
+def _plain_fields(template: str) -> tuple[tuple[str, str | None], ...] | None:
+    """``template`` as (literal text, column name or None) pairs when every placeholder is a bare column
+    name (no format spec, conversion, attribute or index): the common case, rendered without
+    ``format_map``. None for any other template (or a malformed one). Worked out once per template."""
+    try:
+        return _PLAIN_TEMPLATES[template]
+    except KeyError:
+        pass
+    parts: tuple[tuple[str, str | None], ...] | None
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError:
+        parts = None
+    else:
+        plain = all(name is None or (name and not name.isdigit() and not any(c in name for c in ".[")
+                                      and not spec and conversion is None)
+                    for _, name, spec, conversion in parsed)
+        parts = tuple((literal, name) for literal, name, _, _ in parsed) if plain else None
+    if len(_PLAIN_TEMPLATES) < 64:  # a job has one or two templates; a long-lived process may see more
+        _PLAIN_TEMPLATES[template] = parts
+    return parts
+
+
+def _render_plain(parts: tuple[tuple[str, str | None], ...], columns: Mapping[str, Any]) -> str | None:
+    """The prompt of a plain template, as ``format_map`` writes it; None when a placeholder's column is
+    missing, null or not a scalar (``format_map`` with :class:`_StrictColumns` then says which)."""
+    out = []
+    for literal, name in parts:
+        out.append(literal)
+        if name is not None:
+            value = columns.get(name)
+            if value is None or isinstance(value, _NOT_TEXT):
+                return None
+            out.append(value if type(value) is str else format(value, ""))
+    return "".join(out)
+
+
 def render_prompt(*, template: str | None, column: str | None, columns: Mapping[str, Any]) -> str:
     """The prompt for one row: ``template`` rendered with the row's columns, or one column's value.
 
@@ -170,7 +211,15 @@ def render_prompt(*, template: str | None, column: str | None, columns: Mapping[
     if (template is None) == (column is None):
         raise ValueError("give exactly one of template and column")
     if template is not None:
-        try:
+        parts = _plain_fields(template)
+        if parts is not None:
+            try:
+                rendered = _render_plain(parts, columns)
+            except Exception:  # a value whose __format__ fails: format_map below says so as a row failure
+                rendered = None
+            if rendered is not None:
+                return rendered
+        try:  # any other template, and every row the quick way refuses: its failure is said here
             return template.format_map(_StrictColumns(columns))
         except RequestFailed:
             raise

@@ -63,6 +63,34 @@ def test_templates_that_cannot_render_are_template_failures(template: str) -> No
     assert info.value.error_type == "template" and not info.value.retryable
 
 
+_ODD = type("Odd", (), {"__format__": lambda self, spec: (_ for _ in ()).throw(TypeError("no format"))})
+
+
+@pytest.mark.parametrize("template", [
+    "Write about {topic}.", "{topic}{n}", "{{literal}} {topic} {{", "n={n:>4} x={x!r} {topic}", "{my col} and {topic}",
+])
+def test_templates_render_as_format_map_does_for_every_kind_of_value(template: str) -> None:
+    """Bare placeholders take a quicker path than format_map (worked out once per template): what it
+    writes must be what format_map writes, for every type a column can hold."""
+    import datetime
+    import decimal
+
+    import numpy as np
+
+    values = ["owls", 5, 2.5, True, decimal.Decimal("1.10"), datetime.date(2026, 1, 2), np.float32(0.5),
+              np.int64(7), "é {x}"]
+    for value in values:
+        columns = {"topic": value, "n": 3, "x": "y", "my col": value}
+        assert render_prompt(template=template, column=None, columns=columns) == template.format_map(columns)
+
+
+def test_a_value_whose_format_fails_is_a_template_failure() -> None:
+    with pytest.raises(RequestFailed) as caught:
+        render_prompt(template="About {topic}", column=None, columns={"topic": _ODD()})
+    assert caught.value.error_type == "template"
+    assert "no format" in str(caught.value)
+
+
 def test_a_column_prompt_uses_the_value_as_it_is() -> None:
     assert render_prompt(template=None, column="text", columns={"text": "hello {not a field}"}) == "hello {not a field}"
 
