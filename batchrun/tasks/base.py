@@ -6,6 +6,7 @@ the spec parser imports :mod:`batchrun.tasks`.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
 from collections.abc import Callable, Iterator, Mapping
@@ -157,30 +158,19 @@ class _StrictColumns(Mapping[str, Any]):
         return len(self._columns)
 
 
-_PLAIN_TEMPLATES: dict[str, tuple[tuple[str, str | None], ...] | None] = {}
-
-
+@functools.lru_cache(maxsize=64)  # a job has one or two templates; a long-lived process may see more
 def _plain_fields(template: str) -> tuple[tuple[str, str | None], ...] | None:
     """``template`` as (literal text, column name or None) pairs when every placeholder is a bare column
     name (no format spec, conversion, attribute or index): the common case, rendered without
     ``format_map``. None for any other template (or a malformed one). Worked out once per template."""
     try:
-        return _PLAIN_TEMPLATES[template]
-    except KeyError:
-        pass
-    parts: tuple[tuple[str, str | None], ...] | None
-    try:
         parsed = list(string.Formatter().parse(template))
     except ValueError:
-        parts = None
-    else:
-        plain = all(name is None or (name and not name.isdigit() and not any(c in name for c in ".[")
-                                      and not spec and conversion is None)
-                    for _, name, spec, conversion in parsed)
-        parts = tuple((literal, name) for literal, name, _, _ in parsed) if plain else None
-    if len(_PLAIN_TEMPLATES) < 64:  # a job has one or two templates; a long-lived process may see more
-        _PLAIN_TEMPLATES[template] = parts
-    return parts
+        return None
+    plain = all(name is None or (name and not name.isdigit() and not any(c in name for c in ".[")
+                                  and not spec and conversion is None)
+                for _, name, spec, conversion in parsed)
+    return tuple((literal, name) for literal, name, _, _ in parsed) if plain else None
 
 
 def _render_plain(parts: tuple[tuple[str, str | None], ...], columns: Mapping[str, Any]) -> str | None:

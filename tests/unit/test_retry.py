@@ -183,6 +183,26 @@ def test_old_requests_stop_counting_after_the_window() -> None:
     assert budget.allowed == 0
 
 
+def test_requests_leave_the_window_by_the_slice_they_were_sent_in() -> None:
+    """A request is counted into the slice of its time: those sent half a window later stay when the
+    first ones leave (within one slice, the count skips looking at the window, never across slices)."""
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.5, window_s=10, min_retries=0, buckets=10, clock=clock)
+    for _ in range(100):
+        budget.record_request()
+    clock.now += 0.5  # still the first slice
+    for _ in range(20):
+        budget.record_request()
+    clock.now += 4.5  # half a window on
+    for _ in range(60):
+        budget.record_request()
+    assert budget.allowed == 90
+    clock.now += 6  # the first 120 have left; the 60 have not
+    assert budget.allowed == 30
+    clock.now += 5
+    assert budget.allowed == 0
+
+
 def test_a_bare_policy_and_a_job_without_a_retries_section_agree() -> None:
     assert RetryPolicy() == RetryPolicy.from_spec(RetrySpec())
     assert RetryPolicy().max_attempts == RetrySpec().max_attempts == 5
